@@ -1,0 +1,457 @@
+//! The CPU backend: every feature of the reference, fast, on rayon threads.
+//!
+//! How a call runs (see `planes.rs` for the layout trick that makes it an implicit GEMM):
+//! 1. the input of a chunk of images is copied once into phase planes (zero-padded, split by
+//!    stride phase), and the offset of every tap `(c, r, s)` is tabulated;
+//! 2. the output is cut into tasks (image, group, a tile of whole output rows, a range of
+//!    filters), run in parallel; each task computes its block into a per-thread scratch tile:
+//!    - **GEMM path** ([`GEMM_MIN_FILTERS`] or more filters per group): for each panel of 16 filters and each block of
+//!      at most [`KC`] taps, the weights are packed `[tap][filter]` and the 16×16 microkernel
+//!      (`kernel.rs`) runs over every strip of 16 output positions. A 1×1 convolution is the
+//!      same GEMM reading the input directly (its planes are the input), with no im2col;
+//!    - **direct path** (fewer than [`GEMM_MIN_FILTERS`] filters per group: depthwise and narrow
+//!      grouped layers, where a GEMM would waste most of each 16-wide panel): each output plane
+//!      is a sum of shifted rows of the planes (`acc[q] += w · planes[q + off]`), four taps at
+//!      a time;
+//! 3. each task adds the bias and copies the valid columns into its own disjoint slices of the
+//!    output (split safely with `chunks_mut`; no raw pointers cross threads).
+//!
+//! Workspaces (the planes, the offsets, one scratch buffer per thread) belong to the backend
+//! and are reused: a warm call allocates only a few small task vectors.
+//! Why not a GEMM crate: every crate takes B as a strided matrix, which forces an im2col copy
+//! `k_h·k_w` times the input; an implicit GEMM needs B read through a tap-offset table.
+
+#![deny(unsafe_code)]
+
+#[allow(unsafe_code)] // The SIMD microkernel; every block carries a SAFETY line.
+mod kernel;
+mod planes;
+
+pub use kernel::Microkernel;
+
+use crate::error::{Error, Result};
+use crate::params::Conv2dParams;
+use kernel::{TapOffsets, MR, NR};
+use planes::Geometry;
+use rayon::prelude::*;
+use std::sync::{Mutex, MutexGuard};
+
+/// Largest number of taps in one packed weight block (keeps the 16×KC panel in L1).
+pub const KC: usize = 256;
+/// Groups with fewer filters than this use the direct path instead of the GEMM.
+pub const GEMM_MIN_FILTERS: usize = 8;
+/// Output positions per task tile, roughly (tiles are whole output rows).
+const TILE_Q: usize = 256;
+/// Phase planes are built for at most this many floats of images at once (128 MiB).
+const PLANES_BUDGET: usize = 32 << 20;
+/// Output positions per chunk of the direct path's accumulator (stays in L1).
+const DIRECT_CHUNK: usize = 1024;
+
+/// The CPU convolution backend. Cheap to call repeatedly: its workspaces are kept.
+pub struct CpuBackend {
+    pool: rayon::ThreadPool,
+    threads: usize,
+    kernel: Microkernel,
+    workspace: Mutex<Workspace>,
+    scratch: Vec<Mutex<Vec<f32>>>,
+}
+
+#[derive(Default)]
+struct Workspace {
+    planes: Vec<f32>,
+    offsets: TapOffsets,
+}
+
+/// Which algorithm a call uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CpuPath {
+    /// Implicit GEMM with the 16×16 microkernel.
+    Gemm,
+    /// Direct shifted-row sums (depthwise and narrow groups).
+    Direct,
+}
+
+impl CpuPath {
+    /// The path sporkle takes for these parameters.
+    pub fn for_params(p: &Conv2dParams) -> Self {
+        if p.c_out_per_group() >= GEMM_MIN_FILTERS {
+            CpuPath::Gemm
+        } else {
+            CpuPath::Direct
+        }
+    }
+}
+
+/// One unit of parallel work: a block of outputs and the output slices it owns.
+struct Task<'o> {
+    /// Image, counted within the current chunk.
+    img: usize,
+    group: usize,
+    /// Output rows `y0..y1`.
+    y0: usize,
+    y1: usize,
+    /// First filter; `outs[i]` holds filter `m0 + i`'s rows `y0..y1`.
+    m0: usize,
+    outs: Vec<&'o mut [f32]>,
+}
+
+/// Everything a task reads.
+struct Shared<'a> {
+    p: &'a Conv2dParams,
+    geo: &'a Geometry,
+    planes: &'a [f32],
+    offsets: &'a TapOffsets,
+    weights: &'a [f32],
+    bias: Option<&'a [f32]>,
+    path: CpuPath,
+}
+
+impl CpuBackend {
+    /// A backend with one thread per available core and the best microkernel of this CPU.
+    pub fn new() -> Result<Self> {
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        Self::with_options(threads, Microkernel::detect())
+    }
+
+    /// A backend with `threads` threads and the best microkernel of this CPU.
+    pub fn with_threads(threads: usize) -> Result<Self> {
+        Self::with_options(threads, Microkernel::detect())
+    }
+
+    /// A backend with `threads` threads and a chosen microkernel (tests use the portable one to
+    /// cover it on machines that have AVX-512).
+    pub fn with_options(threads: usize, kernel: Microkernel) -> Result<Self> {
+        if threads == 0 {
+            return Err(Error::Cpu("thread count must be at least 1".into()));
+        }
+        if kernel != Microkernel::Portable && kernel != Microkernel::detect() {
+            return Err(Error::Cpu(format!(
+                "the {} microkernel is not supported by this CPU",
+                kernel.name()
+            )));
+        }
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("sporkle-cpu-{i}"))
+            .build()
+            .map_err(|e| Error::Cpu(format!("cannot start {threads} threads: {e}")))?;
+        Ok(Self {
+            pool,
+            threads,
+            kernel,
+            workspace: Mutex::default(),
+            scratch: (0..threads).map(|_| Mutex::default()).collect(),
+        })
+    }
+
+    /// Threads this backend uses.
+    pub fn threads(&self) -> usize {
+        self.threads
+    }
+
+    /// The microkernel in use.
+    pub fn microkernel(&self) -> Microkernel {
+        self.kernel
+    }
+
+    /// Computes `output = conv2d(input, weights) + bias` (NCHW / KCRS / NKHW, f32).
+    ///
+    /// Every length is checked against `p` first; nothing is written on error.
+    pub fn conv2d(
+        &self,
+        p: &Conv2dParams,
+        input: &[f32],
+        weights: &[f32],
+        bias: Option<&[f32]>,
+        output: &mut [f32],
+    ) -> Result<()> {
+        p.check_buffers(
+            input.len(),
+            weights.len(),
+            bias.map(<[f32]>::len),
+            output.len(),
+        )?;
+        let geo = Geometry::new(p);
+        let path = CpuPath::for_params(p);
+        let mut ws = lock(&self.workspace);
+        let Workspace { planes, offsets } = &mut *ws;
+        geo.fill_offsets(p, offsets);
+        let per_image_out = p.c_out * geo.ho * geo.wo;
+        let images_per_chunk = (PLANES_BUDGET / geo.image_stride.max(1)).clamp(1, p.n);
+        self.pool.install(|| {
+            for (chunk, out) in output
+                .chunks_mut(images_per_chunk * per_image_out)
+                .enumerate()
+            {
+                let images = out.len() / per_image_out;
+                let len = images * geo.image_stride + geo.slack;
+                if planes.len() < len {
+                    planes.resize(len, 0.0);
+                }
+                let planes = &mut planes[..len];
+                geo.transform(p, input, chunk * images_per_chunk, images, planes);
+                let shared = Shared {
+                    p,
+                    geo: &geo,
+                    planes,
+                    offsets,
+                    weights,
+                    bias,
+                    path,
+                };
+                self.run_tasks(&shared, images, out);
+            }
+        });
+        Ok(())
+    }
+
+    /// Cuts the output of `images` images into tasks and runs them on the pool.
+    fn run_tasks(&self, s: &Shared, images: usize, out: &mut [f32]) {
+        let (p, geo) = (s.p, s.geo);
+        let (rows, m_rows) = self.plan(s, images);
+        let mg = p.c_out_per_group();
+        let tiles = geo.ho.div_ceil(rows);
+        // Output slices: image → filter → tile of `rows` rows, each handed to exactly one task.
+        let mut grid: Vec<Option<&mut [f32]>> = out
+            .chunks_mut(geo.ho * geo.wo)
+            .flat_map(|plane| plane.chunks_mut(rows * geo.wo))
+            .map(Some)
+            .collect();
+        let mut tasks = Vec::with_capacity(images * p.groups * tiles * mg.div_ceil(m_rows));
+        for img in 0..images {
+            for group in 0..p.groups {
+                for t in 0..tiles {
+                    for m0 in (group * mg..(group + 1) * mg).step_by(m_rows) {
+                        let m1 = (m0 + m_rows).min((group + 1) * mg);
+                        let outs = (m0..m1)
+                            .map(|k| {
+                                grid[(img * p.c_out + k) * tiles + t]
+                                    .take()
+                                    .expect("each output tile has one owner")
+                            })
+                            .collect();
+                        tasks.push(Task {
+                            img,
+                            group,
+                            y0: t * rows,
+                            y1: ((t + 1) * rows).min(geo.ho),
+                            m0,
+                            outs,
+                        });
+                    }
+                }
+            }
+        }
+        tasks.into_par_iter().for_each(|mut task| {
+            let slot = rayon::current_thread_index().expect("tasks run on the backend's pool");
+            let mut scratch = lock(&self.scratch[slot]);
+            self.run_task(s, &mut task, &mut scratch);
+        });
+    }
+
+    /// Rows per tile and filters per task: tiles of about [`TILE_Q`] positions and 64
+    /// filters, split further until there are enough tasks to keep every thread busy.
+    fn plan(&self, s: &Shared, images: usize) -> (usize, usize) {
+        let (p, geo) = (s.p, s.geo);
+        let mg = p.c_out_per_group();
+        let mut rows = (TILE_Q / geo.wq).clamp(1, geo.ho);
+        let mut m_rows = match s.path {
+            CpuPath::Gemm => mg.next_multiple_of(MR).min(4 * MR),
+            CpuPath::Direct => mg,
+        };
+        loop {
+            let tasks = images * p.groups * geo.ho.div_ceil(rows) * mg.div_ceil(m_rows);
+            if tasks >= 4 * self.threads {
+                break;
+            } else if rows > 1 {
+                rows = rows.div_ceil(2);
+            } else if s.path == CpuPath::Gemm && m_rows > MR {
+                m_rows = (m_rows / 2).next_multiple_of(MR);
+            } else {
+                break;
+            }
+        }
+        (rows, m_rows)
+    }
+
+    fn run_task(&self, s: &Shared, task: &mut Task, scratch: &mut Vec<f32>) {
+        let (p, geo) = (s.p, s.geo);
+        let kdim = p.reduction_len();
+        let tq = (task.y1 - task.y0) * geo.wq;
+        let tq_pad = tq.next_multiple_of(NR);
+        let rows = task.outs.len();
+        let c_len = rows.next_multiple_of(MR) * tq_pad;
+        let a_len = if s.path == CpuPath::Gemm { MR * KC } else { 0 };
+        if scratch.len() < c_len + a_len {
+            scratch.resize(c_len + a_len, 0.0);
+        }
+        let (tile, apack) = scratch[..c_len + a_len].split_at_mut(c_len);
+        let base = task.img * geo.image_stride
+            + task.group * p.c_in_per_group() * geo.chan_stride
+            + task.y0 * geo.wq;
+        let b = &s.planes[base..];
+        match s.path {
+            CpuPath::Gemm => {
+                let blocks = kdim.div_ceil(KC);
+                let kc_len = kdim.div_ceil(blocks);
+                for pi in (0..rows).step_by(MR) {
+                    let valid = MR.min(rows - pi);
+                    for k0 in (0..kdim).step_by(kc_len) {
+                        let kc = kc_len.min(kdim - k0);
+                        // Pack [tap][filter]; rows past the last filter repeat it (never stored).
+                        for i in 0..MR {
+                            let m = task.m0 + pi + i.min(valid - 1);
+                            let w = &s.weights[m * kdim + k0..][..kc];
+                            for (kk, &v) in w.iter().enumerate() {
+                                apack[kk * MR + i] = v;
+                            }
+                        }
+                        for j in (0..tq_pad).step_by(NR) {
+                            let c = &mut tile[pi * tq_pad + j..];
+                            self.kernel
+                                .run(apack, s.offsets, k0, kc, &b[j..], c, tq_pad, k0 > 0);
+                        }
+                    }
+                }
+            }
+            CpuPath::Direct => {
+                let offs = s.offsets.as_slice();
+                for (i, acc) in tile.chunks_exact_mut(tq_pad).take(rows).enumerate() {
+                    let w = &s.weights[(task.m0 + i) * kdim..][..kdim];
+                    direct_sum(&mut acc[..tq], w, offs, b);
+                }
+            }
+        }
+        // Bias, and the valid columns of each row into the task's own output slices.
+        for (i, out) in task.outs.iter_mut().enumerate() {
+            let bias = s.bias.map_or(0.0, |b| b[task.m0 + i]);
+            let src = &tile[i * tq_pad..];
+            for (y, row) in out.chunks_exact_mut(geo.wo).enumerate() {
+                for (o, &v) in row.iter_mut().zip(&src[y * geo.wq..y * geo.wq + geo.wo]) {
+                    *o = v + bias;
+                }
+            }
+        }
+    }
+}
+
+/// `acc[q] = Σ_t w[t] · b[q + offs[t]]`, in L1-sized chunks of `q`, four taps at a time.
+fn direct_sum(acc: &mut [f32], w: &[f32], offs: &[usize], b: &[f32]) {
+    let len = acc.len();
+    for q0 in (0..len).step_by(DIRECT_CHUNK) {
+        let n = DIRECT_CHUNK.min(len - q0);
+        let acc = &mut acc[q0..q0 + n];
+        acc.fill(0.0);
+        let src = |t: usize| &b[q0 + offs[t]..][..n];
+        let mut t = 0;
+        while t + 4 <= w.len() {
+            let (s0, s1, s2, s3) = (src(t), src(t + 1), src(t + 2), src(t + 3));
+            let (w0, w1, w2, w3) = (w[t], w[t + 1], w[t + 2], w[t + 3]);
+            for i in 0..n {
+                acc[i] += w0 * s0[i] + w1 * s1[i] + w2 * s2[i] + w3 * s3[i];
+            }
+            t += 4;
+        }
+        for t in t..w.len() {
+            let (s0, w0) = (src(t), w[t]);
+            for i in 0..n {
+                acc[i] += w0 * s0[i];
+            }
+        }
+    }
+}
+
+/// Locks a workspace; a panic in an earlier call leaves nothing that the next call relies on
+/// (every call re-initialises what it reads), so a poisoned lock is taken over.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::conv_data;
+    use crate::reference;
+    use crate::tolerance::{compare, Tolerance};
+
+    fn check(p: Conv2dParams, backend: &CpuBackend, exact: bool, with_bias: bool) {
+        let (x, w, b) = conv_data(&p, 7, exact);
+        let bias = with_bias.then_some(&b[..]);
+        let mut y = vec![f32::NAN; p.output_len() as usize];
+        backend.conv2d(&p, &x, &w, bias, &mut y).unwrap();
+        let r = reference::conv2d_f64(&p, &x, &w, bias).unwrap();
+        let tol = if exact {
+            Tolerance::Exact
+        } else {
+            Tolerance::Fp32
+        };
+        if let Err(m) = compare(&p, &y, &r, tol) {
+            panic!(
+                "{p} ({:?}, {:?}): {m}",
+                CpuPath::for_params(&p),
+                backend.microkernel()
+            );
+        }
+    }
+
+    fn backends() -> Vec<CpuBackend> {
+        vec![
+            CpuBackend::with_threads(2).unwrap(),
+            CpuBackend::with_options(3, Microkernel::Portable).unwrap(),
+        ]
+    }
+
+    #[test]
+    fn gemm_and_direct_paths_cover_every_feature() {
+        let cases = [
+            Conv2dParams::new(2, 5, 9, 11, 20, 3, 3).with_padding(1, 1),
+            Conv2dParams::new(1, 3, 23, 23, 17, 7, 7)
+                .with_stride(2, 2)
+                .with_padding(3, 3),
+            Conv2dParams::new(3, 16, 6, 7, 33, 1, 1),
+            Conv2dParams::new(1, 8, 13, 9, 16, 3, 2)
+                .with_stride(2, 3)
+                .with_padding(2, 1)
+                .with_dilation(2, 1),
+            Conv2dParams::new(2, 12, 10, 10, 12, 3, 3)
+                .with_padding(1, 1)
+                .with_groups(12),
+            Conv2dParams::new(1, 8, 9, 9, 16, 3, 3)
+                .with_padding(2, 2)
+                .with_dilation(2, 2)
+                .with_groups(2),
+            Conv2dParams::new(1, 6, 7, 7, 12, 3, 3)
+                .with_stride(2, 1)
+                .with_groups(3),
+            Conv2dParams::new(1, 1, 1, 1, 1, 1, 1),
+            Conv2dParams::new(1, 300, 5, 5, 18, 3, 3).with_padding(1, 1),
+        ];
+        for b in backends() {
+            for p in cases {
+                check(p, &b, false, true);
+                check(p, &b, true, false);
+                check(p, &b, true, true);
+            }
+        }
+    }
+
+    #[test]
+    fn errors_leave_the_output_untouched() {
+        let b = CpuBackend::with_threads(1).unwrap();
+        let p = Conv2dParams::new(1, 2, 4, 4, 2, 3, 3);
+        let mut y = vec![7.0; 8];
+        assert!(b.conv2d(&p, &[0.0; 31], &[0.0; 36], None, &mut y).is_err());
+        assert!(b
+            .conv2d(&p, &[0.0; 32], &[0.0; 36], None, &mut y[..7])
+            .is_err());
+        assert!(b
+            .conv2d(&Conv2dParams { c_in: 0, ..p }, &[], &[], None, &mut y)
+            .is_err());
+        assert_eq!(y, vec![7.0; 8]);
+    }
+
+    #[test]
+    fn bad_options_are_errors() {
+        assert!(CpuBackend::with_threads(0).is_err());
+    }
+}

@@ -1,0 +1,133 @@
+//! Phase planes: the input rearranged so that a convolution becomes an implicit GEMM in which
+//! every kernel tap is one constant offset, and no im2col matrix is ever built.
+//!
+//! The zero-padded input (`hp = h + 2·ph`, `wp = w + 2·pw`) of each channel is split by stride
+//! phase into `sh·sw` planes of `hq × wq` (`hq = ⌈hp/sh⌉`, `wq = ⌈wp/sw⌉`):
+//! `plane[c][py][px][yy][xx] = padded[c][yy·sh + py][xx·sw + px]`.
+//! The outputs are computed on a grid of `ho` rows of `wq` positions (`q = y·wq + x`; columns
+//! `x ≥ wo` are junk and never stored). Output `(y, x)` reads, for tap `(c, r, s)`,
+//! `padded[c][y·sh + r·dh][x·sw + s·dw] = plane[c][(r·dh) % sh][(s·dw) % sw][y + r·dh/sh][x + s·dw/sw]`,
+//! which is `planes[q + off(c, r, s)]`: 16 consecutive outputs read 16 consecutive floats.
+//! A stride-1 layer has one phase (the padded input itself), a 1×1 layer reads its input as is.
+//!
+//! The copy costs one pass over the input; the price is computing `wq − wo` junk columns per row.
+
+#![forbid(unsafe_code)]
+
+use crate::params::Conv2dParams;
+use rayon::prelude::*;
+
+use super::kernel::{TapOffsets, NR};
+
+/// The sizes and strides of the phase planes for one convolution.
+#[derive(Clone, Copy, Debug)]
+pub struct Geometry {
+    /// Output rows.
+    pub ho: usize,
+    /// Output columns.
+    pub wo: usize,
+    /// Rows of one phase plane.
+    pub hq: usize,
+    /// Columns of one phase plane, and the row pitch of the output grid.
+    pub wq: usize,
+    /// Floats per channel: `sh·sw·hq·wq`.
+    pub chan_stride: usize,
+    /// Floats per image: `c_in · chan_stride`.
+    pub image_stride: usize,
+    /// Zeros kept after the last image, so that junk lanes of the last strip stay in bounds.
+    pub slack: usize,
+}
+
+impl Geometry {
+    /// The geometry of a validated convolution.
+    pub fn new(p: &Conv2dParams) -> Self {
+        let (ho, wo) = p.out_hw();
+        let (sh, sw) = p.stride;
+        let hq = (p.h + 2 * p.padding.0).div_ceil(sh);
+        let wq = (p.w + 2 * p.padding.1).div_ceil(sw);
+        let chan_stride = sh * sw * hq * wq;
+        // A valid output reads inside its plane (see the module docs); a strip that starts at a
+        // valid row may run up to wq + NR floats past the last plane (junk lanes only).
+        Self {
+            ho,
+            wo,
+            hq,
+            wq,
+            chan_stride,
+            image_stride: p.c_in * chan_stride,
+            slack: wq + 2 * NR,
+        }
+    }
+
+    /// Offsets of the taps `(c, r, s)` of one group, in weight order (`c` slowest).
+    pub fn fill_offsets(&self, p: &Conv2dParams, offsets: &mut TapOffsets) {
+        let (sh, sw) = p.stride;
+        let (dh, dw) = p.dilation;
+        let plane = self.hq * self.wq;
+        offsets.fill((0..p.c_in_per_group()).flat_map(move |c| {
+            (0..p.k_h).flat_map(move |r| {
+                (0..p.k_w).map(move |s| {
+                    let phase = ((r * dh) % sh) * sw + (s * dw) % sw;
+                    c * self.chan_stride + phase * plane + (r * dh / sh) * self.wq + s * dw / sw
+                })
+            })
+        }));
+    }
+
+    /// Fills `planes` (exactly `images·image_stride + slack` floats) from images
+    /// `first..first + images` of `input`.
+    pub fn transform(
+        &self,
+        p: &Conv2dParams,
+        input: &[f32],
+        first: usize,
+        images: usize,
+        planes: &mut [f32],
+    ) {
+        let body = images * self.image_stride;
+        assert_eq!(
+            planes.len(),
+            body + self.slack,
+            "phase planes: wrong buffer size"
+        );
+        let (data, slack) = planes.split_at_mut(body);
+        slack.fill(0.0);
+        let (sh, sw) = p.stride;
+        let (ph, pw) = p.padding;
+        let plane = self.hq * self.wq;
+        let chan = p.h * p.w;
+        let src = &input[first * p.c_in * chan..][..images * p.c_in * chan];
+        data.par_chunks_mut(self.chan_stride)
+            .zip(src.par_chunks_exact(chan))
+            .for_each(|(dst, src)| {
+                for (phase, dst) in dst.chunks_exact_mut(plane).enumerate() {
+                    let (py, px) = (phase / sw, phase % sw);
+                    for (yy, row) in dst.chunks_exact_mut(self.wq).enumerate() {
+                        let y = (yy * sh + py) as isize - ph as isize;
+                        if y < 0 || y >= p.h as isize {
+                            row.fill(0.0);
+                            continue;
+                        }
+                        let src_row = &src[y as usize * p.w..][..p.w];
+                        if sw == 1 {
+                            // Columns pw..pw+w hold the row; the rest is padding.
+                            let lo = pw.min(self.wq);
+                            let hi = (pw + p.w).min(self.wq);
+                            row[..lo].fill(0.0);
+                            row[lo..hi].copy_from_slice(&src_row[..hi - lo]);
+                            row[hi..].fill(0.0);
+                        } else {
+                            for (xx, v) in row.iter_mut().enumerate() {
+                                let x = (xx * sw + px) as isize - pw as isize;
+                                *v = if x >= 0 && x < p.w as isize {
+                                    src_row[x as usize]
+                                } else {
+                                    0.0
+                                };
+                            }
+                        }
+                    }
+                }
+            });
+    }
+}

@@ -1,0 +1,54 @@
+//! The one error type of the crate: everything a caller can cause or must handle.
+//!
+//! Broken internal invariants are bugs and panic with a message; everything here is a
+//! condition a correct program can meet (bad shapes, bad files, a missing device).
+
+use std::path::PathBuf;
+
+/// The crate's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Every error sporkle reports.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The convolution parameters are inconsistent (zero sizes, groups that do not divide, …).
+    #[error("invalid convolution parameters: {0}")]
+    InvalidParams(String),
+
+    /// A buffer's length does not match what the parameters require.
+    #[error("{what} has {got} elements, but the parameters need {expected}")]
+    BufferLength {
+        /// Which buffer ("input", "weights", "bias", "output").
+        what: &'static str,
+        /// Length the parameters imply.
+        expected: u64,
+        /// Length given.
+        got: u64,
+    },
+
+    /// A `.npy` file could not be read or written, or holds something sporkle does not accept.
+    #[error("{}: {problem}", path.display())]
+    Npy {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        problem: String,
+    },
+
+    /// A suite file (`suites/*.toml`) is malformed.
+    #[error("{}: {problem}", path.display())]
+    Suite {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        problem: String,
+    },
+
+    /// The requested device does not exist on this machine, or cannot be used.
+    #[error("device unavailable: {0}")]
+    DeviceUnavailable(String),
+
+    /// The CPU backend could not start (e.g. its thread pool).
+    #[error("CPU backend: {0}")]
+    Cpu(String),
+}

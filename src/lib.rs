@@ -1,0 +1,34 @@
+//! sporkle: fp32 2-D convolution (NCHW) on the CPU and, later, on the GPU through OpenGL
+//! compute shaders, with the validation harness that proves it correct.
+//!
+//! # Architecture in a few lines
+//!
+//! - [`Conv2dParams`] ([`params`]) describes one convolution: shape, stride, padding, dilation,
+//!   groups. It validates itself, computes the output size, the buffer lengths and the FLOPs,
+//!   all in 64-bit arithmetic.
+//! - [`reference`] is the oracle: direct loops, f64 accumulation, no `unsafe`, no threads.
+//!   Every backend is checked against it with the policy of [`tolerance`].
+//! - [`cpu`] is the fast CPU backend: an implicit GEMM over "phase planes" (the zero-padded
+//!   input split by stride phase, so every kernel tap is a constant offset and no im2col
+//!   matrix is ever built), an AVX-512 microkernel with a portable fallback, a direct path for
+//!   depthwise and narrow grouped convolutions, rayon threads and reusable workspaces.
+//! - [`npy`] reads and writes `.npy` files (float32, little-endian, C order).
+//! - [`suite`] reads the device-independent case files in `suites/*.toml`.
+//! - [`data`] makes deterministic test data (seeded uniform and small-integer fills).
+//! - The binaries: `sporkle` (`conv2d`, `bench`, `devices`).
+//!
+//! Layouts: input `N×C×H×W`, weights `K×(C/G)×R×S`, optional bias `K`, output `N×K×Ho×Wo`,
+//! all contiguous row-major f32.
+
+pub mod cpu;
+pub mod data;
+pub mod error;
+pub mod npy;
+pub mod params;
+pub mod reference;
+pub mod suite;
+pub mod tolerance;
+
+pub use cpu::CpuBackend;
+pub use error::{Error, Result};
+pub use params::Conv2dParams;

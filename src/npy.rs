@@ -1,0 +1,196 @@
+//! `.npy` reading and writing for float32 arrays (little-endian, C order).
+//!
+//! The header is parsed by the `npyz` crate; sporkle then insists on exactly what it computes
+//! with: dtype `<f4`, C order, and a data section of exactly the size the shape says. Anything
+//! else (other dtypes, Fortran order, truncated or over-long files, malformed headers) is an
+//! [`Error::Npy`] naming the file and the problem. Writing goes to a temporary file in the same
+//! directory that is renamed into place, so a failed write never leaves a partial file.
+
+#![forbid(unsafe_code)]
+
+use crate::error::{Error, Result};
+use std::io::Write;
+use std::path::Path;
+
+/// A float32 array read from a `.npy` file.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Array {
+    /// Dimensions, outermost first.
+    pub shape: Vec<usize>,
+    /// Elements in C order.
+    pub data: Vec<f32>,
+}
+
+fn err(path: &Path, problem: impl Into<String>) -> Error {
+    Error::Npy {
+        path: path.to_owned(),
+        problem: problem.into(),
+    }
+}
+
+/// Reads a float32, little-endian, C-order `.npy` file.
+pub fn read(path: &Path) -> Result<Array> {
+    let bytes = std::fs::read(path).map_err(|e| err(path, format!("cannot read: {e}")))?;
+    parse(path, &bytes)
+}
+
+/// Parses the bytes of a `.npy` file (`path` only names it in errors).
+pub fn parse(path: &Path, bytes: &[u8]) -> Result<Array> {
+    let mut cursor = std::io::Cursor::new(bytes);
+    let header = npyz::NpyHeader::from_reader(&mut cursor)
+        .map_err(|e| err(path, format!("not a valid .npy file: {e}")))?;
+    let dtype = header.dtype().descr();
+    if dtype != "'<f4'" {
+        return Err(err(
+            path,
+            format!("dtype is {dtype}, but sporkle needs float32 little-endian ('<f4')"),
+        ));
+    }
+    if header.order() == npyz::Order::Fortran {
+        return Err(err(
+            path,
+            "array is in Fortran order; sporkle needs C order (numpy.ascontiguousarray)",
+        ));
+    }
+    let shape: Vec<usize> = header.shape().iter().map(|&d| d as usize).collect();
+    let count = header
+        .shape()
+        .iter()
+        .try_fold(1u64, |acc, &d| acc.checked_mul(d))
+        .filter(|&c| c <= (isize::MAX as u64) / 4)
+        .ok_or_else(|| err(path, format!("shape {shape:?} is too large")))?;
+    let data = &bytes[cursor.position() as usize..];
+    let want = count * 4;
+    if (data.len() as u64) < want {
+        return Err(err(
+            path,
+            format!(
+                "truncated: shape {shape:?} needs {want} data bytes, the file has {}",
+                data.len()
+            ),
+        ));
+    }
+    if (data.len() as u64) > want {
+        return Err(err(
+            path,
+            format!(
+                "{} bytes after the data of shape {shape:?}",
+                data.len() as u64 - want
+            ),
+        ));
+    }
+    let data = data
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    Ok(Array { shape, data })
+}
+
+/// Writes `data` with `shape` as a float32, little-endian, C-order `.npy` file, atomically.
+pub fn write(path: &Path, shape: &[usize], data: &[f32]) -> Result<()> {
+    let count: usize = shape.iter().product();
+    if count != data.len() {
+        return Err(err(
+            path,
+            format!("shape {shape:?} needs {count} elements, got {}", data.len()),
+        ));
+    }
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .ok_or_else(|| err(path, "not a file name"))?
+        .to_string_lossy();
+    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+    let result = write_to(&tmp, shape, data).and_then(|()| std::fs::rename(&tmp, path));
+    if let Err(e) = result {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(err(path, format!("cannot write: {e}")));
+    }
+    Ok(())
+}
+
+fn write_to(tmp: &Path, shape: &[usize], data: &[f32]) -> std::io::Result<()> {
+    use npyz::WriterBuilder;
+    let shape: Vec<u64> = shape.iter().map(|&d| d as u64).collect();
+    let mut out = Vec::with_capacity(128 + data.len() * 4);
+    let mut w = npyz::WriteOptions::<f32>::new()
+        .dtype(npyz::DType::Plain(
+            "<f4".parse().expect("a valid type string"),
+        ))
+        .shape(&shape)
+        .writer(&mut out)
+        .begin_nd()?;
+    w.extend(data.iter().copied())?;
+    w.finish()?;
+    let mut f = std::fs::File::create(tmp)?;
+    f.write_all(&out)?;
+    f.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header(descr: &str, fortran: bool, shape: &str) -> Vec<u8> {
+        let mut h = format!(
+            "{{'descr': '{descr}', 'fortran_order': {}, 'shape': {shape}, }}",
+            if fortran { "True" } else { "False" }
+        );
+        while (10 + h.len() + 1) % 64 != 0 {
+            h.push(' ');
+        }
+        h.push('\n');
+        let mut out = b"\x93NUMPY\x01\x00".to_vec();
+        out.extend_from_slice(&(h.len() as u16).to_le_bytes());
+        out.extend_from_slice(h.as_bytes());
+        out
+    }
+
+    #[test]
+    fn round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.npy");
+        let data: Vec<f32> = (0..24).map(|i| i as f32 * 0.5 - 3.0).collect();
+        write(&path, &[2, 3, 4], &data).unwrap();
+        assert_eq!(
+            read(&path).unwrap(),
+            Array {
+                shape: vec![2, 3, 4],
+                data: data.clone()
+            }
+        );
+        write(&path, &[24], &data).unwrap();
+        assert_eq!(read(&path).unwrap().shape, vec![24]);
+        assert!(write(&path, &[5], &data).is_err());
+    }
+
+    #[test]
+    fn wrong_files_name_the_problem() {
+        let p = Path::new("x.npy");
+        let msg = |b: &[u8]| parse(p, b).unwrap_err().to_string();
+        let mut f8 = header("<f8", false, "(2,)");
+        f8.extend_from_slice(&[0; 16]);
+        assert!(msg(&f8).contains("dtype is '<f8'"), "{}", msg(&f8));
+        let mut be = header(">f4", false, "(2,)");
+        be.extend_from_slice(&[0; 8]);
+        assert!(msg(&be).contains("'>f4'"));
+        let mut fortran = header("<f4", true, "(2, 2)");
+        fortran.extend_from_slice(&[0; 16]);
+        assert!(msg(&fortran).contains("Fortran order"));
+        let mut short = header("<f4", false, "(2, 3)");
+        short.extend_from_slice(&[0; 20]);
+        assert!(msg(&short).contains("truncated"));
+        let mut long = header("<f4", false, "(1,)");
+        long.extend_from_slice(&[0; 8]);
+        assert!(msg(&long).contains("4 bytes after"));
+        assert!(msg(b"not numpy at all").contains("not a valid .npy"));
+        assert!(msg(&header("<f4", false, "(2,")[..30]).contains("x.npy"));
+        assert!(read(Path::new("/nonexistent/y.npy"))
+            .unwrap_err()
+            .to_string()
+            .contains("/nonexistent/y.npy"));
+    }
+}

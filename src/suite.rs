@@ -1,0 +1,195 @@
+//! Suite files (`suites/*.toml`): device-independent convolution cases, one vocabulary with
+//! the Rust names.
+//!
+//! ```toml
+//! description = "what this suite is for"
+//!
+//! [[case]]
+//! name = "l1_3x3_56_64_n1"      # unique within the suite; used in trial and benchmark names
+//! n = 1                         # batch
+//! c_in = 64
+//! h = 56
+//! w = 56
+//! c_out = 64
+//! k_h = 3
+//! k_w = 3
+//! stride = 1                    # S or [SH, SW]; default 1
+//! padding = 1                   # P or [PH, PW]; default 0
+//! dilation = 1                  # D or [DH, DW]; default 1
+//! groups = 1                    # default 1
+//! bias = false                  # default false
+//! ```
+//! Unknown keys are errors, so a typo never silently drops a setting.
+
+#![forbid(unsafe_code)]
+
+use crate::error::{Error, Result};
+use crate::params::Conv2dParams;
+use serde::Deserialize;
+use std::path::Path;
+
+/// A suite: a description and its cases.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Suite {
+    /// What the suite is for.
+    #[serde(default)]
+    pub description: String,
+    /// The cases, in file order.
+    #[serde(rename = "case", default)]
+    pub cases: Vec<Case>,
+}
+
+/// One convolution case.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Case {
+    /// Unique name within its suite.
+    pub name: String,
+    /// The convolution.
+    pub params: Conv2dParams,
+    /// Whether the case adds a bias.
+    pub bias: bool,
+}
+
+/// A per-axis pair written as one number or two.
+#[derive(Clone, Copy, Debug, Deserialize)]
+#[serde(untagged)]
+enum Pair {
+    Same(usize),
+    Each([usize; 2]),
+}
+
+impl Pair {
+    fn get(self) -> (usize, usize) {
+        match self {
+            Pair::Same(v) => (v, v),
+            Pair::Each([a, b]) => (a, b),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCase {
+    name: String,
+    n: usize,
+    c_in: usize,
+    h: usize,
+    w: usize,
+    c_out: usize,
+    k_h: usize,
+    k_w: usize,
+    #[serde(default)]
+    stride: Option<Pair>,
+    #[serde(default)]
+    padding: Option<Pair>,
+    #[serde(default)]
+    dilation: Option<Pair>,
+    #[serde(default)]
+    groups: Option<usize>,
+    #[serde(default)]
+    bias: bool,
+}
+
+impl<'de> Deserialize<'de> for Case {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let r = RawCase::deserialize(d)?;
+        let params = Conv2dParams {
+            n: r.n,
+            c_in: r.c_in,
+            h: r.h,
+            w: r.w,
+            c_out: r.c_out,
+            k_h: r.k_h,
+            k_w: r.k_w,
+            stride: r.stride.map_or((1, 1), Pair::get),
+            padding: r.padding.map_or((0, 0), Pair::get),
+            dilation: r.dilation.map_or((1, 1), Pair::get),
+            groups: r.groups.unwrap_or(1),
+        };
+        Ok(Case {
+            name: r.name,
+            params,
+            bias: r.bias,
+        })
+    }
+}
+
+impl Suite {
+    /// Reads and checks a suite file.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::Suite {
+            path: path.to_owned(),
+            problem: format!("cannot read: {e}"),
+        })?;
+        Self::parse(path, &text)
+    }
+
+    /// Parses and checks suite text (`path` only names it in errors): names are unique and
+    /// every case's parameters are valid.
+    pub fn parse(path: &Path, text: &str) -> Result<Self> {
+        let bad = |problem: String| Error::Suite {
+            path: path.to_owned(),
+            problem,
+        };
+        let suite: Suite = toml::from_str(text).map_err(|e| bad(e.to_string()))?;
+        let mut names = std::collections::HashSet::new();
+        for c in &suite.cases {
+            if !names.insert(c.name.as_str()) {
+                return Err(bad(format!("case name {:?} appears twice", c.name)));
+            }
+            c.params
+                .validate()
+                .map_err(|e| bad(format!("case {:?}: {e}", c.name)))?;
+        }
+        Ok(suite)
+    }
+
+    /// The directory of the crate's suite files.
+    pub fn dir() -> &'static Path {
+        Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/suites"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pairs_defaults_and_errors() {
+        let s = Suite::parse(
+            Path::new("t.toml"),
+            "[[case]]\nname='a'\nn=1\nc_in=4\nh=5\nw=6\nc_out=2\nk_h=3\nk_w=1\nstride=[2,1]\npadding=1\ngroups=2\nbias=true\n",
+        )
+        .unwrap();
+        let p = s.cases[0].params;
+        assert_eq!(
+            (p.stride, p.padding, p.dilation, p.groups),
+            ((2, 1), (1, 1), (1, 1), 2)
+        );
+        assert!(s.cases[0].bias);
+        let typo = Suite::parse(
+            Path::new("t.toml"),
+            "[[case]]\nname='a'\nn=1\nc_in=1\nh=1\nw=1\nc_out=1\nk_h=1\nk_w=1\nstrid=2\n",
+        );
+        assert!(typo.unwrap_err().to_string().contains("strid"));
+        let dup = "[[case]]\nname='a'\nn=1\nc_in=1\nh=1\nw=1\nc_out=1\nk_h=1\nk_w=1\n";
+        assert!(Suite::parse(Path::new("t.toml"), &dup.repeat(2))
+            .unwrap_err()
+            .to_string()
+            .contains("twice"));
+        let invalid = "[[case]]\nname='z'\nn=1\nc_in=1\nh=1\nw=1\nc_out=1\nk_h=3\nk_w=1\n";
+        assert!(Suite::parse(Path::new("t.toml"), invalid)
+            .unwrap_err()
+            .to_string()
+            .contains("\"z\""));
+    }
+
+    #[test]
+    fn the_perf_suite_is_the_benchmark_shape_set() {
+        let s = Suite::load(&Suite::dir().join("perf.toml")).unwrap();
+        assert_eq!(s.cases.len(), 10);
+        assert_eq!(s.cases[9].name, "vgg_3x3_56_256_n32");
+        assert!((s.cases[9].params.flops() as f64 / 1e9 - 118.380).abs() < 1e-3);
+    }
+}

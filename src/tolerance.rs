@@ -1,0 +1,233 @@
+//! The tolerance policy: how far a device's fp32 result may be from the f64 reference.
+//!
+//! **The bound.** Any evaluation of a sum of `K` products in fp32, in any order, with or without
+//! fused multiply-adds, errs by at most `γ_K · Σ|x·w|` where `γ_K = K·u / (1 − K·u)` and
+//! `u = ε/2` is the unit round-off (Higham, *Accuracy and Stability of Numerical Algorithms*,
+//! §3.1). Adding the bias and rounding the result once more adds a few `u`. sporkle therefore
+//! accepts
+//!
+//! ```text
+//! |got − ref| ≤ (K + 2) · ε_f32 · (Σ|x·w| + |b|)        with K = (c_in / groups) · k_h · k_w
+//! ```
+//!
+//! which is the worst case with a factor-two margin: a correct kernel can never fail it, whatever
+//! its summation order. It is still tight enough to catch real bugs: a wrong tap, a shifted
+//! window or a missing channel changes an output by the size of one product, `≈ Σ|x·w| / K`,
+//! which is `K²·ε` times larger than the bound (for `K ≤ 4096`, over ten thousand times).
+//!
+//! **Exact mode.** With small-integer data (see [`crate::data::fill_small_ints`]) every product
+//! and partial sum is an integer below 2²⁴, so every order of evaluation gives the same float:
+//! results must be bit-identical to the reference.
+//!
+//! Non-finite values: a NaN or infinity where the reference is finite is always a mismatch.
+
+#![forbid(unsafe_code)]
+
+use crate::params::Conv2dParams;
+use crate::reference::{OutIndex, RefOutput, RefValue};
+
+/// Machine epsilon of f32 (2⁻²³).
+pub const EPS_F32: f64 = f32::EPSILON as f64;
+
+/// How a result is compared with the reference.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Tolerance {
+    /// Bit-identical to the reference rounded to f32 (small-integer data only).
+    Exact,
+    /// Within `(K + 2)·ε·(Σ|x·w| + |b|)` of the reference (see the module docs).
+    Fp32,
+}
+
+impl Tolerance {
+    /// The allowed absolute error for one output of a convolution with parameters `p`.
+    pub fn bound(self, p: &Conv2dParams, r: RefValue) -> f64 {
+        match self {
+            Tolerance::Exact => 0.0,
+            Tolerance::Fp32 => (p.reduction_len() as f64 + 2.0) * EPS_F32 * r.magnitude,
+        }
+    }
+
+    /// Whether `got` is acceptable for the reference value `r`.
+    pub fn accepts(self, p: &Conv2dParams, got: f32, r: RefValue) -> bool {
+        match self {
+            Tolerance::Exact => got.to_bits() == (r.value as f32).to_bits(),
+            Tolerance::Fp32 => {
+                got.is_finite() && (f64::from(got) - r.value).abs() <= self.bound(p, r)
+            }
+        }
+    }
+}
+
+/// Summary of a comparison: the worst errors seen (over all outputs).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct ErrorStats {
+    /// Outputs compared.
+    pub checked: usize,
+    /// Largest `|got − ref|`.
+    pub max_abs: f64,
+    /// Largest `|got − ref| / |ref|` (over outputs with `ref ≠ 0`).
+    pub max_rel: f64,
+    /// Largest `|got − ref| / bound`: below 1 everywhere means a pass.
+    pub max_ratio: f64,
+}
+
+/// The first output outside tolerance, with everything needed to debug it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Mismatch {
+    /// Where.
+    pub at: OutIndex,
+    /// What the device gave.
+    pub got: f32,
+    /// What the reference gives.
+    pub expected: f64,
+    /// The bound at that output.
+    pub bound: f64,
+    /// Errors over all outputs.
+    pub stats: ErrorStats,
+    /// How many outputs failed.
+    pub failures: usize,
+}
+
+impl std::fmt::Display for Mismatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} of {} outputs outside tolerance; first at {}: got {:e}, expected {:e} (bound {:e}); max abs error {:e}, max rel error {:e}",
+            self.failures,
+            self.stats.checked,
+            self.at,
+            self.got,
+            self.expected,
+            self.bound,
+            self.stats.max_abs,
+            self.stats.max_rel
+        )
+    }
+}
+
+/// Compares a whole output with the reference.
+pub fn compare(
+    p: &Conv2dParams,
+    got: &[f32],
+    reference: &RefOutput,
+    tol: Tolerance,
+) -> Result<ErrorStats, Box<Mismatch>> {
+    assert_eq!(
+        got.len(),
+        reference.value.len(),
+        "compare: output and reference lengths differ"
+    );
+    let points = (0..got.len()).map(|i| {
+        (
+            OutIndex::from_flat(p, i),
+            got[i],
+            RefValue {
+                value: reference.value[i],
+                magnitude: reference.magnitude[i],
+            },
+        )
+    });
+    compare_points(p, points, tol)
+}
+
+/// Compares selected outputs `(index, got, reference)` (used where the full reference is too slow).
+pub fn compare_points(
+    p: &Conv2dParams,
+    points: impl IntoIterator<Item = (OutIndex, f32, RefValue)>,
+    tol: Tolerance,
+) -> Result<ErrorStats, Box<Mismatch>> {
+    let mut stats = ErrorStats::default();
+    let mut first: Option<Mismatch> = None;
+    let mut failures = 0;
+    for (at, got, r) in points {
+        stats.checked += 1;
+        let err = (f64::from(got) - r.value).abs();
+        let err = if err.is_nan() { f64::INFINITY } else { err };
+        stats.max_abs = stats.max_abs.max(err);
+        if r.value != 0.0 {
+            stats.max_rel = stats.max_rel.max(err / r.value.abs());
+        }
+        let bound = tol.bound(p, r);
+        stats.max_ratio = stats.max_ratio.max(if bound > 0.0 {
+            err / bound
+        } else if err > 0.0 {
+            f64::INFINITY
+        } else {
+            0.0
+        });
+        if !tol.accepts(p, got, r) {
+            failures += 1;
+            if first.is_none() {
+                first = Some(Mismatch {
+                    at,
+                    got,
+                    expected: r.value,
+                    bound,
+                    stats,
+                    failures: 0,
+                });
+            }
+        }
+    }
+    match first {
+        None => Ok(stats),
+        Some(m) => Err(Box::new(Mismatch {
+            stats,
+            failures,
+            ..m
+        })),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::reference;
+
+    #[test]
+    fn rounding_passes_but_a_shifted_tap_fails() {
+        let p = Conv2dParams::new(1, 8, 9, 9, 4, 3, 3).with_padding(1, 1);
+        let mut x = vec![0.0; p.input_len() as usize];
+        let mut w = vec![0.0; p.weights_len() as usize];
+        crate::data::fill_uniform(1, &mut x);
+        crate::data::fill_uniform(2, &mut w);
+        let r = reference::conv2d_f64(&p, &x, &w, None).unwrap();
+        // The reference rounded to f32 is within tolerance.
+        let stats = compare(&p, &r.to_f32(), &r, Tolerance::Fp32).unwrap();
+        assert!(stats.max_ratio < 0.01, "{stats:?}");
+        // An output with one product dropped is not.
+        let mut bad = r.to_f32();
+        let i = OutIndex {
+            n: 0,
+            k: 2,
+            y: 4,
+            x: 5,
+        };
+        bad[i.flat(&p)] += (x[(4 * 9 + 4) * 9 + 5] * w[(2 * 8 + 4) * 9 + 4])
+            .abs()
+            .max(1e-3);
+        let m = compare(&p, &bad, &r, Tolerance::Fp32).unwrap_err();
+        assert_eq!(m.at, i);
+        assert_eq!(m.failures, 1);
+        assert!(m.to_string().contains("(n=0, k=2, y=4, x=5)"), "{m}");
+        // NaN fails.
+        let mut nan = r.to_f32();
+        nan[0] = f32::NAN;
+        assert!(compare(&p, &nan, &r, Tolerance::Fp32).is_err());
+    }
+
+    #[test]
+    fn exact_mode_demands_identical_bits() {
+        let p = Conv2dParams::new(1, 1, 1, 1, 1, 1, 1);
+        let r = reference::conv2d_f64(&p, &[3.0], &[2.0], None).unwrap();
+        assert!(compare(&p, &[6.0], &r, Tolerance::Exact).is_ok());
+        assert!(compare(
+            &p,
+            &[f32::from_bits(6.0f32.to_bits() + 1)],
+            &r,
+            Tolerance::Exact
+        )
+        .is_err());
+    }
+}

@@ -1,1 +1,359 @@
-fn main() {}
+//! `sporkle`: the command-line tool. One convolution on `.npy` files (`conv2d`), the benchmark
+//! shape set (`bench`), and what this machine offers (`devices`).
+//!
+//! Errors are one line on stderr and a non-zero exit; `conv2d` checks everything before it
+//! writes, so a failed run leaves no output file.
+
+#![forbid(unsafe_code)]
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use sporkle::reference::{self, OutIndex};
+use sporkle::suite::Suite;
+use sporkle::tolerance::{compare_points, Tolerance};
+use sporkle::{npy, Conv2dParams, CpuBackend};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Instant;
+
+/// The benchmark shape set, built in so the binary works from any directory.
+const PERF_SUITE: &str = include_str!("../../suites/perf.toml");
+
+#[derive(Parser)]
+#[command(name = "sporkle", version, about = "fp32 2-D convolution (NCHW) on the CPU and GPU")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// One convolution: reads .npy inputs, writes the output .npy, prints one JSON object.
+    Conv2d(Conv2dArgs),
+    /// Times the benchmark shapes; one JSON line per shape ({"shape", "device", "ms", "gflops"}).
+    Bench(BenchArgs),
+    /// Lists the devices this machine offers.
+    Devices,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum DeviceArg {
+    /// Let sporkle choose.
+    Auto,
+    /// The CPU backend.
+    Cpu,
+    /// The OpenGL compute backend.
+    Gpu,
+}
+
+#[derive(clap::Args)]
+struct Conv2dArgs {
+    /// Input, float32 N×C×H×W.
+    #[arg(long)]
+    input: PathBuf,
+    /// Weights, float32 K×(C/G)×R×S.
+    #[arg(long)]
+    weights: PathBuf,
+    /// Bias, float32 K.
+    #[arg(long)]
+    bias: Option<PathBuf>,
+    /// Stride: S or SH,SW.
+    #[arg(long, value_parser = parse_pair, default_value = "1")]
+    stride: (usize, usize),
+    /// Zero padding on each side: P or PH,PW.
+    #[arg(long, value_parser = parse_pair, default_value = "0")]
+    padding: (usize, usize),
+    /// Dilation: D or DH,DW.
+    #[arg(long, value_parser = parse_pair, default_value = "1")]
+    dilation: (usize, usize),
+    /// Groups.
+    #[arg(long, default_value_t = 1)]
+    groups: usize,
+    /// Device.
+    #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
+    device: DeviceArg,
+    /// Threads of the CPU backend (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Output file, float32 N×K×Ho×Wo.
+    #[arg(long)]
+    output: PathBuf,
+}
+
+#[derive(clap::Args)]
+struct BenchArgs {
+    /// Device.
+    #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
+    device: DeviceArg,
+    /// Also write the JSON lines to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Threads of the CPU backend (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Time budget per shape, in seconds, after warm-up (at least 5 runs are timed).
+    #[arg(long, default_value_t = 1.0)]
+    seconds: f64,
+    /// Suite file with the shapes (default: the built-in copy of suites/perf.toml).
+    #[arg(long)]
+    suite: Option<PathBuf>,
+    /// Peer JSON lines (e.g. from shared/peers/ort_conv.py) to compare with, by shape name.
+    #[arg(long)]
+    compare: Option<PathBuf>,
+    /// Shapes by name or 1-based number (default: all).
+    shapes: Vec<String>,
+}
+
+fn parse_pair(s: &str) -> Result<(usize, usize), String> {
+    let num = |t: &str| t.trim().parse::<usize>().map_err(|_| format!("{t:?} is not a non-negative integer"));
+    match s.split_once(',') {
+        None => num(s).map(|v| (v, v)),
+        Some((a, b)) => Ok((num(a)?, num(b)?)),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => {
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            // clap's message is several lines (usage, hints); the contract is one line.
+            let text = e.to_string();
+            let first = text.lines().next().unwrap_or("invalid arguments").trim_start_matches("error: ");
+            eprintln!("sporkle: {first} (see sporkle --help)");
+            return ExitCode::from(2);
+        }
+    };
+    let result = match cli.command {
+        Command::Conv2d(a) => conv2d(a),
+        Command::Bench(a) => bench(a),
+        Command::Devices => devices(),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("sporkle: {}", format!("{e:#}").replace('\n', " "));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn cpu_backend(threads: Option<usize>) -> Result<CpuBackend> {
+    Ok(match threads {
+        Some(t) => CpuBackend::with_threads(t)?,
+        None => CpuBackend::new()?,
+    })
+}
+
+/// The device that runs a job, and why it was chosen.
+fn choose(device: DeviceArg) -> Result<&'static str> {
+    match device {
+        DeviceArg::Cpu => Ok("requested"),
+        DeviceArg::Auto => Ok("auto: this build has no GPU backend yet, so the CPU runs every job"),
+        DeviceArg::Gpu => bail!("--device gpu: this build has no GPU backend yet; use --device cpu or auto"),
+    }
+}
+
+fn dims4(a: &npy::Array, path: &Path, what: &str) -> Result<[usize; 4]> {
+    <[usize; 4]>::try_from(a.shape.as_slice())
+        .map_err(|_| anyhow!("{}: {what} must be 4-D, got shape {:?}", path.display(), a.shape))
+}
+
+fn conv2d(a: Conv2dArgs) -> Result<()> {
+    let reason = choose(a.device)?;
+    let x = npy::read(&a.input)?;
+    let w = npy::read(&a.weights)?;
+    let [n, c_in, h, wd] = dims4(&x, &a.input, "the input (N×C×H×W)")?;
+    let [c_out, c_per_group, k_h, k_w] = dims4(&w, &a.weights, "the weights (K×C/G×R×S)")?;
+    let p = Conv2dParams {
+        n,
+        c_in,
+        h,
+        w: wd,
+        c_out,
+        k_h,
+        k_w,
+        stride: a.stride,
+        padding: a.padding,
+        dilation: a.dilation,
+        groups: a.groups,
+    };
+    p.validate()?;
+    if c_per_group != p.c_in_per_group() {
+        bail!(
+            "{}: weights have {c_per_group} input channels per filter, but the input has c_in = {c_in} and groups = {} (so {})",
+            a.weights.display(),
+            p.groups,
+            p.c_in_per_group()
+        );
+    }
+    let bias = match &a.bias {
+        Some(path) => {
+            let b = npy::read(path)?;
+            if b.shape != [c_out] {
+                bail!("{}: bias must have shape [{c_out}] (one per filter), got {:?}", path.display(), b.shape);
+            }
+            Some(b.data)
+        }
+        None => None,
+    };
+    let backend = cpu_backend(a.threads)?;
+    let (ho, wo) = p.out_hw();
+    let mut y = vec![0.0f32; p.output_len() as usize];
+    let t = Instant::now();
+    backend.conv2d(&p, &x.data, &w.data, bias.as_deref(), &mut y)?;
+    let secs = t.elapsed().as_secs_f64();
+    npy::write(&a.output, &[n, c_out, ho, wo], &y)?;
+    let info = serde_json::json!({
+        "device": "cpu",
+        "reason": reason,
+        "wall_ms": secs * 1e3,
+        "gflops": p.flops() as f64 / secs / 1e9,
+    });
+    println!("{info}");
+    Ok(())
+}
+
+/// Output points checked after each benchmark: corners, edges and a seeded sample.
+const BENCH_CHECKS: usize = 256;
+
+fn bench(a: BenchArgs) -> Result<()> {
+    choose(a.device)?;
+    let suite = match &a.suite {
+        Some(path) => Suite::load(path)?,
+        None => Suite::parse(Path::new("suites/perf.toml (built in)"), PERF_SUITE)?,
+    };
+    let cases: Vec<_> = if a.shapes.is_empty() {
+        suite.cases.iter().collect()
+    } else {
+        let mut picked = Vec::new();
+        for s in &a.shapes {
+            let found = suite
+                .cases
+                .iter()
+                .enumerate()
+                .find(|(i, c)| c.name == *s || (i + 1).to_string() == *s)
+                .ok_or_else(|| anyhow!("no shape {s:?} in the suite"))?;
+            picked.push(found.1);
+        }
+        picked
+    };
+    let peers = match &a.compare {
+        Some(path) => read_peer_lines(path)?,
+        None => Vec::new(),
+    };
+    let backend = cpu_backend(a.threads)?;
+    let device = format!("sporkle-cpu-{}t", backend.threads());
+    eprintln!("# {} threads, {} microkernel; median of timed runs after warm-up", backend.threads(), backend.microkernel().name());
+    let mut json_out = match &a.json {
+        Some(p) => Some(std::fs::File::create(p).with_context(|| format!("cannot create {}", p.display()))?),
+        None => None,
+    };
+    let mut rows = Vec::new();
+    for case in cases {
+        let p = case.params;
+        let (x, w, b) = sporkle::data::conv_data(&p, 42, false);
+        let bias = case.bias.then_some(&b[..]);
+        let mut y = vec![0.0f32; p.output_len() as usize];
+        for _ in 0..2 {
+            backend.conv2d(&p, &x, &w, bias, &mut y)?;
+        }
+        let mut times = Vec::new();
+        let start = Instant::now();
+        while times.len() < 5 || start.elapsed().as_secs_f64() < a.seconds {
+            let t = Instant::now();
+            backend.conv2d(&p, &x, &w, bias, &mut y)?;
+            times.push(t.elapsed().as_secs_f64());
+        }
+        verify_sample(&p, &x, &w, bias, &y).with_context(|| format!("shape {}: result is wrong", case.name))?;
+        times.sort_by(f64::total_cmp);
+        let ms = times[times.len() / 2] * 1e3;
+        let gflops = p.flops() as f64 / ms / 1e6;
+        let line = serde_json::json!({"shape": case.name, "device": device, "ms": round4(ms), "gflops": round2(gflops)});
+        println!("{line}");
+        if let Some(f) = json_out.as_mut() {
+            writeln!(f, "{line}")?;
+        }
+        rows.push((case.name.clone(), gflops));
+    }
+    if !peers.is_empty() {
+        print_comparison(&rows, &peers);
+    }
+    Ok(())
+}
+
+fn round4(v: f64) -> f64 {
+    (v * 1e4).round() / 1e4
+}
+
+fn round2(v: f64) -> f64 {
+    (v * 1e2).round() / 1e2
+}
+
+/// Checks corners and a seeded sample of outputs against the reference (the full reference is
+/// far too slow for the large shapes).
+fn verify_sample(p: &Conv2dParams, x: &[f32], w: &[f32], bias: Option<&[f32]>, y: &[f32]) -> Result<()> {
+    let mut rng = sporkle::data::SplitMix64::new(0xC0FFEE);
+    let len = y.len();
+    let picks = [0, len - 1].into_iter().chain((0..BENCH_CHECKS).map(|_| rng.below(len as u64) as usize));
+    let points = picks.map(|i| {
+        let at = OutIndex::from_flat(p, i);
+        (at, y[i], reference::output_at(p, x, w, bias, at))
+    });
+    compare_points(p, points, Tolerance::Fp32).map(|_| ()).map_err(|m| anyhow!("{m}"))
+}
+
+/// `(shape, device, gflops)` from JSON lines in the peers' format.
+fn read_peer_lines(path: &Path) -> Result<Vec<(String, String, f64)>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate().filter(|(_, l)| l.trim_start().starts_with('{')) {
+        let v: serde_json::Value =
+            serde_json::from_str(line).with_context(|| format!("{}:{}: not JSON", path.display(), i + 1))?;
+        let field = |k: &str| v.get(k).ok_or_else(|| anyhow!("{}:{}: no {k:?}", path.display(), i + 1));
+        let shape = field("shape")?.as_str().unwrap_or_default().to_owned();
+        let device = field("device")?.as_str().unwrap_or_default().to_owned();
+        let gflops = field("gflops")?.as_f64().ok_or_else(|| anyhow!("{}:{}: gflops is not a number", path.display(), i + 1))?;
+        out.push((shape, device, gflops));
+    }
+    Ok(out)
+}
+
+/// A table of sporkle against each peer device, with the geometric mean of the ratios.
+fn print_comparison(rows: &[(String, f64)], peers: &[(String, String, f64)]) {
+    let mut devices: Vec<&str> = peers.iter().map(|p| p.1.as_str()).collect();
+    devices.dedup();
+    for dev in devices {
+        println!("\n| shape | sporkle GFLOP/s | {dev} GFLOP/s | ratio |\n| --- | ---: | ---: | ---: |");
+        let mut logs = Vec::new();
+        for (name, ours) in rows {
+            if let Some((_, _, theirs)) = peers.iter().find(|p| p.0 == *name && p.1 == dev) {
+                let ratio = ours / theirs;
+                logs.push(ratio.ln());
+                println!("| {name} | {ours:.1} | {theirs:.1} | {ratio:.2} |");
+            }
+        }
+        if !logs.is_empty() {
+            let geo = (logs.iter().sum::<f64>() / logs.len() as f64).exp();
+            let min = logs.iter().copied().fold(f64::INFINITY, f64::min).exp();
+            println!("| **geometric mean** | | | **{geo:.2}** (min {min:.2}) |");
+        }
+    }
+}
+
+fn devices() -> Result<()> {
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned()))
+        .unwrap_or_else(|| std::env::consts::ARCH.to_owned());
+    let backend = CpuBackend::new()?;
+    println!("cpu: {model}");
+    println!("  threads: {}", backend.threads());
+    println!("  microkernel: {}", backend.microkernel().name());
+    println!("gpu: none (this build has no GPU backend yet)");
+    Ok(())
+}

@@ -24,7 +24,7 @@
 #![deny(unsafe_code)]
 
 #[allow(unsafe_code)] // The SIMD microkernel; every block carries a SAFETY line.
-mod kernel;
+pub mod kernel;
 mod planes;
 
 pub use kernel::Microkernel;
@@ -36,16 +36,16 @@ use planes::Geometry;
 use rayon::prelude::*;
 use std::sync::{Mutex, MutexGuard};
 
-/// Largest number of taps in one packed weight block (keeps the 16×KC panel in L1).
+/// Largest number of taps in one weight block (keeps a 16×KC panel of weights in L1).
 pub const KC: usize = 256;
 /// Groups with fewer filters than this use the direct path instead of the GEMM.
 pub const GEMM_MIN_FILTERS: usize = 8;
-/// Output positions per task tile, roughly (tiles are whole output rows).
-const TILE_Q: usize = 256;
+/// Strips of 16 output positions computed together inside a task (their B data stays in L2).
+const BLOCK_STRIPS: usize = 16;
+/// Output positions per block.
+const BLOCK_Q: usize = BLOCK_STRIPS * NR;
 /// Phase planes are built for at most this many floats of images at once (128 MiB).
 const PLANES_BUDGET: usize = 32 << 20;
-/// Output positions per chunk of the direct path's accumulator (stays in L1).
-const DIRECT_CHUNK: usize = 1024;
 
 /// The CPU convolution backend. Cheap to call repeatedly: its workspaces are kept.
 pub struct CpuBackend {
@@ -60,6 +60,8 @@ pub struct CpuBackend {
 struct Workspace {
     planes: Vec<f32>,
     offsets: TapOffsets,
+    /// The weights packed for the microkernel: `[group][panel of 16 filters][tap][16]`.
+    packed: Vec<f32>,
 }
 
 /// Which algorithm a call uses.
@@ -102,6 +104,7 @@ struct Shared<'a> {
     planes: &'a [f32],
     offsets: &'a TapOffsets,
     weights: &'a [f32],
+    packed: &'a [f32],
     bias: Option<&'a [f32]>,
     path: CpuPath,
 }
@@ -174,15 +177,15 @@ impl CpuBackend {
         let geo = Geometry::new(p);
         let path = CpuPath::for_params(p);
         let mut ws = lock(&self.workspace);
-        let Workspace { planes, offsets } = &mut *ws;
+        let Workspace { planes, offsets, packed } = &mut *ws;
         geo.fill_offsets(p, offsets);
         let per_image_out = p.c_out * geo.ho * geo.wo;
         let images_per_chunk = (PLANES_BUDGET / geo.image_stride.max(1)).clamp(1, p.n);
         self.pool.install(|| {
-            for (chunk, out) in output
-                .chunks_mut(images_per_chunk * per_image_out)
-                .enumerate()
-            {
+            if path == CpuPath::Gemm {
+                pack_weights(p, weights, packed);
+            }
+            for (chunk, out) in output.chunks_mut(images_per_chunk * per_image_out).enumerate() {
                 let images = out.len() / per_image_out;
                 let len = images * geo.image_stride + geo.slack;
                 if planes.len() < len {
@@ -190,15 +193,7 @@ impl CpuBackend {
                 }
                 let planes = &mut planes[..len];
                 geo.transform(p, input, chunk * images_per_chunk, images, planes);
-                let shared = Shared {
-                    p,
-                    geo: &geo,
-                    planes,
-                    offsets,
-                    weights,
-                    bias,
-                    path,
-                };
+                let shared = Shared { p, geo: &geo, planes, offsets, weights, packed, bias, path };
                 self.run_tasks(&shared, images, out);
             }
         });
@@ -249,24 +244,25 @@ impl CpuBackend {
         });
     }
 
-    /// Rows per tile and filters per task: tiles of about [`TILE_Q`] positions and 64
-    /// filters, split further until there are enough tasks to keep every thread busy.
+    /// Rows per tile and filters per task: whole images and whole groups where that gives
+    /// enough tasks to keep every thread busy; otherwise filters are split first (free, as the
+    /// weights are packed once per call), then rows (each row tile re-reads the planes).
     fn plan(&self, s: &Shared, images: usize) -> (usize, usize) {
         let (p, geo) = (s.p, s.geo);
         let mg = p.c_out_per_group();
-        let mut rows = (TILE_Q / geo.wq).clamp(1, geo.ho);
+        let mut rows = geo.ho;
         let mut m_rows = match s.path {
-            CpuPath::Gemm => mg.next_multiple_of(MR).min(4 * MR),
+            CpuPath::Gemm => mg.next_multiple_of(MR),
             CpuPath::Direct => mg,
         };
         loop {
             let tasks = images * p.groups * geo.ho.div_ceil(rows) * mg.div_ceil(m_rows);
             if tasks >= 4 * self.threads {
                 break;
-            } else if rows > 1 {
-                rows = rows.div_ceil(2);
             } else if s.path == CpuPath::Gemm && m_rows > MR {
                 m_rows = (m_rows / 2).next_multiple_of(MR);
+            } else if rows > 1 {
+                rows = rows.div_ceil(2);
             } else {
                 break;
             }
@@ -274,89 +270,99 @@ impl CpuBackend {
         (rows, m_rows)
     }
 
+    /// Computes one task block by block (blocks of [`BLOCK_Q`] output positions), each block
+    /// into scratch, then adds the bias and stores the valid columns.
     fn run_task(&self, s: &Shared, task: &mut Task, scratch: &mut Vec<f32>) {
         let (p, geo) = (s.p, s.geo);
         let kdim = p.reduction_len();
         let tq = (task.y1 - task.y0) * geo.wq;
-        let tq_pad = tq.next_multiple_of(NR);
         let rows = task.outs.len();
-        let c_len = rows.next_multiple_of(MR) * tq_pad;
-        let a_len = if s.path == CpuPath::Gemm { MR * KC } else { 0 };
-        if scratch.len() < c_len + a_len {
-            scratch.resize(c_len + a_len, 0.0);
+        let len = rows.next_multiple_of(MR) * BLOCK_Q;
+        if scratch.len() < len {
+            scratch.resize(len, 0.0);
         }
-        let (tile, apack) = scratch[..c_len + a_len].split_at_mut(c_len);
-        let base = task.img * geo.image_stride
-            + task.group * p.c_in_per_group() * geo.chan_stride
-            + task.y0 * geo.wq;
+        let tile = &mut scratch[..len];
+        let base = task.img * geo.image_stride + task.group * p.c_in_per_group() * geo.chan_stride + task.y0 * geo.wq;
         let b = &s.planes[base..];
-        match s.path {
-            CpuPath::Gemm => {
-                let blocks = kdim.div_ceil(KC);
-                let kc_len = kdim.div_ceil(blocks);
-                for pi in (0..rows).step_by(MR) {
-                    let valid = MR.min(rows - pi);
-                    for k0 in (0..kdim).step_by(kc_len) {
-                        let kc = kc_len.min(kdim - k0);
-                        // Pack [tap][filter]; rows past the last filter repeat it (never stored).
-                        for i in 0..MR {
-                            let m = task.m0 + pi + i.min(valid - 1);
-                            let w = &s.weights[m * kdim + k0..][..kc];
-                            for (kk, &v) in w.iter().enumerate() {
-                                apack[kk * MR + i] = v;
+        let kc_len = kdim.div_ceil(kdim.div_ceil(KC));
+        let panels = p.c_out_per_group().div_ceil(MR);
+        let first_panel = task.group * panels + (task.m0 - task.group * p.c_out_per_group()) / MR;
+        for qa in (0..tq).step_by(BLOCK_Q) {
+            let qb = tq.min(qa + BLOCK_Q);
+            match s.path {
+                CpuPath::Gemm => {
+                    for pi in 0..rows.div_ceil(MR) {
+                        let a = &s.packed[(first_panel + pi) * kdim * MR..][..kdim * MR];
+                        for k0 in (0..kdim).step_by(kc_len) {
+                            let kc = kc_len.min(kdim - k0);
+                            for j in (0..qb - qa).step_by(NR) {
+                                let c = &mut tile[pi * MR * BLOCK_Q + j..];
+                                self.kernel.run(&a[k0 * MR..], s.offsets, k0, kc, &b[qa + j..], c, BLOCK_Q, k0 > 0);
                             }
-                        }
-                        for j in (0..tq_pad).step_by(NR) {
-                            let c = &mut tile[pi * tq_pad + j..];
-                            self.kernel
-                                .run(apack, s.offsets, k0, kc, &b[j..], c, tq_pad, k0 > 0);
                         }
                     }
                 }
-            }
-            CpuPath::Direct => {
-                let offs = s.offsets.as_slice();
-                for (i, acc) in tile.chunks_exact_mut(tq_pad).take(rows).enumerate() {
-                    let w = &s.weights[(task.m0 + i) * kdim..][..kdim];
-                    direct_sum(&mut acc[..tq], w, offs, b);
+                CpuPath::Direct => {
+                    for (i, acc) in tile.chunks_exact_mut(BLOCK_Q).take(rows).enumerate() {
+                        let w = &s.weights[(task.m0 + i) * kdim..][..kdim];
+                        direct_sum(&mut acc[..qb - qa], w, s.offsets.as_slice(), &b[qa..]);
+                    }
                 }
             }
-        }
-        // Bias, and the valid columns of each row into the task's own output slices.
-        for (i, out) in task.outs.iter_mut().enumerate() {
-            let bias = s.bias.map_or(0.0, |b| b[task.m0 + i]);
-            let src = &tile[i * tq_pad..];
-            for (y, row) in out.chunks_exact_mut(geo.wo).enumerate() {
-                for (o, &v) in row.iter_mut().zip(&src[y * geo.wq..y * geo.wq + geo.wo]) {
-                    *o = v + bias;
+            // Bias, and the valid columns of the block's rows into the task's output slices.
+            for (i, out) in task.outs.iter_mut().enumerate() {
+                let bias = s.bias.map_or(0.0, |b| b[task.m0 + i]);
+                let src = &tile[i * BLOCK_Q..][..qb - qa];
+                for y in qa / geo.wq..qb.div_ceil(geo.wq) {
+                    let x0 = (y * geo.wq).max(qa) - y * geo.wq;
+                    let x1 = (qb - y * geo.wq).min(geo.wo);
+                    if x0 < x1 {
+                        let from = &src[y * geo.wq + x0 - qa..][..x1 - x0];
+                        for (o, &v) in out[y * geo.wo + x0..y * geo.wo + x1].iter_mut().zip(from) {
+                            *o = v + bias;
+                        }
+                    }
                 }
             }
         }
     }
 }
 
-/// `acc[q] = Σ_t w[t] · b[q + offs[t]]`, in L1-sized chunks of `q`, four taps at a time.
-fn direct_sum(acc: &mut [f32], w: &[f32], offs: &[usize], b: &[f32]) {
-    let len = acc.len();
-    for q0 in (0..len).step_by(DIRECT_CHUNK) {
-        let n = DIRECT_CHUNK.min(len - q0);
-        let acc = &mut acc[q0..q0 + n];
-        acc.fill(0.0);
-        let src = |t: usize| &b[q0 + offs[t]..][..n];
-        let mut t = 0;
-        while t + 4 <= w.len() {
-            let (s0, s1, s2, s3) = (src(t), src(t + 1), src(t + 2), src(t + 3));
-            let (w0, w1, w2, w3) = (w[t], w[t + 1], w[t + 2], w[t + 3]);
-            for i in 0..n {
-                acc[i] += w0 * s0[i] + w1 * s1[i] + w2 * s2[i] + w3 * s3[i];
+/// Packs the weights `[filter][tap]` into `[group][panel of 16 filters][tap][16]`, in parallel;
+/// rows past the last filter of a group repeat it (computed, never stored).
+fn pack_weights(p: &Conv2dParams, weights: &[f32], packed: &mut Vec<f32>) {
+    let (kdim, mg) = (p.reduction_len(), p.c_out_per_group());
+    let panels = mg.div_ceil(MR);
+    packed.resize(p.groups * panels * kdim * MR, 0.0);
+    packed.par_chunks_mut(kdim * MR).enumerate().for_each(|(idx, panel)| {
+        let (g, pi) = (idx / panels, idx % panels);
+        for i in 0..MR {
+            let m = g * mg + (pi * MR + i).min(mg - 1);
+            for (k, &v) in weights[m * kdim..][..kdim].iter().enumerate() {
+                panel[k * MR + i] = v;
             }
-            t += 4;
         }
-        for t in t..w.len() {
-            let (s0, w0) = (src(t), w[t]);
-            for i in 0..n {
-                acc[i] += w0 * s0[i];
-            }
+    });
+}
+
+/// `acc[q] = Σ_t w[t] · b[q + offs[t]]`, four taps at a time.
+fn direct_sum(acc: &mut [f32], w: &[f32], offs: &[usize], b: &[f32]) {
+    let n = acc.len();
+    acc.fill(0.0);
+    let src = |t: usize| &b[offs[t]..][..n];
+    let mut t = 0;
+    while t + 4 <= w.len() {
+        let (s0, s1, s2, s3) = (src(t), src(t + 1), src(t + 2), src(t + 3));
+        let (w0, w1, w2, w3) = (w[t], w[t + 1], w[t + 2], w[t + 3]);
+        for i in 0..n {
+            acc[i] += w0 * s0[i] + w1 * s1[i] + w2 * s2[i] + w3 * s3[i];
+        }
+        t += 4;
+    }
+    for t in t..w.len() {
+        let (s0, w0) = (src(t), w[t]);
+        for i in 0..n {
+            acc[i] += w0 * s0[i];
         }
     }
 }

@@ -1,16 +1,20 @@
 //! Phase planes: the input rearranged so that a convolution becomes an implicit GEMM in which
 //! every kernel tap is one constant offset, and no im2col matrix is ever built.
 //!
-//! The zero-padded input (`hp = h + 2·ph`, `wp = w + 2·pw`) of each channel is split by stride
-//! phase into `sh·sw` planes of `hq × wq` (`hq = ⌈hp/sh⌉`, `wq = ⌈wp/sw⌉`):
+//! Rows of the zero-padded input are laid out with a pitch of `wv ≥ w + pw` columns: `pw` zeros,
+//! the `w` values, zeros up to `wv`. Consecutive rows *share* their padding: a read that runs past
+//! the end of a row (the right padding) lands in the next row's leading zeros, so a row costs
+//! `w + pw` columns instead of `w + 2·pw`. Each channel is then split by stride phase into
+//! `sh·sw` planes of `hq × wq` (`hq = ⌈(h + 2·ph)/sh⌉`, `wq = wv/sw`):
 //! `plane[c][py][px][yy][xx] = padded[c][yy·sh + py][xx·sw + px]`.
 //! The outputs are computed on a grid of `ho` rows of `wq` positions (`q = y·wq + x`; columns
 //! `x ≥ wo` are junk and never stored). Output `(y, x)` reads, for tap `(c, r, s)`,
 //! `padded[c][y·sh + r·dh][x·sw + s·dw] = plane[c][(r·dh) % sh][(s·dw) % sw][y + r·dh/sh][x + s·dw/sw]`,
 //! which is `planes[q + off(c, r, s)]`: 16 consecutive outputs read 16 consecutive floats.
-//! A stride-1 layer has one phase (the padded input itself), a 1×1 layer reads its input as is.
+//! A stride-1 layer has one phase, and a 1×1 layer's planes are its input.
 //!
-//! The copy costs one pass over the input; the price is computing `wq − wo` junk columns per row.
+//! The copy costs one pass over the input; the price is `wq − wo` junk columns per row
+//! (`(k_w − 1)·dw − pw`: one column for a 3×3 "same" layer, none for a 1×1).
 
 #![forbid(unsafe_code)]
 
@@ -44,7 +48,11 @@ impl Geometry {
         let (ho, wo) = p.out_hw();
         let (sh, sw) = p.stride;
         let hq = (p.h + 2 * p.padding.0).div_ceil(sh);
-        let wq = (p.w + 2 * p.padding.1).div_ceil(sw);
+        // Row pitch: room for the left padding and the row (the right padding is the next row's
+        // left padding), at least wo·sw so that output rows do not overlap, and a multiple of sw
+        // so that every row splits into phases alike.
+        let wv = (p.w + p.padding.1).max(wo * sw).next_multiple_of(sw);
+        let wq = wv / sw;
         let chan_stride = sh * sw * hq * wq;
         // A valid output reads inside its plane (see the module docs); a strip that starts at a
         // valid row may run up to wq + NR floats past the last plane (junk lanes only).

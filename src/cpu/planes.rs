@@ -117,21 +117,19 @@ impl Geometry {
                             continue;
                         }
                         let src_row = &src[y as usize * p.w..][..p.w];
-                        if sw == 1 {
-                            // Columns pw..pw+w hold the row; the rest is padding.
-                            let lo = pw.min(self.wq);
-                            let hi = (pw + p.w).min(self.wq);
-                            row[..lo].fill(0.0);
-                            row[lo..hi].copy_from_slice(&src_row[..hi - lo]);
-                            row[hi..].fill(0.0);
-                        } else {
-                            for (xx, v) in row.iter_mut().enumerate() {
-                                let x = (xx * sw + px) as isize - pw as isize;
-                                *v = if x >= 0 && x < p.w as isize {
-                                    src_row[x as usize]
-                                } else {
-                                    0.0
-                                };
+                        // Plane column xx holds input column xx·sw + px − pw where that is in
+                        // 0..w (wq·sw ≥ w + pw, so every input column has its place).
+                        let xa = pw.saturating_sub(px).div_ceil(sw).min(self.wq);
+                        let xb = (p.w + pw).saturating_sub(px).div_ceil(sw).clamp(xa, self.wq);
+                        row[..xa].fill(0.0);
+                        row[xb..].fill(0.0);
+                        if xa < xb {
+                            let first = xa * sw + px - pw;
+                            if sw == 1 {
+                                row[xa..xb].copy_from_slice(&src_row[first..first + xb - xa]);
+                            } else {
+                                let from = src_row[first..].iter().step_by(sw);
+                                row[xa..xb].iter_mut().zip(from).for_each(|(d, &v)| *d = v);
                             }
                         }
                     }

@@ -29,6 +29,6 @@ pub mod reference;
 pub mod suite;
 pub mod tolerance;
 
-pub use cpu::CpuBackend;
+pub use cpu::{CpuBackend, CpuWeights};
 pub use error::{Error, Result};
 pub use params::Conv2dParams;

@@ -139,7 +139,7 @@ impl Conv2dParams {
                 "dilation ({dh}, {dw}) has a zero; dilations must be at least 1"
             ));
         }
-        if self.c_in % self.groups != 0 || self.c_out % self.groups != 0 {
+        if !self.c_in.is_multiple_of(self.groups) || !self.c_out.is_multiple_of(self.groups) {
             return bad(format!(
                 "groups = {} must divide c_in = {} and c_out = {}",
                 self.groups, self.c_in, self.c_out

@@ -24,7 +24,7 @@
 #![deny(unsafe_code)]
 
 #[allow(unsafe_code)] // The SIMD microkernel; every block carries a SAFETY line.
-pub mod kernel;
+mod kernel;
 mod planes;
 
 pub use kernel::Microkernel;
@@ -84,6 +84,34 @@ impl CpuPath {
     }
 }
 
+/// Weights laid out for the CPU backend by [`CpuBackend::prepare_weights`].
+pub struct CpuWeights {
+    shape: WeightShape,
+    data: Vec<f32>,
+}
+
+/// What prepared weights fit: the filter bank's shape and grouping.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct WeightShape {
+    c_out: usize,
+    c_in: usize,
+    k_h: usize,
+    k_w: usize,
+    groups: usize,
+}
+
+impl WeightShape {
+    fn of(p: &Conv2dParams) -> Self {
+        Self {
+            c_out: p.c_out,
+            c_in: p.c_in,
+            k_h: p.k_h,
+            k_w: p.k_w,
+            groups: p.groups,
+        }
+    }
+}
+
 /// One unit of parallel work: a block of outputs and the output slices it owns.
 struct Task<'o> {
     /// Image, counted within the current chunk.
@@ -103,8 +131,8 @@ struct Shared<'a> {
     geo: &'a Geometry,
     planes: &'a [f32],
     offsets: &'a TapOffsets,
+    /// Laid out for `path`: packed panels for the GEMM, as given for the direct path.
     weights: &'a [f32],
-    packed: &'a [f32],
     bias: Option<&'a [f32]>,
     path: CpuPath,
 }
@@ -160,6 +188,8 @@ impl CpuBackend {
     /// Computes `output = conv2d(input, weights) + bias` (NCHW / KCRS / NKHW, f32).
     ///
     /// Every length is checked against `p` first; nothing is written on error.
+    /// The weights are laid out for the microkernel on every call; to reuse that work across
+    /// calls with the same weights, see [`prepare_weights`](Self::prepare_weights).
     pub fn conv2d(
         &self,
         p: &Conv2dParams,
@@ -174,18 +204,96 @@ impl CpuBackend {
             bias.map(<[f32]>::len),
             output.len(),
         )?;
+        let mut ws = lock(&self.workspace);
+        let mut packed = std::mem::take(&mut ws.packed);
+        let laid_out = match CpuPath::for_params(p) {
+            CpuPath::Gemm => {
+                self.pool.install(|| pack_weights(p, weights, &mut packed));
+                &packed[..]
+            }
+            CpuPath::Direct => weights,
+        };
+        self.run(p, input, laid_out, bias, output, &mut ws);
+        ws.packed = packed;
+        Ok(())
+    }
+
+    /// Lays out weights for repeated calls with parameters like `p` (same `c_out`, `c_in`,
+    /// kernel size and groups): what [`conv2d`](Self::conv2d) does on every call, done once.
+    pub fn prepare_weights(&self, p: &Conv2dParams, weights: &[f32]) -> Result<CpuWeights> {
+        p.validate()?;
+        if weights.len() as u64 != p.weights_len() {
+            return Err(Error::BufferLength {
+                what: "weights",
+                expected: p.weights_len(),
+                got: weights.len() as u64,
+            });
+        }
+        let data = match CpuPath::for_params(p) {
+            CpuPath::Gemm => {
+                let mut packed = Vec::new();
+                self.pool.install(|| pack_weights(p, weights, &mut packed));
+                packed
+            }
+            CpuPath::Direct => weights.to_vec(),
+        };
+        Ok(CpuWeights {
+            shape: WeightShape::of(p),
+            data,
+        })
+    }
+
+    /// [`conv2d`](Self::conv2d) with weights from [`prepare_weights`](Self::prepare_weights).
+    pub fn conv2d_prepared(
+        &self,
+        p: &Conv2dParams,
+        input: &[f32],
+        weights: &CpuWeights,
+        bias: Option<&[f32]>,
+        output: &mut [f32],
+    ) -> Result<()> {
+        p.validate()?;
+        if weights.shape != WeightShape::of(p) {
+            return Err(Error::InvalidParams(format!(
+                "the prepared weights are for {:?}, but the call has {:?}",
+                weights.shape,
+                WeightShape::of(p)
+            )));
+        }
+        p.check_buffers(
+            input.len(),
+            p.weights_len() as usize,
+            bias.map(<[f32]>::len),
+            output.len(),
+        )?;
+        let mut ws = lock(&self.workspace);
+        self.run(p, input, &weights.data, bias, output, &mut ws);
+        Ok(())
+    }
+
+    /// Runs a checked call; `weights` are laid out for `CpuPath::for_params(p)`.
+    fn run(
+        &self,
+        p: &Conv2dParams,
+        input: &[f32],
+        weights: &[f32],
+        bias: Option<&[f32]>,
+        output: &mut [f32],
+        ws: &mut Workspace,
+    ) {
         let geo = Geometry::new(p);
         let path = CpuPath::for_params(p);
-        let mut ws = lock(&self.workspace);
-        let Workspace { planes, offsets, packed } = &mut *ws;
+        let Workspace {
+            planes, offsets, ..
+        } = ws;
         geo.fill_offsets(p, offsets);
         let per_image_out = p.c_out * geo.ho * geo.wo;
         let images_per_chunk = (PLANES_BUDGET / geo.image_stride.max(1)).clamp(1, p.n);
         self.pool.install(|| {
-            if path == CpuPath::Gemm {
-                pack_weights(p, weights, packed);
-            }
-            for (chunk, out) in output.chunks_mut(images_per_chunk * per_image_out).enumerate() {
+            for (chunk, out) in output
+                .chunks_mut(images_per_chunk * per_image_out)
+                .enumerate()
+            {
                 let images = out.len() / per_image_out;
                 let len = images * geo.image_stride + geo.slack;
                 if planes.len() < len {
@@ -193,11 +301,18 @@ impl CpuBackend {
                 }
                 let planes = &mut planes[..len];
                 geo.transform(p, input, chunk * images_per_chunk, images, planes);
-                let shared = Shared { p, geo: &geo, planes, offsets, weights, packed, bias, path };
+                let shared = Shared {
+                    p,
+                    geo: &geo,
+                    planes,
+                    offsets,
+                    weights,
+                    bias,
+                    path,
+                };
                 self.run_tasks(&shared, images, out);
             }
         });
-        Ok(())
     }
 
     /// Cuts the output of `images` images into tasks and runs them on the pool.
@@ -282,7 +397,9 @@ impl CpuBackend {
             scratch.resize(len, 0.0);
         }
         let tile = &mut scratch[..len];
-        let base = task.img * geo.image_stride + task.group * p.c_in_per_group() * geo.chan_stride + task.y0 * geo.wq;
+        let base = task.img * geo.image_stride
+            + task.group * p.c_in_per_group() * geo.chan_stride
+            + task.y0 * geo.wq;
         let b = &s.planes[base..];
         let kc_len = kdim.div_ceil(kdim.div_ceil(KC));
         let panels = p.c_out_per_group().div_ceil(MR);
@@ -292,12 +409,21 @@ impl CpuBackend {
             match s.path {
                 CpuPath::Gemm => {
                     for pi in 0..rows.div_ceil(MR) {
-                        let a = &s.packed[(first_panel + pi) * kdim * MR..][..kdim * MR];
+                        let a = &s.weights[(first_panel + pi) * kdim * MR..][..kdim * MR];
                         for k0 in (0..kdim).step_by(kc_len) {
                             let kc = kc_len.min(kdim - k0);
                             for j in (0..qb - qa).step_by(NR) {
                                 let c = &mut tile[pi * MR * BLOCK_Q + j..];
-                                self.kernel.run(&a[k0 * MR..], s.offsets, k0, kc, &b[qa + j..], c, BLOCK_Q, k0 > 0);
+                                self.kernel.run(
+                                    &a[k0 * MR..],
+                                    s.offsets,
+                                    k0,
+                                    kc,
+                                    &b[qa + j..],
+                                    c,
+                                    BLOCK_Q,
+                                    k0 > 0,
+                                );
                             }
                         }
                     }
@@ -334,15 +460,18 @@ fn pack_weights(p: &Conv2dParams, weights: &[f32], packed: &mut Vec<f32>) {
     let (kdim, mg) = (p.reduction_len(), p.c_out_per_group());
     let panels = mg.div_ceil(MR);
     packed.resize(p.groups * panels * kdim * MR, 0.0);
-    packed.par_chunks_mut(kdim * MR).enumerate().for_each(|(idx, panel)| {
-        let (g, pi) = (idx / panels, idx % panels);
-        for i in 0..MR {
-            let m = g * mg + (pi * MR + i).min(mg - 1);
-            for (k, &v) in weights[m * kdim..][..kdim].iter().enumerate() {
-                panel[k * MR + i] = v;
+    packed
+        .par_chunks_mut(kdim * MR)
+        .enumerate()
+        .for_each(|(idx, panel)| {
+            let (g, pi) = (idx / panels, idx % panels);
+            for i in 0..MR {
+                let m = g * mg + (pi * MR + i).min(mg - 1);
+                for (k, &v) in weights[m * kdim..][..kdim].iter().enumerate() {
+                    panel[k * MR + i] = v;
+                }
             }
-        }
-    });
+        });
 }
 
 /// `acc[q] = Σ_t w[t] · b[q + offs[t]]`, four taps at a time.
@@ -359,8 +488,8 @@ fn direct_sum(acc: &mut [f32], w: &[f32], offs: &[usize], b: &[f32]) {
         }
         t += 4;
     }
-    for t in t..w.len() {
-        let (s0, w0) = (src(t), w[t]);
+    for (t, &w0) in w.iter().enumerate().skip(t) {
+        let s0 = src(t);
         for i in 0..n {
             acc[i] += w0 * s0[i];
         }
@@ -454,6 +583,43 @@ mod tests {
             .conv2d(&Conv2dParams { c_in: 0, ..p }, &[], &[], None, &mut y)
             .is_err());
         assert_eq!(y, vec![7.0; 8]);
+    }
+
+    #[test]
+    fn prepared_weights_give_the_same_result_and_must_fit() {
+        let b = CpuBackend::with_threads(2).unwrap();
+        for p in [
+            Conv2dParams::new(2, 6, 9, 9, 20, 3, 3).with_padding(1, 1),
+            Conv2dParams::new(1, 6, 9, 9, 6, 3, 3).with_groups(6),
+        ] {
+            let (x, w, bias) = conv_data(&p, 3, false);
+            let mut y1 = vec![0.0; p.output_len() as usize];
+            let mut y2 = vec![1.0; p.output_len() as usize];
+            b.conv2d(&p, &x, &w, Some(&bias), &mut y1).unwrap();
+            let prepared = b.prepare_weights(&p, &w).unwrap();
+            b.conv2d_prepared(&p, &x, &prepared, Some(&bias), &mut y2)
+                .unwrap();
+            assert_eq!(y1, y2, "{p}");
+            // The same filters on other images fit; other filters do not.
+            let other = Conv2dParams {
+                n: 1,
+                h: 5,
+                w: 7,
+                ..p
+            };
+            let (x, _, _) = conv_data(&other, 3, false);
+            let mut y = vec![0.0; other.output_len() as usize];
+            b.conv2d_prepared(&other, &x, &prepared, None, &mut y)
+                .unwrap();
+            let wrong = Conv2dParams { k_w: 1, ..p };
+            let e = b
+                .conv2d_prepared(&wrong, &x, &prepared, None, &mut y)
+                .unwrap_err();
+            assert!(e.to_string().contains("prepared weights"), "{e}");
+        }
+        assert!(b
+            .prepare_weights(&Conv2dParams::new(1, 1, 3, 3, 8, 3, 3), &[0.0; 71])
+            .is_err());
     }
 
     #[test]

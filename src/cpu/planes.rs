@@ -120,7 +120,10 @@ impl Geometry {
                         // Plane column xx holds input column xx·sw + px − pw where that is in
                         // 0..w (wq·sw ≥ w + pw, so every input column has its place).
                         let xa = pw.saturating_sub(px).div_ceil(sw).min(self.wq);
-                        let xb = (p.w + pw).saturating_sub(px).div_ceil(sw).clamp(xa, self.wq);
+                        let xb = (p.w + pw)
+                            .saturating_sub(px)
+                            .div_ceil(sw)
+                            .clamp(xa, self.wq);
                         row[..xa].fill(0.0);
                         row[xb..].fill(0.0);
                         if xa < xb {

@@ -129,14 +129,20 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Err(e) => {
-            // clap's message is several lines (usage, hints); the contract is one line.
+            // clap's message is several lines (the problem, then usage and hints); the contract
+            // is one line, so keep the lines before the usage, joined.
             let text = e.to_string();
-            let first = text
+            let problem: Vec<&str> = text
                 .lines()
-                .next()
-                .unwrap_or("invalid arguments")
-                .trim_start_matches("error: ");
-            eprintln!("sporkle: {first} (see sporkle --help)");
+                .map(str::trim)
+                .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more information"))
+                .filter(|l| !l.is_empty())
+                .collect();
+            let problem = problem.join(" ");
+            eprintln!(
+                "sporkle: {} (see sporkle --help)",
+                problem.trim_start_matches("error: ")
+            );
             return ExitCode::from(2);
         }
     };

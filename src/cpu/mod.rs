@@ -570,6 +570,30 @@ mod tests {
         }
     }
 
+    /// Regression (found by the property tests): the last row of a phase plane read past its
+    /// end into the next plane, whose first column held data (stride 2, padding 1 on w).
+    #[test]
+    fn regression_row_spill_across_phase_planes() {
+        for b in backends() {
+            check(
+                Conv2dParams::new(1, 1, 3, 3, 1, 2, 3)
+                    .with_stride(1, 2)
+                    .with_padding(0, 1),
+                &b,
+                true,
+                false,
+            );
+            check(
+                Conv2dParams::new(1, 2, 3, 7, 9, 2, 3)
+                    .with_stride(3, 2)
+                    .with_padding(0, 1),
+                &b,
+                false,
+                true,
+            );
+        }
+    }
+
     #[test]
     fn errors_leave_the_output_untouched() {
         let b = CpuBackend::with_threads(1).unwrap();

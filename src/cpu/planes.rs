@@ -5,7 +5,9 @@
 //! the `w` values, zeros up to `wv`. Consecutive rows *share* their padding: a read that runs past
 //! the end of a row (the right padding) lands in the next row's leading zeros, so a row costs
 //! `w + pw` columns instead of `w + 2·pw`. Each channel is then split by stride phase into
-//! `sh·sw` planes of `hq × wq` (`hq = ⌈(h + 2·ph)/sh⌉`, `wq = wv/sw`):
+//! `sh·sw` planes of `hq × wq` (`hq = ⌈(h + 2·ph)/sh⌉`, `wq = wv/sw`), each followed by one
+//! guard row of zeros (the spill of a plane's last row must not reach the next plane, whose
+//! first column may hold data):
 //! `plane[c][py][px][yy][xx] = padded[c][yy·sh + py][xx·sw + px]`.
 //! The outputs are computed on a grid of `ho` rows of `wq` positions (`q = y·wq + x`; columns
 //! `x ≥ wo` are junk and never stored). Output `(y, x)` reads, for tap `(c, r, s)`,
@@ -23,6 +25,11 @@ use rayon::prelude::*;
 
 use super::kernel::{TapOffsets, NR};
 
+/// Floats of one phase plane: `hq` rows and a guard row of zeros, `wq` columns each.
+fn plane_len(hq: usize, wq: usize) -> usize {
+    (hq + 1) * wq
+}
+
 /// The sizes and strides of the phase planes for one convolution.
 #[derive(Clone, Copy, Debug)]
 pub struct Geometry {
@@ -30,11 +37,11 @@ pub struct Geometry {
     pub ho: usize,
     /// Output columns.
     pub wo: usize,
-    /// Rows of one phase plane.
+    /// Rows of one phase plane (without its guard row).
     pub hq: usize,
     /// Columns of one phase plane, and the row pitch of the output grid.
     pub wq: usize,
-    /// Floats per channel: `sh·sw·hq·wq`.
+    /// Floats per channel: `sh·sw·(hq + 1)·wq` (each plane has a guard row).
     pub chan_stride: usize,
     /// Floats per image: `c_in · chan_stride`.
     pub image_stride: usize,
@@ -53,7 +60,7 @@ impl Geometry {
         // so that every row splits into phases alike.
         let wv = (p.w + p.padding.1).max(wo * sw).next_multiple_of(sw);
         let wq = wv / sw;
-        let chan_stride = sh * sw * hq * wq;
+        let chan_stride = sh * sw * plane_len(hq, wq);
         // A valid output reads inside its plane (see the module docs); a strip that starts at a
         // valid row may run up to wq + NR floats past the last plane (junk lanes only).
         Self {
@@ -71,7 +78,7 @@ impl Geometry {
     pub fn fill_offsets(&self, p: &Conv2dParams, offsets: &mut TapOffsets) {
         let (sh, sw) = p.stride;
         let (dh, dw) = p.dilation;
-        let plane = self.hq * self.wq;
+        let plane = plane_len(self.hq, self.wq);
         offsets.fill((0..p.c_in_per_group()).flat_map(move |c| {
             (0..p.k_h).flat_map(move |r| {
                 (0..p.k_w).map(move |s| {
@@ -102,7 +109,7 @@ impl Geometry {
         slack.fill(0.0);
         let (sh, sw) = p.stride;
         let (ph, pw) = p.padding;
-        let plane = self.hq * self.wq;
+        let plane = plane_len(self.hq, self.wq);
         let chan = p.h * p.w;
         let src = &input[first * p.c_in * chan..][..images * p.c_in * chan];
         data.par_chunks_mut(self.chan_stride)

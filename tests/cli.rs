@@ -1,0 +1,278 @@
+//! The `sporkle` command line as a user meets it: a convolution on `.npy` files that matches the
+//! reference, and every kind of bad input answered with one line on stderr, a non-zero exit and
+//! no output file.
+
+use sporkle::{data, npy, reference, tolerance, Conv2dParams};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn sporkle(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_sporkle"))
+        .args(args)
+        .output()
+        .expect("run sporkle")
+}
+
+struct Files {
+    dir: tempfile::TempDir,
+}
+
+impl Files {
+    fn new() -> Self {
+        Self {
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn npy(&self, name: &str, shape: &[usize], seed: u64) -> (String, Vec<f32>) {
+        let mut v = vec![0.0; shape.iter().product()];
+        data::fill_uniform(seed, &mut v);
+        npy::write(&self.path(name), shape, &v).unwrap();
+        (self.path(name).to_string_lossy().into_owned(), v)
+    }
+
+    fn raw(&self, name: &str, bytes: &[u8]) -> String {
+        std::fs::write(self.path(name), bytes).unwrap();
+        self.path(name).to_string_lossy().into_owned()
+    }
+}
+
+/// Asserts a clean failure: non-zero exit, one stderr line that mentions `needle`, no output.
+fn assert_fails(out: &Output, needle: &str, output_file: &Path) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "expected failure, got success; stderr: {stderr}"
+    );
+    assert_eq!(
+        stderr.trim_end().lines().count(),
+        1,
+        "error must be one line: {stderr:?}"
+    );
+    assert!(
+        stderr.contains(needle),
+        "stderr {stderr:?} should mention {needle:?}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(
+        !output_file.exists(),
+        "no output file may be written on failure"
+    );
+    assert!(out.stdout.is_empty(), "nothing on stdout on failure");
+}
+
+#[test]
+fn conv2d_matches_the_reference_and_reports_json() {
+    let f = Files::new();
+    // 2 images, 6 channels, 11×9; 4 filters over 3 channels (2 groups), 3×2 kernel.
+    let (x, xv) = f.npy("x.npy", &[2, 6, 11, 9], 1);
+    let (w, wv) = f.npy("w.npy", &[4, 3, 3, 2], 2);
+    let (b, bv) = f.npy("b.npy", &[4], 3);
+    let y = f.path("y.npy");
+    let out = sporkle(&[
+        "conv2d",
+        "--input",
+        &x,
+        "--weights",
+        &w,
+        "--bias",
+        &b,
+        "--stride",
+        "2,1",
+        "--padding",
+        "1",
+        "--dilation",
+        "1,2",
+        "--groups",
+        "2",
+        "--device",
+        "cpu",
+        "--output",
+        y.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(info["device"], "cpu");
+    assert!(info["wall_ms"].as_f64().unwrap() > 0.0);
+    assert!(info["gflops"].as_f64().unwrap() > 0.0);
+    let p = Conv2dParams::new(2, 6, 11, 9, 4, 3, 2)
+        .with_stride(2, 1)
+        .with_padding(1, 1)
+        .with_dilation(1, 2)
+        .with_groups(2);
+    let got = npy::read(&y).unwrap();
+    let (ho, wo) = p.out_hw();
+    assert_eq!(got.shape, vec![2, 4, ho, wo]);
+    let r = reference::conv2d_f64(&p, &xv, &wv, Some(&bv)).unwrap();
+    tolerance::compare(&p, &got.data, &r, tolerance::Tolerance::Fp32).unwrap();
+}
+
+#[test]
+fn auto_device_says_why() {
+    let f = Files::new();
+    let (x, _) = f.npy("x.npy", &[1, 2, 5, 5], 1);
+    let (w, _) = f.npy("w.npy", &[3, 2, 3, 3], 2);
+    let y = f.path("y.npy");
+    let out = sporkle(&[
+        "conv2d",
+        "--input",
+        &x,
+        "--weights",
+        &w,
+        "--output",
+        y.to_str().unwrap(),
+    ]);
+    assert!(out.status.success());
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(info["device"], "cpu");
+    assert!(info["reason"].as_str().unwrap().contains("auto"));
+}
+
+#[test]
+fn bad_inputs_fail_cleanly_without_output() {
+    let f = Files::new();
+    let (x, _) = f.npy("x.npy", &[1, 4, 6, 6], 1);
+    let (w, _) = f.npy("w.npy", &[2, 4, 3, 3], 2);
+    let (x3, _) = f.npy("x3.npy", &[4, 6, 6], 3);
+    let (b3, _) = f.npy("b3.npy", &[3], 4);
+    let (wg, _) = f.npy("wg.npy", &[2, 3, 3, 3], 5);
+    let mut f8 = b"\x93NUMPY\x01\x00".to_vec();
+    let header = "{'descr': '<f8', 'fortran_order': False, 'shape': (1, 1, 1, 1), }";
+    let padded = format!("{header:<117}\n");
+    f8.extend_from_slice(&(padded.len() as u16).to_le_bytes());
+    f8.extend_from_slice(padded.as_bytes());
+    f8.extend_from_slice(&[0; 8]);
+    let xf8 = f.raw("xf8.npy", &f8);
+    let trunc = {
+        let bytes = std::fs::read(&x).unwrap();
+        f.raw("trunc.npy", &bytes[..bytes.len() - 6])
+    };
+    let junk = f.raw("junk.npy", b"hello");
+    let y = f.path("y.npy");
+    let ys = y.to_str().unwrap();
+    let missing = f.path("missing.npy").to_string_lossy().into_owned();
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["--input", &missing, "--weights", &w], "missing.npy"),
+        (vec!["--input", &xf8, "--weights", &w], "'<f8'"),
+        (vec!["--input", &trunc, "--weights", &w], "truncated"),
+        (vec!["--input", &junk, "--weights", &w], "not a valid .npy"),
+        (vec!["--input", &x3, "--weights", &w], "must be 4-D"),
+        (
+            vec!["--input", &x, "--weights", &wg],
+            "input channels per filter",
+        ),
+        (
+            vec!["--input", &x, "--weights", &w, "--bias", &b3],
+            "bias must have shape [2]",
+        ),
+        (
+            vec!["--input", &x, "--weights", &w, "--stride", "0"],
+            "stride",
+        ),
+        (
+            vec!["--input", &x, "--weights", &w, "--stride", "a"],
+            "not a non-negative integer",
+        ),
+        (
+            vec!["--input", &x, "--weights", &w, "--dilation", "4"],
+            "empty",
+        ),
+        (
+            vec!["--input", &x, "--weights", &w, "--groups", "3"],
+            "groups = 3",
+        ),
+        (
+            vec!["--input", &x, "--weights", &w, "--device", "gpu"],
+            "no GPU backend",
+        ),
+        (
+            vec!["--input", &x, "--weights", &w, "--device", "tpu"],
+            "tpu",
+        ),
+        (vec!["--input", &x], "--weights"),
+    ];
+    for (args, needle) in cases {
+        let mut full = vec!["conv2d"];
+        full.extend(args);
+        full.extend(["--output", ys]);
+        assert_fails(&sporkle(&full), needle, &y);
+    }
+    // An output path in a directory that does not exist: the error names it, nothing is left.
+    let nowhere = f.path("no/such/dir/y.npy");
+    let out = sporkle(&[
+        "conv2d",
+        "--input",
+        &x,
+        "--weights",
+        &w,
+        "--output",
+        nowhere.to_str().unwrap(),
+    ]);
+    assert_fails(&out, "no/such/dir/y.npy", &nowhere);
+}
+
+#[test]
+fn bench_prints_json_lines_and_compares_with_a_peer() {
+    let f = Files::new();
+    let suite = f.raw(
+        "s.toml",
+        b"[[case]]\nname = \"tiny\"\nn = 1\nc_in = 8\nh = 12\nw = 12\nc_out = 16\nk_h = 3\nk_w = 3\npadding = 1\nbias = true\n",
+    );
+    let peer = f.raw(
+        "peer.json",
+        b"{\"shape\": \"tiny\", \"device\": \"peer-cpu\", \"ms\": 1.0, \"gflops\": 2.0}\n",
+    );
+    let json = f.path("out.json");
+    let out = sporkle(&[
+        "bench",
+        "--suite",
+        &suite,
+        "--seconds",
+        "0.01",
+        "--threads",
+        "1",
+        "--json",
+        json.to_str().unwrap(),
+        "--compare",
+        &peer,
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line: serde_json::Value = serde_json::from_str(stdout.lines().next().unwrap()).unwrap();
+    assert_eq!(line["shape"], "tiny");
+    assert_eq!(line["device"], "sporkle-cpu-1t");
+    assert!(line["ms"].as_f64().unwrap() > 0.0 && line["gflops"].as_f64().unwrap() > 0.0);
+    assert!(
+        stdout.contains("| tiny |") && stdout.contains("geometric mean"),
+        "{stdout}"
+    );
+    assert_eq!(std::fs::read_to_string(&json).unwrap().lines().count(), 1);
+    assert_fails(
+        &sporkle(&["bench", "--suite", &suite, "nope"]),
+        "no shape \"nope\"",
+        &f.path("none"),
+    );
+}
+
+#[test]
+fn devices_lists_the_cpu() {
+    let out = sporkle(&["devices"]);
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("cpu:") && text.contains("microkernel:"),
+        "{text}"
+    );
+}

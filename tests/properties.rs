@@ -1,0 +1,88 @@
+//! Property tests: random shapes, strides, paddings, dilations and groups, the CPU backend
+//! (each microkernel, several thread counts) against the naive reference, in fp32 tolerance and
+//! in exact mode. Failing cases are persisted in `tests/properties.proptest-regressions`.
+
+use proptest::prelude::*;
+use sporkle::cpu::Microkernel;
+use sporkle::tolerance::{compare, Tolerance};
+use sporkle::{data, reference, Conv2dParams, CpuBackend};
+use std::sync::OnceLock;
+
+fn backends() -> &'static [CpuBackend] {
+    static B: OnceLock<Vec<CpuBackend>> = OnceLock::new();
+    B.get_or_init(|| {
+        vec![
+            CpuBackend::with_threads(2).unwrap(),
+            CpuBackend::with_options(1, Microkernel::Portable).unwrap(),
+            CpuBackend::with_options(3, Microkernel::detect()).unwrap(),
+        ]
+    })
+}
+
+/// Valid parameters: up to 3 images, 4 groups, 20 filters per group, 13×13 inputs, 5×5 kernels.
+fn params() -> impl Strategy<Value = Conv2dParams> {
+    (
+        (1usize..=3, 1usize..=4, 1usize..=5, 1usize..=20),
+        (1usize..=13, 1usize..=13, 1usize..=5, 1usize..=5),
+        (
+            1usize..=3,
+            1usize..=3,
+            0usize..=3,
+            0usize..=3,
+            1usize..=3,
+            1usize..=3,
+        ),
+    )
+        .prop_map(
+            |((n, groups, cg, kg), (h, w, k_h, k_w), (sh, sw, ph, pw, dh, dw))| {
+                Conv2dParams::new(n, cg * groups, h, w, kg * groups, k_h, k_w)
+                    .with_groups(groups)
+                    .with_stride(sh, sw)
+                    .with_padding(ph, pw)
+                    .with_dilation(dh, dw)
+            },
+        )
+        .prop_filter("output must not be empty", |p| p.validate().is_ok())
+}
+
+fn run(
+    p: &Conv2dParams,
+    seed: u64,
+    exact: bool,
+    bias: bool,
+    backend: usize,
+) -> Result<(), TestCaseError> {
+    let (x, w, b) = data::conv_data(p, seed, exact);
+    let bias = bias.then_some(&b[..]);
+    let r = reference::conv2d_f64(p, &x, &w, bias).unwrap();
+    let mut y = vec![f32::NAN; p.output_len() as usize];
+    let cpu = &backends()[backend];
+    cpu.conv2d(p, &x, &w, bias, &mut y).unwrap();
+    let tol = if exact {
+        Tolerance::Exact
+    } else {
+        Tolerance::Fp32
+    };
+    if let Err(m) = compare(p, &y, &r, tol) {
+        return Err(TestCaseError::fail(format!(
+            "{p} on {} thread(s), {:?}: {m}",
+            cpu.threads(),
+            cpu.microkernel()
+        )));
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
+
+    #[test]
+    fn cpu_matches_the_reference(p in params(), seed in any::<u64>(), bias in any::<bool>(), backend in 0usize..3) {
+        run(&p, seed, false, bias, backend)?;
+    }
+
+    #[test]
+    fn cpu_is_exact_on_small_integers(p in params(), seed in any::<u64>(), bias in any::<bool>(), backend in 0usize..3) {
+        run(&p, seed, true, bias, backend)?;
+    }
+}

@@ -8,6 +8,7 @@
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
+use sporkle::cpu::CpuPath;
 use sporkle::reference::{self, OutIndex};
 use sporkle::suite::Suite;
 use sporkle::tolerance::{compare_points, Tolerance};
@@ -102,11 +103,23 @@ struct BenchArgs {
     /// Suite file with the shapes (default: the built-in copy of suites/perf.toml).
     #[arg(long)]
     suite: Option<PathBuf>,
+    /// Force one CPU path (strips, rows, direct) instead of sporkle's choice (for diagnosis).
+    #[arg(long, hide = true, value_parser = parse_cpu_path)]
+    cpu_path: Option<CpuPath>,
     /// Peer JSON lines (e.g. from shared/peers/ort_conv.py) to compare with, by shape name.
     #[arg(long)]
     compare: Option<PathBuf>,
     /// Shapes by name or 1-based number (default: all).
     shapes: Vec<String>,
+}
+
+fn parse_cpu_path(s: &str) -> Result<CpuPath, String> {
+    match s {
+        "strips" => Ok(CpuPath::GemmStrips),
+        "rows" => Ok(CpuPath::GemmRows),
+        "direct" => Ok(CpuPath::Direct),
+        _ => Err(format!("{s:?} is not one of strips, rows, direct")),
+    }
 }
 
 fn parse_pair(s: &str) -> Result<(usize, usize), String> {
@@ -275,7 +288,10 @@ fn bench(a: BenchArgs) -> Result<()> {
         Some(path) => read_peer_lines(path)?,
         None => Vec::new(),
     };
-    let backend = cpu_backend(a.threads)?;
+    let mut backend = cpu_backend(a.threads)?;
+    if let Some(path) = a.cpu_path {
+        backend = backend.with_path(path);
+    }
     let device = format!("sporkle-cpu-{}t", backend.threads());
     eprintln!(
         "# {} threads, {} microkernel; weights prepared once per shape; median wall time of input -> output runs after warm-up; every shape verified against the reference at {} points",

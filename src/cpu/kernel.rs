@@ -1,8 +1,13 @@
-//! The GEMM microkernels: a 16×16 block of outputs (16 filters × 16 output positions)
-//! accumulated over `kc` taps, with B read through a tap-offset table (implicit GEMM).
+//! The GEMM microkernels: blocks of outputs accumulated over `kc` taps, with B (the phase
+//! planes, see `planes.rs`) read through a tap-offset table (implicit GEMM). `A` is a packed
+//! weight panel (`[kc][16]`, 16 filters innermost). Two orientations:
 //!
-//! `C[i][j] (+)= Σ_k A[k][i] · B[offs[k] + j]` for `i, j < 16`, where `A` is a packed weight
-//! panel (`[kc][16]`, filters innermost) and `B` is the phase-plane buffer (see `planes.rs`).
+//! - **strips** ([`Microkernel::run`]): 16 filters × 16 consecutive positions of the output grid,
+//!   `C[i][j] (+)= Σ_k A[k][i] · B[offs[k] + j]`; positions in the vector lanes, filters
+//!   broadcast. Junk columns of the grid and the rounding of a tile to 16 are computed too.
+//! - **rows** ([`Microkernel::run_rows`]): `n ≤ 16` consecutive *valid* positions of one output
+//!   row × 16 filters, `C[i][j] (+)= Σ_k B[offs[k] + i] · A[k][j]`; filters in the vector lanes,
+//!   positions broadcast. Nothing is computed twice or for nothing; `C` comes out transposed.
 //!
 //! Two implementations with one contract: AVX-512 intrinsics (16 zmm accumulators, the A values
 //! broadcast from memory), and a portable one in plain Rust for every other machine. The safe
@@ -78,7 +83,70 @@ impl Microkernel {
         }
     }
 
-    /// `C[i·ldc + j] (+)= Σ_{k<kc} a[k·16 + i] · b[offs[k0 + k] + j]` for `i, j < 16`.
+    /// Rows orientation: `C[i·16 + j] (+)= Σ_{k<kc} b[offs[k0 + k] + i] · a[k·16 + j]` for
+    /// `i < n ≤ 16` positions and `j < 16` filters.
+    ///
+    /// `accumulate` adds to C instead of overwriting it.
+    /// Panics (a bug in the caller) if any access would leave its slice.
+    #[allow(clippy::too_many_arguments)]
+    pub fn run_rows(
+        self,
+        n: usize,
+        a: &[f32],
+        offsets: &TapOffsets,
+        k0: usize,
+        kc: usize,
+        b: &[f32],
+        c: &mut [f32],
+        accumulate: bool,
+    ) {
+        assert!((1..=NR).contains(&n), "microkernel: {n} positions per call");
+        assert!(a.len() >= kc * MR, "microkernel: A panel too short");
+        assert!(
+            k0 + kc <= offsets.len(),
+            "microkernel: tap range out of bounds"
+        );
+        assert!(
+            offsets.max() + n <= b.len(),
+            "microkernel: B reads past the planes"
+        );
+        assert!(n * MR <= c.len(), "microkernel: C tile out of bounds");
+        let offs = &offsets.as_slice()[k0..k0 + kc];
+        /// Dispatches to the instance for the runtime `n` (the accumulator count is a constant).
+        macro_rules! by_n {
+            ($f:ident, $($args:expr),*) => {
+                match n {
+                    1 => $f::<1>($($args),*), 2 => $f::<2>($($args),*), 3 => $f::<3>($($args),*),
+                    4 => $f::<4>($($args),*), 5 => $f::<5>($($args),*), 6 => $f::<6>($($args),*),
+                    7 => $f::<7>($($args),*), 8 => $f::<8>($($args),*), 9 => $f::<9>($($args),*),
+                    10 => $f::<10>($($args),*), 11 => $f::<11>($($args),*), 12 => $f::<12>($($args),*),
+                    13 => $f::<13>($($args),*), 14 => $f::<14>($($args),*), 15 => $f::<15>($($args),*),
+                    _ => $f::<16>($($args),*),
+                }
+            };
+        }
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Microkernel::Avx512 => {
+                assert!(
+                    std::arch::is_x86_feature_detected!("avx512f"),
+                    "AVX-512 kernel on a CPU without it"
+                );
+                let (a, offs, b, c) = (a.as_ptr(), offs.as_ptr(), b.as_ptr(), c.as_mut_ptr());
+                use avx512::rows;
+                // SAFETY: the CPU has AVX-512F (checked above); A reads kc·16 floats (a.len()
+                // checked), B reads offs[k]+0..n with every offset ≤ offsets.max() and
+                // max+n ≤ b.len(), C touches n·16 floats ≤ c.len().
+                unsafe { by_n!(rows, kc, a, offs, b, c, accumulate) }
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            Microkernel::Avx512 => unreachable!("AVX-512 kernel selected on a non-x86 CPU"),
+            Microkernel::Portable => by_n!(portable_rows, kc, a, offs, b, c, accumulate),
+        }
+    }
+
+    /// Strips orientation: `C[i·ldc + j] (+)= Σ_{k<kc} a[k·16 + i] · b[offs[k0 + k] + j]` for
+    /// `i, j < 16`.
     ///
     /// `accumulate` adds to C instead of overwriting it.
     /// Panics (a bug in the caller) if any access would leave its slice.
@@ -166,6 +234,33 @@ fn portable(
     }
 }
 
+fn portable_rows<const N: usize>(
+    kc: usize,
+    a: &[f32],
+    offs: &[usize],
+    b: &[f32],
+    c: &mut [f32],
+    accumulate: bool,
+) {
+    let mut acc = [[0.0f32; MR]; N];
+    if accumulate {
+        for (i, row) in acc.iter_mut().enumerate() {
+            row.copy_from_slice(&c[i * MR..(i + 1) * MR]);
+        }
+    }
+    for (ak, &off) in a.chunks_exact(MR).zip(offs).take(kc) {
+        let bv = &b[off..off + N];
+        for (row, &bi) in acc.iter_mut().zip(bv) {
+            for (r, &aj) in row.iter_mut().zip(ak) {
+                *r += bi * aj;
+            }
+        }
+    }
+    for (i, row) in acc.iter().enumerate() {
+        c[i * MR..(i + 1) * MR].copy_from_slice(row);
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use super::{MR, NR};
@@ -217,6 +312,43 @@ mod avx512 {
         }
         debug_assert_eq!(NR, 16);
     }
+
+    /// The AVX-512 body of [`super::Microkernel::run_rows`] for `N` positions.
+    ///
+    /// # Safety
+    /// The CPU supports AVX-512F; `a` is valid for `kc·16` reads; `offs` for `kc` reads;
+    /// `b` for reads at `offs[k] + 0..N`; `c` for reads and writes of `N·16` floats.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn rows<const N: usize>(
+        kc: usize,
+        a: *const f32,
+        offs: *const usize,
+        b: *const f32,
+        c: *mut f32,
+        accumulate: bool,
+    ) {
+        let mut acc = [_mm512_setzero_ps(); N];
+        if accumulate {
+            for (i, v) in acc.iter_mut().enumerate() {
+                // SAFETY: row i < N of C is in bounds (caller's contract).
+                *v = unsafe { _mm512_loadu_ps(c.add(i * MR)) };
+            }
+        }
+        for k in 0..kc {
+            // SAFETY: k < kc: A's row k and offs[k] are in bounds, and so are the N floats of B
+            // at offs[k] (caller's contract).
+            let (av, bk) = unsafe { (_mm512_loadu_ps(a.add(k * MR)), b.add(*offs.add(k))) };
+            for (i, v) in acc.iter_mut().enumerate() {
+                // SAFETY: i < N, inside the N floats of B at offs[k].
+                let bv = unsafe { _mm512_set1_ps(*bk.add(i)) };
+                *v = _mm512_fmadd_ps(bv, av, *v);
+            }
+        }
+        for (i, v) in acc.iter().enumerate() {
+            // SAFETY: row i < N of C is in bounds (caller's contract).
+            unsafe { _mm512_storeu_ps(c.add(i * MR), *v) };
+        }
+    }
 }
 
 #[cfg(test)]
@@ -259,6 +391,37 @@ mod tests {
                         (got - 2.0 * want[i * NR + j]).abs() < 1e-4,
                         "{kernel:?} ({i},{j})"
                     );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn every_rows_kernel_matches_the_naive_product() {
+        let kc = 29;
+        let mut a = vec![0.0; kc * MR];
+        let mut b = vec![0.0; 400];
+        fill_uniform(5, &mut a);
+        fill_uniform(6, &mut b);
+        let mut offsets = TapOffsets::default();
+        offsets.fill((0..kc).map(|k| (k * 53) % 380));
+        let offs = offsets.as_slice();
+        for kernel in [Microkernel::detect(), Microkernel::Portable] {
+            for n in 1..=NR {
+                let mut c = vec![f32::NAN; n * MR];
+                kernel.run_rows(n, &a, &offsets, 0, kc, &b, &mut c, false);
+                kernel.run_rows(n, &a, &offsets, 0, kc, &b, &mut c, true);
+                for i in 0..n {
+                    for j in 0..MR {
+                        let want: f64 = (0..kc)
+                            .map(|k| f64::from(b[offs[k] + i]) * f64::from(a[k * MR + j]))
+                            .sum();
+                        let got = f64::from(c[i * MR + j]);
+                        assert!(
+                            (got - 2.0 * want).abs() < 1e-4,
+                            "{kernel:?} n={n} ({i},{j})"
+                        );
+                    }
                 }
             }
         }

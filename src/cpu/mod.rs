@@ -52,6 +52,7 @@ pub struct CpuBackend {
     pool: rayon::ThreadPool,
     threads: usize,
     kernel: Microkernel,
+    path: Option<CpuPath>,
     workspace: Mutex<Workspace>,
     scratch: Vec<Mutex<Vec<f32>>>,
 }
@@ -67,26 +68,54 @@ struct Workspace {
 /// Which algorithm a call uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CpuPath {
-    /// Implicit GEMM with the 16×16 microkernel.
-    Gemm,
+    /// Implicit GEMM, strips orientation: 16 filters × 16 consecutive grid positions.
+    GemmStrips,
+    /// Implicit GEMM, rows orientation: up to 16 valid positions of one row × 16 filters.
+    GemmRows,
     /// Direct shifted-row sums (depthwise and narrow groups).
     Direct,
 }
 
 impl CpuPath {
-    /// The path sporkle takes for these parameters.
+    /// The path sporkle takes for these parameters: the direct path for narrow groups, else
+    /// the GEMM orientation that computes fewer lanes per image. Strips compute the junk
+    /// columns and round the grid up to 16; rows compute only valid positions, but a call with
+    /// few positions is bound by FMA latency (counted as at least [`ROWS_MIN_LANES`]).
     pub fn for_params(p: &Conv2dParams) -> Self {
-        if p.c_out_per_group() >= GEMM_MIN_FILTERS {
-            CpuPath::Gemm
+        if p.c_out_per_group() < GEMM_MIN_FILTERS {
+            return CpuPath::Direct;
+        }
+        let g = Geometry::new(p);
+        let strips = (g.ho * g.wq).next_multiple_of(NR);
+        let (chunks, chunk) = row_chunks(g.wo);
+        let rows = g.ho * chunks * chunk.max(ROWS_MIN_LANES);
+        if rows < strips {
+            CpuPath::GemmRows
         } else {
-            CpuPath::Direct
+            CpuPath::GemmStrips
         }
     }
+
+    /// Whether the weights are packed for the microkernels (else used as given).
+    pub fn packs_weights(self) -> bool {
+        self != CpuPath::Direct
+    }
+}
+
+/// Below this many positions per call, the rows kernel's few accumulators wait on FMA latency.
+const ROWS_MIN_LANES: usize = 8;
+
+/// How the rows kernel cuts an output row of `wo` positions: `(chunks, positions per chunk)`,
+/// the last chunk taking the remainder.
+fn row_chunks(wo: usize) -> (usize, usize) {
+    let chunks = wo.div_ceil(NR);
+    (chunks, wo.div_ceil(chunks))
 }
 
 /// Weights laid out for the CPU backend by [`CpuBackend::prepare_weights`].
 pub struct CpuWeights {
     shape: WeightShape,
+    packed: bool,
     data: Vec<f32>,
 }
 
@@ -170,6 +199,7 @@ impl CpuBackend {
             pool,
             threads,
             kernel,
+            path: None,
             workspace: Mutex::default(),
             scratch: (0..threads).map(|_| Mutex::default()).collect(),
         })
@@ -183,6 +213,17 @@ impl CpuBackend {
     /// The microkernel in use.
     pub fn microkernel(&self) -> Microkernel {
         self.kernel
+    }
+
+    /// Forces one path for every call (tests use it to cover every path on every shape).
+    pub fn with_path(mut self, path: CpuPath) -> Self {
+        self.path = Some(path);
+        self
+    }
+
+    /// The path a call with these parameters takes.
+    pub fn path_for(&self, p: &Conv2dParams) -> CpuPath {
+        self.path.unwrap_or_else(|| CpuPath::for_params(p))
     }
 
     /// Computes `output = conv2d(input, weights) + bias` (NCHW / KCRS / NKHW, f32).
@@ -206,12 +247,11 @@ impl CpuBackend {
         )?;
         let mut ws = lock(&self.workspace);
         let mut packed = std::mem::take(&mut ws.packed);
-        let laid_out = match CpuPath::for_params(p) {
-            CpuPath::Gemm => {
-                self.pool.install(|| pack_weights(p, weights, &mut packed));
-                &packed[..]
-            }
-            CpuPath::Direct => weights,
+        let laid_out = if self.path_for(p).packs_weights() {
+            self.pool.install(|| pack_weights(p, weights, &mut packed));
+            &packed[..]
+        } else {
+            weights
         };
         self.run(p, input, laid_out, bias, output, &mut ws);
         ws.packed = packed;
@@ -229,16 +269,17 @@ impl CpuBackend {
                 got: weights.len() as u64,
             });
         }
-        let data = match CpuPath::for_params(p) {
-            CpuPath::Gemm => {
-                let mut packed = Vec::new();
-                self.pool.install(|| pack_weights(p, weights, &mut packed));
-                packed
-            }
-            CpuPath::Direct => weights.to_vec(),
+        let packed = self.path_for(p).packs_weights();
+        let data = if packed {
+            let mut data = Vec::new();
+            self.pool.install(|| pack_weights(p, weights, &mut data));
+            data
+        } else {
+            weights.to_vec()
         };
         Ok(CpuWeights {
             shape: WeightShape::of(p),
+            packed,
             data,
         })
     }
@@ -253,7 +294,8 @@ impl CpuBackend {
         output: &mut [f32],
     ) -> Result<()> {
         p.validate()?;
-        if weights.shape != WeightShape::of(p) {
+        if weights.shape != WeightShape::of(p) || weights.packed != self.path_for(p).packs_weights()
+        {
             return Err(Error::InvalidParams(format!(
                 "the prepared weights are for {:?}, but the call has {:?}",
                 weights.shape,
@@ -271,7 +313,7 @@ impl CpuBackend {
         Ok(())
     }
 
-    /// Runs a checked call; `weights` are laid out for `CpuPath::for_params(p)`.
+    /// Runs a checked call; `weights` are laid out for `self.path_for(p)`.
     fn run(
         &self,
         p: &Conv2dParams,
@@ -282,7 +324,7 @@ impl CpuBackend {
         ws: &mut Workspace,
     ) {
         let geo = Geometry::new(p);
-        let path = CpuPath::for_params(p);
+        let path = self.path_for(p);
         let Workspace {
             planes, offsets, ..
         } = ws;
@@ -367,14 +409,14 @@ impl CpuBackend {
         let mg = p.c_out_per_group();
         let mut rows = geo.ho;
         let mut m_rows = match s.path {
-            CpuPath::Gemm => mg.next_multiple_of(MR),
+            CpuPath::GemmStrips | CpuPath::GemmRows => mg.next_multiple_of(MR),
             CpuPath::Direct => mg,
         };
         loop {
             let tasks = images * p.groups * geo.ho.div_ceil(rows) * mg.div_ceil(m_rows);
             if tasks >= 4 * self.threads {
                 break;
-            } else if s.path == CpuPath::Gemm && m_rows > MR {
+            } else if s.path.packs_weights() && m_rows > MR {
                 m_rows = (m_rows / 2).next_multiple_of(MR);
             } else if rows > 1 {
                 rows = rows.div_ceil(2);
@@ -385,14 +427,12 @@ impl CpuBackend {
         (rows, m_rows)
     }
 
-    /// Computes one task block by block (blocks of [`BLOCK_Q`] output positions), each block
-    /// into scratch, then adds the bias and stores the valid columns.
+    /// Computes one task block by block, each block into scratch, then adds the bias and
+    /// stores the valid outputs into the task's slices.
     fn run_task(&self, s: &Shared, task: &mut Task, scratch: &mut Vec<f32>) {
         let (p, geo) = (s.p, s.geo);
-        let kdim = p.reduction_len();
-        let tq = (task.y1 - task.y0) * geo.wq;
-        let rows = task.outs.len();
-        let len = rows.next_multiple_of(MR) * BLOCK_Q;
+        let rows_pad = task.outs.len().next_multiple_of(MR);
+        let len = rows_pad * BLOCK_Q.max(geo.wo);
         if scratch.len() < len {
             scratch.resize(len, 0.0);
         }
@@ -401,37 +441,52 @@ impl CpuBackend {
             + task.group * p.c_in_per_group() * geo.chan_stride
             + task.y0 * geo.wq;
         let b = &s.planes[base..];
-        let kc_len = kdim.div_ceil(kdim.div_ceil(KC));
-        let panels = p.c_out_per_group().div_ceil(MR);
-        let first_panel = task.group * panels + (task.m0 - task.group * p.c_out_per_group()) / MR;
+        match s.path {
+            CpuPath::GemmRows => self.task_rows(s, task, b, tile),
+            CpuPath::GemmStrips | CpuPath::Direct => self.task_strips(s, task, b, tile),
+        }
+    }
+
+    /// The first packed panel of a task's filters, and the tap-block length.
+    fn panels(&self, s: &Shared, task: &Task) -> (usize, usize) {
+        let (p, kdim) = (s.p, s.p.reduction_len());
+        let mg = p.c_out_per_group();
+        let first = task.group * mg.div_ceil(MR) + (task.m0 - task.group * mg) / MR;
+        (first, kdim.div_ceil(kdim.div_ceil(KC)))
+    }
+
+    /// Strips (and the direct path): blocks of [`BLOCK_Q`] consecutive grid positions.
+    fn task_strips(&self, s: &Shared, task: &mut Task, b: &[f32], tile: &mut [f32]) {
+        let geo = s.geo;
+        let kdim = s.p.reduction_len();
+        let rows = task.outs.len();
+        let tq = (task.y1 - task.y0) * geo.wq;
+        let (first_panel, kc_len) = self.panels(s, task);
         for qa in (0..tq).step_by(BLOCK_Q) {
             let qb = tq.min(qa + BLOCK_Q);
-            match s.path {
-                CpuPath::Gemm => {
-                    for pi in 0..rows.div_ceil(MR) {
-                        let a = &s.weights[(first_panel + pi) * kdim * MR..][..kdim * MR];
-                        for k0 in (0..kdim).step_by(kc_len) {
-                            let kc = kc_len.min(kdim - k0);
-                            for j in (0..qb - qa).step_by(NR) {
-                                let c = &mut tile[pi * MR * BLOCK_Q + j..];
-                                self.kernel.run(
-                                    &a[k0 * MR..],
-                                    s.offsets,
-                                    k0,
-                                    kc,
-                                    &b[qa + j..],
-                                    c,
-                                    BLOCK_Q,
-                                    k0 > 0,
-                                );
-                            }
-                        }
-                    }
+            if s.path == CpuPath::Direct {
+                for (i, acc) in tile.chunks_exact_mut(BLOCK_Q).take(rows).enumerate() {
+                    let w = &s.weights[(task.m0 + i) * kdim..][..kdim];
+                    direct_sum(&mut acc[..qb - qa], w, s.offsets.as_slice(), &b[qa..]);
                 }
-                CpuPath::Direct => {
-                    for (i, acc) in tile.chunks_exact_mut(BLOCK_Q).take(rows).enumerate() {
-                        let w = &s.weights[(task.m0 + i) * kdim..][..kdim];
-                        direct_sum(&mut acc[..qb - qa], w, s.offsets.as_slice(), &b[qa..]);
+            } else {
+                for pi in 0..rows.div_ceil(MR) {
+                    let a = &s.weights[(first_panel + pi) * kdim * MR..][..kdim * MR];
+                    for k0 in (0..kdim).step_by(kc_len) {
+                        let kc = kc_len.min(kdim - k0);
+                        for j in (0..qb - qa).step_by(NR) {
+                            let c = &mut tile[pi * MR * BLOCK_Q + j..];
+                            self.kernel.run(
+                                &a[k0 * MR..],
+                                s.offsets,
+                                k0,
+                                kc,
+                                &b[qa + j..],
+                                c,
+                                BLOCK_Q,
+                                k0 > 0,
+                            );
+                        }
                     }
                 }
             }
@@ -448,6 +503,53 @@ impl CpuBackend {
                             *o = v + bias;
                         }
                     }
+                }
+            }
+        }
+    }
+
+    /// Rows: blocks of whole output rows (about [`BLOCK_Q`] positions), each row in chunks of
+    /// at most 16 valid positions; the scratch holds `[panel][position][16 filters]`.
+    fn task_rows(&self, s: &Shared, task: &mut Task, b: &[f32], tile: &mut [f32]) {
+        let geo = s.geo;
+        let kdim = s.p.reduction_len();
+        let rows = task.outs.len();
+        let (first_panel, kc_len) = self.panels(s, task);
+        let (_, chunk) = row_chunks(geo.wo);
+        let block_rows = (BLOCK_Q / geo.wo).max(1);
+        for ya in (0..task.y1 - task.y0).step_by(block_rows) {
+            let yb = (task.y1 - task.y0).min(ya + block_rows);
+            let positions = (yb - ya) * geo.wo;
+            for pi in 0..rows.div_ceil(MR) {
+                let a = &s.weights[(first_panel + pi) * kdim * MR..][..kdim * MR];
+                let c_panel = &mut tile[pi * MR * positions..][..MR * positions];
+                for k0 in (0..kdim).step_by(kc_len) {
+                    let kc = kc_len.min(kdim - k0);
+                    for y in ya..yb {
+                        for x0 in (0..geo.wo).step_by(chunk) {
+                            let n = chunk.min(geo.wo - x0);
+                            let c = &mut c_panel[((y - ya) * geo.wo + x0) * MR..];
+                            self.kernel.run_rows(
+                                n,
+                                &a[k0 * MR..],
+                                s.offsets,
+                                k0,
+                                kc,
+                                &b[y * geo.wq + x0..],
+                                c,
+                                k0 > 0,
+                            );
+                        }
+                    }
+                }
+            }
+            // Bias, and the transposed tile into the task's output slices.
+            for (i, out) in task.outs.iter_mut().enumerate() {
+                let bias = s.bias.map_or(0.0, |b| b[task.m0 + i]);
+                let panel = &tile[(i / MR) * MR * positions..][..MR * positions];
+                let src = panel.iter().skip(i % MR).step_by(MR);
+                for (o, &v) in out[ya * geo.wo..yb * geo.wo].iter_mut().zip(src) {
+                    *o = v + bias;
                 }
             }
         }
@@ -523,17 +625,27 @@ mod tests {
         if let Err(m) = compare(&p, &y, &r, tol) {
             panic!(
                 "{p} ({:?}, {:?}): {m}",
-                CpuPath::for_params(&p),
+                backend.path_for(&p),
                 backend.microkernel()
             );
         }
     }
 
+    /// Every path with the best microkernel and with the portable one, and the default choice.
     fn backends() -> Vec<CpuBackend> {
-        vec![
+        let mut all = vec![
             CpuBackend::with_threads(2).unwrap(),
             CpuBackend::with_options(3, Microkernel::Portable).unwrap(),
-        ]
+        ];
+        for path in [CpuPath::GemmStrips, CpuPath::GemmRows, CpuPath::Direct] {
+            all.push(CpuBackend::with_threads(2).unwrap().with_path(path));
+            all.push(
+                CpuBackend::with_options(1, Microkernel::Portable)
+                    .unwrap()
+                    .with_path(path),
+            );
+        }
+        all
     }
 
     #[test]

@@ -1,9 +1,10 @@
 //! Property tests: random shapes, strides, paddings, dilations and groups, the CPU backend
-//! (each microkernel, several thread counts) against the naive reference, in fp32 tolerance and
+//! (its own choice of path, and each path forced; each microkernel; several thread counts)
+//! against the naive reference, in fp32 tolerance and
 //! in exact mode. Failing cases are persisted in `tests/properties.proptest-regressions`.
 
 use proptest::prelude::*;
-use sporkle::cpu::Microkernel;
+use sporkle::cpu::{CpuPath, Microkernel};
 use sporkle::tolerance::{compare, Tolerance};
 use sporkle::{data, reference, Conv2dParams, CpuBackend};
 use std::sync::OnceLock;
@@ -11,11 +12,23 @@ use std::sync::OnceLock;
 fn backends() -> &'static [CpuBackend] {
     static B: OnceLock<Vec<CpuBackend>> = OnceLock::new();
     B.get_or_init(|| {
-        vec![
+        let mut all = vec![
             CpuBackend::with_threads(2).unwrap(),
             CpuBackend::with_options(1, Microkernel::Portable).unwrap(),
-            CpuBackend::with_options(3, Microkernel::detect()).unwrap(),
-        ]
+        ];
+        for path in [CpuPath::GemmStrips, CpuPath::GemmRows, CpuPath::Direct] {
+            all.push(
+                CpuBackend::with_options(3, Microkernel::detect())
+                    .unwrap()
+                    .with_path(path),
+            );
+            all.push(
+                CpuBackend::with_options(2, Microkernel::Portable)
+                    .unwrap()
+                    .with_path(path),
+            );
+        }
+        all
     })
 }
 
@@ -77,12 +90,12 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
 
     #[test]
-    fn cpu_matches_the_reference(p in params(), seed in any::<u64>(), bias in any::<bool>(), backend in 0usize..3) {
+    fn cpu_matches_the_reference(p in params(), seed in any::<u64>(), bias in any::<bool>(), backend in 0usize..8) {
         run(&p, seed, false, bias, backend)?;
     }
 
     #[test]
-    fn cpu_is_exact_on_small_integers(p in params(), seed in any::<u64>(), bias in any::<bool>(), backend in 0usize..3) {
+    fn cpu_is_exact_on_small_integers(p in params(), seed in any::<u64>(), bias in any::<bool>(), backend in 0usize..8) {
         run(&p, seed, true, bias, backend)?;
     }
 }

@@ -6,8 +6,9 @@
 //!   `C[i][j] (+)= Σ_k A[k][i] · B[offs[k] + j]`; positions in the vector lanes, filters
 //!   broadcast. Junk columns of the grid and the rounding of a tile to 16 are computed too.
 //! - **rows** ([`Microkernel::run_rows`]): `n ≤ 16` consecutive *valid* positions of one output
-//!   row × 16 filters, `C[i][j] (+)= Σ_k B[offs[k] + i] · A[k][j]`; filters in the vector lanes,
-//!   positions broadcast. Nothing is computed twice or for nothing; `C` comes out transposed.
+//!   row × 16 filters, `C[j][i] = Σ_k B[offs[k] + i] · A[k][j]` over every tap; filters in the
+//!   vector lanes, positions broadcast, the tile transposed on its one store. Nothing is
+//!   computed twice or for nothing.
 //!
 //! Two implementations with one contract: AVX-512 intrinsics (16 zmm accumulators, the A values
 //! broadcast from memory), and a portable one in plain Rust for every other machine. The safe
@@ -83,35 +84,32 @@ impl Microkernel {
         }
     }
 
-    /// Rows orientation: `C[i·16 + j] (+)= Σ_{k<kc} b[offs[k0 + k] + i] · a[k·16 + j]` for
-    /// `i < n ≤ 16` positions and `j < 16` filters.
-    ///
-    /// `accumulate` adds to C instead of overwriting it.
+    /// Rows orientation, over every tap: `C[j·ldc + i] = Σ_k b[offs[k] + i] · a[k·16 + j]` for
+    /// `i < n ≤ 16` positions and `j < 16` filters. The tile is accumulated in registers over
+    /// all taps (one vector of A per tap streams well from L2) and stored transposed, so each
+    /// filter's `n` outputs are contiguous.
     /// Panics (a bug in the caller) if any access would leave its slice.
-    #[allow(clippy::too_many_arguments)]
     pub fn run_rows(
         self,
         n: usize,
         a: &[f32],
         offsets: &TapOffsets,
-        k0: usize,
-        kc: usize,
         b: &[f32],
         c: &mut [f32],
-        accumulate: bool,
+        ldc: usize,
     ) {
+        let kdim = offsets.len();
         assert!((1..=NR).contains(&n), "microkernel: {n} positions per call");
-        assert!(a.len() >= kc * MR, "microkernel: A panel too short");
-        assert!(
-            k0 + kc <= offsets.len(),
-            "microkernel: tap range out of bounds"
-        );
+        assert!(a.len() >= kdim * MR, "microkernel: A panel too short");
         assert!(
             offsets.max() + n <= b.len(),
             "microkernel: B reads past the planes"
         );
-        assert!(n * MR <= c.len(), "microkernel: C tile out of bounds");
-        let offs = &offsets.as_slice()[k0..k0 + kc];
+        assert!(
+            ldc >= n && (MR - 1) * ldc + n <= c.len(),
+            "microkernel: C tile out of bounds"
+        );
+        let offs = offsets.as_slice();
         /// Dispatches to the instance for the runtime `n` (the accumulator count is a constant).
         macro_rules! by_n {
             ($f:ident, $($args:expr),*) => {
@@ -134,14 +132,14 @@ impl Microkernel {
                 );
                 let (a, offs, b, c) = (a.as_ptr(), offs.as_ptr(), b.as_ptr(), c.as_mut_ptr());
                 use avx512::rows;
-                // SAFETY: the CPU has AVX-512F (checked above); A reads kc·16 floats (a.len()
+                // SAFETY: the CPU has AVX-512F (checked above); A reads kdim·16 floats (a.len()
                 // checked), B reads offs[k]+0..n with every offset ≤ offsets.max() and
-                // max+n ≤ b.len(), C touches n·16 floats ≤ c.len().
-                unsafe { by_n!(rows, kc, a, offs, b, c, accumulate) }
+                // max+n ≤ b.len(), C writes j·ldc+0..n for j < 16 with 15·ldc+n ≤ c.len().
+                unsafe { by_n!(rows, kdim, a, offs, b, c, ldc) }
             }
             #[cfg(not(target_arch = "x86_64"))]
             Microkernel::Avx512 => unreachable!("AVX-512 kernel selected on a non-x86 CPU"),
-            Microkernel::Portable => by_n!(portable_rows, kc, a, offs, b, c, accumulate),
+            Microkernel::Portable => by_n!(portable_rows, kdim, a, offs, b, c, ldc),
         }
     }
 
@@ -235,29 +233,31 @@ fn portable(
 }
 
 fn portable_rows<const N: usize>(
-    kc: usize,
+    kdim: usize,
     a: &[f32],
     offs: &[usize],
     b: &[f32],
     c: &mut [f32],
-    accumulate: bool,
+    ldc: usize,
 ) {
     let mut acc = [[0.0f32; MR]; N];
-    if accumulate {
-        for (i, row) in acc.iter_mut().enumerate() {
-            row.copy_from_slice(&c[i * MR..(i + 1) * MR]);
-        }
-    }
-    for (ak, &off) in a.chunks_exact(MR).zip(offs).take(kc) {
-        let bv = &b[off..off + N];
-        for (row, &bi) in acc.iter_mut().zip(bv) {
+    for (ak, &off) in a.chunks_exact(MR).zip(offs).take(kdim) {
+        for (row, &bi) in acc.iter_mut().zip(&b[off..off + N]) {
             for (r, &aj) in row.iter_mut().zip(ak) {
                 *r += bi * aj;
             }
         }
     }
-    for (i, row) in acc.iter().enumerate() {
-        c[i * MR..(i + 1) * MR].copy_from_slice(row);
+    store_transposed(&acc, c, ldc);
+}
+
+/// Stores an `N×16` tile (positions × filters) as `16×N` rows of `c` with pitch `ldc`.
+#[inline(always)]
+fn store_transposed<const N: usize>(acc: &[[f32; MR]; N], c: &mut [f32], ldc: usize) {
+    for (j, row) in c.chunks_mut(ldc).take(MR).enumerate() {
+        for (dst, src) in row[..N].iter_mut().zip(acc) {
+            *dst = src[j];
+        }
     }
 }
 
@@ -316,26 +316,20 @@ mod avx512 {
     /// The AVX-512 body of [`super::Microkernel::run_rows`] for `N` positions.
     ///
     /// # Safety
-    /// The CPU supports AVX-512F; `a` is valid for `kc·16` reads; `offs` for `kc` reads;
-    /// `b` for reads at `offs[k] + 0..N`; `c` for reads and writes of `N·16` floats.
+    /// The CPU supports AVX-512F; `a` is valid for `kdim·16` reads; `offs` for `kdim` reads;
+    /// `b` for reads at `offs[k] + 0..N`; `c` for writes at `j·ldc + 0..N`, `j < 16`.
     #[target_feature(enable = "avx512f")]
     pub unsafe fn rows<const N: usize>(
-        kc: usize,
+        kdim: usize,
         a: *const f32,
         offs: *const usize,
         b: *const f32,
         c: *mut f32,
-        accumulate: bool,
+        ldc: usize,
     ) {
         let mut acc = [_mm512_setzero_ps(); N];
-        if accumulate {
-            for (i, v) in acc.iter_mut().enumerate() {
-                // SAFETY: row i < N of C is in bounds (caller's contract).
-                *v = unsafe { _mm512_loadu_ps(c.add(i * MR)) };
-            }
-        }
-        for k in 0..kc {
-            // SAFETY: k < kc: A's row k and offs[k] are in bounds, and so are the N floats of B
+        for k in 0..kdim {
+            // SAFETY: k < kdim: A's row k and offs[k] are in bounds, and so are the N floats of B
             // at offs[k] (caller's contract).
             let (av, bk) = unsafe { (_mm512_loadu_ps(a.add(k * MR)), b.add(*offs.add(k))) };
             for (i, v) in acc.iter_mut().enumerate() {
@@ -344,9 +338,17 @@ mod avx512 {
                 *v = _mm512_fmadd_ps(bv, av, *v);
             }
         }
-        for (i, v) in acc.iter().enumerate() {
-            // SAFETY: row i < N of C is in bounds (caller's contract).
-            unsafe { _mm512_storeu_ps(c.add(i * MR), *v) };
+        // Transpose through a small stack tile: N vector stores, then 16 rows of N.
+        let mut tile = [[0.0f32; MR]; N];
+        for (row, v) in tile.iter_mut().zip(&acc) {
+            // SAFETY: row is 16 floats.
+            unsafe { _mm512_storeu_ps(row.as_mut_ptr(), *v) };
+        }
+        for j in 0..MR {
+            for (i, row) in tile.iter().enumerate() {
+                // SAFETY: j < 16 and i < N: inside row j of C (caller's contract).
+                unsafe { *c.add(j * ldc + i) = row[j] };
+            }
         }
     }
 }
@@ -398,29 +400,26 @@ mod tests {
 
     #[test]
     fn every_rows_kernel_matches_the_naive_product() {
-        let kc = 29;
-        let mut a = vec![0.0; kc * MR];
+        let kdim = 29;
+        let mut a = vec![0.0; kdim * MR];
         let mut b = vec![0.0; 400];
         fill_uniform(5, &mut a);
         fill_uniform(6, &mut b);
         let mut offsets = TapOffsets::default();
-        offsets.fill((0..kc).map(|k| (k * 53) % 380));
+        offsets.fill((0..kdim).map(|k| (k * 53) % 380));
         let offs = offsets.as_slice();
         for kernel in [Microkernel::detect(), Microkernel::Portable] {
             for n in 1..=NR {
-                let mut c = vec![f32::NAN; n * MR];
-                kernel.run_rows(n, &a, &offsets, 0, kc, &b, &mut c, false);
-                kernel.run_rows(n, &a, &offsets, 0, kc, &b, &mut c, true);
+                let ldc = n + 3;
+                let mut c = vec![f32::NAN; 15 * ldc + n];
+                kernel.run_rows(n, &a, &offsets, &b, &mut c, ldc);
                 for i in 0..n {
                     for j in 0..MR {
-                        let want: f64 = (0..kc)
+                        let want: f64 = (0..kdim)
                             .map(|k| f64::from(b[offs[k] + i]) * f64::from(a[k * MR + j]))
                             .sum();
-                        let got = f64::from(c[i * MR + j]);
-                        assert!(
-                            (got - 2.0 * want).abs() < 1e-4,
-                            "{kernel:?} n={n} ({i},{j})"
-                        );
+                        let got = f64::from(c[j * ldc + i]);
+                        assert!((got - want).abs() < 1e-4, "{kernel:?} n={n} ({i},{j})");
                     }
                 }
             }

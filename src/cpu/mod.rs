@@ -509,12 +509,12 @@ impl CpuBackend {
     }
 
     /// Rows: blocks of whole output rows (about [`BLOCK_Q`] positions), each row in chunks of
-    /// at most 16 valid positions; the scratch holds `[panel][position][16 filters]`.
+    /// at most 16 valid positions; the kernel leaves `[filter][position]` in the scratch tile.
     fn task_rows(&self, s: &Shared, task: &mut Task, b: &[f32], tile: &mut [f32]) {
         let geo = s.geo;
         let kdim = s.p.reduction_len();
         let rows = task.outs.len();
-        let (first_panel, kc_len) = self.panels(s, task);
+        let (first_panel, _) = self.panels(s, task);
         let (_, chunk) = row_chunks(geo.wo);
         let block_rows = (BLOCK_Q / geo.wo).max(1);
         for ya in (0..task.y1 - task.y0).step_by(block_rows) {
@@ -523,31 +523,19 @@ impl CpuBackend {
             for pi in 0..rows.div_ceil(MR) {
                 let a = &s.weights[(first_panel + pi) * kdim * MR..][..kdim * MR];
                 let c_panel = &mut tile[pi * MR * positions..][..MR * positions];
-                for k0 in (0..kdim).step_by(kc_len) {
-                    let kc = kc_len.min(kdim - k0);
-                    for y in ya..yb {
-                        for x0 in (0..geo.wo).step_by(chunk) {
-                            let n = chunk.min(geo.wo - x0);
-                            let c = &mut c_panel[((y - ya) * geo.wo + x0) * MR..];
-                            self.kernel.run_rows(
-                                n,
-                                &a[k0 * MR..],
-                                s.offsets,
-                                k0,
-                                kc,
-                                &b[y * geo.wq + x0..],
-                                c,
-                                k0 > 0,
-                            );
-                        }
+                for y in ya..yb {
+                    for x0 in (0..geo.wo).step_by(chunk) {
+                        let n = chunk.min(geo.wo - x0);
+                        let c = &mut c_panel[(y - ya) * geo.wo + x0..];
+                        self.kernel
+                            .run_rows(n, a, s.offsets, &b[y * geo.wq + x0..], c, positions);
                     }
                 }
             }
-            // Bias, and the transposed tile into the task's output slices.
+            // Bias, and each filter's contiguous outputs into the task's output slices.
             for (i, out) in task.outs.iter_mut().enumerate() {
                 let bias = s.bias.map_or(0.0, |b| b[task.m0 + i]);
-                let panel = &tile[(i / MR) * MR * positions..][..MR * positions];
-                let src = panel.iter().skip(i % MR).step_by(MR);
+                let src = &tile[i * positions..][..positions];
                 for (o, &v) in out[ya * geo.wo..yb * geo.wo].iter_mut().zip(src) {
                     *o = v + bias;
                 }

@@ -84,11 +84,13 @@ impl Microkernel {
         }
     }
 
-    /// Rows orientation, over every tap: `C[j·ldc + i] = Σ_k b[offs[k] + i] · a[k·16 + j]` for
-    /// `i < n ≤ 16` positions and `j < 16` filters. The tile is accumulated in registers over
-    /// all taps (one vector of A per tap streams well from L2) and stored transposed, so each
-    /// filter's `n` outputs are contiguous.
+    /// Rows orientation, over every tap:
+    /// `C[j·ldc + i] = Σ_k b[offs[k] + i] · a[k·16 + j] (+ bias[j])` for `i < n ≤ 16` positions
+    /// and `j < filters ≤ 16`. The tile is accumulated in registers over all taps (one vector of
+    /// A per tap streams well from L2) and stored transposed, so each filter's `n` outputs are
+    /// contiguous; rows `j ≥ filters` are computed but not stored.
     /// Panics (a bug in the caller) if any access would leave its slice.
+    #[allow(clippy::too_many_arguments)]
     pub fn run_rows(
         self,
         n: usize,
@@ -97,18 +99,28 @@ impl Microkernel {
         b: &[f32],
         c: &mut [f32],
         ldc: usize,
+        filters: usize,
+        bias: Option<&[f32]>,
     ) {
         let kdim = offsets.len();
         assert!((1..=NR).contains(&n), "microkernel: {n} positions per call");
+        assert!(
+            (1..=MR).contains(&filters),
+            "microkernel: {filters} filters per call"
+        );
         assert!(a.len() >= kdim * MR, "microkernel: A panel too short");
         assert!(
             offsets.max() + n <= b.len(),
             "microkernel: B reads past the planes"
         );
         assert!(
-            ldc >= n && (MR - 1) * ldc + n <= c.len(),
+            ldc >= n && (filters - 1) * ldc + n <= c.len(),
             "microkernel: C tile out of bounds"
         );
+        let mut bias16 = [0.0f32; MR];
+        if let Some(bias) = bias {
+            bias16[..filters].copy_from_slice(&bias[..filters]);
+        }
         let offs = offsets.as_slice();
         /// Dispatches to the instance for the runtime `n` (the accumulator count is a constant).
         macro_rules! by_n {
@@ -134,12 +146,15 @@ impl Microkernel {
                 use avx512::rows;
                 // SAFETY: the CPU has AVX-512F (checked above); A reads kdim·16 floats (a.len()
                 // checked), B reads offs[k]+0..n with every offset ≤ offsets.max() and
-                // max+n ≤ b.len(), C writes j·ldc+0..n for j < 16 with 15·ldc+n ≤ c.len().
-                unsafe { by_n!(rows, kdim, a, offs, b, c, ldc) }
+                // max+n ≤ b.len(), C writes j·ldc+0..n for j < filters with
+                // (filters−1)·ldc+n ≤ c.len().
+                unsafe { by_n!(rows, kdim, a, offs, b, c, ldc, filters, &bias16) }
             }
             #[cfg(not(target_arch = "x86_64"))]
             Microkernel::Avx512 => unreachable!("AVX-512 kernel selected on a non-x86 CPU"),
-            Microkernel::Portable => by_n!(portable_rows, kdim, a, offs, b, c, ldc),
+            Microkernel::Portable => {
+                by_n!(portable_rows, kdim, a, offs, b, c, ldc, filters, &bias16)
+            }
         }
     }
 
@@ -232,6 +247,7 @@ fn portable(
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn portable_rows<const N: usize>(
     kdim: usize,
     a: &[f32],
@@ -239,8 +255,10 @@ fn portable_rows<const N: usize>(
     b: &[f32],
     c: &mut [f32],
     ldc: usize,
+    filters: usize,
+    bias: &[f32; MR],
 ) {
-    let mut acc = [[0.0f32; MR]; N];
+    let mut acc = [*bias; N];
     for (ak, &off) in a.chunks_exact(MR).zip(offs).take(kdim) {
         for (row, &bi) in acc.iter_mut().zip(&b[off..off + N]) {
             for (r, &aj) in row.iter_mut().zip(ak) {
@@ -248,14 +266,20 @@ fn portable_rows<const N: usize>(
             }
         }
     }
-    store_transposed(&acc, c, ldc);
+    store_transposed(&acc, c, ldc, filters);
 }
 
-/// Stores an `N×16` tile (positions × filters) as `16×N` rows of `c` with pitch `ldc`.
+/// Stores filters `0..filters` of an `N×16` tile (positions × filters) as rows of `c` with
+/// pitch `ldc`.
 #[inline(always)]
-fn store_transposed<const N: usize>(acc: &[[f32; MR]; N], c: &mut [f32], ldc: usize) {
-    for (j, row) in c.chunks_mut(ldc).take(MR).enumerate() {
-        for (dst, src) in row[..N].iter_mut().zip(acc) {
+fn store_transposed<const N: usize>(
+    acc: &[[f32; MR]; N],
+    c: &mut [f32],
+    ldc: usize,
+    filters: usize,
+) {
+    for j in 0..filters {
+        for (dst, src) in c[j * ldc..j * ldc + N].iter_mut().zip(acc) {
             *dst = src[j];
         }
     }
@@ -317,8 +341,9 @@ mod avx512 {
     ///
     /// # Safety
     /// The CPU supports AVX-512F; `a` is valid for `kdim·16` reads; `offs` for `kdim` reads;
-    /// `b` for reads at `offs[k] + 0..N`; `c` for writes at `j·ldc + 0..N`, `j < 16`.
+    /// `b` for reads at `offs[k] + 0..N`; `c` for writes at `j·ldc + 0..N`, `j < filters ≤ 16`.
     #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
     pub unsafe fn rows<const N: usize>(
         kdim: usize,
         a: *const f32,
@@ -326,8 +351,11 @@ mod avx512 {
         b: *const f32,
         c: *mut f32,
         ldc: usize,
+        filters: usize,
+        bias: &[f32; MR],
     ) {
-        let mut acc = [_mm512_setzero_ps(); N];
+        // SAFETY: bias is 16 floats.
+        let mut acc = [unsafe { _mm512_loadu_ps(bias.as_ptr()) }; N];
         for k in 0..kdim {
             // SAFETY: k < kdim: A's row k and offs[k] are in bounds, and so are the N floats of B
             // at offs[k] (caller's contract).
@@ -338,15 +366,15 @@ mod avx512 {
                 *v = _mm512_fmadd_ps(bv, av, *v);
             }
         }
-        // Transpose through a small stack tile: N vector stores, then 16 rows of N.
+        // Transpose through a small stack tile: N vector stores, then `filters` rows of N.
         let mut tile = [[0.0f32; MR]; N];
         for (row, v) in tile.iter_mut().zip(&acc) {
             // SAFETY: row is 16 floats.
             unsafe { _mm512_storeu_ps(row.as_mut_ptr(), *v) };
         }
-        for j in 0..MR {
+        for j in 0..filters {
             for (i, row) in tile.iter().enumerate() {
-                // SAFETY: j < 16 and i < N: inside row j of C (caller's contract).
+                // SAFETY: j < filters and i < N: inside row j of C (caller's contract).
                 unsafe { *c.add(j * ldc + i) = row[j] };
             }
         }
@@ -411,15 +439,20 @@ mod tests {
         for kernel in [Microkernel::detect(), Microkernel::Portable] {
             for n in 1..=NR {
                 let ldc = n + 3;
-                let mut c = vec![f32::NAN; 15 * ldc + n];
-                kernel.run_rows(n, &a, &offsets, &b, &mut c, ldc);
+                let filters = 17 - n;
+                let bias: Vec<f32> = (0..filters).map(|j| j as f32).collect();
+                let mut c = vec![f32::NAN; (filters - 1) * ldc + n];
+                kernel.run_rows(n, &a, &offsets, &b, &mut c, ldc, filters, Some(&bias));
                 for i in 0..n {
-                    for j in 0..MR {
+                    for j in 0..filters {
                         let want: f64 = (0..kdim)
                             .map(|k| f64::from(b[offs[k] + i]) * f64::from(a[k * MR + j]))
                             .sum();
                         let got = f64::from(c[j * ldc + i]);
-                        assert!((got - want).abs() < 1e-4, "{kernel:?} n={n} ({i},{j})");
+                        assert!(
+                            (got - want - j as f64).abs() < 1e-4,
+                            "{kernel:?} n={n} ({i},{j})"
+                        );
                     }
                 }
             }

@@ -149,9 +149,28 @@ struct Task<'o> {
     /// Output rows `y0..y1`.
     y0: usize,
     y1: usize,
-    /// First filter; `outs[i]` holds filter `m0 + i`'s rows `y0..y1`.
+    /// Filters `m0..m0 + filters`.
     m0: usize,
-    outs: Vec<&'o mut [f32]>,
+    filters: usize,
+    out: TaskOut<'o>,
+}
+
+/// The output a task owns.
+enum TaskOut<'o> {
+    /// Whole images: the task's filters' `ho × wo` planes, contiguous (one slice).
+    Planes(&'o mut [f32]),
+    /// Row tiles: `[i]` holds rows `y0..y1` of filter `m0 + i`.
+    Tiles(Vec<&'o mut [f32]>),
+}
+
+impl TaskOut<'_> {
+    /// Rows `y0..y1` of the task's `i`-th filter (`plane` = `ho·wo`).
+    fn filter(&mut self, i: usize, plane: usize) -> &mut [f32] {
+        match self {
+            TaskOut::Planes(all) => &mut all[i * plane..(i + 1) * plane],
+            TaskOut::Tiles(tiles) => tiles[i],
+        }
+    }
 }
 
 /// Everything a task reads.
@@ -363,33 +382,62 @@ impl CpuBackend {
         let (rows, m_rows) = self.plan(s, images);
         let mg = p.c_out_per_group();
         let tiles = geo.ho.div_ceil(rows);
-        // Output slices: image → filter → tile of `rows` rows, each handed to exactly one task.
-        let mut grid: Vec<Option<&mut [f32]>> = out
-            .chunks_mut(geo.ho * geo.wo)
-            .flat_map(|plane| plane.chunks_mut(rows * geo.wo))
-            .map(Some)
-            .collect();
+        let plane = geo.ho * geo.wo;
         let mut tasks = Vec::with_capacity(images * p.groups * tiles * mg.div_ceil(m_rows));
-        for img in 0..images {
-            for group in 0..p.groups {
-                for t in 0..tiles {
-                    for m0 in (group * mg..(group + 1) * mg).step_by(m_rows) {
-                        let m1 = (m0 + m_rows).min((group + 1) * mg);
-                        let outs = (m0..m1)
-                            .map(|k| {
-                                grid[(img * p.c_out + k) * tiles + t]
-                                    .take()
-                                    .expect("each output tile has one owner")
-                            })
-                            .collect();
+        let chunks = |group: usize| {
+            (group * mg..(group + 1) * mg)
+                .step_by(m_rows)
+                .map(move |m0| (m0, m_rows.min((group + 1) * mg - m0)))
+        };
+        if tiles == 1 {
+            // Whole images: each task's filters are one contiguous run of planes.
+            for (img, mut rest) in out.chunks_mut(p.c_out * plane).enumerate() {
+                for group in 0..p.groups {
+                    for (m0, filters) in chunks(group) {
+                        let (mine, others) =
+                            std::mem::take(&mut rest).split_at_mut(filters * plane);
+                        rest = others;
                         tasks.push(Task {
                             img,
                             group,
-                            y0: t * rows,
-                            y1: ((t + 1) * rows).min(geo.ho),
+                            y0: 0,
+                            y1: geo.ho,
                             m0,
-                            outs,
+                            filters,
+                            out: TaskOut::Planes(mine),
                         });
+                    }
+                }
+            }
+        } else {
+            // Row tiles: image → filter → tile of `rows` rows, each handed to exactly one task.
+            let mut grid: Vec<Option<&mut [f32]>> = out
+                .chunks_mut(plane)
+                .flat_map(|plane| plane.chunks_mut(rows * geo.wo))
+                .map(Some)
+                .collect();
+            for img in 0..images {
+                for group in 0..p.groups {
+                    for t in 0..tiles {
+                        for (m0, filters) in chunks(group) {
+                            let outs = (m0..m0 + filters)
+                                .map(|k| {
+                                    grid[(img * p.c_out + k) * tiles + t]
+                                        .take()
+                                        .expect("each output tile has one owner")
+                                })
+                                .collect();
+                            let (y0, y1) = (t * rows, ((t + 1) * rows).min(geo.ho));
+                            tasks.push(Task {
+                                img,
+                                group,
+                                y0,
+                                y1,
+                                m0,
+                                filters,
+                                out: TaskOut::Tiles(outs),
+                            });
+                        }
                     }
                 }
             }
@@ -431,7 +479,7 @@ impl CpuBackend {
     /// stores the valid outputs into the task's slices.
     fn run_task(&self, s: &Shared, task: &mut Task, scratch: &mut Vec<f32>) {
         let (p, geo) = (s.p, s.geo);
-        let rows_pad = task.outs.len().next_multiple_of(MR);
+        let rows_pad = task.filters.next_multiple_of(MR);
         let len = rows_pad * BLOCK_Q.max(geo.wo);
         if scratch.len() < len {
             scratch.resize(len, 0.0);
@@ -459,7 +507,8 @@ impl CpuBackend {
     fn task_strips(&self, s: &Shared, task: &mut Task, b: &[f32], tile: &mut [f32]) {
         let geo = s.geo;
         let kdim = s.p.reduction_len();
-        let rows = task.outs.len();
+        let rows = task.filters;
+        let plane = geo.ho * geo.wo;
         let tq = (task.y1 - task.y0) * geo.wq;
         let (first_panel, kc_len) = self.panels(s, task);
         for qa in (0..tq).step_by(BLOCK_Q) {
@@ -491,7 +540,8 @@ impl CpuBackend {
                 }
             }
             // Bias, and the valid columns of the block's rows into the task's output slices.
-            for (i, out) in task.outs.iter_mut().enumerate() {
+            for i in 0..rows {
+                let out = task.out.filter(i, plane);
                 let bias = s.bias.map_or(0.0, |b| b[task.m0 + i]);
                 let src = &tile[i * BLOCK_Q..][..qb - qa];
                 for y in qa / geo.wq..qb.div_ceil(geo.wq) {
@@ -509,11 +559,14 @@ impl CpuBackend {
     }
 
     /// Rows: blocks of whole output rows (about [`BLOCK_Q`] positions), each row in chunks of
-    /// at most 16 valid positions; the kernel leaves `[filter][position]` in the scratch tile.
+    /// at most 16 valid positions. A task that owns whole planes has the kernel add the bias and
+    /// store straight into the output; otherwise the kernel leaves `[filter][position]` in the
+    /// scratch tile, which is then copied into the task's row tiles.
     fn task_rows(&self, s: &Shared, task: &mut Task, b: &[f32], tile: &mut [f32]) {
         let geo = s.geo;
         let kdim = s.p.reduction_len();
-        let rows = task.outs.len();
+        let rows = task.filters;
+        let plane = geo.ho * geo.wo;
         let (first_panel, _) = self.panels(s, task);
         let (_, chunk) = row_chunks(geo.wo);
         let block_rows = (BLOCK_Q / geo.wo).max(1);
@@ -522,22 +575,35 @@ impl CpuBackend {
             let positions = (yb - ya) * geo.wo;
             for pi in 0..rows.div_ceil(MR) {
                 let a = &s.weights[(first_panel + pi) * kdim * MR..][..kdim * MR];
-                let c_panel = &mut tile[pi * MR * positions..][..MR * positions];
+                let filters = MR.min(rows - pi * MR);
+                let bias = s.bias.map(|bias| &bias[task.m0 + pi * MR..][..filters]);
                 for y in ya..yb {
                     for x0 in (0..geo.wo).step_by(chunk) {
                         let n = chunk.min(geo.wo - x0);
-                        let c = &mut c_panel[(y - ya) * geo.wo + x0..];
-                        self.kernel
-                            .run_rows(n, a, s.offsets, &b[y * geo.wq + x0..], c, positions);
+                        let b = &b[y * geo.wq + x0..];
+                        match &mut task.out {
+                            TaskOut::Planes(out) => {
+                                let c = &mut out[pi * MR * plane + y * geo.wo + x0..];
+                                self.kernel
+                                    .run_rows(n, a, s.offsets, b, c, plane, filters, bias);
+                            }
+                            TaskOut::Tiles(_) => {
+                                let c = &mut tile[pi * MR * positions + (y - ya) * geo.wo + x0..];
+                                self.kernel
+                                    .run_rows(n, a, s.offsets, b, c, positions, filters, None);
+                            }
+                        }
                     }
                 }
             }
-            // Bias, and each filter's contiguous outputs into the task's output slices.
-            for (i, out) in task.outs.iter_mut().enumerate() {
-                let bias = s.bias.map_or(0.0, |b| b[task.m0 + i]);
-                let src = &tile[i * positions..][..positions];
-                for (o, &v) in out[ya * geo.wo..yb * geo.wo].iter_mut().zip(src) {
-                    *o = v + bias;
+            if let TaskOut::Tiles(outs) = &mut task.out {
+                // Bias, and each filter's contiguous outputs into the task's row tiles.
+                for (i, out) in outs.iter_mut().enumerate() {
+                    let bias = s.bias.map_or(0.0, |b| b[task.m0 + i]);
+                    let src = &tile[i * positions..][..positions];
+                    for (o, &v) in out[ya * geo.wo..yb * geo.wo].iter_mut().zip(src) {
+                        *o = v + bias;
+                    }
                 }
             }
         }

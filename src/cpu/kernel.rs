@@ -158,10 +158,9 @@ impl Microkernel {
         }
     }
 
-    /// Strips orientation: `C[i·ldc + j] (+)= Σ_{k<kc} a[k·16 + i] · b[offs[k0 + k] + j]` for
-    /// `i, j < 16`.
-    ///
-    /// `accumulate` adds to C instead of overwriting it.
+    /// Strips orientation: `C[i·ldc + j] = start[i] + Σ_{k<kc} a[k·16 + i] · b[offs[k0 + k] + j]`
+    /// for `i < tile.filters` and `j < tile.lanes` (both ≤ 16); the other rows and lanes are
+    /// computed but neither read nor written.
     /// Panics (a bug in the caller) if any access would leave its slice.
     #[allow(clippy::too_many_arguments)]
     pub fn run(
@@ -171,10 +170,15 @@ impl Microkernel {
         k0: usize,
         kc: usize,
         b: &[f32],
-        c: &mut [f32],
-        ldc: usize,
-        accumulate: bool,
+        tile: Tile,
+        start: Start,
     ) {
+        let Tile {
+            c,
+            ldc,
+            filters,
+            lanes,
+        } = tile;
         assert!(a.len() >= kc * MR, "microkernel: A panel too short");
         assert!(
             k0 + kc <= offsets.len(),
@@ -185,7 +189,11 @@ impl Microkernel {
             "microkernel: B reads past the planes"
         );
         assert!(
-            ldc >= NR && (MR - 1) * ldc + NR <= c.len(),
+            (1..=MR).contains(&filters) && (1..=NR).contains(&lanes),
+            "microkernel: empty tile"
+        );
+        assert!(
+            ldc >= lanes && (filters - 1) * ldc + lanes <= c.len(),
             "microkernel: C tile out of bounds"
         );
         let offs = &offsets.as_slice()[k0..k0 + kc];
@@ -198,8 +206,8 @@ impl Microkernel {
                 );
                 // SAFETY: the CPU has AVX-512F (checked above); every pointer access stays in its
                 // slice: A reads kc·16 floats (a.len() checked), B reads offs[k]+0..16 with every
-                // offset ≤ offsets.max() and max+16 ≤ b.len(), C touches rows i·ldc+0..16 for i < 16
-                // with 15·ldc+16 ≤ c.len().
+                // offset ≤ offsets.max() and max+16 ≤ b.len(), C reads and writes (masked)
+                // i·ldc+0..lanes for i < filters with (filters−1)·ldc+lanes ≤ c.len().
                 unsafe {
                     avx512::kernel(
                         kc,
@@ -208,17 +216,44 @@ impl Microkernel {
                         b.as_ptr(),
                         c.as_mut_ptr(),
                         ldc,
-                        accumulate,
+                        filters,
+                        lanes,
+                        start,
                     )
                 }
             }
             #[cfg(not(target_arch = "x86_64"))]
             Microkernel::Avx512 => unreachable!("AVX-512 kernel selected on a non-x86 CPU"),
-            Microkernel::Portable => portable(kc, a, offs, b, c, ldc, accumulate),
+            Microkernel::Portable => portable(kc, a, offs, b, c, ldc, filters, lanes, start),
         }
     }
 }
 
+/// Where a strips call writes: `filters` rows of `lanes` floats, rows `ldc` apart.
+pub struct Tile<'c> {
+    /// The destination, starting at row 0, lane 0.
+    pub c: &'c mut [f32],
+    /// Distance between rows (filters).
+    pub ldc: usize,
+    /// Rows stored (≤ 16).
+    pub filters: usize,
+    /// Lanes stored per row (≤ 16).
+    pub lanes: usize,
+}
+
+/// What a strips call starts from.
+#[derive(Clone, Copy)]
+pub enum Start<'a> {
+    /// One value per filter (the bias, or zeros).
+    Values(&'a [f32; MR]),
+    /// The values already in C (a later block of taps).
+    Accumulate,
+}
+
+/// Sixteen zeros: the start of a tile without bias.
+pub const ZEROS: [f32; MR] = [0.0; MR];
+
+#[allow(clippy::too_many_arguments)]
 fn portable(
     kc: usize,
     a: &[f32],
@@ -226,12 +261,18 @@ fn portable(
     b: &[f32],
     c: &mut [f32],
     ldc: usize,
-    accumulate: bool,
+    filters: usize,
+    lanes: usize,
+    start: Start,
 ) {
     let mut acc = [[0.0f32; NR]; MR];
-    if accumulate {
-        for (i, row) in acc.iter_mut().enumerate() {
-            row.copy_from_slice(&c[i * ldc..i * ldc + NR]);
+    for (i, row) in acc.iter_mut().enumerate() {
+        match start {
+            Start::Values(v) => row.fill(v[i]),
+            Start::Accumulate if i < filters => {
+                row[..lanes].copy_from_slice(&c[i * ldc..i * ldc + lanes])
+            }
+            Start::Accumulate => {}
         }
     }
     for (ak, &off) in a.chunks_exact(MR).zip(offs).take(kc) {
@@ -242,8 +283,8 @@ fn portable(
             }
         }
     }
-    for (i, row) in acc.iter().enumerate() {
-        c[i * ldc..i * ldc + NR].copy_from_slice(row);
+    for (i, row) in acc.iter().enumerate().take(filters) {
+        c[i * ldc..i * ldc + lanes].copy_from_slice(&row[..lanes]);
     }
 }
 
@@ -297,8 +338,10 @@ mod avx512 {
     ///
     /// # Safety
     /// The CPU supports AVX-512F; `a` is valid for `kc·16` reads; `offs` for `kc` reads;
-    /// `b` for reads at `offs[k] + 0..16`; `c` for reads and writes at `i·ldc + 0..16`, `i < 16`.
+    /// `b` for reads at `offs[k] + 0..16`; `c` for reads and writes at `i·ldc + 0..lanes`,
+    /// `i < filters`; `lanes ≤ 16`.
     #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
     pub unsafe fn kernel(
         kc: usize,
         a: *const f32,
@@ -306,14 +349,21 @@ mod avx512 {
         b: *const f32,
         c: *mut f32,
         ldc: usize,
-        accumulate: bool,
+        filters: usize,
+        lanes: usize,
+        start: super::Start,
     ) {
+        let mask: __mmask16 = ((1u32 << lanes) - 1) as __mmask16;
         let mut acc = [_mm512_setzero_ps(); MR];
-        if accumulate {
-            for (i, v) in acc.iter_mut().enumerate() {
-                // SAFETY: row i of C is in bounds (caller's contract).
-                *v = unsafe { _mm512_loadu_ps(c.add(i * ldc)) };
-            }
+        for (i, v) in acc.iter_mut().enumerate() {
+            *v = match start {
+                super::Start::Values(s) => _mm512_set1_ps(s[i]),
+                // SAFETY: row i < filters of C, lanes under the mask, is in bounds (caller's contract).
+                super::Start::Accumulate if i < filters => unsafe {
+                    _mm512_maskz_loadu_ps(mask, c.add(i * ldc))
+                },
+                super::Start::Accumulate => _mm512_setzero_ps(),
+            };
         }
         for k in 0..kc {
             // The B rows of a tap table jump between planes, which hardware prefetchers do not
@@ -330,9 +380,9 @@ mod avx512 {
                 *v = _mm512_fmadd_ps(av, bv, *v);
             }
         }
-        for (i, v) in acc.iter().enumerate() {
-            // SAFETY: row i of C is in bounds (caller's contract).
-            unsafe { _mm512_storeu_ps(c.add(i * ldc), *v) };
+        for (i, v) in acc.iter().enumerate().take(filters) {
+            // SAFETY: row i < filters of C, lanes under the mask, is in bounds (caller's contract).
+            unsafe { _mm512_mask_storeu_ps(c.add(i * ldc), mask, *v) };
         }
         debug_assert_eq!(NR, 16);
     }
@@ -408,19 +458,32 @@ mod tests {
         let mut offsets = TapOffsets::default();
         offsets.fill((0..kc).map(|k| (k * 97) % 480));
         let want = naive(kc, &a, offsets.as_slice(), &b);
+        let start: [f32; MR] = std::array::from_fn(|i| i as f32);
         for kernel in [Microkernel::detect(), Microkernel::Portable] {
-            let ldc = 20;
-            let mut c = vec![f32::NAN; 15 * ldc + NR];
-            kernel.run(&a, &offsets, 0, kc, &b, &mut c, ldc, false);
-            // Accumulating a second pass doubles the result.
-            kernel.run(&a, &offsets, 0, kc, &b, &mut c, ldc, true);
-            for i in 0..MR {
-                for j in 0..NR {
-                    let got = f64::from(c[i * ldc + j]);
-                    assert!(
-                        (got - 2.0 * want[i * NR + j]).abs() < 1e-4,
-                        "{kernel:?} ({i},{j})"
-                    );
+            for (filters, lanes) in [(16, 16), (5, 16), (16, 3), (1, 1), (9, 14)] {
+                let ldc = 20;
+                let mut c = vec![f32::NAN; (filters - 1) * ldc + lanes];
+                let tile = Tile {
+                    c: &mut c,
+                    ldc,
+                    filters,
+                    lanes,
+                };
+                kernel.run(&a, &offsets, 0, kc, &b, tile, Start::Values(&start));
+                // Accumulating a second pass adds the product again.
+                let tile = Tile {
+                    c: &mut c,
+                    ldc,
+                    filters,
+                    lanes,
+                };
+                kernel.run(&a, &offsets, 0, kc, &b, tile, Start::Accumulate);
+                for i in 0..filters {
+                    for j in 0..lanes {
+                        let got = f64::from(c[i * ldc + j]);
+                        let expect = 2.0 * want[i * NR + j] + i as f64;
+                        assert!((got - expect).abs() < 1e-4, "{kernel:?} ({i},{j})");
+                    }
                 }
             }
         }
@@ -465,15 +528,20 @@ mod tests {
         let mut offsets = TapOffsets::default();
         offsets.fill([0, 90].into_iter());
         let mut c = vec![0.0; MR * NR];
+        let tile = Tile {
+            c: &mut c,
+            ldc: NR,
+            filters: MR,
+            lanes: NR,
+        };
         Microkernel::detect().run(
             &[0.0; 2 * MR],
             &offsets,
             0,
             2,
             &[0.0; 100],
-            &mut c,
-            NR,
-            false,
+            tile,
+            Start::Values(&ZEROS),
         );
     }
 }

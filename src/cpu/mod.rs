@@ -31,7 +31,7 @@ pub use kernel::Microkernel;
 
 use crate::error::{Error, Result};
 use crate::params::Conv2dParams;
-use kernel::{TapOffsets, MR, NR};
+use kernel::{Start, TapOffsets, Tile, MR, NR, ZEROS};
 use planes::Geometry;
 use rayon::prelude::*;
 use std::sync::{Mutex, MutexGuard};
@@ -510,6 +510,9 @@ impl CpuBackend {
         let rows = task.filters;
         let plane = geo.ho * geo.wo;
         let tq = (task.y1 - task.y0) * geo.wq;
+        // Without junk columns, a task that owns whole planes needs no scratch and no copy.
+        let direct =
+            geo.wq == geo.wo && s.path != CpuPath::Direct && matches!(task.out, TaskOut::Planes(_));
         let (first_panel, kc_len) = self.panels(s, task);
         for qa in (0..tq).step_by(BLOCK_Q) {
             let qb = tq.min(qa + BLOCK_Q);
@@ -521,22 +524,48 @@ impl CpuBackend {
             } else {
                 for pi in 0..rows.div_ceil(MR) {
                     let a = &s.weights[(first_panel + pi) * kdim * MR..][..kdim * MR];
+                    let filters = MR.min(rows - pi * MR);
+                    let mut bias = ZEROS;
+                    if let (Some(b), true) = (s.bias, direct) {
+                        bias[..filters].copy_from_slice(&b[task.m0 + pi * MR..][..filters]);
+                    }
                     for k0 in (0..kdim).step_by(kc_len) {
                         let kc = kc_len.min(kdim - k0);
+                        let start = if k0 == 0 {
+                            Start::Values(&bias)
+                        } else {
+                            Start::Accumulate
+                        };
                         for j in (0..qb - qa).step_by(NR) {
-                            let c = &mut tile[pi * MR * BLOCK_Q + j..];
+                            let tile = match &mut task.out {
+                                // Grid positions are output positions: store straight into the planes.
+                                TaskOut::Planes(out) if direct => Tile {
+                                    c: &mut out[pi * MR * plane + qa + j..],
+                                    ldc: plane,
+                                    filters,
+                                    lanes: NR.min(plane - qa - j),
+                                },
+                                _ => Tile {
+                                    c: &mut tile[pi * MR * BLOCK_Q + j..],
+                                    ldc: BLOCK_Q,
+                                    filters: MR,
+                                    lanes: NR,
+                                },
+                            };
                             self.kernel.run(
                                 &a[k0 * MR..],
                                 s.offsets,
                                 k0,
                                 kc,
                                 &b[qa + j..],
-                                c,
-                                BLOCK_Q,
-                                k0 > 0,
+                                tile,
+                                start,
                             );
                         }
                     }
+                }
+                if direct {
+                    continue;
                 }
             }
             // Bias, and the valid columns of the block's rows into the task's output slices.

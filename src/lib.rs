@@ -15,7 +15,9 @@
 //! - [`npy`] reads and writes `.npy` files (float32, little-endian, C order).
 //! - [`suite`] reads the device-independent case files in `suites/*.toml`.
 //! - [`data`] makes deterministic test data (seeded uniform and small-integer fills).
-//! - The binaries: `sporkle` (`conv2d`, `bench`, `devices`).
+//! - [`validate`] is the validation harness (`sporkle-validate`, and `cargo test`'s
+//!   `tests/validate.rs`): suites × devices, goldens, fingerprints, leaks, stress, performance.
+//! - The binaries: `sporkle` (`conv2d`, `bench`, `devices`) and `sporkle-validate`.
 //!
 //! Layouts: input `N×C×H×W`, weights `K×(C/G)×R×S`, optional bias `K`, output `N×K×Ho×Wo`,
 //! all contiguous row-major f32.
@@ -28,7 +30,20 @@ pub mod params;
 pub mod reference;
 pub mod suite;
 pub mod tolerance;
+pub mod validate;
 
 pub use cpu::{CpuBackend, CpuWeights};
+
+/// The project's root, where `suites/` and `golden/` live: the source tree this crate was
+/// built from if it is still there, else the current directory (binaries carried to another
+/// machine run from a copy of the checkout).
+pub fn repo_root() -> std::path::PathBuf {
+    let built = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    if built.join("suites").is_dir() {
+        built.to_path_buf()
+    } else {
+        std::env::current_dir().unwrap_or_else(|_| ".".into())
+    }
+}
 pub use error::{Error, Result};
 pub use params::Conv2dParams;

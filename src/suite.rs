@@ -18,6 +18,10 @@
 //! dilation = 1                  # D or [DH, DW]; default 1
 //! groups = 1                    # default 1
 //! bias = false                  # default false
+//! exact = false                 # small-integer data, bit-identical results demanded; default false
+//! seed = 1                      # data seed; default: derived from the name
+//! pins = "what bug this pins"   # regression suite: required, says which bug the case pins
+//! xfail = { gpu = "reason" }    # devices where the case is expected to fail, and why
 //! ```
 //! Unknown keys are errors, so a typo never silently drops a setting.
 
@@ -49,6 +53,14 @@ pub struct Case {
     pub params: Conv2dParams,
     /// Whether the case adds a bias.
     pub bias: bool,
+    /// Small-integer data and bit-identical results.
+    pub exact: bool,
+    /// Data seed.
+    pub seed: u64,
+    /// The bug a regression case pins.
+    pub pins: Option<String>,
+    /// Devices (by kind name) where the case is expected to fail, with the reason.
+    pub xfail: std::collections::BTreeMap<String, String>,
 }
 
 /// A per-axis pair written as one number or two.
@@ -89,6 +101,14 @@ struct RawCase {
     groups: Option<usize>,
     #[serde(default)]
     bias: bool,
+    #[serde(default)]
+    exact: bool,
+    #[serde(default)]
+    seed: Option<u64>,
+    #[serde(default)]
+    pins: Option<String>,
+    #[serde(default)]
+    xfail: std::collections::BTreeMap<String, String>,
 }
 
 impl<'de> Deserialize<'de> for Case {
@@ -107,10 +127,20 @@ impl<'de> Deserialize<'de> for Case {
             dilation: r.dilation.map_or((1, 1), Pair::get),
             groups: r.groups.unwrap_or(1),
         };
+        // A stable seed from the name (FNV-1a), so a case's data never depends on file order.
+        let seed = r.seed.unwrap_or_else(|| {
+            r.name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+                (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+            })
+        });
         Ok(Case {
             name: r.name,
             params,
             bias: r.bias,
+            exact: r.exact,
+            seed,
+            pins: r.pins,
+            xfail: r.xfail,
         })
     }
 }
@@ -145,9 +175,9 @@ impl Suite {
         Ok(suite)
     }
 
-    /// The directory of the crate's suite files.
-    pub fn dir() -> &'static Path {
-        Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/suites"))
+    /// The directory of the crate's suite files (see [`crate::repo_root`]).
+    pub fn dir() -> std::path::PathBuf {
+        crate::repo_root().join("suites")
     }
 }
 

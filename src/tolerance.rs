@@ -180,6 +180,28 @@ pub fn compare_points(
     }
 }
 
+/// Checks the corners and `count` seeded random outputs of `got` against the reference, for
+/// outputs too large for the whole reference to be computed (benchmarks, perf trials).
+pub fn check_sample(
+    p: &Conv2dParams,
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    got: &[f32],
+    count: usize,
+) -> Result<ErrorStats, Box<Mismatch>> {
+    let mut rng = crate::data::SplitMix64::new(0xC0FFEE);
+    let len = got.len();
+    let picks = [0, len - 1]
+        .into_iter()
+        .chain((0..count).map(|_| rng.below(len as u64) as usize));
+    let points = picks.map(|i| {
+        let at = OutIndex::from_flat(p, i);
+        (at, got[i], crate::reference::output_at(p, x, w, bias, at))
+    });
+    compare_points(p, points, Tolerance::Fp32)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -6,6 +6,7 @@
 use proptest::prelude::*;
 use sporkle::cpu::{CpuPath, Microkernel};
 use sporkle::tolerance::{compare, Tolerance};
+use sporkle::validate::props::params;
 use sporkle::{data, reference, Conv2dParams, CpuBackend};
 use std::sync::OnceLock;
 
@@ -30,32 +31,6 @@ fn backends() -> &'static [CpuBackend] {
         }
         all
     })
-}
-
-/// Valid parameters: up to 3 images, 4 groups, 20 filters per group, 13×13 inputs, 5×5 kernels.
-fn params() -> impl Strategy<Value = Conv2dParams> {
-    (
-        (1usize..=3, 1usize..=4, 1usize..=5, 1usize..=20),
-        (1usize..=13, 1usize..=13, 1usize..=5, 1usize..=5),
-        (
-            1usize..=3,
-            1usize..=3,
-            0usize..=3,
-            0usize..=3,
-            1usize..=3,
-            1usize..=3,
-        ),
-    )
-        .prop_map(
-            |((n, groups, cg, kg), (h, w, k_h, k_w), (sh, sw, ph, pw, dh, dw))| {
-                Conv2dParams::new(n, cg * groups, h, w, kg * groups, k_h, k_w)
-                    .with_groups(groups)
-                    .with_stride(sh, sw)
-                    .with_padding(ph, pw)
-                    .with_dilation(dh, dw)
-            },
-        )
-        .prop_filter("output must not be empty", |p| p.validate().is_ok())
 }
 
 fn run(

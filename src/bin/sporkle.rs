@@ -9,9 +9,8 @@
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use sporkle::cpu::CpuPath;
-use sporkle::reference::{self, OutIndex};
 use sporkle::suite::Suite;
-use sporkle::tolerance::{compare_points, Tolerance};
+use sporkle::tolerance::check_sample;
 use sporkle::{npy, Conv2dParams, CpuBackend};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -359,16 +358,7 @@ fn verify_sample(
     bias: Option<&[f32]>,
     y: &[f32],
 ) -> Result<()> {
-    let mut rng = sporkle::data::SplitMix64::new(0xC0FFEE);
-    let len = y.len();
-    let picks = [0, len - 1]
-        .into_iter()
-        .chain((0..BENCH_CHECKS).map(|_| rng.below(len as u64) as usize));
-    let points = picks.map(|i| {
-        let at = OutIndex::from_flat(p, i);
-        (at, y[i], reference::output_at(p, x, w, bias, at))
-    });
-    compare_points(p, points, Tolerance::Fp32)
+    check_sample(p, x, w, bias, y, BENCH_CHECKS)
         .map(|_| ())
         .map_err(|m| anyhow!("{m}"))
 }

@@ -34,7 +34,8 @@ use crate::params::Conv2dParams;
 use kernel::{Start, TapOffsets, Tile, MR, NR, ZEROS};
 use planes::Geometry;
 use rayon::prelude::*;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Duration;
 
 /// Largest number of taps in one weight block (keeps a 16×KC panel of weights in L1).
 pub const KC: usize = 256;
@@ -49,7 +50,10 @@ const PLANES_BUDGET: usize = 32 << 20;
 
 /// The CPU convolution backend. Cheap to call repeatedly: its workspaces are kept.
 pub struct CpuBackend {
-    pool: rayon::ThreadPool,
+    /// Always `Some` until drop.
+    pool: Option<rayon::ThreadPool>,
+    /// Pool threads still running: drop waits for them, so nothing outlives the backend.
+    running: Arc<(Mutex<usize>, Condvar)>,
     threads: usize,
     kernel: Microkernel,
     path: Option<CpuPath>,
@@ -209,19 +213,31 @@ impl CpuBackend {
                 kernel.name()
             )));
         }
+        let running = Arc::new((Mutex::new(threads), Condvar::new()));
+        let exits = Arc::clone(&running);
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .thread_name(|i| format!("sporkle-cpu-{i}"))
+            .exit_handler(move |_| {
+                let (count, done) = &*exits;
+                *lock(count) -= 1;
+                done.notify_all();
+            })
             .build()
             .map_err(|e| Error::Cpu(format!("cannot start {threads} threads: {e}")))?;
         Ok(Self {
-            pool,
+            pool: Some(pool),
+            running,
             threads,
             kernel,
             path: None,
             workspace: Mutex::default(),
             scratch: (0..threads).map(|_| Mutex::default()).collect(),
         })
+    }
+
+    fn pool(&self) -> &rayon::ThreadPool {
+        self.pool.as_ref().expect("the pool lives until drop")
     }
 
     /// Threads this backend uses.
@@ -267,7 +283,8 @@ impl CpuBackend {
         let mut ws = lock(&self.workspace);
         let mut packed = std::mem::take(&mut ws.packed);
         let laid_out = if self.path_for(p).packs_weights() {
-            self.pool.install(|| pack_weights(p, weights, &mut packed));
+            self.pool()
+                .install(|| pack_weights(p, weights, &mut packed));
             &packed[..]
         } else {
             weights
@@ -291,7 +308,7 @@ impl CpuBackend {
         let packed = self.path_for(p).packs_weights();
         let data = if packed {
             let mut data = Vec::new();
-            self.pool.install(|| pack_weights(p, weights, &mut data));
+            self.pool().install(|| pack_weights(p, weights, &mut data));
             data
         } else {
             weights.to_vec()
@@ -350,7 +367,7 @@ impl CpuBackend {
         geo.fill_offsets(p, offsets);
         let per_image_out = p.c_out * geo.ho * geo.wo;
         let images_per_chunk = (PLANES_BUDGET / geo.image_stride.max(1)).clamp(1, p.n);
-        self.pool.install(|| {
+        self.pool().install(|| {
             for (chunk, out) in output
                 .chunks_mut(images_per_chunk * per_image_out)
                 .enumerate()
@@ -678,6 +695,20 @@ fn direct_sum(acc: &mut [f32], w: &[f32], offs: &[usize], b: &[f32]) {
         for i in 0..n {
             acc[i] += w0 * s0[i];
         }
+    }
+}
+
+impl Drop for CpuBackend {
+    /// Ends the pool and waits (up to ten seconds, never forever) until its threads have
+    /// exited, so that a dropped backend leaves no thread and no allocation behind.
+    fn drop(&mut self) {
+        drop(self.pool.take());
+        let (count, done) = &*self.running;
+        let guard = lock(count);
+        let (left, _) = done
+            .wait_timeout_while(guard, Duration::from_secs(10), |n| *n > 0)
+            .unwrap_or_else(|e| e.into_inner());
+        debug_assert_eq!(*left, 0, "CPU pool threads still running after drop");
     }
 }
 

@@ -1,0 +1,104 @@
+//! The devices the harness validates, each a trial kind: the reference, the CPU backend as it
+//! runs by default, and the CPU backend with the portable microkernel. New backends add a
+//! variant here and every trial family picks them up.
+
+use crate::cpu::Microkernel;
+use crate::{reference, Conv2dParams, CpuBackend, Result};
+use std::sync::Arc;
+
+/// One device under validation.
+#[derive(Clone)]
+pub enum Device {
+    /// The naive oracle (golden trials only: it is what the others are compared with).
+    Reference,
+    /// The CPU backend.
+    Cpu {
+        /// Shared by every trial of this device.
+        backend: Arc<CpuBackend>,
+        /// Whether this is the portable-microkernel variant.
+        portable: bool,
+    },
+}
+
+impl Device {
+    /// The devices of this machine.
+    pub fn all() -> Vec<Device> {
+        let threads = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .min(4);
+        let mut all = vec![Device::Reference];
+        match CpuBackend::with_threads(threads) {
+            Ok(b) => all.push(Device::Cpu {
+                backend: Arc::new(b),
+                portable: false,
+            }),
+            Err(e) => eprintln!("sporkle-validate: no [cpu] device: {e}"),
+        }
+        if Microkernel::detect() != Microkernel::Portable {
+            if let Ok(b) = CpuBackend::with_options(threads, Microkernel::Portable) {
+                all.push(Device::Cpu {
+                    backend: Arc::new(b),
+                    portable: true,
+                });
+            }
+        }
+        all
+    }
+
+    /// The trial kind: `reference`, `cpu`, `cpu-portable`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Device::Reference => "reference",
+            Device::Cpu {
+                portable: false, ..
+            } => "cpu",
+            Device::Cpu { portable: true, .. } => "cpu-portable",
+        }
+    }
+
+    /// What determines this device's exact numerics (fingerprints are kept per key):
+    /// `reference`, `cpu-avx512`, `cpu-portable`.
+    pub fn numerics_key(&self) -> String {
+        match self {
+            Device::Reference => "reference".into(),
+            Device::Cpu { backend, .. } => format!("cpu-{}", backend.microkernel().name()),
+        }
+    }
+
+    /// Whether this is a backend under test (the reference is the oracle).
+    pub fn is_backend(&self) -> bool {
+        !matches!(self, Device::Reference)
+    }
+
+    /// Creates a fresh instance of this device's backend (leak trials create and drop them).
+    pub fn fresh(&self) -> Result<Device> {
+        Ok(match self {
+            Device::Reference => Device::Reference,
+            Device::Cpu { backend, portable } => Device::Cpu {
+                backend: Arc::new(CpuBackend::with_options(
+                    backend.threads(),
+                    backend.microkernel(),
+                )?),
+                portable: *portable,
+            },
+        })
+    }
+
+    /// Runs one convolution and returns the output.
+    pub fn conv2d(
+        &self,
+        p: &Conv2dParams,
+        x: &[f32],
+        w: &[f32],
+        b: Option<&[f32]>,
+    ) -> Result<Vec<f32>> {
+        match self {
+            Device::Reference => reference::conv2d(p, x, w, b),
+            Device::Cpu { backend, .. } => {
+                let mut y = vec![0.0; p.output_len() as usize];
+                backend.conv2d(p, x, w, b, &mut y)?;
+                Ok(y)
+            }
+        }
+    }
+}

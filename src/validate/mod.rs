@@ -1,0 +1,183 @@
+//! The validation harness: the product's proof, as a libtest-mimic runner.
+//!
+//! The trials are defined here, once; `sporkle-validate` (src/bin) and `cargo test`'s
+//! `tests/validate.rs` (`harness = false`) both call [`main`]. Every trial runs per device and
+//! carries the device as its kind, so `[cpu]`-style filters select a device:
+//!
+//! | trials | what they prove |
+//! | --- | --- |
+//! | `{basic,edge,regression,stress}/{case}` | each suite case (`suites/*.toml`) against the reference, in tolerance or bit-exact |
+//! | `props/random_vs_reference` | proptest: random shapes and parameters against the reference; failures persist in `suites/props.proptest-regressions` |
+//! | `golden/{case}` | outputs of an independent producer (onnxruntime, `golden/make_golden.py`); the reference runs these too |
+//! | `fingerprint/{case}` | insta snapshots of each device's exact output bits: numerics that move show up as a diff |
+//! | `leak/create_run_drop` | dhat, in a child process: heap back to its baseline after create/run/drop cycles |
+//! | `stress-run/mixed` | many threads, mixed shapes, changing weights, sampled checks, a watchdog (`--stress`) |
+//! | `perf/{case}` | benchmarks against stored baselines, as ratios to a calibration of the same run (`--bench`) |
+//!
+//! Devices (kinds): `reference` (the oracle: golden trials only), `cpu` (the CPU backend as it
+//! runs by default), `cpu-portable` (the CPU backend with the portable microkernel, where the
+//! default one is SIMD). GPU kinds join when their backends exist.
+//!
+//! Beyond libtest's options: `--stress` (or `SPORKLE_STRESS=1`) runs the stress trials,
+//! `--report DIR` writes the performance report, `--peers FILE` (repeatable) adds peers' JSON
+//! lines to it. `SPORKLE_BLESS=1` rewrites goldens' fingerprints and performance baselines.
+
+#![forbid(unsafe_code)]
+
+mod devices;
+mod golden;
+pub mod leaks;
+mod perf;
+pub mod props;
+mod stress;
+mod suites;
+
+pub use devices::Device;
+
+use libtest_mimic::{Arguments, Failed, Trial};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
+
+/// Options of `sporkle-validate` beyond libtest's.
+#[derive(Clone, Debug, Default)]
+pub struct Options {
+    /// Run the stress trials.
+    pub stress: bool,
+    /// Write the performance report here.
+    pub report: Option<PathBuf>,
+    /// Peers' JSON lines for the report.
+    pub peers: Vec<PathBuf>,
+    /// Rewrite fingerprints and baselines (`SPORKLE_BLESS=1`).
+    pub bless: bool,
+}
+
+impl Options {
+    /// Takes sporkle's own options out of `args` (libtest's parser rejects unknown ones) and
+    /// reads the environment knobs.
+    fn take_from(args: &mut Vec<String>) -> Result<Self, String> {
+        let env_on = |k: &str| std::env::var(k).is_ok_and(|v| !v.is_empty() && v != "0");
+        let mut o = Options {
+            stress: env_on("SPORKLE_STRESS"),
+            bless: env_on("SPORKLE_BLESS"),
+            ..Self::default()
+        };
+        let mut rest = Vec::with_capacity(args.len());
+        let mut it = std::mem::take(args).into_iter();
+        while let Some(a) = it.next() {
+            let mut value = |flag: &str| it.next().ok_or_else(|| format!("{flag} needs a value"));
+            match a.as_str() {
+                "--stress" => o.stress = true,
+                "--report" => o.report = Some(value("--report")?.into()),
+                "--peers" => o.peers.push(value("--peers")?.into()),
+                _ => match a.split_once('=') {
+                    Some(("--report", v)) => o.report = Some(v.into()),
+                    Some(("--peers", v)) => o.peers.push(v.into()),
+                    _ => rest.push(a),
+                },
+            }
+        }
+        *args = rest;
+        Ok(o)
+    }
+}
+
+/// What every trial shares.
+pub struct Context {
+    /// The options.
+    pub opts: Options,
+    /// The devices of this machine.
+    pub devices: Vec<Device>,
+    /// Performance results of this run, for the report.
+    perf_rows: Mutex<Vec<perf::Row>>,
+}
+
+/// Runs the harness with the process's command line; returns its exit code.
+pub fn main() -> ExitCode {
+    if let Some(code) = leaks::run_child_if_asked() {
+        return code;
+    }
+    let mut args: Vec<String> = std::env::args().collect();
+    let opts = match Options::take_from(&mut args) {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("sporkle-validate: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let mut targs = Arguments::from_iter(args);
+    if targs.bench {
+        // Timings need the machine to themselves.
+        targs.test_threads = Some(1);
+    }
+    prepare_insta(opts.bless);
+    let ctx = Arc::new(Context {
+        opts,
+        devices: Device::all(),
+        perf_rows: Mutex::default(),
+    });
+    let trials = match all_trials(&ctx) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("sporkle-validate: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let conclusion = libtest_mimic::run(&targs, trials);
+    if let Some(dir) = &ctx.opts.report {
+        if let Err(e) = perf::write_report(&ctx, dir) {
+            eprintln!("sporkle-validate: report: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
+    conclusion.exit_code()
+}
+
+/// Every trial, for every device.
+fn all_trials(ctx: &Arc<Context>) -> crate::Result<Vec<Trial>> {
+    let mut trials = suites::trials(ctx)?;
+    trials.extend(props::trials(ctx));
+    trials.extend(golden::trials(ctx)?);
+    trials.extend(leaks::trials(ctx));
+    trials.extend(stress::trials(ctx)?);
+    trials.extend(perf::trials(ctx)?);
+    Ok(trials)
+}
+
+/// insta writes into `golden/snapshots`; blessing means accepting every new value.
+fn prepare_insta(bless: bool) {
+    // Edition 2021: set_var is safe; this runs before any trial thread starts.
+    if bless {
+        std::env::set_var("INSTA_UPDATE", "always");
+    }
+    if std::env::var_os("INSTA_WORKSPACE_ROOT").is_none() {
+        std::env::set_var("INSTA_WORKSPACE_ROOT", crate::repo_root());
+    }
+}
+
+/// A trial of `device` that is expected to fail there when `xfail` gives a reason: then a
+/// failure passes (and says so) and a pass fails, so a fixed bug cannot hide.
+pub(crate) fn trial(
+    name: String,
+    device: &Device,
+    xfail: Option<String>,
+    body: impl FnOnce() -> Result<(), Failed> + Send + 'static,
+) -> Trial {
+    Trial::test(name, move || match (body(), xfail) {
+        (result, None) => result,
+        (Ok(()), Some(reason)) => Err(format!(
+            "unexpected pass: this case is marked to fail here ({reason}); remove the xfail"
+        )
+        .into()),
+        (Err(e), Some(reason)) => {
+            println!("expected failure ({reason}): {}", e.message().unwrap_or(""));
+            Ok(())
+        }
+    })
+    .with_kind(device.kind())
+}
+
+/// Turns any displayable error into a trial failure.
+pub(crate) fn fail(e: impl std::fmt::Display) -> Failed {
+    Failed::from(e.to_string())
+}

@@ -1,0 +1,433 @@
+//! Performance trials and baselines: `perf/{case}` for each case of `suites/perf.toml`, as
+//! libtest benchmarks.
+//!
+//! - Plain runs (`cargo test`, `sporkle-validate`) run each case once and check a sample of its
+//!   outputs: a smoke test that the fast paths still run and are right.
+//! - `--bench` runs three rounds; each round measures a *calibration* (a fixed, naive f32
+//!   matrix product on the same threads, independent of sporkle's kernels) and the case (median
+//!   wall time of input → output runs after warm-up, weights prepared once), and keeps the ratio
+//!   `case GFLOP/s / calibration GFLOP/s`. Machines are shared and noisy; the ratio carries the
+//!   machine's speed of the moment out of the comparison.
+//! - Baselines live in `golden/perf/<device-key>.json` (key: device kind, microkernel, CPU model,
+//!   threads). A regression is a ratio below the baseline's by more than [`BAND`] in all three
+//!   rounds. A missing baseline is written and reported as new (never in CI, where it fails);
+//!   `SPORKLE_BLESS=1` rewrites.
+//! - `--report DIR` writes `perf.json` and `perf.svg` (per shape: this run, the baseline, and
+//!   every peer given with `--peers FILE`, JSON lines as printed by `shared/peers/*.py`).
+
+use super::{fail, Context, Device};
+use crate::suite::Case;
+use crate::tolerance::check_sample;
+use crate::{data, CpuBackend};
+use libtest_mimic::{Failed, Measurement, Trial};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+/// Allowed drop of the ratio below its baseline before a round counts as slow.
+pub const BAND: f64 = 0.25;
+/// Rounds per case; a regression needs every one of them slow.
+const ROUNDS: usize = 3;
+/// Minimum timed runs and time per measurement.
+const MIN_RUNS: usize = 5;
+const MIN_SECS: f64 = 0.3;
+/// Outputs checked against the reference after each case.
+const CHECKS: usize = 64;
+
+/// One result, for the report.
+#[derive(Clone, Debug, Serialize)]
+pub struct Row {
+    shape: String,
+    device: String,
+    gflops: f64,
+    ratio: f64,
+    baseline_gflops: Option<f64>,
+    baseline_ratio: Option<f64>,
+    status: String,
+}
+
+/// A baseline file: per case, the figures of the run that was blessed.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+struct Baselines {
+    device_key: String,
+    calibration: String,
+    cases: BTreeMap<String, Baseline>,
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
+struct Baseline {
+    gflops: f64,
+    ratio: f64,
+}
+
+/// Serialises baseline-file updates between trials.
+static BASELINE_LOCK: Mutex<()> = Mutex::new(());
+
+pub fn trials(ctx: &Arc<Context>) -> crate::Result<Vec<Trial>> {
+    let cases = super::suites::load("perf")?.cases;
+    let mut out = Vec::new();
+    // Baselines are for the devices users run; the portable fallback is covered for correctness.
+    for device in ctx
+        .devices
+        .iter()
+        .filter(|d| d.is_backend() && d.kind() != "cpu-portable")
+    {
+        for case in &cases {
+            let (ctx, dev, case) = (Arc::clone(ctx), device.clone(), case.clone());
+            let name = format!("perf/{}", case.name);
+            out.push(
+                Trial::bench(name, move |test_mode| run(&ctx, &dev, &case, test_mode))
+                    .with_kind(device.kind()),
+            );
+        }
+    }
+    Ok(out)
+}
+
+fn run(
+    ctx: &Context,
+    device: &Device,
+    case: &Case,
+    test_mode: bool,
+) -> Result<Option<Measurement>, Failed> {
+    let Device::Cpu { backend, .. } = device else {
+        return Err("performance trials need a backend".into());
+    };
+    let p = &case.params;
+    let (x, w, b) = data::conv_data(p, case.seed, false);
+    let bias = case.bias.then_some(&b[..]);
+    let prepared = backend.prepare_weights(p, &w).map_err(fail)?;
+    let mut y = vec![0.0f32; p.output_len() as usize];
+    let mut once = || {
+        backend
+            .conv2d_prepared(p, &x, &prepared, bias, &mut y)
+            .map_err(fail)
+    };
+    if test_mode {
+        once()?;
+    } else {
+        let key = device_key(device, backend);
+        let mut ratios = Vec::new();
+        let mut times = Vec::new();
+        let mut gflops = Vec::new();
+        for _ in 0..ROUNDS {
+            let cal = calibrate(backend.threads());
+            once()?;
+            let mut t = Vec::new();
+            let start = Instant::now();
+            while t.len() < MIN_RUNS || start.elapsed().as_secs_f64() < MIN_SECS {
+                let s = Instant::now();
+                once()?;
+                t.push(s.elapsed().as_secs_f64());
+            }
+            t.sort_by(f64::total_cmp);
+            let median = t[t.len() / 2];
+            times.extend(t);
+            gflops.push(p.flops() as f64 / median / 1e9);
+            ratios.push(gflops.last().copied().unwrap_or(0.0) / cal);
+        }
+        let result = judge(ctx, &key, device, case, &gflops, &ratios);
+        times.sort_by(f64::total_cmp);
+        let ns: Vec<f64> = times.iter().map(|t| t * 1e9).collect();
+        let avg = ns[ns.len() / 2];
+        let variance = ns.iter().map(|v| (v - avg).powi(2)).sum::<f64>() / ns.len() as f64;
+        result?;
+        check_sample(p, &x, &w, bias, &y, CHECKS)
+            .map_err(|m| fail(format!("{}: wrong result: {m}", case.name)))?;
+        return Ok(Some(Measurement {
+            avg: avg as u64,
+            variance: variance as u64,
+        }));
+    }
+    check_sample(p, &x, &w, bias, &y, CHECKS)
+        .map_err(|m| fail(format!("{}: wrong result: {m}", case.name)))?;
+    Ok(None)
+}
+
+/// Compares three rounds with the baseline, writes a missing (or blessed) one, records the row.
+fn judge(
+    ctx: &Context,
+    key: &str,
+    device: &Device,
+    case: &Case,
+    gflops: &[f64],
+    ratios: &[f64],
+) -> Result<(), Failed> {
+    let mid = |v: &[f64]| {
+        let mut v = v.to_vec();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (g, r) = (mid(gflops), mid(ratios));
+    let _guard = BASELINE_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let path = baseline_path(key);
+    let mut file = read_baselines(&path).map_err(fail)?;
+    let old = file.cases.get(&case.name).copied();
+    let in_ci = std::env::var_os("CI").is_some();
+    let (status, verdict) = match old {
+        Some(base) if !ctx.opts.bless => {
+            let floor = base.ratio * (1.0 - BAND);
+            if ratios.iter().all(|&x| x < floor) {
+                let msg = format!(
+                    "performance regression: ratio to calibration {} in all {ROUNDS} rounds, below the baseline's {:.4} by more than {:.0}% ({g:.1} GFLOP/s now, {:.1} at the baseline); if intended, re-bless with SPORKLE_BLESS=1",
+                    ratios.iter().map(|x| format!("{x:.4}")).collect::<Vec<_>>().join(", "),
+                    base.ratio,
+                    BAND * 100.0,
+                    base.gflops
+                );
+                ("regression".to_owned(), Err(msg.into()))
+            } else if r > base.ratio * (1.0 + BAND) {
+                let msg = format!(
+                    "{}: faster than its baseline ({r:.4} vs {:.4}); consider re-blessing",
+                    case.name, base.ratio
+                );
+                println!("{msg}");
+                ("faster".to_owned(), Ok(()))
+            } else {
+                ("ok".to_owned(), Ok(()))
+            }
+        }
+        None if in_ci && !ctx.opts.bless => (
+            "missing".to_owned(),
+            Err(format!(
+                "no performance baseline for {} in {} (CI never writes one)",
+                case.name,
+                path.display()
+            )
+            .into()),
+        ),
+        _ => {
+            file.device_key = key.to_owned();
+            file.calibration = "naive f32 matrix product 128x128x128, one per thread".into();
+            file.cases.insert(
+                case.name.clone(),
+                Baseline {
+                    gflops: g,
+                    ratio: r,
+                },
+            );
+            write_baselines(&path, &file).map_err(fail)?;
+            println!(
+                "{}: new baseline {g:.1} GFLOP/s, ratio {r:.4} ({})",
+                case.name,
+                path.display()
+            );
+            ("new".to_owned(), Ok(()))
+        }
+    };
+    ctx.perf_rows
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(Row {
+            shape: case.name.clone(),
+            device: format!("sporkle-{}", device.kind()),
+            gflops: g,
+            ratio: r,
+            baseline_gflops: old.map(|b| b.gflops),
+            baseline_ratio: old.map(|b| b.ratio),
+            status,
+        });
+    verdict
+}
+
+/// The key of a device's baselines: kind, microkernel, CPU model and threads.
+fn device_key(device: &Device, backend: &CpuBackend) -> String {
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(str::to_owned)
+        })
+        .unwrap_or_else(|| std::env::consts::ARCH.to_owned());
+    let slug: String = model
+        .trim()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    let slug = slug
+        .split('-')
+        .filter(|s| !s.is_empty())
+        .collect::<Vec<_>>()
+        .join("-");
+    format!(
+        "{}-{}-{slug}-{}t",
+        device.kind(),
+        backend.microkernel().name(),
+        backend.threads()
+    )
+}
+
+fn baseline_path(key: &str) -> PathBuf {
+    crate::repo_root()
+        .join("golden/perf")
+        .join(format!("{key}.json"))
+}
+
+fn read_baselines(path: &Path) -> Result<Baselines, String> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Baselines::default()),
+        Err(e) => Err(format!("{}: {e}", path.display())),
+    }
+}
+
+fn write_baselines(path: &Path, b: &Baselines) -> Result<(), String> {
+    let dir = path.parent().ok_or("no directory")?;
+    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let text = serde_json::to_string_pretty(b).map_err(|e| e.to_string())? + "\n";
+    std::fs::write(path, text).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// GFLOP/s of a fixed naive matrix product (128³, i-k-j order, f32) run on `threads` threads
+/// at once: a measure of the machine's speed at this moment that shares no code with sporkle.
+/// Best of three runs of about 40 ms each (noise only ever slows a run down).
+pub fn calibrate(threads: usize) -> f64 {
+    (0..3).map(|_| calibrate_once(threads)).fold(0.0, f64::max)
+}
+
+fn calibrate_once(threads: usize) -> f64 {
+    const N: usize = 128;
+    const REPS: usize = 256;
+    let start = Instant::now();
+    std::thread::scope(|s| {
+        for t in 0..threads {
+            s.spawn(move || {
+                let mut a = vec![0.0f32; N * N];
+                let mut b = vec![0.0f32; N * N];
+                data::fill_uniform(t as u64, &mut a);
+                data::fill_uniform(t as u64 + 99, &mut b);
+                let mut c = vec![0.0f32; N * N];
+                for _ in 0..REPS {
+                    for i in 0..N {
+                        let row = &mut c[i * N..(i + 1) * N];
+                        for k in 0..N {
+                            let aik = a[i * N + k];
+                            for (cv, &bv) in row.iter_mut().zip(&b[k * N..(k + 1) * N]) {
+                                *cv += aik * bv;
+                            }
+                        }
+                    }
+                    std::hint::black_box(&mut c);
+                }
+            });
+        }
+    });
+    (2 * N * N * N * REPS * threads) as f64 / start.elapsed().as_secs_f64() / 1e9
+}
+
+/// Writes `perf.json` and `perf.svg` into `dir`.
+pub fn write_report(ctx: &Context, dir: &Path) -> Result<(), String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let rows = ctx
+        .perf_rows
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    let mut peers: Vec<(String, String, f64)> = Vec::new();
+    for path in &ctx.opts.peers {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        for line in text.lines().filter(|l| l.trim_start().starts_with('{')) {
+            let v: serde_json::Value =
+                serde_json::from_str(line).map_err(|e| format!("{}: {e}", path.display()))?;
+            if let (Some(s), Some(d), Some(g)) = (
+                v["shape"].as_str(),
+                v["device"].as_str(),
+                v["gflops"].as_f64(),
+            ) {
+                peers.push((s.to_owned(), d.to_owned(), g));
+            }
+        }
+    }
+    let json = serde_json::json!({
+        "rows": rows,
+        "peers": peers.iter().map(|(s, d, g)| serde_json::json!({"shape": s, "device": d, "gflops": g})).collect::<Vec<_>>(),
+        "band": BAND,
+        "rounds": ROUNDS,
+    });
+    let text = serde_json::to_string_pretty(&json).map_err(|e| e.to_string())?;
+    std::fs::write(dir.join("perf.json"), text + "\n").map_err(|e| e.to_string())?;
+    std::fs::write(dir.join("perf.svg"), svg(&rows, &peers)).map_err(|e| e.to_string())?;
+    if rows.is_empty() {
+        eprintln!("sporkle-validate: the report has no measurements (run with --bench)");
+    }
+    Ok(())
+}
+
+/// A grouped horizontal bar chart: per shape, this run, the baseline, and each peer.
+fn svg(rows: &[Row], peers: &[(String, String, f64)]) -> String {
+    let mut series: Vec<String> = vec!["this run".into(), "baseline".into()];
+    for (_, d, _) in peers {
+        if !series.contains(d) {
+            series.push(d.clone());
+        }
+    }
+    let colours = [
+        "#1f77b4", "#aec7e8", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b",
+    ];
+    let bar = 12.0;
+    let group = bar * series.len() as f64 + 10.0;
+    let (left, width) = (230.0, 520.0);
+    let height = 60.0 + group * rows.len() as f64 + 20.0 * series.len() as f64;
+    let value = |row: &Row, s: usize| -> Option<f64> {
+        match s {
+            0 => Some(row.gflops),
+            1 => row.baseline_gflops,
+            _ => peers
+                .iter()
+                .find(|p| p.0 == row.shape && p.1 == series[s])
+                .map(|p| p.2),
+        }
+    };
+    let max = rows
+        .iter()
+        .flat_map(|r| (0..series.len()).filter_map(move |s| value(r, s)))
+        .fold(1.0f64, f64::max);
+    let mut out = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{}\" height=\"{height}\" font-family=\"sans-serif\" font-size=\"11\">\n<text x=\"10\" y=\"20\" font-size=\"14\">sporkle performance, GFLOP/s (longer is faster)</text>\n",
+        left + width + 80.0
+    );
+    for (i, row) in rows.iter().enumerate() {
+        let y0 = 40.0 + group * i as f64;
+        out += &format!(
+            "<text x=\"{}\" y=\"{}\" text-anchor=\"end\">{} [{}]</text>\n",
+            left - 6.0,
+            y0 + group / 2.0,
+            row.shape,
+            row.status
+        );
+        for s in 0..series.len() {
+            if let Some(v) = value(row, s) {
+                let y = y0 + bar * s as f64;
+                let w = width * v / max;
+                out += &format!(
+                    "<rect x=\"{left}\" y=\"{y}\" width=\"{w:.1}\" height=\"{}\" fill=\"{}\"/><text x=\"{:.1}\" y=\"{}\">{v:.1}</text>\n",
+                    bar - 2.0,
+                    colours[s % colours.len()],
+                    left + w + 4.0,
+                    y + bar - 3.0
+                );
+            }
+        }
+    }
+    let ly = 50.0 + group * rows.len() as f64;
+    for (s, name) in series.iter().enumerate() {
+        let y = ly + 18.0 * s as f64;
+        out += &format!(
+            "<rect x=\"{left}\" y=\"{y}\" width=\"12\" height=\"12\" fill=\"{}\"/><text x=\"{}\" y=\"{}\">{name}</text>\n",
+            colours[s % colours.len()],
+            left + 18.0,
+            y + 10.0
+        );
+    }
+    out + "</svg>\n"
+}

@@ -1,0 +1,69 @@
+//! Suite trials: every case of `suites/{basic,edge,regression,stress}.toml` on every backend,
+//! against the reference (tolerance or bit-exact), named `{suite}/{case}`.
+
+use super::{fail, trial, Context};
+use crate::suite::{Case, Suite};
+use crate::tolerance::{compare, Tolerance};
+use crate::{data, reference, Error};
+use libtest_mimic::{Failed, Trial};
+use std::sync::Arc;
+
+/// The suites checked for correctness (the perf suite is too large for the reference).
+pub const CORRECTNESS_SUITES: [&str; 4] = ["basic", "edge", "regression", "stress"];
+
+/// Loads a suite by name from `suites/`.
+pub fn load(name: &str) -> crate::Result<Suite> {
+    let suite = Suite::load(&Suite::dir().join(format!("{name}.toml")))?;
+    if name == "regression" {
+        if let Some(c) = suite
+            .cases
+            .iter()
+            .find(|c| c.pins.as_deref().is_none_or(str::is_empty))
+        {
+            return Err(Error::Suite {
+                path: Suite::dir().join("regression.toml"),
+                problem: format!(
+                    "case {:?} must say which bug it pins (pins = \"...\")",
+                    c.name
+                ),
+            });
+        }
+    }
+    Ok(suite)
+}
+
+pub fn trials(ctx: &Arc<Context>) -> crate::Result<Vec<Trial>> {
+    let mut out = Vec::new();
+    for name in CORRECTNESS_SUITES {
+        for case in load(name)?.cases {
+            for device in ctx.devices.iter().filter(|d| d.is_backend()) {
+                let (case, dev) = (case.clone(), device.clone());
+                let xfail = case.xfail.get(device.kind()).cloned();
+                out.push(trial(
+                    format!("{name}/{}", case.name),
+                    device,
+                    xfail,
+                    move || check_case(&case, &dev),
+                ));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Runs a case on a device and compares it with the reference.
+pub fn check_case(case: &Case, device: &super::Device) -> Result<(), Failed> {
+    let p = &case.params;
+    let (x, w, b) = data::conv_data(p, case.seed, case.exact);
+    let bias = case.bias.then_some(&b[..]);
+    let y = device.conv2d(p, &x, &w, bias).map_err(fail)?;
+    let r = reference::conv2d_f64(p, &x, &w, bias).map_err(fail)?;
+    let tol = if case.exact {
+        Tolerance::Exact
+    } else {
+        Tolerance::Fp32
+    };
+    compare(p, &y, &r, tol)
+        .map(|_| ())
+        .map_err(|m| fail(format!("{p}: {m}")))
+}

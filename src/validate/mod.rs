@@ -50,6 +50,8 @@ pub struct Options {
     pub peers: Vec<PathBuf>,
     /// Rewrite fingerprints and baselines (`SPORKLE_BLESS=1`).
     pub bless: bool,
+    /// Measure the performance trials (`--bench`); only they run.
+    pub bench: bool,
 }
 
 impl Options {
@@ -106,9 +108,12 @@ pub fn main() -> ExitCode {
         }
     };
     let mut targs = Arguments::from_iter(args);
+    let mut opts = opts;
     if targs.bench {
-        // Timings need the machine to themselves.
-        targs.test_threads = Some(1);
+        // sporkle handles --bench itself: performance trials are ordinary tests that measure in
+        // this mode (so `--list` prints only ": test" lines, as cargo-nextest expects), and
+        // timings need the machine to themselves.
+        (opts.bench, targs.bench, targs.test_threads) = (true, false, Some(1));
     }
     prepare_insta(opts.bless);
     let ctx = Arc::new(Context {
@@ -135,6 +140,9 @@ pub fn main() -> ExitCode {
 
 /// Every trial, for every device.
 fn all_trials(ctx: &Arc<Context>) -> crate::Result<Vec<Trial>> {
+    if ctx.opts.bench {
+        return perf::trials(ctx);
+    }
     let mut trials = suites::trials(ctx)?;
     trials.extend(props::trials(ctx));
     trials.extend(golden::trials(ctx)?);

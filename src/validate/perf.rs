@@ -3,7 +3,8 @@
 //!
 //! - Plain runs (`cargo test`, `sporkle-validate`) run each case once and check a sample of its
 //!   outputs: a smoke test that the fast paths still run and are right.
-//! - `--bench` runs three rounds; each round measures a *calibration* (a fixed, naive f32
+//! - `--bench` (handled by sporkle, not libtest: these are ordinary tests that measure in that
+//!   mode, and only they run) runs three rounds; each round measures a *calibration* (a fixed, naive f32
 //!   matrix product on the same threads, independent of sporkle's kernels) and the case (median
 //!   wall time of input → output runs after warm-up, weights prepared once), and keeps the ratio
 //!   `case GFLOP/s / calibration GFLOP/s`. Machines are shared and noisy; the ratio carries the
@@ -19,7 +20,7 @@ use super::{fail, Context, Device};
 use crate::suite::Case;
 use crate::tolerance::check_sample;
 use crate::{data, CpuBackend};
-use libtest_mimic::{Failed, Measurement, Trial};
+use libtest_mimic::{Failed, Trial};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -77,8 +78,9 @@ pub fn trials(ctx: &Arc<Context>) -> crate::Result<Vec<Trial>> {
         for case in &cases {
             let (ctx, dev, case) = (Arc::clone(ctx), device.clone(), case.clone());
             let name = format!("perf/{}", case.name);
+            let measure = ctx.opts.bench;
             out.push(
-                Trial::bench(name, move |test_mode| run(&ctx, &dev, &case, test_mode))
+                Trial::test(name, move || run(&ctx, &dev, &case, !measure))
                     .with_kind(device.kind()),
             );
         }
@@ -86,12 +88,7 @@ pub fn trials(ctx: &Arc<Context>) -> crate::Result<Vec<Trial>> {
     Ok(out)
 }
 
-fn run(
-    ctx: &Context,
-    device: &Device,
-    case: &Case,
-    test_mode: bool,
-) -> Result<Option<Measurement>, Failed> {
+fn run(ctx: &Context, device: &Device, case: &Case, test_mode: bool) -> Result<(), Failed> {
     let Device::Cpu { backend, .. } = device else {
         return Err("performance trials need a backend".into());
     };
@@ -133,17 +130,19 @@ fn run(
         let ns: Vec<f64> = times.iter().map(|t| t * 1e9).collect();
         let avg = ns[ns.len() / 2];
         let variance = ns.iter().map(|v| (v - avg).powi(2)).sum::<f64>() / ns.len() as f64;
+        println!(
+            "{}: {:.1} GFLOP/s (median {:.3} ms, sd {:.3} ms over {} runs)",
+            case.name,
+            p.flops() as f64 / avg,
+            avg / 1e6,
+            variance.sqrt() / 1e6,
+            ns.len()
+        );
         result?;
-        check_sample(p, &x, &w, bias, &y, CHECKS)
-            .map_err(|m| fail(format!("{}: wrong result: {m}", case.name)))?;
-        return Ok(Some(Measurement {
-            avg: avg as u64,
-            variance: variance as u64,
-        }));
     }
     check_sample(p, &x, &w, bias, &y, CHECKS)
-        .map_err(|m| fail(format!("{}: wrong result: {m}", case.name)))?;
-    Ok(None)
+        .map(|_| ())
+        .map_err(|m| fail(format!("{}: wrong result: {m}", case.name)))
 }
 
 /// Compares three rounds with the baseline, writes a missing (or blessed) one, records the row.

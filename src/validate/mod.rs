@@ -13,6 +13,7 @@
 //! | `leak/create_run_drop` | dhat, in a child process: heap back to its baseline after create/run/drop cycles |
 //! | `stress-run/mixed` | many threads, mixed shapes, changing weights, sampled checks, a watchdog (`--stress`) |
 //! | `perf/{case}` | benchmarks against stored baselines, as ratios to a calibration of the same run (`--bench`) |
+//! | `tidy/conventions` | every file opens with `//!`; `unsafe` only where allowed, each block with `// SAFETY:` |
 //!
 //! Devices (kinds): `reference` (the oracle: golden trials only), `cpu` (the CPU backend as it
 //! runs by default), `cpu-portable` (the CPU backend with the portable microkernel, where the
@@ -31,6 +32,7 @@ mod perf;
 pub mod props;
 mod stress;
 mod suites;
+mod tidy;
 
 pub use devices::Device;
 
@@ -149,6 +151,7 @@ fn all_trials(ctx: &Arc<Context>) -> crate::Result<Vec<Trial>> {
     trials.extend(leaks::trials(ctx));
     trials.extend(stress::trials(ctx)?);
     trials.extend(perf::trials(ctx)?);
+    trials.extend(tidy::trials());
     Ok(trials)
 }
 
@@ -171,7 +174,12 @@ pub(crate) fn trial(
     xfail: Option<String>,
     body: impl FnOnce() -> Result<(), Failed> + Send + 'static,
 ) -> Trial {
-    Trial::test(name, move || match (body(), xfail) {
+    Trial::test(name, move || judge_xfail(body(), xfail.as_deref())).with_kind(device.kind())
+}
+
+/// The outcome of a trial given its result and its expected-failure reason, if any.
+fn judge_xfail(result: Result<(), Failed>, xfail: Option<&str>) -> Result<(), Failed> {
+    match (result, xfail) {
         (result, None) => result,
         (Ok(()), Some(reason)) => Err(format!(
             "unexpected pass: this case is marked to fail here ({reason}); remove the xfail"
@@ -181,11 +189,46 @@ pub(crate) fn trial(
             println!("expected failure ({reason}): {}", e.message().unwrap_or(""));
             Ok(())
         }
-    })
-    .with_kind(device.kind())
+    }
 }
 
 /// Turns any displayable error into a trial failure.
 pub(crate) fn fail(e: impl std::fmt::Display) -> Failed {
     Failed::from(e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An xfail trial passes when it fails and fails when it passes (a fixed bug cannot hide).
+    #[test]
+    fn expected_failures_and_unexpected_passes() {
+        assert!(judge_xfail(Err("wrong".into()), Some("known bug")).is_ok());
+        let e = judge_xfail(Ok(()), Some("known bug")).unwrap_err();
+        assert!(e.message().unwrap().contains("unexpected pass"));
+        assert!(judge_xfail(Ok(()), None).is_ok());
+        assert!(judge_xfail(Err("wrong".into()), None).is_err());
+    }
+
+    #[test]
+    fn own_options_are_taken_out_of_the_command_line() {
+        let mut args: Vec<String> = [
+            "bin",
+            "--stress",
+            "--report",
+            "out",
+            "--peers=a.json",
+            "edge",
+            "--exact",
+        ]
+        .map(String::from)
+        .to_vec();
+        let o = Options::take_from(&mut args).unwrap();
+        assert!(o.stress);
+        assert_eq!(o.report, Some(PathBuf::from("out")));
+        assert_eq!(o.peers, vec![PathBuf::from("a.json")]);
+        assert_eq!(args, ["bin", "edge", "--exact"]);
+        assert!(Options::take_from(&mut vec!["bin".into(), "--report".into()]).is_err());
+    }
 }

@@ -1,0 +1,123 @@
+//! The tidy trial (kind `[tidy]`): conventions that keep the code readable, checked rather than
+//! hoped for. Every Rust file opens with a `//!` paragraph; `unsafe` appears only in the files
+//! that need it (SIMD kernels, and the GL wrapper and context once they exist), and every
+//! `unsafe` block there has a `// SAFETY:` comment just above it; every suite says what it is for.
+
+use libtest_mimic::{Failed, Trial};
+use std::path::{Path, PathBuf};
+
+/// The only files allowed to contain `unsafe` code.
+const UNSAFE_ALLOWED: [&str; 3] = ["src/cpu/kernel.rs", "src/gpu/gl.rs", "src/gpu/context.rs"];
+
+pub fn trials() -> Vec<Trial> {
+    vec![Trial::test("tidy/conventions", || check(&crate::repo_root())).with_kind("tidy")]
+}
+
+fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let path = e.path();
+        if path.is_dir() {
+            rust_files(&path, out);
+        } else if path.extension().is_some_and(|x| x == "rs") {
+            out.push(path);
+        }
+    }
+}
+
+/// A line without its string literals and its trailing comment.
+fn code_of(line: &str) -> String {
+    let mut out = String::new();
+    let (mut in_str, mut escaped) = (false, false);
+    let mut chars = line.chars().peekable();
+    while let Some(c) = chars.next() {
+        if in_str {
+            match (c, escaped) {
+                (_, true) => escaped = false,
+                ('\\', false) => escaped = true,
+                ('"', false) => in_str = false,
+                _ => {}
+            }
+        } else if c == '"' {
+            in_str = true;
+        } else if c == '/' && chars.peek() == Some(&'/') {
+            break;
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+fn check(root: &Path) -> Result<(), Failed> {
+    let mut files = Vec::new();
+    rust_files(&root.join("src"), &mut files);
+    rust_files(&root.join("tests"), &mut files);
+    if files.is_empty() {
+        return Err(format!(
+            "no Rust sources under {} (tidy needs the source tree)",
+            root.display()
+        )
+        .into());
+    }
+    let mut problems = Vec::new();
+    for path in &files {
+        let rel = path
+            .strip_prefix(root)
+            .unwrap_or(path)
+            .to_string_lossy()
+            .replace('\\', "/");
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{rel}: {e}"))?;
+        if !text.starts_with("//!") {
+            problems.push(format!(
+                "{rel}: does not open with a //! paragraph saying what it is for"
+            ));
+        }
+        let lines: Vec<&str> = text.lines().collect();
+        for (i, line) in lines.iter().enumerate() {
+            let code = code_of(line);
+            let code = code.as_str();
+            if !code.contains("unsafe {") && !code.contains("unsafe fn") {
+                continue;
+            }
+            if !UNSAFE_ALLOWED.contains(&rel.as_str()) {
+                problems.push(format!(
+                    "{rel}:{}: unsafe code outside {UNSAFE_ALLOWED:?}",
+                    i + 1
+                ));
+            } else if code.contains("unsafe {") {
+                let above = &lines[i.saturating_sub(6)..i];
+                if !above.iter().any(|l| l.contains("// SAFETY:")) && !line.contains("// SAFETY:") {
+                    problems.push(format!(
+                        "{rel}:{}: unsafe block without a // SAFETY: comment above it",
+                        i + 1
+                    ));
+                }
+            } else if !lines[i.saturating_sub(12)..i]
+                .iter()
+                .any(|l| l.contains("# Safety"))
+            {
+                problems.push(format!(
+                    "{rel}:{}: unsafe fn without a # Safety section",
+                    i + 1
+                ));
+            }
+        }
+    }
+    for suite in ["basic", "edge", "regression", "stress", "perf"] {
+        match crate::suite::Suite::load(&root.join(format!("suites/{suite}.toml"))) {
+            Ok(s) if s.description.trim().is_empty() => {
+                problems.push(format!("suites/{suite}.toml: no description"))
+            }
+            Ok(_) => {}
+            Err(e) => problems.push(e.to_string()),
+        }
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(problems.join("\n").into())
+    }
+}

@@ -48,6 +48,11 @@ pub enum Error {
     #[error("device unavailable: {0}")]
     DeviceUnavailable(String),
 
+    /// The GPU failed a job: a GL error, a shader that does not compile (with its log),
+    /// an allocation the driver refused, a fence that timed out, a lost context.
+    #[error("GPU: {0}")]
+    Gpu(String),
+
     /// The CPU backend could not start (e.g. its thread pool).
     #[error("CPU backend: {0}")]
     Cpu(String),

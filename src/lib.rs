@@ -25,6 +25,7 @@
 pub mod cpu;
 pub mod data;
 pub mod error;
+pub mod gpu;
 pub mod npy;
 pub mod params;
 pub mod reference;
@@ -33,6 +34,7 @@ pub mod tolerance;
 pub mod validate;
 
 pub use cpu::{CpuBackend, CpuWeights};
+pub use gpu::GpuBackend;
 
 /// The project's root, where `suites/` and `golden/` live: the source tree this crate was
 /// built from if it is still there, else the current directory (binaries carried to another

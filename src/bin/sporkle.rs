@@ -426,6 +426,9 @@ fn devices() -> Result<()> {
     println!("cpu: {model}");
     println!("  threads: {}", backend.threads());
     println!("  microkernel: {}", backend.microkernel().name());
-    println!("gpu: none (this build has no GPU backend yet)");
+    match sporkle::GpuBackend::new() {
+        Ok(gpu) => print!("{}", gpu.info()),
+        Err(e) => println!("gpu: none ({e})"),
+    }
     Ok(())
 }

@@ -1,8 +1,10 @@
 //! The devices the harness validates, each a trial kind: the reference, the CPU backend as it
-//! runs by default, and the CPU backend with the portable microkernel. New backends add a
-//! variant here and every trial family picks them up.
+//! runs by default, the CPU backend with the portable microkernel, and the GPU (a hardware one,
+//! or Mesa's llvmpipe where that is all there is). New backends add a variant here and every
+//! trial family picks them up.
 
 use crate::cpu::Microkernel;
+use crate::gpu::GpuBackend;
 use crate::{reference, Conv2dParams, CpuBackend, Result};
 use std::sync::Arc;
 
@@ -18,6 +20,24 @@ pub enum Device {
         /// Whether this is the portable-microkernel variant.
         portable: bool,
     },
+    /// The GPU backend.
+    Gpu {
+        /// Shared by every trial of this device.
+        backend: Arc<GpuBackend>,
+    },
+}
+
+/// Why this machine has no `[gpu]` device (`None` when it has one).
+pub fn gpu_absence(devices: &[Device]) -> Option<String> {
+    if devices.iter().any(|d| matches!(d, Device::Gpu { .. })) {
+        None
+    } else {
+        Some(
+            GpuBackend::new()
+                .err()
+                .map_or_else(|| "unknown".to_owned(), |e| e.to_string()),
+        )
+    }
 }
 
 impl Device {
@@ -42,6 +62,12 @@ impl Device {
                 });
             }
         }
+        match GpuBackend::new() {
+            Ok(b) => all.push(Device::Gpu {
+                backend: Arc::new(b),
+            }),
+            Err(e) => eprintln!("sporkle-validate: no [gpu] device: {e}"),
+        }
         all
     }
 
@@ -53,6 +79,7 @@ impl Device {
                 portable: false, ..
             } => "cpu",
             Device::Cpu { portable: true, .. } => "cpu-portable",
+            Device::Gpu { .. } => "gpu",
         }
     }
 
@@ -62,6 +89,7 @@ impl Device {
         match self {
             Device::Reference => "reference".into(),
             Device::Cpu { backend, .. } => format!("cpu-{}", backend.microkernel().name()),
+            Device::Gpu { backend } => format!("gpu-{}", slug(&backend.info().renderer)),
         }
     }
 
@@ -81,6 +109,9 @@ impl Device {
                 )?),
                 portable: *portable,
             },
+            Device::Gpu { backend } => Device::Gpu {
+                backend: Arc::new(GpuBackend::with_choice(backend.choice())?),
+            },
         })
     }
 
@@ -99,6 +130,35 @@ impl Device {
                 backend.conv2d(p, x, w, b, &mut y)?;
                 Ok(y)
             }
+            Device::Gpu { backend } => {
+                let mut y = vec![0.0; p.output_len() as usize];
+                backend.conv2d(p, x, w, b, &mut y)?;
+                Ok(y)
+            }
         }
     }
+
+    /// Whether this device is a software stand-in for real hardware (llvmpipe): correct, never
+    /// fast, so only small shapes run on it.
+    pub fn is_software(&self) -> bool {
+        matches!(self, Device::Gpu { backend } if backend.info().software)
+    }
+}
+
+/// Lower-case letters and digits of `s`, other runs as single dashes.
+pub fn slug(s: &str) -> String {
+    let raw: String = s
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    raw.split('-')
+        .filter(|p| !p.is_empty())
+        .collect::<Vec<_>>()
+        .join("-")
 }

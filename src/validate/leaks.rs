@@ -1,5 +1,5 @@
 //! Leak trials: heap in use must return to its baseline after many create/run/drop cycles of
-//! each backend.
+//! each backend, and no GL object may outlive its backend.
 //!
 //! dhat allows one profiler per process, so each leak trial re-runs this same binary as a
 //! child with `SPORKLE_LEAK_CHILD=<device kind>`; [`run_child_if_asked`] (first thing in
@@ -122,6 +122,12 @@ fn child(kind: &str) -> Result<String, String> {
         std::thread::sleep(Duration::from_millis(10));
     }
     let after = heap();
+    let live = crate::gpu::LiveObjects::now();
+    if !live.is_zero() {
+        return Err(format!(
+            "GL objects still alive after every backend was dropped: {live:?}"
+        ));
+    }
     if after > base {
         return Err(format!(
             "heap in use grew from {base} to {after} bytes over {CYCLES} create/run/drop cycles of [{kind}] ({} bytes per cycle)",

@@ -152,7 +152,29 @@ fn all_trials(ctx: &Arc<Context>) -> crate::Result<Vec<Trial>> {
     trials.extend(stress::trials(ctx)?);
     trials.extend(perf::trials(ctx)?);
     trials.extend(tidy::trials());
+    trials.push(gpu_presence(ctx));
     Ok(trials)
+}
+
+/// `gpu/available`: passes when there is a GPU (a hardware one, with `SPORKLE_REQUIRE_GPU=1`);
+/// otherwise it is ignored with the reason, so a machine without GPU trials says so.
+fn gpu_presence(ctx: &Context) -> Trial {
+    let absent = devices::gpu_absence(&ctx.devices);
+    let software = ctx.devices.iter().any(|d| d.is_software());
+    let require = std::env::var("SPORKLE_REQUIRE_GPU").is_ok_and(|v| v == "1");
+    Trial::ignorable_test("gpu/available", move || match (absent, require) {
+        (Some(why), true) => {
+            Err(format!("SPORKLE_REQUIRE_GPU=1, but there is no GPU: {why}").into())
+        }
+        (Some(why), false) => Ok(libtest_mimic::Completion::ignored_with(format!(
+            "no GPU, so no [gpu] trials: {why}"
+        ))),
+        (None, true) if software => {
+            Err("SPORKLE_REQUIRE_GPU=1, but the only GPU is a software renderer".into())
+        }
+        (None, _) => Ok(libtest_mimic::Completion::Completed),
+    })
+    .with_kind("gpu")
 }
 
 /// insta writes into `golden/snapshots`; blessing means accepting every new value.

@@ -1,0 +1,329 @@
+//! RAII wrappers over the GL objects sporkle uses (storage buffers, compute programs, timer
+//! queries, fences), with live-object counters that the leak trials read.
+//!
+//! Each object holds the shared `glow::Context` and deletes itself on drop, on the thread that
+//! owns the context (these types are not `Send`). GL errors are checked at the boundaries
+//! (after allocation, dispatch and readback) and become [`Error::Gpu`]. Together with
+//! `context.rs`, this file holds the GPU's `unsafe`: every block says why it is sound.
+
+use crate::error::{Error, Result};
+use glow::HasContext;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::time::Duration;
+
+static BUFFERS: AtomicUsize = AtomicUsize::new(0);
+static PROGRAMS: AtomicUsize = AtomicUsize::new(0);
+static QUERIES: AtomicUsize = AtomicUsize::new(0);
+static FENCES: AtomicUsize = AtomicUsize::new(0);
+
+/// GL objects alive in this process, by type.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LiveObjects {
+    /// Buffers.
+    pub buffers: usize,
+    /// Programs.
+    pub programs: usize,
+    /// Queries.
+    pub queries: usize,
+    /// Fences.
+    pub fences: usize,
+}
+
+impl LiveObjects {
+    /// The counts now.
+    pub fn now() -> Self {
+        Self {
+            buffers: BUFFERS.load(Relaxed),
+            programs: PROGRAMS.load(Relaxed),
+            queries: QUERIES.load(Relaxed),
+            fences: FENCES.load(Relaxed),
+        }
+    }
+
+    /// Whether nothing is alive.
+    pub fn is_zero(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+/// Turns pending GL errors into an [`Error::Gpu`] naming `what` was being done.
+pub fn check(gl: &glow::Context, what: &str) -> Result<()> {
+    let mut codes = Vec::new();
+    loop {
+        // SAFETY: glGetError has no preconditions on a current context.
+        let code = unsafe { gl.get_error() };
+        if code == glow::NO_ERROR || codes.len() > 8 {
+            break;
+        }
+        codes.push(match code {
+            glow::OUT_OF_MEMORY => "GL_OUT_OF_MEMORY".to_owned(),
+            glow::INVALID_VALUE => "GL_INVALID_VALUE".to_owned(),
+            glow::INVALID_OPERATION => "GL_INVALID_OPERATION".to_owned(),
+            glow::INVALID_ENUM => "GL_INVALID_ENUM".to_owned(),
+            c => format!("GL error 0x{c:x}"),
+        });
+    }
+    if codes.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::Gpu(format!("{what}: {}", codes.join(", "))))
+    }
+}
+
+/// A shader storage buffer of f32s.
+pub struct Buffer {
+    gl: Rc<glow::Context>,
+    raw: glow::Buffer,
+    len: usize,
+}
+
+impl Buffer {
+    /// A buffer of `len` floats (contents undefined).
+    pub fn new(gl: &Rc<glow::Context>, len: usize) -> Result<Self> {
+        let bytes = i32::try_from(len.max(1) * 4).map_err(|_| {
+            Error::Gpu(format!(
+                "a buffer of {len} floats is over the 2 GiB GL size limit"
+            ))
+        })?;
+        // SAFETY: creating and sizing a buffer on the current context; the name is deleted in Drop.
+        let raw = unsafe {
+            let raw = gl.create_buffer().map_err(Error::Gpu)?;
+            gl.bind_buffer(glow::SHADER_STORAGE_BUFFER, Some(raw));
+            gl.buffer_data_size(glow::SHADER_STORAGE_BUFFER, bytes, glow::DYNAMIC_COPY);
+            raw
+        };
+        BUFFERS.fetch_add(1, Relaxed);
+        let buffer = Self {
+            gl: Rc::clone(gl),
+            raw,
+            len,
+        };
+        check(gl, &format!("allocating a buffer of {bytes} bytes"))?;
+        Ok(buffer)
+    }
+
+    /// Floats it holds.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether it holds nothing.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Writes `data` at the start.
+    pub fn upload(&self, data: &[f32]) -> Result<()> {
+        assert!(data.len() <= self.len, "upload larger than the buffer");
+        // SAFETY: the buffer is alive and at least data.len() floats long (checked above).
+        unsafe {
+            self.gl
+                .bind_buffer(glow::SHADER_STORAGE_BUFFER, Some(self.raw));
+            self.gl.buffer_sub_data_u8_slice(
+                glow::SHADER_STORAGE_BUFFER,
+                0,
+                bytemuck::cast_slice(data),
+            );
+        }
+        check(&self.gl, "uploading")
+    }
+
+    /// Reads the first `out.len()` floats (after the writes that a barrier made visible).
+    pub fn download(&self, out: &mut [f32]) -> Result<()> {
+        assert!(out.len() <= self.len, "download larger than the buffer");
+        // SAFETY: the buffer is alive and at least out.len() floats long (checked above).
+        unsafe {
+            self.gl
+                .bind_buffer(glow::SHADER_STORAGE_BUFFER, Some(self.raw));
+            self.gl.get_buffer_sub_data(
+                glow::SHADER_STORAGE_BUFFER,
+                0,
+                bytemuck::cast_slice_mut(out),
+            );
+        }
+        check(&self.gl, "reading back")
+    }
+
+    /// Binds it to storage binding point `index`.
+    pub fn bind(&self, index: u32) {
+        // SAFETY: the buffer is alive.
+        unsafe {
+            self.gl
+                .bind_buffer_base(glow::SHADER_STORAGE_BUFFER, index, Some(self.raw))
+        };
+    }
+}
+
+impl Drop for Buffer {
+    fn drop(&mut self) {
+        // SAFETY: the name was created by this context and is deleted once.
+        unsafe { self.gl.delete_buffer(self.raw) };
+        BUFFERS.fetch_sub(1, Relaxed);
+    }
+}
+
+/// A linked compute program.
+pub struct Program {
+    gl: Rc<glow::Context>,
+    raw: glow::Program,
+}
+
+impl Program {
+    /// Compiles and links a compute shader; a failure carries the driver's log.
+    pub fn compute(gl: &Rc<glow::Context>, source: &str) -> Result<Self> {
+        // SAFETY: shader and program objects of the current context; the shader is deleted
+        // here and the program in Drop (or here, on failure).
+        unsafe {
+            let shader = gl.create_shader(glow::COMPUTE_SHADER).map_err(Error::Gpu)?;
+            gl.shader_source(shader, source);
+            gl.compile_shader(shader);
+            if !gl.get_shader_compile_status(shader) {
+                let log = gl.get_shader_info_log(shader);
+                gl.delete_shader(shader);
+                return Err(Error::Gpu(format!(
+                    "compute shader does not compile: {}",
+                    log.trim()
+                )));
+            }
+            let raw = gl.create_program().map_err(Error::Gpu)?;
+            gl.attach_shader(raw, shader);
+            gl.link_program(raw);
+            gl.detach_shader(raw, shader);
+            gl.delete_shader(shader);
+            if !gl.get_program_link_status(raw) {
+                let log = gl.get_program_info_log(raw);
+                gl.delete_program(raw);
+                return Err(Error::Gpu(format!(
+                    "compute program does not link: {}",
+                    log.trim()
+                )));
+            }
+            PROGRAMS.fetch_add(1, Relaxed);
+            Ok(Self {
+                gl: Rc::clone(gl),
+                raw,
+            })
+        }
+    }
+
+    /// Dispatches `groups` workgroups with this program (storage buffers bound by the caller).
+    pub fn dispatch(&self, groups: [u32; 3]) -> Result<()> {
+        // SAFETY: the program is alive and linked.
+        unsafe {
+            self.gl.use_program(Some(self.raw));
+            self.gl.dispatch_compute(groups[0], groups[1], groups[2]);
+        }
+        check(&self.gl, "dispatching the compute shader")
+    }
+}
+
+impl Drop for Program {
+    fn drop(&mut self) {
+        // SAFETY: the name was created by this context and is deleted once.
+        unsafe { self.gl.delete_program(self.raw) };
+        PROGRAMS.fetch_sub(1, Relaxed);
+    }
+}
+
+/// A `GL_TIME_ELAPSED` query around GPU work.
+pub struct TimerQuery {
+    gl: Rc<glow::Context>,
+    raw: glow::Query,
+}
+
+impl TimerQuery {
+    /// Starts timing the commands that follow.
+    pub fn begin(gl: &Rc<glow::Context>) -> Result<Self> {
+        // SAFETY: creating and starting a query on the current context; deleted in Drop.
+        let raw = unsafe {
+            let raw = gl.create_query().map_err(Error::Gpu)?;
+            gl.begin_query(glow::TIME_ELAPSED, raw);
+            raw
+        };
+        QUERIES.fetch_add(1, Relaxed);
+        Ok(Self {
+            gl: Rc::clone(gl),
+            raw,
+        })
+    }
+
+    /// Stops timing.
+    pub fn end(&self) {
+        // SAFETY: this query is the active TIME_ELAPSED query.
+        unsafe { self.gl.end_query(glow::TIME_ELAPSED) };
+    }
+
+    /// The elapsed GPU time in nanoseconds (waits for the result).
+    pub fn nanoseconds(&self) -> u64 {
+        // SAFETY: the query has ended; reading its result waits for the GPU.
+        unsafe {
+            self.gl
+                .get_query_parameter_u64(self.raw, glow::QUERY_RESULT)
+        }
+    }
+}
+
+impl Drop for TimerQuery {
+    fn drop(&mut self) {
+        // SAFETY: the name was created by this context and is deleted once.
+        unsafe { self.gl.delete_query(self.raw) };
+        QUERIES.fetch_sub(1, Relaxed);
+    }
+}
+
+/// A fence after submitted work.
+pub struct Fence {
+    gl: Rc<glow::Context>,
+    raw: glow::Fence,
+}
+
+impl Fence {
+    /// A fence after every command submitted so far.
+    pub fn new(gl: &Rc<glow::Context>) -> Result<Self> {
+        // SAFETY: creating a sync object on the current context; deleted in Drop.
+        let raw =
+            unsafe { gl.fence_sync(glow::SYNC_GPU_COMMANDS_COMPLETE, 0) }.map_err(Error::Gpu)?;
+        FENCES.fetch_add(1, Relaxed);
+        Ok(Self {
+            gl: Rc::clone(gl),
+            raw,
+        })
+    }
+
+    /// Waits until the GPU passed the fence, at most `timeout`; a timeout or a lost context is
+    /// an error, so nothing written after the fence is ever read early.
+    pub fn wait(&self, timeout: Duration) -> Result<()> {
+        let ns = i32::try_from(timeout.as_nanos()).unwrap_or(i32::MAX);
+        // SAFETY: the fence is alive; FLUSH makes sure it is submitted.
+        let status = unsafe {
+            self.gl
+                .client_wait_sync(self.raw, glow::SYNC_FLUSH_COMMANDS_BIT, ns)
+        };
+        match status {
+            glow::ALREADY_SIGNALED | glow::CONDITION_SATISFIED => Ok(()),
+            glow::TIMEOUT_EXPIRED => Err(Error::Gpu(format!(
+                "fence not signalled within {timeout:?}"
+            ))),
+            _ => Err(Error::Gpu(
+                "waiting on a fence failed (context lost?)".into(),
+            )),
+        }
+    }
+}
+
+impl Drop for Fence {
+    fn drop(&mut self) {
+        // SAFETY: the sync object was created by this context and is deleted once.
+        unsafe { self.gl.delete_sync(self.raw) };
+        FENCES.fetch_sub(1, Relaxed);
+    }
+}
+
+/// Makes shader writes to storage buffers visible to later reads (readback, next dispatch).
+pub fn storage_barrier(gl: &glow::Context) {
+    // SAFETY: glMemoryBarrier has no preconditions on a current context.
+    unsafe {
+        gl.memory_barrier(glow::SHADER_STORAGE_BARRIER_BIT | glow::BUFFER_UPDATE_BARRIER_BIT)
+    };
+}

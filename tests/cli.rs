@@ -190,10 +190,6 @@ fn bad_inputs_fail_cleanly_without_output() {
             "groups = 3",
         ),
         (
-            vec!["--input", &x, "--weights", &w, "--device", "gpu"],
-            "no GPU backend",
-        ),
-        (
             vec!["--input", &x, "--weights", &w, "--device", "tpu"],
             "tpu",
         ),
@@ -217,6 +213,51 @@ fn bad_inputs_fail_cleanly_without_output() {
         nowhere.to_str().unwrap(),
     ]);
     assert_fails(&out, "no/such/dir/y.npy", &nowhere);
+}
+
+#[test]
+fn device_gpu_is_right_or_says_why_not() {
+    let f = Files::new();
+    let (x, xv) = f.npy("x.npy", &[1, 4, 9, 9], 1);
+    let (w, wv) = f.npy("w.npy", &[20, 4, 3, 3], 2);
+    let y = f.path("y.npy");
+    let args = [
+        "conv2d",
+        "--input",
+        &x,
+        "--weights",
+        &w,
+        "--padding",
+        "1",
+        "--device",
+        "gpu",
+        "--output",
+        y.to_str().unwrap(),
+    ];
+    // With the GPU switched off: a clean failure that names the reason.
+    let off = Command::new(env!("CARGO_BIN_EXE_sporkle"))
+        .args(args)
+        .env("SPORKLE_GPU", "off")
+        .output()
+        .unwrap();
+    assert_fails(&off, "SPORKLE_GPU=off", &y);
+    // Otherwise: either a correct result or a clean "device unavailable" failure.
+    let out = sporkle(&args);
+    if out.status.success() {
+        let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(info["device"], "gpu");
+        let p = Conv2dParams::new(1, 4, 9, 9, 20, 3, 3).with_padding(1, 1);
+        let r = reference::conv2d_f64(&p, &xv, &wv, None).unwrap();
+        tolerance::compare(
+            &p,
+            &npy::read(&y).unwrap().data,
+            &r,
+            tolerance::Tolerance::Fp32,
+        )
+        .unwrap();
+    } else {
+        assert_fails(&out, "device unavailable", &y);
+    }
 }
 
 #[test]

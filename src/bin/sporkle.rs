@@ -11,7 +11,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use sporkle::cpu::CpuPath;
 use sporkle::suite::Suite;
 use sporkle::tolerance::check_sample;
-use sporkle::{npy, Conv2dParams, CpuBackend};
+use sporkle::{npy, Conv2dParams, CpuBackend, GpuBackend};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -179,15 +179,22 @@ fn cpu_backend(threads: Option<usize>) -> Result<CpuBackend> {
     })
 }
 
-/// The device that runs a job, and why it was chosen.
-fn choose(device: DeviceArg) -> Result<&'static str> {
-    match device {
-        DeviceArg::Cpu => Ok("requested"),
-        DeviceArg::Auto => Ok("auto: this build has no GPU backend yet, so the CPU runs every job"),
-        DeviceArg::Gpu => {
-            bail!("--device gpu: this build has no GPU backend yet; use --device cpu or auto")
-        }
-    }
+/// The device that runs a job.
+enum Engine {
+    Cpu(CpuBackend),
+    Gpu(GpuBackend),
+}
+
+/// The engine for a `--device` choice, and why it was chosen.
+fn engine(device: DeviceArg, threads: Option<usize>) -> Result<(Engine, &'static str)> {
+    Ok(match device {
+        DeviceArg::Cpu => (Engine::Cpu(cpu_backend(threads)?), "requested"),
+        DeviceArg::Gpu => (Engine::Gpu(GpuBackend::new().context("--device gpu")?), "requested"),
+        DeviceArg::Auto => (
+            Engine::Cpu(cpu_backend(threads)?),
+            "auto: per-call device choice arrives with the Juggler; until then the CPU runs every job",
+        ),
+    })
 }
 
 fn dims4(a: &npy::Array, path: &Path, what: &str) -> Result<[usize; 4]> {
@@ -201,7 +208,6 @@ fn dims4(a: &npy::Array, path: &Path, what: &str) -> Result<[usize; 4]> {
 }
 
 fn conv2d(a: Conv2dArgs) -> Result<()> {
-    let reason = choose(a.device)?;
     let x = npy::read(&a.input)?;
     let w = npy::read(&a.weights)?;
     let [n, c_in, h, wd] = dims4(&x, &a.input, "the input (N×C×H×W)")?;
@@ -242,19 +248,30 @@ fn conv2d(a: Conv2dArgs) -> Result<()> {
         }
         None => None,
     };
-    let backend = cpu_backend(a.threads)?;
+    let (engine, reason) = engine(a.device, a.threads)?;
     let (ho, wo) = p.out_hw();
     let mut y = vec![0.0f32; p.output_len() as usize];
     let t = Instant::now();
-    backend.conv2d(&p, &x.data, &w.data, bias.as_deref(), &mut y)?;
-    let secs = t.elapsed().as_secs_f64();
+    let info = match &engine {
+        Engine::Cpu(cpu) => {
+            cpu.conv2d(&p, &x.data, &w.data, bias.as_deref(), &mut y)?;
+            let secs = t.elapsed().as_secs_f64();
+            serde_json::json!({"device": "cpu", "reason": reason, "wall_ms": secs * 1e3, "gflops": p.flops() as f64 / secs / 1e9})
+        }
+        Engine::Gpu(gpu) => {
+            let run = gpu.conv2d(&p, &x.data, &w.data, bias.as_deref(), &mut y)?;
+            let secs = t.elapsed().as_secs_f64();
+            serde_json::json!({
+                "device": "gpu",
+                "renderer": gpu.info().renderer,
+                "reason": reason,
+                "wall_ms": secs * 1e3,
+                                "kernel_ms": run.kernel_ns.map(|ns| ns as f64 / 1e6),
+                "gflops": p.flops() as f64 / secs / 1e9,
+            })
+        }
+    };
     npy::write(&a.output, &[n, c_out, ho, wo], &y)?;
-    let info = serde_json::json!({
-        "device": "cpu",
-        "reason": reason,
-        "wall_ms": secs * 1e3,
-        "gflops": p.flops() as f64 / secs / 1e9,
-    });
     println!("{info}");
     Ok(())
 }
@@ -263,7 +280,6 @@ fn conv2d(a: Conv2dArgs) -> Result<()> {
 const BENCH_CHECKS: usize = 256;
 
 fn bench(a: BenchArgs) -> Result<()> {
-    choose(a.device)?;
     let suite = match &a.suite {
         Some(path) => Suite::load(path)?,
         None => Suite::parse(Path::new("suites/perf.toml (built in)"), PERF_SUITE)?,
@@ -287,58 +303,119 @@ fn bench(a: BenchArgs) -> Result<()> {
         Some(path) => read_peer_lines(path)?,
         None => Vec::new(),
     };
-    let mut backend = cpu_backend(a.threads)?;
-    if let Some(path) = a.cpu_path {
-        backend = backend.with_path(path);
+    let engine = match (a.device, a.cpu_path) {
+        (DeviceArg::Cpu, Some(path)) => Engine::Cpu(cpu_backend(a.threads)?.with_path(path)),
+        (_, Some(_)) => bail!("--cpu-path needs --device cpu"),
+        (device, None) => engine(device, a.threads)?.0,
+    };
+    match &engine {
+        Engine::Cpu(cpu) => eprintln!(
+            "# cpu: {} threads, {} microkernel; weights prepared once per shape; median wall time of input -> output runs after warm-up; every shape verified at {} points",
+            cpu.threads(),
+            cpu.microkernel().name(),
+            BENCH_CHECKS + 2
+        ),
+        Engine::Gpu(gpu) => eprintln!(
+            "# gpu: {}{}; kernel = GL_TIME_ELAPSED of the dispatch, e2e = wall time of host input -> host output (weights resident); medians after warm-up; every shape verified at {} points",
+            gpu.info().renderer,
+            if gpu.info().software { " (software: timings mean nothing)" } else { "" },
+            BENCH_CHECKS + 2
+        ),
     }
-    let device = format!("sporkle-cpu-{}t", backend.threads());
-    eprintln!(
-        "# {} threads, {} microkernel; weights prepared once per shape; median wall time of input -> output runs after warm-up; every shape verified against the reference at {} points",
-        backend.threads(),
-        backend.microkernel().name(),
-        BENCH_CHECKS + 2
-    );
     let mut json_out = match &a.json {
         Some(p) => Some(
             std::fs::File::create(p).with_context(|| format!("cannot create {}", p.display()))?,
         ),
         None => None,
     };
-    let mut rows = Vec::new();
+    let mut emit = |line: serde_json::Value| -> Result<()> {
+        println!("{line}");
+        if let Some(f) = json_out.as_mut() {
+            writeln!(f, "{line}")?;
+        }
+        Ok(())
+    };
+    // Per shape: our GFLOP/s by kernel time (GPU) or wall time (CPU), and end to end.
+    let mut rows: Vec<(String, f64, f64)> = Vec::new();
     for case in cases {
         let p = case.params;
         let (x, w, b) = sporkle::data::conv_data(&p, 42, false);
         let bias = case.bias.then_some(&b[..]);
         let mut y = vec![0.0f32; p.output_len() as usize];
-        // Weights are laid out once per shape, as an inference engine does when it loads a
-        // model (onnxruntime packs them at session creation); each timed run is input → output.
-        let prepared = backend.prepare_weights(&p, &w)?;
-        for _ in 0..2 {
-            backend.conv2d_prepared(&p, &x, &prepared, bias, &mut y)?;
+        let median = |v: &mut Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        match &engine {
+            Engine::Cpu(cpu) => {
+                // Weights are laid out once per shape, as an inference engine does when it
+                // loads a model (onnxruntime packs them at session creation).
+                let prepared = cpu.prepare_weights(&p, &w)?;
+                let mut times = timed(a.seconds, || {
+                    Ok(cpu.conv2d_prepared(&p, &x, &prepared, bias, &mut y)?)
+                })?;
+                verify_sample(&p, &x, &w, bias, &y)
+                    .with_context(|| format!("shape {}: result is wrong", case.name))?;
+                let ms = median(&mut times) * 1e3;
+                let gflops = p.flops() as f64 / ms / 1e6;
+                let device = format!("sporkle-cpu-{}t", cpu.threads());
+                emit(
+                    serde_json::json!({"shape": case.name, "device": device, "ms": round4(ms), "gflops": round2(gflops)}),
+                )?;
+                rows.push((case.name.clone(), gflops, gflops));
+            }
+            Engine::Gpu(gpu) => {
+                let mut kernel = Vec::new();
+                let mut wall = timed(a.seconds, || {
+                    kernel.extend(
+                        gpu.conv2d(&p, &x, &w, bias, &mut y)?
+                            .kernel_ns
+                            .map(|ns| ns as f64 / 1e6),
+                    );
+                    Ok(())
+                })?;
+                verify_sample(&p, &x, &w, bias, &y)
+                    .with_context(|| format!("shape {}: result is wrong", case.name))?;
+                let e_ms = median(&mut wall) * 1e3;
+                let e_gf = p.flops() as f64 / e_ms / 1e6;
+                let r = &gpu.info().renderer;
+                // No kernel figure where the timer queries mean nothing (software renderers).
+                let k_gf = if kernel.is_empty() {
+                    e_gf
+                } else {
+                    let k_ms = median(&mut kernel);
+                    let k_gf = p.flops() as f64 / k_ms / 1e6;
+                    emit(
+                        serde_json::json!({"shape": case.name, "device": format!("sporkle-gpu-kernel {r}"), "ms": round4(k_ms), "gflops": round2(k_gf)}),
+                    )?;
+                    k_gf
+                };
+                emit(
+                    serde_json::json!({"shape": case.name, "device": format!("sporkle-gpu-e2e {r}"), "ms": round4(e_ms), "gflops": round2(e_gf)}),
+                )?;
+                rows.push((case.name.clone(), k_gf, e_gf));
+            }
         }
-        let mut times = Vec::new();
-        let start = Instant::now();
-        while times.len() < 5 || start.elapsed().as_secs_f64() < a.seconds {
-            let t = Instant::now();
-            backend.conv2d_prepared(&p, &x, &prepared, bias, &mut y)?;
-            times.push(t.elapsed().as_secs_f64());
-        }
-        verify_sample(&p, &x, &w, bias, &y)
-            .with_context(|| format!("shape {}: result is wrong", case.name))?;
-        times.sort_by(f64::total_cmp);
-        let ms = times[times.len() / 2] * 1e3;
-        let gflops = p.flops() as f64 / ms / 1e6;
-        let line = serde_json::json!({"shape": case.name, "device": device, "ms": round4(ms), "gflops": round2(gflops)});
-        println!("{line}");
-        if let Some(f) = json_out.as_mut() {
-            writeln!(f, "{line}")?;
-        }
-        rows.push((case.name.clone(), gflops));
     }
     if !peers.is_empty() {
         print_comparison(&rows, &peers);
     }
     Ok(())
+}
+
+/// Two warm-up runs, then timed runs until at least 5 and `seconds` have passed; the wall
+/// times, in seconds (the caller checks a run's result afterwards).
+fn timed(seconds: f64, mut run: impl FnMut() -> Result<()>) -> Result<Vec<f64>> {
+    run()?;
+    run()?;
+    let mut times = Vec::new();
+    let start = Instant::now();
+    while times.len() < 5 || start.elapsed().as_secs_f64() < seconds {
+        let t = Instant::now();
+        run()?;
+        times.push(t.elapsed().as_secs_f64());
+    }
+    Ok(times)
 }
 
 fn round4(v: f64) -> f64 {
@@ -389,20 +466,25 @@ fn read_peer_lines(path: &Path) -> Result<Vec<(String, String, f64)>> {
     Ok(out)
 }
 
-/// A table of sporkle against each peer device, with the geometric mean of the ratios.
-fn print_comparison(rows: &[(String, f64)], peers: &[(String, String, f64)]) {
+/// A table of sporkle against each peer device, with the geometric mean of the ratios; a
+/// peer's end-to-end figures ("e2e" in its device name) are compared with ours end to end.
+fn print_comparison(rows: &[(String, f64, f64)], peers: &[(String, String, f64)]) {
     let mut devices: Vec<&str> = peers.iter().map(|p| p.1.as_str()).collect();
+    devices.sort_unstable();
     devices.dedup();
     for dev in devices {
+        let e2e = dev.contains("e2e");
+        let ours = if e2e { "sporkle end to end" } else { "sporkle" };
         println!(
-            "\n| shape | sporkle GFLOP/s | {dev} GFLOP/s | ratio |\n| --- | ---: | ---: | ---: |"
+            "\n| shape | {ours} GFLOP/s | {dev} GFLOP/s | ratio |\n| --- | ---: | ---: | ---: |"
         );
         let mut logs = Vec::new();
-        for (name, ours) in rows {
+        for (name, kernel, end_to_end) in rows {
+            let mine = if e2e { *end_to_end } else { *kernel };
             if let Some((_, _, theirs)) = peers.iter().find(|p| p.0 == *name && p.1 == dev) {
-                let ratio = ours / theirs;
+                let ratio = mine / theirs;
                 logs.push(ratio.ln());
-                println!("| {name} | {ours:.1} | {theirs:.1} | {ratio:.2} |");
+                println!("| {name} | {mine:.1} | {theirs:.1} | {ratio:.2} |");
             }
         }
         if !logs.is_empty() {

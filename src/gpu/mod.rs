@@ -40,8 +40,9 @@ const FENCE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Timings of one GPU convolution.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct GpuRun {
-    /// GPU time of the dispatch (`GL_TIME_ELAPSED`); meaningless on a software renderer.
-    pub kernel_ns: u64,
+    /// GPU time of the dispatch (`GL_TIME_ELAPSED`); `None` on a software renderer, whose
+    /// timer queries return nonsense (about 1 ns).
+    pub kernel_ns: Option<u64>,
     /// Wall time of the uploads (input, and weights when not resident).
     pub upload_s: f64,
     /// Wall time from the fence to the output back in host memory.
@@ -335,10 +336,11 @@ impl Worker {
         let mut y = vec![0.0f32; p.output_len() as usize];
         output.download(&mut y)?;
         let download_s = t1.elapsed().as_secs_f64();
+        let kernel_ns = (!self.ctx.info.software).then(|| query.nanoseconds());
         Ok((
             y,
             GpuRun {
-                kernel_ns: query.nanoseconds(),
+                kernel_ns,
                 upload_s,
                 download_s,
                 weights_uploaded,

@@ -67,16 +67,19 @@ impl WeightsKey {
     }
 }
 
-enum Job {
-    Conv {
-        p: Conv2dParams,
-        x: Vec<f32>,
-        w: Vec<f32>,
-        key: WeightsKey,
-        b: Option<Vec<f32>>,
-        reply: mpsc::Sender<Result<(Vec<f32>, GpuRun)>>,
-    },
+struct Job {
+    p: Conv2dParams,
+    x: Vec<f32>,
+    w: Vec<f32>,
+    key: WeightsKey,
+    b: Option<Vec<f32>>,
+    /// Back-to-back dispatches, each timed on its own (1 for a normal call).
+    dispatches: usize,
+    reply: mpsc::Sender<JobResult>,
 }
+
+/// A job's answer: the output, its run, and the per-dispatch kernel times.
+type JobResult = Result<(Vec<f32>, GpuRun, Vec<u64>)>;
 
 /// The GPU backend (see the module docs).
 pub struct GpuBackend {
@@ -148,6 +151,38 @@ impl GpuBackend {
         bias: Option<&[f32]>,
         output: &mut [f32],
     ) -> Result<GpuRun> {
+        Ok(self.submit(p, input, weights, bias, output, 1)?.0)
+    }
+
+    /// Kernel timing, the way a GPU kernel benchmark (and the cuDNN peer) measures it: the
+    /// inputs are uploaded once, then `dispatches` identical dispatches run back to back (so the
+    /// GPU keeps its clocks), each timed by its own `GL_TIME_ELAPSED` query; the output of the
+    /// last is read back into `output` for the caller to verify. Returns the per-dispatch times
+    /// in nanoseconds (empty on a software renderer, whose timers mean nothing). Each dispatch
+    /// does the whole convolution: nothing is divided, and no figure counts work twice.
+    pub fn time_kernel(
+        &self,
+        p: &Conv2dParams,
+        input: &[f32],
+        weights: &[f32],
+        bias: Option<&[f32]>,
+        output: &mut [f32],
+        dispatches: usize,
+    ) -> Result<Vec<u64>> {
+        Ok(self
+            .submit(p, input, weights, bias, output, dispatches.max(1))?
+            .1)
+    }
+
+    fn submit(
+        &self,
+        p: &Conv2dParams,
+        input: &[f32],
+        weights: &[f32],
+        bias: Option<&[f32]>,
+        output: &mut [f32],
+        dispatches: usize,
+    ) -> Result<(GpuRun, Vec<u64>)> {
         p.check_buffers(
             input.len(),
             weights.len(),
@@ -155,12 +190,13 @@ impl GpuBackend {
             output.len(),
         )?;
         let (reply, answer) = mpsc::channel();
-        let job = Job::Conv {
+        let job = Job {
             p: *p,
             x: input.to_vec(),
             w: weights.to_vec(),
             key: WeightsKey::of(weights),
             b: bias.map(<[f32]>::to_vec),
+            dispatches,
             reply,
         };
         let sent = self
@@ -172,11 +208,11 @@ impl GpuBackend {
         if !sent {
             return Err(Error::Gpu("the GPU thread has stopped".into()));
         }
-        let (y, run) = answer
+        let (y, run, times) = answer
             .recv()
             .map_err(|_| Error::Gpu("the GPU thread stopped during a job".into()))??;
         output.copy_from_slice(&y);
-        Ok(run)
+        Ok((run, times))
     }
 }
 
@@ -224,18 +260,15 @@ impl Worker {
 
     fn serve(mut self, jobs: mpsc::Receiver<Job>) {
         while let Ok(job) = jobs.recv() {
-            match job {
-                Job::Conv {
-                    p,
-                    x,
-                    w,
-                    key,
-                    b,
-                    reply,
-                } => {
-                    let _ = reply.send(self.conv2d(&p, &x, &w, key, b.as_deref()));
-                }
-            }
+            let result = self.conv2d(
+                &job.p,
+                &job.x,
+                &job.w,
+                job.key,
+                job.b.as_deref(),
+                job.dispatches,
+            );
+            let _ = job.reply.send(result);
         }
     }
 
@@ -252,8 +285,9 @@ impl Worker {
         Ok(())
     }
 
-    /// Index of the resident copy of `w`, uploading (and evicting) as needed.
-    fn resident(&mut self, key: WeightsKey, w: &[f32]) -> Result<(usize, bool)> {
+    /// Index of the resident copy of `w`, uploading (and evicting) as needed. Resident weights
+    /// are transposed to `[group][tap][filter]`, so the shaders read them coalesced.
+    fn resident(&mut self, p: &Conv2dParams, key: WeightsKey, w: &[f32]) -> Result<(usize, bool)> {
         self.clock += 1;
         if let Some(i) = self.weights.iter().position(|r| r.key == key) {
             self.weights[i].last_used = self.clock;
@@ -266,8 +300,22 @@ impl Worker {
                 .unwrap_or(0);
             self.weights.swap_remove(lru);
         }
+        let (mg, kdim) = (p.c_out_per_group(), p.reduction_len());
+        let mut transposed = vec![0.0f32; w.len()];
+        for (g, (dst, src)) in transposed
+            .chunks_exact_mut(mg * kdim)
+            .zip(w.chunks_exact(mg * kdim))
+            .enumerate()
+        {
+            debug_assert!(g < p.groups);
+            for (m, row) in src.chunks_exact(kdim).enumerate() {
+                for (k, &v) in row.iter().enumerate() {
+                    dst[k * mg + m] = v;
+                }
+            }
+        }
         let buffer = Buffer::new(&self.ctx.gl, w.len())?;
-        buffer.upload(w)?;
+        buffer.upload(&transposed)?;
         self.weights.push(Resident {
             key,
             buffer,
@@ -283,7 +331,8 @@ impl Worker {
         w: &[f32],
         key: WeightsKey,
         b: Option<&[f32]>,
-    ) -> Result<(Vec<f32>, GpuRun)> {
+        dispatches: usize,
+    ) -> JobResult {
         let info = &self.ctx.info;
         let tile = Tile::for_params(p);
         let groups = tile.groups(p);
@@ -311,7 +360,7 @@ impl Worker {
         if let (Some(b), Some(buf)) = (b, self.bias.as_ref()) {
             buf.upload(b)?;
         }
-        let (wi, weights_uploaded) = self.resident(key, w)?;
+        let (wi, weights_uploaded) = self.resident(p, key, w)?;
         let upload_s = t0.elapsed().as_secs_f64();
         let program = self
             .programs
@@ -325,10 +374,15 @@ impl Worker {
         self.weights[wi].buffer.bind(1);
         bias.bind(2);
         output.bind(3);
-        let query = TimerQuery::begin(&gl)?;
-        let dispatched = program.dispatch([groups[0] as u32, groups[1] as u32, groups[2] as u32]);
-        query.end();
-        dispatched?;
+        let mut queries = Vec::with_capacity(dispatches);
+        for _ in 0..dispatches {
+            let query = TimerQuery::begin(&gl)?;
+            let dispatched =
+                program.dispatch([groups[0] as u32, groups[1] as u32, groups[2] as u32]);
+            query.end();
+            queries.push(query);
+            dispatched?;
+        }
         gl::storage_barrier(&gl);
         let fence = Fence::new(&gl)?;
         fence.wait(FENCE_TIMEOUT)?;
@@ -336,7 +390,12 @@ impl Worker {
         let mut y = vec![0.0f32; p.output_len() as usize];
         output.download(&mut y)?;
         let download_s = t1.elapsed().as_secs_f64();
-        let kernel_ns = (!self.ctx.info.software).then(|| query.nanoseconds());
+        let times: Vec<u64> = if self.ctx.info.software {
+            Vec::new()
+        } else {
+            queries.iter().map(TimerQuery::nanoseconds).collect()
+        };
+        let kernel_ns = times.last().copied();
         Ok((
             y,
             GpuRun {
@@ -345,6 +404,7 @@ impl Worker {
                 download_s,
                 weights_uploaded,
             },
+            times,
         ))
     }
 }

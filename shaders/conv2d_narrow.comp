@@ -1,4 +1,7 @@
-// conv2d.comp: tiled implicit-GEMM 2-D convolution, fp32, NCHW input, KCRS weights, NKHW output.
+// conv2d_narrow.comp: implicit-GEMM 2-D convolution for narrow groups (fewer than 16 filters per
+// group, depthwise included), fp32, NCHW input, NKHW output; weights resident transposed as
+// [group][tap][filter] (see src/gpu/mod.rs). Scalar tiles of any size; conv2d_tiled.comp is the
+// fast kernel for wide groups.
 //
 // `#version` and the `#define`s are prepended from Rust (src/gpu/shaders.rs):
 //   tile:  BM filters and BN output positions per workgroup, BK taps per step through shared
@@ -47,7 +50,7 @@ void main() {
             uint mm = i / BK;
             uint m = m0 + mm;
             uint k = k0 + kk;
-            As[kk][mm] = (m < MG && k < KDIM) ? wt[(g * MG + m) * KDIM + k] : 0.0;
+            As[kk][mm] = (m < MG && k < KDIM) ? wt[(g * KDIM + k) * MG + m] : 0.0;
         }
         // B tile: BK taps of BN positions, consecutive threads on consecutive positions.
         for (uint i = tid; i < BK * BN; i += THREADS) {

@@ -154,7 +154,7 @@ impl GpuBackend {
         Ok(self.submit(p, input, weights, bias, output, 1)?.0)
     }
 
-        /// Kernel timing, the way a GPU kernel benchmark (and the cuDNN peer) measures it: the
+    /// Kernel timing, the way a GPU kernel benchmark (and the cuDNN peer) measures it: the
     /// inputs are uploaded once, `dispatches` untimed dispatches bring the clocks up, then
     /// `dispatches` identical dispatches run back to back, each timed by its own
     /// `GL_TIME_ELAPSED` query; the output of the
@@ -375,7 +375,7 @@ impl Worker {
         self.weights[wi].buffer.bind(1);
         bias.bind(2);
         output.bind(3);
-                // Kernel timing (more than one dispatch) first brings the GPU's clocks up with as many
+        // Kernel timing (more than one dispatch) first brings the GPU's clocks up with as many
         // untimed dispatches, as GPU kernel benchmarks do; a single call runs as it comes.
         let warmup = if dispatches > 1 { dispatches } else { 0 };
         for _ in 0..warmup {

@@ -7,6 +7,7 @@
 
 use super::{fail, trial, Context, Device};
 use crate::reference::{self, OutIndex, RefValue};
+use crate::suite::Case;
 use crate::tolerance::{compare_points, Tolerance};
 use crate::{npy, Conv2dParams, Error};
 use libtest_mimic::{Failed, Trial};
@@ -14,45 +15,12 @@ use serde::Deserialize;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+/// `golden/cases/manifest.json`: the producer's versions, and the cases in the suite format
+/// (the same keys as `suites/*.toml`, read by the same deserializer).
 #[derive(Deserialize)]
 struct Manifest {
     producer: serde_json::Value,
-    cases: Vec<GoldenCase>,
-}
-
-#[derive(Clone, Deserialize)]
-struct GoldenCase {
-    name: String,
-    n: usize,
-    c_in: usize,
-    h: usize,
-    w: usize,
-    c_out: usize,
-    k_h: usize,
-    k_w: usize,
-    stride: [usize; 2],
-    padding: [usize; 2],
-    dilation: [usize; 2],
-    groups: usize,
-    bias: bool,
-}
-
-impl GoldenCase {
-    fn params(&self) -> Conv2dParams {
-        Conv2dParams {
-            n: self.n,
-            c_in: self.c_in,
-            h: self.h,
-            w: self.w,
-            c_out: self.c_out,
-            k_h: self.k_h,
-            k_w: self.k_w,
-            stride: (self.stride[0], self.stride[1]),
-            padding: (self.padding[0], self.padding[1]),
-            dilation: (self.dilation[0], self.dilation[1]),
-            groups: self.groups,
-        }
-    }
+    cases: Vec<Case>,
 }
 
 /// A case's arrays, checked against its parameters.
@@ -68,8 +36,8 @@ fn dir() -> PathBuf {
     crate::repo_root().join("golden")
 }
 
-fn load(case: &GoldenCase) -> crate::Result<Loaded> {
-    let p = case.params();
+fn load(case: &Case) -> crate::Result<Loaded> {
+    let p = case.params;
     p.validate()?;
     let d = dir().join("cases").join(&case.name);
     let (ho, wo) = p.out_hw();
@@ -132,7 +100,7 @@ pub fn trials(ctx: &Arc<Context>) -> crate::Result<Vec<Trial>> {
 
 /// The device's output against the producer's, within twice the tolerance bound (both the
 /// producer and the device round).
-fn matches_producer(case: &GoldenCase, device: &Device, producer: &str) -> Result<(), Failed> {
+fn matches_producer(case: &Case, device: &Device, producer: &str) -> Result<(), Failed> {
     let g = load(case).map_err(fail)?;
     let got = device
         .conv2d(&g.p, &g.x, &g.w, g.b.as_deref())
@@ -158,7 +126,7 @@ fn matches_producer(case: &GoldenCase, device: &Device, producer: &str) -> Resul
 }
 
 /// Exact bits (FNV-1a over every output) and rounded statistics, as an insta snapshot.
-fn fingerprint(case: &GoldenCase, device: &Device) -> Result<(), Failed> {
+fn fingerprint(case: &Case, device: &Device) -> Result<(), Failed> {
     let g = load(case).map_err(fail)?;
     let y = device
         .conv2d(&g.p, &g.x, &g.w, g.b.as_deref())

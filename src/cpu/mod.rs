@@ -89,6 +89,12 @@ impl CpuPath {
         if p.c_out_per_group() < GEMM_MIN_FILTERS {
             return CpuPath::Direct;
         }
+        // Pointwise layers with a long enough reduction: the rows kernel reads the input in
+        // place (no phase planes at all); with short reductions its transposed store costs more
+        // than the copy saves.
+        if Geometry::pointwise(p).is_some() && p.reduction_len() >= POINTWISE_ROWS_MIN_TAPS {
+            return CpuPath::GemmRows;
+        }
         let g = Geometry::new(p);
         let strips = (g.ho * g.wq).next_multiple_of(NR);
         let (chunks, chunk) = row_chunks(g.wo);
@@ -105,6 +111,9 @@ impl CpuPath {
         self != CpuPath::Direct
     }
 }
+
+/// Pointwise layers reduce over at least this many taps to read their input in place.
+const POINTWISE_ROWS_MIN_TAPS: usize = 128;
 
 /// Below this many positions per call, the rows kernel's few accumulators wait on FMA latency.
 const ROWS_MIN_LANES: usize = 8;
@@ -359,8 +368,14 @@ impl CpuBackend {
         output: &mut [f32],
         ws: &mut Workspace,
     ) {
-        let geo = Geometry::new(p);
         let path = self.path_for(p);
+        // Pointwise layers on the rows kernel read the input in place (see Geometry::pointwise).
+        let in_place = if path == CpuPath::GemmRows {
+            Geometry::pointwise(p)
+        } else {
+            None
+        };
+        let geo = in_place.unwrap_or_else(|| Geometry::new(p));
         let Workspace {
             planes, offsets, ..
         } = ws;
@@ -373,12 +388,17 @@ impl CpuBackend {
                 .enumerate()
             {
                 let images = out.len() / per_image_out;
-                let len = images * geo.image_stride + geo.slack;
-                if planes.len() < len {
-                    planes.resize(len, 0.0);
-                }
-                let planes = &mut planes[..len];
-                geo.transform(p, input, chunk * images_per_chunk, images, planes);
+                let first = chunk * images_per_chunk;
+                let planes: &[f32] = if in_place.is_some() {
+                    &input[first * geo.image_stride..(first + images) * geo.image_stride]
+                } else {
+                    let len = images * geo.image_stride + geo.slack;
+                    if planes.len() < len {
+                        planes.resize(len, 0.0);
+                    }
+                    geo.transform(p, input, first, images, &mut planes[..len]);
+                    &planes[..len]
+                };
                 let shared = Shared {
                     p,
                     geo: &geo,

@@ -50,6 +50,22 @@ pub struct Geometry {
 }
 
 impl Geometry {
+    /// For a pointwise layer (1×1, stride 1, no padding) the input itself can serve as the
+    /// planes, with no copy: `h` rows of `w` per channel, no junk columns, no guard row. Only
+    /// the rows kernel may read it, because it reads nothing past a row's valid positions.
+    pub fn pointwise(p: &Conv2dParams) -> Option<Self> {
+        let is_pointwise = (p.k_h, p.k_w, p.stride, p.padding) == (1, 1, (1, 1), (0, 0));
+        is_pointwise.then(|| Self {
+            ho: p.h,
+            wo: p.w,
+            hq: p.h,
+            wq: p.w,
+            chan_stride: p.h * p.w,
+            image_stride: p.c_in * p.h * p.w,
+            slack: 0,
+        })
+    }
+
     /// The geometry of a validated convolution.
     pub fn new(p: &Conv2dParams) -> Self {
         let (ho, wo) = p.out_hw();

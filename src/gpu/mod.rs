@@ -415,3 +415,24 @@ impl Worker {
         ))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Identification is exact: a change to any one element (its lowest bit) changes the key.
+    #[test]
+    fn every_single_element_change_changes_the_weights_key() {
+        let mut w = vec![0.0f32; 1000];
+        crate::data::fill_uniform(5, &mut w);
+        let base = WeightsKey::of(&w);
+        for i in 0..w.len() {
+            let old = w[i];
+            w[i] = f32::from_bits(old.to_bits() ^ 1);
+            assert_ne!(WeightsKey::of(&w), base, "element {i}");
+            w[i] = old;
+        }
+        assert_eq!(WeightsKey::of(&w), base);
+        assert_ne!(WeightsKey::of(&w[..999]), base, "length is part of the key");
+    }
+}

@@ -48,7 +48,31 @@ pub fn trials(ctx: &Arc<Context>) -> crate::Result<Vec<Trial>> {
             }
         }
     }
+    for device in ctx.devices.iter().filter(|d| d.is_backend()) {
+        let dev = device.clone();
+        out.push(trial(
+            "weights/one_element_changed".into(),
+            device,
+            None,
+            move || one_weight_changed(&dev),
+        ));
+    }
     Ok(out)
+}
+
+/// The original's weight cache sampled elements, so a changed weight could go unnoticed
+/// (ORIGINAL.md #9): call, change the last weight only, call again; both must be right.
+fn one_weight_changed(device: &super::Device) -> Result<(), Failed> {
+    let p = crate::Conv2dParams::new(1, 16, 10, 10, 32, 3, 3).with_padding(1, 1);
+    let (x, mut w, _) = data::conv_data(&p, 11, true);
+    for round in 0..2 {
+        let y = device.conv2d(&p, &x, &w, None).map_err(fail)?;
+        let r = reference::conv2d_f64(&p, &x, &w, None).map_err(fail)?;
+        compare(&p, &y, &r, Tolerance::Exact)
+            .map_err(|m| fail(format!("call {}: {m}", round + 1)))?;
+        *w.last_mut().expect("weights") += 1.0;
+    }
+    Ok(())
 }
 
 /// Runs a case on a device and compares it with the reference.

@@ -20,7 +20,7 @@ use super::{fail, Context, Device};
 use crate::suite::Case;
 use crate::tolerance::check_sample;
 use crate::{data, CpuBackend};
-use libtest_mimic::{Failed, Trial};
+use libtest_mimic::{Completion, Failed, Trial};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -148,7 +148,7 @@ fn run(ctx: &Context, device: &Device, case: &Case, test_mode: bool) -> Result<C
         result?;
     }
     check_sample(p, &x, &w, bias, &y, CHECKS)
-        .map(|_| ())
+        .map(|_| Completion::Completed)
         .map_err(|m| fail(format!("{}: wrong result: {m}", case.name)))
 }
 

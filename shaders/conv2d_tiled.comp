@@ -6,7 +6,7 @@
 //          thread (multiples of 4: read from shared memory four floats at a time), THREADS = (BM/TM)*(BN/TN),
 //          with THREADS a multiple of BM and of BN (each thread loads one fixed column of A and B)
 //   shape: N C_IN H W C_OUT K_H K_W SH SW PH PW DH DW GROUPS HO WO (unsigned), HAS_BIAS (0/1)
-// Per group g (workgroup z): C[m][q] = sum_k A[k][m] B[k][q]; m a filter, q = (image, y, x) an
+// Per group g (workgroup z; x: filter tiles, y: position tiles): C[m][q] = sum_k A[k][m] B[k][q]; m a filter, q = (image, y, x) an
 // output position, k = (c, r, s) a tap. B is gathered from the input (no im2col buffer).
 // The next step's global loads are held in registers while the current step computes from
 // shared memory (register double buffering). A thread's outputs are TM/4 groups of 4 rows and
@@ -35,8 +35,10 @@ shared float Bs[BK][BN];
 
 void main() {
     const uint g = gl_WorkGroupID.z;
-    const uint m0 = gl_WorkGroupID.y * BM;
-    const uint q0 = gl_WorkGroupID.x * BN;
+    // Filter tiles vary fastest, so the tiles that share one window of the input run together
+    // and find it in L2.
+    const uint m0 = gl_WorkGroupID.x * BM;
+    const uint q0 = gl_WorkGroupID.y * BN;
     const uint tid = gl_LocalInvocationIndex;
     const uint tx = tid % (BN / TN);
     const uint ty = tid / (BN / TN);

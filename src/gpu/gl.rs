@@ -79,8 +79,11 @@ pub struct Buffer {
 }
 
 impl Buffer {
-    /// A buffer of `len` floats (contents undefined).
-    pub fn new(gl: &Rc<glow::Context>, len: usize) -> Result<Self> {
+    /// A buffer of `len` floats (contents undefined). With `immutable` (GL_ARB_buffer_storage),
+    /// the storage is fixed and never mapped by the CPU, so the driver keeps it in device memory;
+    /// a mutable `glBufferData` buffer rewritten every call may be placed in host memory, where
+    /// every shader read crosses the bus.
+    pub fn new(gl: &Rc<glow::Context>, len: usize, immutable: bool) -> Result<Self> {
         let bytes = i32::try_from(len.max(1) * 4).map_err(|_| {
             Error::Gpu(format!(
                 "a buffer of {len} floats is over the 2 GiB GL size limit"
@@ -90,7 +93,16 @@ impl Buffer {
         let raw = unsafe {
             let raw = gl.create_buffer().map_err(Error::Gpu)?;
             gl.bind_buffer(glow::SHADER_STORAGE_BUFFER, Some(raw));
-            gl.buffer_data_size(glow::SHADER_STORAGE_BUFFER, bytes, glow::DYNAMIC_COPY);
+            if immutable {
+                gl.buffer_storage(
+                    glow::SHADER_STORAGE_BUFFER,
+                    bytes,
+                    None,
+                    glow::DYNAMIC_STORAGE_BIT,
+                );
+            } else {
+                gl.buffer_data_size(glow::SHADER_STORAGE_BUFFER, bytes, glow::DYNAMIC_COPY);
+            }
             raw
         };
         BUFFERS.fetch_add(1, Relaxed);

@@ -243,6 +243,8 @@ struct Worker {
     output: Option<Buffer>,
     bias: Option<Buffer>,
     clock: u64,
+    /// Buffers get immutable storage (GL_ARB_buffer_storage), which the driver keeps on the GPU.
+    immutable: bool,
     ctx: GlContext,
 }
 
@@ -255,6 +257,11 @@ impl Worker {
             output: None,
             bias: None,
             clock: 0,
+            immutable: ctx
+                .info
+                .extensions
+                .iter()
+                .any(|&(e, present)| e == "GL_ARB_buffer_storage" && present),
             ctx,
         }
     }
@@ -278,10 +285,11 @@ impl Worker {
         gl: &std::rc::Rc<glow::Context>,
         slot: &mut Option<Buffer>,
         len: usize,
+        immutable: bool,
     ) -> Result<()> {
         if slot.as_ref().is_none_or(|b| b.len() < len) {
             *slot = None;
-            *slot = Some(Buffer::new(gl, len)?);
+            *slot = Some(Buffer::new(gl, len, immutable)?);
         }
         Ok(())
     }
@@ -315,7 +323,7 @@ impl Worker {
                 }
             }
         }
-        let buffer = Buffer::new(&self.ctx.gl, w.len())?;
+        let buffer = Buffer::new(&self.ctx.gl, w.len(), self.immutable)?;
         buffer.upload(&transposed)?;
         self.weights.push(Resident {
             key,
@@ -353,9 +361,10 @@ impl Worker {
         }
         let gl = std::rc::Rc::clone(&self.ctx.gl);
         let t0 = Instant::now();
-        Self::scratch(&gl, &mut self.input, x.len())?;
-        Self::scratch(&gl, &mut self.output, p.output_len() as usize)?;
-        Self::scratch(&gl, &mut self.bias, p.c_out)?;
+        let immutable = self.immutable;
+        Self::scratch(&gl, &mut self.input, x.len(), immutable)?;
+        Self::scratch(&gl, &mut self.output, p.output_len() as usize, immutable)?;
+        Self::scratch(&gl, &mut self.bias, p.c_out, immutable)?;
         let input = self.input.as_ref().expect("allocated above");
         input.upload(x)?;
         if let (Some(b), Some(buf)) = (b, self.bias.as_ref()) {

@@ -167,15 +167,16 @@ impl Tile {
         4 * self.bk * (self.bm + self.bn)
     }
 
-    /// Workgroups for a convolution: positions, filters, groups.
+    /// Workgroups for a convolution. The tiled kernel takes filter tiles on x and position
+    /// tiles on y (tiles sharing an input window run together); the narrow kernel the reverse.
     pub fn groups(&self, p: &Conv2dParams) -> [u64; 3] {
         let (ho, wo) = p.out_hw();
-        let positions = (p.n * ho * wo) as u64;
-        [
-            positions.div_ceil(u64::from(self.bn)),
-            (p.c_out_per_group() as u64).div_ceil(u64::from(self.bm)),
-            p.groups as u64,
-        ]
+        let positions = ((p.n * ho * wo) as u64).div_ceil(u64::from(self.bn));
+        let filters = (p.c_out_per_group() as u64).div_ceil(u64::from(self.bm));
+        match self.kernel {
+            Kernel::Tiled => [filters, positions, p.groups as u64],
+            Kernel::Narrow => [positions, filters, p.groups as u64],
+        }
     }
 }
 

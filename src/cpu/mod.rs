@@ -499,7 +499,7 @@ impl CpuBackend {
         };
         loop {
             let tasks = images * p.groups * geo.ho.div_ceil(rows) * mg.div_ceil(m_rows);
-            if tasks >= 4 * self.threads {
+            if tasks >= 2 * self.threads {
                 break;
             } else if s.path.packs_weights() && m_rows > MR {
                 m_rows = (m_rows / 2).next_multiple_of(MR);

@@ -562,8 +562,10 @@ impl CpuBackend {
                 for pi in 0..rows.div_ceil(MR) {
                     let a = &s.weights[(first_panel + pi) * kdim * MR..][..kdim * MR];
                     let filters = MR.min(rows - pi * MR);
+                    // Every sum starts from the bias, whichever way the tile is stored, so an
+                    // output's bits never depend on how the work was planned (threads, tiles).
                     let mut bias = ZEROS;
-                    if let (Some(b), true) = (s.bias, direct) {
+                    if let Some(b) = s.bias {
                         bias[..filters].copy_from_slice(&b[task.m0 + pi * MR..][..filters]);
                     }
                     for k0 in (0..kdim).step_by(kc_len) {
@@ -605,18 +607,25 @@ impl CpuBackend {
                     continue;
                 }
             }
-            // Bias, and the valid columns of the block's rows into the task's output slices.
+            // The valid columns of the block's rows into the task's output slices; the direct
+            // path adds its bias here (the GEMM started from it).
             for i in 0..rows {
                 let out = task.out.filter(i, plane);
-                let bias = s.bias.map_or(0.0, |b| b[task.m0 + i]);
+                let bias = if s.path == CpuPath::Direct {
+                    s.bias.map(|b| b[task.m0 + i])
+                } else {
+                    None
+                };
                 let src = &tile[i * BLOCK_Q..][..qb - qa];
                 for y in qa / geo.wq..qb.div_ceil(geo.wq) {
                     let x0 = (y * geo.wq).max(qa) - y * geo.wq;
                     let x1 = (qb - y * geo.wq).min(geo.wo);
                     if x0 < x1 {
                         let from = &src[y * geo.wq + x0 - qa..][..x1 - x0];
-                        for (o, &v) in out[y * geo.wo + x0..y * geo.wo + x1].iter_mut().zip(from) {
-                            *o = v + bias;
+                        let to = &mut out[y * geo.wo + x0..y * geo.wo + x1];
+                        match bias {
+                            Some(bias) => to.iter_mut().zip(from).for_each(|(o, &v)| *o = v + bias),
+                            None => to.copy_from_slice(from),
                         }
                     }
                 }
@@ -656,20 +665,17 @@ impl CpuBackend {
                             TaskOut::Tiles(_) => {
                                 let c = &mut tile[pi * MR * positions + (y - ya) * geo.wo + x0..];
                                 self.kernel
-                                    .run_rows(n, a, s.offsets, b, c, positions, filters, None);
+                                    .run_rows(n, a, s.offsets, b, c, positions, filters, bias);
                             }
                         }
                     }
                 }
             }
             if let TaskOut::Tiles(outs) = &mut task.out {
-                // Bias, and each filter's contiguous outputs into the task's row tiles.
+                // Each filter's contiguous outputs (bias included) into the task's row tiles.
                 for (i, out) in outs.iter_mut().enumerate() {
-                    let bias = s.bias.map_or(0.0, |b| b[task.m0 + i]);
-                    let src = &tile[i * positions..][..positions];
-                    for (o, &v) in out[ya * geo.wo..yb * geo.wo].iter_mut().zip(src) {
-                        *o = v + bias;
-                    }
+                    out[ya * geo.wo..yb * geo.wo]
+                        .copy_from_slice(&tile[i * positions..][..positions]);
                 }
             }
         }
@@ -837,6 +843,47 @@ mod tests {
                 false,
                 true,
             );
+        }
+    }
+
+    /// An output's bits never depend on the thread count (which changes how work is cut into
+    /// tasks and which outputs go through scratch): fingerprints are valid on any machine.
+    #[test]
+    fn results_are_bit_identical_for_every_thread_count() {
+        let cases = [
+            Conv2dParams::new(2, 16, 14, 14, 32, 3, 3).with_padding(1, 1),
+            Conv2dParams::new(1, 16, 17, 15, 32, 3, 3)
+                .with_padding(2, 2)
+                .with_dilation(2, 2)
+                .with_groups(4),
+            Conv2dParams::new(1, 3, 30, 30, 16, 7, 7)
+                .with_stride(2, 2)
+                .with_padding(3, 3),
+            Conv2dParams::new(2, 24, 9, 9, 24, 3, 3)
+                .with_padding(1, 1)
+                .with_groups(24),
+            Conv2dParams::new(1, 256, 7, 7, 40, 1, 1),
+        ];
+        for p in cases {
+            let (x, w, b) = conv_data(&p, 9, false);
+            for path in [None, Some(CpuPath::GemmStrips), Some(CpuPath::GemmRows)] {
+                let outputs: Vec<Vec<u32>> = [1, 2, 3, 5]
+                    .into_iter()
+                    .map(|threads| {
+                        let mut cpu = CpuBackend::with_threads(threads).unwrap();
+                        if let Some(path) = path {
+                            cpu = cpu.with_path(path);
+                        }
+                        let mut y = vec![0.0; p.output_len() as usize];
+                        cpu.conv2d(&p, &x, &w, Some(&b), &mut y).unwrap();
+                        y.iter().map(|v| v.to_bits()).collect()
+                    })
+                    .collect();
+                assert!(
+                    outputs.windows(2).all(|o| o[0] == o[1]),
+                    "{p} {path:?}: bits differ between thread counts"
+                );
+            }
         }
     }
 

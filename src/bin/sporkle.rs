@@ -503,14 +503,7 @@ fn print_comparison(rows: &[(String, f64, f64)], peers: &[(String, String, f64)]
 }
 
 fn devices() -> Result<()> {
-    let model = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
-        })
-        .unwrap_or_else(|| std::env::consts::ARCH.to_owned());
+    let model = sporkle::cpu::cpu_model();
     let backend = CpuBackend::new()?;
     println!("cpu: {model}");
     println!("  threads: {}", backend.threads());

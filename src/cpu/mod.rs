@@ -69,6 +69,19 @@ struct Workspace {
     packed: Vec<f32>,
 }
 
+/// The CPU's model name (Linux `/proc/cpuinfo`), or the architecture where that is unknown.
+pub fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_owned())
+        })
+        .unwrap_or_else(|| std::env::consts::ARCH.to_owned())
+}
+
 /// Which algorithm a call uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CpuPath {

@@ -27,22 +27,9 @@ pub enum Device {
     },
 }
 
-/// Why this machine has no `[gpu]` device (`None` when it has one).
-pub fn gpu_absence(devices: &[Device]) -> Option<String> {
-    if devices.iter().any(|d| matches!(d, Device::Gpu { .. })) {
-        None
-    } else {
-        Some(
-            GpuBackend::new()
-                .err()
-                .map_or_else(|| "unknown".to_owned(), |e| e.to_string()),
-        )
-    }
-}
-
 impl Device {
-    /// The devices of this machine.
-    pub fn all() -> Vec<Device> {
+    /// The devices of this machine, and why there is no `[gpu]` among them (`None` when there is).
+    pub fn all() -> (Vec<Device>, Option<String>) {
         let threads = std::thread::available_parallelism()
             .map_or(1, |n| n.get())
             .min(4);
@@ -62,13 +49,19 @@ impl Device {
                 });
             }
         }
-        match GpuBackend::new() {
-            Ok(b) => all.push(Device::Gpu {
-                backend: Arc::new(b),
-            }),
-            Err(e) => eprintln!("sporkle-validate: no [gpu] device: {e}"),
-        }
-        all
+        let gpu_absence = match GpuBackend::new() {
+            Ok(b) => {
+                all.push(Device::Gpu {
+                    backend: Arc::new(b),
+                });
+                None
+            }
+            Err(e) => {
+                eprintln!("sporkle-validate: no [gpu] device: {e}");
+                Some(e.to_string())
+            }
+        };
+        (all, gpu_absence)
     }
 
     /// The trial kind: `reference`, `cpu`, `cpu-portable`.

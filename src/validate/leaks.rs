@@ -85,7 +85,7 @@ fn child(kind: &str) -> Result<String, String> {
             "leak check cannot run: this binary's global allocator is not dhat::Alloc".into(),
         );
     }
-    let devices = Device::all();
+    let (devices, _) = Device::all();
     let template = devices
         .iter()
         .find(|d| d.kind() == kind)

@@ -92,6 +92,8 @@ pub struct Context {
     pub opts: Options,
     /// The devices of this machine.
     pub devices: Vec<Device>,
+    /// Why there is no `[gpu]` device (`None` when there is one).
+    gpu_absence: Option<String>,
     /// Performance results of this run, for the report.
     perf_rows: Mutex<Vec<perf::Row>>,
 }
@@ -118,9 +120,11 @@ pub fn main() -> ExitCode {
         (opts.bench, targs.bench, targs.test_threads) = (true, false, Some(1));
     }
     prepare_insta(opts.bless);
+    let (devices, gpu_absence) = Device::all();
     let ctx = Arc::new(Context {
         opts,
-        devices: Device::all(),
+        devices,
+        gpu_absence,
         perf_rows: Mutex::default(),
     });
     let trials = match all_trials(&ctx) {
@@ -159,7 +163,7 @@ fn all_trials(ctx: &Arc<Context>) -> crate::Result<Vec<Trial>> {
 /// `gpu/available`: passes when there is a GPU (a hardware one, with `SPORKLE_REQUIRE_GPU=1`);
 /// otherwise it is ignored with the reason, so a machine without GPU trials says so.
 fn gpu_presence(ctx: &Context) -> Trial {
-    let absent = devices::gpu_absence(&ctx.devices);
+    let absent = ctx.gpu_absence.clone();
     let software = ctx.devices.iter().any(|d| d.is_software());
     let require = std::env::var("SPORKLE_REQUIRE_GPU").is_ok_and(|v| v == "1");
     Trial::ignorable_test("gpu/available", move || match (absent, require) {

@@ -251,15 +251,7 @@ fn judge(
 
 /// The key of a device's baselines: kind, microkernel, CPU model and threads.
 fn device_key(device: &Device, backend: &CpuBackend) -> String {
-    let model = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(str::to_owned)
-        })
-        .unwrap_or_else(|| std::env::consts::ARCH.to_owned());
+    let model = crate::cpu::cpu_model();
     format!(
         "{}-{}-{}-{}t",
         device.kind(),

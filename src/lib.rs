@@ -1,5 +1,5 @@
-//! sporkle: fp32 2-D convolution (NCHW) on the CPU and, later, on the GPU through OpenGL
-//! compute shaders, with the validation harness that proves it correct.
+//! sporkle: fp32 2-D convolution (NCHW) on the CPU and on the GPU through OpenGL compute
+//! shaders, with the validation harness that proves it correct.
 //!
 //! # Architecture in a few lines
 //!
@@ -10,8 +10,11 @@
 //!   Every backend is checked against it with the policy of [`tolerance`].
 //! - [`cpu`] is the fast CPU backend: an implicit GEMM over "phase planes" (the zero-padded
 //!   input split by stride phase, so every kernel tap is a constant offset and no im2col
-//!   matrix is ever built), an AVX-512 microkernel with a portable fallback, a direct path for
+//!   matrix is ever built), two AVX-512 microkernels with portable twins, a direct path for
 //!   depthwise and narrow grouped convolutions, rayon threads and reusable workspaces.
+//! - [`gpu`] is the GPU backend: a headless EGL context owned by a worker thread, RAII GL
+//!   objects, implicit-GEMM compute shaders specialised by `#define`s, resident weights
+//!   identified by a hash of every byte, a fenced synchronous path.
 //! - [`npy`] reads and writes `.npy` files (float32, little-endian, C order).
 //! - [`suite`] reads the device-independent case files in `suites/*.toml`.
 //! - [`data`] makes deterministic test data (seeded uniform and small-integer fills).

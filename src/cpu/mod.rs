@@ -2,22 +2,29 @@
 //!
 //! How a call runs (see `planes.rs` for the layout trick that makes it an implicit GEMM):
 //! 1. the input of a chunk of images is copied once into phase planes (zero-padded, split by
-//!    stride phase), and the offset of every tap `(c, r, s)` is tabulated;
+//!    stride phase), and the offset of every tap `(c, r, s)` is tabulated; a pointwise layer
+//!    on the rows kernel reads its input in place instead (`Geometry::pointwise`);
 //! 2. the output is cut into tasks (image, group, a tile of whole output rows, a range of
-//!    filters), run in parallel; each task computes its block into a per-thread scratch tile:
-//!    - **GEMM path** ([`GEMM_MIN_FILTERS`] or more filters per group): for each panel of 16 filters and each block of
-//!      at most [`KC`] taps, the weights are packed `[tap][filter]` and the 16×16 microkernel
-//!      (`kernel.rs`) runs over every strip of 16 output positions. A 1×1 convolution is the
-//!      same GEMM reading the input directly (its planes are the input), with no im2col;
-//!    - **direct path** (fewer than [`GEMM_MIN_FILTERS`] filters per group: depthwise and narrow
+//!    filters), run in parallel, about two per thread; [`CpuPath::for_params`] picks the path:
+//!    - **GEMM, strips** (`kernel.rs`): for each panel of 16 filters and each block of at most
+//!      [`KC`] taps, the 16×16 microkernel runs over every strip of 16 grid positions (junk
+//!      columns included);
+//!    - **GEMM, rows**: up to 16 valid positions of one row × 16 filters over every tap, the
+//!      tile stored transposed; chosen where it computes fewer lanes than strips;
+//!    - **direct** (fewer than [`GEMM_MIN_FILTERS`] filters per group: depthwise and narrow
 //!      grouped layers, where a GEMM would waste most of each 16-wide panel): each output plane
 //!      is a sum of shifted rows of the planes (`acc[q] += w · planes[q + off]`), four taps at
 //!      a time;
-//! 3. each task adds the bias and copies the valid columns into its own disjoint slices of the
-//!    output (split safely with `chunks_mut`; no raw pointers cross threads).
+//! 3. a task that owns whole output planes has the GEMM kernels store straight into them;
+//!    otherwise it computes into a per-thread scratch tile and copies the valid outputs into
+//!    its own disjoint slices (split safely with `chunks_mut`; no raw pointers cross threads).
+//!    Every GEMM sum starts from the bias, so an output's bits do not depend on the plan or the
+//!    thread count; the direct path adds the bias when it copies out.
 //!
-//! Workspaces (the planes, the offsets, one scratch buffer per thread) belong to the backend
-//! and are reused: a warm call allocates only a few small task vectors.
+//! Weights are packed `[group][panel of 16 filters][tap][16]` once per call, or once for good
+//! with [`CpuBackend::prepare_weights`]. Workspaces (the planes, the offsets, one scratch buffer
+//! per thread) belong to the backend and are reused: a warm call allocates only a few small
+//! task vectors.
 //! Why not a GEMM crate: every crate takes B as a strided matrix, which forces an im2col copy
 //! `k_h·k_w` times the input; an implicit GEMM needs B read through a tap-offset table.
 

@@ -6,7 +6,7 @@
 //! - [`Conv2dParams`] ([`params`]) describes one convolution: shape, stride, padding, dilation,
 //!   groups. It validates itself, computes the output size, the buffer lengths and the FLOPs,
 //!   all in 64-bit arithmetic.
-//! - [`reference`] is the oracle: direct loops, f64 accumulation, no `unsafe`, no threads.
+//! - [`reference`](mod@reference) is the oracle: direct loops, f64 accumulation, no `unsafe`, no threads.
 //!   Every backend is checked against it with the policy of [`tolerance`].
 //! - [`cpu`] is the fast CPU backend: an implicit GEMM over "phase planes" (the zero-padded
 //!   input split by stride phase, so every kernel tap is a constant offset and no im2col

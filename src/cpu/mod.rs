@@ -104,7 +104,7 @@ impl CpuPath {
     /// The path sporkle takes for these parameters: the direct path for narrow groups, else
     /// the GEMM orientation that computes fewer lanes per image. Strips compute the junk
     /// columns and round the grid up to 16; rows compute only valid positions, but a call with
-    /// few positions is bound by FMA latency (counted as at least [`ROWS_MIN_LANES`]).
+    /// few positions is bound by FMA latency (counted as at least `ROWS_MIN_LANES`).
     pub fn for_params(p: &Conv2dParams) -> Self {
         if p.c_out_per_group() < GEMM_MIN_FILTERS {
             return CpuPath::Direct;

@@ -3,14 +3,21 @@
 //
 // `#version` and the `#define`s are prepended from Rust (src/gpu/shaders.rs):
 //   tile:  BM filters x BN output positions per workgroup, BK taps per step, TM x TN outputs per
-//          thread (multiples of 4: read from shared memory four floats at a time), THREADS = (BM/TM)*(BN/TN),
-//          with THREADS a multiple of BM and of BN (each thread loads one fixed column of A and B)
+//          thread (multiples of 4), THREADS = (BM/TM)*(BN/TN); SPLIT slices of the taps
+//          (split-K: with SPLIT > 1 each slice writes its partial sums, without bias, to its own
+//          copy of the output, and conv2d_reduce.comp adds them in slice order)
 //   shape: N C_IN H W C_OUT K_H K_W SH SW PH PW DH DW GROUPS HO WO (unsigned), HAS_BIAS (0/1)
-// Per group g (workgroup z; x: filter tiles, y: position tiles): C[m][q] = sum_k A[k][m] B[k][q]; m a filter, q = (image, y, x) an
-// output position, k = (c, r, s) a tap. B is gathered from the input (no im2col buffer).
-// The next step's global loads are held in registers while the current step computes from
-// shared memory (register double buffering). A thread's outputs are TM/4 groups of 4 rows and
-// TN/4 groups of 4 columns, spread so that shared-memory reads are broadcasts or conflict-free.
+//   code:  DECL_ACC, LOAD_GLOBAL(k0), STORE_SHARED(buf), STEP(buf), STORE_ACC: the per-thread
+//          register code, written out by Rust. NVIDIA's GLSL compiler keeps loops over small
+//          arrays as loops and puts the arrays in local memory (seen in its program binary), so
+//          the accumulators are named vec4 variables and nothing in the inner loop is an array.
+// Per group g and slice s (workgroup z = g * SPLIT + s; x: filter tiles, y: position tiles):
+// C[m][q] = sum_k A[k][m] B[k][q], m a filter, q = (image, y, x) an output position, k = (c, r, s)
+// a tap. B is gathered from the input (no im2col buffer). Shared memory holds vec4 "quads": quad v
+// of a row of A holds filters m0 + v + i * BM/4 (i = 0..3), quad v of B positions q0 + v + i * BN/4,
+// so that neighbouring threads load neighbouring filters and positions (coalesced) and store
+// neighbouring outputs. It is double-buffered: the next step's quads are loaded from global memory
+// into registers while this step computes, and one barrier per step suffices.
 
 #define CG (C_IN / GROUPS)
 #define MG (C_OUT / GROUPS)
@@ -18,10 +25,8 @@
 #define KDIM (CG * KHW)
 #define HOWO (HO * WO)
 #define NPOS (N * HOWO)
-#define A_LOADS ((BM * BK + THREADS - 1u) / THREADS)
-#define B_LOADS ((BK * BN + THREADS - 1u) / THREADS)
-#define TMV (TM / 4u)
-#define TNV (TN / 4u)
+// Taps per slice, a multiple of BK.
+#define KSLICE ((KDIM + SPLIT * BK - 1u) / (SPLIT * BK) * BK)
 
 layout(local_size_x = THREADS) in;
 
@@ -30,126 +35,141 @@ layout(std430, binding = 1) readonly buffer Weights { float wt[]; };
 layout(std430, binding = 2) readonly buffer Bias { float bias[]; };
 layout(std430, binding = 3) writeonly buffer Output { float y[]; };
 
-shared float As[BK][BM];
-shared float Bs[BK][BN];
+shared vec4 As[2][BK][BM / 4u];
+shared vec4 Bs[2][BK][BN / 4u];
+
+uint g;
+uint slice;
+uint m0;
+uint q0;
+uint k_end;
+// This thread's quad of A (filters a_m + i * BM/4) and of B (positions, below).
+uint a_m;
+uint a_base;
+// Per position of the B quad: the input offset of tap (0, 0) (modulo 2^32: it may point before
+// the image) and its row and column; a position past the end gets a row that every bounds check
+// rejects.
+uvec4 b_base;
+ivec4 b_iy;
+ivec4 b_ix;
+
+void position(uint q, out uint base, out int iy, out int ix) {
+    uint pix = q % HOWO;
+    iy = int((pix / WO) * SH) - int(PH);
+    ix = int((pix % WO) * SW) - int(PW);
+    base = (q / HOWO * C_IN + g * CG) * H * W + uint(iy * int(W) + ix);
+    if (q >= NPOS) {
+        iy = -0x40000000;
+    }
+}
+
+#define QA (BM / 4u)
+#define QB (BN / 4u)
+
+// The quad of A at tap k (zero past the end).
+vec4 load_a(uint k) {
+    vec4 v = vec4(0.0);
+    if (k < k_end) {
+        uint i = a_base + k * MG;
+        v.x = a_m < MG ? wt[i] : 0.0;
+        v.y = a_m + QA < MG ? wt[i + QA] : 0.0;
+        v.z = a_m + 2u * QA < MG ? wt[i + 2u * QA] : 0.0;
+        v.w = a_m + 3u * QA < MG ? wt[i + 3u * QA] : 0.0;
+    }
+    return v;
+}
+
+// The input under tap k for the four positions of B (zero in the padding and past the end).
+vec4 load_b(uint k) {
+    vec4 v = vec4(0.0);
+    if (k < k_end) {
+        uint c = k / KHW;
+        uint rs = k % KHW;
+        int dy = int((rs / K_W) * DH);
+        int dx = int((rs % K_W) * DW);
+        uint off = c * H * W + uint(dy) * W + uint(dx);
+        ivec4 iy = b_iy + dy;
+        ivec4 ix = b_ix + dx;
+        // Unsigned comparison: a negative row or column is out of bounds too.
+        uvec4 ok = uvec4(lessThan(uvec4(iy), uvec4(H))) & uvec4(lessThan(uvec4(ix), uvec4(W)));
+        uvec4 at = b_base + off;
+        v.x = ok.x != 0u ? x[at.x] : 0.0;
+        v.y = ok.y != 0u ? x[at.y] : 0.0;
+        v.z = ok.z != 0u ? x[at.z] : 0.0;
+        v.w = ok.w != 0u ? x[at.w] : 0.0;
+    }
+    return v;
+}
+
+void put(uint m, uint q, float v) {
+    if (q < NPOS) {
+        y[slice * (N * C_OUT * HOWO) + ((q / HOWO) * C_OUT + g * MG + m) * HOWO + q % HOWO] = v;
+    }
+}
+
+// Four outputs of filter m (of this group): a quad of positions from q.
+void store(uint m, uint q, vec4 v) {
+    if (m < MG) {
+#if HAS_BIAS
+        if (SPLIT == 1u) {
+            v += vec4(bias[g * MG + m]);
+        }
+#endif
+        put(m, q, v.x);
+        put(m, q + QB, v.y);
+        put(m, q + 2u * QB, v.z);
+        put(m, q + 3u * QB, v.w);
+    }
+}
 
 void main() {
-    const uint g = gl_WorkGroupID.z;
+    g = gl_WorkGroupID.z / SPLIT;
+    slice = gl_WorkGroupID.z % SPLIT;
     // Filter tiles vary fastest, so the tiles that share one window of the input run together
     // and find it in L2.
-    const uint m0 = gl_WorkGroupID.x * BM;
-    const uint q0 = gl_WorkGroupID.y * BN;
+    m0 = gl_WorkGroupID.x * BM;
+    q0 = gl_WorkGroupID.y * BN;
+    const uint k_begin = slice * KSLICE;
+    k_end = min(k_begin + KSLICE, KDIM);
     const uint tid = gl_LocalInvocationIndex;
     const uint tx = tid % (BN / TN);
     const uint ty = tid / (BN / TN);
 
-    // This thread's fixed column of A (a filter) and of B (an output position).
-    const uint mm = tid % BM;
-    const bool m_ok = m0 + mm < MG;
-    const uint a_base = g * KDIM * MG + m0 + mm;
-    const uint nn = tid % BN;
-    const uint q = q0 + nn;
-    const bool q_ok = q < NPOS;
-    const uint img = q / HOWO;
-    const uint pix = q % HOWO;
-    const int iy0 = int((pix / WO) * SH) - int(PH);
-    const int ix0 = int((pix % WO) * SW) - int(PW);
-    const uint x_base = (img * C_IN + g * CG) * H * W;
+    // Loads: thread tid takes quad a_quad of A in rows a_row + i * A_STEP of a step, and quad
+    // b_quad of B in rows b_row + j * B_STEP.
+    const uint a_quad = tid % QA;
+    const uint a_row = tid / QA;
+    const uint b_quad = tid % QB;
+    const uint b_row = tid / QB;
+    a_m = m0 + a_quad;
+    a_base = g * KDIM * MG + a_m;
+    const uint q = q0 + b_quad;
+    position(q, b_base.x, b_iy.x, b_ix.x);
+    position(q + QB, b_base.y, b_iy.y, b_ix.y);
+    position(q + 2u * QB, b_base.z, b_iy.z, b_ix.z);
+    position(q + 3u * QB, b_base.w, b_iy.w, b_ix.w);
 
-    float pa[A_LOADS];
-    float pb[B_LOADS];
-    float acc[TM][TN];
-    for (uint i = 0u; i < TM; i++) {
-        for (uint j = 0u; j < TN; j++) {
-            acc[i][j] = 0.0;
-        }
+    DECL_ACC
+    DECL_PREFETCH
+    if (k_begin < k_end) {
+        LOAD_GLOBAL(k_begin)
+        STORE_SHARED(0u)
     }
-
-    // Global loads of the step starting at tap k0 into registers.
-#define LOAD(k0)                                                                   \
-    for (uint l = 0u; l < A_LOADS; l++) {                                          \
-        uint e = tid + l * THREADS;                                                \
-        uint k = (k0) + e / BM;                                                    \
-        pa[l] = (e < BM * BK && m_ok && k < KDIM) ? wt[a_base + k * MG] : 0.0;     \
-    }                                                                              \
-    for (uint l = 0u; l < B_LOADS; l++) {                                          \
-        uint e = tid + l * THREADS;                                                \
-        uint k = (k0) + e / BN;                                                    \
-        float v = 0.0;                                                             \
-        if (e < BK * BN && q_ok && k < KDIM) {                                     \
-            uint c = k / KHW;                                                      \
-            uint rs = k % KHW;                                                     \
-            int iy = iy0 + int((rs / K_W) * DH);                                   \
-            int ix = ix0 + int((rs % K_W) * DW);                                   \
-            if (iy >= 0 && iy < int(H) && ix >= 0 && ix < int(W)) {                \
-                v = x[x_base + (c * H + uint(iy)) * W + uint(ix)];                 \
-            }                                                                      \
-        }                                                                          \
-        pb[l] = v;                                                                 \
-    }
-
-    LOAD(0u)
-    for (uint k0 = 0u; k0 < KDIM; k0 += BK) {
-        for (uint l = 0u; l < A_LOADS; l++) {
-            uint e = tid + l * THREADS;
-            if (e < BM * BK) {
-                As[e / BM][mm] = pa[l];
-            }
+    memoryBarrierShared();
+    barrier();
+    uint buf = 0u;
+    for (uint k0 = k_begin; k0 < k_end; k0 += BK) {
+        const bool more = k0 + BK < k_end;
+        if (more) {
+            LOAD_GLOBAL(k0 + BK)
         }
-        for (uint l = 0u; l < B_LOADS; l++) {
-            uint e = tid + l * THREADS;
-            if (e < BK * BN) {
-                Bs[e / BN][nn] = pb[l];
-            }
+        STEP(buf)
+        if (more) {
+            STORE_SHARED(buf ^ 1u)
         }
+        memoryBarrierShared();
         barrier();
-        if (k0 + BK < KDIM) {
-            LOAD(k0 + BK)
-        }
-        for (uint kk = 0u; kk < BK; kk++) {
-            vec4 a[TMV];
-            vec4 b[TNV];
-            // Four consecutive, 16-byte aligned floats: one 128-bit shared-memory read each.
-            for (uint i = 0u; i < TMV; i++) {
-                uint r = 4u * (i * (BM / TM) + ty);
-                a[i] = vec4(As[kk][r], As[kk][r + 1u], As[kk][r + 2u], As[kk][r + 3u]);
-            }
-            for (uint j = 0u; j < TNV; j++) {
-                uint c = 4u * (j * (BN / TN) + tx);
-                b[j] = vec4(Bs[kk][c], Bs[kk][c + 1u], Bs[kk][c + 2u], Bs[kk][c + 3u]);
-            }
-            for (uint i = 0u; i < TMV; i++) {
-                for (uint ii = 0u; ii < 4u; ii++) {
-                    for (uint j = 0u; j < TNV; j++) {
-                        for (uint jj = 0u; jj < 4u; jj++) {
-                            acc[i * 4u + ii][j * 4u + jj] = fma(a[i][ii], b[j][jj], acc[i * 4u + ii][j * 4u + jj]);
-                        }
-                    }
-                }
-            }
-        }
-        barrier();
+        buf ^= 1u;
     }
-
-    for (uint i = 0u; i < TMV; i++) {
-        for (uint ii = 0u; ii < 4u; ii++) {
-            uint m = m0 + 4u * (i * (BM / TM) + ty) + ii;
-            if (m >= MG) {
-                continue;
-            }
-#if HAS_BIAS
-            float bv = bias[g * MG + m];
-#else
-            float bv = 0.0;
-#endif
-            for (uint j = 0u; j < TNV; j++) {
-                for (uint jj = 0u; jj < 4u; jj++) {
-                    uint qo = q0 + 4u * (j * (BN / TN) + tx) + jj;
-                    if (qo < NPOS) {
-                        y[((qo / HOWO) * C_OUT + g * MG + m) * HOWO + qo % HOWO] = acc[i * 4u + ii][j * 4u + jj] + bv;
-                    }
-                }
-            }
-        }
-    }
+    STORE_ACC
 }

@@ -372,14 +372,24 @@ fn bench(a: BenchArgs) -> Result<()> {
                 verify_sample(&p, &x, &w, bias, &y)
                     .with_context(|| format!("shape {}: result is wrong", case.name))?;
                 // Kernel: dispatches back to back, each timed on its own; the output is checked.
-                let e2e_s = median(&mut wall.clone());
-                let dispatches = ((a.seconds / e2e_s.max(1e-6)) as usize).clamp(5, 200);
+                // As the cuDNN peer does: an estimate from one dispatch, then at least 0.1 s of
+                // untimed dispatches to bring the clocks up, then the time budget's worth. A
+                // software renderer gives no times (they mean nothing there): one dispatch.
                 y.fill(f32::NAN);
-                let mut kernel: Vec<f64> = gpu
-                    .time_kernel(&p, &x, &w, bias, &mut y, dispatches)?
-                    .iter()
-                    .map(|&ns| ns as f64 / 1e6)
-                    .collect();
+                let first = gpu.time_kernel(&p, &x, &w, bias, &mut y, 0, 1)?;
+                let mut kernel: Vec<f64> = match first.first() {
+                    Some(&ns) => {
+                        let estimate_s = (ns as f64 * 1e-9).max(1e-6);
+                        let warmup = ((0.1 / estimate_s) as usize).clamp(3, 2000);
+                        let dispatches = ((a.seconds / estimate_s) as usize).clamp(10, 2000);
+                        y.fill(f32::NAN);
+                        gpu.time_kernel(&p, &x, &w, bias, &mut y, warmup, dispatches)?
+                    }
+                    None => Vec::new(),
+                }
+                .iter()
+                .map(|&ns| ns as f64 / 1e6)
+                .collect();
                 verify_sample(&p, &x, &w, bias, &y).with_context(|| {
                     format!("shape {}: kernel-timing result is wrong", case.name)
                 })?;

@@ -182,8 +182,9 @@ pub struct Program {
 }
 
 impl Program {
-    /// Compiles and links a compute shader; a failure carries the driver's log.
-    pub fn compute(gl: &Rc<glow::Context>, source: &str) -> Result<Self> {
+    /// Compiles and links a compute shader; a failure carries the driver's log. With
+    /// `retrievable`, the driver keeps the program binary for [`Program::binary`].
+    pub fn compute(gl: &Rc<glow::Context>, source: &str, retrievable: bool) -> Result<Self> {
         // SAFETY: shader and program objects of the current context; the shader is deleted
         // here and the program in Drop (or here, on failure).
         unsafe {
@@ -199,6 +200,7 @@ impl Program {
                 )));
             }
             let raw = gl.create_program().map_err(Error::Gpu)?;
+            gl.program_binary_retrievable_hint(raw, retrievable);
             gl.attach_shader(raw, shader);
             gl.link_program(raw);
             gl.detach_shader(raw, shader);
@@ -217,6 +219,13 @@ impl Program {
                 raw,
             })
         }
+    }
+
+    /// The driver's program binary, if it gives one (NVIDIA's hold the generated assembly as
+    /// text, which shows register use and local-memory spills).
+    pub fn binary(&self) -> Option<Vec<u8>> {
+        // SAFETY: the program is alive and linked; glow sizes the buffer from the driver.
+        unsafe { self.gl.get_program_binary(self.raw) }.map(|b| b.buffer)
     }
 
     /// Dispatches `groups` workgroups with this program (storage buffers bound by the caller).

@@ -74,6 +74,8 @@ struct Job {
     w: Vec<f32>,
     key: WeightsKey,
     b: Option<Vec<f32>>,
+    /// Untimed dispatches first (0 for a normal call).
+    warmup: usize,
     /// Back-to-back dispatches, each timed on its own (1 for a normal call).
     dispatches: usize,
     reply: mpsc::Sender<JobResult>,
@@ -152,11 +154,11 @@ impl GpuBackend {
         bias: Option<&[f32]>,
         output: &mut [f32],
     ) -> Result<GpuRun> {
-        Ok(self.submit(p, input, weights, bias, output, 1)?.0)
+        Ok(self.submit(p, input, weights, bias, output, 0, 1)?.0)
     }
 
     /// Kernel timing, the way a GPU kernel benchmark (and the cuDNN peer) measures it: the
-    /// inputs are uploaded once, `dispatches` untimed dispatches bring the clocks up, then
+    /// inputs are uploaded once, `warmup` untimed dispatches bring the clocks up, then
     /// `dispatches` identical dispatches run back to back, each timed by its own
     /// `GL_TIME_ELAPSED` query; the output of the
     /// last is read back into `output` for the caller to verify. Returns the per-dispatch times
@@ -169,10 +171,11 @@ impl GpuBackend {
         weights: &[f32],
         bias: Option<&[f32]>,
         output: &mut [f32],
+        warmup: usize,
         dispatches: usize,
     ) -> Result<Vec<u64>> {
         Ok(self
-            .submit(p, input, weights, bias, output, dispatches.max(1))?
+            .submit(p, input, weights, bias, output, warmup, dispatches.max(1))?
             .1)
     }
 
@@ -183,6 +186,7 @@ impl GpuBackend {
         weights: &[f32],
         bias: Option<&[f32]>,
         output: &mut [f32],
+        warmup: usize,
         dispatches: usize,
     ) -> Result<(GpuRun, Vec<u64>)> {
         p.check_buffers(
@@ -198,6 +202,7 @@ impl GpuBackend {
             w: weights.to_vec(),
             key: WeightsKey::of(weights),
             b: bias.map(<[f32]>::to_vec),
+            warmup,
             dispatches,
             reply,
         };
@@ -243,6 +248,8 @@ struct Worker {
     input: Option<Buffer>,
     output: Option<Buffer>,
     bias: Option<Buffer>,
+    /// Partial outputs of split-K convolutions.
+    partial: Option<Buffer>,
     clock: u64,
     /// Buffers get immutable storage (GL_ARB_buffer_storage), which the driver keeps on the GPU.
     immutable: bool,
@@ -257,6 +264,7 @@ impl Worker {
             input: None,
             output: None,
             bias: None,
+            partial: None,
             clock: 0,
             immutable: ctx
                 .info
@@ -275,6 +283,7 @@ impl Worker {
                 &job.w,
                 job.key,
                 job.b.as_deref(),
+                job.warmup,
                 job.dispatches,
             );
             let _ = job.reply.send(result);
@@ -341,6 +350,7 @@ impl Worker {
         w: &[f32],
         key: WeightsKey,
         b: Option<&[f32]>,
+        warmup: usize,
         dispatches: usize,
     ) -> JobResult {
         let info = &self.ctx.info;
@@ -353,7 +363,9 @@ impl Worker {
                 )));
             }
         }
-        let biggest = x.len().max(w.len()).max(p.output_len() as usize) as i64 * 4;
+        let split = tile.split.max(1) as usize;
+        let out_len = p.output_len() as usize;
+        let biggest = x.len().max(w.len()).max(out_len * split) as i64 * 4;
         if biggest > info.max_storage_block {
             return Err(Error::Gpu(format!(
                 "a buffer of {biggest} bytes exceeds GL_MAX_SHADER_STORAGE_BLOCK_SIZE ({})",
@@ -366,6 +378,9 @@ impl Worker {
         Self::scratch(&gl, &mut self.input, x.len(), immutable)?;
         Self::scratch(&gl, &mut self.output, p.output_len() as usize, immutable)?;
         Self::scratch(&gl, &mut self.bias, p.c_out, immutable)?;
+        if split > 1 {
+            Self::scratch(&gl, &mut self.partial, out_len * split, immutable)?;
+        }
         let input = self.input.as_ref().expect("allocated above");
         input.upload(x)?;
         if let (Some(b), Some(buf)) = (b, self.bias.as_ref()) {
@@ -373,32 +388,62 @@ impl Worker {
         }
         let (wi, weights_uploaded) = self.resident(p, key, w)?;
         let upload_s = t0.elapsed().as_secs_f64();
-        let program = self
-            .programs
+        self.programs
             .get(&gl, shaders::conv2d_source(p, tile, b.is_some()))?;
+        if split > 1 {
+            self.programs
+                .get(&gl, shaders::reduce_source(p, tile.split, b.is_some()))?;
+        }
+        let conv = self
+            .programs
+            .peek(&shaders::conv2d_source(p, tile, b.is_some()));
+        let reduce = (split > 1)
+            .then(|| {
+                self.programs
+                    .peek(&shaders::reduce_source(p, tile.split, b.is_some()))
+            })
+            .flatten();
         let (input, output, bias) = (
             self.input.as_ref().expect("allocated"),
             self.output.as_ref().expect("allocated"),
             self.bias.as_ref().expect("allocated"),
         );
-        input.bind(0);
         self.weights[wi].buffer.bind(1);
         bias.bind(2);
-        output.bind(3);
-        // Kernel timing (more than one dispatch) first brings the GPU's clocks up with as many
-        // untimed dispatches, as GPU kernel benchmarks do; a single call runs as it comes.
-        let warmup = if dispatches > 1 { dispatches } else { 0 };
+        let conv = conv.expect("compiled above");
+        let reduce_groups = (out_len as u64)
+            .div_ceil(u64::from(shaders::REDUCE_THREADS))
+            .min(self.ctx.info.max_groups[0].max(1) as u64) as u32;
+        // One whole convolution: the tiled pass, and for split-K the reduction after it.
+        let run_once = || -> Result<()> {
+            input.bind(0);
+            match (&reduce, &self.partial) {
+                (Some(reduce), Some(partial)) => {
+                    partial.bind(3);
+                    conv.dispatch([groups[0] as u32, groups[1] as u32, groups[2] as u32])?;
+                    gl::storage_barrier(&gl);
+                    partial.bind(0);
+                    output.bind(3);
+                    reduce.dispatch([reduce_groups, 1, 1])
+                }
+                _ => {
+                    output.bind(3);
+                    conv.dispatch([groups[0] as u32, groups[1] as u32, groups[2] as u32])
+                }
+            }
+        };
         for _ in 0..warmup {
-            program.dispatch([groups[0] as u32, groups[1] as u32, groups[2] as u32])?;
+            run_once()?;
+            gl::storage_barrier(&gl);
         }
         let mut queries = Vec::with_capacity(dispatches);
         for _ in 0..dispatches {
             let query = TimerQuery::begin(&gl)?;
-            let dispatched =
-                program.dispatch([groups[0] as u32, groups[1] as u32, groups[2] as u32]);
+            let dispatched = run_once();
             query.end();
             queries.push(query);
             dispatched?;
+            gl::storage_barrier(&gl);
         }
         gl::storage_barrier(&gl);
         let fence = Fence::new(&gl)?;

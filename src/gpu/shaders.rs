@@ -14,6 +14,14 @@ use std::rc::Rc;
 pub const CONV2D_TILED: &str = include_str!("../../shaders/conv2d_tiled.comp");
 /// The implicit-GEMM convolution for narrow and depthwise groups.
 pub const CONV2D_NARROW: &str = include_str!("../../shaders/conv2d_narrow.comp");
+/// The second pass of a split-K convolution: partial sums in slice order, then the bias.
+pub const CONV2D_REDUCE: &str = include_str!("../../shaders/conv2d_reduce.comp");
+
+/// Workgroups that keep a large GPU busy (the H100 has 132 SMs, two resident workgroups each);
+/// shapes with fewer output tiles split the taps (split-K) to reach it.
+const BUSY_WORKGROUPS: u64 = 264;
+/// At most this many slices of the taps.
+const MAX_SPLIT: u64 = 16;
 
 /// Which shader a tile variant runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -39,59 +47,75 @@ pub struct Tile {
     pub tm: u32,
     /// Positions per thread.
     pub tn: u32,
+    /// Slices of the taps (split-K, tiled kernel only; 1: none).
+    pub split: u32,
 }
 
 impl Tile {
     /// The variant for a shape: wide tiles when a group has many filters, thin ones for
     /// narrow and depthwise groups (where a wide tile would compute mostly nothing).
     pub fn for_params(p: &Conv2dParams) -> Self {
-        use Kernel::{Narrow, Tiled};
-        if p.c_out_per_group() >= 16 {
-            if let Some(tile) = Self::from_env() {
-                return tile;
-            }
-        }
-        // Measured on the H100 (SPORKLE_GPU_TILE sweeps over shapes #5-#10 of BENCHMARKS.md):
-        // 64x64x16 with 4x4 per thread is best or within 10% of best on every wide shape there;
-        // 128-wide tiles with 8x8 per thread were slower with this GLSL compiler.
+        let tile = match p.c_out_per_group() {
+            16.. => Self::from_env().unwrap_or_else(|| Self::wide(p)),
+            2..=15 => Self::narrow(4, 64, 1, 1),
+            _ => Self::narrow(1, 256, 1, 1),
+        };
+        tile.with_split(p)
+    }
+
+    /// The default for groups of 16 or more filters.
+    fn wide(p: &Conv2dParams) -> Self {
+        let tiled = |bm, bn, bk, tm, tn| Tile {
+            kernel: Kernel::Tiled,
+            bm,
+            bn,
+            bk,
+            tm,
+            tn,
+            split: 0,
+        };
         match p.c_out_per_group() {
-            64.. => Tile {
-                kernel: Tiled,
-                bm: 64,
-                bn: 64,
-                bk: 16,
-                tm: 4,
-                tn: 4,
-            },
-            16..=63 => Tile {
-                kernel: Narrow,
-                bm: 16,
-                bn: 128,
-                bk: 16,
-                tm: 2,
-                tn: 4,
-            },
-            2..=15 => Tile {
-                kernel: Narrow,
-                bm: 4,
-                bn: 64,
-                bk: 16,
-                tm: 1,
-                tn: 1,
-            },
-            _ => Tile {
-                kernel: Narrow,
-                bm: 1,
-                bn: 256,
-                bk: 16,
-                tm: 1,
-                tn: 1,
-            },
+            128.. => tiled(128, 128, 8, 8, 8),
+            64..=127 => tiled(64, 128, 8, 8, 8),
+            _ => Self::narrow(16, 128, 2, 4),
         }
     }
 
-    /// The tuning override `SPORKLE_GPU_TILE=kernel:BMxBNxBK:TMxTN` (e.g. `narrow:64x64x16:4x4`)
-    /// for groups of 16 or more filters, read once. An invalid value is reported and ignored.
+    fn narrow(bm: u32, bn: u32, tm: u32, tn: u32) -> Self {
+        Tile {
+            kernel: Kernel::Narrow,
+            bm,
+            bn,
+            bk: 16,
+            tm,
+            tn,
+            split: 1,
+        }
+    }
+
+    /// Fills in the split (0: choose) for `p`: the tiled kernel splits the taps of shapes with
+    /// too few output tiles to keep the GPU busy, keeping at least four steps per slice.
+    fn with_split(mut self, p: &Conv2dParams) -> Self {
+        if self.kernel != Kernel::Tiled {
+            self.split = 1;
+        } else if self.split == 0 {
+            let [filters, positions, groups] = self.groups(p);
+            let tiles = filters * positions * groups;
+            let steps = (p.reduction_len() as u64).div_ceil(u64::from(self.bk));
+            let split = BUSY_WORKGROUPS
+                .div_ceil(tiles)
+                .min(steps / 4)
+                .clamp(1, MAX_SPLIT);
+            // No empty slice: every slice gets at least one step.
+            let per = steps.div_ceil(split);
+            self.split = steps.div_ceil(per) as u32;
+        }
+        self
+    }
+
+    /// The tuning override `SPORKLE_GPU_TILE=kernel:BMxBNxBK:TMxTN[:SPLIT]` (e.g.
+    /// `tiled:64x64x16:4x4:2`; without SPLIT the tiled kernel chooses) for groups of 16 or more
+    /// filters, read once. An invalid value is reported and ignored.
     pub fn from_env() -> Option<Self> {
         static TILE: std::sync::OnceLock<Option<Tile>> = std::sync::OnceLock::new();
         *TILE.get_or_init(|| {
@@ -106,7 +130,7 @@ impl Tile {
         })
     }
 
-    /// Parses `kernel:BMxBNxBK:TMxTN` and checks the shader's constraints.
+    /// Parses `kernel:BMxBNxBK:TMxTN[:SPLIT]` and checks the shader's constraints.
     pub fn parse(v: &str) -> std::result::Result<Self, String> {
         let parts: Vec<&str> = v.split(':').collect();
         let nums = |s: &str| -> std::result::Result<Vec<u32>, String> {
@@ -117,9 +141,19 @@ impl Tile {
                 })
                 .collect()
         };
-        let (kernel, b, t) = match parts.as_slice() {
-            [k, b, t] => (*k, nums(b)?, nums(t)?),
-            _ => return Err("expected kernel:BMxBNxBK:TMxTN".into()),
+        let (kernel, b, t, split) = match parts.as_slice() {
+            [k, b, t] => (*k, nums(b)?, nums(t)?, 0),
+            [k, b, t, split] => (
+                *k,
+                nums(b)?,
+                nums(t)?,
+                split
+                    .parse::<u32>()
+                    .ok()
+                    .filter(|&s| s > 0)
+                    .ok_or_else(|| format!("split {split:?} is not a positive number"))?,
+            ),
+            _ => return Err("expected kernel:BMxBNxBK:TMxTN[:SPLIT]".into()),
         };
         let kernel = match kernel {
             "tiled" => Kernel::Tiled,
@@ -136,6 +170,7 @@ impl Tile {
             bk,
             tm,
             tn,
+            split,
         };
         let threads = if tm > 0 && tn > 0 { tile.threads() } else { 0 };
         if [bm, bn, bk, tm, tn].contains(&0) || bm % tm != 0 || bn % tn != 0 || threads > 1024 {
@@ -144,9 +179,20 @@ impl Tile {
             ));
         }
         if kernel == Kernel::Tiled
-            && (tm % 4 != 0 || tn % 4 != 0 || threads % bm != 0 || threads % bn != 0)
+            && (tm % 4 != 0
+                || tn % 4 != 0
+                || threads % (bm / 4) != 0
+                || threads % (bn / 4) != 0
+                || (bk * bm / 4) % threads != 0
+                || (bk * bn / 4) % threads != 0)
         {
-            return Err(format!("{tile:?}: the tiled kernel needs TM, TN multiples of 4 and threads a multiple of BM and BN"));
+            return Err(format!(
+                "{tile:?}: the tiled kernel needs TM, TN multiples of 4, and the quads of A \
+                 (BK*BM/4) and of B (BK*BN/4) each a whole number of loads per thread"
+            ));
+        }
+        if kernel == Kernel::Narrow && split > 1 {
+            return Err(format!("{tile:?}: only the tiled kernel splits the taps"));
         }
         if tile.shared_bytes() > 32 << 10 {
             return Err(format!(
@@ -162,9 +208,10 @@ impl Tile {
         (self.bm / self.tm) * (self.bn / self.tn)
     }
 
-    /// Shared memory per workgroup, bytes.
+    /// Shared memory per workgroup, bytes (the tiled kernel double-buffers it).
     pub fn shared_bytes(&self) -> u32 {
-        4 * self.bk * (self.bm + self.bn)
+        let buffers = if self.kernel == Kernel::Tiled { 2 } else { 1 };
+        buffers * 4 * self.bk * (self.bm + self.bn)
     }
 
     /// Workgroups for a convolution. The tiled kernel takes filter tiles on x and position
@@ -174,7 +221,11 @@ impl Tile {
         let positions = ((p.n * ho * wo) as u64).div_ceil(u64::from(self.bn));
         let filters = (p.c_out_per_group() as u64).div_ceil(u64::from(self.bm));
         match self.kernel {
-            Kernel::Tiled => [filters, positions, p.groups as u64],
+            Kernel::Tiled => [
+                filters,
+                positions,
+                p.groups as u64 * u64::from(self.split.max(1)),
+            ],
             Kernel::Narrow => [positions, filters, p.groups as u64],
         }
     }
@@ -216,6 +267,10 @@ pub fn conv2d_source(p: &Conv2dParams, tile: Tile, bias: bool) -> String {
         def(name, format!("{v}u"));
     }
     def("HAS_BIAS", u8::from(bias).to_string());
+    if tile.kernel == Kernel::Tiled {
+        def("SPLIT", format!("{}u", tile.split));
+        s.push_str(&tiled_code(tile));
+    }
     s.push_str("#line 1\n");
     s.push_str(match tile.kernel {
         Kernel::Tiled => CONV2D_TILED,
@@ -223,6 +278,103 @@ pub fn conv2d_source(p: &Conv2dParams, tile: Tile, bias: bool) -> String {
     });
     s
 }
+
+/// Writes a program's source and the driver's binary to `dir` (diagnostics for kernel tuning,
+/// enabled by `SPORKLE_GPU_DUMP=dir`); a failure to write is reported and otherwise ignored.
+fn dump_program(dir: &std::path::Path, source: &str, program: &Program) {
+    let name = format!("{:016x}", xxhash_rust::xxh3::xxh3_64(source.as_bytes()));
+    let written = std::fs::create_dir_all(dir)
+        .and_then(|()| std::fs::write(dir.join(format!("{name}.comp")), source))
+        .and_then(|()| {
+            std::fs::write(
+                dir.join(format!("{name}.bin")),
+                program.binary().unwrap_or_default(),
+            )
+        });
+    if let Err(e) = written {
+        eprintln!(
+            "sporkle: cannot dump program {name} to {}: {e}",
+            dir.display()
+        );
+    }
+}
+
+/// The register code of the tiled kernel for `tile`, written out (see conv2d_tiled.comp for why):
+/// `DECL_ACC`, `DECL_PREFETCH`, `LOAD_GLOBAL(k0)`, `STORE_SHARED(buf)`, `STEP(buf)`, `STORE_ACC`.
+fn tiled_code(t: Tile) -> String {
+    let (tmv, tnv) = (t.tm / 4, t.tn / 4);
+    let a_loads = t.bk * t.bm / 4 / t.threads();
+    let b_loads = t.bk * t.bn / 4 / t.threads();
+    let (a_step, b_step) = (t.threads() / (t.bm / 4), t.threads() / (t.bn / 4));
+    let (m_threads, n_threads) = (t.bm / t.tm, t.bn / t.tn);
+    let mut decl_acc = String::new();
+    let mut store_acc = String::new();
+    for iv in 0..tmv {
+        for ii in 0..4 {
+            for j in 0..tnv {
+                let acc = format!("acc_{}_{j}", iv * 4 + ii);
+                decl_acc += &format!("vec4 {acc} = vec4(0.0); ");
+                store_acc += &format!(
+                    "store(m0 + {iv}u * {m_threads}u + ty + {ii}u * QA, \
+                     q0 + {j}u * {n_threads}u + tx, {acc}); "
+                );
+            }
+        }
+    }
+    let mut prefetch = String::new();
+    let mut load = String::new();
+    let mut stash = String::new();
+    for i in 0..a_loads {
+        prefetch += &format!("vec4 pa{i}; ");
+        load += &format!("pa{i} = load_a((k0) + a_row + {}u); ", i * a_step);
+        stash += &format!("As[buf][a_row + {}u][a_quad] = pa{i}; ", i * a_step);
+    }
+    for i in 0..b_loads {
+        prefetch += &format!("vec4 pb{i}; ");
+        load += &format!("pb{i} = load_b((k0) + b_row + {}u); ", i * b_step);
+        stash += &format!("Bs[buf][b_row + {}u][b_quad] = pb{i}; ", i * b_step);
+    }
+    let mut step = String::new();
+    for kk in 0..t.bk {
+        step += "{ ";
+        for iv in 0..tmv {
+            step += &format!("vec4 a{iv} = As[buf][{kk}u][{iv}u * {m_threads}u + ty]; ");
+        }
+        for j in 0..tnv {
+            step += &format!("vec4 b{j} = Bs[buf][{kk}u][{j}u * {n_threads}u + tx]; ");
+        }
+        for iv in 0..tmv {
+            for (ii, c) in ["x", "y", "z", "w"].iter().enumerate() {
+                for j in 0..tnv {
+                    let acc = format!("acc_{}_{j}", iv * 4 + ii as u32);
+                    step += &format!("{acc} = fma(vec4(a{iv}.{c}), b{j}, {acc}); ");
+                }
+            }
+        }
+        step += "} ";
+    }
+    format!(
+        "#define DECL_ACC {decl_acc}\n#define DECL_PREFETCH {prefetch}\n\
+         #define LOAD_GLOBAL(k0) {load}\n#define STORE_SHARED(buf) {stash}\n\
+         #define STEP(buf) {step}\n#define STORE_ACC {store_acc}\n"
+    )
+}
+
+/// The specialised source of the split-K reduction for a shape split `split` ways.
+pub fn reduce_source(p: &Conv2dParams, split: u32, bias: bool) -> String {
+    let (ho, wo) = p.out_hw();
+    format!(
+        "#version 430\n#define THREADS {REDUCE_THREADS}\n#define SPLIT {split}u\n#define OUT_LEN {}u\n\
+         #define C_OUT {}u\n#define HOWO {}u\n#define HAS_BIAS {}\n#line 1\n{CONV2D_REDUCE}",
+        p.output_len(),
+        p.c_out,
+        ho * wo,
+        u8::from(bias)
+    )
+}
+
+/// Threads per workgroup of the reduction.
+pub const REDUCE_THREADS: u32 = 256;
 
 /// Compiled programs by their full source; lives with the context.
 #[derive(Default)]
@@ -234,10 +386,19 @@ impl ProgramCache {
     /// The program for `source`, compiled on first use.
     pub fn get(&mut self, gl: &Rc<glow::Context>, source: String) -> Result<&Program> {
         if !self.programs.contains_key(&source) {
-            let program = Program::compute(gl, &source)?;
+            let dump = std::env::var_os("SPORKLE_GPU_DUMP");
+            let program = Program::compute(gl, &source, dump.is_some())?;
+            if let Some(dir) = dump {
+                dump_program(std::path::Path::new(&dir), &source, &program);
+            }
             self.programs.insert(source.clone(), program);
         }
         Ok(&self.programs[&source])
+    }
+
+    /// The program for `source` if it has been compiled.
+    pub fn peek(&self, source: &str) -> Option<&Program> {
+        self.programs.get(source)
     }
 
     /// Programs held.

@@ -9,6 +9,7 @@
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use sporkle::cpu::CpuPath;
+use sporkle::gpu::Dispatches;
 use sporkle::suite::Suite;
 use sporkle::tolerance::check_sample;
 use sporkle::{npy, Conv2dParams, CpuBackend, GpuBackend};
@@ -376,14 +377,16 @@ fn bench(a: BenchArgs) -> Result<()> {
                 // untimed dispatches to bring the clocks up, then the time budget's worth. A
                 // software renderer gives no times (they mean nothing there): one dispatch.
                 y.fill(f32::NAN);
-                let first = gpu.time_kernel(&p, &x, &w, bias, &mut y, 0, 1)?;
+                let first = gpu.time_kernel(&p, &x, &w, bias, &mut y, Dispatches::ONE)?;
                 let mut kernel: Vec<f64> = match first.first() {
                     Some(&ns) => {
                         let estimate_s = (ns as f64 * 1e-9).max(1e-6);
-                        let warmup = ((0.1 / estimate_s) as usize).clamp(3, 2000);
-                        let dispatches = ((a.seconds / estimate_s) as usize).clamp(10, 2000);
+                        let dispatches = Dispatches {
+                            warmup: ((0.1 / estimate_s) as usize).clamp(3, 2000),
+                            timed: ((a.seconds / estimate_s) as usize).clamp(10, 2000),
+                        };
                         y.fill(f32::NAN);
-                        gpu.time_kernel(&p, &x, &w, bias, &mut y, warmup, dispatches)?
+                        gpu.time_kernel(&p, &x, &w, bias, &mut y, dispatches)?
                     }
                     None => Vec::new(),
                 }

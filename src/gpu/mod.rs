@@ -52,6 +52,24 @@ pub struct GpuRun {
     pub weights_uploaded: bool,
 }
 
+/// How a job dispatches the convolution: `warmup` untimed dispatches, then `timed` back to back,
+/// each timed on its own. A normal call is one timed dispatch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Dispatches {
+    /// Untimed dispatches first, to bring the clocks up.
+    pub warmup: usize,
+    /// Dispatches timed one by one (at least 1).
+    pub timed: usize,
+}
+
+impl Dispatches {
+    /// One timed dispatch, nothing else: a normal call.
+    pub const ONE: Self = Self {
+        warmup: 0,
+        timed: 1,
+    };
+}
+
 /// The identity of a weight set: length and a hash of every byte.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 struct WeightsKey {
@@ -74,10 +92,7 @@ struct Job {
     w: Vec<f32>,
     key: WeightsKey,
     b: Option<Vec<f32>>,
-    /// Untimed dispatches first (0 for a normal call).
-    warmup: usize,
-    /// Back-to-back dispatches, each timed on its own (1 for a normal call).
-    dispatches: usize,
+    dispatches: Dispatches,
     reply: mpsc::Sender<JobResult>,
 }
 
@@ -154,7 +169,9 @@ impl GpuBackend {
         bias: Option<&[f32]>,
         output: &mut [f32],
     ) -> Result<GpuRun> {
-        Ok(self.submit(p, input, weights, bias, output, 0, 1)?.0)
+        Ok(self
+            .submit(p, input, weights, bias, output, Dispatches::ONE)?
+            .0)
     }
 
     /// Kernel timing, the way a GPU kernel benchmark (and the cuDNN peer) measures it: the
@@ -171,12 +188,13 @@ impl GpuBackend {
         weights: &[f32],
         bias: Option<&[f32]>,
         output: &mut [f32],
-        warmup: usize,
-        dispatches: usize,
+        dispatches: Dispatches,
     ) -> Result<Vec<u64>> {
-        Ok(self
-            .submit(p, input, weights, bias, output, warmup, dispatches.max(1))?
-            .1)
+        let dispatches = Dispatches {
+            timed: dispatches.timed.max(1),
+            ..dispatches
+        };
+        Ok(self.submit(p, input, weights, bias, output, dispatches)?.1)
     }
 
     fn submit(
@@ -186,8 +204,7 @@ impl GpuBackend {
         weights: &[f32],
         bias: Option<&[f32]>,
         output: &mut [f32],
-        warmup: usize,
-        dispatches: usize,
+        dispatches: Dispatches,
     ) -> Result<(GpuRun, Vec<u64>)> {
         p.check_buffers(
             input.len(),
@@ -202,7 +219,6 @@ impl GpuBackend {
             w: weights.to_vec(),
             key: WeightsKey::of(weights),
             b: bias.map(<[f32]>::to_vec),
-            warmup,
             dispatches,
             reply,
         };
@@ -283,7 +299,6 @@ impl Worker {
                 &job.w,
                 job.key,
                 job.b.as_deref(),
-                job.warmup,
                 job.dispatches,
             );
             let _ = job.reply.send(result);
@@ -350,8 +365,7 @@ impl Worker {
         w: &[f32],
         key: WeightsKey,
         b: Option<&[f32]>,
-        warmup: usize,
-        dispatches: usize,
+        dispatches: Dispatches,
     ) -> JobResult {
         let info = &self.ctx.info;
         let tile = Tile::for_params(p);
@@ -432,12 +446,12 @@ impl Worker {
                 }
             }
         };
-        for _ in 0..warmup {
+        for _ in 0..dispatches.warmup {
             run_once()?;
             gl::storage_barrier(&gl);
         }
-        let mut queries = Vec::with_capacity(dispatches);
-        for _ in 0..dispatches {
+        let mut queries = Vec::with_capacity(dispatches.timed);
+        for _ in 0..dispatches.timed {
             let query = TimerQuery::begin(&gl)?;
             let dispatched = run_once();
             query.end();

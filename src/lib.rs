@@ -15,6 +15,11 @@
 //! - [`gpu`] is the GPU backend: a headless EGL context owned by a worker thread, RAII GL
 //!   objects, implicit-GEMM compute shaders specialised by `#define`s, resident weights
 //!   identified by a hash of every byte, a fenced synchronous path.
+//!   Its async executor ([`gpu::executor`]) streams jobs through three frames in flight, each
+//!   with persistently mapped staging buffers, DMA copies and a fence.
+//! - [`juggler`] is the API for users: [`Juggler`] picks the device per call from a cost model
+//!   calibrated on first use and refined by every job, streams GPU jobs (`submit`/`Ticket`),
+//!   re-runs a failed GPU job on the CPU, and keeps [`Stats`].
 //! - [`npy`] reads and writes `.npy` files (float32, little-endian, C order).
 //! - [`suite`] reads the device-independent case files in `suites/*.toml`.
 //! - [`data`] makes deterministic test data (seeded uniform and small-integer fills).
@@ -29,6 +34,7 @@ pub mod cpu;
 pub mod data;
 pub mod error;
 pub mod gpu;
+pub mod juggler;
 pub mod npy;
 pub mod params;
 pub mod reference;
@@ -38,6 +44,7 @@ pub mod validate;
 
 pub use cpu::{CpuBackend, CpuWeights};
 pub use gpu::GpuBackend;
+pub use juggler::{Juggler, Preference, RunInfo, Stats, Ticket};
 
 /// The project's root, where `suites/` and `golden/` live: the source tree this crate was
 /// built from if it is still there, else the current directory (binaries carried to another

@@ -16,20 +16,24 @@
 //! early), and reads the output back. Kernel time and end-to-end time are reported apart.
 
 pub mod context;
+pub mod executor;
 pub mod gl;
 pub mod shaders;
 
 pub use context::{GpuChoice, GpuInfo};
+pub use executor::{StreamDone, FRAMES};
 pub use gl::LiveObjects;
 pub use shaders::Tile;
 
 use crate::error::{Error, Result};
 use crate::params::Conv2dParams;
 use context::GlContext;
+use executor::{Frame, StreamJob};
 use gl::{Buffer, Fence, TimerQuery};
 use shaders::ProgramCache;
+use std::collections::VecDeque;
 use std::sync::mpsc;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -99,9 +103,17 @@ struct Job {
 /// A job's answer: the output, its run, and the per-dispatch kernel times.
 type JobResult = Result<(Vec<f32>, GpuRun, Vec<u64>)>;
 
+/// What the worker is asked to do.
+enum Msg {
+    /// A synchronous call (or kernel timing) with its own buffers.
+    Call(Job),
+    /// A streaming job for the executor.
+    Stream(StreamJob),
+}
+
 /// The GPU backend (see the module docs).
 pub struct GpuBackend {
-    jobs: Mutex<Option<mpsc::Sender<Job>>>,
+    jobs: Mutex<Option<mpsc::Sender<Msg>>>,
     info: GpuInfo,
     choice: GpuChoice,
     worker: Option<JoinHandle<()>>,
@@ -222,20 +234,61 @@ impl GpuBackend {
             dispatches,
             reply,
         };
-        let sent = self
-            .jobs
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_ref()
-            .is_some_and(|tx| tx.send(job).is_ok());
-        if !sent {
-            return Err(Error::Gpu("the GPU thread has stopped".into()));
-        }
+        self.send(Msg::Call(job))?;
         let (y, run, times) = answer
             .recv()
             .map_err(|_| Error::Gpu("the GPU thread stopped during a job".into()))??;
         output.copy_from_slice(&y);
         Ok((run, times))
+    }
+}
+
+impl GpuBackend {
+    fn send(&self, msg: Msg) -> Result<()> {
+        let sent = self
+            .jobs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .is_some_and(|tx| tx.send(msg).is_ok());
+        if sent {
+            Ok(())
+        } else {
+            Err(Error::Gpu("the GPU thread has stopped".into()))
+        }
+    }
+
+    /// Streams one convolution through the async executor (see [`executor`]): returns at once;
+    /// the answer arrives on the returned channel. With `pipelined`, up to [`FRAMES`] jobs are in
+    /// flight together; without, each runs alone. A fence that does not pass within `timeout`
+    /// fails the job (nothing is read from its buffers) and marks the GPU unhealthy.
+    pub fn stream(
+        &self,
+        p: &Conv2dParams,
+        input: Arc<[f32]>,
+        weights: Arc<[f32]>,
+        bias: Option<Arc<[f32]>>,
+        pipelined: bool,
+        timeout: Duration,
+    ) -> Result<mpsc::Receiver<Result<StreamDone>>> {
+        p.check_buffers(
+            input.len(),
+            weights.len(),
+            bias.as_deref().map(<[f32]>::len),
+            p.output_len() as usize,
+        )?;
+        let (reply, answer) = mpsc::channel();
+        self.send(Msg::Stream(StreamJob {
+            p: *p,
+            key: WeightsKey::of(&weights),
+            x: input,
+            w: weights,
+            b: bias,
+            pipelined,
+            timeout,
+            reply,
+        }))?;
+        Ok(answer)
     }
 }
 
@@ -259,6 +312,11 @@ struct Resident {
 /// The thread that owns the context, and what it keeps between jobs.
 struct Worker {
     // Field order is drop order: every GL object before the context.
+    /// The executor's frames, and the slots in flight, oldest first.
+    frames: Vec<Frame>,
+    in_flight: VecDeque<usize>,
+    /// Why the executor stopped taking jobs (a fence timed out or the context failed).
+    broken: Option<String>,
     programs: ProgramCache,
     weights: Vec<Resident>,
     input: Option<Buffer>,
@@ -275,6 +333,9 @@ struct Worker {
 impl Worker {
     fn new(ctx: GlContext) -> Self {
         Self {
+            frames: (0..FRAMES).map(|_| Frame::default()).collect(),
+            in_flight: VecDeque::new(),
+            broken: None,
             programs: ProgramCache::default(),
             weights: Vec::new(),
             input: None,
@@ -291,18 +352,52 @@ impl Worker {
         }
     }
 
-    fn serve(mut self, jobs: mpsc::Receiver<Job>) {
-        while let Ok(job) = jobs.recv() {
-            let result = self.conv2d(
-                &job.p,
-                &job.x,
-                &job.w,
-                job.key,
-                job.b.as_deref(),
-                job.dispatches,
-            );
-            let _ = job.reply.send(result);
+    /// Answers messages until the backend is dropped. Streaming jobs stay in flight while
+    /// more arrive (up to [`FRAMES`]); when none is waiting, the oldest finished job is answered,
+    /// and when every frame is busy, the worker waits for the oldest.
+    fn serve(mut self, jobs: mpsc::Receiver<Msg>) {
+        loop {
+            let msg = if self.frames_busy() == 0 {
+                match jobs.recv() {
+                    Ok(msg) => msg,
+                    Err(_) => break,
+                }
+            } else if !self.frame_free() || self.oldest_ready() {
+                self.stream_finish_oldest();
+                continue;
+            } else {
+                match jobs.recv_timeout(Duration::from_micros(100)) {
+                    Ok(msg) => msg,
+                    Err(mpsc::RecvTimeoutError::Timeout) => continue,
+                    Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                }
+            };
+            match msg {
+                Msg::Call(job) => {
+                    self.stream_drain();
+                    let result = self.conv2d(
+                        &job.p,
+                        &job.x,
+                        &job.w,
+                        job.key,
+                        job.b.as_deref(),
+                        job.dispatches,
+                    );
+                    let _ = job.reply.send(result);
+                }
+                Msg::Stream(job) => {
+                    let alone = !job.pipelined;
+                    if alone {
+                        self.stream_drain();
+                    }
+                    self.stream_begin(job);
+                    if alone {
+                        self.stream_drain();
+                    }
+                }
+            }
         }
+        self.stream_drain();
     }
 
     /// A scratch buffer of at least `len` floats (grown, never shrunk).
@@ -358,15 +453,8 @@ impl Worker {
         Ok((self.weights.len() - 1, true))
     }
 
-    fn conv2d(
-        &mut self,
-        p: &Conv2dParams,
-        x: &[f32],
-        w: &[f32],
-        key: WeightsKey,
-        b: Option<&[f32]>,
-        dispatches: Dispatches,
-    ) -> JobResult {
+    /// Checks `p` against the GL limits and compiles its programs.
+    fn plan(&mut self, p: &Conv2dParams, x_len: usize, w_len: usize, bias: bool) -> Result<Plan> {
         let info = &self.ctx.info;
         let tile = Tile::for_params(p);
         let groups = tile.groups(p);
@@ -379,21 +467,80 @@ impl Worker {
         }
         let split = tile.split.max(1) as usize;
         let out_len = p.output_len() as usize;
-        let biggest = x.len().max(w.len()).max(out_len * split) as i64 * 4;
+        let biggest = x_len.max(w_len).max(out_len * split) as i64 * 4;
         if biggest > info.max_storage_block {
             return Err(Error::Gpu(format!(
                 "a buffer of {biggest} bytes exceeds GL_MAX_SHADER_STORAGE_BLOCK_SIZE ({})",
                 info.max_storage_block
             )));
         }
+        let reduce_groups = (out_len as u64)
+            .div_ceil(u64::from(shaders::REDUCE_THREADS))
+            .min(info.max_groups[0].max(1) as u64) as u32;
+        let conv = shaders::conv2d_source(p, tile, bias);
+        let reduce = (split > 1).then(|| shaders::reduce_source(p, tile.split, bias));
+        let gl = std::rc::Rc::clone(&self.ctx.gl);
+        self.programs.get(&gl, conv.clone())?;
+        if let Some(reduce) = &reduce {
+            self.programs.get(&gl, reduce.clone())?;
+        }
+        Ok(Plan {
+            groups: groups.map(|g| g as u32),
+            split,
+            out_len,
+            conv,
+            reduce,
+            reduce_groups,
+        })
+    }
+
+    /// Records one whole convolution: the tiled pass, and for split-K the reduction after it
+    /// (`partial` must then hold `split` outputs).
+    fn encode(&self, plan: &Plan, b: &Bindings) -> Result<()> {
+        let gl = &self.ctx.gl;
+        let program = |src: &str| {
+            self.programs
+                .peek(src)
+                .ok_or_else(|| Error::Gpu("program missing from the cache".into()))
+        };
+        b.input.bind(0);
+        b.weights.bind(1);
+        b.bias.bind(2);
+        match (&plan.reduce, b.partial) {
+            (Some(reduce), Some(partial)) => {
+                partial.bind(3);
+                program(&plan.conv)?.dispatch(plan.groups)?;
+                gl::storage_barrier(gl);
+                partial.bind(0);
+                b.output.bind(3);
+                program(reduce)?.dispatch([plan.reduce_groups, 1, 1])
+            }
+            (Some(_), None) => Err(Error::Gpu("split-K without a partial buffer".into())),
+            (None, _) => {
+                b.output.bind(3);
+                program(&plan.conv)?.dispatch(plan.groups)
+            }
+        }
+    }
+
+    fn conv2d(
+        &mut self,
+        p: &Conv2dParams,
+        x: &[f32],
+        w: &[f32],
+        key: WeightsKey,
+        b: Option<&[f32]>,
+        dispatches: Dispatches,
+    ) -> JobResult {
+        let plan = self.plan(p, x.len(), w.len(), b.is_some())?;
         let gl = std::rc::Rc::clone(&self.ctx.gl);
         let t0 = Instant::now();
         let immutable = self.immutable;
         Self::scratch(&gl, &mut self.input, x.len(), immutable)?;
-        Self::scratch(&gl, &mut self.output, p.output_len() as usize, immutable)?;
+        Self::scratch(&gl, &mut self.output, plan.out_len, immutable)?;
         Self::scratch(&gl, &mut self.bias, p.c_out, immutable)?;
-        if split > 1 {
-            Self::scratch(&gl, &mut self.partial, out_len * split, immutable)?;
+        if plan.split > 1 {
+            Self::scratch(&gl, &mut self.partial, plan.out_len * plan.split, immutable)?;
         }
         let input = self.input.as_ref().expect("allocated above");
         input.upload(x)?;
@@ -402,68 +549,31 @@ impl Worker {
         }
         let (wi, weights_uploaded) = self.resident(p, key, w)?;
         let upload_s = t0.elapsed().as_secs_f64();
-        self.programs
-            .get(&gl, shaders::conv2d_source(p, tile, b.is_some()))?;
-        if split > 1 {
-            self.programs
-                .get(&gl, shaders::reduce_source(p, tile.split, b.is_some()))?;
-        }
-        let conv = self
-            .programs
-            .peek(&shaders::conv2d_source(p, tile, b.is_some()));
-        let reduce = (split > 1)
-            .then(|| {
-                self.programs
-                    .peek(&shaders::reduce_source(p, tile.split, b.is_some()))
-            })
-            .flatten();
-        let (input, output, bias) = (
-            self.input.as_ref().expect("allocated"),
-            self.output.as_ref().expect("allocated"),
-            self.bias.as_ref().expect("allocated"),
-        );
-        self.weights[wi].buffer.bind(1);
-        bias.bind(2);
-        let conv = conv.expect("compiled above");
-        let reduce_groups = (out_len as u64)
-            .div_ceil(u64::from(shaders::REDUCE_THREADS))
-            .min(self.ctx.info.max_groups[0].max(1) as u64) as u32;
-        // One whole convolution: the tiled pass, and for split-K the reduction after it.
-        let run_once = || -> Result<()> {
-            input.bind(0);
-            match (&reduce, &self.partial) {
-                (Some(reduce), Some(partial)) => {
-                    partial.bind(3);
-                    conv.dispatch([groups[0] as u32, groups[1] as u32, groups[2] as u32])?;
-                    gl::storage_barrier(&gl);
-                    partial.bind(0);
-                    output.bind(3);
-                    reduce.dispatch([reduce_groups, 1, 1])
-                }
-                _ => {
-                    output.bind(3);
-                    conv.dispatch([groups[0] as u32, groups[1] as u32, groups[2] as u32])
-                }
-            }
+        let output = self.output.as_ref().expect("allocated above");
+        let bindings = Bindings {
+            input: self.input.as_ref().expect("allocated above"),
+            weights: &self.weights[wi].buffer,
+            bias: self.bias.as_ref().expect("allocated above"),
+            output,
+            partial: self.partial.as_ref(),
         };
         for _ in 0..dispatches.warmup {
-            run_once()?;
+            self.encode(&plan, &bindings)?;
             gl::storage_barrier(&gl);
         }
         let mut queries = Vec::with_capacity(dispatches.timed);
         for _ in 0..dispatches.timed {
             let query = TimerQuery::begin(&gl)?;
-            let dispatched = run_once();
+            let encoded = self.encode(&plan, &bindings);
             query.end();
             queries.push(query);
-            dispatched?;
+            encoded?;
             gl::storage_barrier(&gl);
         }
-        gl::storage_barrier(&gl);
         let fence = Fence::new(&gl)?;
         fence.wait(FENCE_TIMEOUT)?;
         let t1 = Instant::now();
-        let mut y = vec![0.0f32; p.output_len() as usize];
+        let mut y = vec![0.0f32; plan.out_len];
         output.download(&mut y)?;
         let download_s = t1.elapsed().as_secs_f64();
         let times: Vec<u64> = if self.ctx.info.software {
@@ -483,6 +593,29 @@ impl Worker {
             times,
         ))
     }
+}
+
+/// A convolution checked against the limits, its programs compiled.
+struct Plan {
+    groups: [u32; 3],
+    /// Slices of the taps (1: no split).
+    split: usize,
+    out_len: usize,
+    /// Source (the program cache's key) of the tiled or narrow pass.
+    conv: String,
+    /// Source of the split-K reduction, when split.
+    reduce: Option<String>,
+    reduce_groups: u32,
+}
+
+/// The buffers one convolution reads and writes.
+struct Bindings<'a> {
+    input: &'a Buffer,
+    weights: &'a Buffer,
+    bias: &'a Buffer,
+    output: &'a Buffer,
+    /// `split` outputs' worth, for split-K.
+    partial: Option<&'a Buffer>,
 }
 
 #[cfg(test)]

@@ -1,11 +1,14 @@
 //! The devices the harness validates, each a trial kind: the reference, the CPU backend as it
-//! runs by default, the CPU backend with the portable microkernel, and the GPU (a hardware one,
-//! or Mesa's llvmpipe where that is all there is). New backends add a variant here and every
-//! trial family picks them up.
+//! runs by default, the CPU backend with the portable microkernel, the GPU (a hardware one, or
+//! Mesa's llvmpipe where that is all there is) through its synchronous path (`gpu`) and through
+//! the Juggler's async executor (`gpu-async`, which must give the same bits), and the Juggler
+//! choosing for itself (`juggler`). New backends add a variant here and every trial family
+//! picks them up.
 
 use crate::cpu::Microkernel;
-use crate::gpu::GpuBackend;
-use crate::{reference, Conv2dParams, CpuBackend, Result};
+use crate::gpu::{GpuBackend, GpuChoice};
+use crate::juggler::{Config, DeviceKind, Juggler, Preference};
+use crate::{reference, Conv2dParams, CpuBackend, Error, Result};
 use std::sync::Arc;
 
 /// One device under validation.
@@ -25,6 +28,29 @@ pub enum Device {
         /// Shared by every trial of this device.
         backend: Arc<GpuBackend>,
     },
+    /// The GPU through a Juggler that prefers it, async on: submit, then wait. A job that fell
+    /// back to the CPU is a failure here (it would hide a GPU fault).
+    GpuAsync {
+        /// Shared by every trial of this device.
+        juggler: Arc<Juggler>,
+        /// The GPU's renderer (for the numerics key: the same kernels as `gpu`).
+        renderer: String,
+    },
+    /// A Juggler choosing the device per call.
+    Juggler {
+        /// Shared by every trial of this device.
+        juggler: Arc<Juggler>,
+    },
+}
+
+/// A Juggler for the harness: `threads` CPU threads, the GPU of `gpu`.
+fn juggler(preference: Preference, gpu: GpuChoice, threads: usize) -> Result<Juggler> {
+    Juggler::with_config(Config {
+        preference,
+        gpu: Some(gpu),
+        cpu_threads: Some(threads),
+        ..Config::default()
+    })
 }
 
 impl Device {
@@ -51,9 +77,17 @@ impl Device {
         }
         let gpu_absence = match GpuBackend::new() {
             Ok(b) => {
+                let (choice, renderer) = (b.choice(), b.info().renderer.clone());
                 all.push(Device::Gpu {
                     backend: Arc::new(b),
                 });
+                match juggler(Preference::Gpu, choice, threads) {
+                    Ok(j) => all.push(Device::GpuAsync {
+                        juggler: Arc::new(j),
+                        renderer,
+                    }),
+                    Err(e) => eprintln!("sporkle-validate: no [gpu-async] device: {e}"),
+                }
                 None
             }
             Err(e) => {
@@ -61,6 +95,17 @@ impl Device {
                 Some(e.to_string())
             }
         };
+        let choice = if gpu_absence.is_some() {
+            GpuChoice::Off
+        } else {
+            GpuChoice::from_env().unwrap_or(GpuChoice::Off)
+        };
+        match juggler(Preference::Auto, choice, threads) {
+            Ok(j) => all.push(Device::Juggler {
+                juggler: Arc::new(j),
+            }),
+            Err(e) => eprintln!("sporkle-validate: no [juggler] device: {e}"),
+        }
         (all, gpu_absence)
     }
 
@@ -73,6 +118,8 @@ impl Device {
             } => "cpu",
             Device::Cpu { portable: true, .. } => "cpu-portable",
             Device::Gpu { .. } => "gpu",
+            Device::GpuAsync { .. } => "gpu-async",
+            Device::Juggler { .. } => "juggler",
         }
     }
 
@@ -83,6 +130,22 @@ impl Device {
             Device::Reference => "reference".into(),
             Device::Cpu { backend, .. } => format!("cpu-{}", backend.microkernel().name()),
             Device::Gpu { backend } => format!("gpu-{}", slug(&backend.info().renderer)),
+            Device::GpuAsync { renderer, .. } => format!("gpu-{}", slug(renderer)),
+            // Its numerics are those of whichever device it picks.
+            Device::Juggler { .. } => "juggler".into(),
+        }
+    }
+
+    /// Whether its exact bits are fixed (a fingerprint can be kept).
+    pub fn has_fixed_numerics(&self) -> bool {
+        !matches!(self, Device::Juggler { .. })
+    }
+
+    /// The Juggler behind this device, if it is one.
+    pub fn juggler(&self) -> Option<&Arc<Juggler>> {
+        match self {
+            Device::GpuAsync { juggler, .. } | Device::Juggler { juggler } => Some(juggler),
+            _ => None,
         }
     }
 
@@ -104,6 +167,13 @@ impl Device {
             },
             Device::Gpu { backend } => Device::Gpu {
                 backend: Arc::new(GpuBackend::with_choice(backend.choice())?),
+            },
+            Device::GpuAsync { renderer, .. } => Device::GpuAsync {
+                juggler: Arc::new(juggler(Preference::Gpu, GpuChoice::from_env()?, 2)?),
+                renderer: renderer.clone(),
+            },
+            Device::Juggler { .. } => Device::Juggler {
+                juggler: Arc::new(juggler(Preference::Auto, GpuChoice::from_env()?, 2)?),
             },
         })
     }
@@ -128,13 +198,32 @@ impl Device {
                 backend.conv2d(p, x, w, b, &mut y)?;
                 Ok(y)
             }
+            Device::GpuAsync { juggler, .. } => {
+                let (y, info) = juggler.submit(p, x, w, b)?.wait()?;
+                match (info.device, info.fallback) {
+                    (DeviceKind::Gpu, None) => Ok(y),
+                    (d, fallback) => Err(Error::Gpu(format!(
+                        "ran on {d}, not the GPU: {}",
+                        fallback.unwrap_or(info.reason)
+                    ))),
+                }
+            }
+            Device::Juggler { juggler } => {
+                let mut y = vec![0.0; p.output_len() as usize];
+                juggler.conv2d(p, x, w, b, &mut y)?;
+                Ok(y)
+            }
         }
     }
 
     /// Whether this device is a software stand-in for real hardware (llvmpipe): correct, never
     /// fast, so only small shapes run on it.
     pub fn is_software(&self) -> bool {
-        matches!(self, Device::Gpu { backend } if backend.info().software)
+        match self {
+            Device::Gpu { backend } => backend.info().software,
+            Device::GpuAsync { juggler, .. } => juggler.gpu_is_software(),
+            _ => false,
+        }
     }
 }
 

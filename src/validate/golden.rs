@@ -86,6 +86,9 @@ pub fn trials(ctx: &Arc<Context>) -> crate::Result<Vec<Trial>> {
                 None,
                 move || matches_producer(&c, &dev, &prod),
             ));
+            if !device.has_fixed_numerics() {
+                continue;
+            }
             let (c, dev) = (case.clone(), device.clone());
             out.push(trial(
                 format!("fingerprint/{}", case.name),

@@ -73,7 +73,7 @@ pub fn trials(ctx: &Arc<Context>) -> crate::Result<Vec<Trial>> {
     for device in ctx
         .devices
         .iter()
-        .filter(|d| d.is_backend() && d.kind() != "cpu-portable")
+        .filter(|d| matches!(d.kind(), "cpu" | "gpu"))
     {
         // A software GPU runs the six smallest shapes only, and only for correctness.
         let take = if device.is_software() { 6 } else { cases.len() };

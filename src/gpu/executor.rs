@@ -1,0 +1,355 @@
+//! The async executor: streaming convolutions through [`FRAMES`] frames in flight.
+//!
+//! It runs on the GPU worker thread, which owns the context. Each frame owns its buffers: an
+//! upload staging buffer and a download staging buffer (host memory, persistently and
+//! coherently mapped, `GL_ARB_buffer_storage`), and device buffers for input, output, bias and
+//! split-K partial sums. A job in a frame goes:
+//!
+//! 1. host: the input is copied into the frame's upload staging (in parallel chunks: one thread
+//!    writes a mapping at only ~5 GB/s on the H100 machine);
+//! 2. GPU: DMA copy staging → device input (`glCopyBufferSubData`), the convolution, DMA copy
+//!    device output → download staging, each between its own timer query; then a fence;
+//! 3. host, once the fence has passed: the output is copied out of the download staging (in
+//!    parallel chunks) and sent to the caller.
+//!
+//! While one frame's work runs on the GPU, the worker fills the next frame's staging, so host
+//! copies overlap GPU work; whether the GPU's own copies overlap its compute (one context, one
+//! queue) is measured by `sporkle bench --stream`, not assumed. A frame's buffers are touched by
+//! the host only after its fence; a fence that does not pass within the job's timeout fails the
+//! job (the caller re-runs it on the CPU) and marks the executor broken: its buffers may still
+//! be in use, so every later stream job fails at once with the reason.
+
+use super::gl::{self, Buffer, Direction, Fence, MappedBuffer, TimerQuery};
+use super::{Bindings, WeightsKey, Worker};
+use crate::error::{Error, Result};
+use crate::params::Conv2dParams;
+use std::rc::Rc;
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+/// Frames in flight: while the GPU computes one, the next is uploaded and the one before it
+/// downloaded.
+pub const FRAMES: usize = 3;
+
+/// Copies of at least this many floats are split across threads.
+const PARALLEL_COPY_MIN: usize = 1 << 19;
+
+/// A streaming job.
+pub(crate) struct StreamJob {
+    pub(super) p: Conv2dParams,
+    pub(super) x: Arc<[f32]>,
+    pub(super) w: Arc<[f32]>,
+    pub(super) key: WeightsKey,
+    pub(super) b: Option<Arc<[f32]>>,
+    /// False: the job runs alone (synchronous mode), with no other frame in flight.
+    pub(super) pipelined: bool,
+    /// How long its fence may take, from submission to the GPU.
+    pub(super) timeout: Duration,
+    pub(super) reply: mpsc::Sender<Result<StreamDone>>,
+}
+
+/// A finished streaming job: the output and where the time went.
+#[derive(Clone, Debug, Default)]
+pub struct StreamDone {
+    /// The output, `N×K×Ho×Wo`.
+    pub output: Vec<f32>,
+    /// GPU time of the upload copy, the convolution and the download copy (timer queries;
+    /// `None` on a software renderer, whose timers mean nothing).
+    pub upload_ns: Option<u64>,
+    /// See `upload_ns`.
+    pub kernel_ns: Option<u64>,
+    /// See `upload_ns`.
+    pub download_ns: Option<u64>,
+    /// Wall time of the host copies into and out of staging.
+    pub host_in_s: f64,
+    /// See `host_in_s`.
+    pub host_out_s: f64,
+    /// Wall time from the frame's submission to its fence passing.
+    pub gpu_wall_s: f64,
+    /// Whether the executor had to block on the fence, and for how long.
+    pub fence_waited: bool,
+    /// See `fence_waited`.
+    pub fence_wait_s: f64,
+    /// Whether the weights had to be uploaded (false: resident).
+    pub weights_uploaded: bool,
+    /// Bytes copied host → GPU (input, bias, and weights when uploaded) and GPU → host.
+    pub bytes_up: u64,
+    /// See `bytes_up`.
+    pub bytes_down: u64,
+}
+
+/// One frame's buffers, and the job in it.
+#[derive(Default)]
+pub(crate) struct Frame {
+    upload: Option<MappedBuffer>,
+    download: Option<MappedBuffer>,
+    input: Option<Buffer>,
+    output: Option<Buffer>,
+    bias: Option<Buffer>,
+    partial: Option<Buffer>,
+    flight: Option<Flight>,
+}
+
+/// A job on the GPU.
+struct Flight {
+    job: StreamJob,
+    rec: Recorded,
+}
+
+/// A job's recorded GPU work.
+struct Recorded {
+    fence: Fence,
+    /// Upload copy, convolution, download copy.
+    queries: [TimerQuery; 3],
+    out_len: usize,
+    begun: Instant,
+    done: StreamDone,
+}
+
+/// `slot` holds a staging buffer of at least `len` floats (grown, never shrunk).
+fn staging(
+    gl: &Rc<glow::Context>,
+    slot: &mut Option<MappedBuffer>,
+    len: usize,
+    direction: Direction,
+) -> Result<()> {
+    if slot.as_ref().is_none_or(|b| b.len() < len) {
+        *slot = None;
+        *slot = Some(MappedBuffer::new(gl, len, direction)?);
+    }
+    Ok(())
+}
+
+/// `dst.copy_from_slice(src)`, split across threads when large.
+pub fn parallel_copy(src: &[f32], dst: &mut [f32]) {
+    let threads = std::thread::available_parallelism()
+        .map_or(1, usize::from)
+        .min(8);
+    if src.len() < PARALLEL_COPY_MIN || threads < 2 {
+        dst.copy_from_slice(src);
+        return;
+    }
+    let per = src.len().div_ceil(threads);
+    std::thread::scope(|s| {
+        for (d, c) in dst.chunks_mut(per).zip(src.chunks(per)) {
+            s.spawn(move || d.copy_from_slice(c));
+        }
+    });
+}
+
+impl Worker {
+    /// Whether a frame is free for a new job.
+    pub(super) fn frame_free(&self) -> bool {
+        self.in_flight.len() < FRAMES
+    }
+
+    /// Jobs in flight.
+    pub(super) fn frames_busy(&self) -> usize {
+        self.in_flight.len()
+    }
+
+    /// Starts `job` in a free frame; a job that cannot start is answered with the error.
+    pub(super) fn stream_begin(&mut self, job: StreamJob) {
+        if let Some(why) = &self.broken {
+            let why = why.clone();
+            let _ = job
+                .reply
+                .send(Err(Error::Gpu(format!("the GPU is unhealthy: {why}"))));
+            return;
+        }
+        if !self.immutable {
+            // No persistent mapping without GL_ARB_buffer_storage: the plain synchronous path.
+            let result = self
+                .conv2d(
+                    &job.p,
+                    &job.x,
+                    &job.w,
+                    job.key,
+                    job.b.as_deref(),
+                    super::Dispatches::ONE,
+                )
+                .map(|(output, run, _)| StreamDone {
+                    bytes_up: (job.x.len() * 4) as u64,
+                    bytes_down: (output.len() * 4) as u64,
+                    output,
+                    kernel_ns: run.kernel_ns,
+                    host_in_s: run.upload_s,
+                    host_out_s: run.download_s,
+                    weights_uploaded: run.weights_uploaded,
+                    ..StreamDone::default()
+                });
+            let _ = job.reply.send(result);
+            return;
+        }
+        let Some(slot) = (0..FRAMES).find(|i| !self.in_flight.contains(i)) else {
+            let _ = job
+                .reply
+                .send(Err(Error::Gpu("no free frame (executor bug)".into())));
+            return;
+        };
+        let mut frame = std::mem::take(&mut self.frames[slot]);
+        match self.try_fill(&mut frame, &job) {
+            Ok(rec) => {
+                frame.flight = Some(Flight { job, rec });
+                self.in_flight.push_back(slot);
+            }
+            Err(e) => {
+                let _ = job.reply.send(Err(e));
+            }
+        }
+        self.frames[slot] = frame;
+    }
+
+    /// Uploads and records `job` in `frame`.
+    fn try_fill(&mut self, frame: &mut Frame, job: &StreamJob) -> Result<Recorded> {
+        let p = &job.p;
+        let plan = self.plan(p, job.x.len(), job.w.len(), job.b.is_some())?;
+        let gl = Rc::clone(&self.ctx.gl);
+        staging(&gl, &mut frame.upload, job.x.len(), Direction::Upload)?;
+        staging(&gl, &mut frame.download, plan.out_len, Direction::Download)?;
+        Self::scratch(&gl, &mut frame.input, job.x.len(), true)?;
+        Self::scratch(&gl, &mut frame.output, plan.out_len, true)?;
+        Self::scratch(&gl, &mut frame.bias, p.c_out, true)?;
+        if plan.split > 1 {
+            Self::scratch(&gl, &mut frame.partial, plan.out_len * plan.split, true)?;
+        }
+        let (upload, download) = (
+            frame.upload.as_mut().expect("allocated above"),
+            frame.download.as_ref().expect("allocated above"),
+        );
+        let t = Instant::now();
+        parallel_copy(&job.x, &mut upload.as_mut_slice()[..job.x.len()]);
+        let host_in_s = t.elapsed().as_secs_f64();
+        let bias = frame.bias.as_ref().expect("allocated above");
+        let mut bytes_up = (job.x.len() * 4) as u64;
+        if let Some(b) = &job.b {
+            bias.upload(b)?;
+            bytes_up += (b.len() * 4) as u64;
+        }
+        let (wi, weights_uploaded) = self.resident(p, job.key, &job.w)?;
+        if weights_uploaded {
+            bytes_up += (job.w.len() * 4) as u64;
+        }
+        let begun = Instant::now();
+        let input = frame.input.as_ref().expect("allocated above");
+        let output = frame.output.as_ref().expect("allocated above");
+        let q_up = TimerQuery::begin(&gl)?;
+        let copied = gl::copy_buffer(&gl, upload.raw(), input.raw(), job.x.len());
+        q_up.end();
+        copied?;
+        let q_conv = TimerQuery::begin(&gl)?;
+        let encoded = self.encode(
+            &plan,
+            &Bindings {
+                input,
+                weights: &self.weights[wi].buffer,
+                bias,
+                output,
+                partial: frame.partial.as_ref(),
+            },
+        );
+        q_conv.end();
+        encoded?;
+        gl::storage_barrier(&gl);
+        let q_down = TimerQuery::begin(&gl)?;
+        let copied = gl::copy_buffer(&gl, output.raw(), download.raw(), plan.out_len);
+        q_down.end();
+        copied?;
+        let fence = Fence::new(&gl)?;
+        gl::flush(&gl);
+        Ok(Recorded {
+            fence,
+            queries: [q_up, q_conv, q_down],
+            out_len: plan.out_len,
+            begun,
+            done: StreamDone {
+                host_in_s,
+                weights_uploaded,
+                bytes_up,
+                bytes_down: (plan.out_len * 4) as u64,
+                ..StreamDone::default()
+            },
+        })
+    }
+
+    /// Whether the oldest job in flight has finished on the GPU or run out of time (so that
+    /// finishing it will not block).
+    pub(super) fn oldest_ready(&self) -> bool {
+        let Some(&slot) = self.in_flight.front() else {
+            return false;
+        };
+        let Some(flight) = &self.frames[slot].flight else {
+            return true;
+        };
+        flight.rec.fence.signaled().unwrap_or(true)
+            || flight.rec.begun.elapsed() >= flight.job.timeout
+    }
+
+    /// Waits for the oldest job in flight (within its timeout) and answers it. A fence that
+    /// does not pass marks the executor broken and fails every job in flight.
+    pub(super) fn stream_finish_oldest(&mut self) {
+        let Some(slot) = self.in_flight.pop_front() else {
+            return;
+        };
+        let Some(flight) = self.frames[slot].flight.take() else {
+            return;
+        };
+        let Flight {
+            job,
+            rec:
+                Recorded {
+                    fence,
+                    queries,
+                    out_len,
+                    begun,
+                    mut done,
+                },
+        } = flight;
+        let waited_from = Instant::now();
+        let already = fence.signaled().unwrap_or(false);
+        let left = job.timeout.saturating_sub(begun.elapsed());
+        if let Err(e) = if already { Ok(()) } else { fence.wait(left) } {
+            let why = format!("{e} (timeout {:?})", job.timeout);
+            self.broken = Some(why.clone());
+            let _ = job.reply.send(Err(Error::Gpu(why.clone())));
+            // The other frames' buffers may be in use too: fail their jobs, never read them.
+            while let Some(slot) = self.in_flight.pop_front() {
+                if let Some(f) = self.frames[slot].flight.take() {
+                    let _ = f
+                        .job
+                        .reply
+                        .send(Err(Error::Gpu(format!("the GPU is unhealthy: {why}"))));
+                }
+            }
+            return;
+        }
+        done.fence_waited = !already;
+        done.fence_wait_s = if already {
+            0.0
+        } else {
+            waited_from.elapsed().as_secs_f64()
+        };
+        done.gpu_wall_s = begun.elapsed().as_secs_f64();
+        let t = Instant::now();
+        let download = self.frames[slot]
+            .download
+            .as_ref()
+            .expect("a frame in flight has staging");
+        let mut output = vec![0.0f32; out_len];
+        parallel_copy(&download.as_slice()[..out_len], &mut output);
+        done.host_out_s = t.elapsed().as_secs_f64();
+        done.output = output;
+        if !self.ctx.info.software {
+            let [up, conv, down] = queries.each_ref().map(|q| Some(q.nanoseconds()));
+            (done.upload_ns, done.kernel_ns, done.download_ns) = (up, conv, down);
+        }
+        let _ = job.reply.send(Ok(done));
+    }
+
+    /// Finishes every job in flight, oldest first.
+    pub(super) fn stream_drain(&mut self) {
+        while !self.in_flight.is_empty() {
+            self.stream_finish_oldest();
+        }
+    }
+}

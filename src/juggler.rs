@@ -1,0 +1,881 @@
+//! The `Juggler`: one convolution API over the CPU and the GPU. It picks the device per call
+//! from a cost model of measured throughput, streams GPU jobs through the async executor
+//! ([`crate::gpu::executor`]), falls back to the CPU when the GPU fails (nothing is lost), and
+//! keeps statistics that move.
+//!
+//! Device choice (`Preference::Auto`), in order:
+//! 1. no GPU, or an unhealthy one: the CPU, with the reason;
+//! 2. below the floor (500 MFLOP by default, the original's): the CPU;
+//! 3. a shape already timed on both devices: the faster, by its measured times (moving averages);
+//! 4. a shape timed on one device only: the other is tried once when the model predicts it
+//!    within 2× (so one slow call buys the measurement), else the measured one;
+//! 5. a new shape: the model, `t = flops / rate` on the CPU and
+//!    `t = overhead + bytes_in / upload + flops / rate + bytes_out / download` on the GPU, with
+//!    rates calibrated on first use (one 231 MFLOP convolution on each device) and refined by
+//!    every job.
+//!
+//! A llvmpipe GPU is a GPU for the model like any other: it measures slow, so `Auto` leaves it.
+
+use crate::cpu::CpuBackend;
+use crate::error::{Error, Result};
+use crate::gpu::{GpuBackend, GpuChoice, StreamDone};
+use crate::params::Conv2dParams;
+use std::collections::HashMap;
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::{Duration, Instant};
+
+/// Which device a caller wants.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Preference {
+    /// The cost model chooses.
+    #[default]
+    Auto,
+    /// Always the CPU.
+    Cpu,
+    /// The GPU when there is a healthy one (else the CPU, and `RunInfo` says why).
+    Gpu,
+}
+
+/// A device that ran a job.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DeviceKind {
+    /// The CPU backend.
+    Cpu,
+    /// The GPU backend.
+    Gpu,
+}
+
+impl std::fmt::Display for DeviceKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            DeviceKind::Cpu => "cpu",
+            DeviceKind::Gpu => "gpu",
+        })
+    }
+}
+
+/// How a `Juggler` is set up.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Device preference for every call.
+    pub preference: Preference,
+    /// Which GPU (default: from `SPORKLE_GPU`).
+    pub gpu: Option<GpuChoice>,
+    /// CPU threads (default: all cores).
+    pub cpu_threads: Option<usize>,
+    /// How long a GPU job's fence may take before the job is re-run on the CPU and the GPU is
+    /// marked unhealthy.
+    pub fence_timeout: Duration,
+    /// Below this many FLOPs, `Auto` runs on the CPU.
+    pub min_gpu_flops: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            preference: Preference::Auto,
+            gpu: None,
+            cpu_threads: None,
+            fence_timeout: Duration::from_secs(60),
+            min_gpu_flops: 500_000_000,
+        }
+    }
+}
+
+/// What happened to one job.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RunInfo {
+    /// The device that produced the output.
+    pub device: DeviceKind,
+    /// Why that device.
+    pub reason: String,
+    /// Wall time from submission to the output in host memory.
+    pub wall_s: f64,
+    /// GPU time of the convolution (timer query), where measured.
+    pub gpu_kernel_s: Option<f64>,
+    /// FLOPs / wall time, in GFLOP/s.
+    pub gflops: f64,
+    /// When the GPU failed and the CPU re-ran the job: the GPU's error.
+    pub fallback: Option<String>,
+}
+
+/// Counters of one device.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct DeviceStats {
+    /// Jobs that ran there.
+    pub calls: u64,
+    /// Their FLOPs.
+    pub flops: u64,
+    /// Time busy: CPU wall time of its jobs; GPU time from timer queries (upload copy, kernel,
+    /// download copy), or fence-to-fence wall time on a software renderer.
+    pub busy_s: f64,
+    /// Bytes host → device and device → host (GPU only).
+    pub bytes_up: u64,
+    /// See `bytes_up`.
+    pub bytes_down: u64,
+    /// Times the executor blocked on a fence, and the time it blocked (GPU only).
+    pub fence_waits: u64,
+    /// See `fence_waits`.
+    pub fence_wait_s: f64,
+    /// Weight sets uploaded, and jobs that found theirs resident (GPU only).
+    pub weight_uploads: u64,
+    /// See `weight_uploads`.
+    pub cache_hits: u64,
+}
+
+/// The `Juggler`'s statistics.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Stats {
+    /// The CPU's counters.
+    pub cpu: DeviceStats,
+    /// The GPU's counters.
+    pub gpu: DeviceStats,
+    /// From the first submission to the last completion, seconds.
+    pub window_s: f64,
+    /// GPU jobs whose fence timed out.
+    pub timeouts: u64,
+    /// GPU jobs re-run on the CPU after a GPU failure.
+    pub fallbacks: u64,
+    /// Why there is no GPU, or why it is no longer used.
+    pub gpu_unavailable: Option<String>,
+    /// Whether GPU busy time comes from timer queries (false: wall time, software renderer).
+    pub gpu_timed: bool,
+}
+
+impl Stats {
+    /// `busy / window` of a device (0 when nothing ran).
+    pub fn utilisation(&self, d: DeviceKind) -> f64 {
+        let busy = match d {
+            DeviceKind::Cpu => self.cpu.busy_s,
+            DeviceKind::Gpu => self.gpu.busy_s,
+        };
+        if self.window_s > 0.0 {
+            busy / self.window_s
+        } else {
+            0.0
+        }
+    }
+
+    /// `window - busy` of a device.
+    pub fn idle_s(&self, d: DeviceKind) -> f64 {
+        (self.window_s - self.utilisation(d) * self.window_s).max(0.0)
+    }
+}
+
+impl std::fmt::Display for Stats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "window {:.3} s", self.window_s)?;
+        for (d, s) in [(DeviceKind::Cpu, &self.cpu), (DeviceKind::Gpu, &self.gpu)] {
+            write!(
+                f,
+                "{d}: {} calls, {:.3} GFLOP, busy {:.3} s, idle {:.3} s, utilisation {:.1}%",
+                s.calls,
+                s.flops as f64 / 1e9,
+                s.busy_s,
+                self.idle_s(d),
+                100.0 * self.utilisation(d)
+            )?;
+            if d == DeviceKind::Gpu {
+                write!(
+                    f,
+                    "{}, {:.1} MB up, {:.1} MB down, {} fence waits ({:.3} s), {} weight uploads, {} cache hits",
+                    if self.gpu_timed { "" } else { " (busy from wall time: software renderer)" },
+                    s.bytes_up as f64 / 1e6,
+                    s.bytes_down as f64 / 1e6,
+                    s.fence_waits,
+                    s.fence_wait_s,
+                    s.weight_uploads,
+                    s.cache_hits
+                )?;
+            }
+            writeln!(f)?;
+        }
+        write!(
+            f,
+            "{} timeouts, {} CPU fallbacks",
+            self.timeouts, self.fallbacks
+        )?;
+        if let Some(why) = &self.gpu_unavailable {
+            write!(f, "; GPU unavailable: {why}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Moving average weight of a new observation.
+const EWMA: f64 = 0.3;
+/// The calibration convolution: 231 MFLOP, a ResNet-style 3×3 layer.
+const CALIBRATION: Conv2dParams = Conv2dParams {
+    n: 1,
+    c_in: 64,
+    h: 56,
+    w: 56,
+    c_out: 64,
+    k_h: 3,
+    k_w: 3,
+    stride: (1, 1),
+    padding: (1, 1),
+    dilation: (1, 1),
+    groups: 1,
+};
+
+fn ewma(old: &mut Option<f64>, new: f64) {
+    *old = Some(old.map_or(new, |o| o + EWMA * (new - o)));
+}
+
+/// The cost model (see the module docs).
+#[derive(Debug, Default)]
+struct Model {
+    calibrated: bool,
+    /// CPU compute rate, FLOP/s.
+    cpu_rate: Option<f64>,
+    /// GPU kernel rate, FLOP/s.
+    gpu_rate: Option<f64>,
+    /// GPU transfer rates (host copy and DMA together), bytes/s.
+    up_rate: Option<f64>,
+    down_rate: Option<f64>,
+    /// What a GPU call costs beyond the model's terms, seconds.
+    gpu_overhead: Option<f64>,
+    /// Measured wall seconds per shape and device.
+    shapes: HashMap<Conv2dParams, [Option<f64>; 2]>,
+    /// Shapes where the other device has been tried.
+    explored: HashMap<Conv2dParams, u32>,
+}
+
+impl Model {
+    fn predict(&self, p: &Conv2dParams, d: DeviceKind) -> Option<f64> {
+        let flops = p.flops() as f64;
+        match d {
+            DeviceKind::Cpu => Some(flops / self.cpu_rate?),
+            DeviceKind::Gpu => Some(
+                self.gpu_overhead.unwrap_or(0.0)
+                    + (p.input_len() * 4) as f64 / self.up_rate?
+                    + flops / self.gpu_rate?
+                    + (p.output_len() * 4) as f64 / self.down_rate?,
+            ),
+        }
+    }
+
+    fn observe_cpu(&mut self, p: &Conv2dParams, wall_s: f64) {
+        ewma(&mut self.shapes.entry(*p).or_default()[0], wall_s);
+        ewma(&mut self.cpu_rate, p.flops() as f64 / wall_s.max(1e-9));
+    }
+
+    fn observe_gpu(&mut self, p: &Conv2dParams, wall_s: f64, done: &StreamDone, sync: bool) {
+        // Only whole-call times (not pipelined ones) say what one call costs.
+        if sync {
+            ewma(&mut self.shapes.entry(*p).or_default()[1], wall_s);
+        }
+        if let Some(ns) = done.kernel_ns {
+            ewma(
+                &mut self.gpu_rate,
+                p.flops() as f64 / (ns as f64 * 1e-9).max(1e-9),
+            );
+        } else {
+            // No timers (software renderer): the whole GPU wall time is compute.
+            ewma(
+                &mut self.gpu_rate,
+                p.flops() as f64 / done.gpu_wall_s.max(1e-9),
+            );
+        }
+        let up_s = done.host_in_s + done.upload_ns.map_or(0.0, |ns| ns as f64 * 1e-9);
+        let down_s = done.host_out_s + done.download_ns.map_or(0.0, |ns| ns as f64 * 1e-9);
+        ewma(&mut self.up_rate, done.bytes_up as f64 / up_s.max(1e-9));
+        ewma(
+            &mut self.down_rate,
+            done.bytes_down as f64 / down_s.max(1e-9),
+        );
+        if sync {
+            let parts =
+                self.predict(p, DeviceKind::Gpu).unwrap_or(0.0) - self.gpu_overhead.unwrap_or(0.0);
+            ewma(&mut self.gpu_overhead, (wall_s - parts).max(0.0));
+        }
+    }
+}
+
+/// What the Juggler shares with its tickets.
+struct Inner {
+    config: Config,
+    cpu: CpuBackend,
+    /// Taken out on drop, so that dropping the Juggler releases every GL object even while
+    /// tickets are alive (they then finish on the CPU).
+    gpu: RwLock<Option<GpuBackend>>,
+    /// Why there is no GPU, or why it is no longer used.
+    gpu_unavailable: Mutex<Option<String>>,
+    software_gpu: bool,
+    async_on: std::sync::atomic::AtomicBool,
+    model: Mutex<Model>,
+    stats: Mutex<StatsState>,
+}
+
+#[derive(Default)]
+struct StatsState {
+    stats: Stats,
+    first: Option<Instant>,
+    last: Option<Instant>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The device-juggling convolution engine (see the module docs). `Send + Sync`: share it
+/// between threads by reference or in an `Arc`.
+pub struct Juggler {
+    inner: Arc<Inner>,
+}
+
+/// A submitted job; [`Ticket::wait`] gives its output.
+pub struct Ticket {
+    state: TicketState,
+}
+
+enum TicketState {
+    Done(Box<Result<(Vec<f32>, RunInfo)>>),
+    Gpu(Box<GpuTicket>),
+}
+
+struct GpuTicket {
+    inner: Arc<Inner>,
+    answer: mpsc::Receiver<Result<StreamDone>>,
+    p: Conv2dParams,
+    input: Arc<[f32]>,
+    weights: Arc<[f32]>,
+    bias: Option<Arc<[f32]>>,
+    reason: String,
+    submitted: Instant,
+    sync: bool,
+}
+
+impl Ticket {
+    /// The output (`N×K×Ho×Wo`) and what happened. A GPU failure is not an error here: the
+    /// job is re-run on the CPU and `RunInfo::fallback` says why.
+    pub fn wait(self) -> Result<(Vec<f32>, RunInfo)> {
+        match self.state {
+            TicketState::Done(r) => *r,
+            TicketState::Gpu(t) => t.wait(),
+        }
+    }
+}
+
+impl GpuTicket {
+    fn wait(self) -> Result<(Vec<f32>, RunInfo)> {
+        let answer = self
+            .answer
+            .recv()
+            .unwrap_or_else(|_| Err(Error::Gpu("the GPU stopped before answering".into())));
+        match answer {
+            Ok(done) => {
+                let wall_s = self.submitted.elapsed().as_secs_f64();
+                self.inner.record_gpu(&self.p, wall_s, &done, self.sync);
+                let info = RunInfo {
+                    device: DeviceKind::Gpu,
+                    reason: self.reason,
+                    wall_s,
+                    gpu_kernel_s: done.kernel_ns.map(|ns| ns as f64 * 1e-9),
+                    gflops: self.p.flops() as f64 / wall_s / 1e9,
+                    fallback: None,
+                };
+                Ok((done.output, info))
+            }
+            Err(e) => {
+                let why = e.to_string();
+                self.inner.gpu_failed(&why);
+                let mut output = vec![0.0f32; self.p.output_len() as usize];
+                let mut info = self.inner.run_cpu(
+                    &self.p,
+                    &self.input,
+                    &self.weights,
+                    self.bias.as_deref(),
+                    &mut output,
+                    format!("re-run on the CPU after a GPU failure ({})", self.reason),
+                )?;
+                info.wall_s = self.submitted.elapsed().as_secs_f64();
+                info.fallback = Some(why);
+                Ok((output, info))
+            }
+        }
+    }
+}
+
+impl Inner {
+    fn touch(&self, start: Instant) {
+        let mut s = lock(&self.stats);
+        s.first = Some(s.first.map_or(start, |f| f.min(start)));
+        let now = Instant::now();
+        s.last = Some(now);
+        if let Some(first) = s.first {
+            s.stats.window_s = now.duration_since(first).as_secs_f64();
+        }
+    }
+
+    fn record_gpu(&self, p: &Conv2dParams, wall_s: f64, done: &StreamDone, sync: bool) {
+        lock(&self.model).observe_gpu(p, wall_s, done, sync);
+        {
+            let mut s = lock(&self.stats);
+            let g = &mut s.stats.gpu;
+            g.calls += 1;
+            g.flops += p.flops();
+            g.busy_s += match (done.upload_ns, done.kernel_ns, done.download_ns) {
+                (Some(u), Some(k), Some(d)) => (u + k + d) as f64 * 1e-9,
+                (None, Some(k), None) => k as f64 * 1e-9,
+                _ => done.gpu_wall_s,
+            };
+            g.bytes_up += done.bytes_up;
+            g.bytes_down += done.bytes_down;
+            g.fence_waits += u64::from(done.fence_waited);
+            g.fence_wait_s += done.fence_wait_s;
+            g.weight_uploads += u64::from(done.weights_uploaded);
+            g.cache_hits += u64::from(!done.weights_uploaded);
+        }
+        self.touch(Instant::now() - Duration::from_secs_f64(wall_s));
+    }
+
+    fn gpu_failed(&self, why: &str) {
+        let mut s = lock(&self.stats);
+        s.stats.fallbacks += 1;
+        if why.contains("fence not signalled") {
+            s.stats.timeouts += 1;
+        }
+        drop(s);
+        let mut u = lock(&self.gpu_unavailable);
+        if u.is_none() {
+            *u = Some(format!("unhealthy: {why}"));
+        }
+    }
+
+    fn run_cpu(
+        &self,
+        p: &Conv2dParams,
+        input: &[f32],
+        weights: &[f32],
+        bias: Option<&[f32]>,
+        output: &mut [f32],
+        reason: String,
+    ) -> Result<RunInfo> {
+        let t = Instant::now();
+        self.cpu.conv2d(p, input, weights, bias, output)?;
+        let wall_s = t.elapsed().as_secs_f64();
+        lock(&self.model).observe_cpu(p, wall_s);
+        {
+            let mut s = lock(&self.stats);
+            s.stats.cpu.calls += 1;
+            s.stats.cpu.flops += p.flops();
+            s.stats.cpu.busy_s += wall_s;
+        }
+        self.touch(t);
+        Ok(RunInfo {
+            device: DeviceKind::Cpu,
+            reason,
+            wall_s,
+            gpu_kernel_s: None,
+            gflops: p.flops() as f64 / wall_s.max(1e-12) / 1e9,
+            fallback: None,
+        })
+    }
+
+    /// Measures both devices on the calibration convolution (once).
+    fn calibrate(&self) {
+        if lock(&self.model).calibrated {
+            return;
+        }
+        let p = CALIBRATION;
+        let mut x = vec![0.0f32; p.input_len() as usize];
+        let mut w = vec![0.0f32; p.weights_len() as usize];
+        crate::data::fill_uniform(1, &mut x);
+        crate::data::fill_uniform(2, &mut w);
+        let mut y = vec![0.0f32; p.output_len() as usize];
+        let _ = self.run_cpu(&p, &x, &w, None, &mut y, String::new());
+        let (x, w): (Arc<[f32]>, Arc<[f32]>) = (x.into(), w.into());
+        // Twice: the first call compiles the program and uploads the weights.
+        for _ in 0..2 {
+            let t = Instant::now();
+            let answer = self
+                .gpu
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_ref()
+                .map(|g| {
+                    g.stream(
+                        &p,
+                        Arc::clone(&x),
+                        Arc::clone(&w),
+                        None,
+                        false,
+                        self.config.fence_timeout,
+                    )
+                });
+            if let Some(Ok(rx)) = answer {
+                if let Ok(Ok(done)) = rx.recv() {
+                    let wall_s = t.elapsed().as_secs_f64();
+                    lock(&self.model).observe_gpu(&p, wall_s, &done, true);
+                }
+            }
+        }
+        let mut m = lock(&self.model);
+        m.calibrated = true;
+        // The calibration shape's own times are not a user's shape.
+        m.shapes.remove(&p);
+    }
+
+    /// The device for `p`, and why.
+    fn choose(&self, p: &Conv2dParams) -> (DeviceKind, String) {
+        let unavailable = lock(&self.gpu_unavailable).clone();
+        let has_gpu = self.gpu.read().unwrap_or_else(|e| e.into_inner()).is_some();
+        let gpu_ok = has_gpu && unavailable.is_none();
+        let why_not = || unavailable.clone().unwrap_or_else(|| "no GPU".into());
+        match self.config.preference {
+            Preference::Cpu => return (DeviceKind::Cpu, "preference: cpu".into()),
+            Preference::Gpu if gpu_ok => return (DeviceKind::Gpu, "preference: gpu".into()),
+            Preference::Gpu => {
+                return (
+                    DeviceKind::Cpu,
+                    format!("preference gpu, but {}", why_not()),
+                )
+            }
+            Preference::Auto => {}
+        }
+        if !gpu_ok {
+            return (DeviceKind::Cpu, why_not());
+        }
+        if p.flops() < self.config.min_gpu_flops {
+            return (
+                DeviceKind::Cpu,
+                format!(
+                    "{:.0} MFLOP is below the GPU floor of {:.0} MFLOP",
+                    p.flops() as f64 / 1e6,
+                    self.config.min_gpu_flops as f64 / 1e6
+                ),
+            );
+        }
+        self.calibrate();
+        let mut m = lock(&self.model);
+        let ms = |t: f64| t * 1e3;
+        let measured = m.shapes.get(p).copied().unwrap_or_default();
+        match measured {
+            [Some(c), Some(g)] => {
+                let d = if g < c {
+                    DeviceKind::Gpu
+                } else {
+                    DeviceKind::Cpu
+                };
+                (
+                    d,
+                    format!(
+                        "measured on this shape: cpu {:.3} ms, gpu {:.3} ms",
+                        ms(c),
+                        ms(g)
+                    ),
+                )
+            }
+            [Some(t), None] | [None, Some(t)] => {
+                let (seen, other) = if measured[0].is_some() {
+                    (DeviceKind::Cpu, DeviceKind::Gpu)
+                } else {
+                    (DeviceKind::Gpu, DeviceKind::Cpu)
+                };
+                let predicted = m.predict(p, other).unwrap_or(f64::INFINITY);
+                let tries = m.explored.entry(*p).or_default();
+                if predicted < 2.0 * t && *tries == 0 {
+                    *tries += 1;
+                    (
+                        other,
+                        format!(
+                            "trying {other} once: measured {seen} {:.3} ms, model predicts {other} {:.3} ms",
+                            ms(t),
+                            ms(predicted)
+                        ),
+                    )
+                } else {
+                    (
+                        seen,
+                        format!(
+                            "measured {seen} {:.3} ms; model predicts {other} {:.3} ms",
+                            ms(t),
+                            ms(predicted)
+                        ),
+                    )
+                }
+            }
+            [None, None] => {
+                let c = m.predict(p, DeviceKind::Cpu).unwrap_or(f64::INFINITY);
+                let g = m.predict(p, DeviceKind::Gpu).unwrap_or(f64::INFINITY);
+                let d = if g < c {
+                    DeviceKind::Gpu
+                } else {
+                    DeviceKind::Cpu
+                };
+                (
+                    d,
+                    format!("model predicts cpu {:.3} ms, gpu {:.3} ms", ms(c), ms(g)),
+                )
+            }
+        }
+    }
+}
+
+impl Juggler {
+    /// A Juggler with the default [`Config`]. Never fails for lack of a GPU: it then works on
+    /// the CPU and [`Stats::gpu_unavailable`] says why.
+    pub fn new() -> Result<Self> {
+        Self::with_config(Config::default())
+    }
+
+    /// A Juggler set up by `config`.
+    pub fn with_config(config: Config) -> Result<Self> {
+        let cpu = match config.cpu_threads {
+            Some(t) => CpuBackend::with_threads(t)?,
+            None => CpuBackend::new()?,
+        };
+        let choice = match config.gpu {
+            Some(c) => Ok(c),
+            None => GpuChoice::from_env(),
+        };
+        let (gpu, unavailable) = match choice.and_then(|c| match c {
+            GpuChoice::Off => Err(Error::DeviceUnavailable("SPORKLE_GPU=off".into())),
+            c => GpuBackend::with_choice(c),
+        }) {
+            Ok(g) => (Some(g), None),
+            Err(e) => (None, Some(e.to_string())),
+        };
+        let software_gpu = gpu.as_ref().is_some_and(|g| g.info().software);
+        Ok(Self {
+            inner: Arc::new(Inner {
+                config,
+                cpu,
+                gpu: RwLock::new(gpu),
+                gpu_unavailable: Mutex::new(unavailable),
+                software_gpu,
+                async_on: std::sync::atomic::AtomicBool::new(true),
+                model: Mutex::new(Model::default()),
+                stats: Mutex::new(StatsState::default()),
+            }),
+        })
+    }
+
+    /// Whether streaming jobs are pipelined (several in flight); on by default.
+    pub fn is_async(&self) -> bool {
+        self.inner
+            .async_on
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Turns pipelining on or off; jobs already submitted finish as they were submitted.
+    pub fn set_async(&self, on: bool) {
+        self.inner
+            .async_on
+            .store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The GPU's renderer, or why there is none.
+    pub fn gpu_description(&self) -> std::result::Result<String, String> {
+        match self
+            .inner
+            .gpu
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
+            Some(g) => Ok(g.info().renderer.clone()),
+            None => Err(lock(&self.inner.gpu_unavailable)
+                .clone()
+                .unwrap_or_else(|| "no GPU".into())),
+        }
+    }
+
+    /// Whether its GPU is a software renderer (llvmpipe: for testing, never fast).
+    pub fn gpu_is_software(&self) -> bool {
+        self.inner.software_gpu
+    }
+
+    /// A snapshot of the statistics.
+    pub fn stats(&self) -> Stats {
+        let mut s = lock(&self.inner.stats).stats.clone();
+        s.gpu_unavailable = lock(&self.inner.gpu_unavailable).clone();
+        s.gpu_timed = !self.inner.software_gpu;
+        s
+    }
+
+    /// Computes `output = conv2d(input, weights) + bias` on the chosen device, synchronously.
+    /// Lengths are checked first; on error the output is untouched.
+    pub fn conv2d(
+        &self,
+        p: &Conv2dParams,
+        input: &[f32],
+        weights: &[f32],
+        bias: Option<&[f32]>,
+        output: &mut [f32],
+    ) -> Result<RunInfo> {
+        p.check_buffers(
+            input.len(),
+            weights.len(),
+            bias.map(<[f32]>::len),
+            output.len(),
+        )?;
+        let (device, reason) = self.inner.choose(p);
+        match device {
+            DeviceKind::Cpu => self.inner.run_cpu(p, input, weights, bias, output, reason),
+            DeviceKind::Gpu => {
+                let (y, info) = self
+                    .submit_gpu(p, input, weights, bias, reason, true)?
+                    .wait()?;
+                output.copy_from_slice(&y);
+                Ok(info)
+            }
+        }
+    }
+
+    /// Submits a job and returns at once when it goes to the GPU (with async on, up to
+    /// [`crate::gpu::FRAMES`] GPU jobs are in flight together); a CPU job is computed before
+    /// this returns. Lengths are checked first.
+    pub fn submit(
+        &self,
+        p: &Conv2dParams,
+        input: &[f32],
+        weights: &[f32],
+        bias: Option<&[f32]>,
+    ) -> Result<Ticket> {
+        p.check_buffers(
+            input.len(),
+            weights.len(),
+            bias.map(<[f32]>::len),
+            p.output_len() as usize,
+        )?;
+        let (device, reason) = self.inner.choose(p);
+        match device {
+            DeviceKind::Cpu => {
+                let mut output = vec![0.0f32; p.output_len() as usize];
+                let info = self
+                    .inner
+                    .run_cpu(p, input, weights, bias, &mut output, reason)?;
+                Ok(Ticket {
+                    state: TicketState::Done(Box::new(Ok((output, info)))),
+                })
+            }
+            DeviceKind::Gpu => {
+                let sync = !self.is_async();
+                self.submit_gpu(p, input, weights, bias, reason, sync)
+            }
+        }
+    }
+
+    fn submit_gpu(
+        &self,
+        p: &Conv2dParams,
+        input: &[f32],
+        weights: &[f32],
+        bias: Option<&[f32]>,
+        reason: String,
+        sync: bool,
+    ) -> Result<Ticket> {
+        let submitted = Instant::now();
+        let (input, weights): (Arc<[f32]>, Arc<[f32]>) = (input.into(), weights.into());
+        let bias: Option<Arc<[f32]>> = bias.map(Into::into);
+        let answer = match self
+            .inner
+            .gpu
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
+            Some(g) => g.stream(
+                p,
+                Arc::clone(&input),
+                Arc::clone(&weights),
+                bias.clone(),
+                !sync,
+                self.inner.config.fence_timeout,
+            ),
+            None => Err(Error::Gpu("the GPU was released".into())),
+        };
+        // A job the GPU cannot even take becomes an answer that fails, so the ticket re-runs
+        // it on the CPU like any other GPU failure.
+        let answer = answer.unwrap_or_else(|e| {
+            let (tx, rx) = mpsc::channel();
+            let _ = tx.send(Err(e));
+            rx
+        });
+        Ok(Ticket {
+            state: TicketState::Gpu(Box::new(GpuTicket {
+                inner: Arc::clone(&self.inner),
+                answer,
+                p: *p,
+                input,
+                weights,
+                bias,
+                reason,
+                submitted,
+                sync,
+            })),
+        })
+    }
+}
+
+impl Drop for Juggler {
+    /// Releases the GPU (its worker deletes every GL object and the context) and the CPU
+    /// threads once the last ticket is gone; tickets still waiting finish on the CPU.
+    fn drop(&mut self) {
+        let gpu = self
+            .inner
+            .gpu
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        drop(gpu);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn juggler_is_send_and_sync() {
+        fn shared<T: Send + Sync>() {}
+        fn sent<T: Send>() {}
+        shared::<Juggler>();
+        sent::<Ticket>();
+    }
+
+    #[test]
+    fn gpu_off_gives_a_cpu_only_juggler_that_says_why() {
+        let j = Juggler::with_config(Config {
+            gpu: Some(GpuChoice::Off),
+            cpu_threads: Some(1),
+            ..Config::default()
+        })
+        .unwrap();
+        assert!(j.gpu_description().unwrap_err().contains("SPORKLE_GPU=off"));
+        let p = CALIBRATION;
+        let x = vec![1.0f32; p.input_len() as usize];
+        let w = vec![0.5f32; p.weights_len() as usize];
+        let mut y = vec![0.0f32; p.output_len() as usize];
+        let info = j.conv2d(&p, &x, &w, None, &mut y).unwrap();
+        assert_eq!(info.device, DeviceKind::Cpu);
+        assert!(info.reason.contains("SPORKLE_GPU=off"), "{}", info.reason);
+        // Centre outputs see all 9 taps of all 64 channels: 64 * 9 * 0.5.
+        assert_eq!(y[56 + 1], 288.0);
+        let s = j.stats();
+        assert_eq!((s.cpu.calls, s.gpu.calls), (1, 0));
+        assert!(s.cpu.busy_s > 0.0 && s.window_s >= s.cpu.busy_s * 0.5);
+    }
+
+    #[test]
+    fn bad_lengths_are_errors_and_leave_the_output_alone() {
+        let j = Juggler::with_config(Config {
+            gpu: Some(GpuChoice::Off),
+            cpu_threads: Some(1),
+            ..Config::default()
+        })
+        .unwrap();
+        let p = CALIBRATION;
+        let x = vec![1.0f32; 10];
+        let w = vec![0.5f32; p.weights_len() as usize];
+        let mut y = vec![7.0f32; p.output_len() as usize];
+        assert!(j.conv2d(&p, &x, &w, None, &mut y).is_err());
+        assert!(y.iter().all(|&v| v == 7.0));
+        assert!(j.submit(&p, &x, &w, None).is_err());
+        assert_eq!(j.stats().cpu.calls, 0);
+    }
+}

@@ -108,7 +108,8 @@ pub struct DeviceStats {
     /// Their FLOPs.
     pub flops: u64,
     /// Time busy: CPU wall time of its jobs; GPU time from timer queries (upload copy, kernel,
-    /// download copy), or fence-to-fence wall time on a software renderer.
+    /// download copy), never more than the wall time some job was on the GPU (that wall time
+    /// alone on a software renderer).
     pub busy_s: f64,
     /// Bytes host → device and device → host (GPU only).
     pub bytes_up: u64,
@@ -141,6 +142,8 @@ pub struct Stats {
     pub gpu_unavailable: Option<String>,
     /// Whether GPU busy time comes from timer queries (false: wall time, software renderer).
     pub gpu_timed: bool,
+    /// The most GPU jobs seen in flight together (1: no pipelining happened).
+    pub max_in_flight: usize,
 }
 
 impl Stats {
@@ -193,8 +196,8 @@ impl std::fmt::Display for Stats {
         }
         write!(
             f,
-            "{} timeouts, {} CPU fallbacks",
-            self.timeouts, self.fallbacks
+            "{} timeouts, {} CPU fallbacks, at most {} GPU jobs in flight",
+            self.timeouts, self.fallbacks, self.max_in_flight
         )?;
         if let Some(why) = &self.gpu_unavailable {
             write!(f, "; GPU unavailable: {why}")?;
@@ -417,17 +420,14 @@ impl Inner {
             let g = &mut s.stats.gpu;
             g.calls += 1;
             g.flops += p.flops();
-            g.busy_s += match (done.upload_ns, done.kernel_ns, done.download_ns) {
-                (Some(u), Some(k), Some(d)) => (u + k + d) as f64 * 1e-9,
-                (None, Some(k), None) => k as f64 * 1e-9,
-                _ => done.gpu_wall_s,
-            };
+            g.busy_s += done.busy_s;
             g.bytes_up += done.bytes_up;
             g.bytes_down += done.bytes_down;
             g.fence_waits += u64::from(done.fence_waited);
             g.fence_wait_s += done.fence_wait_s;
             g.weight_uploads += u64::from(done.weights_uploaded);
             g.cache_hits += u64::from(!done.weights_uploaded);
+            s.stats.max_in_flight = s.stats.max_in_flight.max(done.in_flight);
         }
         self.touch(Instant::now() - Duration::from_secs_f64(wall_s));
     }
@@ -435,7 +435,7 @@ impl Inner {
     fn gpu_failed(&self, why: &str) {
         let mut s = lock(&self.stats);
         s.stats.fallbacks += 1;
-        if why.contains("fence not signalled") {
+        if why.contains(crate::gpu::executor::FENCE_TIMEOUT) {
             s.stats.timeouts += 1;
         }
         drop(s);
@@ -682,6 +682,16 @@ impl Juggler {
                 .clone()
                 .unwrap_or_else(|| "no GPU".into())),
         }
+    }
+
+    /// The wall times measured for `p` so far (moving averages), `[cpu, gpu]`, seconds; GPU
+    /// times only from calls that ran alone (synchronous ones).
+    pub fn measured(&self, p: &Conv2dParams) -> [Option<f64>; 2] {
+        lock(&self.inner.model)
+            .shapes
+            .get(p)
+            .copied()
+            .unwrap_or_default()
     }
 
     /// Whether its GPU is a software renderer (llvmpipe: for testing, never fast).

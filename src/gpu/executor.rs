@@ -31,6 +31,9 @@ use std::time::{Duration, Instant};
 /// downloaded.
 pub const FRAMES: usize = 3;
 
+/// The start of the error of a job whose fence missed its deadline.
+pub const FENCE_TIMEOUT: &str = "fence timeout";
+
 /// Copies of at least this many floats are split across threads.
 const PARALLEL_COPY_MIN: usize = 1 << 19;
 
@@ -66,12 +69,18 @@ pub struct StreamDone {
     pub host_out_s: f64,
     /// Wall time from the frame's submission to its fence passing.
     pub gpu_wall_s: f64,
+    /// GPU busy time of this job: the sum of its timer queries, at most its share of the wall
+    /// time during which some job was on the GPU (that share alone on a software renderer), so
+    /// jobs in flight together are never counted twice.
+    pub busy_s: f64,
     /// Whether the executor had to block on the fence, and for how long.
     pub fence_waited: bool,
     /// See `fence_waited`.
     pub fence_wait_s: f64,
     /// Whether the weights had to be uploaded (false: resident).
     pub weights_uploaded: bool,
+    /// Jobs in flight when this one was started, itself included (1: it ran alone).
+    pub in_flight: usize,
     /// Bytes copied host → GPU (input, bias, and weights when uploaded) and GPU → host.
     pub bytes_up: u64,
     /// See `bytes_up`.
@@ -189,9 +198,10 @@ impl Worker {
         };
         let mut frame = std::mem::take(&mut self.frames[slot]);
         match self.try_fill(&mut frame, &job) {
-            Ok(rec) => {
-                frame.flight = Some(Flight { job, rec });
+            Ok(mut rec) => {
                 self.in_flight.push_back(slot);
+                rec.done.in_flight = self.in_flight.len();
+                frame.flight = Some(Flight { job, rec });
             }
             Err(e) => {
                 let _ = job.reply.send(Err(e));
@@ -308,8 +318,25 @@ impl Worker {
         let waited_from = Instant::now();
         let already = fence.signaled().unwrap_or(false);
         let left = job.timeout.saturating_sub(begun.elapsed());
-        if let Err(e) = if already { Ok(()) } else { fence.wait(left) } {
-            let why = format!("{e} (timeout {:?})", job.timeout);
+        // The deadline counts from the submission to the GPU: a fence that passed, but only
+        // after it, fails the job too (as observed here; only a tiny timeout can see that).
+        let waited = if already {
+            let took = begun.elapsed();
+            if took > job.timeout {
+                Err(Error::Gpu(format!("the fence passed only after {took:?}")))
+            } else {
+                Ok(())
+            }
+        } else {
+            fence.wait(left)
+        };
+        if let Err(e) = waited {
+            let e = e.to_string();
+            let why = if e.contains("context lost") {
+                e
+            } else {
+                format!("{FENCE_TIMEOUT} of {:?}: {e}", job.timeout)
+            };
             self.broken = Some(why.clone());
             let _ = job.reply.send(Err(Error::Gpu(why.clone())));
             // The other frames' buffers may be in use too: fail their jobs, never read them.
@@ -330,6 +357,12 @@ impl Worker {
             waited_from.elapsed().as_secs_f64()
         };
         done.gpu_wall_s = begun.elapsed().as_secs_f64();
+        // Busy time without double counting: the part of [submission, fence] after the
+        // previous job's fence (jobs finish in order).
+        let end = Instant::now();
+        let start = self.busy_until.map_or(begun, |u| u.max(begun));
+        done.busy_s = end.saturating_duration_since(start).as_secs_f64();
+        self.busy_until = Some(end);
         let t = Instant::now();
         let download = self.frames[slot]
             .download
@@ -342,7 +375,12 @@ impl Worker {
         if !self.ctx.info.software {
             let [up, conv, down] = queries.each_ref().map(|q| Some(q.nanoseconds()));
             (done.upload_ns, done.kernel_ns, done.download_ns) = (up, conv, down);
+            // Timer queries say how long the GPU worked; never more than the wall share.
+            let timed = [up, conv, down].iter().flatten().sum::<u64>() as f64 * 1e-9;
+            done.busy_s = done.busy_s.min(timed);
         }
+        // GL objects go before the answer, so a caller that counts them sees them gone.
+        drop((fence, queries));
         let _ = job.reply.send(Ok(done));
     }
 

@@ -317,6 +317,8 @@ struct Worker {
     in_flight: VecDeque<usize>,
     /// Why the executor stopped taking jobs (a fence timed out or the context failed).
     broken: Option<String>,
+    /// When the last streaming job's fence was seen passing (for busy time).
+    busy_until: Option<Instant>,
     programs: ProgramCache,
     weights: Vec<Resident>,
     input: Option<Buffer>,
@@ -336,6 +338,7 @@ impl Worker {
             frames: (0..FRAMES).map(|_| Frame::default()).collect(),
             in_flight: VecDeque::new(),
             broken: None,
+            busy_until: None,
             programs: ProgramCache::default(),
             weights: Vec::new(),
             input: None,

@@ -25,30 +25,50 @@ const CASES: [(&str, &str); 4] = [
     ("edge", "width_past_16"),
 ];
 
+/// Submit/wait cycles of the streaming leak trial.
+const STREAM_CYCLES: usize = 1000;
+/// Heap growth tolerated between the streaming leak trial's windows (see `stream_child`).
+const STREAM_SLACK: usize = 2560;
+/// The child mode of the streaming leak trial, after the device kind.
+const STREAM_MODE: &str = "+stream";
+
+/// Runs this binary as a leak child with `mode` and reports its line.
+fn run_child(mode: String) -> Result<(), libtest_mimic::Failed> {
+    let exe = std::env::current_exe().map_err(super::fail)?;
+    let out = Command::new(exe)
+        .env(CHILD_ENV, mode)
+        .output()
+        .map_err(super::fail)?;
+    let said = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let err = String::from_utf8_lossy(&out.stderr).trim().to_owned();
+    if out.status.success() {
+        println!("{said}");
+        Ok(())
+    } else {
+        Err(format!("{said} {err}").trim().to_owned().into())
+    }
+}
+
 pub fn trials(ctx: &Arc<Context>) -> Vec<Trial> {
-    ctx.devices
+    let mut out: Vec<Trial> = ctx
+        .devices
         .iter()
         .filter(|d| d.is_backend())
         .map(|device| {
             let kind = device.kind();
-            Trial::test("leak/create_run_drop", move || {
-                let exe = std::env::current_exe().map_err(super::fail)?;
-                let out = Command::new(exe)
-                    .env(CHILD_ENV, kind)
-                    .output()
-                    .map_err(super::fail)?;
-                let said = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-                let err = String::from_utf8_lossy(&out.stderr).trim().to_owned();
-                if out.status.success() {
-                    println!("{said}");
-                    Ok(())
-                } else {
-                    Err(format!("{said} {err}").trim().to_owned().into())
-                }
-            })
-            .with_kind(kind)
+            Trial::test("leak/create_run_drop", move || run_child(kind.to_owned())).with_kind(kind)
         })
-        .collect()
+        .collect();
+    for device in ctx.devices.iter().filter(|d| d.juggler().is_some()) {
+        let kind = device.kind();
+        out.push(
+            Trial::test(format!("leak/submit_wait_{STREAM_CYCLES}"), move || {
+                run_child(format!("{kind}{STREAM_MODE}"))
+            })
+            .with_kind(kind),
+        );
+    }
+    out
 }
 
 /// In a leak-check child, runs the check and returns the exit code; otherwise `None`.
@@ -65,6 +85,122 @@ pub fn run_child_if_asked() -> Option<ExitCode> {
     Some(code)
 }
 
+/// Fails unless dhat is this binary's global allocator (else every number would be zero).
+fn check_profiler() -> Result<(), String> {
+    let probe_before = heap();
+    let probe = std::hint::black_box(vec![1u8; 1 << 16]);
+    let probe_during = heap();
+    drop(probe);
+    if probe_during < probe_before + (1 << 16) {
+        return Err(
+            "leak check cannot run: this binary's global allocator is not dhat::Alloc".into(),
+        );
+    }
+    Ok(())
+}
+
+/// One Juggler of device `kind`, [`STREAM_CYCLES`] submit/wait cycles over a few shapes: heap
+/// and GL objects flat from the first tenth of the cycles to the end, and zero GL objects after
+/// drop with the heap back to where it was before the Juggler.
+fn stream_child(kind: &str) -> Result<String, String> {
+    let mut cases = Vec::new();
+    for (suite, name) in CASES {
+        let s = super::suites::load(suite).map_err(|e| e.to_string())?;
+        cases.extend(s.cases.into_iter().filter(|c| c.name == name));
+    }
+    let data: Vec<_> = cases
+        .iter()
+        .map(|c| crate::data::conv_data(&c.params, c.seed, false))
+        .collect();
+    let (devices, _) = Device::all();
+    let template = devices
+        .iter()
+        .find(|d| d.kind() == kind)
+        .ok_or_else(|| format!("no device {kind} here"))?
+        .clone();
+    drop(devices);
+    let fresh = || template.fresh().map_err(|e| e.to_string());
+    let cycles = |device: &Device, count: usize, mut at: Box<dyn FnMut(usize) + '_>| {
+        let juggler = device.juggler().ok_or("not a Juggler device")?;
+        for i in 0..count {
+            let k = i % cases.len();
+            let (x, w, b) = &data[k];
+            let p = &cases[k].params;
+            let (y, _) = juggler
+                .submit(p, x, w, cases[k].bias.then_some(&b[..]))
+                .and_then(crate::Ticket::wait)
+                .map_err(|e| e.to_string())?;
+            std::hint::black_box(y);
+            at(i + 1);
+        }
+        Ok::<_, String>(juggler.stats().gpu.calls + juggler.stats().cpu.calls)
+    };
+    // Warm-up with another Juggler: one-time lazies (the driver's, the suites') settle here.
+    cycles(&fresh()?, 20, Box::new(|_| {}))?;
+    let before = heap();
+    let device = fresh()?;
+    let base_live = crate::gpu::LiveObjects::now();
+    // Heap samples every 10 cycles; transient allocations (the job channel's message blocks,
+    // ~19 KB, come and go) make single samples noisy, so the least heap of cycles 500-600 is
+    // compared with the least of the last 100. A one-time lazy of ~2 KB was seen settling as
+    // late as cycle 500 on llvmpipe, hence the slack; a leak of even 8 bytes per cycle grows
+    // 3.2 KB between the windows and fails.
+    let tenth = STREAM_CYCLES / 10;
+    let (mut early, mut late) = (usize::MAX, usize::MAX);
+    let mut marks = crate::gpu::LiveObjects::default();
+    let calls = cycles(
+        &device,
+        STREAM_CYCLES,
+        Box::new(|done| {
+            if done == STREAM_CYCLES / 2 {
+                marks = crate::gpu::LiveObjects::now();
+            }
+            if done % 10 == 0 && done > STREAM_CYCLES / 2 && done <= STREAM_CYCLES / 2 + tenth {
+                early = early.min(heap());
+            }
+            if done % 10 == 0 && done > STREAM_CYCLES - tenth {
+                late = late.min(heap());
+            }
+        }),
+    )?;
+    let (end, end_live) = (late, crate::gpu::LiveObjects::now());
+    let marks = (early, marks);
+    drop(device);
+    drop(template);
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while heap() > before && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let after = heap();
+    let live = crate::gpu::LiveObjects::now();
+    if end_live != marks.1 {
+        return Err(format!(
+            "GL objects grew from {:?} to {end_live:?} over {STREAM_CYCLES} submit/wait cycles",
+            marks.1
+        ));
+    }
+    if end > marks.0 + STREAM_SLACK {
+        return Err(format!(
+            "heap in use grew from {} bytes (least of cycles {}-{}) to {end} (least of the last {tenth}) over {STREAM_CYCLES} submit/wait cycles of [{kind}]",
+            marks.0,
+            STREAM_CYCLES / 2,
+            STREAM_CYCLES / 2 + tenth
+        ));
+    }
+    if !live.is_zero() {
+        return Err(format!("GL objects alive after the Juggler was dropped: {live:?} (with it: {base_live:?})"));
+    }
+    if after > before {
+        return Err(format!(
+            "heap in use {before} bytes before the Juggler and {after} after dropping it"
+        ));
+    }
+    Ok(format!(
+        "[{kind}] {STREAM_CYCLES} submit/wait cycles ({calls} calls): heap {} -> {end} bytes, GL objects {:?} -> {end_live:?}, {after} bytes and no GL objects after drop",
+        marks.0, marks.1
+    ))
+}
+
 /// Heap in use, after asking crossbeam-epoch (which rayon's work-stealing deques use) to free
 /// the garbage it defers: those frees happen at times of the collector's choosing, bounded but
 /// not deterministic, and would blur the measurement.
@@ -76,14 +212,9 @@ fn heap() -> usize {
 }
 
 fn child(kind: &str) -> Result<String, String> {
-    let probe_before = heap();
-    let probe = std::hint::black_box(vec![1u8; 1 << 16]);
-    let probe_during = heap();
-    drop(probe);
-    if probe_during < probe_before + (1 << 16) {
-        return Err(
-            "leak check cannot run: this binary's global allocator is not dhat::Alloc".into(),
-        );
+    check_profiler()?;
+    if let Some(kind) = kind.strip_suffix(STREAM_MODE) {
+        return stream_child(kind);
     }
     let (devices, _) = Device::all();
     let template = devices

@@ -27,6 +27,7 @@
 
 mod devices;
 mod golden;
+mod juggling;
 pub mod leaks;
 mod perf;
 pub mod props;
@@ -153,6 +154,7 @@ fn all_trials(ctx: &Arc<Context>) -> crate::Result<Vec<Trial>> {
     trials.extend(props::trials(ctx));
     trials.extend(golden::trials(ctx)?);
     trials.extend(leaks::trials(ctx));
+    trials.extend(juggling::trials(ctx));
     trials.extend(stress::trials(ctx)?);
     trials.extend(perf::trials(ctx)?);
     trials.extend(tidy::trials());

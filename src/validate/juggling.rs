@@ -1,0 +1,311 @@
+//! Trials of the async executor and the Juggler beyond one call at a time (kinds `gpu-async`
+//! and `juggler`): mixed streams with weights changing between submissions, several threads
+//! submitting at once, async toggled mid-stream, a fence timeout forcing the CPU fallback, a
+//! CPU-only Juggler, and device choice. Each trial makes its own Juggler (so no other trial's
+//! jobs or settings interleave) and checks every output against the reference, and GPU outputs
+//! bit for bit against the synchronous GPU path.
+
+use super::{fail, Context, Device};
+use crate::gpu::{GpuBackend, GpuChoice};
+use crate::juggler::{Config, DeviceKind, Juggler, Preference};
+use crate::suite::Case;
+use crate::tolerance::{compare, Tolerance};
+use crate::{data, reference, Conv2dParams};
+use libtest_mimic::{Failed, Trial};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// One job of a stream: parameters and data.
+struct Job {
+    p: Conv2dParams,
+    x: Vec<f32>,
+    w: Vec<f32>,
+    b: Option<Vec<f32>>,
+}
+
+/// `count` jobs cycling through the basic suite's cases. Weights change between submissions:
+/// new seeds mostly, the same weights again now and then (a resident hit), and once a single
+/// element changed (a stale resident copy would give the old answer).
+fn stream(count: usize, seed: u64) -> crate::Result<Vec<Job>> {
+    let cases: Vec<Case> = super::suites::load("basic")?
+        .cases
+        .into_iter()
+        .filter(|c| !c.exact)
+        .collect();
+    let mut jobs: Vec<Job> = Vec::new();
+    for i in 0..count {
+        let case = &cases[i % cases.len()];
+        let p = case.params;
+        let (x, mut w, b) = data::conv_data(&p, seed + i as u64, false);
+        if i >= cases.len() && i % 3 == 0 {
+            // The same weights as this case's previous job.
+            w.clone_from(&jobs[i - cases.len()].w);
+        }
+        if i >= cases.len() && i % 7 == 1 {
+            w.clone_from(&jobs[i - cases.len()].w);
+            let mid = w.len() / 2;
+            w[mid] += 0.25;
+        }
+        jobs.push(Job {
+            p,
+            x,
+            w,
+            b: case.bias.then_some(b),
+        });
+    }
+    Ok(jobs)
+}
+
+/// The output is within tolerance of the reference.
+fn check_reference(job: &Job, y: &[f32]) -> Result<(), Failed> {
+    let r = reference::conv2d_f64(&job.p, &job.x, &job.w, job.b.as_deref()).map_err(fail)?;
+    compare(&job.p, y, &r, Tolerance::Fp32)
+        .map(|_| ())
+        .map_err(|m| fail(format!("{}: {m}", job.p)))
+}
+
+fn juggler(preference: Preference, gpu: GpuChoice, timeout: Duration) -> Result<Juggler, Failed> {
+    Juggler::with_config(Config {
+        preference,
+        gpu: Some(gpu),
+        cpu_threads: Some(2),
+        fence_timeout: timeout,
+        ..Config::default()
+    })
+    .map_err(fail)
+}
+
+/// Submits every job (async on), waits for all, and checks each against the synchronous GPU
+/// path (same bits) and the reference; the stream must have had jobs in flight together.
+fn mixed_stream(choice: GpuChoice, sync: &GpuBackend) -> Result<(), Failed> {
+    let j = juggler(Preference::Gpu, choice, Duration::from_secs(60))?;
+    let jobs = stream(30, 11).map_err(fail)?;
+    let tickets = jobs
+        .iter()
+        .map(|job| j.submit(&job.p, &job.x, &job.w, job.b.as_deref()))
+        .collect::<crate::Result<Vec<_>>>()
+        .map_err(fail)?;
+    for (i, (job, t)) in jobs.iter().zip(tickets).enumerate() {
+        let (y, info) = t.wait().map_err(fail)?;
+        if info.device != DeviceKind::Gpu || info.fallback.is_some() {
+            return Err(fail(format!("job {i} did not run on the GPU: {info:?}")));
+        }
+        let mut y_sync = vec![0.0f32; y.len()];
+        sync.conv2d(&job.p, &job.x, &job.w, job.b.as_deref(), &mut y_sync)
+            .map_err(fail)?;
+        if let Some(k) = (0..y.len()).find(|&k| y[k].to_bits() != y_sync[k].to_bits()) {
+            return Err(fail(format!(
+                "job {i} ({}): async output differs from the synchronous path at {k}: {} vs {}",
+                job.p, y[k], y_sync[k]
+            )));
+        }
+        check_reference(job, &y)?;
+    }
+    let s = j.stats();
+    if s.max_in_flight < 2 {
+        return Err(fail(format!(
+            "no two jobs were ever in flight together (async on): {s}"
+        )));
+    }
+    if s.gpu.cache_hits == 0 || s.gpu.weight_uploads == 0 {
+        return Err(fail(format!(
+            "expected both weight uploads and resident hits: {s}"
+        )));
+    }
+    println!("{s}");
+    Ok(())
+}
+
+/// Four threads submit and wait at once on one Juggler.
+fn threads(choice: GpuChoice) -> Result<(), Failed> {
+    let j = Arc::new(juggler(Preference::Gpu, choice, Duration::from_secs(60))?);
+    let results: Vec<Result<(), Failed>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..4u64)
+            .map(|t| {
+                let j = Arc::clone(&j);
+                s.spawn(move || -> Result<(), Failed> {
+                    let jobs = stream(8, 100 * t).map_err(fail)?;
+                    let tickets = jobs
+                        .iter()
+                        .map(|job| j.submit(&job.p, &job.x, &job.w, job.b.as_deref()))
+                        .collect::<crate::Result<Vec<_>>>()
+                        .map_err(fail)?;
+                    for (job, t) in jobs.iter().zip(tickets) {
+                        let (y, info) = t.wait().map_err(fail)?;
+                        if info.fallback.is_some() {
+                            return Err(fail(format!("fell back to the CPU: {info:?}")));
+                        }
+                        check_reference(job, &y)?;
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|_| Err("a submitting thread panicked".into())))
+            .collect()
+    });
+    results.into_iter().collect::<Result<Vec<()>, Failed>>()?;
+    let s = j.stats();
+    if s.gpu.calls != 32 {
+        return Err(fail(format!("expected 32 GPU calls: {s}")));
+    }
+    Ok(())
+}
+
+/// Async on, off, on again while jobs are in flight: every output still right.
+fn toggled(choice: GpuChoice) -> Result<(), Failed> {
+    let j = juggler(Preference::Gpu, choice, Duration::from_secs(60))?;
+    let jobs = stream(18, 7).map_err(fail)?;
+    let mut tickets = Vec::new();
+    for (i, job) in jobs.iter().enumerate() {
+        if i == 6 {
+            j.set_async(false);
+        }
+        if i == 12 {
+            j.set_async(true);
+        }
+        tickets.push(
+            j.submit(&job.p, &job.x, &job.w, job.b.as_deref())
+                .map_err(fail)?,
+        );
+    }
+    if !j.is_async() {
+        return Err("set_async(true) did not stick".into());
+    }
+    for (job, t) in jobs.iter().zip(tickets) {
+        let (y, _) = t.wait().map_err(fail)?;
+        check_reference(job, &y)?;
+    }
+    Ok(())
+}
+
+/// A fence timeout of one nanosecond: the job is re-run on the CPU (right output), counted,
+/// and the GPU is marked unhealthy so the next job goes to the CPU with the reason.
+fn fence_timeout(choice: GpuChoice) -> Result<(), Failed> {
+    let j = juggler(Preference::Gpu, choice, Duration::from_nanos(1))?;
+    let jobs = stream(2, 3).map_err(fail)?;
+    let (y, info) = j
+        .submit(&jobs[0].p, &jobs[0].x, &jobs[0].w, jobs[0].b.as_deref())
+        .map_err(fail)?
+        .wait()
+        .map_err(fail)?;
+    check_reference(&jobs[0], &y)?;
+    let why = info.fallback.clone().unwrap_or_default();
+    if info.device != DeviceKind::Cpu || !why.contains("fence") {
+        return Err(fail(format!(
+            "expected a fence timeout and a CPU re-run: {info:?}"
+        )));
+    }
+    let (y, next) = j
+        .submit(&jobs[1].p, &jobs[1].x, &jobs[1].w, jobs[1].b.as_deref())
+        .map_err(fail)?
+        .wait()
+        .map_err(fail)?;
+    check_reference(&jobs[1], &y)?;
+    if next.device != DeviceKind::Cpu || !next.reason.contains("unhealthy") {
+        return Err(fail(format!(
+            "after a timeout the GPU must be left, with the reason: {next:?}"
+        )));
+    }
+    let s = j.stats();
+    if (s.timeouts, s.fallbacks, s.cpu.calls) != (1, 1, 2) {
+        return Err(fail(format!("expected 1 timeout, 1 fallback, 2 CPU calls: {s}")));
+    }
+    Ok(())
+}
+
+/// `SPORKLE_GPU=off` (here: the same choice in the config): a CPU-only Juggler that says why.
+fn gpu_off() -> Result<(), Failed> {
+    let j = juggler(Preference::Auto, GpuChoice::Off, Duration::from_secs(60))?;
+    let jobs = stream(4, 5).map_err(fail)?;
+    for job in &jobs {
+        let mut y = vec![0.0f32; job.p.output_len() as usize];
+        let info = j
+            .conv2d(&job.p, &job.x, &job.w, job.b.as_deref(), &mut y)
+            .map_err(fail)?;
+        if info.device != DeviceKind::Cpu || !info.reason.contains("off") {
+            return Err(fail(format!("expected the CPU, saying the GPU is off: {info:?}")));
+        }
+        check_reference(job, &y)?;
+    }
+    let s = j.stats();
+    if s.gpu_unavailable.is_none() || s.cpu.calls != 4 || s.utilisation(DeviceKind::Cpu) <= 0.0 {
+        return Err(fail(format!("statistics do not show a CPU-only run: {s}")));
+    }
+    Ok(())
+}
+
+/// Auto: below the floor the CPU; above it, once both devices have a measurement of the shape,
+/// the one measured faster; a device never measured is left only when the model predicts it
+/// at least twice as slow.
+fn auto_choice(choice: GpuChoice) -> Result<(), Failed> {
+    let j = juggler(Preference::Auto, choice, Duration::from_secs(60))?;
+    let small = Conv2dParams::new(1, 8, 10, 10, 8, 3, 3);
+    let (x, w, _) = data::conv_data(&small, 1, false);
+    let mut y = vec![0.0f32; small.output_len() as usize];
+    let info = j.conv2d(&small, &x, &w, None, &mut y).map_err(fail)?;
+    if info.device != DeviceKind::Cpu || !info.reason.contains("floor") {
+        return Err(fail(format!("a tiny job must stay on the CPU: {info:?}")));
+    }
+    // 693 MFLOP: above the floor.
+    let mut big = Conv2dParams::new(1, 64, 56, 56, 192, 3, 3);
+    big.padding = (1, 1);
+    let (x, w, _) = data::conv_data(&big, 2, false);
+    let mut y = vec![0.0f32; big.output_len() as usize];
+    let mut last = None;
+    for _ in 0..4 {
+        last = Some(j.conv2d(&big, &x, &w, None, &mut y).map_err(fail)?);
+    }
+    let info = last.expect("ran");
+    crate::tolerance::check_sample(&big, &x, &w, None, &y, 64)
+        .map_err(|m| fail(format!("{big}: {m}")))?;
+    let [cpu, gpu] = j.measured(&big);
+    let ok = match (cpu, gpu) {
+        (Some(c), Some(g)) => info.device == if g < c { DeviceKind::Gpu } else { DeviceKind::Cpu },
+        _ => info.reason.contains("model predicts"),
+    };
+    if !ok {
+        return Err(fail(format!(
+            "auto chose {} ({}) with measurements cpu {cpu:?} s, gpu {gpu:?} s",
+            info.device, info.reason
+        )));
+    }
+    println!(
+        "auto chose {} for {big}: {} (measured cpu {cpu:?} s, gpu {gpu:?} s)",
+        info.device, info.reason
+    );
+    Ok(())
+}
+
+pub fn trials(ctx: &Arc<Context>) -> Vec<Trial> {
+    let mut out = vec![Trial::test("fault/gpu_off", gpu_off).with_kind("juggler")];
+    let choice = GpuChoice::from_env().unwrap_or(GpuChoice::Off);
+    let auto_gpu = if ctx.gpu_absence.is_some() {
+        GpuChoice::Off
+    } else {
+        choice
+    };
+    out.push(Trial::test("auto/choice", move || auto_choice(auto_gpu)).with_kind("juggler"));
+    let Some(sync) = ctx.devices.iter().find_map(|d| match d {
+        Device::Gpu { backend } => Some(Arc::clone(backend)),
+        _ => None,
+    }) else {
+        return out;
+    };
+    out.push(
+        Trial::test("stream/mixed_changing_weights", move || {
+            mixed_stream(choice, &sync)
+        })
+        .with_kind("gpu-async"),
+    );
+    out.push(Trial::test("stream/threads", move || threads(choice)).with_kind("gpu-async"));
+    out.push(
+        Trial::test("stream/async_toggled", move || toggled(choice)).with_kind("gpu-async"),
+    );
+    out.push(
+        Trial::test("fault/fence_timeout", move || fence_timeout(choice)).with_kind("gpu-async"),
+    );
+    out
+}

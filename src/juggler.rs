@@ -38,7 +38,7 @@ pub enum Preference {
 }
 
 /// A device that ran a job.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum DeviceKind {
     /// The CPU backend.
     Cpu,
@@ -98,6 +98,26 @@ pub struct RunInfo {
     pub gflops: f64,
     /// When the GPU failed and the CPU re-ran the job: the GPU's error.
     pub fallback: Option<String>,
+    /// Where a GPU job's time went.
+    pub stages: Option<Stages>,
+}
+
+/// Where a GPU job's time went: host copies (wall time) and GPU stages (timer queries; `None`
+/// on a software renderer).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Stages {
+    /// Input into the upload staging buffer.
+    pub host_in_s: f64,
+    /// DMA copy staging → device.
+    pub upload_s: Option<f64>,
+    /// The convolution.
+    pub kernel_s: Option<f64>,
+    /// DMA copy device → staging.
+    pub download_s: Option<f64>,
+    /// Output out of the download staging buffer.
+    pub host_out_s: f64,
+    /// GPU jobs in flight when it started, itself included.
+    pub in_flight: usize,
 }
 
 /// Counters of one device.
@@ -379,6 +399,14 @@ impl GpuTicket {
                     gpu_kernel_s: done.kernel_ns.map(|ns| ns as f64 * 1e-9),
                     gflops: self.p.flops() as f64 / wall_s / 1e9,
                     fallback: None,
+                    stages: Some(Stages {
+                        host_in_s: done.host_in_s,
+                        upload_s: done.upload_ns.map(|ns| ns as f64 * 1e-9),
+                        kernel_s: done.kernel_ns.map(|ns| ns as f64 * 1e-9),
+                        download_s: done.download_ns.map(|ns| ns as f64 * 1e-9),
+                        host_out_s: done.host_out_s,
+                        in_flight: done.in_flight,
+                    }),
                 };
                 Ok((done.output, info))
             }
@@ -472,6 +500,7 @@ impl Inner {
             gpu_kernel_s: None,
             gflops: p.flops() as f64 / wall_s.max(1e-12) / 1e9,
             fallback: None,
+            stages: None,
         })
     }
 

@@ -44,7 +44,7 @@ pub mod validate;
 
 pub use cpu::{CpuBackend, CpuWeights};
 pub use gpu::GpuBackend;
-pub use juggler::{Juggler, Preference, RunInfo, Stats, Ticket};
+pub use juggler::{Juggler, Preference, RunInfo, Stages, Stats, Ticket};
 
 /// The project's root, where `suites/` and `golden/` live: the source tree this crate was
 /// built from if it is still there, else the current directory (binaries carried to another

@@ -10,9 +10,10 @@ use anyhow::{anyhow, bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use sporkle::cpu::CpuPath;
 use sporkle::gpu::Dispatches;
+use sporkle::juggler::{Config as JugglerConfig, DeviceKind};
 use sporkle::suite::Suite;
 use sporkle::tolerance::check_sample;
-use sporkle::{npy, Conv2dParams, CpuBackend, GpuBackend};
+use sporkle::{npy, Conv2dParams, CpuBackend, GpuBackend, Juggler, Preference};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -109,6 +110,14 @@ struct BenchArgs {
     /// Peer JSON lines (e.g. from shared/peers/ort_conv.py) to compare with, by shape name.
     #[arg(long)]
     compare: Option<PathBuf>,
+    /// Streaming throughput instead: N batches per shape submitted through the Juggler, with
+    /// async on and then off (--device auto or gpu); every output verified.
+    #[arg(long, value_name = "N")]
+    stream: Option<usize>,
+    /// With --device auto: also time every shape on the CPU only and on the GPU only (through
+    /// the Juggler as well), and compare auto's total with always picking the faster.
+    #[arg(long)]
+    vs_fixed: bool,
     /// Shapes by name or 1-based number (default: all).
     shapes: Vec<String>,
 }
@@ -180,22 +189,35 @@ fn cpu_backend(threads: Option<usize>) -> Result<CpuBackend> {
     })
 }
 
-/// The device that runs a job.
+/// The device that runs a benchmark.
 enum Engine {
     Cpu(CpuBackend),
     Gpu(GpuBackend),
+    Auto(Juggler),
 }
 
-/// The engine for a `--device` choice, and why it was chosen.
-fn engine(device: DeviceArg, threads: Option<usize>) -> Result<(Engine, &'static str)> {
+/// The engine for a `--device` choice.
+fn engine(device: DeviceArg, threads: Option<usize>) -> Result<Engine> {
     Ok(match device {
-        DeviceArg::Cpu => (Engine::Cpu(cpu_backend(threads)?), "requested"),
-        DeviceArg::Gpu => (Engine::Gpu(GpuBackend::new().context("--device gpu")?), "requested"),
-        DeviceArg::Auto => (
-            Engine::Cpu(cpu_backend(threads)?),
-            "auto: per-call device choice arrives with the Juggler; until then the CPU runs every job",
-        ),
+        DeviceArg::Cpu => Engine::Cpu(cpu_backend(threads)?),
+        DeviceArg::Gpu => Engine::Gpu(GpuBackend::new().context("--device gpu")?),
+        DeviceArg::Auto => Engine::Auto(juggler(Preference::Auto, threads)?),
     })
+}
+
+/// A Juggler for the CLI; with `Preference::Gpu`, no GPU is an error rather than a CPU run.
+fn juggler(preference: Preference, threads: Option<usize>) -> Result<Juggler> {
+    let j = Juggler::with_config(JugglerConfig {
+        preference,
+        cpu_threads: threads,
+        ..JugglerConfig::default()
+    })?;
+    if preference == Preference::Gpu {
+        if let Err(why) = j.gpu_description() {
+            bail!("--device gpu: no GPU: {why}");
+        }
+    }
+    Ok(j)
 }
 
 fn dims4(a: &npy::Array, path: &Path, what: &str) -> Result<[usize; 4]> {
@@ -249,29 +271,28 @@ fn conv2d(a: Conv2dArgs) -> Result<()> {
         }
         None => None,
     };
-    let (engine, reason) = engine(a.device, a.threads)?;
+    let preference = match a.device {
+        DeviceArg::Auto => Preference::Auto,
+        DeviceArg::Cpu => Preference::Cpu,
+        DeviceArg::Gpu => Preference::Gpu,
+    };
+    let juggler = juggler(preference, a.threads)?;
     let (ho, wo) = p.out_hw();
     let mut y = vec![0.0f32; p.output_len() as usize];
-    let t = Instant::now();
-    let info = match &engine {
-        Engine::Cpu(cpu) => {
-            cpu.conv2d(&p, &x.data, &w.data, bias.as_deref(), &mut y)?;
-            let secs = t.elapsed().as_secs_f64();
-            serde_json::json!({"device": "cpu", "reason": reason, "wall_ms": secs * 1e3, "gflops": p.flops() as f64 / secs / 1e9})
-        }
-        Engine::Gpu(gpu) => {
-            let run = gpu.conv2d(&p, &x.data, &w.data, bias.as_deref(), &mut y)?;
-            let secs = t.elapsed().as_secs_f64();
-            serde_json::json!({
-                "device": "gpu",
-                "renderer": gpu.info().renderer,
-                "reason": reason,
-                "wall_ms": secs * 1e3,
-                                "kernel_ms": run.kernel_ns.map(|ns| ns as f64 / 1e6),
-                "gflops": p.flops() as f64 / secs / 1e9,
-            })
-        }
-    };
+    let run = juggler.conv2d(&p, &x.data, &w.data, bias.as_deref(), &mut y)?;
+    let mut info = serde_json::json!({
+        "device": run.device.to_string(),
+        "reason": run.reason,
+        "wall_ms": run.wall_s * 1e3,
+        "gflops": run.gflops,
+    });
+    if run.device == DeviceKind::Gpu {
+        info["renderer"] = juggler.gpu_description().unwrap_or_default().into();
+        info["kernel_ms"] = run.gpu_kernel_s.map(|s| s * 1e3).into();
+    }
+    if let Some(why) = &run.fallback {
+        info["gpu_failed"] = why.clone().into();
+    }
     npy::write(&a.output, &[n, c_out, ho, wo], &y)?;
     println!("{info}");
     Ok(())
@@ -304,10 +325,13 @@ fn bench(a: BenchArgs) -> Result<()> {
         Some(path) => read_peer_lines(path)?,
         None => Vec::new(),
     };
+    if let Some(batches) = a.stream {
+        return stream(&a, &cases, batches);
+    }
     let engine = match (a.device, a.cpu_path) {
         (DeviceArg::Cpu, Some(path)) => Engine::Cpu(cpu_backend(a.threads)?.with_path(path)),
         (_, Some(_)) => bail!("--cpu-path needs --device cpu"),
-        (device, None) => engine(device, a.threads)?.0,
+        (device, None) => engine(device, a.threads)?,
     };
     match &engine {
         Engine::Cpu(cpu) => eprintln!(
@@ -320,6 +344,11 @@ fn bench(a: BenchArgs) -> Result<()> {
                         "# gpu: {}{}; kernel = median GL_TIME_ELAPSED of back-to-back dispatches, each timed alone; e2e = median wall time of host input -> host output calls (weights resident); both outputs verified at {} points",
             gpu.info().renderer,
             if gpu.info().software { " (software: timings mean nothing)" } else { "" },
+            BENCH_CHECKS + 2
+        ),
+        Engine::Auto(j) => eprintln!(
+            "# auto: the Juggler picks per call (GPU: {}); median wall time of whole calls after warm-up (the first calls measure and may try both devices); every shape verified at {} points",
+            j.gpu_description().unwrap_or_else(|e| format!("none, {e}")),
             BENCH_CHECKS + 2
         ),
     }
@@ -338,6 +367,19 @@ fn bench(a: BenchArgs) -> Result<()> {
     };
     // Per shape: our GFLOP/s by kernel time (GPU) or wall time (CPU), and end to end.
     let mut rows: Vec<(String, f64, f64)> = Vec::new();
+    if a.vs_fixed && !matches!(engine, Engine::Auto(_)) {
+        bail!("--vs-fixed needs --device auto");
+    }
+    let fixed = if a.vs_fixed {
+        Some((
+            juggler(Preference::Cpu, a.threads)?,
+            juggler(Preference::Gpu, a.threads)?,
+        ))
+    } else {
+        None
+    };
+    // Auto's median and the fixed devices' medians per shape, ms.
+    let mut totals = [0.0f64; 3];
     for case in cases {
         let p = case.params;
         let (x, w, b) = sporkle::data::conv_data(&p, 42, false);
@@ -415,11 +457,167 @@ fn bench(a: BenchArgs) -> Result<()> {
                 )?;
                 rows.push((case.name.clone(), k_gf, e_gf));
             }
+            Engine::Auto(j) => {
+                let mut devices = std::collections::BTreeSet::new();
+                let mut times = timed(a.seconds, || {
+                    devices.insert(j.conv2d(&p, &x, &w, bias, &mut y)?.device);
+                    Ok(())
+                })?;
+                verify_sample(&p, &x, &w, bias, &y)
+                    .with_context(|| format!("shape {}: result is wrong", case.name))?;
+                let ms = median(&mut times) * 1e3;
+                let gflops = p.flops() as f64 / ms / 1e6;
+                let used: Vec<String> = devices.iter().map(ToString::to_string).collect();
+                if let Some((cpu, gpu)) = &fixed {
+                    let mut fixed_ms = [0.0; 2];
+                    for (k, jf) in [cpu, gpu].into_iter().enumerate() {
+                        y.fill(f32::NAN);
+                        let mut t = timed(a.seconds, || {
+                            jf.conv2d(&p, &x, &w, bias, &mut y).map(|_| ())?;
+                            Ok(())
+                        })?;
+                        verify_sample(&p, &x, &w, bias, &y)
+                            .with_context(|| format!("shape {}: result is wrong", case.name))?;
+                        fixed_ms[k] = median(&mut t) * 1e3;
+                    }
+                    eprintln!(
+                        "# {}: auto {ms:.3} ms ({}), cpu only {:.3} ms, gpu only {:.3} ms",
+                        case.name,
+                        used.join("+"),
+                        fixed_ms[0],
+                        fixed_ms[1]
+                    );
+                    totals[0] += ms;
+                    totals[1] += fixed_ms[0];
+                    totals[2] += fixed_ms[0].min(fixed_ms[1]);
+                }
+                emit(
+                    serde_json::json!({"shape": case.name, "device": format!("sporkle-auto {}", used.join("+")), "ms": round4(ms), "gflops": round2(gflops)}),
+                )?;
+                rows.push((case.name.clone(), gflops, gflops));
+            }
+        }
+    }
+    if let Engine::Auto(j) = &engine {
+        eprintln!("# {}", j.stats().to_string().replace('\n', "\n# "));
+        if fixed.is_some() {
+            eprintln!(
+                "# auto total {:.3} ms; always the faster device {:.3} ms; auto / faster = {:.3}; cpu only {:.3} ms",
+                totals[0],
+                totals[2],
+                totals[0] / totals[2],
+                totals[1]
+            );
         }
     }
     if !peers.is_empty() {
         print_comparison(&rows, &peers);
     }
+    Ok(())
+}
+
+/// `--stream N`: per shape, N batches submitted through the Juggler with async on (all
+/// submitted, then all waited), then the same N with async off; every output is verified.
+/// Prints one JSON line per shape and mode, and the stage times U (host copy in + DMA up),
+/// C (kernel), D (DMA down + host copy out) with the overlap bound (U+C+D)/max(U,C,D).
+fn stream(a: &BenchArgs, cases: &[&sporkle::suite::Case], batches: usize) -> Result<()> {
+    let preference = match a.device {
+        DeviceArg::Auto => Preference::Auto,
+        DeviceArg::Gpu => Preference::Gpu,
+        DeviceArg::Cpu => bail!("--stream needs --device auto or gpu"),
+    };
+    if batches == 0 {
+        bail!("--stream needs at least one batch");
+    }
+    let j = juggler(preference, a.threads)?;
+    eprintln!(
+        "# stream: {batches} batches per shape through the Juggler (GPU: {}); async = all submitted then all waited, sync = async off; ms per batch, host input -> host output, every output verified at {} points",
+        j.gpu_description().unwrap_or_else(|e| format!("none, {e}")),
+        BENCH_CHECKS + 2
+    );
+    let mut json_out = match &a.json {
+        Some(p) => Some(
+            std::fs::File::create(p).with_context(|| format!("cannot create {}", p.display()))?,
+        ),
+        None => None,
+    };
+    let mut emit = |line: serde_json::Value| -> Result<()> {
+        println!("{line}");
+        if let Some(f) = json_out.as_mut() {
+            writeln!(f, "{line}")?;
+        }
+        Ok(())
+    };
+    let who = j.gpu_description().unwrap_or_else(|_| "cpu".into());
+    for case in cases {
+        let p = case.params;
+        // Distinct inputs per batch (a few, cycled), one weight set: a layer over a stream.
+        let inputs: Vec<Vec<f32>> = (0..batches.min(3))
+            .map(|i| sporkle::data::conv_data(&p, 42 + i as u64, false).0)
+            .collect();
+        let (_, w, b) = sporkle::data::conv_data(&p, 42, false);
+        let bias = case.bias.then_some(&b[..]);
+        // Warm-up: programs compiled, weights resident, the model calibrated.
+        for _ in 0..2 {
+            j.submit(&p, &inputs[0], &w, bias)?.wait()?;
+        }
+        let mut per_mode = Vec::new();
+        for on in [true, false] {
+            j.set_async(on);
+            let t = Instant::now();
+            let tickets = (0..batches)
+                .map(|i| j.submit(&p, &inputs[i % inputs.len()], &w, bias))
+                .collect::<sporkle::Result<Vec<_>>>()?;
+            let results = tickets
+                .into_iter()
+                .map(sporkle::Ticket::wait)
+                .collect::<sporkle::Result<Vec<_>>>()?;
+            let wall = t.elapsed().as_secs_f64();
+            for (i, (y, info)) in results.iter().enumerate() {
+                verify_sample(&p, &inputs[i % inputs.len()], &w, bias, y).with_context(|| {
+                    format!("shape {}: batch {i} ({}) is wrong", case.name, info.device)
+                })?;
+            }
+            let ms = wall / batches as f64 * 1e3;
+            let mode = if on { "async" } else { "sync" };
+            let devices: std::collections::BTreeSet<String> =
+                results.iter().map(|(_, i)| i.device.to_string()).collect();
+            emit(serde_json::json!({
+                "shape": case.name,
+                "device": format!("sporkle-stream-{mode} {}", if devices.contains("gpu") { who.as_str() } else { "cpu" }),
+                "ms": round4(ms),
+                "gflops": round2(p.flops() as f64 / ms / 1e6),
+            }))?;
+            per_mode.push((ms, results));
+        }
+        j.set_async(true);
+        // Stage times from the synchronous run (jobs alone), medians.
+        let (sync_ms, sync_results) = &per_mode[1];
+        let stages: Vec<_> = sync_results.iter().filter_map(|(_, i)| i.stages).collect();
+        if stages.len() == batches {
+            let med = |f: &dyn Fn(&sporkle::Stages) -> f64| {
+                let mut v: Vec<f64> = stages.iter().map(f).collect();
+                v.sort_by(f64::total_cmp);
+                v[v.len() / 2] * 1e3
+            };
+            let u = med(&|s| s.host_in_s + s.upload_s.unwrap_or(0.0));
+            let c = med(&|s| s.kernel_s.unwrap_or(0.0));
+            let d = med(&|s| s.download_s.unwrap_or(0.0) + s.host_out_s);
+            let bound = (u + c + d) / u.max(c).max(d).max(1e-9);
+            let speedup = sync_ms / per_mode[0].0;
+            eprintln!(
+                "# {}: U {u:.3} ms (host {:.3} + DMA {:.3}), C {c:.3} ms, D {d:.3} ms (DMA {:.3} + host {:.3}); bound {bound:.2}x, async/sync {speedup:.2}x = {:.2} of the bound; at most {} in flight",
+                case.name,
+                med(&|s| s.host_in_s),
+                med(&|s| s.upload_s.unwrap_or(0.0)),
+                med(&|s| s.download_s.unwrap_or(0.0)),
+                med(&|s| s.host_out_s),
+                speedup / bound,
+                per_mode[0].1.iter().filter_map(|(_, i)| i.stages.map(|s| s.in_flight)).max().unwrap_or(0),
+            );
+        }
+    }
+    eprintln!("# {}", j.stats().to_string().replace('\n', "\n# "));
     Ok(())
 }
 

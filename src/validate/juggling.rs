@@ -143,7 +143,10 @@ fn threads(choice: GpuChoice) -> Result<(), Failed> {
             .collect();
         handles
             .into_iter()
-            .map(|h| h.join().unwrap_or_else(|_| Err("a submitting thread panicked".into())))
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err("a submitting thread panicked".into()))
+            })
             .collect()
     });
     results.into_iter().collect::<Result<Vec<()>, Failed>>()?;
@@ -211,7 +214,9 @@ fn fence_timeout(choice: GpuChoice) -> Result<(), Failed> {
     }
     let s = j.stats();
     if (s.timeouts, s.fallbacks, s.cpu.calls) != (1, 1, 2) {
-        return Err(fail(format!("expected 1 timeout, 1 fallback, 2 CPU calls: {s}")));
+        return Err(fail(format!(
+            "expected 1 timeout, 1 fallback, 2 CPU calls: {s}"
+        )));
     }
     Ok(())
 }
@@ -226,7 +231,9 @@ fn gpu_off() -> Result<(), Failed> {
             .conv2d(&job.p, &job.x, &job.w, job.b.as_deref(), &mut y)
             .map_err(fail)?;
         if info.device != DeviceKind::Cpu || !info.reason.contains("off") {
-            return Err(fail(format!("expected the CPU, saying the GPU is off: {info:?}")));
+            return Err(fail(format!(
+                "expected the CPU, saying the GPU is off: {info:?}"
+            )));
         }
         check_reference(job, &y)?;
     }
@@ -263,7 +270,14 @@ fn auto_choice(choice: GpuChoice) -> Result<(), Failed> {
         .map_err(|m| fail(format!("{big}: {m}")))?;
     let [cpu, gpu] = j.measured(&big);
     let ok = match (cpu, gpu) {
-        (Some(c), Some(g)) => info.device == if g < c { DeviceKind::Gpu } else { DeviceKind::Cpu },
+        (Some(c), Some(g)) => {
+            info.device
+                == if g < c {
+                    DeviceKind::Gpu
+                } else {
+                    DeviceKind::Cpu
+                }
+        }
         _ => info.reason.contains("model predicts"),
     };
     if !ok {
@@ -301,9 +315,7 @@ pub fn trials(ctx: &Arc<Context>) -> Vec<Trial> {
         .with_kind("gpu-async"),
     );
     out.push(Trial::test("stream/threads", move || threads(choice)).with_kind("gpu-async"));
-    out.push(
-        Trial::test("stream/async_toggled", move || toggled(choice)).with_kind("gpu-async"),
-    );
+    out.push(Trial::test("stream/async_toggled", move || toggled(choice)).with_kind("gpu-async"));
     out.push(
         Trial::test("fault/fence_timeout", move || fence_timeout(choice)).with_kind("gpu-async"),
     );

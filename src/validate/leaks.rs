@@ -188,7 +188,9 @@ fn stream_child(kind: &str) -> Result<String, String> {
         ));
     }
     if !live.is_zero() {
-        return Err(format!("GL objects alive after the Juggler was dropped: {live:?} (with it: {base_live:?})"));
+        return Err(format!(
+            "GL objects alive after the Juggler was dropped: {live:?} (with it: {base_live:?})"
+        ));
     }
     if after > before {
         return Err(format!(

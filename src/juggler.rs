@@ -18,7 +18,7 @@
 
 use crate::cpu::CpuBackend;
 use crate::error::{Error, Result};
-use crate::gpu::{GpuBackend, GpuChoice, StreamDone};
+use crate::gpu::{GpuBackend, GpuChoice, Output, StreamDone};
 use crate::params::Conv2dParams;
 use std::collections::HashMap;
 use std::sync::mpsc;
@@ -290,7 +290,14 @@ impl Model {
         ewma(&mut self.cpu_rate, p.flops() as f64 / wall_s.max(1e-9));
     }
 
-    fn observe_gpu(&mut self, p: &Conv2dParams, wall_s: f64, done: &StreamDone, sync: bool) {
+    fn observe_gpu(
+        &mut self,
+        p: &Conv2dParams,
+        wall_s: f64,
+        done: &StreamDone,
+        host_out_s: f64,
+        sync: bool,
+    ) {
         // Only whole-call times (not pipelined ones) say what one call costs.
         if sync {
             ewma(&mut self.shapes.entry(*p).or_default()[1], wall_s);
@@ -308,7 +315,7 @@ impl Model {
             );
         }
         let up_s = done.host_in_s + done.upload_ns.map_or(0.0, |ns| ns as f64 * 1e-9);
-        let down_s = done.host_out_s + done.download_ns.map_or(0.0, |ns| ns as f64 * 1e-9);
+        let down_s = host_out_s + done.download_ns.map_or(0.0, |ns| ns as f64 * 1e-9);
         ewma(&mut self.up_rate, done.bytes_up as f64 / up_s.max(1e-9));
         ewma(
             &mut self.down_rate,
@@ -382,21 +389,57 @@ impl Ticket {
     pub fn wait(self) -> Result<(Vec<f32>, RunInfo)> {
         match self.state {
             TicketState::Done(r) => *r,
-            TicketState::Gpu(t) => t.wait(),
+            TicketState::Gpu(t) => t.finish(Output::into_vec),
+        }
+    }
+
+    /// [`Ticket::wait`] into the caller's buffer (which must hold exactly the output): for
+    /// streams, where reusing buffers saves the page faults of fresh memory. A GPU output goes
+    /// straight from the staging buffer into `output`, copied by this thread.
+    pub fn wait_into(self, output: &mut [f32]) -> Result<RunInfo> {
+        let check = |len: usize| {
+            if len == output.len() {
+                Ok(())
+            } else {
+                Err(Error::BufferLength {
+                    what: "output",
+                    got: output.len() as u64,
+                    expected: len as u64,
+                })
+            }
+        };
+        match self.state {
+            TicketState::Done(r) => {
+                let (y, info) = (*r)?;
+                check(y.len())?;
+                output.copy_from_slice(&y);
+                Ok(info)
+            }
+            TicketState::Gpu(t) => {
+                check(t.p.output_len() as usize)?;
+                t.finish(|o| o.copy_to(output)).map(|((), info)| info)
+            }
         }
     }
 }
 
 impl GpuTicket {
-    fn wait(self) -> Result<(Vec<f32>, RunInfo)> {
+    /// Waits for the GPU's answer and hands the output to `deliver` (in this thread); on a GPU
+    /// failure, re-runs the job on the CPU and delivers that.
+    fn finish<T>(self, deliver: impl FnOnce(Output) -> T) -> Result<(T, RunInfo)> {
         let answer = self
             .answer
             .recv()
             .unwrap_or_else(|_| Err(Error::Gpu("the GPU stopped before answering".into())));
         match answer {
-            Ok(done) => {
+            Ok(mut done) => {
+                let output = std::mem::take(&mut done.output);
+                let t = Instant::now();
+                let delivered = deliver(output);
+                let host_out_s = t.elapsed().as_secs_f64();
                 let wall_s = self.submitted.elapsed().as_secs_f64();
-                self.inner.record_gpu(&self.p, wall_s, &done, self.sync);
+                self.inner
+                    .record_gpu(&self.p, wall_s, &done, host_out_s, self.sync);
                 let info = RunInfo {
                     device: DeviceKind::Gpu,
                     reason: self.reason,
@@ -409,11 +452,11 @@ impl GpuTicket {
                         upload_s: done.upload_ns.map(|ns| ns as f64 * 1e-9),
                         kernel_s: done.kernel_ns.map(|ns| ns as f64 * 1e-9),
                         download_s: done.download_ns.map(|ns| ns as f64 * 1e-9),
-                        host_out_s: done.host_out_s,
+                        host_out_s,
                         in_flight: done.in_flight,
                     }),
                 };
-                Ok((done.output, info))
+                Ok((delivered, info))
             }
             Err(e) => {
                 let why = e.to_string();
@@ -429,7 +472,7 @@ impl GpuTicket {
                 )?;
                 info.wall_s = self.submitted.elapsed().as_secs_f64();
                 info.fallback = Some(why);
-                Ok((output, info))
+                Ok((deliver(Output::Owned(output)), info))
             }
         }
     }
@@ -446,8 +489,15 @@ impl Inner {
         }
     }
 
-    fn record_gpu(&self, p: &Conv2dParams, wall_s: f64, done: &StreamDone, sync: bool) {
-        lock(&self.model).observe_gpu(p, wall_s, done, sync);
+    fn record_gpu(
+        &self,
+        p: &Conv2dParams,
+        wall_s: f64,
+        done: &StreamDone,
+        host_out_s: f64,
+        sync: bool,
+    ) {
+        lock(&self.model).observe_gpu(p, wall_s, done, host_out_s, sync);
         {
             let mut s = lock(&self.stats);
             let g = &mut s.stats.gpu;
@@ -541,9 +591,12 @@ impl Inner {
                     )
                 });
             if let Some(Ok(rx)) = answer {
-                if let Ok(Ok(done)) = rx.recv() {
+                if let Ok(Ok(mut done)) = rx.recv() {
+                    let t_out = Instant::now();
+                    drop(std::mem::take(&mut done.output).into_vec());
+                    let host_out_s = t_out.elapsed().as_secs_f64();
                     let wall_s = t.elapsed().as_secs_f64();
-                    lock(&self.model).observe_gpu(&p, wall_s, &done, true);
+                    lock(&self.model).observe_gpu(&p, wall_s, &done, host_out_s, true);
                 }
             }
         }

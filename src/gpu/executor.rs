@@ -9,8 +9,10 @@
 //!    writes a mapping at only ~5 GB/s on the H100 machine);
 //! 2. GPU: DMA copy staging → device input (`glCopyBufferSubData`), the convolution, DMA copy
 //!    device output → download staging, each between its own timer query; then a fence;
-//! 3. host, once the fence has passed: the output is copied out of the download staging (in
-//!    parallel chunks) and sent to the caller.
+//! 3. host, once the fence has passed: the caller's thread reads the output straight out of the
+//!    download staging ([`Staged`], in parallel chunks, into the caller's buffer) and releases
+//!    the frame; the worker reuses a frame only after that release, and waits for every release
+//!    before it deletes the buffers.
 //!
 //! While one frame's work runs on the GPU, the worker fills the next frame's staging, so host
 //! copies overlap GPU work; whether the GPU's own copies overlap its compute (one context, one
@@ -19,7 +21,7 @@
 //! job (the caller re-runs it on the CPU) and marks the executor broken: its buffers may still
 //! be in use, so every later stream job fails at once with the reason.
 
-use super::gl::{self, Buffer, Direction, Fence, MappedBuffer, TimerQuery};
+use super::gl::{self, Buffer, Direction, Fence, MappedBuffer, MappedView, TimerQuery};
 use super::{Bindings, WeightsKey, Worker};
 use crate::error::{Error, Result};
 use crate::params::Conv2dParams;
@@ -51,11 +53,86 @@ pub(crate) struct StreamJob {
     pub(super) reply: mpsc::Sender<Result<StreamDone>>,
 }
 
-/// A finished streaming job: the output and where the time went.
-#[derive(Clone, Debug, Default)]
-pub struct StreamDone {
+/// A job's output in its frame's download staging buffer, readable from any thread; dropping it
+/// gives the frame back to the executor.
+pub struct Staged {
+    view: MappedView,
+    slot: usize,
+    release: mpsc::Sender<usize>,
+}
+
+impl Staged {
     /// The output, `N×K×Ho×Wo`.
-    pub output: Vec<f32>,
+    pub fn as_slice(&self) -> &[f32] {
+        self.view.as_slice()
+    }
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        // A closed channel means the worker has gone, which it does only after every release.
+        let _ = self.release.send(self.slot);
+    }
+}
+
+impl std::fmt::Debug for Staged {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Staged {{ slot: {}, len: {} }}",
+            self.slot,
+            self.as_slice().len()
+        )
+    }
+}
+
+/// Where a finished job's output is.
+#[derive(Debug)]
+pub enum Output {
+    /// In the frame's staging buffer (the executor's path).
+    Staged(Staged),
+    /// In host memory (the plain path, without `GL_ARB_buffer_storage`).
+    Owned(Vec<f32>),
+}
+
+impl Default for Output {
+    fn default() -> Self {
+        Output::Owned(Vec::new())
+    }
+}
+
+impl Output {
+    /// The output, `N×K×Ho×Wo`.
+    pub fn as_slice(&self) -> &[f32] {
+        match self {
+            Output::Staged(s) => s.as_slice(),
+            Output::Owned(v) => v,
+        }
+    }
+
+    /// Copies it into `dst` (in parallel chunks), releasing the frame.
+    pub fn copy_to(self, dst: &mut [f32]) {
+        parallel_copy(self.as_slice(), dst);
+    }
+
+    /// The output as a vector (a copy into fresh memory unless it already is one).
+    pub fn into_vec(self) -> Vec<f32> {
+        match self {
+            Output::Owned(v) => v,
+            Output::Staged(s) => {
+                let mut v = vec![0.0f32; s.as_slice().len()];
+                parallel_copy(s.as_slice(), &mut v);
+                v
+            }
+        }
+    }
+}
+
+/// A finished streaming job: the output and where the time went.
+#[derive(Debug, Default)]
+pub struct StreamDone {
+    /// The output.
+    pub output: Output,
     /// GPU time of the upload copy, the convolution and the download copy (timer queries;
     /// `None` on a software renderer, whose timers mean nothing).
     pub upload_ns: Option<u64>,
@@ -63,10 +140,8 @@ pub struct StreamDone {
     pub kernel_ns: Option<u64>,
     /// See `upload_ns`.
     pub download_ns: Option<u64>,
-    /// Wall time of the host copies into and out of staging.
+    /// Wall time of the host copy into staging (the copy out happens in the caller's thread).
     pub host_in_s: f64,
-    /// See `host_in_s`.
-    pub host_out_s: f64,
     /// Wall time from the frame's submission to its fence passing.
     pub gpu_wall_s: f64,
     /// GPU busy time of this job: the sum of its timer queries, at most its share of the wall
@@ -147,9 +222,35 @@ pub fn parallel_copy(src: &[f32], dst: &mut [f32]) {
 }
 
 impl Worker {
-    /// Whether a frame is free for a new job.
+    /// Whether a frame is free for a new job (neither in flight nor read by a caller).
     pub(super) fn frame_free(&self) -> bool {
-        self.in_flight.len() < FRAMES
+        self.in_flight.len() + self.held.len() < FRAMES
+    }
+
+    /// Takes the releases of frames that callers have finished reading.
+    pub(super) fn take_releases(&mut self) {
+        while let Ok(slot) = self.release_rx.try_recv() {
+            self.held.retain(|&h| h != slot);
+        }
+    }
+
+    /// Waits (at most `timeout`) for a caller to release a frame.
+    pub(super) fn wait_release(&mut self, timeout: Duration) {
+        if let Ok(slot) = self.release_rx.recv_timeout(timeout) {
+            self.held.retain(|&h| h != slot);
+        }
+        self.take_releases();
+    }
+
+    /// Waits for every caller reading a frame to release it (before the frames are deleted).
+    pub(super) fn wait_all_releases(&mut self) {
+        while !self.held.is_empty() {
+            match self.release_rx.recv() {
+                Ok(slot) => self.held.retain(|&h| h != slot),
+                // Every view holds a sender, and the worker holds one too: never closed here.
+                Err(_) => break,
+            }
+        }
     }
 
     /// Jobs in flight.
@@ -180,17 +281,18 @@ impl Worker {
                 .map(|(output, run, _)| StreamDone {
                     bytes_up: (job.x.len() * 4) as u64,
                     bytes_down: (output.len() * 4) as u64,
-                    output,
+                    output: Output::Owned(output),
                     kernel_ns: run.kernel_ns,
-                    host_in_s: run.upload_s,
-                    host_out_s: run.download_s,
+                    host_in_s: run.upload_s + run.download_s,
                     weights_uploaded: run.weights_uploaded,
                     ..StreamDone::default()
                 });
             let _ = job.reply.send(result);
             return;
         }
-        let Some(slot) = (0..FRAMES).find(|i| !self.in_flight.contains(i)) else {
+        let Some(slot) =
+            (0..FRAMES).find(|i| !self.in_flight.contains(i) && !self.held.contains(i))
+        else {
             let _ = job
                 .reply
                 .send(Err(Error::Gpu("no free frame (executor bug)".into())));
@@ -363,15 +465,19 @@ impl Worker {
         let start = self.busy_until.map_or(begun, |u| u.max(begun));
         done.busy_s = end.saturating_duration_since(start).as_secs_f64();
         self.busy_until = Some(end);
-        let t = Instant::now();
         let download = self.frames[slot]
             .download
             .as_ref()
             .expect("a frame in flight has staging");
-        let mut output = vec![0.0f32; out_len];
-        parallel_copy(&download.as_slice()[..out_len], &mut output);
-        done.host_out_s = t.elapsed().as_secs_f64();
-        done.output = output;
+        // SAFETY: the fence of the copy into it has passed; the frame stays held (not reused,
+        // not deleted) until the Staged's release arrives (wait_all_releases before exit).
+        let view = unsafe { download.view(out_len) };
+        self.held.push(slot);
+        done.output = Output::Staged(Staged {
+            view,
+            slot,
+            release: self.release_tx.clone(),
+        });
         if !self.ctx.info.software {
             let [up, conv, down] = queries.each_ref().map(|q| Some(q.nanoseconds()));
             (done.upload_ns, done.kernel_ns, done.download_ns) = (up, conv, down);
@@ -390,4 +496,63 @@ impl Worker {
             self.stream_finish_oldest();
         }
     }
+}
+
+/// Diagnostics: for download staging buffers made with each combination of the coherent and
+/// client-storage flags, the time of a DMA copy of `floats` floats from a device buffer into
+/// the staging buffer, and of the host reading it (into a buffer already touched, and into a
+/// fresh allocation, in parallel chunks); a plain host copy for reference. One line per
+/// variant, medians of 5.
+pub(super) fn probe_staging(gl: &Rc<glow::Context>, floats: usize) -> Result<String> {
+    let mb = (floats * 4) as f64 / 1e6;
+    let device = Buffer::new(gl, floats, true)?;
+    device.upload(&vec![1.5f32; floats])?;
+    let mut warm = vec![0.0f32; floats];
+    let src = vec![2.5f32; floats];
+    let med = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2] * 1e3
+    };
+    let mut out = String::new();
+    let t: Vec<f64> = (0..5)
+        .map(|_| {
+            let t = Instant::now();
+            parallel_copy(&src, &mut warm);
+            t.elapsed().as_secs_f64()
+        })
+        .collect();
+    out += &format!(
+        "host copy {mb:.1} MB, parallel, warm destination: {:.3} ms\n",
+        med(t)
+    );
+    for (coherent, client) in [(true, true), (true, false), (false, true), (false, false)] {
+        let staging = MappedBuffer::with_flags(gl, floats, Direction::Download, coherent, client)?;
+        let (mut dma, mut read_warm, mut read_fresh) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..5 {
+            let t = Instant::now();
+            gl::copy_buffer(gl, device.raw(), staging.raw(), floats)?;
+            if !coherent {
+                gl::client_mapped_barrier(gl);
+            }
+            Fence::new(gl)?.wait(Duration::from_secs(10))?;
+            dma.push(t.elapsed().as_secs_f64());
+            let t = Instant::now();
+            parallel_copy(staging.as_slice(), &mut warm);
+            read_warm.push(t.elapsed().as_secs_f64());
+            let t = Instant::now();
+            let mut fresh = vec![0.0f32; floats];
+            parallel_copy(staging.as_slice(), &mut fresh);
+            read_fresh.push(t.elapsed().as_secs_f64());
+            if fresh[floats / 2] != 1.5 || warm[floats - 1] != 1.5 {
+                return Err(Error::Gpu("staging probe read wrong data".into()));
+            }
+        }
+        out += &format!(
+            "coherent {coherent}, client storage {client}: DMA+fence {:.3} ms, host read into warm {:.3} ms, into fresh {:.3} ms\n",
+            med(dma),
+            med(read_warm),
+            med(read_fresh)
+        );
+    }
+    Ok(out)
 }

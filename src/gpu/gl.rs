@@ -204,6 +204,19 @@ pub struct MappedBuffer {
 impl MappedBuffer {
     /// A staging buffer of `len` floats, mapped for the host to write (`Upload`) or read.
     pub fn new(gl: &Rc<glow::Context>, len: usize, direction: Direction) -> Result<Self> {
+        Self::with_flags(gl, len, direction, true, true)
+    }
+
+    /// A staging buffer with the coherent and client-storage flags chosen (diagnostics: the
+    /// staging probe compares them). A non-coherent mapping needs
+    /// [`client_mapped_barrier`] after the GPU writes it, before the fence.
+    pub fn with_flags(
+        gl: &Rc<glow::Context>,
+        len: usize,
+        direction: Direction,
+        coherent: bool,
+        client_storage: bool,
+    ) -> Result<Self> {
         let bytes = i32::try_from(len.max(1) * 4).map_err(|_| {
             Error::Gpu(format!(
                 "a staging buffer of {len} floats is over the 2 GiB GL size limit"
@@ -213,11 +226,13 @@ impl MappedBuffer {
             Direction::Upload => glow::MAP_WRITE_BIT,
             Direction::Download => glow::MAP_READ_BIT,
         } | glow::MAP_PERSISTENT_BIT
-            | glow::MAP_COHERENT_BIT;
-        // Client storage: host memory the CPU reads at memory speed. Without it, NVIDIA placed
-        // the download staging where host reads ran at ~1.4 GB/s (25.7 MB in 18.5 ms, measured
-        // by `sporkle bench --stream` on the H100).
-        let flags = access | glow::CLIENT_STORAGE_BIT;
+            | if coherent { glow::MAP_COHERENT_BIT } else { 0 };
+        let flags = access
+            | if client_storage {
+                glow::CLIENT_STORAGE_BIT
+            } else {
+                0
+            };
         // SAFETY: creating, sizing and mapping a buffer on the current context; the storage is
         // immutable, so the mapping stays valid until the buffer is deleted in Drop.
         let (raw, ptr) = unsafe {
@@ -271,6 +286,38 @@ impl MappedBuffer {
     /// The GL name, for copies.
     pub(crate) fn raw(&self) -> glow::Buffer {
         self.raw
+    }
+
+    /// A read-only view of the first `len` floats that another thread may read.
+    ///
+    /// # Safety
+    /// The caller must keep this buffer alive, and the GPU from writing that range, until the
+    /// view is dropped (the executor holds the frame until the view's release arrives, and
+    /// waits for every release before dropping its frames), and must have waited for the fence
+    /// of the GPU's last write to it.
+    pub(crate) unsafe fn view(&self, len: usize) -> MappedView {
+        assert!(len <= self.len, "view larger than the buffer");
+        MappedView { ptr: self.ptr, len }
+    }
+}
+
+/// A read-only view of a mapped staging buffer, sendable to another thread (see
+/// [`MappedBuffer::view`] for the contract that keeps it valid).
+pub struct MappedView {
+    ptr: *const f32,
+    len: usize,
+}
+
+// SAFETY: the view only reads plain floats; the memory stays mapped and unwritten for the view's
+// life by the contract of MappedBuffer::view, whichever thread reads it.
+unsafe impl Send for MappedView {}
+
+impl MappedView {
+    /// The floats.
+    pub fn as_slice(&self) -> &[f32] {
+        // SAFETY: by MappedBuffer::view's contract the mapping is alive, finished and not
+        // written for as long as this view (and so this borrow) exists.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
     }
 }
 
@@ -497,6 +544,13 @@ impl Drop for Fence {
 pub fn flush(gl: &glow::Context) {
     // SAFETY: glFlush has no preconditions on a current context.
     unsafe { gl.flush() };
+}
+
+/// Makes GPU writes to persistently mapped, non-coherent buffers visible to the host once the
+/// next fence has passed.
+pub fn client_mapped_barrier(gl: &glow::Context) {
+    // SAFETY: glMemoryBarrier has no preconditions on a current context.
+    unsafe { gl.memory_barrier(glow::CLIENT_MAPPED_BUFFER_BARRIER_BIT) };
 }
 
 /// Makes shader writes to storage buffers visible to later reads (readback, next dispatch).

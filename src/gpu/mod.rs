@@ -21,7 +21,7 @@ pub mod gl;
 pub mod shaders;
 
 pub use context::{GpuChoice, GpuInfo};
-pub use executor::{StreamDone, FRAMES};
+pub use executor::{Output, StreamDone, FRAMES};
 pub use gl::LiveObjects;
 pub use shaders::Tile;
 
@@ -109,6 +109,8 @@ enum Msg {
     Call(Job),
     /// A streaming job for the executor.
     Stream(StreamJob),
+    /// The staging probe (diagnostics), with its size in floats.
+    Probe(usize, mpsc::Sender<Result<String>>),
 }
 
 /// The GPU backend (see the module docs).
@@ -258,6 +260,16 @@ impl GpuBackend {
         }
     }
 
+    /// Diagnostics: DMA and host-read speeds of download staging buffers made with different
+    /// flags (see `executor::probe_staging`), for `floats` floats.
+    pub fn probe_staging(&self, floats: usize) -> Result<String> {
+        let (reply, answer) = mpsc::channel();
+        self.send(Msg::Probe(floats, reply))?;
+        answer
+            .recv()
+            .map_err(|_| Error::Gpu("the GPU thread stopped during the probe".into()))?
+    }
+
     /// Streams one convolution through the async executor (see [`executor`]): returns at once;
     /// the answer arrives on the returned channel. With `pipelined`, up to [`FRAMES`] jobs are in
     /// flight together; without, each runs alone. A fence that does not pass within `timeout`
@@ -315,6 +327,10 @@ struct Worker {
     /// The executor's frames, and the slots in flight, oldest first.
     frames: Vec<Frame>,
     in_flight: VecDeque<usize>,
+    /// Frames whose output a caller is reading, and the channel their releases come back on.
+    held: Vec<usize>,
+    release_tx: mpsc::Sender<usize>,
+    release_rx: mpsc::Receiver<usize>,
     /// Why the executor stopped taking jobs (a fence timed out or the context failed).
     broken: Option<String>,
     /// When the last streaming job's fence was seen passing (for busy time).
@@ -334,9 +350,13 @@ struct Worker {
 
 impl Worker {
     fn new(ctx: GlContext) -> Self {
+        let (release_tx, release_rx) = mpsc::channel();
         Self {
             frames: (0..FRAMES).map(|_| Frame::default()).collect(),
             in_flight: VecDeque::new(),
+            held: Vec::new(),
+            release_tx,
+            release_rx,
             broken: None,
             busy_until: None,
             programs: ProgramCache::default(),
@@ -360,13 +380,18 @@ impl Worker {
     /// and when every frame is busy, the worker waits for the oldest.
     fn serve(mut self, jobs: mpsc::Receiver<Msg>) {
         loop {
-            let msg = if self.frames_busy() == 0 {
+            self.take_releases();
+            let msg = if self.frames_busy() == 0 && self.frame_free() {
                 match jobs.recv() {
                     Ok(msg) => msg,
                     Err(_) => break,
                 }
-            } else if !self.frame_free() || self.oldest_ready() {
+            } else if self.frames_busy() > 0 && (!self.frame_free() || self.oldest_ready()) {
                 self.stream_finish_oldest();
+                continue;
+            } else if !self.frame_free() {
+                // Every frame is read by a caller: wait for one to come back.
+                self.wait_release(Duration::from_millis(100));
                 continue;
             } else {
                 match jobs.recv_timeout(Duration::from_micros(100)) {
@@ -388,6 +413,10 @@ impl Worker {
                     );
                     let _ = job.reply.send(result);
                 }
+                Msg::Probe(floats, reply) => {
+                    self.stream_drain();
+                    let _ = reply.send(executor::probe_staging(&self.ctx.gl, floats));
+                }
                 Msg::Stream(job) => {
                     let alone = !job.pipelined;
                     if alone {
@@ -401,6 +430,8 @@ impl Worker {
             }
         }
         self.stream_drain();
+        // Callers may still be reading staging buffers: the frames outlive every view.
+        self.wait_all_releases();
     }
 
     /// A scratch buffer of at least `len` floats (grown, never shrunk).

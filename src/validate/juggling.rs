@@ -86,7 +86,14 @@ fn mixed_stream(choice: GpuChoice, sync: &GpuBackend) -> Result<(), Failed> {
         .collect::<crate::Result<Vec<_>>>()
         .map_err(fail)?;
     for (i, (job, t)) in jobs.iter().zip(tickets).enumerate() {
-        let (y, info) = t.wait().map_err(fail)?;
+        // Half the jobs are read straight into the caller's buffer.
+        let (y, info) = if i % 2 == 0 {
+            t.wait().map_err(fail)?
+        } else {
+            let mut y = vec![f32::NAN; job.p.output_len() as usize];
+            let info = t.wait_into(&mut y).map_err(fail)?;
+            (y, info)
+        };
         if info.device != DeviceKind::Gpu || info.fallback.is_some() {
             return Err(fail(format!("job {i} did not run on the GPU: {info:?}")));
         }
@@ -100,6 +107,16 @@ fn mixed_stream(choice: GpuChoice, sync: &GpuBackend) -> Result<(), Failed> {
             )));
         }
         check_reference(job, &y)?;
+    }
+    // A buffer of the wrong length is an error, not a panic, and the GPU stays healthy.
+    let job = &jobs[0];
+    let mut short = vec![0.0f32; job.p.output_len() as usize - 1];
+    let wrong = j
+        .submit(&job.p, &job.x, &job.w, job.b.as_deref())
+        .map_err(fail)?
+        .wait_into(&mut short);
+    if wrong.is_ok() {
+        return Err("wait_into accepted an output buffer of the wrong length".into());
     }
     let s = j.stats();
     if s.max_in_flight < 2 {

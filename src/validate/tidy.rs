@@ -7,7 +7,13 @@ use libtest_mimic::{Failed, Trial};
 use std::path::{Path, PathBuf};
 
 /// The only files allowed to contain `unsafe` code.
-const UNSAFE_ALLOWED: [&str; 3] = ["src/cpu/kernel.rs", "src/gpu/gl.rs", "src/gpu/context.rs"];
+const UNSAFE_ALLOWED: [&str; 4] = [
+    "src/cpu/kernel.rs",
+    "src/gpu/gl.rs",
+    "src/gpu/context.rs",
+    // Lending a mapped staging buffer to the caller's thread (MappedBuffer::view's contract).
+    "src/gpu/executor.rs",
+];
 
 pub fn trials() -> Vec<Trial> {
     vec![Trial::test("tidy/conventions", || check(&crate::repo_root())).with_kind("tidy")]

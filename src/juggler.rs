@@ -393,6 +393,18 @@ impl Ticket {
         }
     }
 
+    /// [`Ticket::wait`] without a copy: `read` sees the output where it is (a GPU output in the
+    /// frame's staging buffer, host memory; the frame is lent until `read` returns).
+    pub fn wait_with<T>(self, read: impl FnOnce(&[f32]) -> T) -> Result<(T, RunInfo)> {
+        match self.state {
+            TicketState::Done(r) => {
+                let (y, info) = (*r)?;
+                Ok((read(&y), info))
+            }
+            TicketState::Gpu(t) => t.finish(|o| read(o.as_slice())),
+        }
+    }
+
     /// [`Ticket::wait`] into the caller's buffer (which must hold exactly the output): for
     /// streams, where reusing buffers saves the page faults of fresh memory. A GPU output goes
     /// straight from the staging buffer into `output`, copied by this thread.

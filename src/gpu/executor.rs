@@ -206,9 +206,17 @@ fn staging(
 
 /// `dst.copy_from_slice(src)`, split across threads when large.
 pub fn parallel_copy(src: &[f32], dst: &mut [f32]) {
-    let threads = std::thread::available_parallelism()
-        .map_or(1, usize::from)
-        .min(8);
+    static THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    let threads = *THREADS.get_or_init(|| {
+        std::env::var("SPORKLE_COPY_THREADS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| {
+                std::thread::available_parallelism()
+                    .map_or(1, usize::from)
+                    .min(8)
+            })
+    });
     if src.len() < PARALLEL_COPY_MIN || threads < 2 {
         dst.copy_from_slice(src);
         return;

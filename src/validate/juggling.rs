@@ -86,13 +86,15 @@ fn mixed_stream(choice: GpuChoice, sync: &GpuBackend) -> Result<(), Failed> {
         .collect::<crate::Result<Vec<_>>>()
         .map_err(fail)?;
     for (i, (job, t)) in jobs.iter().zip(tickets).enumerate() {
-        // Half the jobs are read straight into the caller's buffer.
-        let (y, info) = if i % 2 == 0 {
-            t.wait().map_err(fail)?
-        } else {
-            let mut y = vec![f32::NAN; job.p.output_len() as usize];
-            let info = t.wait_into(&mut y).map_err(fail)?;
-            (y, info)
+        // Every way of waiting: a new vector, the caller's buffer, reading in place.
+        let (y, info) = match i % 3 {
+            0 => t.wait().map_err(fail)?,
+            1 => {
+                let mut y = vec![f32::NAN; job.p.output_len() as usize];
+                let info = t.wait_into(&mut y).map_err(fail)?;
+                (y, info)
+            }
+            _ => t.wait_with(<[f32]>::to_vec).map_err(fail)?,
         };
         if info.device != DeviceKind::Gpu || info.fallback.is_some() {
             return Err(fail(format!("job {i} did not run on the GPU: {info:?}")));

@@ -968,6 +968,15 @@ impl Drop for Juggler {
 mod tests {
     use super::*;
 
+    fn cpu_only() -> Juggler {
+        Juggler::with_config(Config {
+            gpu: Some(GpuChoice::Off),
+            cpu_threads: Some(1),
+            ..Config::default()
+        })
+        .unwrap()
+    }
+
     #[test]
     fn juggler_is_send_and_sync() {
         fn shared<T: Send + Sync>() {}
@@ -978,12 +987,7 @@ mod tests {
 
     #[test]
     fn gpu_off_gives_a_cpu_only_juggler_that_says_why() {
-        let j = Juggler::with_config(Config {
-            gpu: Some(GpuChoice::Off),
-            cpu_threads: Some(1),
-            ..Config::default()
-        })
-        .unwrap();
+        let j = cpu_only();
         assert!(j.gpu_description().unwrap_err().contains("SPORKLE_GPU=off"));
         let p = CALIBRATION;
         let x = vec![1.0f32; p.input_len() as usize];
@@ -1001,12 +1005,7 @@ mod tests {
 
     #[test]
     fn bad_lengths_are_errors_and_leave_the_output_alone() {
-        let j = Juggler::with_config(Config {
-            gpu: Some(GpuChoice::Off),
-            cpu_threads: Some(1),
-            ..Config::default()
-        })
-        .unwrap();
+        let j = cpu_only();
         let p = CALIBRATION;
         let x = vec![1.0f32; 10];
         let w = vec![0.5f32; p.weights_len() as usize];

@@ -360,19 +360,7 @@ fn bench(a: BenchArgs) -> Result<()> {
             BENCH_CHECKS + 2
         ),
     }
-    let mut json_out = match &a.json {
-        Some(p) => Some(
-            std::fs::File::create(p).with_context(|| format!("cannot create {}", p.display()))?,
-        ),
-        None => None,
-    };
-    let mut emit = |line: serde_json::Value| -> Result<()> {
-        println!("{line}");
-        if let Some(f) = json_out.as_mut() {
-            writeln!(f, "{line}")?;
-        }
-        Ok(())
-    };
+    let mut emit = json_lines(a.json.as_deref())?;
     // Per shape: our GFLOP/s by kernel time (GPU) or wall time (CPU), and end to end.
     let mut rows: Vec<(String, f64, f64)> = Vec::new();
     if a.vs_fixed && !matches!(engine, Engine::Auto(_)) {
@@ -552,19 +540,7 @@ fn stream(a: &BenchArgs, cases: &[&sporkle::suite::Case], batches: usize) -> Res
         j.gpu_description().unwrap_or_else(|e| format!("none, {e}")),
         BENCH_CHECKS + 2
     );
-    let mut json_out = match &a.json {
-        Some(p) => Some(
-            std::fs::File::create(p).with_context(|| format!("cannot create {}", p.display()))?,
-        ),
-        None => None,
-    };
-    let mut emit = |line: serde_json::Value| -> Result<()> {
-        println!("{line}");
-        if let Some(f) = json_out.as_mut() {
-            writeln!(f, "{line}")?;
-        }
-        Ok(())
-    };
+    let mut emit = json_lines(a.json.as_deref())?;
     let who = j.gpu_description().unwrap_or_else(|_| "cpu".into());
     for case in cases {
         let p = case.params;
@@ -703,6 +679,23 @@ fn stream(a: &BenchArgs, cases: &[&sporkle::suite::Case], batches: usize) -> Res
     }
     eprintln!("# {}", j.stats().to_string().replace('\n', "\n# "));
     Ok(())
+}
+
+/// Prints JSON lines, and writes them to `path` too when given.
+fn json_lines(path: Option<&Path>) -> Result<impl FnMut(serde_json::Value) -> Result<()>> {
+    let mut file = match path {
+        Some(p) => Some(
+            std::fs::File::create(p).with_context(|| format!("cannot create {}", p.display()))?,
+        ),
+        None => None,
+    };
+    Ok(move |line: serde_json::Value| -> Result<()> {
+        println!("{line}");
+        if let Some(f) = file.as_mut() {
+            writeln!(f, "{line}")?;
+        }
+        Ok(())
+    })
 }
 
 /// Two warm-up runs, then timed runs until at least 5 and `seconds` have passed; the wall

@@ -322,3 +322,20 @@ fn devices_lists_the_cpu() {
         "{text}"
     );
 }
+
+/// A reader that goes away (`sporkle devices | head -1`) ends the program quietly, no panic.
+#[test]
+fn a_closed_stdout_is_not_a_panic() {
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_sporkle"))
+        .arg("devices")
+        .env("SPORKLE_GPU", "off")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}

@@ -20,6 +20,20 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Instant;
 
+/// `println!` that ends the program quietly when stdout's reader has gone (`sporkle ... | head`)
+/// instead of panicking on the broken pipe.
+macro_rules! out {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let mut o = std::io::stdout().lock();
+        if let Err(e) = writeln!(o, $($t)*).and_then(|()| o.flush()) {
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                std::process::exit(0);
+            }
+        }
+    }};
+}
+
 /// The benchmark shape set, built in so the binary works from any directory.
 const PERF_SUITE: &str = include_str!("../../suites/perf.toml");
 
@@ -178,7 +192,7 @@ fn main() -> ExitCode {
         Command::Devices => devices(),
         Command::ProbeStaging => GpuBackend::new()
             .and_then(|g| g.probe_staging(16 << 20))
-            .map(|report| print!("{report}"))
+            .map(|report| out!("{}", report.trim_end()))
             .map_err(Into::into),
     };
     match result {
@@ -302,7 +316,7 @@ fn conv2d(a: Conv2dArgs) -> Result<()> {
         info["gpu_failed"] = why.clone().into();
     }
     npy::write(&a.output, &[n, c_out, ho, wo], &y)?;
-    println!("{info}");
+    out!("{info}");
     Ok(())
 }
 
@@ -690,7 +704,7 @@ fn json_lines(path: Option<&Path>) -> Result<impl FnMut(serde_json::Value) -> Re
         None => None,
     };
     Ok(move |line: serde_json::Value| -> Result<()> {
-        println!("{line}");
+        out!("{line}");
         if let Some(f) = file.as_mut() {
             writeln!(f, "{line}")?;
         }
@@ -770,22 +784,20 @@ fn print_comparison(rows: &[(String, f64, f64)], peers: &[(String, String, f64)]
     for dev in devices {
         let e2e = dev.contains("e2e");
         let ours = if e2e { "sporkle end to end" } else { "sporkle" };
-        println!(
-            "\n| shape | {ours} GFLOP/s | {dev} GFLOP/s | ratio |\n| --- | ---: | ---: | ---: |"
-        );
+        out!("\n| shape | {ours} GFLOP/s | {dev} GFLOP/s | ratio |\n| --- | ---: | ---: | ---: |");
         let mut logs = Vec::new();
         for (name, kernel, end_to_end) in rows {
             let mine = if e2e { *end_to_end } else { *kernel };
             if let Some((_, _, theirs)) = peers.iter().find(|p| p.0 == *name && p.1 == dev) {
                 let ratio = mine / theirs;
                 logs.push(ratio.ln());
-                println!("| {name} | {mine:.1} | {theirs:.1} | {ratio:.2} |");
+                out!("| {name} | {mine:.1} | {theirs:.1} | {ratio:.2} |");
             }
         }
         if !logs.is_empty() {
             let geo = (logs.iter().sum::<f64>() / logs.len() as f64).exp();
             let min = logs.iter().copied().fold(f64::INFINITY, f64::min).exp();
-            println!("| **geometric mean** | | | **{geo:.2}** (min {min:.2}) |");
+            out!("| **geometric mean** | | | **{geo:.2}** (min {min:.2}) |");
         }
     }
 }
@@ -793,12 +805,12 @@ fn print_comparison(rows: &[(String, f64, f64)], peers: &[(String, String, f64)]
 fn devices() -> Result<()> {
     let model = sporkle::cpu::cpu_model();
     let backend = CpuBackend::new()?;
-    println!("cpu: {model}");
-    println!("  threads: {}", backend.threads());
-    println!("  microkernel: {}", backend.microkernel().name());
+    out!("cpu: {model}");
+    out!("  threads: {}", backend.threads());
+    out!("  microkernel: {}", backend.microkernel().name());
     match sporkle::GpuBackend::new() {
-        Ok(gpu) => print!("{}", gpu.info()),
-        Err(e) => println!("gpu: none ({e})"),
+        Ok(gpu) => out!("{}", gpu.info().to_string().trim_end()),
+        Err(e) => out!("gpu: none ({e})"),
     }
     Ok(())
 }

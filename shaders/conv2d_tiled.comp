@@ -6,7 +6,8 @@
 //          thread (multiples of 4), THREADS = (BM/TM)*(BN/TN); SPLIT slices of the taps
 //          (split-K: with SPLIT > 1 each slice writes its partial sums, without bias, to its own
 //          copy of the output, and conv2d_reduce.comp adds them in slice order)
-//   shape: N C_IN H W C_OUT K_H K_W SH SW PH PW DH DW GROUPS HO WO (unsigned), HAS_BIAS (0/1)
+//   shape: N C_IN H W C_OUT K_H K_W SH SW PH PW DH DW GROUPS HO WO (unsigned), HAS_BIAS (0/1),
+//          A_FULL (1: the filters of a group are a whole number of BM tiles)
 //   code:  DECL_ACC, LOAD_GLOBAL(k0), STORE_SHARED(buf), STEP(buf), STORE_ACC: the per-thread
 //          register code, written out by Rust. NVIDIA's GLSL compiler keeps loops over small
 //          arrays as loops and puts the arrays in local memory (seen in its program binary), so
@@ -71,10 +72,15 @@ vec4 load_a(uint k) {
     vec4 v = vec4(0.0);
     if (k < k_end) {
         uint i = a_base + k * MG;
+#if A_FULL
+        // Every filter tile is full: no filter bounds to check.
+        v = vec4(wt[i], wt[i + QA], wt[i + 2u * QA], wt[i + 3u * QA]);
+#else
         v.x = a_m < MG ? wt[i] : 0.0;
         v.y = a_m + QA < MG ? wt[i + QA] : 0.0;
         v.z = a_m + 2u * QA < MG ? wt[i + 2u * QA] : 0.0;
         v.w = a_m + 3u * QA < MG ? wt[i + 3u * QA] : 0.0;
+#endif
     }
     return v;
 }
@@ -151,23 +157,18 @@ void main() {
 
     DECL_ACC
     DECL_PREFETCH
-    if (k_begin < k_end) {
-        LOAD_GLOBAL(k_begin)
-        STORE_SHARED(0u)
-    }
-    memoryBarrierShared();
+    LOAD_GLOBAL(k_begin)
+    STORE_SHARED(0u)
+    // barrier() orders shared-memory accesses in compute shaders (GLSL 4.30, 8.16): no
+    // memoryBarrierShared() needed.
     barrier();
     uint buf = 0u;
     for (uint k0 = k_begin; k0 < k_end; k0 += BK) {
-        const bool more = k0 + BK < k_end;
-        if (more) {
-            LOAD_GLOBAL(k0 + BK)
-        }
+        // Unconditional: past the slice's end, load_a and load_b give zeros, and the other
+        // buffer is not read again before the loop ends.
+        LOAD_GLOBAL(k0 + BK)
         STEP(buf)
-        if (more) {
-            STORE_SHARED(buf ^ 1u)
-        }
-        memoryBarrierShared();
+        STORE_SHARED(buf ^ 1u)
         barrier();
         buf ^= 1u;
     }

@@ -272,7 +272,7 @@ pub fn conv2d_source(p: &Conv2dParams, tile: Tile, bias: bool) -> String {
     def("HAS_BIAS", u8::from(bias).to_string());
     if tile.kernel == Kernel::Tiled {
         def("SPLIT", format!("{}u", tile.split));
-        let full = p.c_out_per_group() % tile.bm as usize == 0;
+        let full = p.c_out_per_group().is_multiple_of(tile.bm as usize);
         def("A_FULL", u8::from(full).to_string());
         s.push_str(&tiled_code(tile));
     }

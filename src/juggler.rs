@@ -6,9 +6,11 @@
 //! Device choice (`Preference::Auto`), in order:
 //! 1. no GPU, or an unhealthy one: the CPU, with the reason;
 //! 2. below the floor (500 MFLOP by default, the original's): the CPU;
-//! 3. a shape already timed on both devices: the faster, by its measured times (moving averages);
-//! 4. a shape timed on one device only: the other is tried once when the model predicts it
-//!    within 4× (so one slow call buys the measurement), else the measured one;
+//! 3. a shape already timed on both devices: the faster, by its measured times (moving
+//!    averages, from each device's second call of the shape on); a loser within 1.5× is
+//!    re-measured once every 64 choices, so one unlucky measurement cannot decide forever;
+//! 4. a shape timed on one device only: the other is tried (two calls: a warm-up and a
+//!    measurement) when the model predicts it within 4×, else the measured one;
 //! 5. a new shape: the model, `t = flops / rate` on the CPU and
 //!    `t = overhead + bytes_in / upload + flops / rate + bytes_out / download` on the GPU, with
 //!    rates calibrated on first use (one 231 MFLOP convolution on each device) and refined by
@@ -231,6 +233,8 @@ impl std::fmt::Display for Stats {
 /// off for one (on the H100, with 2× here, `l3_3x3_14_256_n32` never tried the GPU, where it ran
 /// 1.6× faster than on the CPU).
 const EXPLORE: f64 = 4.0;
+/// Every this many choices for a shape, a slower device measured within 1.5x is run once again.
+const REMEASURE: u32 = 64;
 /// Moving average weight of a new observation.
 const EWMA: f64 = 0.3;
 /// The calibration convolution: 231 MFLOP, a ResNet-style 3×3 layer.
@@ -265,10 +269,29 @@ struct Model {
     down_rate: Option<f64>,
     /// What a GPU call costs beyond the model's terms, seconds.
     gpu_overhead: Option<f64>,
-    /// Measured wall seconds per shape and device.
-    shapes: HashMap<Conv2dParams, [Option<f64>; 2]>,
-    /// Shapes where the other device has been tried.
-    explored: HashMap<Conv2dParams, u32>,
+    /// Measured wall times per shape.
+    shapes: HashMap<Conv2dParams, ShapeTimes>,
+}
+
+/// What the Juggler has measured of one shape, per device `[cpu, gpu]`.
+#[derive(Clone, Copy, Debug, Default)]
+struct ShapeTimes {
+    /// Moving average of the wall time, seconds, from the second call on: a device's first
+    /// call of a shape allocates workspaces, compiles programs and uploads weights.
+    time: [Option<f64>; 2],
+    calls: [u32; 2],
+    /// Choices made for the shape (to re-measure the slower device now and then).
+    choices: u32,
+}
+
+impl ShapeTimes {
+    fn record(&mut self, d: DeviceKind, wall_s: f64) {
+        let i = d as usize;
+        self.calls[i] += 1;
+        if self.calls[i] > 1 {
+            ewma(&mut self.time[i], wall_s);
+        }
+    }
 }
 
 impl Model {
@@ -286,7 +309,10 @@ impl Model {
     }
 
     fn observe_cpu(&mut self, p: &Conv2dParams, wall_s: f64) {
-        ewma(&mut self.shapes.entry(*p).or_default()[0], wall_s);
+        self.shapes
+            .entry(*p)
+            .or_default()
+            .record(DeviceKind::Cpu, wall_s);
         ewma(&mut self.cpu_rate, p.flops() as f64 / wall_s.max(1e-9));
     }
 
@@ -300,7 +326,10 @@ impl Model {
     ) {
         // Only whole-call times (not pipelined ones) say what one call costs.
         if sync {
-            ewma(&mut self.shapes.entry(*p).or_default()[1], wall_s);
+            self.shapes
+                .entry(*p)
+                .or_default()
+                .record(DeviceKind::Gpu, wall_s);
         }
         if let Some(ns) = done.kernel_ns {
             ewma(
@@ -651,20 +680,35 @@ impl Inner {
         self.calibrate();
         let mut m = lock(&self.model);
         let ms = |t: f64| t * 1e3;
-        let measured = m.shapes.get(p).copied().unwrap_or_default();
+        let shape = m.shapes.entry(*p).or_default();
+        shape.choices += 1;
+        let (choices, calls) = (shape.choices, shape.calls);
+        let measured = shape.time;
         match measured {
             [Some(c), Some(g)] => {
-                let d = if g < c {
-                    DeviceKind::Gpu
+                let (fast, slow, t_fast, t_slow) = if g < c {
+                    (DeviceKind::Gpu, DeviceKind::Cpu, g, c)
                 } else {
-                    DeviceKind::Cpu
+                    (DeviceKind::Cpu, DeviceKind::Gpu, c, g)
+                };
+                // A close loser is measured again now and then: one unlucky measurement must
+                // not decide forever, and the cost is bounded (under 1.5x, one call in 64).
+                let d = if choices % REMEASURE == 0 && t_slow < 1.5 * t_fast {
+                    slow
+                } else {
+                    fast
                 };
                 (
                     d,
                     format!(
-                        "measured on this shape: cpu {:.3} ms, gpu {:.3} ms",
+                        "measured on this shape: cpu {:.3} ms, gpu {:.3} ms{}",
                         ms(c),
-                        ms(g)
+                        ms(g),
+                        if d == slow {
+                            " (re-measuring the slower)"
+                        } else {
+                            ""
+                        }
                     ),
                 )
             }
@@ -675,13 +719,12 @@ impl Inner {
                     (DeviceKind::Gpu, DeviceKind::Cpu)
                 };
                 let predicted = m.predict(p, other).unwrap_or(f64::INFINITY);
-                let tries = m.explored.entry(*p).or_default();
-                if predicted < EXPLORE * t && *tries == 0 {
-                    *tries += 1;
+                // Two calls measure a device (the first is a warm-up); at most that many tries.
+                if predicted < EXPLORE * t && calls[other as usize] < 2 {
                     (
                         other,
                         format!(
-                            "trying {other} once: measured {seen} {:.3} ms, model predicts {other} {:.3} ms",
+                            "trying {other}: measured {seen} {:.3} ms, model predicts {other} {:.3} ms",
                             ms(t),
                             ms(predicted)
                         ),
@@ -789,7 +832,7 @@ impl Juggler {
         lock(&self.inner.model)
             .shapes
             .get(p)
-            .copied()
+            .map(|s| s.time)
             .unwrap_or_default()
     }
 
@@ -834,9 +877,7 @@ impl Juggler {
                     reason,
                     true,
                 );
-                let (y, info) = ticket.wait()?;
-                output.copy_from_slice(&y);
-                Ok(info)
+                ticket.wait_into(output)
             }
         }
     }

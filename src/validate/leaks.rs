@@ -25,6 +25,10 @@ const CASES: [(&str, &str); 4] = [
     ("edge", "width_past_16"),
 ];
 
+/// Heap growth tolerated over the create/run/drop cycles: once, the H100's driver stack kept
+/// 13 bytes more after 25 cycles; a leak of even the smallest allocation (8 bytes) per cycle
+/// grows 200 bytes and fails.
+const RUN_DROP_SLACK: usize = 64;
 /// Submit/wait cycles of the streaming leak trial.
 const STREAM_CYCLES: usize = 1000;
 /// Heap growth tolerated between the streaming leak trial's windows (see `stream_child`).
@@ -261,7 +265,7 @@ fn child(kind: &str) -> Result<String, String> {
             "GL objects still alive after every backend was dropped: {live:?}"
         ));
     }
-    if after > base {
+    if after > base + RUN_DROP_SLACK {
         return Err(format!(
             "heap in use grew from {base} to {after} bytes over {CYCLES} create/run/drop cycles of [{kind}] ({} bytes per cycle)",
             (after - base) / CYCLES

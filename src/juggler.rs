@@ -285,12 +285,14 @@ struct ShapeTimes {
 }
 
 impl ShapeTimes {
-    fn record(&mut self, d: DeviceKind, wall_s: f64) {
+    /// Records a call; false for a warm-up (the first), which measures nothing.
+    fn record(&mut self, d: DeviceKind, wall_s: f64) -> bool {
         let i = d as usize;
         self.calls[i] += 1;
         if self.calls[i] > 1 {
             ewma(&mut self.time[i], wall_s);
         }
+        self.calls[i] > 1
     }
 }
 
@@ -309,11 +311,14 @@ impl Model {
     }
 
     fn observe_cpu(&mut self, p: &Conv2dParams, wall_s: f64) {
-        self.shapes
+        let measured = self
+            .shapes
             .entry(*p)
             .or_default()
             .record(DeviceKind::Cpu, wall_s);
-        ewma(&mut self.cpu_rate, p.flops() as f64 / wall_s.max(1e-9));
+        if measured {
+            ewma(&mut self.cpu_rate, p.flops() as f64 / wall_s.max(1e-9));
+        }
     }
 
     fn observe_gpu(
@@ -324,12 +329,16 @@ impl Model {
         host_out_s: f64,
         sync: bool,
     ) {
-        // Only whole-call times (not pipelined ones) say what one call costs.
-        if sync {
-            self.shapes
-                .entry(*p)
-                .or_default()
-                .record(DeviceKind::Gpu, wall_s);
+        // Only whole-call times (not pipelined ones) say what one call costs; a shape's first
+        // GPU call (program compiled, weights uploaded) teaches the model nothing.
+        let shape = self.shapes.entry(*p).or_default();
+        let measured = if sync {
+            shape.record(DeviceKind::Gpu, wall_s)
+        } else {
+            shape.calls[DeviceKind::Gpu as usize] > 0
+        };
+        if !measured {
+            return;
         }
         if let Some(ns) = done.kernel_ns {
             ewma(
@@ -611,7 +620,10 @@ impl Inner {
         crate::data::fill_uniform(1, &mut x);
         crate::data::fill_uniform(2, &mut w);
         let mut y = vec![0.0f32; p.output_len() as usize];
-        let _ = self.run_cpu(&p, &x, &w, None, &mut y, String::new());
+        // Twice each: a device's first call of a shape is a warm-up (see ShapeTimes).
+        for _ in 0..2 {
+            let _ = self.run_cpu(&p, &x, &w, None, &mut y, String::new());
+        }
         let (x, w): (Arc<[f32]>, Arc<[f32]>) = (x.into(), w.into());
         // Twice: the first call compiles the program and uploads the weights.
         for _ in 0..2 {
@@ -634,7 +646,7 @@ impl Inner {
             if let Some(Ok(rx)) = answer {
                 if let Ok(Ok(mut done)) = rx.recv() {
                     let t_out = Instant::now();
-                    drop(std::mem::take(&mut done.output).into_vec());
+                    std::mem::take(&mut done.output).copy_to(&mut y);
                     let host_out_s = t_out.elapsed().as_secs_f64();
                     let wall_s = t.elapsed().as_secs_f64();
                     lock(&self.model).observe_gpu(&p, wall_s, &done, host_out_s, true);

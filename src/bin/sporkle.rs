@@ -436,6 +436,7 @@ fn bench(a: BenchArgs) -> Result<()> {
                         let dispatches = Dispatches {
                             warmup: ((0.1 / estimate_s) as usize).clamp(3, 2000),
                             timed: ((a.seconds / estimate_s) as usize).clamp(10, 2000),
+                            tile: None,
                         };
                         y.fill(f32::NAN);
                         gpu.time_kernel(&p, &x, &w, bias, &mut y, dispatches)?

@@ -323,7 +323,7 @@ impl Worker {
     /// Uploads and records `job` in `frame`.
     fn try_fill(&mut self, frame: &mut Frame, job: &StreamJob) -> Result<Recorded> {
         let p = &job.p;
-        let plan = self.plan(p, job.x.len(), job.w.len(), job.b.is_some())?;
+        let plan = self.plan(p, (job.x.len(), job.w.len()), job.b.is_some(), None)?;
         let gl = Rc::clone(&self.ctx.gl);
         staging(&gl, &mut frame.upload, job.x.len(), Direction::Upload)?;
         staging(&gl, &mut frame.download, plan.out_len, Direction::Download)?;

@@ -64,6 +64,8 @@ pub struct Dispatches {
     pub warmup: usize,
     /// Dispatches timed one by one (at least 1).
     pub timed: usize,
+    /// The tile variant (`None`: the default for the shape); trials force each variant.
+    pub tile: Option<Tile>,
 }
 
 impl Dispatches {
@@ -71,6 +73,7 @@ impl Dispatches {
     pub const ONE: Self = Self {
         warmup: 0,
         timed: 1,
+        tile: None,
     };
 }
 
@@ -488,9 +491,16 @@ impl Worker {
     }
 
     /// Checks `p` against the GL limits and compiles its programs.
-    fn plan(&mut self, p: &Conv2dParams, x_len: usize, w_len: usize, bias: bool) -> Result<Plan> {
+    fn plan(
+        &mut self,
+        p: &Conv2dParams,
+        lens: (usize, usize),
+        bias: bool,
+        tile: Option<Tile>,
+    ) -> Result<Plan> {
+        let (x_len, w_len) = lens;
         let info = &self.ctx.info;
-        let tile = Tile::for_params(p);
+        let tile = tile.map_or_else(|| Tile::for_params(p), |t| t.resolved(p));
         let groups = tile.groups(p);
         for (axis, (&n, &max)) in groups.iter().zip(&info.max_groups).enumerate() {
             if n > max as u64 {
@@ -566,7 +576,7 @@ impl Worker {
         b: Option<&[f32]>,
         dispatches: Dispatches,
     ) -> JobResult {
-        let plan = self.plan(p, x.len(), w.len(), b.is_some())?;
+        let plan = self.plan(p, (x.len(), w.len()), b.is_some(), dispatches.tile)?;
         let gl = std::rc::Rc::clone(&self.ctx.gl);
         let t0 = Instant::now();
         let immutable = self.immutable;

@@ -74,11 +74,20 @@ impl Tile {
             tn,
             split: 0,
         };
-        // Measured on the H100 (SPORKLE_GPU_TILE sweeps over the ten benchmark shapes, after
-        // the accumulators moved to registers): 64x64x16 with 4x4 per thread is best or within
-        // 10% of the best variant on every shape; 8x8 per thread (128-wide tiles) ran 20-45%
-        // slower (register pressure: one or two workgroups per SM).
-        match p.c_out_per_group() {
+        // From H100 sweeps (SPORKLE_GPU_TILE over shapes #5-#10 of BENCHMARKS.md, with the
+        // lean main loop). Big 8x8-per-thread tiles win when there are enough of them to fill
+        // the GPU (vgg: 29.8 TFLOP/s with 128x128 against 25.4 with 64x64; l3 n32: 30.1 with
+        // 64x128 against 25.9); 4x8 per thread wins on wide outputs with 64-127 filters (l1 n32:
+        // 28.1 against 22.6; stem n32: 24.0 against 22.0); 64x64 with 4x4 elsewhere (it was
+        // within 10% of the best on the remaining shapes and keeps small layers busy).
+        let mg = p.c_out_per_group() as u64;
+        let (ho, wo) = p.out_hw();
+        let npos = (p.n * ho * wo) as u64;
+        let tiles = |bm: u64, bn: u64| mg.div_ceil(bm) * npos.div_ceil(bn) * p.groups as u64;
+        match mg {
+            128.. if tiles(128, 128) >= 256 => tiled(128, 128, 8, 8, 8),
+            128.. if tiles(64, 128) >= 132 => tiled(64, 128, 8, 8, 8),
+            64..=127 if npos >= 50_000 => tiled(64, 64, 16, 4, 8),
             64.. => tiled(64, 64, 16, 4, 4),
             _ => Self::narrow(16, 128, 2, 4),
         }
@@ -94,6 +103,11 @@ impl Tile {
             tn,
             split: 1,
         }
+    }
+
+    /// This variant made ready for `p`: its split chosen when it says 0 (see `with_split`).
+    pub fn resolved(self, p: &Conv2dParams) -> Self {
+        self.with_split(p)
     }
 
     /// Fills in the split (0: choose) for `p`: the tiled kernel splits the taps of shapes with

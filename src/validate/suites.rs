@@ -57,7 +57,55 @@ pub fn trials(ctx: &Arc<Context>) -> crate::Result<Vec<Trial>> {
             move || one_weight_changed(&dev),
         ));
     }
+    for device in &ctx.devices {
+        if let super::Device::Gpu { backend } = device {
+            let (gpu, cases) = (Arc::clone(backend), load("basic")?.cases);
+            out.push(trial(
+                "tiles/every_variant".into(),
+                device,
+                None,
+                move || every_tile(&gpu, &cases),
+            ));
+        }
+    }
     Ok(out)
+}
+
+/// Tile variants the GPU heuristics choose for large shapes (which the small suites never reach),
+/// and ones tuning sweeps try, forced on the wide cases of the basic suite (filters and positions
+/// that are not whole tiles, groups, strides, dilations) with their split chosen, and once with
+/// a split of 3.
+const TILES: [&str; 8] = [
+    "tiled:64x64x16:4x4",
+    "tiled:64x64x16:4x8",
+    "tiled:64x128x8:8x8",
+    "tiled:128x128x8:8x8",
+    "tiled:128x64x16:8x4",
+    "tiled:64x64x16:4x4:3",
+    "narrow:16x128x16:2x4",
+    "narrow:4x64x16:1x1",
+];
+
+fn every_tile(gpu: &crate::GpuBackend, cases: &[crate::suite::Case]) -> Result<(), Failed> {
+    for spec in TILES {
+        let tile = crate::gpu::Tile::parse(spec).map_err(fail)?;
+        for case in cases.iter().filter(|c| c.name.starts_with("wide_")) {
+            let p = &case.params;
+            let (x, w, b) = data::conv_data(p, case.seed, false);
+            let bias = case.bias.then_some(&b[..]);
+            let mut y = vec![f32::NAN; p.output_len() as usize];
+            let once = crate::gpu::Dispatches {
+                tile: Some(tile),
+                ..crate::gpu::Dispatches::ONE
+            };
+            gpu.time_kernel(p, &x, &w, bias, &mut y, once)
+                .map_err(|e| fail(format!("{spec} on {}: {e}", case.name)))?;
+            let r = reference::conv2d_f64(p, &x, &w, bias).map_err(fail)?;
+            compare(p, &y, &r, Tolerance::Fp32)
+                .map_err(|m| fail(format!("{spec} on {} ({p}): {m}", case.name)))?;
+        }
+    }
+    Ok(())
 }
 
 /// The original's weight cache sampled elements, so a changed weight could go unnoticed

@@ -18,7 +18,7 @@
 //!
 //! A llvmpipe GPU is a GPU for the model like any other: it measures slow, so `Auto` leaves it.
 
-use crate::cpu::CpuBackend;
+use crate::cpu::{CpuBackend, CpuWeights};
 use crate::error::{Error, Result};
 use crate::gpu::{GpuBackend, GpuChoice, Output, StreamDone};
 use crate::params::Conv2dParams;
@@ -141,7 +141,7 @@ pub struct DeviceStats {
     pub fence_waits: u64,
     /// See `fence_waits`.
     pub fence_wait_s: f64,
-    /// Weight sets uploaded, and jobs that found theirs resident (GPU only).
+    /// Weight sets uploaded (GPU) or laid out (CPU), and jobs that found theirs resident.
     pub weight_uploads: u64,
     /// See `weight_uploads`.
     pub cache_hits: u64,
@@ -201,6 +201,13 @@ impl std::fmt::Display for Stats {
                 self.idle_s(d),
                 100.0 * self.utilisation(d)
             )?;
+            if d == DeviceKind::Cpu {
+                write!(
+                    f,
+                    ", {} weight sets laid out, {} cache hits",
+                    s.weight_uploads, s.cache_hits
+                )?;
+            }
             if d == DeviceKind::Gpu {
                 write!(
                     f,
@@ -367,6 +374,23 @@ impl Model {
     }
 }
 
+/// Bytes of prepared CPU weights kept at once.
+const CPU_WEIGHTS_BUDGET: usize = 256 << 20;
+
+/// Prepared CPU weight sets, least recently used first out.
+#[derive(Default)]
+struct CpuCache {
+    entries: Vec<CpuCached>,
+    clock: u64,
+}
+
+struct CpuCached {
+    key: (Conv2dParams, usize, u64),
+    weights: Arc<CpuWeights>,
+    bytes: usize,
+    last_used: u64,
+}
+
 /// What the Juggler shares with its tickets.
 struct Inner {
     config: Config,
@@ -377,6 +401,8 @@ struct Inner {
     /// Why there is no GPU, or why it is no longer used.
     gpu_unavailable: Mutex<Option<String>>,
     software_gpu: bool,
+    /// The CPU's prepared weights.
+    cpu_cache: Mutex<CpuCache>,
     async_on: std::sync::atomic::AtomicBool,
     model: Mutex<Model>,
     stats: Mutex<StatsState>,
@@ -588,7 +614,9 @@ impl Inner {
         reason: String,
     ) -> Result<RunInfo> {
         let t = Instant::now();
-        self.cpu.conv2d(p, input, weights, bias, output)?;
+        let (prepared, fresh) = self.cpu_weights(p, weights)?;
+        self.cpu
+            .conv2d_prepared(p, input, &prepared, bias, output)?;
         let wall_s = t.elapsed().as_secs_f64();
         lock(&self.model).observe_cpu(p, wall_s);
         {
@@ -596,6 +624,8 @@ impl Inner {
             s.stats.cpu.calls += 1;
             s.stats.cpu.flops += p.flops();
             s.stats.cpu.busy_s += wall_s;
+            s.stats.cpu.weight_uploads += u64::from(fresh);
+            s.stats.cpu.cache_hits += u64::from(!fresh);
         }
         self.touch(t);
         Ok(RunInfo {
@@ -607,6 +637,40 @@ impl Inner {
             fallback: None,
             stages: None,
         })
+    }
+
+    /// The CPU's laid-out copy of `weights` for `p`, prepared on first use and kept (like the
+    /// GPU's resident weights: identified by length and an xxh3 hash of every byte, with the
+    /// parameters, least recently used evicted past a byte budget); whether it was prepared now.
+    fn cpu_weights(&self, p: &Conv2dParams, weights: &[f32]) -> Result<(Arc<CpuWeights>, bool)> {
+        let key = (
+            *p,
+            weights.len(),
+            xxhash_rust::xxh3::xxh3_64(bytemuck::cast_slice(weights)),
+        );
+        let mut cache = lock(&self.cpu_cache);
+        cache.clock += 1;
+        let clock = cache.clock;
+        if let Some(entry) = cache.entries.iter_mut().find(|e| e.key == key) {
+            entry.last_used = clock;
+            return Ok((Arc::clone(&entry.weights), false));
+        }
+        let weights = Arc::new(self.cpu.prepare_weights(p, weights)?);
+        let bytes = |c: &CpuCache| c.entries.iter().map(|e| e.bytes).sum::<usize>();
+        let size = weights.bytes();
+        while !cache.entries.is_empty() && bytes(&cache) + size > CPU_WEIGHTS_BUDGET {
+            let lru = (0..cache.entries.len())
+                .min_by_key(|&i| cache.entries[i].last_used)
+                .unwrap_or(0);
+            cache.entries.swap_remove(lru);
+        }
+        cache.entries.push(CpuCached {
+            key,
+            weights: Arc::clone(&weights),
+            bytes: size,
+            last_used: clock,
+        });
+        Ok((weights, true))
     }
 
     /// Measures both devices on the calibration convolution (once).
@@ -801,6 +865,7 @@ impl Juggler {
                 gpu: RwLock::new(gpu),
                 gpu_unavailable: Mutex::new(unavailable),
                 software_gpu,
+                cpu_cache: Mutex::new(CpuCache::default()),
                 async_on: std::sync::atomic::AtomicBool::new(true),
                 model: Mutex::new(Model::default()),
                 stats: Mutex::new(StatsState::default()),

@@ -152,6 +152,13 @@ pub struct CpuWeights {
     data: Vec<f32>,
 }
 
+impl CpuWeights {
+    /// Bytes of laid-out weights held.
+    pub fn bytes(&self) -> usize {
+        self.data.len() * 4
+    }
+}
+
 /// What prepared weights fit: the filter bank's shape and grouping.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct WeightShape {

@@ -576,9 +576,16 @@ fn stream(a: &BenchArgs, cases: &[&sporkle::suite::Case], batches: usize) -> Res
                 b_shared.clone(),
             )
         };
-        // Warm-up: programs compiled, weights resident, the model calibrated.
+        // Warm-up: programs compiled, weights resident, the model calibrated, and every frame's
+        // staging and device buffers allocated (pinned allocations cost milliseconds): a few
+        // more jobs than frames, in flight together, twice.
         for _ in 0..2 {
-            submit(0)?.wait()?;
+            let tickets = (0..sporkle::gpu::FRAMES + 1)
+                .map(submit)
+                .collect::<sporkle::Result<Vec<_>>>()?;
+            for t in tickets {
+                t.wait()?;
+            }
         }
         // One output buffer per batch, written once before timing (as the peer's pinned
         // outputs are allocated before its timing): fresh memory costs a page fault per 4 KiB.

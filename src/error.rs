@@ -53,6 +53,12 @@ pub enum Error {
     #[error("GPU: {0}")]
     Gpu(String),
 
+    /// A job the GPU cannot take because it is larger than a GL limit (buffer size, workgroup
+    /// count). The GPU is fine: smaller jobs still go there, and the Juggler runs this one on
+    /// the CPU.
+    #[error("GPU limit: {0}")]
+    GpuLimit(String),
+
     /// The CPU backend could not start (e.g. its thread pool).
     #[error("CPU backend: {0}")]
     Cpu(String),

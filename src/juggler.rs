@@ -536,7 +536,7 @@ impl GpuTicket {
             }
             Err(e) => {
                 let why = e.to_string();
-                self.inner.gpu_failed(&why);
+                self.inner.gpu_failed(&e);
                 let mut output = vec![0.0f32; self.p.output_len() as usize];
                 let mut info = self.inner.run_cpu(
                     &self.p,
@@ -591,13 +591,18 @@ impl Inner {
         self.touch(Instant::now() - Duration::from_secs_f64(wall_s));
     }
 
-    fn gpu_failed(&self, why: &str) {
+    /// Counts a GPU failure; any failure but a job over a GL limit marks the GPU unhealthy.
+    fn gpu_failed(&self, e: &Error) {
+        let why = e.to_string();
         let mut s = lock(&self.stats);
         s.stats.fallbacks += 1;
         if why.contains(crate::gpu::executor::FENCE_TIMEOUT) {
             s.stats.timeouts += 1;
         }
         drop(s);
+        if matches!(e, Error::GpuLimit(_)) {
+            return;
+        }
         let mut u = lock(&self.gpu_unavailable);
         if u.is_none() {
             *u = Some(format!("unhealthy: {why}"));

@@ -85,7 +85,7 @@ impl Buffer {
     /// every shader read crosses the bus.
     pub fn new(gl: &Rc<glow::Context>, len: usize, immutable: bool) -> Result<Self> {
         let bytes = i32::try_from(len.max(1) * 4).map_err(|_| {
-            Error::Gpu(format!(
+            Error::GpuLimit(format!(
                 "a buffer of {len} floats is over the 2 GiB GL size limit"
             ))
         })?;
@@ -218,7 +218,7 @@ impl MappedBuffer {
         client_storage: bool,
     ) -> Result<Self> {
         let bytes = i32::try_from(len.max(1) * 4).map_err(|_| {
-            Error::Gpu(format!(
+            Error::GpuLimit(format!(
                 "a staging buffer of {len} floats is over the 2 GiB GL size limit"
             ))
         })?;

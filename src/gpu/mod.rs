@@ -504,7 +504,7 @@ impl Worker {
         let groups = tile.groups(p);
         for (axis, (&n, &max)) in groups.iter().zip(&info.max_groups).enumerate() {
             if n > max as u64 {
-                return Err(Error::Gpu(format!(
+                return Err(Error::GpuLimit(format!(
                     "{n} workgroups on axis {axis} exceed the GL limit of {max} for {p}"
                 )));
             }
@@ -513,7 +513,7 @@ impl Worker {
         let out_len = p.output_len() as usize;
         let biggest = x_len.max(w_len).max(out_len * split) as i64 * 4;
         if biggest > info.max_storage_block {
-            return Err(Error::Gpu(format!(
+            return Err(Error::GpuLimit(format!(
                 "a buffer of {biggest} bytes exceeds GL_MAX_SHADER_STORAGE_BLOCK_SIZE ({})",
                 info.max_storage_block
             )));

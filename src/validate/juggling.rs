@@ -240,6 +240,42 @@ fn fence_timeout(choice: GpuChoice) -> Result<(), Failed> {
     Ok(())
 }
 
+/// A job over a GL limit (here the largest storage buffer): a clear GPU error, the CPU does the
+/// job, and the GPU is not marked unhealthy: the next small job runs there again.
+fn over_gl_limit(choice: GpuChoice, max_storage_block: i64) -> Result<(), Failed> {
+    let j = juggler(Preference::Gpu, choice, Duration::from_secs(60))?;
+    // One channel, 1x1: an output (and input) just over the limit, a cheap job for the CPU.
+    let side = ((max_storage_block as f64 / 4.0).sqrt().ceil() as usize) + 8;
+    let p = Conv2dParams::new(1, 1, side, side, 1, 1, 1);
+    let (x, w, _) = data::conv_data(&p, 9, false);
+    let (y, info) = j
+        .submit(&p, &x, &w, None)
+        .map_err(fail)?
+        .wait()
+        .map_err(fail)?;
+    crate::tolerance::check_sample(&p, &x, &w, None, &y, 64)
+        .map_err(|m| fail(format!("{p}: {m}")))?;
+    let why = info.fallback.clone().unwrap_or_default();
+    if info.device != DeviceKind::Cpu || !why.contains("GPU limit") {
+        return Err(fail(format!(
+            "expected a GPU limit error and a CPU run: {info:?}"
+        )));
+    }
+    let jobs = stream(1, 4).map_err(fail)?;
+    let (y, next) = j
+        .submit(&jobs[0].p, &jobs[0].x, &jobs[0].w, jobs[0].b.as_deref())
+        .map_err(fail)?
+        .wait()
+        .map_err(fail)?;
+    check_reference(&jobs[0], &y)?;
+    if next.device != DeviceKind::Gpu {
+        return Err(fail(format!(
+            "a job over a limit must not mark the GPU unhealthy: {next:?}"
+        )));
+    }
+    Ok(())
+}
+
 /// `SPORKLE_GPU=off` (here: the same choice in the config): a CPU-only Juggler that says why.
 fn gpu_off() -> Result<(), Failed> {
     let j = juggler(Preference::Auto, GpuChoice::Off, Duration::from_secs(60))?;
@@ -337,6 +373,27 @@ pub fn trials(ctx: &Arc<Context>) -> Vec<Trial> {
     out.push(Trial::test("stream/async_toggled", move || toggled(choice)).with_kind("gpu-async"));
     out.push(
         Trial::test("fault/fence_timeout", move || fence_timeout(choice)).with_kind("gpu-async"),
+    );
+    let limit = ctx
+        .devices
+        .iter()
+        .find_map(|d| match d {
+            Device::Gpu { backend } => Some(backend.info().max_storage_block),
+            _ => None,
+        })
+        .unwrap_or(i64::MAX);
+    out.push(
+        Trial::ignorable_test("fault/over_gl_limit", move || {
+            // Exceeding a 2 GiB limit would need a 2 GiB job: only cheap limits are tested.
+            if limit > 256 << 20 {
+                return Ok(libtest_mimic::Completion::ignored_with(format!(
+                    "the storage block limit here ({} MiB) is too large to exceed cheaply",
+                    limit >> 20
+                )));
+            }
+            over_gl_limit(choice, limit).map(|()| libtest_mimic::Completion::Completed)
+        })
+        .with_kind("gpu-async"),
     );
     out
 }

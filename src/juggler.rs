@@ -120,6 +120,8 @@ pub struct Stages {
     pub host_out_s: f64,
     /// GPU jobs in flight when it started, itself included.
     pub in_flight: usize,
+    /// GPU timestamps (ns) before its upload copy and after its download copy.
+    pub gpu_span_ns: Option<(u64, u64)>,
 }
 
 /// Counters of one device.
@@ -530,6 +532,7 @@ impl GpuTicket {
                         download_s: done.download_ns.map(|ns| ns as f64 * 1e-9),
                         host_out_s,
                         in_flight: done.in_flight,
+                        gpu_span_ns: done.gpu_span_ns,
                     }),
                 };
                 Ok((delivered, info))

@@ -678,6 +678,23 @@ fn stream(a: &BenchArgs, cases: &[&sporkle::suite::Case], batches: usize) -> Res
                 v.sort_by(f64::total_cmp);
                 v.get(v.len() / 2).copied().unwrap_or(0.0) * 1e3
             };
+            // Do the GPU spans of consecutive async jobs overlap (GPU work of two frames at once)?
+            let mut spans: Vec<(u64, u64)> =
+                async_stages.iter().filter_map(|s| s.gpu_span_ns).collect();
+            spans.sort_unstable();
+            let overlap_ns: u64 = spans
+                .windows(2)
+                .map(|w| w[0].1.min(w[1].1).saturating_sub(w[1].0))
+                .sum();
+            let busy_ns: u64 = spans.iter().map(|&(a, b)| b.saturating_sub(a)).sum();
+            if !spans.is_empty() {
+                eprintln!(
+                    "# {} async GPU spans: {:.3} ms of GPU work per batch, of which {:.3} ms overlapped the previous job's",
+                    case.name,
+                    busy_ns as f64 / 1e6 / spans.len() as f64,
+                    overlap_ns as f64 / 1e6 / spans.len() as f64,
+                );
+            }
             eprintln!(
                 "# {} async stages (medians): host in {:.3} ms, DMA up {:.3}, kernel {:.3}, DMA down {:.3}, host out {:.3}",
                 case.name,

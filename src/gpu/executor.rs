@@ -15,13 +15,15 @@
 //!    before it deletes the buffers.
 //!
 //! While one frame's work runs on the GPU, the worker fills the next frame's staging, so host
-//! copies overlap GPU work; whether the GPU's own copies overlap its compute (one context, one
-//! queue) is measured by `sporkle bench --stream`, not assumed. A frame's buffers are touched by
+//! copies overlap GPU work. Whether the GPU's own work for different frames overlaps (one
+//! context: one queue) is measured, not assumed: each job's GPU span (timestamps before its
+//! upload copy and after its download copy) is reported, and `sporkle bench --stream` sums how
+//! much consecutive spans overlap. A frame's buffers are touched by
 //! the host only after its fence; a fence that does not pass within the job's timeout fails the
 //! job (the caller re-runs it on the CPU) and marks the executor broken: its buffers may still
 //! be in use, so every later stream job fails at once with the reason.
 
-use super::gl::{self, Buffer, Direction, Fence, MappedBuffer, MappedView, TimerQuery};
+use super::gl::{self, Buffer, Direction, Fence, MappedBuffer, MappedView, TimerQuery, Timestamp};
 use super::{Bindings, WeightsKey, Worker};
 use crate::error::{Error, Result};
 use crate::params::Conv2dParams;
@@ -140,6 +142,9 @@ pub struct StreamDone {
     pub kernel_ns: Option<u64>,
     /// See `upload_ns`.
     pub download_ns: Option<u64>,
+    /// GPU timestamps (ns) before the job's upload copy and after its download copy (`None` on a
+    /// software renderer).
+    pub gpu_span_ns: Option<(u64, u64)>,
     /// Wall time of the host copy into staging (the copy out happens in the caller's thread).
     pub host_in_s: f64,
     /// Wall time from the frame's submission to its fence passing.
@@ -185,6 +190,8 @@ struct Recorded {
     fence: Fence,
     /// Upload copy, convolution, download copy.
     queries: [TimerQuery; 3],
+    /// Before the upload copy, after the download copy.
+    span: [Timestamp; 2],
     out_len: usize,
     begun: Instant,
     done: StreamDone,
@@ -353,6 +360,7 @@ impl Worker {
         let begun = Instant::now();
         let input = frame.input.as_ref().expect("allocated above");
         let output = frame.output.as_ref().expect("allocated above");
+        let t_start = Timestamp::now(&gl)?;
         let q_up = TimerQuery::begin(&gl)?;
         let copied = gl::copy_buffer(&gl, upload.raw(), input.raw(), job.x.len());
         q_up.end();
@@ -375,11 +383,13 @@ impl Worker {
         let copied = gl::copy_buffer(&gl, output.raw(), download.raw(), plan.out_len);
         q_down.end();
         copied?;
+        let t_end = Timestamp::now(&gl)?;
         let fence = Fence::new(&gl)?;
         gl::flush(&gl);
         Ok(Recorded {
             fence,
             queries: [q_up, q_conv, q_down],
+            span: [t_start, t_end],
             out_len: plan.out_len,
             begun,
             done: StreamDone {
@@ -420,6 +430,7 @@ impl Worker {
                 Recorded {
                     fence,
                     queries,
+                    span,
                     out_len,
                     begun,
                     mut done,
@@ -492,9 +503,10 @@ impl Worker {
             // Timer queries say how long the GPU worked; never more than the wall share.
             let timed = [up, conv, down].iter().flatten().sum::<u64>() as f64 * 1e-9;
             done.busy_s = done.busy_s.min(timed);
+            done.gpu_span_ns = Some((span[0].nanoseconds(), span[1].nanoseconds()));
         }
         // GL objects go before the answer, so a caller that counts them sees them gone.
-        drop((fence, queries));
+        drop((fence, queries, span));
         let _ = job.reply.send(Ok(done));
     }
 

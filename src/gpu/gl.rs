@@ -478,6 +478,47 @@ impl Drop for TimerQuery {
     }
 }
 
+/// A `GL_TIMESTAMP` query: the GPU's clock when the commands before it have completed.
+pub struct Timestamp {
+    gl: Rc<glow::Context>,
+    raw: glow::Query,
+}
+
+impl Timestamp {
+    /// Records the GPU time after the commands submitted so far.
+    pub fn now(gl: &Rc<glow::Context>) -> Result<Self> {
+        // SAFETY: creating a query on the current context and recording a timestamp into it;
+        // deleted in Drop.
+        let raw = unsafe {
+            let raw = gl.create_query().map_err(Error::Gpu)?;
+            gl.query_counter(raw, glow::TIMESTAMP);
+            raw
+        };
+        QUERIES.fetch_add(1, Relaxed);
+        Ok(Self {
+            gl: Rc::clone(gl),
+            raw,
+        })
+    }
+
+    /// The timestamp in nanoseconds (waits for the result).
+    pub fn nanoseconds(&self) -> u64 {
+        // SAFETY: the timestamp was recorded; reading its result waits for the GPU.
+        unsafe {
+            self.gl
+                .get_query_parameter_u64(self.raw, glow::QUERY_RESULT)
+        }
+    }
+}
+
+impl Drop for Timestamp {
+    fn drop(&mut self) {
+        // SAFETY: the name was created by this context and is deleted once.
+        unsafe { self.gl.delete_query(self.raw) };
+        QUERIES.fetch_sub(1, Relaxed);
+    }
+}
+
 /// A fence after submitted work.
 pub struct Fence {
     gl: Rc<glow::Context>,

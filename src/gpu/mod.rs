@@ -114,6 +114,8 @@ enum Msg {
     Stream(StreamJob),
     /// The staging probe (diagnostics), with its size in floats.
     Probe(usize, mpsc::Sender<Result<String>>),
+    /// The calibration workload: its GFLOP/s by timer query, best of three.
+    Calibrate(mpsc::Sender<Result<Option<f64>>>),
 }
 
 /// The GPU backend (see the module docs).
@@ -261,6 +263,17 @@ impl GpuBackend {
         } else {
             Err(Error::Gpu("the GPU thread has stopped".into()))
         }
+    }
+
+    /// The GFLOP/s of a fixed FMA workload (`shaders/calibrate.comp`) by timer query, best of
+    /// three: the GPU's speed at this moment, sharing no code with the convolution kernels, for
+    /// performance baselines. `None` on a software renderer (its timers mean nothing).
+    pub fn calibrate(&self) -> Result<Option<f64>> {
+        let (reply, answer) = mpsc::channel();
+        self.send(Msg::Calibrate(reply))?;
+        answer
+            .recv()
+            .map_err(|_| Error::Gpu("the GPU thread stopped during calibration".into()))?
     }
 
     /// Diagnostics: DMA and host-read speeds of download staging buffers made with different
@@ -416,6 +429,10 @@ impl Worker {
                     );
                     let _ = job.reply.send(result);
                 }
+                Msg::Calibrate(reply) => {
+                    self.stream_drain();
+                    let _ = reply.send(self.calibrate());
+                }
                 Msg::Probe(floats, reply) => {
                     self.stream_drain();
                     let _ = reply.send(executor::probe_staging(&self.ctx.gl, floats));
@@ -488,6 +505,34 @@ impl Worker {
             last_used: self.clock,
         });
         Ok((self.weights.len() - 1, true))
+    }
+
+    /// See [`GpuBackend::calibrate`].
+    fn calibrate(&mut self) -> Result<Option<f64>> {
+        if self.ctx.info.software {
+            return Ok(None);
+        }
+        let (threads, iters, groups) = shaders::CALIBRATE_SHAPE;
+        let gl = std::rc::Rc::clone(&self.ctx.gl);
+        let out = Buffer::new(&gl, (threads * groups) as usize, self.immutable)?;
+        out.bind(3);
+        let program = self.programs.get(&gl, shaders::calibrate_source())?;
+        let flops = 2.0 * 32.0 * f64::from(iters) * f64::from(threads) * f64::from(groups);
+        let mut best: f64 = 0.0;
+        // A warm-up dispatch, then three timed ones.
+        for round in 0..4 {
+            let query = TimerQuery::begin(&gl)?;
+            let dispatched = program.dispatch([groups, 1, 1]);
+            query.end();
+            dispatched?;
+            let fence = Fence::new(&gl)?;
+            fence.wait(FENCE_TIMEOUT)?;
+            let ns = query.nanoseconds().max(1);
+            if round > 0 {
+                best = best.max(flops / ns as f64);
+            }
+        }
+        Ok(Some(best))
     }
 
     /// Checks `p` against the GL limits and compiles its programs.

@@ -17,6 +17,19 @@ pub const CONV2D_NARROW: &str = include_str!("../../shaders/conv2d_narrow.comp")
 /// The second pass of a split-K convolution: partial sums in slice order, then the bias.
 pub const CONV2D_REDUCE: &str = include_str!("../../shaders/conv2d_reduce.comp");
 
+/// The GPU calibration workload (performance baselines).
+pub const CALIBRATE: &str = include_str!("../../shaders/calibrate.comp");
+
+/// Threads per workgroup, iterations per thread and workgroups of the calibration workload:
+/// 2 · 32 (FMA lanes per iteration) · ITERS · THREADS · GROUPS FLOPs.
+pub const CALIBRATE_SHAPE: (u32, u32, u32) = (256, 4096, 1024);
+
+/// The specialised source of the calibration workload.
+pub fn calibrate_source() -> String {
+    let (threads, iters, _) = CALIBRATE_SHAPE;
+    format!("#version 430\n#define THREADS {threads}\n#define ITERS {iters}u\n#line 1\n{CALIBRATE}")
+}
+
 /// Workgroups that keep a large GPU busy (the H100 has 132 SMs, two resident workgroups each);
 /// shapes with fewer output tiles split the taps (split-K) to reach it.
 const BUSY_WORKGROUPS: u64 = 264;

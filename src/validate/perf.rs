@@ -4,13 +4,16 @@
 //! - Plain runs (`cargo test`, `sporkle-validate`) run each case once and check a sample of its
 //!   outputs: a smoke test that the fast paths still run and are right.
 //! - `--bench` (handled by sporkle, not libtest: these are ordinary tests that measure in that
-//!   mode, and only they run) runs three rounds; each round measures a *calibration* (a fixed, naive f32
-//!   matrix product on the same threads, independent of sporkle's kernels) and the case (median
-//!   wall time of input → output runs after warm-up, weights prepared once), and keeps the ratio
-//!   `case GFLOP/s / calibration GFLOP/s`. Machines are shared and noisy; the ratio carries the
-//!   machine's speed of the moment out of the comparison.
+//!   mode, and only they run) runs three rounds; each round measures a *calibration* and the
+//!   case, and keeps the ratio `case GFLOP/s / calibration GFLOP/s`. Machines are shared and
+//!   noisy; the ratio carries the machine's speed of the moment out of the comparison.
+//!   - CPU: the calibration is a fixed, naive f32 matrix product on the same threads
+//!     (independent of sporkle's kernels); the case is the median wall time of input → output
+//!     runs after warm-up, weights prepared once.
+//!   - GPU (hardware only): the calibration is `shaders/calibrate.comp`, fixed FMA chains timed
+//!     by a timer query; the case is the median kernel time of back-to-back dispatches.
 //! - Baselines live in `golden/perf/<device-key>.json` (key: device kind, microkernel, CPU model,
-//!   threads). A regression is a ratio below the baseline's by more than [`BAND`] in all three
+//!   threads; for the GPU, its renderer). A regression is a ratio below the baseline's by more than [`BAND`] in all three
 //!   rounds. A missing baseline is written and reported as new (never in CI, where it fails);
 //!   `SPORKLE_BLESS=1` rewrites.
 //! - `--report DIR` writes `perf.json` and `perf.svg` (per shape: this run, the baseline, and
@@ -92,12 +95,13 @@ pub fn trials(ctx: &Arc<Context>) -> crate::Result<Vec<Trial>> {
 
 fn run(ctx: &Context, device: &Device, case: &Case, test_mode: bool) -> Result<Completion, Failed> {
     let Device::Cpu { backend, .. } = device else {
-        if !test_mode {
-            return Ok(Completion::ignored_with(
-                "no GPU baselines yet (they need a GPU calibration); measure with `sporkle bench --device gpu`",
-            ));
+        if test_mode {
+            return gpu_smoke(device, case).map(|()| Completion::Completed);
         }
-        return gpu_smoke(device, case).map(|()| Completion::Completed);
+        return match device {
+            Device::Gpu { backend } => gpu_bench(ctx, device, backend, case),
+            _ => Ok(Completion::ignored_with("no baselines for this device")),
+        };
     };
     let p = &case.params;
     let (x, w, b) = data::conv_data(p, case.seed, false);
@@ -132,7 +136,7 @@ fn run(ctx: &Context, device: &Device, case: &Case, test_mode: bool) -> Result<C
             gflops.push(p.flops() as f64 / median / 1e9);
             ratios.push(gflops.last().copied().unwrap_or(0.0) / cal);
         }
-        let result = judge(ctx, &key, device, case, &gflops, &ratios);
+        let result = judge(ctx, (&key, CPU_CALIBRATION), device, case, &gflops, &ratios);
         times.sort_by(f64::total_cmp);
         let ns: Vec<f64> = times.iter().map(|t| t * 1e9).collect();
         let avg = ns[ns.len() / 2];
@@ -152,6 +156,78 @@ fn run(ctx: &Context, device: &Device, case: &Case, test_mode: bool) -> Result<C
         .map_err(|m| fail(format!("{}: wrong result: {m}", case.name)))
 }
 
+/// What the CPU baselines' ratios are relative to.
+const CPU_CALIBRATION: &str = "naive f32 matrix product 128x128x128, one per thread";
+/// What the GPU baselines' ratios are relative to.
+const GPU_CALIBRATION: &str =
+    "shaders/calibrate.comp: fixed FMA chains, GFLOP/s by timer query, best of three";
+
+/// `--bench` on a hardware GPU: three rounds of (calibration, kernel time of the case: the
+/// median of back-to-back dispatches each timed alone, after 0.1 s of untimed ones), ratios
+/// against `golden/perf/gpu-<renderer>.json`; the output is checked afterwards.
+fn gpu_bench(
+    ctx: &Context,
+    device: &Device,
+    gpu: &crate::GpuBackend,
+    case: &Case,
+) -> Result<Completion, Failed> {
+    if gpu.info().software {
+        return Ok(Completion::ignored_with(
+            "software renderer: its timers mean nothing, so no GPU baselines here",
+        ));
+    }
+    let p = &case.params;
+    let (x, w, b) = data::conv_data(p, case.seed, false);
+    let bias = case.bias.then_some(&b[..]);
+    let mut y = vec![0.0f32; p.output_len() as usize];
+    let key = format!("gpu-{}", super::devices::slug(&gpu.info().renderer));
+    let (mut gflops, mut ratios) = (Vec::new(), Vec::new());
+    for _ in 0..ROUNDS {
+        let cal = gpu
+            .calibrate()
+            .map_err(fail)?
+            .ok_or("no GPU calibration on this renderer")?;
+        let first = gpu
+            .time_kernel(p, &x, &w, bias, &mut y, crate::gpu::Dispatches::ONE)
+            .map_err(fail)?;
+        let estimate_s = (first.first().copied().unwrap_or(1_000_000) as f64 * 1e-9).max(1e-6);
+        let mut times = gpu
+            .time_kernel(
+                p,
+                &x,
+                &w,
+                bias,
+                &mut y,
+                crate::gpu::Dispatches {
+                    warmup: ((0.1 / estimate_s) as usize).clamp(3, 2000),
+                    timed: ((MIN_SECS / estimate_s) as usize).clamp(10, 2000),
+                    tile: None,
+                },
+            )
+            .map_err(fail)?;
+        times.sort_unstable();
+        let median_ns = times.get(times.len() / 2).copied().unwrap_or(1).max(1);
+        let g = p.flops() as f64 / median_ns as f64;
+        gflops.push(g);
+        ratios.push(g / cal);
+    }
+    let result = judge(ctx, (&key, GPU_CALIBRATION), device, case, &gflops, &ratios);
+    println!(
+        "{}: {:.1} GFLOP/s kernel (medians of 3 rounds: {})",
+        case.name,
+        gflops.iter().copied().fold(0.0, f64::max),
+        gflops
+            .iter()
+            .map(|g| format!("{g:.0}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    result?;
+    check_sample(p, &x, &w, bias, &y, CHECKS)
+        .map(|_| Completion::Completed)
+        .map_err(|m| fail(format!("{}: wrong result: {m}", case.name)))
+}
+
 /// One run of a case on the GPU, with a sampled check of its output.
 fn gpu_smoke(device: &Device, case: &Case) -> Result<(), Failed> {
     let p = &case.params;
@@ -166,7 +242,7 @@ fn gpu_smoke(device: &Device, case: &Case) -> Result<(), Failed> {
 /// Compares three rounds with the baseline, writes a missing (or blessed) one, records the row.
 fn judge(
     ctx: &Context,
-    key: &str,
+    (key, calibration): (&str, &str),
     device: &Device,
     case: &Case,
     gflops: &[f64],
@@ -217,7 +293,7 @@ fn judge(
         ),
         _ => {
             file.device_key = key.to_owned();
-            file.calibration = "naive f32 matrix product 128x128x128, one per thread".into();
+            file.calibration = calibration.into();
             file.cases.insert(
                 case.name.clone(),
                 Baseline {

@@ -23,7 +23,7 @@
 //! job (the caller re-runs it on the CPU) and marks the executor broken: its buffers may still
 //! be in use, so every later stream job fails at once with the reason.
 
-use super::gl::{self, Buffer, Direction, Fence, MappedBuffer, MappedView, TimerQuery, Timestamp};
+use super::gl::{self, Buffer, Direction, Fence, MappedBuffer, MappedView, TimerQuery};
 use super::{Bindings, WeightsKey, Worker};
 use crate::error::{Error, Result};
 use crate::params::Conv2dParams;
@@ -191,7 +191,7 @@ struct Recorded {
     /// Upload copy, convolution, download copy.
     queries: [TimerQuery; 3],
     /// Before the upload copy, after the download copy.
-    span: [Timestamp; 2],
+    span: [TimerQuery; 2],
     out_len: usize,
     begun: Instant,
     done: StreamDone,
@@ -360,7 +360,7 @@ impl Worker {
         let begun = Instant::now();
         let input = frame.input.as_ref().expect("allocated above");
         let output = frame.output.as_ref().expect("allocated above");
-        let t_start = Timestamp::now(&gl)?;
+        let t_start = TimerQuery::timestamp(&gl)?;
         let q_up = TimerQuery::begin(&gl)?;
         let copied = gl::copy_buffer(&gl, upload.raw(), input.raw(), job.x.len());
         q_up.end();
@@ -383,7 +383,7 @@ impl Worker {
         let copied = gl::copy_buffer(&gl, output.raw(), download.raw(), plan.out_len);
         q_down.end();
         copied?;
-        let t_end = Timestamp::now(&gl)?;
+        let t_end = TimerQuery::timestamp(&gl)?;
         let fence = Fence::new(&gl)?;
         gl::flush(&gl);
         Ok(Recorded {

@@ -422,7 +422,7 @@ impl Drop for Program {
     }
 }
 
-/// A `GL_TIME_ELAPSED` query around GPU work.
+/// A GPU timer query: `GL_TIME_ELAPSED` around commands (`begin` … `end`), or a `GL_TIMESTAMP`.
 pub struct TimerQuery {
     gl: Rc<glow::Context>,
     raw: glow::Query,
@@ -450,43 +450,9 @@ impl TimerQuery {
         unsafe { self.gl.end_query(glow::TIME_ELAPSED) };
     }
 
-    /// Whether the result is there (never waits).
-    pub fn ready(&self) -> bool {
-        // SAFETY: the query has ended; asking for availability does not wait.
-        unsafe {
-            self.gl
-                .get_query_parameter_u32(self.raw, glow::QUERY_RESULT_AVAILABLE)
-                != 0
-        }
-    }
-
-    /// The elapsed GPU time in nanoseconds (waits for the result).
-    pub fn nanoseconds(&self) -> u64 {
-        // SAFETY: the query has ended; reading its result waits for the GPU.
-        unsafe {
-            self.gl
-                .get_query_parameter_u64(self.raw, glow::QUERY_RESULT)
-        }
-    }
-}
-
-impl Drop for TimerQuery {
-    fn drop(&mut self) {
-        // SAFETY: the name was created by this context and is deleted once.
-        unsafe { self.gl.delete_query(self.raw) };
-        QUERIES.fetch_sub(1, Relaxed);
-    }
-}
-
-/// A `GL_TIMESTAMP` query: the GPU's clock when the commands before it have completed.
-pub struct Timestamp {
-    gl: Rc<glow::Context>,
-    raw: glow::Query,
-}
-
-impl Timestamp {
-    /// Records the GPU time after the commands submitted so far.
-    pub fn now(gl: &Rc<glow::Context>) -> Result<Self> {
+    /// A `GL_TIMESTAMP` query instead: the GPU's clock once the commands submitted so far have
+    /// completed (never `end` it; `nanoseconds` is then that clock).
+    pub fn timestamp(gl: &Rc<glow::Context>) -> Result<Self> {
         // SAFETY: creating a query on the current context and recording a timestamp into it;
         // deleted in Drop.
         let raw = unsafe {
@@ -501,9 +467,10 @@ impl Timestamp {
         })
     }
 
-    /// The timestamp in nanoseconds (waits for the result).
+    /// The elapsed GPU time in nanoseconds, or the timestamp (waits for the result).
     pub fn nanoseconds(&self) -> u64 {
-        // SAFETY: the timestamp was recorded; reading its result waits for the GPU.
+        // SAFETY: the query has ended (or its timestamp was recorded); reading its result waits
+        // for the GPU.
         unsafe {
             self.gl
                 .get_query_parameter_u64(self.raw, glow::QUERY_RESULT)
@@ -511,7 +478,7 @@ impl Timestamp {
     }
 }
 
-impl Drop for Timestamp {
+impl Drop for TimerQuery {
     fn drop(&mut self) {
         // SAFETY: the name was created by this context and is deleted once.
         unsafe { self.gl.delete_query(self.raw) };

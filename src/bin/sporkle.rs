@@ -395,10 +395,6 @@ fn bench(a: BenchArgs) -> Result<()> {
         let (x, w, b) = sporkle::data::conv_data(&p, 42, false);
         let bias = case.bias.then_some(&b[..]);
         let mut y = vec![0.0f32; p.output_len() as usize];
-        let median = |v: &mut Vec<f64>| {
-            v.sort_by(f64::total_cmp);
-            v[v.len() / 2]
-        };
         match &engine {
             Engine::Cpu(cpu) => {
                 // Weights are laid out once per shape, as an inference engine does when it
@@ -662,22 +658,14 @@ fn stream(a: &BenchArgs, cases: &[&sporkle::suite::Case], batches: usize) -> Res
         let (sync_ms, sync_results) = &per_mode[1];
         let stages: Vec<_> = sync_results.iter().filter_map(|i| i.stages).collect();
         if stages.len() == batches {
-            let med = |f: &dyn Fn(&sporkle::Stages) -> f64| {
-                let mut v: Vec<f64> = stages.iter().map(f).collect();
-                v.sort_by(f64::total_cmp);
-                v[v.len() / 2] * 1e3
-            };
+            let med = |f: &dyn Fn(&sporkle::Stages) -> f64| stage_ms(&stages, f);
             let u = med(&|s| s.host_in_s + s.upload_s.unwrap_or(0.0));
             let c = med(&|s| s.kernel_s.unwrap_or(0.0));
             let d = med(&|s| s.download_s.unwrap_or(0.0) + s.host_out_s);
             let bound = (u + c + d) / u.max(c).max(d).max(1e-9);
             let speedup = sync_ms / per_mode[0].0;
             let async_stages: Vec<_> = per_mode[0].1.iter().filter_map(|i| i.stages).collect();
-            let amed = |f: &dyn Fn(&sporkle::Stages) -> f64| {
-                let mut v: Vec<f64> = async_stages.iter().map(f).collect();
-                v.sort_by(f64::total_cmp);
-                v.get(v.len() / 2).copied().unwrap_or(0.0) * 1e3
-            };
+            let amed = |f: &dyn Fn(&sporkle::Stages) -> f64| stage_ms(&async_stages, f);
             // Do the GPU spans of consecutive async jobs overlap (GPU work of two frames at once)?
             let mut spans: Vec<(u64, u64)> =
                 async_stages.iter().filter_map(|s| s.gpu_span_ns).collect();
@@ -718,6 +706,17 @@ fn stream(a: &BenchArgs, cases: &[&sporkle::suite::Case], batches: usize) -> Res
     }
     eprintln!("# {}", j.stats().to_string().replace('\n', "\n# "));
     Ok(())
+}
+
+/// The median of `v` (0 when empty).
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
+/// The median over `stages` of one stage time `f`, in ms.
+fn stage_ms(stages: &[sporkle::Stages], f: &dyn Fn(&sporkle::Stages) -> f64) -> f64 {
+    median(&mut stages.iter().map(f).collect::<Vec<_>>()) * 1e3
 }
 
 /// Prints JSON lines, and writes them to `path` too when given.

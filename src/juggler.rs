@@ -622,11 +622,7 @@ impl Inner {
         reason: String,
     ) -> Result<RunInfo> {
         let t = Instant::now();
-        let (prepared, fresh) = self.cpu_weights(p, weights)?;
-        self.cpu
-            .conv2d_prepared(p, input, &prepared, bias, output)?;
-        let wall_s = t.elapsed().as_secs_f64();
-        lock(&self.model).observe_cpu(p, wall_s);
+        let (wall_s, fresh) = self.cpu_measured(p, input, weights, bias, output)?;
         {
             let mut s = lock(&self.stats);
             s.stats.cpu.calls += 1;
@@ -645,6 +641,26 @@ impl Inner {
             fallback: None,
             stages: None,
         })
+    }
+
+    /// One CPU convolution with resident weights, its wall time taught to the model; returns
+    /// the wall time and whether the weights were laid out now. [`Inner::run_cpu`] adds the
+    /// statistics; the calibration does not count as a user's job.
+    fn cpu_measured(
+        &self,
+        p: &Conv2dParams,
+        input: &[f32],
+        weights: &[f32],
+        bias: Option<&[f32]>,
+        output: &mut [f32],
+    ) -> Result<(f64, bool)> {
+        let t = Instant::now();
+        let (prepared, fresh) = self.cpu_weights(p, weights)?;
+        self.cpu
+            .conv2d_prepared(p, input, &prepared, bias, output)?;
+        let wall_s = t.elapsed().as_secs_f64();
+        lock(&self.model).observe_cpu(p, wall_s);
+        Ok((wall_s, fresh))
     }
 
     /// The CPU's laid-out copy of `weights` for `p`, prepared on first use and kept (like the
@@ -694,7 +710,7 @@ impl Inner {
         let mut y = vec![0.0f32; p.output_len() as usize];
         // Twice each: a device's first call of a shape is a warm-up (see ShapeTimes).
         for _ in 0..2 {
-            let _ = self.run_cpu(&p, &x, &w, None, &mut y, String::new());
+            let _ = self.cpu_measured(&p, &x, &w, None, &mut y);
         }
         let (x, w): (Arc<[f32]>, Arc<[f32]>) = (x.into(), w.into());
         // Twice: the first call compiles the program and uploads the weights.
@@ -978,12 +994,7 @@ impl Juggler {
         weights: &[f32],
         bias: Option<&[f32]>,
     ) -> Result<Ticket> {
-        p.check_buffers(
-            input.len(),
-            weights.len(),
-            bias.map(<[f32]>::len),
-            p.output_len() as usize,
-        )?;
+        // submit_shared checks the lengths.
         self.submit_shared(p, input.into(), weights.into(), bias.map(Into::into))
     }
 

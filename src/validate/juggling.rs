@@ -56,6 +56,19 @@ fn stream(count: usize, seed: u64) -> crate::Result<Vec<Job>> {
     Ok(jobs)
 }
 
+impl Job {
+    fn submit(&self, j: &Juggler) -> crate::Result<crate::Ticket> {
+        j.submit(&self.p, &self.x, &self.w, self.b.as_deref())
+    }
+
+    /// Submits, waits, and checks the output against the reference.
+    fn run_checked(&self, j: &Juggler) -> Result<crate::RunInfo, Failed> {
+        let (y, info) = self.submit(j).and_then(crate::Ticket::wait).map_err(fail)?;
+        check_reference(self, &y)?;
+        Ok(info)
+    }
+}
+
 /// The output is within tolerance of the reference.
 fn check_reference(job: &Job, y: &[f32]) -> Result<(), Failed> {
     let r = reference::conv2d_f64(&job.p, &job.x, &job.w, job.b.as_deref()).map_err(fail)?;
@@ -82,7 +95,7 @@ fn mixed_stream(choice: GpuChoice, sync: &GpuBackend) -> Result<(), Failed> {
     let jobs = stream(30, 11).map_err(fail)?;
     let tickets = jobs
         .iter()
-        .map(|job| j.submit(&job.p, &job.x, &job.w, job.b.as_deref()))
+        .map(|job| job.submit(&j))
         .collect::<crate::Result<Vec<_>>>()
         .map_err(fail)?;
     for (i, (job, t)) in jobs.iter().zip(tickets).enumerate() {
@@ -113,10 +126,7 @@ fn mixed_stream(choice: GpuChoice, sync: &GpuBackend) -> Result<(), Failed> {
     // A buffer of the wrong length is an error, not a panic, and the GPU stays healthy.
     let job = &jobs[0];
     let mut short = vec![0.0f32; job.p.output_len() as usize - 1];
-    let wrong = j
-        .submit(&job.p, &job.x, &job.w, job.b.as_deref())
-        .map_err(fail)?
-        .wait_into(&mut short);
+    let wrong = job.submit(&j).map_err(fail)?.wait_into(&mut short);
     if wrong.is_ok() {
         return Err("wait_into accepted an output buffer of the wrong length".into());
     }
@@ -146,7 +156,7 @@ fn threads(choice: GpuChoice) -> Result<(), Failed> {
                     let jobs = stream(8, 100 * t).map_err(fail)?;
                     let tickets = jobs
                         .iter()
-                        .map(|job| j.submit(&job.p, &job.x, &job.w, job.b.as_deref()))
+                        .map(|job| job.submit(&j))
                         .collect::<crate::Result<Vec<_>>>()
                         .map_err(fail)?;
                     for (job, t) in jobs.iter().zip(tickets) {
@@ -188,10 +198,7 @@ fn toggled(choice: GpuChoice) -> Result<(), Failed> {
         if i == 12 {
             j.set_async(true);
         }
-        tickets.push(
-            j.submit(&job.p, &job.x, &job.w, job.b.as_deref())
-                .map_err(fail)?,
-        );
+        tickets.push(job.submit(&j).map_err(fail)?);
     }
     if !j.is_async() {
         return Err("set_async(true) did not stick".into());
@@ -208,24 +215,14 @@ fn toggled(choice: GpuChoice) -> Result<(), Failed> {
 fn fence_timeout(choice: GpuChoice) -> Result<(), Failed> {
     let j = juggler(Preference::Gpu, choice, Duration::from_nanos(1))?;
     let jobs = stream(2, 3).map_err(fail)?;
-    let (y, info) = j
-        .submit(&jobs[0].p, &jobs[0].x, &jobs[0].w, jobs[0].b.as_deref())
-        .map_err(fail)?
-        .wait()
-        .map_err(fail)?;
-    check_reference(&jobs[0], &y)?;
+    let info = jobs[0].run_checked(&j)?;
     let why = info.fallback.clone().unwrap_or_default();
     if info.device != DeviceKind::Cpu || !why.contains("fence") {
         return Err(fail(format!(
             "expected a fence timeout and a CPU re-run: {info:?}"
         )));
     }
-    let (y, next) = j
-        .submit(&jobs[1].p, &jobs[1].x, &jobs[1].w, jobs[1].b.as_deref())
-        .map_err(fail)?
-        .wait()
-        .map_err(fail)?;
-    check_reference(&jobs[1], &y)?;
+    let next = jobs[1].run_checked(&j)?;
     if next.device != DeviceKind::Cpu || !next.reason.contains("unhealthy") {
         return Err(fail(format!(
             "after a timeout the GPU must be left, with the reason: {next:?}"
@@ -262,12 +259,7 @@ fn over_gl_limit(choice: GpuChoice, max_storage_block: i64) -> Result<(), Failed
         )));
     }
     let jobs = stream(1, 4).map_err(fail)?;
-    let (y, next) = j
-        .submit(&jobs[0].p, &jobs[0].x, &jobs[0].w, jobs[0].b.as_deref())
-        .map_err(fail)?
-        .wait()
-        .map_err(fail)?;
-    check_reference(&jobs[0], &y)?;
+    let next = jobs[0].run_checked(&j)?;
     if next.device != DeviceKind::Gpu {
         return Err(fail(format!(
             "a job over a limit must not mark the GPU unhealthy: {next:?}"
@@ -323,6 +315,11 @@ fn auto_choice(choice: GpuChoice) -> Result<(), Failed> {
     let info = last.expect("ran");
     crate::tolerance::check_sample(&big, &x, &w, None, &y, 64)
         .map_err(|m| fail(format!("{big}: {m}")))?;
+    // Five user calls; the calibration's own runs are not counted as calls.
+    let s = j.stats();
+    if s.cpu.calls + s.gpu.calls != 5 {
+        return Err(fail(format!("expected 5 calls in the statistics: {s}")));
+    }
     let [cpu, gpu] = j.measured(&big);
     let ok = match (cpu, gpu) {
         (Some(c), Some(g)) => {

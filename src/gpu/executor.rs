@@ -197,20 +197,6 @@ struct Recorded {
     done: StreamDone,
 }
 
-/// `slot` holds a staging buffer of at least `len` floats (grown, never shrunk).
-fn staging(
-    gl: &Rc<glow::Context>,
-    slot: &mut Option<MappedBuffer>,
-    len: usize,
-    direction: Direction,
-) -> Result<()> {
-    if slot.as_ref().is_none_or(|b| b.len() < len) {
-        *slot = None;
-        *slot = Some(MappedBuffer::new(gl, len, direction)?);
-    }
-    Ok(())
-}
-
 /// `dst.copy_from_slice(src)`, split across threads when large.
 pub fn parallel_copy(src: &[f32], dst: &mut [f32]) {
     static THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
@@ -332,13 +318,18 @@ impl Worker {
         let p = &job.p;
         let plan = self.plan(p, (job.x.len(), job.w.len()), job.b.is_some(), None)?;
         let gl = Rc::clone(&self.ctx.gl);
-        staging(&gl, &mut frame.upload, job.x.len(), Direction::Upload)?;
-        staging(&gl, &mut frame.download, plan.out_len, Direction::Download)?;
-        Self::scratch(&gl, &mut frame.input, job.x.len(), true)?;
-        Self::scratch(&gl, &mut frame.output, plan.out_len, true)?;
+        let (x_len, out_len) = (job.x.len(), plan.out_len);
+        gl::ensure_len(&mut frame.upload, x_len, || {
+            MappedBuffer::new(&gl, x_len, Direction::Upload)
+        })?;
+        gl::ensure_len(&mut frame.download, out_len, || {
+            MappedBuffer::new(&gl, out_len, Direction::Download)
+        })?;
+        Self::scratch(&gl, &mut frame.input, x_len, true)?;
+        Self::scratch(&gl, &mut frame.output, out_len, true)?;
         Self::scratch(&gl, &mut frame.bias, p.c_out, true)?;
         if plan.split > 1 {
-            Self::scratch(&gl, &mut frame.partial, plan.out_len * plan.split, true)?;
+            Self::scratch(&gl, &mut frame.partial, out_len * plan.split, true)?;
         }
         let (upload, download) = (
             frame.upload.as_mut().expect("allocated above"),

@@ -71,6 +71,39 @@ pub fn check(gl: &glow::Context, what: &str) -> Result<()> {
     }
 }
 
+/// A buffer of a known number of floats ([`Buffer`], [`MappedBuffer`]).
+pub trait Floats {
+    /// Floats it holds.
+    fn floats(&self) -> usize;
+}
+
+impl Floats for Buffer {
+    fn floats(&self) -> usize {
+        self.len
+    }
+}
+
+impl Floats for MappedBuffer {
+    fn floats(&self) -> usize {
+        self.len
+    }
+}
+
+/// Makes `slot` hold a buffer of at least `len` floats: the one there if it is large enough,
+/// else a new one from `make` (the old one deleted first, so both never exist at once). Buffers
+/// kept between calls only grow.
+pub fn ensure_len<T: Floats>(
+    slot: &mut Option<T>,
+    len: usize,
+    make: impl FnOnce() -> Result<T>,
+) -> Result<()> {
+    if slot.as_ref().is_none_or(|b| b.floats() < len) {
+        *slot = None;
+        *slot = Some(make()?);
+    }
+    Ok(())
+}
+
 /// A shader storage buffer of f32s.
 pub struct Buffer {
     gl: Rc<glow::Context>,

@@ -461,11 +461,7 @@ impl Worker {
         len: usize,
         immutable: bool,
     ) -> Result<()> {
-        if slot.as_ref().is_none_or(|b| b.len() < len) {
-            *slot = None;
-            *slot = Some(Buffer::new(gl, len, immutable)?);
-        }
-        Ok(())
+        gl::ensure_len(slot, len, || Buffer::new(gl, len, immutable))
     }
 
     /// Index of the resident copy of `w`, uploading (and evicting) as needed. Resident weights

@@ -20,6 +20,8 @@
 //! - [`juggler`] is the API for users: [`Juggler`] picks the device per call from a cost model
 //!   calibrated on first use and refined by every job, streams GPU jobs (`submit`/`Ticket`),
 //!   re-runs a failed GPU job on the CPU, and keeps [`Stats`].
+//! - [`winograd`] is the Winograd F(2×2, 3×3) algorithm's math: transforms, where it applies,
+//!   and its error bound (the GPU runs it for wide 3×3 layers).
 //! - [`npy`] reads and writes `.npy` files (float32, little-endian, C order).
 //! - [`suite`] reads the device-independent case files in `suites/*.toml`.
 //! - [`data`] makes deterministic test data (seeded uniform and small-integer fills).
@@ -41,6 +43,7 @@ pub mod reference;
 pub mod suite;
 pub mod tolerance;
 pub mod validate;
+pub mod winograd;
 
 pub use cpu::{CpuBackend, CpuWeights};
 pub use gpu::GpuBackend;

@@ -37,6 +37,12 @@ pub enum Tolerance {
     Exact,
     /// Within `(K + 2)·ε·(Σ|x·w| + |b|)` of the reference (see the module docs).
     Fp32,
+    /// Within `(max(K, C + 14) + 2)·ε·M_W` of the reference, `C = c_in / groups` and `M_W` the
+    /// Winograd magnitude (see [`crate::winograd`]), which the reference value must carry as
+    /// its magnitude: for outputs that Winograd F(2×2, 3×3) may have computed, whose rounding
+    /// the direct magnitude does not bound. Since `M_W ≥ Σ|x·w| + |b|`, it accepts whatever
+    /// the direct policy accepts, so it also holds where a device chose the direct algorithm.
+    Winograd,
 }
 
 impl Tolerance {
@@ -45,6 +51,10 @@ impl Tolerance {
         match self {
             Tolerance::Exact => 0.0,
             Tolerance::Fp32 => (p.reduction_len() as f64 + 2.0) * EPS_F32 * r.magnitude,
+            Tolerance::Winograd => {
+                let k = p.reduction_len().max(p.c_in_per_group() + 14);
+                (k as f64 + 2.0) * EPS_F32 * r.magnitude
+            }
         }
     }
 
@@ -52,7 +62,7 @@ impl Tolerance {
     pub fn accepts(self, p: &Conv2dParams, got: f32, r: RefValue) -> bool {
         match self {
             Tolerance::Exact => got.to_bits() == (r.value as f32).to_bits(),
-            Tolerance::Fp32 => {
+            Tolerance::Fp32 | Tolerance::Winograd => {
                 got.is_finite() && (f64::from(got) - r.value).abs() <= self.bound(p, r)
             }
         }
@@ -181,7 +191,8 @@ pub fn compare_points(
 }
 
 /// Checks the corners and `count` seeded random outputs of `got` against the reference, for
-/// outputs too large for the whole reference to be computed (benchmarks, perf trials).
+/// outputs too large for the whole reference to be computed (benchmarks, perf trials), with
+/// `tol` ([`Tolerance::Winograd`] computes the Winograd magnitudes itself).
 pub fn check_sample(
     p: &Conv2dParams,
     x: &[f32],
@@ -189,6 +200,7 @@ pub fn check_sample(
     bias: Option<&[f32]>,
     got: &[f32],
     count: usize,
+    tol: Tolerance,
 ) -> Result<ErrorStats, Box<Mismatch>> {
     let mut rng = crate::data::SplitMix64::new(0xC0FFEE);
     let len = got.len();
@@ -197,9 +209,13 @@ pub fn check_sample(
         .chain((0..count).map(|_| rng.below(len as u64) as usize));
     let points = picks.map(|i| {
         let at = OutIndex::from_flat(p, i);
-        (at, got[i], crate::reference::output_at(p, x, w, bias, at))
+        let r = match tol {
+            Tolerance::Winograd => crate::winograd::output_at(p, x, w, bias, at),
+            _ => crate::reference::output_at(p, x, w, bias, at),
+        };
+        (at, got[i], r)
     });
-    compare_points(p, points, Tolerance::Fp32)
+    compare_points(p, points, tol)
 }
 
 #[cfg(test)]

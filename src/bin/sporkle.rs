@@ -432,7 +432,7 @@ fn bench(a: BenchArgs) -> Result<()> {
                         let dispatches = Dispatches {
                             warmup: ((0.1 / estimate_s) as usize).clamp(3, 2000),
                             timed: ((a.seconds / estimate_s) as usize).clamp(10, 2000),
-                            tile: None,
+                            ..Dispatches::ONE
                         };
                         y.fill(f32::NAN);
                         gpu.time_kernel(&p, &x, &w, bias, &mut y, dispatches)?
@@ -453,9 +453,13 @@ fn bench(a: BenchArgs) -> Result<()> {
                     e_gf
                 } else {
                     let k_ms = median(&mut kernel);
+                    // Sorted by median(): the spread, for telling a slow phase from noise.
+                    let (k_min, k_max) = (kernel[0], kernel[kernel.len() - 1]);
                     let k_gf = p.flops() as f64 / k_ms / 1e6;
+                    let algorithm =
+                        format!("{:?}", sporkle::gpu::Algorithm::for_params(&p)).to_lowercase();
                     emit(
-                        serde_json::json!({"shape": case.name, "device": format!("sporkle-gpu-kernel {r}"), "ms": round4(k_ms), "gflops": round2(k_gf)}),
+                        serde_json::json!({"shape": case.name, "device": format!("sporkle-gpu-kernel {r}"), "ms": round4(k_ms), "gflops": round2(k_gf), "algorithm": algorithm, "ms_min": round4(k_min), "ms_max": round4(k_max)}),
                     )?;
                     k_gf
                 };
@@ -768,7 +772,9 @@ fn verify_sample(
     bias: Option<&[f32]>,
     y: &[f32],
 ) -> Result<()> {
-    check_sample(p, x, w, bias, y, BENCH_CHECKS)
+    // Whichever device ran it: the Winograd tolerance holds for both algorithms.
+    let tol = sporkle::gpu::Algorithm::for_params(p).tolerance();
+    check_sample(p, x, w, bias, y, BENCH_CHECKS, tol)
         .map(|_| ())
         .map_err(|m| anyhow!("{m}"))
 }

@@ -175,7 +175,8 @@ pub(crate) struct Frame {
     input: Option<Buffer>,
     output: Option<Buffer>,
     bias: Option<Buffer>,
-    partial: Option<Buffer>,
+    /// The plan's intermediates (split-K partial sums, Winograd's transforms).
+    scratch: [Option<Buffer>; 2],
     flight: Option<Flight>,
 }
 
@@ -316,7 +317,12 @@ impl Worker {
     /// Uploads and records `job` in `frame`.
     fn try_fill(&mut self, frame: &mut Frame, job: &StreamJob) -> Result<Recorded> {
         let p = &job.p;
-        let plan = self.plan(p, (job.x.len(), job.w.len()), job.b.is_some(), None)?;
+        let plan = self.plan(
+            p,
+            (job.x.len(), job.w.len()),
+            job.b.is_some(),
+            &super::Dispatches::ONE,
+        )?;
         let gl = Rc::clone(&self.ctx.gl);
         let (x_len, out_len) = (job.x.len(), plan.out_len);
         gl::ensure_len(&mut frame.upload, x_len, || {
@@ -328,9 +334,7 @@ impl Worker {
         Self::scratch(&gl, &mut frame.input, x_len, true)?;
         Self::scratch(&gl, &mut frame.output, out_len, true)?;
         Self::scratch(&gl, &mut frame.bias, p.c_out, true)?;
-        if plan.split > 1 {
-            Self::scratch(&gl, &mut frame.partial, out_len * plan.split, true)?;
-        }
+        Self::scratch_for(&gl, &mut frame.scratch, &plan, true)?;
         let (upload, download) = (
             frame.upload.as_mut().expect("allocated above"),
             frame.download.as_ref().expect("allocated above"),
@@ -344,7 +348,7 @@ impl Worker {
             bias.upload(b)?;
             bytes_up += (b.len() * 4) as u64;
         }
-        let (wi, weights_uploaded) = self.resident(p, job.key, &job.w)?;
+        let (wi, weights_uploaded) = self.resident(p, job.key, &job.w, plan.algorithm)?;
         if weights_uploaded {
             bytes_up += (job.w.len() * 4) as u64;
         }
@@ -364,7 +368,7 @@ impl Worker {
                 weights: &self.weights[wi].buffer,
                 bias,
                 output,
-                partial: frame.partial.as_ref(),
+                scratch: [frame.scratch[0].as_ref(), frame.scratch[1].as_ref()],
             },
         );
         q_conv.end();
@@ -439,6 +443,13 @@ impl Worker {
             } else {
                 Ok(())
             }
+        } else if left.is_zero() {
+            // The deadline has passed and the fence had not: polling again now could see it
+            // pass late and accept it (seen on the H100 with a 1 ns deadline).
+            Err(Error::Gpu(format!(
+                "the fence had not passed when its deadline did, {:?} after submission",
+                job.timeout
+            )))
         } else {
             fence.wait(left)
         };

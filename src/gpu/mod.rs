@@ -23,7 +23,7 @@ pub mod shaders;
 pub use context::{GpuChoice, GpuInfo};
 pub use executor::{Output, StreamDone, FRAMES};
 pub use gl::LiveObjects;
-pub use shaders::Tile;
+pub use shaders::{Algorithm, Tile};
 
 use crate::error::{Error, Result};
 use crate::params::Conv2dParams;
@@ -65,7 +65,11 @@ pub struct Dispatches {
     /// Dispatches timed one by one (at least 1).
     pub timed: usize,
     /// The tile variant (`None`: the default for the shape); trials force each variant.
+    /// With Winograd, the tile of its GEMM.
     pub tile: Option<Tile>,
+    /// The algorithm (`None`: the default for the shape, [`Algorithm::for_params`]); forcing
+    /// Winograd where it does not apply is an error.
+    pub algorithm: Option<Algorithm>,
 }
 
 impl Dispatches {
@@ -74,6 +78,7 @@ impl Dispatches {
         warmup: 0,
         timed: 1,
         tile: None,
+        algorithm: None,
     };
 }
 
@@ -330,9 +335,10 @@ impl Drop for GpuBackend {
     }
 }
 
-/// One resident weight set.
+/// One resident weight set, laid out for one algorithm.
 struct Resident {
     key: WeightsKey,
+    algorithm: Algorithm,
     buffer: Buffer,
     last_used: u64,
 }
@@ -356,8 +362,8 @@ struct Worker {
     input: Option<Buffer>,
     output: Option<Buffer>,
     bias: Option<Buffer>,
-    /// Partial outputs of split-K convolutions.
-    partial: Option<Buffer>,
+    /// Intermediates: split-K partial outputs, or Winograd's transformed input and products.
+    scratch: [Option<Buffer>; 2],
     clock: u64,
     /// Buffers get immutable storage (GL_ARB_buffer_storage), which the driver keeps on the GPU.
     immutable: bool,
@@ -380,7 +386,7 @@ impl Worker {
             input: None,
             output: None,
             bias: None,
-            partial: None,
+            scratch: [None, None],
             clock: 0,
             immutable: ctx
                 .info
@@ -464,14 +470,32 @@ impl Worker {
         gl::ensure_len(slot, len, || Buffer::new(gl, len, immutable))
     }
 
-    /// Index of the resident copy of `w`, uploading (and evicting) as needed. Resident weights
-    /// are transposed to `[group][tap][filter]`, so the shaders read them coalesced.
-    fn resident(&mut self, p: &Conv2dParams, key: WeightsKey, w: &[f32]) -> Result<(usize, bool)> {
+    /// Index of the resident copy of `w` for `algorithm`, uploading (and evicting) as needed.
+    /// Resident weights are transposed to `[group][tap][filter]`, so the shaders read them
+    /// coalesced; Winograd's are transformed first (they are its GEMM's weights).
+    fn resident(
+        &mut self,
+        p: &Conv2dParams,
+        key: WeightsKey,
+        w: &[f32],
+        algorithm: Algorithm,
+    ) -> Result<(usize, bool)> {
         self.clock += 1;
-        if let Some(i) = self.weights.iter().position(|r| r.key == key) {
+        if let Some(i) = self
+            .weights
+            .iter()
+            .position(|r| r.key == key && r.algorithm == algorithm)
+        {
             self.weights[i].last_used = self.clock;
             return Ok((i, false));
         }
+        let (p, w) = match algorithm {
+            Algorithm::Direct => (*p, std::borrow::Cow::Borrowed(w)),
+            Algorithm::Winograd => (
+                crate::winograd::gemm_params(p),
+                std::borrow::Cow::Owned(crate::winograd::transform_weights(p, w)),
+            ),
+        };
         let bytes = |v: &Vec<Resident>| v.iter().map(|r| r.buffer.len() * 4).sum::<usize>();
         while !self.weights.is_empty() && bytes(&self.weights) + w.len() * 4 > WEIGHTS_BUDGET {
             let lru = (0..self.weights.len())
@@ -497,6 +521,7 @@ impl Worker {
         buffer.upload(&transposed)?;
         self.weights.push(Resident {
             key,
+            algorithm,
             buffer,
             last_used: self.clock,
         });
@@ -531,18 +556,48 @@ impl Worker {
         Ok(Some(best))
     }
 
-    /// Checks `p` against the GL limits and compiles its programs.
+    /// Checks `p` against the GL limits, chooses its algorithm and tile, and compiles its
+    /// programs. Winograd falls back to the direct algorithm where its intermediates would not
+    /// fit a storage buffer.
     fn plan(
         &mut self,
         p: &Conv2dParams,
         lens: (usize, usize),
         bias: bool,
-        tile: Option<Tile>,
+        dispatches: &Dispatches,
     ) -> Result<Plan> {
         let (x_len, w_len) = lens;
+        let max_block = self.ctx.info.max_storage_block;
+        let algorithm = match dispatches.algorithm {
+            Some(Algorithm::Winograd) if !crate::winograd::applies(p) => {
+                return Err(Error::InvalidParams(format!(
+                    "Winograd F(2x2, 3x3) does not apply to {p}"
+                )))
+            }
+            Some(a) => a,
+            None => Algorithm::for_params(p),
+        };
+        let winograd = algorithm == Algorithm::Winograd && {
+            let positions = crate::winograd::positions(p);
+            let biggest = crate::winograd::XI * p.c_in.max(p.c_out) * positions;
+            (biggest as i64) * 4 <= max_block
+        };
+        // The convolution (or Winograd's GEMM) that the tiled or narrow kernel runs.
+        let (conv_p, conv_bias) = if winograd {
+            (crate::winograd::gemm_params(p), false)
+        } else {
+            (*p, bias)
+        };
+        let mut tile = dispatches
+            .tile
+            .map_or_else(|| Tile::for_params(&conv_p), |t| t.resolved(&conv_p));
+        if winograd {
+            // Its output is the transform's input: no split-K (its partials would need a
+            // third intermediate).
+            tile.split = 1;
+        }
         let info = &self.ctx.info;
-        let tile = tile.map_or_else(|| Tile::for_params(p), |t| t.resolved(p));
-        let groups = tile.groups(p);
+        let groups = tile.groups(&conv_p);
         for (axis, (&n, &max)) in groups.iter().zip(&info.max_groups).enumerate() {
             if n > max as u64 {
                 return Err(Error::GpuLimit(format!(
@@ -552,35 +607,95 @@ impl Worker {
         }
         let split = tile.split.max(1) as usize;
         let out_len = p.output_len() as usize;
-        let biggest = x_len.max(w_len).max(out_len * split) as i64 * 4;
-        if biggest > info.max_storage_block {
+        let scratch = if winograd {
+            let positions = crate::winograd::positions(p);
+            [
+                crate::winograd::XI * p.c_in * positions,
+                crate::winograd::XI * p.c_out * positions,
+            ]
+        } else if split > 1 {
+            [out_len * split, 0]
+        } else {
+            [0, 0]
+        };
+        let biggest = x_len
+            .max(w_len)
+            .max(out_len)
+            .max(scratch[0])
+            .max(scratch[1]) as i64
+            * 4;
+        if biggest > max_block {
             return Err(Error::GpuLimit(format!(
-                "a buffer of {biggest} bytes exceeds GL_MAX_SHADER_STORAGE_BLOCK_SIZE ({})",
-                info.max_storage_block
+                "a buffer of {biggest} bytes exceeds GL_MAX_SHADER_STORAGE_BLOCK_SIZE ({max_block})"
             )));
         }
-        let reduce_groups = (out_len as u64)
-            .div_ceil(u64::from(shaders::REDUCE_THREADS))
-            .min(info.max_groups[0].max(1) as u64) as u32;
-        let conv = shaders::conv2d_source(p, tile, bias);
-        let reduce = (split > 1).then(|| shaders::reduce_source(p, tile.split, bias));
+        // The one-dimensional passes (reduction, transforms): a grid-stride loop over their
+        // elements, with at most the GL limit of workgroups.
+        let line = |elements: usize| {
+            (elements as u64)
+                .div_ceil(u64::from(shaders::REDUCE_THREADS))
+                .min(info.max_groups[0].max(1) as u64) as u32
+        };
+        let conv = shaders::conv2d_source(&conv_p, tile, conv_bias);
+        let passes = if winograd {
+            let positions = crate::winograd::positions(p);
+            let (input, output) = shaders::winograd_sources(p, bias);
+            Passes::Winograd {
+                input,
+                input_groups: line(p.c_in * positions),
+                output,
+                output_groups: line(p.c_out * positions),
+            }
+        } else if split > 1 {
+            Passes::Split {
+                reduce: shaders::reduce_source(p, tile.split, bias),
+                reduce_groups: line(out_len),
+            }
+        } else {
+            Passes::One
+        };
         let gl = std::rc::Rc::clone(&self.ctx.gl);
         self.programs.get(&gl, conv.clone())?;
-        if let Some(reduce) = &reduce {
-            self.programs.get(&gl, reduce.clone())?;
+        match &passes {
+            Passes::One => {}
+            Passes::Split { reduce, .. } => {
+                self.programs.get(&gl, reduce.clone())?;
+            }
+            Passes::Winograd { input, output, .. } => {
+                self.programs.get(&gl, input.clone())?;
+                self.programs.get(&gl, output.clone())?;
+            }
         }
         Ok(Plan {
+            algorithm: if winograd {
+                Algorithm::Winograd
+            } else {
+                Algorithm::Direct
+            },
             groups: groups.map(|g| g as u32),
-            split,
             out_len,
             conv,
-            reduce,
-            reduce_groups,
+            passes,
+            scratch,
         })
     }
 
-    /// Records one whole convolution: the tiled pass, and for split-K the reduction after it
-    /// (`partial` must then hold `split` outputs).
+    /// Allocates `plan`'s intermediates in `slots` (grown, never shrunk).
+    fn scratch_for(
+        gl: &std::rc::Rc<glow::Context>,
+        slots: &mut [Option<Buffer>; 2],
+        plan: &Plan,
+        immutable: bool,
+    ) -> Result<()> {
+        for (slot, &len) in slots.iter_mut().zip(&plan.scratch) {
+            if len > 0 {
+                Self::scratch(gl, slot, len, immutable)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Records one whole convolution: every pass of `plan`, with barriers between them.
     fn encode(&self, plan: &Plan, b: &Bindings) -> Result<()> {
         let gl = &self.ctx.gl;
         let program = |src: &str| {
@@ -588,22 +703,46 @@ impl Worker {
                 .peek(src)
                 .ok_or_else(|| Error::Gpu("program missing from the cache".into()))
         };
-        b.input.bind(0);
+        let scratch = |i: usize| {
+            b.scratch[i].ok_or_else(|| Error::Gpu("an intermediate buffer is missing".into()))
+        };
         b.weights.bind(1);
         b.bias.bind(2);
-        match (&plan.reduce, b.partial) {
-            (Some(reduce), Some(partial)) => {
-                partial.bind(3);
-                program(&plan.conv)?.dispatch(plan.groups)?;
-                gl::storage_barrier(gl);
-                partial.bind(0);
-                b.output.bind(3);
-                program(reduce)?.dispatch([plan.reduce_groups, 1, 1])
-            }
-            (Some(_), None) => Err(Error::Gpu("split-K without a partial buffer".into())),
-            (None, _) => {
+        match &plan.passes {
+            Passes::One => {
+                b.input.bind(0);
                 b.output.bind(3);
                 program(&plan.conv)?.dispatch(plan.groups)
+            }
+            Passes::Split {
+                reduce,
+                reduce_groups,
+            } => {
+                b.input.bind(0);
+                scratch(0)?.bind(3);
+                program(&plan.conv)?.dispatch(plan.groups)?;
+                gl::storage_barrier(gl);
+                scratch(0)?.bind(0);
+                b.output.bind(3);
+                program(reduce)?.dispatch([*reduce_groups, 1, 1])
+            }
+            Passes::Winograd {
+                input,
+                input_groups,
+                output,
+                output_groups,
+            } => {
+                b.input.bind(0);
+                scratch(0)?.bind(3);
+                program(input)?.dispatch([*input_groups, 1, 1])?;
+                gl::storage_barrier(gl);
+                scratch(0)?.bind(0);
+                scratch(1)?.bind(3);
+                program(&plan.conv)?.dispatch(plan.groups)?;
+                gl::storage_barrier(gl);
+                scratch(1)?.bind(0);
+                b.output.bind(3);
+                program(output)?.dispatch([*output_groups, 1, 1])
             }
         }
     }
@@ -617,22 +756,20 @@ impl Worker {
         b: Option<&[f32]>,
         dispatches: Dispatches,
     ) -> JobResult {
-        let plan = self.plan(p, (x.len(), w.len()), b.is_some(), dispatches.tile)?;
+        let plan = self.plan(p, (x.len(), w.len()), b.is_some(), &dispatches)?;
         let gl = std::rc::Rc::clone(&self.ctx.gl);
         let t0 = Instant::now();
         let immutable = self.immutable;
         Self::scratch(&gl, &mut self.input, x.len(), immutable)?;
         Self::scratch(&gl, &mut self.output, plan.out_len, immutable)?;
         Self::scratch(&gl, &mut self.bias, p.c_out, immutable)?;
-        if plan.split > 1 {
-            Self::scratch(&gl, &mut self.partial, plan.out_len * plan.split, immutable)?;
-        }
+        Self::scratch_for(&gl, &mut self.scratch, &plan, immutable)?;
         let input = self.input.as_ref().expect("allocated above");
         input.upload(x)?;
         if let (Some(b), Some(buf)) = (b, self.bias.as_ref()) {
             buf.upload(b)?;
         }
-        let (wi, weights_uploaded) = self.resident(p, key, w)?;
+        let (wi, weights_uploaded) = self.resident(p, key, w, plan.algorithm)?;
         let upload_s = t0.elapsed().as_secs_f64();
         let output = self.output.as_ref().expect("allocated above");
         let bindings = Bindings {
@@ -640,7 +777,7 @@ impl Worker {
             weights: &self.weights[wi].buffer,
             bias: self.bias.as_ref().expect("allocated above"),
             output,
-            partial: self.partial.as_ref(),
+            scratch: [self.scratch[0].as_ref(), self.scratch[1].as_ref()],
         };
         for _ in 0..dispatches.warmup {
             self.encode(&plan, &bindings)?;
@@ -682,15 +819,35 @@ impl Worker {
 
 /// A convolution checked against the limits, its programs compiled.
 struct Plan {
+    /// What runs (Winograd only where its intermediates fit).
+    algorithm: Algorithm,
+    /// Workgroups of the tiled or narrow pass.
     groups: [u32; 3],
-    /// Slices of the taps (1: no split).
-    split: usize,
     out_len: usize,
-    /// Source (the program cache's key) of the tiled or narrow pass.
+    /// Source (the program cache's key) of the tiled or narrow pass: the convolution, or
+    /// Winograd's GEMM.
     conv: String,
-    /// Source of the split-K reduction, when split.
-    reduce: Option<String>,
-    reduce_groups: u32,
+    /// The passes around it.
+    passes: Passes,
+    /// Floats of the two intermediate buffers (0: not needed).
+    scratch: [usize; 2],
+}
+
+/// The passes of a plan besides the tiled or narrow one, with their sources and workgroups.
+enum Passes {
+    /// The convolution alone.
+    One,
+    /// Split-K: the convolution writes its slices' partial sums to intermediate 0, the
+    /// reduction adds them.
+    Split { reduce: String, reduce_groups: u32 },
+    /// Winograd: the input transform into intermediate 0, the GEMM into intermediate 1, the
+    /// output transform.
+    Winograd {
+        input: String,
+        input_groups: u32,
+        output: String,
+        output_groups: u32,
+    },
 }
 
 /// The buffers one convolution reads and writes.
@@ -699,8 +856,8 @@ struct Bindings<'a> {
     weights: &'a Buffer,
     bias: &'a Buffer,
     output: &'a Buffer,
-    /// `split` outputs' worth, for split-K.
-    partial: Option<&'a Buffer>,
+    /// The plan's intermediates.
+    scratch: [Option<&'a Buffer>; 2],
 }
 
 #[cfg(test)]

@@ -17,6 +17,11 @@ pub const CONV2D_NARROW: &str = include_str!("../../shaders/conv2d_narrow.comp")
 /// The second pass of a split-K convolution: partial sums in slice order, then the bias.
 pub const CONV2D_REDUCE: &str = include_str!("../../shaders/conv2d_reduce.comp");
 
+/// First pass of Winograd F(2x2, 3x3): the input transform.
+pub const WINOGRAD_INPUT: &str = include_str!("../../shaders/winograd_input.comp");
+/// Last pass of Winograd F(2x2, 3x3): the output transform and the bias.
+pub const WINOGRAD_OUTPUT: &str = include_str!("../../shaders/winograd_output.comp");
+
 /// The GPU calibration workload (performance baselines).
 pub const CALIBRATE: &str = include_str!("../../shaders/calibrate.comp");
 
@@ -405,8 +410,80 @@ pub fn reduce_source(p: &Conv2dParams, split: u32, bias: bool) -> String {
     )
 }
 
-/// Threads per workgroup of the reduction.
+/// Threads per workgroup of the reduction and of the Winograd transforms.
 pub const REDUCE_THREADS: u32 = 256;
+
+/// How the GPU computes a convolution.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Algorithm {
+    /// The implicit GEMM over the taps (`conv2d_tiled.comp` or `conv2d_narrow.comp`).
+    Direct,
+    /// Winograd F(2x2, 3x3) (see [`crate::winograd`]): input transform, 16 GEMMs, output
+    /// transform; for 3x3 taps with stride 1, no dilation and one group.
+    Winograd,
+}
+
+impl Algorithm {
+    /// The algorithm for `p`: Winograd where it applies to a wide layer with enough tiles to
+    /// fill the GPU (`SPORKLE_GPU_ALGO=direct|winograd` overrides where it applies; an invalid
+    /// value is reported and ignored).
+    pub fn for_params(p: &Conv2dParams) -> Self {
+        if !crate::winograd::applies(p) {
+            return Self::Direct;
+        }
+        static FORCED: std::sync::OnceLock<Option<Algorithm>> = std::sync::OnceLock::new();
+        let forced = *FORCED.get_or_init(|| {
+            let v = std::env::var("SPORKLE_GPU_ALGO").ok()?;
+            match v.as_str() {
+                "direct" => Some(Self::Direct),
+                "winograd" => Some(Self::Winograd),
+                _ => {
+                    eprintln!("sporkle: ignoring SPORKLE_GPU_ALGO={v:?}: direct or winograd");
+                    None
+                }
+            }
+        });
+        forced.unwrap_or_else(|| {
+            // From H100 measurements (see the README): the transforms cost a pass over the
+            // input and output 16/4 times their size, which pays off only when the channels
+            // make the GEMM long.
+            if p.c_in >= 128 && p.c_out >= 128 && crate::winograd::positions(p) >= 1024 {
+                Self::Winograd
+            } else {
+                Self::Direct
+            }
+        })
+    }
+
+    /// The tolerance a result of this algorithm is checked with.
+    pub fn tolerance(self) -> crate::tolerance::Tolerance {
+        match self {
+            Self::Direct => crate::tolerance::Tolerance::Fp32,
+            Self::Winograd => crate::tolerance::Tolerance::Winograd,
+        }
+    }
+}
+
+/// The specialised sources of Winograd's input and output transforms for `p`.
+pub fn winograd_sources(p: &Conv2dParams, bias: bool) -> (String, String) {
+    let (ho, wo) = p.out_hw();
+    let (th, tw) = crate::winograd::tiles(p);
+    let input = format!(
+        "#version 430\n#define THREADS {REDUCE_THREADS}\n#define N {}u\n#define C_IN {}u\n\
+         #define H {}u\n#define W {}u\n#define PH {}u\n#define PW {}u\n#define TH {th}u\n\
+         #define TW {tw}u\n#line 1\n{WINOGRAD_INPUT}",
+        p.n, p.c_in, p.h, p.w, p.padding.0, p.padding.1
+    );
+    let output = format!(
+        "#version 430\n#define THREADS {REDUCE_THREADS}\n#define N {}u\n#define C_OUT {}u\n\
+         #define HO {ho}u\n#define WO {wo}u\n#define TH {th}u\n#define TW {tw}u\n\
+         #define HAS_BIAS {}\n#line 1\n{WINOGRAD_OUTPUT}",
+        p.n,
+        p.c_out,
+        u8::from(bias)
+    );
+    (input, output)
+}
 
 /// Compiled programs by their full source; lives with the context.
 #[derive(Default)]

@@ -6,7 +6,7 @@
 //! bit for bit against the synchronous GPU path.
 
 use super::{fail, Context, Device};
-use crate::gpu::{GpuBackend, GpuChoice};
+use crate::gpu::{Algorithm, GpuBackend, GpuChoice};
 use crate::juggler::{Config, DeviceKind, Juggler, Preference};
 use crate::suite::Case;
 use crate::tolerance::{compare, Tolerance};
@@ -250,8 +250,16 @@ fn over_gl_limit(choice: GpuChoice, max_storage_block: i64) -> Result<(), Failed
         .map_err(fail)?
         .wait()
         .map_err(fail)?;
-    crate::tolerance::check_sample(&p, &x, &w, None, &y, 64)
-        .map_err(|m| fail(format!("{p}: {m}")))?;
+    crate::tolerance::check_sample(
+        &p,
+        &x,
+        &w,
+        None,
+        &y,
+        64,
+        Algorithm::for_params(&p).tolerance(),
+    )
+    .map_err(|m| fail(format!("{p}: {m}")))?;
     let why = info.fallback.clone().unwrap_or_default();
     if info.device != DeviceKind::Cpu || !why.contains("GPU limit") {
         return Err(fail(format!(
@@ -313,8 +321,16 @@ fn auto_choice(choice: GpuChoice) -> Result<(), Failed> {
         last = Some(j.conv2d(&big, &x, &w, None, &mut y).map_err(fail)?);
     }
     let info = last.expect("ran");
-    crate::tolerance::check_sample(&big, &x, &w, None, &y, 64)
-        .map_err(|m| fail(format!("{big}: {m}")))?;
+    crate::tolerance::check_sample(
+        &big,
+        &x,
+        &w,
+        None,
+        &y,
+        64,
+        Algorithm::for_params(&big).tolerance(),
+    )
+    .map_err(|m| fail(format!("{big}: {m}")))?;
     // Five user calls; the calibration's own runs are not counted as calls.
     let s = j.stats();
     if s.cpu.calls + s.gpu.calls != 5 {

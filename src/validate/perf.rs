@@ -20,8 +20,9 @@
 //!   every peer given with `--peers FILE`, JSON lines as printed by `shared/peers/*.py`).
 
 use super::{fail, Context, Device};
+use crate::gpu::Algorithm;
 use crate::suite::Case;
-use crate::tolerance::check_sample;
+use crate::tolerance::{check_sample, Tolerance};
 use crate::{data, CpuBackend};
 use libtest_mimic::{Completion, Failed, Trial};
 use serde::{Deserialize, Serialize};
@@ -151,7 +152,7 @@ fn run(ctx: &Context, device: &Device, case: &Case, test_mode: bool) -> Result<C
         );
         result?;
     }
-    check_sample(p, &x, &w, bias, &y, CHECKS)
+    check_sample(p, &x, &w, bias, &y, CHECKS, Tolerance::Fp32)
         .map(|_| Completion::Completed)
         .map_err(|m| fail(format!("{}: wrong result: {m}", case.name)))
 }
@@ -202,6 +203,7 @@ fn gpu_bench(
                     warmup: ((0.1 / estimate_s) as usize).clamp(3, 2000),
                     timed: ((MIN_SECS / estimate_s) as usize).clamp(10, 2000),
                     tile: None,
+                    algorithm: None,
                 },
             )
             .map_err(fail)?;
@@ -223,8 +225,20 @@ fn gpu_bench(
             .join(", ")
     );
     result?;
-    check_sample(p, &x, &w, bias, &y, CHECKS)
-        .map(|_| Completion::Completed)
+    check_gpu_sample(case, (&x, &w, bias), &y).map(|()| Completion::Completed)
+}
+
+/// A sampled check of a GPU result of `case` with inputs `(x, w, bias)` (the Winograd tolerance
+/// where the GPU may have chosen Winograd).
+fn check_gpu_sample(
+    case: &Case,
+    (x, w, bias): (&[f32], &[f32], Option<&[f32]>),
+    y: &[f32],
+) -> Result<(), Failed> {
+    let p = &case.params;
+    let tol = Algorithm::for_params(p).tolerance();
+    check_sample(p, x, w, bias, y, CHECKS, tol)
+        .map(|_| ())
         .map_err(|m| fail(format!("{}: wrong result: {m}", case.name)))
 }
 
@@ -234,9 +248,7 @@ fn gpu_smoke(device: &Device, case: &Case) -> Result<(), Failed> {
     let (x, w, b) = data::conv_data(p, case.seed, false);
     let bias = case.bias.then_some(&b[..]);
     let y = device.conv2d(p, &x, &w, bias).map_err(fail)?;
-    check_sample(p, &x, &w, bias, &y, CHECKS)
-        .map(|_| ())
-        .map_err(|m| fail(format!("{}: wrong result: {m}", case.name)))
+    check_gpu_sample(case, (&x, &w, bias), &y)
 }
 
 /// Compares three rounds with the baseline, writes a missing (or blessed) one, records the row.

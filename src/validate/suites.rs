@@ -66,6 +66,10 @@ pub fn trials(ctx: &Arc<Context>) -> crate::Result<Vec<Trial>> {
                 None,
                 move || every_tile(&gpu, &cases),
             ));
+            let (gpu, cases) = (Arc::clone(backend), load("basic")?.cases);
+            out.push(trial("winograd/forced".into(), device, None, move || {
+                forced_winograd(&gpu, &cases)
+            }));
         }
     }
     Ok(out)
@@ -104,6 +108,69 @@ fn every_tile(gpu: &crate::GpuBackend, cases: &[crate::suite::Case]) -> Result<(
             compare(p, &y, &r, Tolerance::Fp32)
                 .map_err(|m| fail(format!("{spec} on {} ({p}): {m}", case.name)))?;
         }
+    }
+    Ok(())
+}
+
+/// Winograd F(2x2, 3x3), which the GPU chooses only for large layers, forced on every basic
+/// case it applies to and on shapes that stress its tiling (odd output sizes, padding 0 and 2,
+/// filters that are not whole GEMM tiles, one filter), and with each tiled GEMM variant; all
+/// against the whole reference with Winograd magnitudes.
+fn forced_winograd(gpu: &crate::GpuBackend, cases: &[crate::suite::Case]) -> Result<(), Failed> {
+    use crate::gpu::{Algorithm, Dispatches};
+    use crate::Conv2dParams;
+    let run = |p: &Conv2dParams, seed: u64, bias: bool, tile: Option<&str>| {
+        let (x, w, b) = data::conv_data(p, seed, false);
+        let bias = bias.then_some(&b[..]);
+        let mut y = vec![f32::NAN; p.output_len() as usize];
+        let forced = Dispatches {
+            algorithm: Some(Algorithm::Winograd),
+            tile: tile
+                .map(crate::gpu::Tile::parse)
+                .transpose()
+                .map_err(fail)?,
+            ..Dispatches::ONE
+        };
+        let what = format!("{p} (tile {})", tile.unwrap_or("default"));
+        gpu.time_kernel(p, &x, &w, bias, &mut y, forced)
+            .map_err(|e| fail(format!("{what}: {e}")))?;
+        let r = crate::winograd::reference(p, &x, &w, bias).map_err(fail)?;
+        compare(p, &y, &r, Tolerance::Winograd)
+            .map(|_| ())
+            .map_err(|m| fail(format!("{what}: {m}")))
+    };
+    for case in cases.iter().filter(|c| crate::winograd::applies(&c.params)) {
+        run(&case.params, case.seed, case.bias, None)?;
+    }
+    let odd = Conv2dParams::new(2, 20, 9, 7, 24, 3, 3).with_padding(1, 1);
+    let ragged = Conv2dParams::new(1, 130, 6, 10, 132, 3, 3);
+    run(&odd, 1, true, None)?;
+    run(&ragged, 2, false, None)?;
+    run(
+        &Conv2dParams::new(3, 16, 5, 5, 70, 3, 3).with_padding(2, 2),
+        3,
+        true,
+        None,
+    )?;
+    run(&Conv2dParams::new(1, 3, 4, 4, 1, 3, 3), 4, true, None)?;
+    for spec in TILES.iter().filter(|s| s.starts_with("tiled:")) {
+        run(&ragged, 5, true, Some(spec))?;
+    }
+    // Where it does not apply, forcing it is an error, not a silent direct run.
+    let strided = odd.with_stride(2, 2);
+    let mut y = vec![0.0; strided.output_len() as usize];
+    let (x, w, _) = data::conv_data(&strided, 6, false);
+    let forced = Dispatches {
+        algorithm: Some(Algorithm::Winograd),
+        ..Dispatches::ONE
+    };
+    if gpu
+        .time_kernel(&strided, &x, &w, None, &mut y, forced)
+        .is_ok()
+    {
+        return Err(fail(
+            "forcing Winograd on a strided convolution did not fail",
+        ));
     }
     Ok(())
 }

@@ -59,6 +59,9 @@ enum Command {
     /// Diagnostics: DMA and host-read speeds of staging buffers (64 MiB).
     #[command(hide = true)]
     ProbeStaging,
+    /// Diagnostics: do uploads, downloads and compute overlap in separate shared contexts?
+    #[command(hide = true)]
+    ProbeOverlap,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -192,6 +195,10 @@ fn main() -> ExitCode {
         Command::Devices => devices(),
         Command::ProbeStaging => GpuBackend::new()
             .and_then(|g| g.probe_staging(16 << 20))
+            .map(|report| out!("{}", report.trim_end()))
+            .map_err(Into::into),
+        Command::ProbeOverlap => GpuBackend::new()
+            .and_then(|g| g.probe_overlap(16 << 20))
             .map(|report| out!("{}", report.trim_end()))
             .map_err(Into::into),
     };

@@ -9,7 +9,8 @@
 
 use crate::error::{Error, Result};
 use glow::HasContext;
-use glutin::api::egl::context::PossiblyCurrentContext;
+use glutin::api::egl::config::Config;
+use glutin::api::egl::context::{NotCurrentContext, PossiblyCurrentContext};
 use glutin::api::egl::device::Device;
 use glutin::api::egl::display::Display;
 use glutin::config::{Api, ConfigSurfaceTypes, ConfigTemplateBuilder};
@@ -84,8 +85,31 @@ pub struct GlContext {
     /// The probe's findings.
     pub info: GpuInfo,
     // Dropped after `gl` users: the context, then the display.
-    _context: PossiblyCurrentContext,
-    _display: Display,
+    context: PossiblyCurrentContext,
+    config: Config,
+    display: Display,
+}
+
+/// A context sharing objects (buffers, programs, fences) with a [`GlContext`], not yet current
+/// anywhere: made on the owner's thread, sent to another, made current there
+/// ([`SharedContext::make_current`]). For work that must run in its own GL context, such as
+/// transfers next to compute.
+pub struct SharedContext {
+    context: NotCurrentContext,
+    config: Config,
+    display: Display,
+    software: bool,
+}
+
+impl SharedContext {
+    /// Makes the context current on this thread (with no surface) and loads its functions.
+    pub fn make_current(self) -> Result<GlContext> {
+        let context = self
+            .context
+            .make_current_surfaceless()
+            .map_err(|e| unavailable(format!("cannot make a shared context current: {e}")))?;
+        GlContext::finish(context, self.config, self.display, self.software)
+    }
 }
 
 fn unavailable(why: impl Into<String>) -> Error {
@@ -137,31 +161,64 @@ impl GlContext {
             .map_err(|e| unavailable(format!("no EGL config without surface for OpenGL: {e}")))?
             .next()
             .ok_or_else(|| unavailable("no EGL config without surface for OpenGL"))?;
-        let attributes = ContextAttributesBuilder::new()
-            .with_profile(GlProfile::Core)
-            .with_context_api(ContextApi::OpenGl(Some(Version::new(4, 3))))
-            .build(None);
-        // SAFETY: config comes from this display; no window handle is involved.
-        let context = unsafe { display.create_context(&config, &attributes) }
-            .map_err(|e| unavailable(format!("cannot create an OpenGL 4.3 core context: {e}")))?
+        let context = new_context(&display, &config, None)?
             .make_current_surfaceless()
             .map_err(|e| {
                 unavailable(format!(
                     "cannot make the context current without a surface: {e}"
                 ))
             })?;
+        Self::finish(context, config, display, is_software(device))
+    }
+
+    /// A new context that shares this one's objects, to be made current on another thread.
+    pub fn shared(&self) -> Result<SharedContext> {
+        Ok(SharedContext {
+            context: new_context(&self.display, &self.config, Some(&self.context))?,
+            config: self.config.clone(),
+            display: self.display.clone(),
+            software: self.info.software,
+        })
+    }
+
+    /// Loads the functions of `context`, current on this thread, and probes it.
+    fn finish(
+        context: PossiblyCurrentContext,
+        config: Config,
+        display: Display,
+        software: bool,
+    ) -> Result<Self> {
         // SAFETY: the context is current on this thread, and the loader returns its functions.
         let gl = unsafe {
             glow::Context::from_loader_function_cstr(|name| display.get_proc_address(name).cast())
         };
-        let info = probe(&gl, is_software(device))?;
+        let info = probe(&gl, software)?;
         Ok(Self {
             gl: Rc::new(gl),
             info,
-            _context: context,
-            _display: display,
+            context,
+            config,
+            display,
         })
     }
+}
+
+/// An OpenGL 4.3 core context on `display`, sharing objects with `share` if given.
+fn new_context(
+    display: &Display,
+    config: &Config,
+    share: Option<&PossiblyCurrentContext>,
+) -> Result<NotCurrentContext> {
+    let builder = ContextAttributesBuilder::new()
+        .with_profile(GlProfile::Core)
+        .with_context_api(ContextApi::OpenGl(Some(Version::new(4, 3))));
+    let attributes = match share {
+        Some(c) => builder.with_sharing(c).build(None),
+        None => builder.build(None),
+    };
+    // SAFETY: config comes from this display; no window handle is involved.
+    unsafe { display.create_context(config, &attributes) }
+        .map_err(|e| unavailable(format!("cannot create an OpenGL 4.3 core context: {e}")))
 }
 
 fn probe(gl: &glow::Context, software: bool) -> Result<GpuInfo> {

@@ -18,6 +18,7 @@
 pub mod context;
 pub mod executor;
 pub mod gl;
+mod overlap;
 pub mod shaders;
 
 pub use context::{GpuChoice, GpuInfo};
@@ -117,10 +118,19 @@ enum Msg {
     Call(Job),
     /// A streaming job for the executor.
     Stream(StreamJob),
-    /// The staging probe (diagnostics), with its size in floats.
-    Probe(usize, mpsc::Sender<Result<String>>),
+    /// A diagnostic probe, with its size in floats.
+    Probe(Probe, usize, mpsc::Sender<Result<String>>),
     /// The calibration workload: its GFLOP/s by timer query, best of three.
     Calibrate(mpsc::Sender<Result<Option<f64>>>),
+}
+
+/// The diagnostic probes (hidden CLI commands).
+#[derive(Clone, Copy, Debug)]
+enum Probe {
+    /// `executor::probe_staging`.
+    Staging,
+    /// `overlap::probe_overlap`.
+    Overlap,
 }
 
 /// The GPU backend (see the module docs).
@@ -284,8 +294,18 @@ impl GpuBackend {
     /// Diagnostics: DMA and host-read speeds of download staging buffers made with different
     /// flags (see `executor::probe_staging`), for `floats` floats.
     pub fn probe_staging(&self, floats: usize) -> Result<String> {
+        self.probe(Probe::Staging, floats)
+    }
+
+    /// Diagnostics: whether uploads, downloads and compute overlap when each runs in its own
+    /// shared context (see `overlap`), with copies of `floats` floats.
+    pub fn probe_overlap(&self, floats: usize) -> Result<String> {
+        self.probe(Probe::Overlap, floats)
+    }
+
+    fn probe(&self, probe: Probe, floats: usize) -> Result<String> {
         let (reply, answer) = mpsc::channel();
-        self.send(Msg::Probe(floats, reply))?;
+        self.send(Msg::Probe(probe, floats, reply))?;
         answer
             .recv()
             .map_err(|_| Error::Gpu("the GPU thread stopped during the probe".into()))?
@@ -439,9 +459,12 @@ impl Worker {
                     self.stream_drain();
                     let _ = reply.send(self.calibrate());
                 }
-                Msg::Probe(floats, reply) => {
+                Msg::Probe(probe, floats, reply) => {
                     self.stream_drain();
-                    let _ = reply.send(executor::probe_staging(&self.ctx.gl, floats));
+                    let _ = reply.send(match probe {
+                        Probe::Staging => executor::probe_staging(&self.ctx.gl, floats),
+                        Probe::Overlap => overlap::probe_overlap(&self.ctx, floats),
+                    });
                 }
                 Msg::Stream(job) => {
                     let alone = !job.pipelined;

@@ -24,7 +24,6 @@
 //! be in use, so every later stream job fails at once with the reason.
 
 use super::gl::{self, Buffer, Direction, Fence, MappedBuffer, MappedView, TimerQuery};
-use super::lanes::{CopyTimes, Lane};
 use super::{Bindings, WeightsKey, Worker};
 use crate::error::{Error, Result};
 use crate::params::Conv2dParams;
@@ -187,54 +186,13 @@ struct Flight {
     rec: Recorded,
 }
 
-/// How a job's GPU work is timed.
-enum Timing {
-    /// Everything in the worker's context: the upload copy, the convolution and the download
-    /// copy, each between its own timer query; timestamps before the upload and after the
-    /// download.
-    One {
-        queries: [TimerQuery; 3],
-        span: [TimerQuery; 2],
-    },
-    /// The copies on transfer lanes, which send their times; the convolution here.
-    Lanes {
-        up: mpsc::Receiver<CopyTimes>,
-        conv: TimerQuery,
-        down: mpsc::Receiver<CopyTimes>,
-    },
-}
-
-impl Timing {
-    /// The GPU times of upload, convolution and download (ns), and the GPU clock before the
-    /// upload and after the download. Call once the job's fence has passed.
-    fn read(&self) -> ([Option<u64>; 3], Option<(u64, u64)>) {
-        match self {
-            Timing::One { queries, span } => (
-                queries.each_ref().map(|q| Some(q.nanoseconds())),
-                Some((span[0].nanoseconds(), span[1].nanoseconds())),
-            ),
-            Timing::Lanes { up, conv, down } => {
-                // The lanes send them as soon as the GPU has them (the fence has passed).
-                let wait = Duration::from_secs(5);
-                let (up, down) = (up.recv_timeout(wait).ok(), down.recv_timeout(wait).ok());
-                let span = up.zip(down).map(|(u, d)| (u.start, d.end));
-                (
-                    [
-                        up.map(|t| t.elapsed),
-                        Some(conv.nanoseconds()),
-                        down.map(|t| t.elapsed),
-                    ],
-                    span,
-                )
-            }
-        }
-    }
-}
-
 /// A job's recorded GPU work.
 struct Recorded {
     fence: Fence,
-    timing: Timing,
+    /// Upload copy, convolution, download copy.
+    queries: [TimerQuery; 3],
+    /// Before the upload copy, after the download copy.
+    span: [TimerQuery; 2],
     out_len: usize,
     begun: Instant,
     done: StreamDone,
@@ -334,7 +292,6 @@ impl Worker {
             let _ = job.reply.send(result);
             return;
         }
-        self.start_lanes();
         let Some(slot) =
             (0..FRAMES).find(|i| !self.in_flight.contains(i) && !self.held.contains(i))
         else {
@@ -355,24 +312,6 @@ impl Worker {
             }
         }
         self.frames[slot] = frame;
-    }
-
-    /// Starts the transfer lanes on first use, unless `SPORKLE_GPU_LANES=off`; where they
-    /// cannot start, the copies stay in this context (and the reason is kept).
-    fn start_lanes(&mut self) {
-        if self.lanes.is_some() {
-            return;
-        }
-        let wanted = std::env::var("SPORKLE_GPU_LANES").map_or(true, |v| v != "off");
-        self.lanes = Some(if wanted {
-            let start = |name| Lane::start(self.ctx.shared()?, name);
-            match (start("upload"), start("download")) {
-                (Ok(up), Ok(down)) => Ok([up, down]),
-                (Err(e), _) | (_, Err(e)) => Err(format!("transfer lanes unavailable: {e}")),
-            }
-        } else {
-            Err("SPORKLE_GPU_LANES=off".into())
-        });
     }
 
     /// Uploads and records `job` in `frame`.
@@ -416,69 +355,36 @@ impl Worker {
         let begun = Instant::now();
         let input = frame.input.as_ref().expect("allocated above");
         let output = frame.output.as_ref().expect("allocated above");
-        let bindings = Bindings {
-            input,
-            weights: &self.weights[wi].buffer,
-            bias,
-            output,
-            scratch: [frame.scratch[0].as_ref(), frame.scratch[1].as_ref()],
-        };
-        let (fence, timing) = match &self.lanes {
-            Some(Ok([up_lane, down_lane])) => {
-                // Upload on its lane; the convolution waits for it on the GPU; the download
-                // lane waits for the convolution's fence.
-                // Buffers just made in this context must be complete before another uses them.
-                gl::flush(&gl);
-                let up = up_lane.copy(None, upload.raw(), input.raw(), job.x.len())?;
-                up.done.adopt(&gl).gpu_wait();
-                let conv = TimerQuery::begin(&gl)?;
-                let encoded = self.encode(&plan, &bindings);
-                conv.end();
-                encoded?;
-                gl::storage_barrier(&gl);
-                let computed = Fence::new(&gl)?;
-                gl::flush(&gl);
-                let down = down_lane.copy(
-                    Some(computed.into_shared()),
-                    output.raw(),
-                    download.raw(),
-                    plan.out_len,
-                )?;
-                let timing = Timing::Lanes {
-                    up: up.times,
-                    conv,
-                    down: down.times,
-                };
-                (down.done.adopt(&gl), timing)
-            }
-            _ => {
-                let t_start = TimerQuery::timestamp(&gl)?;
-                let q_up = TimerQuery::begin(&gl)?;
-                let copied = gl::copy_buffer(&gl, upload.raw(), input.raw(), job.x.len());
-                q_up.end();
-                copied?;
-                let q_conv = TimerQuery::begin(&gl)?;
-                let encoded = self.encode(&plan, &bindings);
-                q_conv.end();
-                encoded?;
-                gl::storage_barrier(&gl);
-                let q_down = TimerQuery::begin(&gl)?;
-                let copied = gl::copy_buffer(&gl, output.raw(), download.raw(), plan.out_len);
-                q_down.end();
-                copied?;
-                let t_end = TimerQuery::timestamp(&gl)?;
-                let fence = Fence::new(&gl)?;
-                gl::flush(&gl);
-                let timing = Timing::One {
-                    queries: [q_up, q_conv, q_down],
-                    span: [t_start, t_end],
-                };
-                (fence, timing)
-            }
-        };
+        let t_start = TimerQuery::timestamp(&gl)?;
+        let q_up = TimerQuery::begin(&gl)?;
+        let copied = gl::copy_buffer(&gl, upload.raw(), input.raw(), job.x.len());
+        q_up.end();
+        copied?;
+        let q_conv = TimerQuery::begin(&gl)?;
+        let encoded = self.encode(
+            &plan,
+            &Bindings {
+                input,
+                weights: &self.weights[wi].buffer,
+                bias,
+                output,
+                scratch: [frame.scratch[0].as_ref(), frame.scratch[1].as_ref()],
+            },
+        );
+        q_conv.end();
+        encoded?;
+        gl::storage_barrier(&gl);
+        let q_down = TimerQuery::begin(&gl)?;
+        let copied = gl::copy_buffer(&gl, output.raw(), download.raw(), plan.out_len);
+        q_down.end();
+        copied?;
+        let t_end = TimerQuery::timestamp(&gl)?;
+        let fence = Fence::new(&gl)?;
+        gl::flush(&gl);
         Ok(Recorded {
             fence,
-            timing,
+            queries: [q_up, q_conv, q_down],
+            span: [t_start, t_end],
             out_len: plan.out_len,
             begun,
             done: StreamDone {
@@ -518,7 +424,8 @@ impl Worker {
             rec:
                 Recorded {
                     fence,
-                    timing,
+                    queries,
+                    span,
                     out_len,
                     begun,
                     mut done,
@@ -592,17 +499,16 @@ impl Worker {
             slot,
             release: self.release_tx.clone(),
         });
-        // Read even on a software renderer: the lanes' times must be taken off their channels.
-        let ([up, conv, down], span) = timing.read();
         if !self.ctx.info.software {
+            let [up, conv, down] = queries.each_ref().map(|q| Some(q.nanoseconds()));
             (done.upload_ns, done.kernel_ns, done.download_ns) = (up, conv, down);
             // Timer queries say how long the GPU worked; never more than the wall share.
             let timed = [up, conv, down].iter().flatten().sum::<u64>() as f64 * 1e-9;
             done.busy_s = done.busy_s.min(timed);
-            done.gpu_span_ns = span;
+            done.gpu_span_ns = Some((span[0].nanoseconds(), span[1].nanoseconds()));
         }
         // GL objects go before the answer, so a caller that counts them sees them gone.
-        drop((fence, timing));
+        drop((fence, queries, span));
         let _ = job.reply.send(Ok(done));
     }
 

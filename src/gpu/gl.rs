@@ -500,16 +500,6 @@ impl TimerQuery {
         })
     }
 
-    /// Whether the result is there (never waits).
-    pub fn available(&self) -> bool {
-        // SAFETY: the query has ended (or its timestamp was recorded); this only polls.
-        unsafe {
-            self.gl
-                .get_query_parameter_u32(self.raw, glow::QUERY_RESULT_AVAILABLE)
-                != 0
-        }
-    }
-
     /// The elapsed GPU time in nanoseconds, or the timestamp (waits for the result).
     pub fn nanoseconds(&self) -> u64 {
         // SAFETY: the query has ended (or its timestamp was recorded); reading its result waits
@@ -532,8 +522,7 @@ impl Drop for TimerQuery {
 /// A fence after submitted work.
 pub struct Fence {
     gl: Rc<glow::Context>,
-    /// `None` only once handed on ([`Fence::into_shared`]), after which it is never used.
-    raw: Option<glow::Fence>,
+    raw: glow::Fence,
 }
 
 impl Fence {
@@ -545,25 +534,8 @@ impl Fence {
         FENCES.fetch_add(1, Relaxed);
         Ok(Self {
             gl: Rc::clone(gl),
-            raw: Some(raw),
+            raw,
         })
-    }
-
-    /// Makes the GPU (not the host) wait for this fence before it runs the commands recorded
-    /// after this call in the current context (`glWaitSync`): the order between contexts.
-    pub fn gpu_wait(&self) {
-        // SAFETY: the fence is alive and belongs to this context's share group.
-        unsafe { self.gl.wait_sync(self.raw(), 0, glow::TIMEOUT_IGNORED) };
-    }
-
-    /// Hands the fence to another context of the same share group (see [`SharedFence`]).
-    pub fn into_shared(mut self) -> SharedFence {
-        // Drop then deletes nothing (and releases this context's handle as usual).
-        SharedFence(self.raw.take().expect("a fence is handed on once"))
-    }
-
-    fn raw(&self) -> glow::Fence {
-        self.raw.expect("a fence handed on is never used again")
     }
 
     /// Whether the GPU has passed the fence (never waits; flushes, so it will).
@@ -571,7 +543,7 @@ impl Fence {
         // SAFETY: the fence is alive; a zero timeout only polls.
         let status = unsafe {
             self.gl
-                .client_wait_sync(self.raw(), glow::SYNC_FLUSH_COMMANDS_BIT, 0)
+                .client_wait_sync(self.raw, glow::SYNC_FLUSH_COMMANDS_BIT, 0)
         };
         match status {
             glow::ALREADY_SIGNALED | glow::CONDITION_SATISFIED => Ok(true),
@@ -587,7 +559,7 @@ impl Fence {
         // SAFETY: the fence is alive; FLUSH makes sure it is submitted.
         let status = unsafe {
             self.gl
-                .client_wait_sync(self.raw(), glow::SYNC_FLUSH_COMMANDS_BIT, ns)
+                .client_wait_sync(self.raw, glow::SYNC_FLUSH_COMMANDS_BIT, ns)
         };
         match status {
             glow::ALREADY_SIGNALED | glow::CONDITION_SATISFIED => Ok(()),
@@ -603,31 +575,9 @@ impl Fence {
 
 impl Drop for Fence {
     fn drop(&mut self) {
-        if let Some(raw) = self.raw.take() {
-            // SAFETY: the sync object was created in this share group and is deleted once.
-            unsafe { self.gl.delete_sync(raw) };
-            FENCES.fetch_sub(1, Relaxed);
-        }
-    }
-}
-
-/// A fence on its way to another context of the same share group (sync objects are shared
-/// between shared contexts): it is still counted live, and [`SharedFence::adopt`] makes it a
-/// [`Fence`] of the receiving context, which deletes it. Dropping it unadopted leaks the sync
-/// object (there is no context to delete it with), which the live-object counters show.
-pub struct SharedFence(glow::Fence);
-
-// SAFETY: a sync object of a share group may be used from any context of the group, on any
-// thread; the handle is only an address, and exactly one context adopts (and deletes) it.
-unsafe impl Send for SharedFence {}
-
-impl SharedFence {
-    /// The fence as a [`Fence`] of `gl`, a context of the share group it was made in.
-    pub fn adopt(self, gl: &Rc<glow::Context>) -> Fence {
-        Fence {
-            gl: Rc::clone(gl),
-            raw: Some(self.0),
-        }
+        // SAFETY: the sync object was created by this context and is deleted once.
+        unsafe { self.gl.delete_sync(self.raw) };
+        FENCES.fetch_sub(1, Relaxed);
     }
 }
 

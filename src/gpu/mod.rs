@@ -18,7 +18,6 @@
 pub mod context;
 pub mod executor;
 pub mod gl;
-mod lanes;
 mod overlap;
 pub mod shaders;
 
@@ -367,9 +366,6 @@ struct Resident {
 /// The thread that owns the context, and what it keeps between jobs.
 struct Worker {
     // Field order is drop order: every GL object before the context.
-    /// The transfer lanes (upload, download) of the executor, once started; `Err`: not used,
-    /// and why (`SPORKLE_GPU_LANES=off`, or they could not start).
-    lanes: Option<std::result::Result<[lanes::Lane; 2], String>>,
     /// The executor's frames, and the slots in flight, oldest first.
     frames: Vec<Frame>,
     in_flight: VecDeque<usize>,
@@ -398,7 +394,6 @@ impl Worker {
     fn new(ctx: GlContext) -> Self {
         let (release_tx, release_rx) = mpsc::channel();
         Self {
-            lanes: None,
             frames: (0..FRAMES).map(|_| Frame::default()).collect(),
             in_flight: VecDeque::new(),
             held: Vec::new(),

@@ -203,6 +203,14 @@ impl GlContext {
     }
 }
 
+impl Drop for GlContext {
+    /// Releases the context from this thread first: EGL defers destroying a context that is
+    /// current somewhere, and a thread that exits does not release it (a leak per context).
+    fn drop(&mut self) {
+        let _ = self.context.make_not_current_in_place();
+    }
+}
+
 /// An OpenGL 4.3 core context on `display`, sharing objects with `share` if given.
 fn new_context(
     display: &Display,

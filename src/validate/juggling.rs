@@ -237,6 +237,15 @@ fn fence_timeout(choice: GpuChoice) -> Result<(), Failed> {
     Ok(())
 }
 
+/// A sampled check of a Juggler result of `p` (no bias), with the tolerance that holds for
+/// whichever algorithm the device chose.
+fn check_sampled(p: &Conv2dParams, x: &[f32], w: &[f32], y: &[f32]) -> Result<(), Failed> {
+    let tol = Algorithm::for_params(p).tolerance();
+    crate::tolerance::check_sample(p, x, w, None, y, 64, tol)
+        .map(|_| ())
+        .map_err(|m| fail(format!("{p}: {m}")))
+}
+
 /// A job over a GL limit (here the largest storage buffer): a clear GPU error, the CPU does the
 /// job, and the GPU is not marked unhealthy: the next small job runs there again.
 fn over_gl_limit(choice: GpuChoice, max_storage_block: i64) -> Result<(), Failed> {
@@ -250,16 +259,7 @@ fn over_gl_limit(choice: GpuChoice, max_storage_block: i64) -> Result<(), Failed
         .map_err(fail)?
         .wait()
         .map_err(fail)?;
-    crate::tolerance::check_sample(
-        &p,
-        &x,
-        &w,
-        None,
-        &y,
-        64,
-        Algorithm::for_params(&p).tolerance(),
-    )
-    .map_err(|m| fail(format!("{p}: {m}")))?;
+    check_sampled(&p, &x, &w, &y)?;
     let why = info.fallback.clone().unwrap_or_default();
     if info.device != DeviceKind::Cpu || !why.contains("GPU limit") {
         return Err(fail(format!(
@@ -321,16 +321,7 @@ fn auto_choice(choice: GpuChoice) -> Result<(), Failed> {
         last = Some(j.conv2d(&big, &x, &w, None, &mut y).map_err(fail)?);
     }
     let info = last.expect("ran");
-    crate::tolerance::check_sample(
-        &big,
-        &x,
-        &w,
-        None,
-        &y,
-        64,
-        Algorithm::for_params(&big).tolerance(),
-    )
-    .map_err(|m| fail(format!("{big}: {m}")))?;
+    check_sampled(&big, &x, &w, &y)?;
     // Five user calls; the calibration's own runs are not counted as calls.
     let s = j.stats();
     if s.cpu.calls + s.gpu.calls != 5 {

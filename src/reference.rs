@@ -123,11 +123,23 @@ pub fn conv2d_f64(
     weights: &[f32],
     bias: Option<&[f32]>,
 ) -> Result<RefOutput> {
+    whole(p, (input, weights, bias), |at| {
+        output_at(p, input, weights, bias, at)
+    })
+}
+
+/// The whole output of `p`, `value_at` each output, once the buffers `(input, weights, bias)`
+/// are checked against `p` (the direct reference here, and Winograd's magnitudes).
+pub fn whole(
+    p: &Conv2dParams,
+    (input, weights, bias): (&[f32], &[f32], Option<&[f32]>),
+    value_at: impl Fn(OutIndex) -> RefValue,
+) -> Result<RefOutput> {
     let len = p.output_len() as usize;
     p.check_buffers(input.len(), weights.len(), bias.map(<[f32]>::len), len)?;
     let (value, magnitude) = (0..len)
         .map(|i| {
-            let r = output_at(p, input, weights, bias, OutIndex::from_flat(p, i));
+            let r = value_at(OutIndex::from_flat(p, i));
             (r.value, r.magnitude)
         })
         .unzip();

@@ -173,20 +173,19 @@ pub fn reference(
     w: &[f32],
     bias: Option<&[f32]>,
 ) -> crate::Result<crate::reference::RefOutput> {
-    let len = p.output_len() as usize;
-    p.check_buffers(x.len(), w.len(), bias.map(<[f32]>::len), len)?;
-    if !applies(p) {
-        return Err(crate::Error::InvalidParams(format!(
+    check_applies(p)?;
+    crate::reference::whole(p, (x, w, bias), |at| output_at(p, x, w, bias, at))
+}
+
+/// [`applies`] as a result: an error that names `p` where it does not hold.
+pub fn check_applies(p: &Conv2dParams) -> crate::Result<()> {
+    if applies(p) {
+        Ok(())
+    } else {
+        Err(crate::Error::InvalidParams(format!(
             "Winograd F(2x2, 3x3) does not apply to {p}"
-        )));
+        )))
     }
-    let (value, magnitude) = (0..len)
-        .map(|i| {
-            let r = output_at(p, x, w, bias, OutIndex::from_flat(p, i));
-            (r.value, r.magnitude)
-        })
-        .unzip();
-    Ok(crate::reference::RefOutput { value, magnitude })
 }
 
 #[cfg(test)]

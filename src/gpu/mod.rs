@@ -592,10 +592,9 @@ impl Worker {
         let (x_len, w_len) = lens;
         let max_block = self.ctx.info.max_storage_block;
         let algorithm = match dispatches.algorithm {
-            Some(Algorithm::Winograd) if !crate::winograd::applies(p) => {
-                return Err(Error::InvalidParams(format!(
-                    "Winograd F(2x2, 3x3) does not apply to {p}"
-                )))
+            Some(Algorithm::Winograd) => {
+                crate::winograd::check_applies(p)?;
+                Algorithm::Winograd
             }
             Some(a) => a,
             None => Algorithm::for_params(p),

@@ -599,11 +599,14 @@ impl Worker {
             Some(a) => a,
             None => Algorithm::for_params(p),
         };
-        let winograd = algorithm == Algorithm::Winograd && {
-            let positions = crate::winograd::positions(p);
-            let biggest = crate::winograd::XI * p.c_in.max(p.c_out) * positions;
-            (biggest as i64) * 4 <= max_block
-        };
+        // Winograd's intermediates (transformed input, products), where they fit a buffer.
+        let winograd_sizes = (algorithm == Algorithm::Winograd)
+            .then(|| {
+                let per_channel = crate::winograd::XI * crate::winograd::positions(p);
+                [per_channel * p.c_in, per_channel * p.c_out]
+            })
+            .filter(|sizes| sizes.iter().all(|&len| len as i64 * 4 <= max_block));
+        let winograd = winograd_sizes.is_some();
         // The convolution (or Winograd's GEMM) that the tiled or narrow kernel runs.
         let (conv_p, conv_bias) = if winograd {
             (crate::winograd::gemm_params(p), false)
@@ -629,16 +632,10 @@ impl Worker {
         }
         let split = tile.split.max(1) as usize;
         let out_len = p.output_len() as usize;
-        let scratch = if winograd {
-            let positions = crate::winograd::positions(p);
-            [
-                crate::winograd::XI * p.c_in * positions,
-                crate::winograd::XI * p.c_out * positions,
-            ]
-        } else if split > 1 {
-            [out_len * split, 0]
-        } else {
-            [0, 0]
+        let scratch = match winograd_sizes {
+            Some(sizes) => sizes,
+            None if split > 1 => [out_len * split, 0],
+            None => [0, 0],
         };
         let biggest = x_len
             .max(w_len)
@@ -658,35 +655,38 @@ impl Worker {
                 .div_ceil(u64::from(shaders::REDUCE_THREADS))
                 .min(info.max_groups[0].max(1) as u64) as u32
         };
-        let conv = shaders::conv2d_source(&conv_p, tile, conv_bias);
-        let passes = if winograd {
-            let positions = crate::winograd::positions(p);
-            let (input, output) = shaders::winograd_sources(p, bias);
-            Passes::Winograd {
-                input,
-                input_groups: line(p.c_in * positions),
-                output,
-                output_groups: line(p.c_out * positions),
+        let conv = Pass {
+            source: shaders::conv2d_source(&conv_p, tile, conv_bias),
+            groups: groups.map(|g| g as u32),
+        };
+        let passes = match winograd_sizes {
+            Some([transformed, products]) => {
+                let (input, output) = shaders::winograd_sources(p, bias);
+                let xi = crate::winograd::XI;
+                vec![
+                    Pass {
+                        source: input,
+                        groups: [line(transformed / xi), 1, 1],
+                    },
+                    conv,
+                    Pass {
+                        source: output,
+                        groups: [line(products / xi), 1, 1],
+                    },
+                ]
             }
-        } else if split > 1 {
-            Passes::Split {
-                reduce: shaders::reduce_source(p, tile.split, bias),
-                reduce_groups: line(out_len),
-            }
-        } else {
-            Passes::One
+            None if split > 1 => vec![
+                conv,
+                Pass {
+                    source: shaders::reduce_source(p, tile.split, bias),
+                    groups: [line(out_len), 1, 1],
+                },
+            ],
+            None => vec![conv],
         };
         let gl = std::rc::Rc::clone(&self.ctx.gl);
-        self.programs.get(&gl, conv.clone())?;
-        match &passes {
-            Passes::One => {}
-            Passes::Split { reduce, .. } => {
-                self.programs.get(&gl, reduce.clone())?;
-            }
-            Passes::Winograd { input, output, .. } => {
-                self.programs.get(&gl, input.clone())?;
-                self.programs.get(&gl, output.clone())?;
-            }
+        for pass in &passes {
+            self.programs.get(&gl, pass.source.clone())?;
         }
         Ok(Plan {
             algorithm: if winograd {
@@ -694,9 +694,7 @@ impl Worker {
             } else {
                 Algorithm::Direct
             },
-            groups: groups.map(|g| g as u32),
             out_len,
-            conv,
             passes,
             scratch,
         })
@@ -717,7 +715,9 @@ impl Worker {
         Ok(())
     }
 
-    /// Records one whole convolution: every pass of `plan`, with barriers between them.
+    /// Records one whole convolution: every pass of `plan` in order, with barriers between
+    /// them; pass `i` reads the input (first) or intermediate `i - 1`, and writes intermediate
+    /// `i` or the output (last).
     fn encode(&self, plan: &Plan, b: &Bindings) -> Result<()> {
         let gl = &self.ctx.gl;
         let program = |src: &str| {
@@ -726,47 +726,23 @@ impl Worker {
                 .ok_or_else(|| Error::Gpu("program missing from the cache".into()))
         };
         let scratch = |i: usize| {
-            b.scratch[i].ok_or_else(|| Error::Gpu("an intermediate buffer is missing".into()))
+            (b.scratch.get(i).copied().flatten())
+                .ok_or_else(|| Error::Gpu("an intermediate buffer is missing".into()))
         };
         b.weights.bind(1);
         b.bias.bind(2);
-        match &plan.passes {
-            Passes::One => {
-                b.input.bind(0);
-                b.output.bind(3);
-                program(&plan.conv)?.dispatch(plan.groups)
-            }
-            Passes::Split {
-                reduce,
-                reduce_groups,
-            } => {
-                b.input.bind(0);
-                scratch(0)?.bind(3);
-                program(&plan.conv)?.dispatch(plan.groups)?;
+        let last = plan.passes.len().saturating_sub(1);
+        for (i, pass) in plan.passes.iter().enumerate() {
+            if i > 0 {
                 gl::storage_barrier(gl);
-                scratch(0)?.bind(0);
-                b.output.bind(3);
-                program(reduce)?.dispatch([*reduce_groups, 1, 1])
             }
-            Passes::Winograd {
-                input,
-                input_groups,
-                output,
-                output_groups,
-            } => {
-                b.input.bind(0);
-                scratch(0)?.bind(3);
-                program(input)?.dispatch([*input_groups, 1, 1])?;
-                gl::storage_barrier(gl);
-                scratch(0)?.bind(0);
-                scratch(1)?.bind(3);
-                program(&plan.conv)?.dispatch(plan.groups)?;
-                gl::storage_barrier(gl);
-                scratch(1)?.bind(0);
-                b.output.bind(3);
-                program(output)?.dispatch([*output_groups, 1, 1])
-            }
+            let from = if i == 0 { b.input } else { scratch(i - 1)? };
+            let to = if i == last { b.output } else { scratch(i)? };
+            from.bind(0);
+            to.bind(3);
+            program(&pass.source)?.dispatch(pass.groups)?;
         }
+        Ok(())
     }
 
     fn conv2d(
@@ -843,33 +819,21 @@ impl Worker {
 struct Plan {
     /// What runs (Winograd only where its intermediates fit).
     algorithm: Algorithm,
-    /// Workgroups of the tiled or narrow pass.
-    groups: [u32; 3],
     out_len: usize,
-    /// Source (the program cache's key) of the tiled or narrow pass: the convolution, or
-    /// Winograd's GEMM.
-    conv: String,
-    /// The passes around it.
-    passes: Passes,
+    /// The passes in order, each reading what the one before wrote: the convolution alone;
+    /// split-K's slices into intermediate 0, then their reduction; or Winograd's input
+    /// transform into intermediate 0, its GEMM into intermediate 1, its output transform.
+    passes: Vec<Pass>,
     /// Floats of the two intermediate buffers (0: not needed).
     scratch: [usize; 2],
 }
 
-/// The passes of a plan besides the tiled or narrow one, with their sources and workgroups.
-enum Passes {
-    /// The convolution alone.
-    One,
-    /// Split-K: the convolution writes its slices' partial sums to intermediate 0, the
-    /// reduction adds them.
-    Split { reduce: String, reduce_groups: u32 },
-    /// Winograd: the input transform into intermediate 0, the GEMM into intermediate 1, the
-    /// output transform.
-    Winograd {
-        input: String,
-        input_groups: u32,
-        output: String,
-        output_groups: u32,
-    },
+/// One compute dispatch of a plan.
+struct Pass {
+    /// The specialised source (the program cache's key).
+    source: String,
+    /// Workgroups.
+    groups: [u32; 3],
 }
 
 /// The buffers one convolution reads and writes.

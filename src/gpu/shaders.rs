@@ -41,6 +41,15 @@ const BUSY_WORKGROUPS: u64 = 264;
 /// At most this many slices of the taps.
 const MAX_SPLIT: u64 = 16;
 
+/// The tuning knob `name` from the environment, parsed; an invalid value is reported and
+/// ignored (the callers keep the answer, so it is read once).
+fn knob<T>(name: &str, parse: impl Fn(&str) -> std::result::Result<T, String>) -> Option<T> {
+    let v = std::env::var(name).ok()?;
+    parse(&v)
+        .map_err(|e| eprintln!("sporkle: ignoring {name}={v:?}: {e}"))
+        .ok()
+}
+
 /// Which shader a tile variant runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kernel {
@@ -153,16 +162,7 @@ impl Tile {
     /// filters, read once. An invalid value is reported and ignored.
     pub fn from_env() -> Option<Self> {
         static TILE: std::sync::OnceLock<Option<Tile>> = std::sync::OnceLock::new();
-        *TILE.get_or_init(|| {
-            let v = std::env::var("SPORKLE_GPU_TILE").ok()?;
-            match Self::parse(&v) {
-                Ok(t) => Some(t),
-                Err(e) => {
-                    eprintln!("sporkle: ignoring SPORKLE_GPU_TILE={v:?}: {e}");
-                    None
-                }
-            }
-        })
+        *TILE.get_or_init(|| knob("SPORKLE_GPU_TILE", Self::parse))
     }
 
     /// Parses `kernel:BMxBNxBK:TMxTN[:SPLIT]` and checks the shader's constraints.
@@ -433,15 +433,11 @@ impl Algorithm {
         }
         static FORCED: std::sync::OnceLock<Option<Algorithm>> = std::sync::OnceLock::new();
         let forced = *FORCED.get_or_init(|| {
-            let v = std::env::var("SPORKLE_GPU_ALGO").ok()?;
-            match v.as_str() {
-                "direct" => Some(Self::Direct),
-                "winograd" => Some(Self::Winograd),
-                _ => {
-                    eprintln!("sporkle: ignoring SPORKLE_GPU_ALGO={v:?}: direct or winograd");
-                    None
-                }
-            }
+            knob("SPORKLE_GPU_ALGO", |v| match v {
+                "direct" => Ok(Self::Direct),
+                "winograd" => Ok(Self::Winograd),
+                _ => Err("direct or winograd".into()),
+            })
         });
         forced.unwrap_or_else(|| {
             // From H100 measurements (kernel TFLOP/s, Winograd against direct): l3 n32 (256

@@ -246,26 +246,33 @@ impl GpuBackend {
             bias.map(<[f32]>::len),
             output.len(),
         )?;
-        let (reply, answer) = mpsc::channel();
-        let job = Job {
-            p: *p,
-            x: input.to_vec(),
-            w: weights.to_vec(),
-            key: WeightsKey::of(weights),
-            b: bias.map(<[f32]>::to_vec),
-            dispatches,
-            reply,
-        };
-        self.send(Msg::Call(job))?;
-        let (y, run, times) = answer
-            .recv()
-            .map_err(|_| Error::Gpu("the GPU thread stopped during a job".into()))??;
+        let (y, run, times) = self.ask("a job", |reply| {
+            Msg::Call(Job {
+                p: *p,
+                x: input.to_vec(),
+                w: weights.to_vec(),
+                key: WeightsKey::of(weights),
+                b: bias.map(<[f32]>::to_vec),
+                dispatches,
+                reply,
+            })
+        })?;
         output.copy_from_slice(&y);
         Ok((run, times))
     }
 }
 
 impl GpuBackend {
+    /// Sends the worker the message `make` builds around a reply channel, and waits for the
+    /// answer (`during` names the request if the worker stops).
+    fn ask<T>(&self, during: &str, make: impl FnOnce(mpsc::Sender<Result<T>>) -> Msg) -> Result<T> {
+        let (reply, answer) = mpsc::channel();
+        self.send(make(reply))?;
+        answer
+            .recv()
+            .map_err(|_| Error::Gpu(format!("the GPU thread stopped during {during}")))?
+    }
+
     fn send(&self, msg: Msg) -> Result<()> {
         let sent = self
             .jobs
@@ -284,11 +291,7 @@ impl GpuBackend {
     /// three: the GPU's speed at this moment, sharing no code with the convolution kernels, for
     /// performance baselines. `None` on a software renderer (its timers mean nothing).
     pub fn calibrate(&self) -> Result<Option<f64>> {
-        let (reply, answer) = mpsc::channel();
-        self.send(Msg::Calibrate(reply))?;
-        answer
-            .recv()
-            .map_err(|_| Error::Gpu("the GPU thread stopped during calibration".into()))?
+        self.ask("calibration", Msg::Calibrate)
     }
 
     /// Diagnostics: DMA and host-read speeds of download staging buffers made with different
@@ -304,11 +307,7 @@ impl GpuBackend {
     }
 
     fn probe(&self, probe: Probe, floats: usize) -> Result<String> {
-        let (reply, answer) = mpsc::channel();
-        self.send(Msg::Probe(probe, floats, reply))?;
-        answer
-            .recv()
-            .map_err(|_| Error::Gpu("the GPU thread stopped during the probe".into()))?
+        self.ask("the probe", |reply| Msg::Probe(probe, floats, reply))
     }
 
     /// Streams one convolution through the async executor (see [`executor`]): returns at once;

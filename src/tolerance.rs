@@ -192,7 +192,8 @@ pub fn compare_points(
 
 /// Checks the corners and `count` seeded random outputs of `got` against the reference, for
 /// outputs too large for the whole reference to be computed (benchmarks, perf trials), with
-/// `tol` ([`Tolerance::Winograd`] computes the Winograd magnitudes itself).
+/// `tol` ([`Tolerance::Winograd`] computes the Winograd magnitudes itself, and so needs a
+/// shape Winograd applies to: [`crate::winograd::applies`]).
 pub fn check_sample(
     p: &Conv2dParams,
     x: &[f32],

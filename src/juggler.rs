@@ -771,7 +771,7 @@ impl Inner {
             return (
                 DeviceKind::Cpu,
                 format!(
-                    "{:.0} MFLOP is below the GPU floor of {:.0} MFLOP",
+                    "{:.1} MFLOP is below the GPU floor of {:.0} MFLOP",
                     p.flops() as f64 / 1e6,
                     self.config.min_gpu_flops as f64 / 1e6
                 ),

@@ -18,6 +18,13 @@
 #define KDIM (CG * K_H * K_W)
 #define NPOS (N * HO * WO)
 
+// The convolution's workgroup (see main: fused with copies, it is offset by COPY_Z layers).
+#ifdef COPY_Z
+#define WORKGROUP (gl_WorkGroupID - uvec3(0u, 0u, COPY_Z))
+#else
+#define WORKGROUP gl_WorkGroupID
+#endif
+
 layout(local_size_x = THREADS) in;
 
 layout(std430, binding = 0) readonly buffer Input { float x[]; };
@@ -29,9 +36,18 @@ shared float As[BK][BM];
 shared float Bs[BK][BN];
 
 void main() {
-    const uint g = gl_WorkGroupID.z;
-    const uint m0 = gl_WorkGroupID.y * BM;
-    const uint q0 = gl_WorkGroupID.x * BN;
+#ifdef COPY_Z
+    // Fused with the streaming copies (stream_copy.glsl): the first COPY_Z layers of
+    // workgroups copy, the rest convolve.
+    if (gl_WorkGroupID.z < COPY_Z) {
+        stream_copy((gl_WorkGroupID.z * gl_NumWorkGroups.y + gl_WorkGroupID.y)
+            * gl_NumWorkGroups.x + gl_WorkGroupID.x);
+        return;
+    }
+#endif
+    const uint g = WORKGROUP.z;
+    const uint m0 = WORKGROUP.y * BM;
+    const uint q0 = WORKGROUP.x * BN;
     const uint tid = gl_LocalInvocationIndex;
     const uint tx = tid % (BN / TN);
     const uint ty = tid / (BN / TN);

@@ -29,6 +29,13 @@
 // Taps per slice, a multiple of BK.
 #define KSLICE ((KDIM + SPLIT * BK - 1u) / (SPLIT * BK) * BK)
 
+// The convolution's workgroup (see main: fused with copies, it is offset by COPY_Z layers).
+#ifdef COPY_Z
+#define WORKGROUP (gl_WorkGroupID - uvec3(0u, 0u, COPY_Z))
+#else
+#define WORKGROUP gl_WorkGroupID
+#endif
+
 layout(local_size_x = THREADS) in;
 
 layout(std430, binding = 0) readonly buffer Input { float x[]; };
@@ -129,12 +136,21 @@ void store(uint m, uint q, vec4 v) {
 }
 
 void main() {
-    g = gl_WorkGroupID.z / SPLIT;
-    slice = gl_WorkGroupID.z % SPLIT;
+#ifdef COPY_Z
+    // Fused with the streaming copies (stream_copy.glsl): the first COPY_Z layers of
+    // workgroups copy, the rest convolve.
+    if (gl_WorkGroupID.z < COPY_Z) {
+        stream_copy((gl_WorkGroupID.z * gl_NumWorkGroups.y + gl_WorkGroupID.y)
+            * gl_NumWorkGroups.x + gl_WorkGroupID.x);
+        return;
+    }
+#endif
+    g = WORKGROUP.z / SPLIT;
+    slice = WORKGROUP.z % SPLIT;
     // Filter tiles vary fastest, so the tiles that share one window of the input run together
     // and find it in L2.
-    m0 = gl_WorkGroupID.x * BM;
-    q0 = gl_WorkGroupID.y * BN;
+    m0 = WORKGROUP.x * BM;
+    q0 = WORKGROUP.y * BN;
     const uint k_begin = slice * KSLICE;
     k_end = min(k_begin + KSLICE, KDIM);
     const uint tid = gl_LocalInvocationIndex;

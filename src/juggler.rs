@@ -105,17 +105,23 @@ pub struct RunInfo {
 }
 
 /// Where a GPU job's time went: host copies (wall time) and GPU stages (timer queries; `None`
-/// on a software renderer).
+/// on a software renderer). The GPU stages are the executor's steps that ran the job's copy in,
+/// convolution and copy out: the job's own times when it ran alone (`steps_shared` false),
+/// otherwise those of whole steps, which ran other jobs' phases too.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct Stages {
     /// Input into the upload staging buffer.
     pub host_in_s: f64,
-    /// DMA copy staging → device.
+    /// Copy staging → device (DMA or shader copy; see `StreamCopy`).
     pub upload_s: Option<f64>,
     /// The convolution.
     pub kernel_s: Option<f64>,
-    /// DMA copy device → staging.
+    /// Copy device → staging.
     pub download_s: Option<f64>,
+    /// Whether its steps ran other jobs' phases too.
+    pub steps_shared: bool,
+    /// Whether its copies ran inside a convolution's dispatch.
+    pub fused: bool,
     /// Output out of the download staging buffer.
     pub host_out_s: f64,
     /// GPU jobs in flight when it started, itself included.
@@ -522,7 +528,11 @@ impl GpuTicket {
                     device: DeviceKind::Gpu,
                     reason: self.reason,
                     wall_s,
-                    gpu_kernel_s: done.kernel_ns.map(|ns| ns as f64 * 1e-9),
+                    // A step shared with other jobs does not time the convolution alone.
+                    gpu_kernel_s: done
+                        .kernel_ns
+                        .filter(|_| !done.steps_shared)
+                        .map(|ns| ns as f64 * 1e-9),
                     gflops: self.p.flops() as f64 / wall_s / 1e9,
                     fallback: None,
                     stages: Some(Stages {
@@ -533,6 +543,8 @@ impl GpuTicket {
                         host_out_s,
                         in_flight: done.in_flight,
                         gpu_span_ns: done.gpu_span_ns,
+                        steps_shared: done.steps_shared,
+                        fused: done.fused,
                     }),
                 };
                 Ok((delivered, info))

@@ -62,6 +62,13 @@ enum Command {
     /// Diagnostics: do uploads, downloads and compute overlap in separate shared contexts?
     #[command(hide = true)]
     ProbeOverlap,
+    /// Diagnostics: shader copies across the bus, and their overlap with compute, in one context.
+    #[command(hide = true)]
+    ProbeZeroCopy {
+        /// Floats per copy (#7's batch is 6422528).
+        #[arg(default_value_t = 6_422_528)]
+        floats: usize,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -199,6 +206,10 @@ fn main() -> ExitCode {
             .map_err(Into::into),
         Command::ProbeOverlap => GpuBackend::new()
             .and_then(|g| g.probe_overlap(16 << 20))
+            .map(|report| out!("{}", report.trim_end()))
+            .map_err(Into::into),
+        Command::ProbeZeroCopy { floats } => GpuBackend::new()
+            .and_then(|g| g.probe_zero_copy(floats))
             .map(|report| out!("{}", report.trim_end()))
             .map_err(Into::into),
     };
@@ -694,8 +705,15 @@ fn stream(a: &BenchArgs, cases: &[&sporkle::suite::Case], batches: usize) -> Res
                     overlap_ns as f64 / 1e6 / spans.len() as f64,
                 );
             }
+            let shared = async_stages.iter().filter(|s| s.steps_shared).count();
+            let fused = async_stages.iter().filter(|s| s.fused).count();
             eprintln!(
-                "# {} async stages (medians): host in {:.3} ms, DMA up {:.3}, kernel {:.3}, DMA down {:.3}, host out {:.3}",
+                "# {} async: {shared} of {} jobs shared their steps with other jobs, {fused} had their copies fused into a convolution's dispatch",
+                case.name,
+                async_stages.len()
+            );
+            eprintln!(
+                "# {} async stages (medians; shared steps are timed whole): host in {:.3} ms, copy-in step {:.3}, convolution step {:.3}, copy-out step {:.3}, host out {:.3}",
                 case.name,
                 amed(&|s| s.host_in_s),
                 amed(&|s| s.upload_s.unwrap_or(0.0)),
@@ -704,7 +722,7 @@ fn stream(a: &BenchArgs, cases: &[&sporkle::suite::Case], batches: usize) -> Res
                 amed(&|s| s.host_out_s),
             );
             eprintln!(
-                "# {}: U {u:.3} ms (host {:.3} + DMA {:.3}), C {c:.3} ms, D {d:.3} ms (DMA {:.3} + host {:.3}); bound {bound:.2}x, async/sync {speedup:.2}x = {:.2} of the bound; at most {} in flight",
+                "# {}: U {u:.3} ms (host {:.3} + GPU copy {:.3}), C {c:.3} ms, D {d:.3} ms (GPU copy {:.3} + host {:.3}); bound {bound:.2}x, async/sync {speedup:.2}x = {:.2} of the bound; at most {} in flight",
                 case.name,
                 med(&|s| s.host_in_s),
                 med(&|s| s.upload_s.unwrap_or(0.0)),

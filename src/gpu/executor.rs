@@ -24,16 +24,21 @@
 //! be in use, so every later stream job fails at once with the reason.
 
 use super::gl::{self, Buffer, Direction, Fence, MappedBuffer, MappedView, TimerQuery};
-use super::{Bindings, WeightsKey, Worker};
+use super::shaders::{self, StreamCopy};
+use super::{Bindings, Plan, WeightsKey, Worker};
 use crate::error::{Error, Result};
 use crate::params::Conv2dParams;
 use std::rc::Rc;
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
-/// Frames in flight: while the GPU computes one, the next is uploaded and the one before it
-/// downloaded.
+/// Jobs in one step of the pipeline, and so on the GPU at once: while one convolves, the next
+/// is copied in and the one before it copied out.
 pub const FRAMES: usize = 3;
+
+/// Frames (buffer sets) in all: a job holds one from its start until its caller has read its
+/// output, so beyond the [`FRAMES`] jobs of a step, two more may be done and being read.
+pub(super) const SLOTS: usize = FRAMES + 2;
 
 /// The start of the error of a job whose fence missed its deadline.
 pub const FENCE_TIMEOUT: &str = "fence timeout";
@@ -157,6 +162,11 @@ pub struct StreamDone {
     pub fence_waited: bool,
     /// See `fence_waited`.
     pub fence_wait_s: f64,
+    /// Whether its steps ran other jobs' phases too (pipelined): then the upload, kernel and
+    /// download times are those of whole steps, not its own.
+    pub steps_shared: bool,
+    /// Whether its copies ran inside a convolution's dispatch (shader copies, fused).
+    pub fused: bool,
     /// Whether the weights had to be uploaded (false: resident).
     pub weights_uploaded: bool,
     /// Jobs in flight when this one was started, itself included (1: it ran alone).
@@ -167,7 +177,8 @@ pub struct StreamDone {
     pub bytes_down: u64,
 }
 
-/// One frame's buffers, and the job in it.
+/// One frame's buffers, and the job in it. Staging and device buffers hold whole vec4s (the
+/// shader copies move vec4s).
 #[derive(Default)]
 pub(crate) struct Frame {
     upload: Option<MappedBuffer>,
@@ -180,22 +191,46 @@ pub(crate) struct Frame {
     flight: Option<Flight>,
 }
 
-/// A job on the GPU.
+/// A job in the pipeline, from its start until it is answered.
 struct Flight {
     job: StreamJob,
-    rec: Recorded,
-}
-
-/// A job's recorded GPU work.
-struct Recorded {
-    fence: Fence,
-    /// Upload copy, convolution, download copy.
-    queries: [TimerQuery; 3],
-    /// Before the upload copy, after the download copy.
-    span: [TimerQuery; 2],
-    out_len: usize,
+    plan: Plan,
+    /// Its convolution fused with the copies: the program's source and its copying layers.
+    fused: Option<(String, u32)>,
+    /// Steps recorded for it: 0 to 3 (copy in, convolution, copy out); at 3 its fence decides.
+    phases: usize,
+    /// The fence after the step that copied its output out.
+    fence: Option<Rc<Fence>>,
+    /// The steps that ran its phases.
+    steps: [Option<Rc<StepTimes>>; 3],
+    /// Steps whose GPU time counts as its busy time (each step counts for the oldest job in it).
+    charged: Vec<Rc<StepTimes>>,
     begun: Instant,
     done: StreamDone,
+}
+
+/// A step's timer queries: timestamps before and after it, and its elapsed time.
+struct StepTimes {
+    start: TimerQuery,
+    elapsed: TimerQuery,
+    end: TimerQuery,
+}
+
+/// A frame's buffer, which a job in flight always has.
+fn buffer(b: &Option<Buffer>) -> Result<&Buffer> {
+    b.as_ref()
+        .ok_or_else(|| Error::Gpu("a frame in flight lacks a buffer".into()))
+}
+
+/// A frame's staging buffer, which a job in flight always has.
+fn mapped(b: &Option<MappedBuffer>) -> Result<&MappedBuffer> {
+    b.as_ref()
+        .ok_or_else(|| Error::Gpu("a frame in flight lacks its staging".into()))
+}
+
+/// `len` floats rounded up to whole vec4s.
+fn padded(len: usize) -> usize {
+    len.div_ceil(4) * 4
 }
 
 /// `dst.copy_from_slice(src)`, split across threads when large.
@@ -226,7 +261,7 @@ pub fn parallel_copy(src: &[f32], dst: &mut [f32]) {
 impl Worker {
     /// Whether a frame is free for a new job (neither in flight nor read by a caller).
     pub(super) fn frame_free(&self) -> bool {
-        self.in_flight.len() + self.held.len() < FRAMES
+        self.in_flight.len() + self.held.len() < SLOTS
     }
 
     /// Takes the releases of frames that callers have finished reading.
@@ -260,7 +295,29 @@ impl Worker {
         self.in_flight.len()
     }
 
-    /// Starts `job` in a free frame; a job that cannot start is answered with the error.
+    /// The job in flight in frame `slot`.
+    fn flight(&self, slot: usize) -> &Flight {
+        self.frames[slot]
+            .flight
+            .as_ref()
+            .expect("a frame in flight holds its job")
+    }
+
+    /// Whether some job in flight still has a phase to record.
+    pub(super) fn steps_pending(&self) -> bool {
+        self.in_flight.iter().any(|&s| self.flight(s).phases < 3)
+    }
+
+    /// Whether the GPU has finished every step recorded (so that waiting for more jobs to
+    /// share the next step with would leave it idle).
+    pub(super) fn gpu_idle(&self) -> bool {
+        self.last_step
+            .as_ref()
+            .is_none_or(|f| f.signaled().unwrap_or(true))
+    }
+
+    /// Starts `job` in a free frame and records a step; a job that cannot start is answered
+    /// with the error.
     pub(super) fn stream_begin(&mut self, job: StreamJob) {
         if let Some(why) = &self.broken {
             let why = why.clone();
@@ -292,8 +349,7 @@ impl Worker {
             let _ = job.reply.send(result);
             return;
         }
-        let Some(slot) =
-            (0..FRAMES).find(|i| !self.in_flight.contains(i) && !self.held.contains(i))
+        let Some(slot) = (0..SLOTS).find(|i| !self.in_flight.contains(i) && !self.held.contains(i))
         else {
             let _ = job
                 .reply
@@ -301,21 +357,43 @@ impl Worker {
             return;
         };
         let mut frame = std::mem::take(&mut self.frames[slot]);
-        match self.try_fill(&mut frame, &job) {
-            Ok(mut rec) => {
+        let started = self.try_fill(&mut frame, &job);
+        match started {
+            Ok((plan, fused, done)) => {
+                frame.flight = Some(Flight {
+                    job,
+                    plan,
+                    fused,
+                    phases: 0,
+                    fence: None,
+                    steps: [None, None, None],
+                    charged: Vec::new(),
+                    begun: Instant::now(),
+                    done,
+                });
+                self.frames[slot] = frame;
                 self.in_flight.push_back(slot);
-                rec.done.in_flight = self.in_flight.len();
-                frame.flight = Some(Flight { job, rec });
+                let in_flight = self.in_flight.len();
+                if let Some(f) = self.frames[slot].flight.as_mut() {
+                    f.done.in_flight = in_flight;
+                }
+                self.step_or_fail();
             }
             Err(e) => {
+                self.frames[slot] = frame;
                 let _ = job.reply.send(Err(e));
             }
         }
-        self.frames[slot] = frame;
     }
 
-    /// Uploads and records `job` in `frame`.
-    fn try_fill(&mut self, frame: &mut Frame, job: &StreamJob) -> Result<Recorded> {
+    /// Plans `job`, sizes `frame`'s buffers for it, copies its input into the upload staging
+    /// and uploads its bias. Its weights are made resident by the step that convolves.
+    #[allow(clippy::type_complexity)]
+    fn try_fill(
+        &mut self,
+        frame: &mut Frame,
+        job: &StreamJob,
+    ) -> Result<(Plan, Option<(String, u32)>, StreamDone)> {
         let p = &job.p;
         let plan = self.plan(
             p,
@@ -324,7 +402,11 @@ impl Worker {
             &super::Dispatches::ONE,
         )?;
         let gl = Rc::clone(&self.ctx.gl);
-        let (x_len, out_len) = (job.x.len(), plan.out_len);
+        let fused = self.fused_program(&plan)?;
+        if self.copy_mode != StreamCopy::Dma {
+            self.programs.get(&gl, shaders::stream_copy_source())?;
+        }
+        let (x_len, out_len) = (padded(job.x.len()), padded(plan.out_len));
         gl::ensure_len(&mut frame.upload, x_len, || {
             MappedBuffer::new(&gl, x_len, Direction::Upload)
         })?;
@@ -335,102 +417,307 @@ impl Worker {
         Self::scratch(&gl, &mut frame.output, out_len, true)?;
         Self::scratch(&gl, &mut frame.bias, p.c_out, true)?;
         Self::scratch_for(&gl, &mut frame.scratch, &plan, true)?;
-        let (upload, download) = (
-            frame.upload.as_mut().expect("allocated above"),
-            frame.download.as_ref().expect("allocated above"),
-        );
+        let upload = frame.upload.as_mut().expect("allocated above");
         let t = Instant::now();
         parallel_copy(&job.x, &mut upload.as_mut_slice()[..job.x.len()]);
         let host_in_s = t.elapsed().as_secs_f64();
-        let bias = frame.bias.as_ref().expect("allocated above");
         let mut bytes_up = (job.x.len() * 4) as u64;
         if let Some(b) = &job.b {
-            bias.upload(b)?;
+            frame.bias.as_ref().expect("allocated above").upload(b)?;
             bytes_up += (b.len() * 4) as u64;
         }
-        let (wi, weights_uploaded) = self.resident(p, job.key, &job.w, plan.algorithm)?;
-        if weights_uploaded {
-            bytes_up += (job.w.len() * 4) as u64;
-        }
-        let begun = Instant::now();
-        let input = frame.input.as_ref().expect("allocated above");
-        let output = frame.output.as_ref().expect("allocated above");
-        let t_start = TimerQuery::timestamp(&gl)?;
-        let q_up = TimerQuery::begin(&gl)?;
-        let copied = gl::copy_buffer(&gl, upload.raw(), input.raw(), job.x.len());
-        q_up.end();
-        copied?;
-        let q_conv = TimerQuery::begin(&gl)?;
-        let encoded = self.encode(
-            &plan,
-            &Bindings {
-                input,
-                weights: &self.weights[wi].buffer,
-                bias,
-                output,
-                scratch: [frame.scratch[0].as_ref(), frame.scratch[1].as_ref()],
-            },
-        );
-        q_conv.end();
-        encoded?;
-        gl::storage_barrier(&gl);
-        let q_down = TimerQuery::begin(&gl)?;
-        let copied = gl::copy_buffer(&gl, output.raw(), download.raw(), plan.out_len);
-        q_down.end();
-        copied?;
-        let t_end = TimerQuery::timestamp(&gl)?;
-        let fence = Fence::new(&gl)?;
-        gl::flush(&gl);
-        Ok(Recorded {
-            fence,
-            queries: [q_up, q_conv, q_down],
-            span: [t_start, t_end],
-            out_len: plan.out_len,
-            begun,
-            done: StreamDone {
-                host_in_s,
-                weights_uploaded,
-                bytes_up,
-                bytes_down: (plan.out_len * 4) as u64,
-                ..StreamDone::default()
-            },
-        })
+        let done = StreamDone {
+            host_in_s,
+            bytes_up,
+            bytes_down: (plan.out_len * 4) as u64,
+            ..StreamDone::default()
+        };
+        Ok((plan, fused, done))
     }
 
-    /// Whether the oldest job in flight has finished on the GPU or run out of time (so that
-    /// finishing it will not block).
+    /// For a one-pass plan with shader copies: the source of its convolution fused with the
+    /// copies, compiled, and the copying layers of workgroups put before the convolution's.
+    fn fused_program(&mut self, plan: &Plan) -> Result<Option<(String, u32)>> {
+        let StreamCopy::Shader { groups } = self.copy_mode else {
+            return Ok(None);
+        };
+        let [pass] = &plan.passes[..] else {
+            return Ok(None);
+        };
+        let layer = (pass.groups[0] * pass.groups[1]).max(1);
+        let copy_z = groups.div_ceil(layer);
+        if u64::from(pass.groups[2]) + u64::from(copy_z) > self.ctx.info.max_groups[2] as u64 {
+            return Ok(None);
+        }
+        let source = shaders::fused_source(&pass.source, copy_z);
+        self.programs.get(&self.ctx.gl, source.clone())?;
+        Ok(Some((source, copy_z)))
+    }
+
+    /// Records a step (see [`Worker::step`]); a failure fails every job in flight, since their
+    /// buffers may be half written, and marks the executor broken.
+    pub(super) fn step_or_fail(&mut self) {
+        if let Err(e) = self.step() {
+            self.fail_all(format!("a streaming step failed: {e}"));
+        }
+    }
+
+    /// Records one step of the pipeline: the newest job copies its input in, the one before
+    /// convolves, the one before that copies its output out, all after one barrier (each reads
+    /// what the step before wrote), then a fence. Jobs advance one phase per step, so no two jobs
+    /// in a step are in the same phase.
+    fn step(&mut self) -> Result<()> {
+        let mut role: [Option<usize>; 3] = [None; 3];
+        for &slot in &self.in_flight {
+            let phases = self.flight(slot).phases;
+            if phases < 3 {
+                role[phases] = Some(slot);
+            }
+        }
+        if role.iter().all(Option::is_none) {
+            return Ok(());
+        }
+        let gl = Rc::clone(&self.ctx.gl);
+        // The convolution's weights, made resident now: an earlier step may have evicted them.
+        let weights = match role[1] {
+            Some(slot) => {
+                let f = self.flight(slot);
+                let (p, key, w, algorithm) =
+                    (f.job.p, f.job.key, Arc::clone(&f.job.w), f.plan.algorithm);
+                Some(self.resident(&p, key, &w, algorithm)?)
+            }
+            None => None,
+        };
+        gl::storage_barrier(&gl);
+        let start = TimerQuery::timestamp(&gl)?;
+        let elapsed = TimerQuery::begin(&gl)?;
+        let encoded = self.encode_step(role, weights.map(|w| w.0));
+        elapsed.end();
+        let fused = encoded?;
+        // Shader writes to mapped staging reach the host once the fence has passed.
+        gl::client_mapped_barrier(&gl);
+        let end = TimerQuery::timestamp(&gl)?;
+        let fence = Rc::new(Fence::new(&gl)?);
+        gl::flush(&gl);
+        let times = Rc::new(StepTimes {
+            start,
+            elapsed,
+            end,
+        });
+        let shared = role.iter().flatten().count() > 1;
+        // The oldest job in the step: the one copying out, else convolving, else copying in.
+        let oldest = role.iter().rev().flatten().next().copied();
+        for (phase, slot) in role.iter().enumerate() {
+            let Some(slot) = *slot else { continue };
+            let f = self.frames[slot]
+                .flight
+                .as_mut()
+                .expect("a frame in flight holds its job");
+            f.steps[phase] = Some(Rc::clone(&times));
+            f.phases += 1;
+            f.done.steps_shared |= shared;
+            f.done.fused |= fused;
+            if phase == 1 && weights.is_some_and(|w| w.1) {
+                f.done.weights_uploaded = true;
+                f.done.bytes_up += (f.job.w.len() * 4) as u64;
+            }
+            if phase == 2 {
+                f.fence = Some(Rc::clone(&fence));
+            }
+            if Some(slot) == oldest {
+                f.charged.push(Rc::clone(&times));
+            }
+        }
+        self.last_step = Some(fence);
+        Ok(())
+    }
+
+    /// Encodes a step's work for the jobs in frames `role` ([copy in, convolve, copy out]);
+    /// `weights` is the convolution's resident weights. Returns whether the copies ran in the
+    /// convolution's own dispatch.
+    fn encode_step(&self, role: [Option<usize>; 3], weights: Option<usize>) -> Result<bool> {
+        let gl = &self.ctx.gl;
+        let frame = |slot: Option<usize>| slot.map(|s| &self.frames[s]);
+        let (f_in, f_conv, f_out) = (frame(role[0]), frame(role[1]), frame(role[2]));
+        let x_len = f_in.map_or(0, |f| {
+            padded(f.flight.as_ref().map_or(0, |j| j.job.x.len()))
+        });
+        let out_len = f_out.map_or(0, |f| {
+            padded(f.flight.as_ref().map_or(0, |j| j.plan.out_len))
+        });
+        let convolve = |f: &Frame| -> Result<()> {
+            let job = f.flight.as_ref().expect("a frame in flight holds its job");
+            let wi = weights.ok_or_else(|| Error::Gpu("no resident weights".into()))?;
+            self.encode(
+                &job.plan,
+                &Bindings {
+                    input: buffer(&f.input)?,
+                    weights: &self.weights[wi].buffer,
+                    bias: buffer(&f.bias)?,
+                    output: buffer(&f.output)?,
+                    scratch: [f.scratch[0].as_ref(), f.scratch[1].as_ref()],
+                },
+            )
+        };
+        let StreamCopy::Shader { groups } = self.copy_mode else {
+            // DMA copies: one context runs them one after another with the convolution.
+            if let Some(f) = f_in {
+                gl::copy_buffer(gl, mapped(&f.upload)?.raw(), buffer(&f.input)?.raw(), x_len)?;
+            }
+            if let Some(f) = f_conv {
+                convolve(f)?;
+            }
+            if let Some(f) = f_out {
+                gl::copy_buffer(
+                    gl,
+                    buffer(&f.output)?.raw(),
+                    mapped(&f.download)?.raw(),
+                    out_len,
+                )?;
+            }
+            return Ok(false);
+        };
+        // Copy buffers on bindings 4 to 7; an absent copy binds its partner (nothing reads it).
+        if let Some(f) = f_in {
+            mapped(&f.upload)?.bind(4);
+            buffer(&f.input)?.bind(5);
+        }
+        if let Some(f) = f_out {
+            buffer(&f.output)?.bind(6);
+            mapped(&f.download)?.bind(7);
+        }
+        match (f_in, f_out) {
+            (Some(f), None) => {
+                buffer(&f.input)?.bind(6);
+                mapped(&f.upload)?.bind(7);
+            }
+            (None, Some(f)) => {
+                mapped(&f.download)?.bind(4);
+                buffer(&f.output)?.bind(5);
+            }
+            _ => {}
+        }
+        // Copying workgroups split by bytes, at least one for each copy.
+        let (n_in, n_out) = ((x_len / 4) as u64, (out_len / 4) as u64);
+        let copy_groups = match (n_in, n_out) {
+            (0, 0) => [0, 0],
+            (_, 0) => [groups, 0],
+            (0, _) => [0, groups],
+            _ => {
+                let g_in =
+                    (u64::from(groups) * n_in / (n_in + n_out)).clamp(1, u64::from(groups) - 1);
+                [g_in as u32, groups - g_in as u32]
+            }
+        };
+        let copies = [copy_groups[0], copy_groups[1], n_in as u32, n_out as u32];
+        let copying = n_in + n_out > 0;
+        let program = |src: &str| {
+            self.programs
+                .peek(src)
+                .ok_or_else(|| Error::Gpu("program missing from the cache".into()))
+        };
+        match f_conv {
+            Some(f) if copying && f.flight.as_ref().is_some_and(|j| j.fused.is_some()) => {
+                let job = f.flight.as_ref().expect("checked above");
+                let (source, copy_z) = job.fused.as_ref().expect("checked above");
+                let [gx, gy, gz] = job.plan.passes[0].groups;
+                let wi = weights.ok_or_else(|| Error::Gpu("no resident weights".into()))?;
+                buffer(&f.input)?.bind(0);
+                self.weights[wi].buffer.bind(1);
+                buffer(&f.bias)?.bind(2);
+                buffer(&f.output)?.bind(3);
+                program(source)?.dispatch_with([gx, gy, gz + copy_z], "copies", copies)?;
+                Ok(true)
+            }
+            _ => {
+                if copying {
+                    program(&shaders::stream_copy_source())?.dispatch_with(
+                        [groups, 1, 1],
+                        "copies",
+                        copies,
+                    )?;
+                }
+                if let Some(f) = f_conv {
+                    convolve(f)?;
+                }
+                Ok(false)
+            }
+        }
+    }
+
+    /// Fails every job in flight with `why` and marks the executor broken: their buffers may
+    /// still be in use, so none is read.
+    fn fail_all(&mut self, why: String) {
+        self.broken = Some(why.clone());
+        while let Some(slot) = self.in_flight.pop_front() {
+            if let Some(f) = self.frames[slot].flight.take() {
+                let _ = f
+                    .job
+                    .reply
+                    .send(Err(Error::Gpu(format!("the GPU is unhealthy: {why}"))));
+            }
+        }
+        self.last_step = None;
+    }
+
+    /// Whether the oldest job in flight has all its steps recorded and has finished on the GPU
+    /// or run out of time (so that finishing it will not block).
     pub(super) fn oldest_ready(&self) -> bool {
         let Some(&slot) = self.in_flight.front() else {
             return false;
         };
-        let Some(flight) = &self.frames[slot].flight else {
-            return true;
-        };
-        flight.rec.fence.signaled().unwrap_or(true)
-            || flight.rec.begun.elapsed() >= flight.job.timeout
+        let f = self.flight(slot);
+        f.phases == 3
+            && (f
+                .fence
+                .as_ref()
+                .is_none_or(|f| f.signaled().unwrap_or(true))
+                || f.begun.elapsed() >= f.job.timeout)
     }
 
-    /// Waits for the oldest job in flight (within its timeout) and answers it. A fence that
-    /// does not pass marks the executor broken and fails every job in flight.
+    /// Waits (at most `timeout`) for the oldest job's fence, if all its steps are recorded.
+    pub(super) fn wait_oldest(&self, timeout: Duration) -> bool {
+        let Some(&slot) = self.in_flight.front() else {
+            return false;
+        };
+        let f = self.flight(slot);
+        match &f.fence {
+            Some(fence) if f.phases == 3 => {
+                let _ = fence.wait(timeout.min(f.job.timeout.saturating_sub(f.begun.elapsed())));
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Waits for the oldest job in flight (within its timeout), recording the steps it still
+    /// needs first, and answers it. A fence that does not pass marks the executor broken and
+    /// fails every job in flight.
     pub(super) fn stream_finish_oldest(&mut self) {
-        let Some(slot) = self.in_flight.pop_front() else {
+        let Some(&slot) = self.in_flight.front() else {
             return;
         };
+        while self.in_flight.front() == Some(&slot) && self.flight(slot).phases < 3 {
+            self.step_or_fail();
+        }
+        if self.in_flight.front() != Some(&slot) {
+            return;
+        }
+        self.in_flight.pop_front();
         let Some(flight) = self.frames[slot].flight.take() else {
             return;
         };
         let Flight {
             job,
-            rec:
-                Recorded {
-                    fence,
-                    queries,
-                    span,
-                    out_len,
-                    begun,
-                    mut done,
-                },
+            fence,
+            steps,
+            charged,
+            begun,
+            mut done,
+            plan,
+            ..
         } = flight;
+        let fence = fence.expect("a job with its three steps has the fence of the last");
         let waited_from = Instant::now();
         let already = fence.signaled().unwrap_or(false);
         let left = job.timeout.saturating_sub(begun.elapsed());
@@ -460,17 +747,9 @@ impl Worker {
             } else {
                 format!("{FENCE_TIMEOUT} of {:?}: {e}", job.timeout)
             };
-            self.broken = Some(why.clone());
             let _ = job.reply.send(Err(Error::Gpu(why.clone())));
             // The other frames' buffers may be in use too: fail their jobs, never read them.
-            while let Some(slot) = self.in_flight.pop_front() {
-                if let Some(f) = self.frames[slot].flight.take() {
-                    let _ = f
-                        .job
-                        .reply
-                        .send(Err(Error::Gpu(format!("the GPU is unhealthy: {why}"))));
-                }
-            }
+            self.fail_all(why);
             return;
         }
         done.fence_waited = !already;
@@ -492,7 +771,7 @@ impl Worker {
             .expect("a frame in flight has staging");
         // SAFETY: the fence of the copy into it has passed; the frame stays held (not reused,
         // not deleted) until the Staged's release arrives (wait_all_releases before exit).
-        let view = unsafe { download.view(out_len) };
+        let view = unsafe { download.view(plan.out_len) };
         self.held.push(slot);
         done.output = Output::Staged(Staged {
             view,
@@ -500,15 +779,23 @@ impl Worker {
             release: self.release_tx.clone(),
         });
         if !self.ctx.info.software {
-            let [up, conv, down] = queries.each_ref().map(|q| Some(q.nanoseconds()));
+            let [up, conv, down] = steps
+                .each_ref()
+                .map(|s| s.as_ref().map(|s| s.elapsed.nanoseconds()));
             (done.upload_ns, done.kernel_ns, done.download_ns) = (up, conv, down);
             // Timer queries say how long the GPU worked; never more than the wall share.
-            let timed = [up, conv, down].iter().flatten().sum::<u64>() as f64 * 1e-9;
+            let timed = charged.iter().map(|s| s.elapsed.nanoseconds()).sum::<u64>() as f64 * 1e-9;
             done.busy_s = done.busy_s.min(timed);
-            done.gpu_span_ns = Some((span[0].nanoseconds(), span[1].nanoseconds()));
+            if let (Some(first), Some(last)) = (&steps[0], &steps[2]) {
+                done.gpu_span_ns = Some((first.start.nanoseconds(), last.end.nanoseconds()));
+            }
         }
-        // GL objects go before the answer, so a caller that counts them sees them gone.
-        drop((fence, queries, span));
+        // GL objects go before the answer, so a caller that counts them sees them gone (those
+        // of steps shared with later jobs go with the last of them).
+        drop((fence, steps, charged));
+        if self.in_flight.is_empty() {
+            self.last_step = None;
+        }
         let _ = job.reply.send(Ok(done));
     }
 

@@ -321,6 +321,16 @@ impl MappedBuffer {
         self.raw
     }
 
+    /// Binds it to storage binding point `index`, for a shader to read or write host memory
+    /// across the bus (no DMA copy).
+    pub fn bind(&self, index: u32) {
+        // SAFETY: the buffer is alive.
+        unsafe {
+            self.gl
+                .bind_buffer_base(glow::SHADER_STORAGE_BUFFER, index, Some(self.raw))
+        };
+    }
+
     /// A read-only view of the first `len` floats that another thread may read.
     ///
     /// # Safety
@@ -434,6 +444,19 @@ impl Program {
     pub fn binary(&self) -> Option<Vec<u8>> {
         // SAFETY: the program is alive and linked; glow sizes the buffer from the driver.
         unsafe { self.gl.get_program_binary(self.raw) }.map(|b| b.buffer)
+    }
+
+    /// Dispatches `groups` workgroups with the program's `uvec4` uniform `name` set to `value`
+    /// first (a program without that uniform ignores it).
+    pub fn dispatch_with(&self, groups: [u32; 3], name: &str, value: [u32; 4]) -> Result<()> {
+        // SAFETY: the program is alive and linked; a location it reports belongs to it.
+        unsafe {
+            self.gl.use_program(Some(self.raw));
+            let at = self.gl.get_uniform_location(self.raw, name);
+            self.gl
+                .uniform_4_u32(at.as_ref(), value[0], value[1], value[2], value[3]);
+        }
+        self.dispatch(groups)
     }
 
     /// Dispatches `groups` workgroups with this program (storage buffers bound by the caller).

@@ -131,6 +131,8 @@ enum Probe {
     Staging,
     /// `overlap::probe_overlap`.
     Overlap,
+    /// `overlap::probe_zero_copy`.
+    ZeroCopy,
 }
 
 /// The GPU backend (see the module docs).
@@ -306,6 +308,12 @@ impl GpuBackend {
         self.probe(Probe::Overlap, floats)
     }
 
+    /// Zero-copy probe: shader copies across the bus and their overlap with compute in one
+    /// context (see `overlap::probe_zero_copy`), for `floats` floats.
+    pub fn probe_zero_copy(&self, floats: usize) -> Result<String> {
+        self.probe(Probe::ZeroCopy, floats)
+    }
+
     fn probe(&self, probe: Probe, floats: usize) -> Result<String> {
         self.ask("the probe", |reply| Msg::Probe(probe, floats, reply))
     }
@@ -376,6 +384,10 @@ struct Worker {
     broken: Option<String>,
     /// When the last streaming job's fence was seen passing (for busy time).
     busy_until: Option<Instant>,
+    /// The fence after the last step recorded (none when no job is in flight).
+    last_step: Option<std::rc::Rc<gl::Fence>>,
+    /// How the executor's steps copy between staging and device buffers.
+    copy_mode: shaders::StreamCopy,
     programs: ProgramCache,
     weights: Vec<Resident>,
     input: Option<Buffer>,
@@ -393,13 +405,15 @@ impl Worker {
     fn new(ctx: GlContext) -> Self {
         let (release_tx, release_rx) = mpsc::channel();
         Self {
-            frames: (0..FRAMES).map(|_| Frame::default()).collect(),
+            frames: (0..executor::SLOTS).map(|_| Frame::default()).collect(),
             in_flight: VecDeque::new(),
             held: Vec::new(),
             release_tx,
             release_rx,
             broken: None,
             busy_until: None,
+            last_step: None,
+            copy_mode: shaders::StreamCopy::from_env(),
             programs: ProgramCache::default(),
             weights: Vec::new(),
             input: None,
@@ -416,70 +430,108 @@ impl Worker {
         }
     }
 
-    /// Answers messages until the backend is dropped. Streaming jobs stay in flight while
-    /// more arrive (up to [`FRAMES`]); when none is waiting, the oldest finished job is answered,
-    /// and when every frame is busy, the worker waits for the oldest.
+    /// Answers messages until the backend is dropped.
+    ///
+    /// Streaming jobs go through the executor's steps: each new job records a step (its copy in,
+    /// the previous job's convolution, the one before's copy out). Between jobs the worker
+    /// answers finished jobs in order; it records a step without a new job (to move the others
+    /// on) only when the GPU has finished every step so far, or when a job waits for a frame, so
+    /// that a steady stream's phases share steps.
     fn serve(mut self, jobs: mpsc::Receiver<Msg>) {
+        let mut pending: Option<Msg> = None;
+        let mut open = true;
         loop {
             self.take_releases();
-            let msg = if self.frames_busy() == 0 && self.frame_free() {
-                match jobs.recv() {
-                    Ok(msg) => msg,
-                    Err(_) => break,
-                }
-            } else if self.frames_busy() > 0 && (!self.frame_free() || self.oldest_ready()) {
+            if self.oldest_ready() {
                 self.stream_finish_oldest();
                 continue;
-            } else if !self.frame_free() {
+            }
+            if pending.is_none() && open {
+                pending = if self.frames_busy() == 0 {
+                    match jobs.recv() {
+                        Ok(msg) => Some(msg),
+                        Err(_) => break,
+                    }
+                } else {
+                    match jobs.try_recv() {
+                        Ok(msg) => Some(msg),
+                        Err(mpsc::TryRecvError::Empty) => None,
+                        Err(mpsc::TryRecvError::Disconnected) => {
+                            open = false;
+                            None
+                        }
+                    }
+                };
+            }
+            if !open && pending.is_none() {
+                break;
+            }
+            match pending.take() {
+                Some(Msg::Stream(job)) if job.pipelined => {
+                    if self.frame_free() {
+                        self.stream_begin(job);
+                        continue;
+                    }
+                    pending = Some(Msg::Stream(job));
+                }
+                Some(msg) => {
+                    self.serve_alone(msg);
+                    continue;
+                }
+                None => {}
+            }
+            // Nothing can start now.
+            if self.steps_pending() && (self.gpu_idle() || pending.is_some()) {
+                self.step_or_fail();
+            } else if self.wait_oldest(Duration::from_micros(200)) {
+            } else if pending.is_some() {
                 // Every frame is read by a caller: wait for one to come back.
-                self.wait_release(Duration::from_millis(100));
-                continue;
-            } else {
-                match jobs.recv_timeout(Duration::from_micros(100)) {
-                    Ok(msg) => msg,
-                    Err(mpsc::RecvTimeoutError::Timeout) => continue,
-                    Err(mpsc::RecvTimeoutError::Disconnected) => break,
-                }
-            };
-            match msg {
-                Msg::Call(job) => {
-                    self.stream_drain();
-                    let result = self.conv2d(
-                        &job.p,
-                        &job.x,
-                        &job.w,
-                        job.key,
-                        job.b.as_deref(),
-                        job.dispatches,
-                    );
-                    let _ = job.reply.send(result);
-                }
-                Msg::Calibrate(reply) => {
-                    self.stream_drain();
-                    let _ = reply.send(self.calibrate());
-                }
-                Msg::Probe(probe, floats, reply) => {
-                    self.stream_drain();
-                    let _ = reply.send(match probe {
-                        Probe::Staging => executor::probe_staging(&self.ctx.gl, floats),
-                        Probe::Overlap => overlap::probe_overlap(&self.ctx, floats),
-                    });
-                }
-                Msg::Stream(job) => {
-                    let alone = !job.pipelined;
-                    if alone {
-                        self.stream_drain();
-                    }
-                    self.stream_begin(job);
-                    if alone {
-                        self.stream_drain();
-                    }
+                self.wait_release(Duration::from_millis(1));
+            } else if open {
+                match jobs.recv_timeout(Duration::from_micros(50)) {
+                    Ok(msg) => pending = Some(msg),
+                    Err(mpsc::RecvTimeoutError::Timeout) => {}
+                    Err(mpsc::RecvTimeoutError::Disconnected) => open = false,
                 }
             }
         }
         self.stream_drain();
         // Callers may still be reading staging buffers: the frames outlive every view.
         self.wait_all_releases();
+    }
+
+    /// Handles a message that runs with no streaming job in flight.
+    fn serve_alone(&mut self, msg: Msg) {
+        self.stream_drain();
+        match msg {
+            Msg::Call(job) => {
+                let result = self.conv2d(
+                    &job.p,
+                    &job.x,
+                    &job.w,
+                    job.key,
+                    job.b.as_deref(),
+                    job.dispatches,
+                );
+                let _ = job.reply.send(result);
+            }
+            Msg::Calibrate(reply) => {
+                let _ = reply.send(self.calibrate());
+            }
+            Msg::Probe(probe, floats, reply) => {
+                let _ = reply.send(match probe {
+                    Probe::Staging => executor::probe_staging(&self.ctx.gl, floats),
+                    Probe::Overlap => overlap::probe_overlap(&self.ctx, floats),
+                    Probe::ZeroCopy => overlap::probe_zero_copy(&self.ctx, floats),
+                });
+            }
+            Msg::Stream(job) => {
+                // Synchronous mode: the job alone, its copy in, convolution and copy out each
+                // a step of its own (so their times are its own).
+                self.stream_begin(job);
+                self.stream_drain();
+            }
+        }
     }
 
     /// A scratch buffer of at least `len` floats (grown, never shrunk).

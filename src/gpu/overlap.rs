@@ -162,3 +162,141 @@ pub(super) fn probe_overlap(ctx: &GlContext, floats: usize) -> Result<String> {
     }
     Ok(out)
 }
+
+/// Zero-copy probe (`sporkle probe-zero-copy`): in ONE context, how fast do shaders move data
+/// across the bus (reading mapped host memory into a device buffer, writing a device buffer
+/// into mapped host memory), and do those copies and compute overlap when they are roles of one
+/// dispatch, or separate dispatches with no barrier between them? Compared with DMA copies.
+pub(super) fn probe_zero_copy(ctx: &GlContext, floats: usize) -> Result<String> {
+    let gl = Rc::clone(&ctx.gl);
+    let floats = floats / 4 * 4;
+    let n4 = floats / 4;
+    let mut host_in = MappedBuffer::new(&gl, floats, Direction::Upload)?;
+    for (i, x) in host_in.as_mut_slice().iter_mut().enumerate() {
+        *x = i as f32;
+    }
+    let host_out = MappedBuffer::new(&gl, floats, Direction::Download)?;
+    let dev_in = Buffer::new(&gl, floats, true)?;
+    let dev_out = Buffer::new(&gl, floats, true)?;
+    let sink = Buffer::new(&gl, 1 << 22, true)?;
+    host_in.bind(0);
+    dev_in.bind(1);
+    dev_out.bind(2);
+    host_out.bind(3);
+    sink.bind(4);
+    let compute_groups = 2048u32;
+    let iters = 2048u32;
+    let program = |i: u32, o: u32| {
+        Program::compute(&gl, &shaders::probe_roles_source(i, o, n4, iters), false)
+    };
+    let time = |op: &dyn Fn() -> Result<()>| -> Result<f64> {
+        op()?;
+        Fence::new(&gl)?.wait(Duration::from_secs(30))?;
+        let t = Instant::now();
+        for _ in 0..REPS {
+            op()?;
+            gl::flush(&gl);
+        }
+        Fence::new(&gl)?.wait(Duration::from_secs(60))?;
+        Ok(t.elapsed().as_secs_f64() * 1e3 / REPS as f64)
+    };
+    let mb = (floats * 4) as f64 / 1e6;
+    let mut out = format!("{REPS} repetitions; copies of {mb:.1} MB; one context\n");
+    let mut line = |what: &str, ms: f64, bytes: f64| {
+        let rate = if bytes > 0.0 {
+            format!(" ({:.1} GB/s)", bytes / ms / 1e6)
+        } else {
+            String::new()
+        };
+        out += &format!("{what}: {ms:.3} ms{rate}\n");
+    };
+    let bytes = (floats * 4) as f64;
+    let (hi, ho, di, dout) = (host_in.raw(), host_out.raw(), dev_in.raw(), dev_out.raw());
+    line(
+        "dma up",
+        time(&|| gl::copy_buffer(&gl, hi, di, floats))?,
+        bytes,
+    );
+    line(
+        "dma down",
+        time(&|| gl::copy_buffer(&gl, dout, ho, floats))?,
+        bytes,
+    );
+    line(
+        "dma up, then down",
+        time(&|| {
+            gl::copy_buffer(&gl, hi, di, floats)?;
+            gl::copy_buffer(&gl, dout, ho, floats)
+        })?,
+        2.0 * bytes,
+    );
+    let compute = program(0, 0)?;
+    line(
+        "compute alone",
+        time(&|| compute.dispatch([compute_groups, 1, 1]))?,
+        0.0,
+    );
+    line(
+        "dma up + compute dispatch",
+        time(&|| {
+            gl::copy_buffer(&gl, hi, di, floats)?;
+            compute.dispatch([compute_groups, 1, 1])
+        })?,
+        0.0,
+    );
+    for g in [66u32, 132, 264, 528, 1056] {
+        let p = program(g, 0)?;
+        line(
+            &format!("shader in, {g} groups"),
+            time(&|| p.dispatch([g, 1, 1]))?,
+            bytes,
+        );
+        let p = program(0, g)?;
+        line(
+            &format!("shader out, {g} groups"),
+            time(&|| p.dispatch([g, 1, 1]))?,
+            bytes,
+        );
+        let p = program(g, g)?;
+        line(
+            &format!("shader in + out, one dispatch, {g}+{g} groups"),
+            time(&|| p.dispatch([2 * g, 1, 1]))?,
+            2.0 * bytes,
+        );
+        line(
+            &format!("shader in + out + compute, one dispatch, {g}+{g} groups"),
+            time(&|| p.dispatch([2 * g + compute_groups, 1, 1]))?,
+            0.0,
+        );
+    }
+    let (pin, pout) = (program(264, 0)?, program(0, 264)?);
+    line(
+        "separate dispatches, no barrier: in, compute, out (264 groups each copy)",
+        time(&|| {
+            pin.dispatch([264, 1, 1])?;
+            compute.dispatch([compute_groups, 1, 1])?;
+            pout.dispatch([264, 1, 1])
+        })?,
+        0.0,
+    );
+    // The copies must have moved the data.
+    gl::storage_barrier(&gl);
+    gl::client_mapped_barrier(&gl);
+    let p = program(264, 0)?;
+    p.dispatch([264, 1, 1])?;
+    gl::storage_barrier(&gl);
+    gl::copy_buffer(&gl, di, dout, floats)?;
+    gl::storage_barrier(&gl);
+    let p = program(0, 264)?;
+    p.dispatch([264, 1, 1])?;
+    gl::client_mapped_barrier(&gl);
+    Fence::new(&gl)?.wait(Duration::from_secs(30))?;
+    let wrong = host_out
+        .as_slice()
+        .iter()
+        .enumerate()
+        .filter(|(i, x)| **x != *i as f32)
+        .count();
+    out += &format!("round trip through both shader copies: {wrong} of {floats} floats wrong\n");
+    Ok(out)
+}

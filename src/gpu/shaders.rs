@@ -518,3 +518,81 @@ impl ProgramCache {
         self.programs.is_empty()
     }
 }
+
+/// The streaming executor's copies across the bus, a function (`shaders/stream_copy.glsl`).
+pub const STREAM_COPY: &str = include_str!("../../shaders/stream_copy.glsl");
+/// Those copies alone (`shaders/stream_copy.comp`).
+pub const STREAM_COPY_MAIN: &str = include_str!("../../shaders/stream_copy.comp");
+
+/// Invocations per workgroup of the copies alone.
+pub const STREAM_COPY_THREADS: u32 = 256;
+
+/// The source of the streaming copies alone.
+pub fn stream_copy_source() -> String {
+    format!(
+        "#version 430\n#define THREADS {STREAM_COPY_THREADS}u\n#line 1\n{STREAM_COPY}#line 1\n{STREAM_COPY_MAIN}"
+    )
+}
+
+/// A convolution pass's source fused with the streaming copies: its first `copy_z` layers of
+/// workgroups copy (`stream_copy.glsl`, inserted after the `#define`s), the rest convolve.
+pub fn fused_source(conv_source: &str, copy_z: u32) -> String {
+    let at = conv_source.rfind("#line 1\n").unwrap_or(0);
+    format!(
+        "{}#define COPY_Z {copy_z}u\n#line 1\n{STREAM_COPY}{}",
+        &conv_source[..at],
+        &conv_source[at..]
+    )
+}
+
+/// How the streaming executor moves data between its staging buffers (host memory) and the
+/// device buffers (`SPORKLE_STREAM_COPY`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StreamCopy {
+    /// Shader copies (`stream_copy.glsl`), in the convolution's own dispatch where the plan is
+    /// one pass: the default. `groups` workgroups copy (`SPORKLE_STREAM_COPY=shader:N`).
+    Shader {
+        /// Workgroups that copy, in and out together.
+        groups: u32,
+    },
+    /// DMA copies (`glCopyBufferSubData`), which one context runs one after another with the
+    /// convolution (`SPORKLE_STREAM_COPY=dma`).
+    Dma,
+}
+
+impl StreamCopy {
+    /// Copying workgroups by default: one per SM of an H100, so that the convolution keeps
+    /// most of the GPU (measured: 66 + 66 move 25.7 MB each way in 0.72 ms on the H100, alone).
+    pub const GROUPS: u32 = 132;
+
+    /// From `SPORKLE_STREAM_COPY` (unset: shader copies with [`StreamCopy::GROUPS`]).
+    pub fn from_env() -> Self {
+        knob("SPORKLE_STREAM_COPY", |v| match v.split_once(':') {
+            _ if v == "dma" => Ok(StreamCopy::Dma),
+            _ if v == "shader" => Ok(StreamCopy::Shader {
+                groups: Self::GROUPS,
+            }),
+            Some(("shader", n)) => match n.parse::<u32>() {
+                Ok(groups) if groups >= 2 => Ok(StreamCopy::Shader { groups }),
+                _ => Err("expected shader:N with N at least 2".into()),
+            },
+            _ => Err("expected dma, shader or shader:N".into()),
+        })
+        .unwrap_or(StreamCopy::Shader {
+            groups: Self::GROUPS,
+        })
+    }
+}
+
+/// The role-partitioned probe shader (`shaders/probe_roles.comp`, diagnostics only).
+pub const PROBE_ROLES: &str = include_str!("../../shaders/probe_roles.comp");
+
+/// The probe shader specialised: `in_groups` copy the input in, `out_groups` copy the output
+/// out (each over `n4` vec4s), the rest of the dispatch runs `iters` FMA iterations.
+pub fn probe_roles_source(in_groups: u32, out_groups: u32, n4: usize, iters: u32) -> String {
+    format!(
+        "#version 430\n#define THREADS 256u\n#define IN_GROUPS {in_groups}u\n\
+         #define OUT_GROUPS {out_groups}u\n#define N4 {n4}u\n#define ITERS {iters}u\n\
+         #define UNROLL 4u\n#line 1\n{PROBE_ROLES}"
+    )
+}

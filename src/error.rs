@@ -15,6 +15,10 @@ pub enum Error {
     #[error("invalid convolution parameters: {0}")]
     InvalidParams(String),
 
+    /// A buffer is still in use (a pinned input that jobs are reading).
+    #[error("in use: {0}")]
+    InUse(String),
+
     /// A buffer's length does not match what the parameters require.
     #[error("{what} has {got} elements, but the parameters need {expected}")]
     BufferLength {

@@ -22,6 +22,7 @@ use crate::cpu::{CpuBackend, CpuWeights};
 use crate::error::{Error, Result};
 use crate::gpu::{GpuBackend, GpuChoice, Output, StreamDone};
 use crate::params::Conv2dParams;
+use crate::pinned::{PinnedInput, PinnedShared, StreamInput};
 use std::collections::HashMap;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
@@ -447,7 +448,7 @@ struct GpuTicket {
     inner: Arc<Inner>,
     answer: mpsc::Receiver<Result<StreamDone>>,
     p: Conv2dParams,
-    input: Arc<[f32]>,
+    input: StreamInput,
     weights: Arc<[f32]>,
     bias: Option<Arc<[f32]>>,
     reason: String,
@@ -555,7 +556,7 @@ impl GpuTicket {
                 let mut output = vec![0.0f32; self.p.output_len() as usize];
                 let mut info = self.inner.run_cpu(
                     &self.p,
-                    &self.input,
+                    self.input.as_slice(),
                     &self.weights,
                     self.bias.as_deref(),
                     &mut output,
@@ -736,7 +737,7 @@ impl Inner {
                 .map(|g| {
                     g.stream(
                         &p,
-                        Arc::clone(&x),
+                        StreamInput::Host(Arc::clone(&x)),
                         Arc::clone(&w),
                         None,
                         false,
@@ -984,7 +985,7 @@ impl Juggler {
             DeviceKind::Gpu => {
                 let ticket = self.submit_gpu(
                     p,
-                    input.into(),
+                    StreamInput::Host(input.into()),
                     weights.into(),
                     bias.map(Into::into),
                     reason,
@@ -1020,6 +1021,41 @@ impl Juggler {
         weights: Arc<[f32]>,
         bias: Option<Arc<[f32]>>,
     ) -> Result<Ticket> {
+        self.submit_input(p, StreamInput::Host(input), weights, bias)
+    }
+
+    /// An input buffer of `len` floats in pinned host memory, which GPU jobs read directly
+    /// (no host copy into staging: see [`PinnedInput`]). Without a GPU, or where the GPU cannot
+    /// map one, it is plain host memory ([`PinnedInput::is_mapped`] says which).
+    pub fn pinned_input(&self, len: usize) -> Result<PinnedInput<'_>> {
+        let gpu = self.inner.gpu.read().unwrap_or_else(|e| e.into_inner());
+        let shared = match gpu.as_ref().map(|g| g.pin(len)) {
+            Some(Ok(shared)) => shared,
+            _ => PinnedShared::host(len),
+        };
+        Ok(PinnedInput::new(shared))
+    }
+
+    /// [`Juggler::submit_shared`] with the input in a pinned buffer: the GPU reads it where it
+    /// is. The buffer cannot be written until this job's ticket has been waited (or dropped and
+    /// the job finished).
+    pub fn submit_pinned(
+        &self,
+        p: &Conv2dParams,
+        input: &PinnedInput<'_>,
+        weights: Arc<[f32]>,
+        bias: Option<Arc<[f32]>>,
+    ) -> Result<Ticket> {
+        self.submit_input(p, StreamInput::Pinned(input.read()), weights, bias)
+    }
+
+    fn submit_input(
+        &self,
+        p: &Conv2dParams,
+        input: StreamInput,
+        weights: Arc<[f32]>,
+        bias: Option<Arc<[f32]>>,
+    ) -> Result<Ticket> {
         p.check_buffers(
             input.len(),
             weights.len(),
@@ -1032,7 +1068,7 @@ impl Juggler {
                 let mut output = vec![0.0f32; p.output_len() as usize];
                 let info = self.inner.run_cpu(
                     p,
-                    &input,
+                    input.as_slice(),
                     &weights,
                     bias.as_deref(),
                     &mut output,
@@ -1052,7 +1088,7 @@ impl Juggler {
     fn submit_gpu(
         &self,
         p: &Conv2dParams,
-        input: Arc<[f32]>,
+        input: StreamInput,
         weights: Arc<[f32]>,
         bias: Option<Arc<[f32]>>,
         reason: String,
@@ -1068,7 +1104,7 @@ impl Juggler {
         {
             Some(g) => g.stream(
                 p,
-                Arc::clone(&input),
+                input.clone(),
                 Arc::clone(&weights),
                 bias.clone(),
                 !sync,

@@ -39,6 +39,7 @@ pub mod gpu;
 pub mod juggler;
 pub mod npy;
 pub mod params;
+pub mod pinned;
 pub mod reference;
 pub mod suite;
 pub mod tolerance;
@@ -62,3 +63,4 @@ pub fn repo_root() -> std::path::PathBuf {
 }
 pub use error::{Error, Result};
 pub use params::Conv2dParams;
+pub use pinned::PinnedInput;

@@ -598,7 +598,7 @@ fn stream(a: &BenchArgs, cases: &[&sporkle::suite::Case], batches: usize) -> Res
         // staging and device buffers allocated (pinned allocations cost milliseconds): a few
         // more jobs than frames, in flight together, twice.
         for _ in 0..2 {
-            let tickets = (0..sporkle::gpu::FRAMES + 1)
+            let tickets = (0..sporkle::gpu::SLOTS + 1)
                 .map(submit)
                 .collect::<sporkle::Result<Vec<_>>>()?;
             for t in tickets {
@@ -634,6 +634,54 @@ fn stream(a: &BenchArgs, cases: &[&sporkle::suite::Case], batches: usize) -> Res
             "ms": round4(ms),
             "gflops": round2(p.flops() as f64 / ms / 1e6),
         }))?;
+        // Pinned: the inputs in pinned buffers, written once (as the peer's pinned input is),
+        // which the GPU reads directly; outputs read and verified in place.
+        let pinned = inputs
+            .iter()
+            .map(|x| {
+                let mut b = j.pinned_input(x.len())?;
+                b.as_mut_slice()?.copy_from_slice(x);
+                Ok(b)
+            })
+            .collect::<sporkle::Result<Vec<_>>>()?;
+        let submit_pinned = |i: usize| {
+            j.submit_pinned(
+                &p,
+                &pinned[i % pinned.len()],
+                Arc::clone(&w_shared),
+                b_shared.clone(),
+            )
+        };
+        for t in (0..sporkle::gpu::SLOTS + 1)
+            .map(submit_pinned)
+            .collect::<sporkle::Result<Vec<_>>>()?
+        {
+            t.wait()?;
+        }
+        let t = Instant::now();
+        let tickets = (0..batches)
+            .map(submit_pinned)
+            .collect::<sporkle::Result<Vec<_>>>()?;
+        let mut on_gpu = false;
+        for (i, ticket) in tickets.into_iter().enumerate() {
+            let (checked, info) =
+                ticket.wait_with(|y| verify_sample(&p, &inputs[i % inputs.len()], &w, bias, y))?;
+            checked.with_context(|| {
+                format!(
+                    "shape {}: pinned batch {i} ({}) is wrong",
+                    case.name, info.device
+                )
+            })?;
+            on_gpu |= info.device == DeviceKind::Gpu;
+        }
+        let ms = t.elapsed().as_secs_f64() / batches as f64 * 1e3;
+        emit(serde_json::json!({
+            "shape": case.name,
+            "device": format!("sporkle-stream-async-pinned {}", if on_gpu { who.as_str() } else { "cpu" }),
+            "ms": round4(ms),
+            "gflops": round2(p.flops() as f64 / ms / 1e6),
+        }))?;
+        drop(pinned);
         let mut per_mode = Vec::new();
         for on in [true, false] {
             j.set_async(on);

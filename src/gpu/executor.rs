@@ -28,6 +28,7 @@ use super::shaders::{self, StreamCopy};
 use super::{Bindings, Plan, WeightsKey, Worker};
 use crate::error::{Error, Result};
 use crate::params::Conv2dParams;
+use crate::pinned::{PinnedShared, StreamInput};
 use std::rc::Rc;
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
@@ -38,7 +39,7 @@ pub const FRAMES: usize = 3;
 
 /// Frames (buffer sets) in all: a job holds one from its start until its caller has read its
 /// output, so beyond the [`FRAMES`] jobs of a step, two more may be done and being read.
-pub(super) const SLOTS: usize = FRAMES + 2;
+pub const SLOTS: usize = FRAMES + 2;
 
 /// The start of the error of a job whose fence missed its deadline.
 pub const FENCE_TIMEOUT: &str = "fence timeout";
@@ -49,7 +50,7 @@ const PARALLEL_COPY_MIN: usize = 1 << 19;
 /// A streaming job.
 pub(crate) struct StreamJob {
     pub(super) p: Conv2dParams,
-    pub(super) x: Arc<[f32]>,
+    pub(super) x: StreamInput,
     pub(super) w: Arc<[f32]>,
     pub(super) key: WeightsKey,
     pub(super) b: Option<Arc<[f32]>>,
@@ -58,6 +59,28 @@ pub(crate) struct StreamJob {
     /// How long its fence may take, from submission to the GPU.
     pub(super) timeout: Duration,
     pub(super) reply: mpsc::Sender<Result<StreamDone>>,
+}
+
+/// The caller's side of pinned input `id` of `len` floats at address `ptr` (from
+/// [`Worker::pin`]), which sends `id` back on `free` when its last holder is gone.
+pub(super) fn pinned_shared(
+    id: u64,
+    ptr: usize,
+    len: usize,
+    free: mpsc::Sender<u64>,
+) -> PinnedShared {
+    // SAFETY: the worker keeps buffer `id` mapped (persistent mapping of immutable storage) and
+    // never writes it; it deletes it only when the id comes back on `free`, which PinnedShared
+    // sends when dropped, and at exit leaves the context alive while any is still held.
+    unsafe { PinnedShared::mapped(id, ptr as *mut f32, len, free) }
+}
+
+/// Answers `job` with `result`, after dropping the job (its hold on a pinned input goes first,
+/// so a caller whose ticket has returned can write that input at once).
+fn answer(job: StreamJob, result: Result<StreamDone>) {
+    let reply = job.reply.clone();
+    drop(job);
+    let _ = reply.send(result);
 }
 
 /// A job's output in its frame's download staging buffer, readable from any thread; dropping it
@@ -264,11 +287,29 @@ impl Worker {
         self.in_flight.len() + self.held.len() < SLOTS
     }
 
-    /// Takes the releases of frames that callers have finished reading.
+    /// Takes the releases of frames that callers have finished reading, and frees the pinned
+    /// inputs whose last holder has gone.
     pub(super) fn take_releases(&mut self) {
         while let Ok(slot) = self.release_rx.try_recv() {
             self.held.retain(|&h| h != slot);
         }
+        while let Ok(id) = self.unpin_rx.try_recv() {
+            self.pinned.remove(&id);
+        }
+    }
+
+    /// A pinned input of `len` floats: its id and mapping (as an address, to cross threads).
+    pub(super) fn pin(&mut self, len: usize) -> Result<(u64, usize)> {
+        if !self.immutable {
+            return Err(Error::Gpu(
+                "no persistent mapping without GL_ARB_buffer_storage".into(),
+            ));
+        }
+        let mut buffer = MappedBuffer::new(&self.ctx.gl, padded(len), Direction::Pinned)?;
+        let ptr = buffer.as_mut_slice().as_mut_ptr() as usize;
+        self.next_pin += 1;
+        self.pinned.insert(self.next_pin, buffer);
+        Ok((self.next_pin, ptr))
     }
 
     /// Waits (at most `timeout`) for a caller to release a frame.
@@ -321,9 +362,7 @@ impl Worker {
     pub(super) fn stream_begin(&mut self, job: StreamJob) {
         if let Some(why) = &self.broken {
             let why = why.clone();
-            let _ = job
-                .reply
-                .send(Err(Error::Gpu(format!("the GPU is unhealthy: {why}"))));
+            answer(job, Err(Error::Gpu(format!("the GPU is unhealthy: {why}"))));
             return;
         }
         if !self.immutable {
@@ -331,7 +370,7 @@ impl Worker {
             let result = self
                 .conv2d(
                     &job.p,
-                    &job.x,
+                    job.x.as_slice(),
                     &job.w,
                     job.key,
                     job.b.as_deref(),
@@ -346,14 +385,12 @@ impl Worker {
                     weights_uploaded: run.weights_uploaded,
                     ..StreamDone::default()
                 });
-            let _ = job.reply.send(result);
+            answer(job, result);
             return;
         }
         let Some(slot) = (0..SLOTS).find(|i| !self.in_flight.contains(i) && !self.held.contains(i))
         else {
-            let _ = job
-                .reply
-                .send(Err(Error::Gpu("no free frame (executor bug)".into())));
+            answer(job, Err(Error::Gpu("no free frame (executor bug)".into())));
             return;
         };
         let mut frame = std::mem::take(&mut self.frames[slot]);
@@ -381,7 +418,7 @@ impl Worker {
             }
             Err(e) => {
                 self.frames[slot] = frame;
-                let _ = job.reply.send(Err(e));
+                answer(job, Err(e));
             }
         }
     }
@@ -407,9 +444,15 @@ impl Worker {
             self.programs.get(&gl, shaders::stream_copy_source())?;
         }
         let (x_len, out_len) = (padded(job.x.len()), padded(plan.out_len));
-        gl::ensure_len(&mut frame.upload, x_len, || {
-            MappedBuffer::new(&gl, x_len, Direction::Upload)
-        })?;
+        let pinned = job
+            .x
+            .gl_id()
+            .is_some_and(|id| self.pinned.contains_key(&id));
+        if !pinned {
+            gl::ensure_len(&mut frame.upload, x_len, || {
+                MappedBuffer::new(&gl, x_len, Direction::Upload)
+            })?;
+        }
         gl::ensure_len(&mut frame.download, out_len, || {
             MappedBuffer::new(&gl, out_len, Direction::Download)
         })?;
@@ -417,9 +460,12 @@ impl Worker {
         Self::scratch(&gl, &mut frame.output, out_len, true)?;
         Self::scratch(&gl, &mut frame.bias, p.c_out, true)?;
         Self::scratch_for(&gl, &mut frame.scratch, &plan, true)?;
-        let upload = frame.upload.as_mut().expect("allocated above");
+        // A pinned input is read where it is; any other is copied into the upload staging.
         let t = Instant::now();
-        parallel_copy(&job.x, &mut upload.as_mut_slice()[..job.x.len()]);
+        if !pinned {
+            let upload = frame.upload.as_mut().expect("allocated above");
+            parallel_copy(job.x.as_slice(), &mut upload.as_mut_slice()[..job.x.len()]);
+        }
         let host_in_s = t.elapsed().as_secs_f64();
         let mut bytes_up = (job.x.len() * 4) as u64;
         if let Some(b) = &job.b {
@@ -559,10 +605,12 @@ impl Worker {
                 },
             )
         };
+        // Where the newest job's input is: its pinned buffer, or its frame's upload staging.
+        let source = |f| self.copy_source(f);
         let StreamCopy::Shader { groups } = self.copy_mode else {
             // DMA copies: one context runs them one after another with the convolution.
             if let Some(f) = f_in {
-                gl::copy_buffer(gl, mapped(&f.upload)?.raw(), buffer(&f.input)?.raw(), x_len)?;
+                gl::copy_buffer(gl, source(f)?.raw(), buffer(&f.input)?.raw(), x_len)?;
             }
             if let Some(f) = f_conv {
                 convolve(f)?;
@@ -579,7 +627,7 @@ impl Worker {
         };
         // Copy buffers on bindings 4 to 7; an absent copy binds its partner (nothing reads it).
         if let Some(f) = f_in {
-            mapped(&f.upload)?.bind(4);
+            source(f)?.bind(4);
             buffer(&f.input)?.bind(5);
         }
         if let Some(f) = f_out {
@@ -589,7 +637,7 @@ impl Worker {
         match (f_in, f_out) {
             (Some(f), None) => {
                 buffer(&f.input)?.bind(6);
-                mapped(&f.upload)?.bind(7);
+                source(f)?.bind(7);
             }
             (None, Some(f)) => {
                 mapped(&f.download)?.bind(4);
@@ -645,16 +693,25 @@ impl Worker {
         }
     }
 
+    /// Where the input of `f`'s job is: its pinned buffer, or the frame's upload staging.
+    fn copy_source<'a>(&'a self, f: &'a Frame) -> Result<&'a MappedBuffer> {
+        let pinned = f.flight.as_ref().and_then(|j| j.job.x.gl_id());
+        match pinned.and_then(|id| self.pinned.get(&id)) {
+            Some(b) => Ok(b),
+            None => mapped(&f.upload),
+        }
+    }
+
     /// Fails every job in flight with `why` and marks the executor broken: their buffers may
     /// still be in use, so none is read.
     fn fail_all(&mut self, why: String) {
         self.broken = Some(why.clone());
         while let Some(slot) = self.in_flight.pop_front() {
             if let Some(f) = self.frames[slot].flight.take() {
-                let _ = f
-                    .job
-                    .reply
-                    .send(Err(Error::Gpu(format!("the GPU is unhealthy: {why}"))));
+                answer(
+                    f.job,
+                    Err(Error::Gpu(format!("the GPU is unhealthy: {why}"))),
+                );
             }
         }
         self.last_step = None;
@@ -747,7 +804,7 @@ impl Worker {
             } else {
                 format!("{FENCE_TIMEOUT} of {:?}: {e}", job.timeout)
             };
-            let _ = job.reply.send(Err(Error::Gpu(why.clone())));
+            answer(job, Err(Error::Gpu(why.clone())));
             // The other frames' buffers may be in use too: fail their jobs, never read them.
             self.fail_all(why);
             return;
@@ -796,7 +853,7 @@ impl Worker {
         if self.in_flight.is_empty() {
             self.last_step = None;
         }
-        let _ = job.reply.send(Ok(done));
+        answer(job, Ok(done));
     }
 
     /// Finishes every job in flight, oldest first.

@@ -220,6 +220,8 @@ pub enum Direction {
     Upload,
     /// The GPU copies into it, the host reads.
     Download,
+    /// The host writes and reads it, the GPU reads it (a pinned input).
+    Pinned,
 }
 
 /// A staging buffer in host-visible memory, persistently and coherently mapped
@@ -258,6 +260,7 @@ impl MappedBuffer {
         let access = match direction {
             Direction::Upload => glow::MAP_WRITE_BIT,
             Direction::Download => glow::MAP_READ_BIT,
+            Direction::Pinned => glow::MAP_READ_BIT | glow::MAP_WRITE_BIT,
         } | glow::MAP_PERSISTENT_BIT
             | if coherent { glow::MAP_COHERENT_BIT } else { 0 };
         let flags = access

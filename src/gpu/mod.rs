@@ -22,7 +22,7 @@ mod overlap;
 pub mod shaders;
 
 pub use context::{GpuChoice, GpuInfo};
-pub use executor::{Output, StreamDone, FRAMES};
+pub use executor::{Output, StreamDone, FRAMES, SLOTS};
 pub use gl::LiveObjects;
 pub use shaders::{Algorithm, Tile};
 
@@ -120,6 +120,8 @@ enum Msg {
     Stream(StreamJob),
     /// A diagnostic probe, with its size in floats.
     Probe(Probe, usize, mpsc::Sender<Result<String>>),
+    /// A pinned input buffer of so many floats: its id and address.
+    Pin(usize, mpsc::Sender<Result<(u64, usize)>>),
     /// The calibration workload: its GFLOP/s by timer query, best of three.
     Calibrate(mpsc::Sender<Result<Option<f64>>>),
 }
@@ -140,6 +142,8 @@ pub struct GpuBackend {
     jobs: Mutex<Option<mpsc::Sender<Msg>>>,
     info: GpuInfo,
     choice: GpuChoice,
+    /// Where pinned inputs send their ids to be freed (see [`crate::pinned`]).
+    unpin: mpsc::Sender<u64>,
     worker: Option<JoinHandle<()>>,
 }
 
@@ -153,12 +157,13 @@ impl GpuBackend {
     pub fn with_choice(choice: GpuChoice) -> Result<Self> {
         let (ready_tx, ready_rx) = mpsc::channel();
         let (jobs_tx, jobs_rx) = mpsc::channel();
+        let (unpin, unpin_rx) = mpsc::channel();
         let worker = std::thread::Builder::new()
             .name("sporkle-gpu".into())
             .spawn(move || match GlContext::create(choice) {
                 Ok(ctx) => {
                     let _ = ready_tx.send(Ok(ctx.info.clone()));
-                    Worker::new(ctx).serve(jobs_rx);
+                    Worker::new(ctx, unpin_rx).serve(jobs_rx);
                 }
                 Err(e) => {
                     let _ = ready_tx.send(Err(e));
@@ -170,6 +175,7 @@ impl GpuBackend {
                 jobs: Mutex::new(Some(jobs_tx)),
                 info,
                 choice,
+                unpin,
                 worker: Some(worker),
             }),
             Ok(Err(e)) => {
@@ -314,6 +320,12 @@ impl GpuBackend {
         self.probe(Probe::ZeroCopy, floats)
     }
 
+    /// A pinned input buffer of `len` floats (see [`crate::pinned`]).
+    pub(crate) fn pin(&self, len: usize) -> Result<crate::pinned::PinnedShared> {
+        let (id, ptr) = self.ask("pinning an input", |reply| Msg::Pin(len, reply))?;
+        Ok(executor::pinned_shared(id, ptr, len, self.unpin.clone()))
+    }
+
     fn probe(&self, probe: Probe, floats: usize) -> Result<String> {
         self.ask("the probe", |reply| Msg::Probe(probe, floats, reply))
     }
@@ -322,10 +334,10 @@ impl GpuBackend {
     /// the answer arrives on the returned channel. With `pipelined`, up to [`FRAMES`] jobs are in
     /// flight together; without, each runs alone. A fence that does not pass within `timeout`
     /// fails the job (nothing is read from its buffers) and marks the GPU unhealthy.
-    pub fn stream(
+    pub(crate) fn stream(
         &self,
         p: &Conv2dParams,
-        input: Arc<[f32]>,
+        input: crate::pinned::StreamInput,
         weights: Arc<[f32]>,
         bias: Option<Arc<[f32]>>,
         pipelined: bool,
@@ -375,6 +387,10 @@ struct Worker {
     // Field order is drop order: every GL object before the context.
     /// The executor's frames, and the slots in flight, oldest first.
     frames: Vec<Frame>,
+    /// Pinned input buffers by id, and the channel their last holders free them on.
+    pinned: std::collections::HashMap<u64, gl::MappedBuffer>,
+    next_pin: u64,
+    unpin_rx: mpsc::Receiver<u64>,
     in_flight: VecDeque<usize>,
     /// Frames whose output a caller is reading, and the channel their releases come back on.
     held: Vec<usize>,
@@ -402,10 +418,13 @@ struct Worker {
 }
 
 impl Worker {
-    fn new(ctx: GlContext) -> Self {
+    fn new(ctx: GlContext, unpin_rx: mpsc::Receiver<u64>) -> Self {
         let (release_tx, release_rx) = mpsc::channel();
         Self {
             frames: (0..executor::SLOTS).map(|_| Frame::default()).collect(),
+            pinned: std::collections::HashMap::new(),
+            next_pin: 0,
+            unpin_rx,
             in_flight: VecDeque::new(),
             held: Vec::new(),
             release_tx,
@@ -498,6 +517,17 @@ impl Worker {
         self.stream_drain();
         // Callers may still be reading staging buffers: the frames outlive every view.
         self.wait_all_releases();
+        self.take_releases();
+        if !self.pinned.is_empty() {
+            // Tickets that outlived the Juggler still hold pinned inputs (for a CPU re-run):
+            // their mappings must stay valid, so the context and its objects are left alive.
+            eprintln!(
+                "sporkle: {} pinned input(s) outlived the GPU backend; its GL context is left \
+                 alive so that they stay valid",
+                self.pinned.len()
+            );
+            std::mem::forget(self);
+        }
     }
 
     /// Handles a message that runs with no streaming job in flight.
@@ -517,6 +547,9 @@ impl Worker {
             }
             Msg::Calibrate(reply) => {
                 let _ = reply.send(self.calibrate());
+            }
+            Msg::Pin(len, reply) => {
+                let _ = reply.send(self.pin(len));
             }
             Msg::Probe(probe, floats, reply) => {
                 let _ = reply.send(match probe {

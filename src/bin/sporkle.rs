@@ -626,6 +626,7 @@ fn stream(a: &BenchArgs, cases: &[&sporkle::suite::Case], batches: usize) -> Res
             })?;
             in_place.push(info);
         }
+        report_steps(&case.name, "async-inplace", &in_place);
         let ms = t.elapsed().as_secs_f64() / batches as f64 * 1e3;
         let on_gpu = in_place.iter().any(|i| i.device == DeviceKind::Gpu);
         emit(serde_json::json!({
@@ -662,7 +663,7 @@ fn stream(a: &BenchArgs, cases: &[&sporkle::suite::Case], batches: usize) -> Res
         let tickets = (0..batches)
             .map(submit_pinned)
             .collect::<sporkle::Result<Vec<_>>>()?;
-        let mut on_gpu = false;
+        let mut pinned_runs = Vec::new();
         for (i, ticket) in tickets.into_iter().enumerate() {
             let (checked, info) =
                 ticket.wait_with(|y| verify_sample(&p, &inputs[i % inputs.len()], &w, bias, y))?;
@@ -672,9 +673,11 @@ fn stream(a: &BenchArgs, cases: &[&sporkle::suite::Case], batches: usize) -> Res
                     case.name, info.device
                 )
             })?;
-            on_gpu |= info.device == DeviceKind::Gpu;
+            pinned_runs.push(info);
         }
         let ms = t.elapsed().as_secs_f64() / batches as f64 * 1e3;
+        report_steps(&case.name, "async-pinned", &pinned_runs);
+        let on_gpu = pinned_runs.iter().any(|i| i.device == DeviceKind::Gpu);
         emit(serde_json::json!({
             "shape": case.name,
             "device": format!("sporkle-stream-async-pinned {}", if on_gpu { who.as_str() } else { "cpu" }),
@@ -734,41 +737,7 @@ fn stream(a: &BenchArgs, cases: &[&sporkle::suite::Case], batches: usize) -> Res
             let d = med(&|s| s.download_s.unwrap_or(0.0) + s.host_out_s);
             let bound = (u + c + d) / u.max(c).max(d).max(1e-9);
             let speedup = sync_ms / per_mode[0].0;
-            let async_stages: Vec<_> = per_mode[0].1.iter().filter_map(|i| i.stages).collect();
-            let amed = |f: &dyn Fn(&sporkle::Stages) -> f64| stage_ms(&async_stages, f);
-            // Do the GPU spans of consecutive async jobs overlap (GPU work of two frames at once)?
-            let mut spans: Vec<(u64, u64)> =
-                async_stages.iter().filter_map(|s| s.gpu_span_ns).collect();
-            spans.sort_unstable();
-            let overlap_ns: u64 = spans
-                .windows(2)
-                .map(|w| w[0].1.min(w[1].1).saturating_sub(w[1].0))
-                .sum();
-            let busy_ns: u64 = spans.iter().map(|&(a, b)| b.saturating_sub(a)).sum();
-            if !spans.is_empty() {
-                eprintln!(
-                    "# {} async GPU spans: {:.3} ms of GPU work per batch, of which {:.3} ms overlapped the previous job's",
-                    case.name,
-                    busy_ns as f64 / 1e6 / spans.len() as f64,
-                    overlap_ns as f64 / 1e6 / spans.len() as f64,
-                );
-            }
-            let shared = async_stages.iter().filter(|s| s.steps_shared).count();
-            let fused = async_stages.iter().filter(|s| s.fused).count();
-            eprintln!(
-                "# {} async: {shared} of {} jobs shared their steps with other jobs, {fused} had their copies fused into a convolution's dispatch",
-                case.name,
-                async_stages.len()
-            );
-            eprintln!(
-                "# {} async stages (medians; shared steps are timed whole): host in {:.3} ms, copy-in step {:.3}, convolution step {:.3}, copy-out step {:.3}, host out {:.3}",
-                case.name,
-                amed(&|s| s.host_in_s),
-                amed(&|s| s.upload_s.unwrap_or(0.0)),
-                amed(&|s| s.kernel_s.unwrap_or(0.0)),
-                amed(&|s| s.download_s.unwrap_or(0.0)),
-                amed(&|s| s.host_out_s),
-            );
+            report_steps(&case.name, "async", &per_mode[0].1);
             eprintln!(
                 "# {}: U {u:.3} ms (host {:.3} + GPU copy {:.3}), C {c:.3} ms, D {d:.3} ms (GPU copy {:.3} + host {:.3}); bound {bound:.2}x, async/sync {speedup:.2}x = {:.2} of the bound; at most {} in flight",
                 case.name,
@@ -783,6 +752,39 @@ fn stream(a: &BenchArgs, cases: &[&sporkle::suite::Case], batches: usize) -> Res
     }
     eprintln!("# {}", j.stats().to_string().replace('\n', "\n# "));
     Ok(())
+}
+
+/// Where a streaming mode's GPU time went: how much consecutive jobs' GPU spans (first step
+/// start to last step end) overlapped, how many jobs shared steps or had fused copies, and the
+/// median step times.
+fn report_steps(shape: &str, mode: &str, infos: &[sporkle::RunInfo]) {
+    let stages: Vec<_> = infos.iter().filter_map(|i| i.stages).collect();
+    let mut spans: Vec<(u64, u64)> = stages.iter().filter_map(|s| s.gpu_span_ns).collect();
+    spans.sort_unstable();
+    let overlap_ns: u64 = spans
+        .windows(2)
+        .map(|w| w[0].1.min(w[1].1).saturating_sub(w[1].0))
+        .sum();
+    let busy_ns: u64 = spans.iter().map(|&(a, b)| b.saturating_sub(a)).sum();
+    if !spans.is_empty() {
+        eprintln!(
+            "# {shape} {mode} GPU spans: {:.3} ms of GPU work per batch, of which {:.3} ms overlapped the previous job's",
+            busy_ns as f64 / 1e6 / spans.len() as f64,
+            overlap_ns as f64 / 1e6 / spans.len() as f64,
+        );
+    }
+    let shared = stages.iter().filter(|s| s.steps_shared).count();
+    let fused = stages.iter().filter(|s| s.fused).count();
+    let med = |f: &dyn Fn(&sporkle::Stages) -> f64| stage_ms(&stages, f);
+    eprintln!(
+        "# {shape} {mode}: {shared} of {} jobs shared steps with other jobs, {fused} had copies fused into a convolution's dispatch; medians (shared steps timed whole): host in {:.3} ms, copy-in step {:.3}, convolution step {:.3}, copy-out step {:.3}, host out {:.3}",
+        stages.len(),
+        med(&|s| s.host_in_s),
+        med(&|s| s.upload_s.unwrap_or(0.0)),
+        med(&|s| s.kernel_s.unwrap_or(0.0)),
+        med(&|s| s.download_s.unwrap_or(0.0)),
+        med(&|s| s.host_out_s),
+    );
 }
 
 /// The median of `v` (0 when empty).

@@ -41,6 +41,10 @@ pub const FRAMES: usize = 3;
 /// output, so beyond the [`FRAMES`] jobs of a step, two more may be done and being read.
 pub const SLOTS: usize = FRAMES + 2;
 
+/// How long the GPU may sit idle, with jobs in flight that need more steps, before the worker
+/// records a step without a new job: a job arriving in that time shares the step instead.
+pub(super) const IDLE_GRACE: Duration = Duration::from_micros(100);
+
 /// The start of the error of a job whose fence missed its deadline.
 pub const FENCE_TIMEOUT: &str = "fence timeout";
 
@@ -357,6 +361,15 @@ impl Worker {
             .is_none_or(|f| f.signaled().unwrap_or(true))
     }
 
+    /// How long the GPU has been seen idle (every step recorded has finished).
+    pub(super) fn gpu_idle_for(&mut self) -> Duration {
+        if !self.gpu_idle() {
+            self.idle_since = None;
+            return Duration::ZERO;
+        }
+        self.idle_since.get_or_insert_with(Instant::now).elapsed()
+    }
+
     /// Starts `job` in a free frame and records a step; a job that cannot start is answered
     /// with the error.
     pub(super) fn stream_begin(&mut self, job: StreamJob) {
@@ -575,6 +588,7 @@ impl Worker {
             }
         }
         self.last_step = Some(fence);
+        self.idle_since = None;
         Ok(())
     }
 

@@ -402,6 +402,8 @@ struct Worker {
     busy_until: Option<Instant>,
     /// The fence after the last step recorded (none when no job is in flight).
     last_step: Option<std::rc::Rc<gl::Fence>>,
+    /// Since when the GPU has been seen idle with steps still to record.
+    idle_since: Option<Instant>,
     /// How the executor's steps copy between staging and device buffers.
     copy_mode: shaders::StreamCopy,
     programs: ProgramCache,
@@ -432,6 +434,7 @@ impl Worker {
             broken: None,
             busy_until: None,
             last_step: None,
+            idle_since: None,
             copy_mode: shaders::StreamCopy::from_env(),
             programs: ProgramCache::default(),
             weights: Vec::new(),
@@ -499,15 +502,18 @@ impl Worker {
                 }
                 None => {}
             }
-            // Nothing can start now.
-            if self.steps_pending() && (self.gpu_idle() || pending.is_some()) {
+            // Nothing can start now. A step without a new job moves the others on, but shares
+            // nothing new: it is recorded only once the GPU has been idle for a while, since a
+            // job arriving (or a frame coming back for the one waiting) would share it.
+            let poll = Duration::from_micros(50);
+            if self.steps_pending() && self.gpu_idle_for() >= executor::IDLE_GRACE {
                 self.step_or_fail();
-            } else if self.wait_oldest(Duration::from_micros(200)) {
+            } else if self.wait_oldest(poll) {
             } else if pending.is_some() {
-                // Every frame is read by a caller: wait for one to come back.
-                self.wait_release(Duration::from_millis(1));
+                // Every frame is read by a caller or in flight: wait for one to come back.
+                self.wait_release(poll);
             } else if open {
-                match jobs.recv_timeout(Duration::from_micros(50)) {
+                match jobs.recv_timeout(poll) {
                     Ok(msg) => pending = Some(msg),
                     Err(mpsc::RecvTimeoutError::Timeout) => {}
                     Err(mpsc::RecvTimeoutError::Disconnected) => open = false,
@@ -560,7 +566,12 @@ impl Worker {
             }
             Msg::Stream(job) => {
                 // Synchronous mode: the job alone, its copy in, convolution and copy out each
-                // a step of its own (so their times are its own).
+                // a step of its own (so their times are its own). Frames that callers have
+                // given back may not have been taken yet.
+                self.take_releases();
+                while !self.frame_free() {
+                    self.wait_release(Duration::from_millis(100));
+                }
                 self.stream_begin(job);
                 self.stream_drain();
             }

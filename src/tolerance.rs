@@ -203,18 +203,42 @@ pub fn check_sample(
     count: usize,
     tol: Tolerance,
 ) -> Result<ErrorStats, Box<Mismatch>> {
+    check_points(p, x, w, bias, &read_sample(got, count), tol)
+}
+
+/// The outputs that [`check_sample`] checks, read out of `got` as `(flat index, value)`: the
+/// first and last, and `count` seeded random ones. Reading them is cheap; checking them against
+/// the reference ([`check_points`]) is not, so a caller that must give the output back quickly
+/// (a streaming frame) reads now and checks later.
+pub fn read_sample(got: &[f32], count: usize) -> Vec<(usize, f32)> {
     let mut rng = crate::data::SplitMix64::new(0xC0FFEE);
     let len = got.len();
-    let picks = [0, len - 1]
+    if len == 0 {
+        return Vec::new();
+    }
+    [0, len - 1]
         .into_iter()
-        .chain((0..count).map(|_| rng.below(len as u64) as usize));
-    let points = picks.map(|i| {
+        .chain((0..count).map(|_| rng.below(len as u64) as usize))
+        .map(|i| (i, got[i]))
+        .collect()
+}
+
+/// Checks outputs read by [`read_sample`] against the reference (see [`check_sample`]).
+pub fn check_points(
+    p: &Conv2dParams,
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    sample: &[(usize, f32)],
+    tol: Tolerance,
+) -> Result<ErrorStats, Box<Mismatch>> {
+    let points = sample.iter().map(|&(i, got)| {
         let at = OutIndex::from_flat(p, i);
         let r = match tol {
             Tolerance::Winograd => crate::winograd::output_at(p, x, w, bias, at),
             _ => crate::reference::output_at(p, x, w, bias, at),
         };
-        (at, got[i], r)
+        (at, got, r)
     });
     compare_points(p, points, tol)
 }

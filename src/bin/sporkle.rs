@@ -837,13 +837,14 @@ fn verify_sample(
         .map_err(|m| anyhow!("{m}"))
 }
 
+/// Outputs read for a later check: `(flat index, value)`.
+type Sample = Vec<(usize, f32)>;
+
 /// Waits for `tickets` in order, reading each output's sample where it lies (in its staging
 /// frame, which goes back to the executor at once): the checks against the reference, which
 /// cost far more than reading (#7: ~3 ms a batch), come after the timing
 /// ([`verify_in_place`]).
-fn read_in_place(
-    tickets: Vec<sporkle::Ticket>,
-) -> Result<(Vec<sporkle::RunInfo>, Vec<Vec<(usize, f32)>>)> {
+fn read_in_place(tickets: Vec<sporkle::Ticket>) -> Result<(Vec<sporkle::RunInfo>, Vec<Sample>)> {
     let mut infos = Vec::new();
     let mut samples = Vec::new();
     for ticket in tickets {
@@ -861,7 +862,7 @@ fn verify_in_place(
     inputs: &[Arc<[f32]>],
     w: &[f32],
     bias: Option<&[f32]>,
-    samples: &[Vec<(usize, f32)>],
+    samples: &[Sample],
     infos: &[sporkle::RunInfo],
     shape: &str,
 ) -> Result<()> {

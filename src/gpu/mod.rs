@@ -24,7 +24,7 @@ pub mod shaders;
 pub use context::{GpuChoice, GpuInfo};
 pub use executor::{Output, StreamDone, FRAMES, SLOTS};
 pub use gl::LiveObjects;
-pub use shaders::{Algorithm, Tile};
+pub use shaders::{Algorithm, StreamCopy, Tile};
 
 use crate::error::{Error, Result};
 use crate::params::Conv2dParams;

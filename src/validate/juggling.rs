@@ -98,6 +98,7 @@ fn mixed_stream(choice: GpuChoice, sync: &GpuBackend) -> Result<(), Failed> {
         .map(|job| job.submit(&j))
         .collect::<crate::Result<Vec<_>>>()
         .map_err(fail)?;
+    let mut runs = Vec::new();
     for (i, (job, t)) in jobs.iter().zip(tickets).enumerate() {
         // Every way of waiting: a new vector, the caller's buffer, reading in place.
         let (y, info) = match i % 3 {
@@ -122,6 +123,7 @@ fn mixed_stream(choice: GpuChoice, sync: &GpuBackend) -> Result<(), Failed> {
             )));
         }
         check_reference(job, &y)?;
+        runs.push(info);
     }
     // A buffer of the wrong length is an error, not a panic, and the GPU stays healthy.
     let job = &jobs[0];
@@ -131,6 +133,7 @@ fn mixed_stream(choice: GpuChoice, sync: &GpuBackend) -> Result<(), Failed> {
         return Err("wait_into accepted an output buffer of the wrong length".into());
     }
     let s = j.stats();
+    check_pipelined(&runs)?;
     if s.max_in_flight < 2 {
         return Err(fail(format!(
             "no two jobs were ever in flight together (async on): {s}"
@@ -142,6 +145,105 @@ fn mixed_stream(choice: GpuChoice, sync: &GpuBackend) -> Result<(), Failed> {
         )));
     }
     println!("{s}");
+    Ok(())
+}
+
+/// The executor's pipeline ran: some jobs shared steps with others, and (with shader copies,
+/// the default) some had their copies fused into a convolution's dispatch.
+fn check_pipelined(runs: &[crate::RunInfo]) -> Result<(), Failed> {
+    let stages: Vec<_> = runs.iter().filter_map(|r| r.stages).collect();
+    let shared = stages.iter().filter(|s| s.steps_shared).count();
+    let fused = stages.iter().filter(|s| s.fused).count();
+    let fusing = crate::gpu::StreamCopy::from_env() != crate::gpu::StreamCopy::Dma;
+    if shared == 0 || (fusing && fused == 0) {
+        return Err(fail(format!(
+            "of {} GPU jobs streamed together, {shared} shared a step and {fused} had fused \
+             copies: the pipeline did not run",
+            stages.len()
+        )));
+    }
+    println!(
+        "{shared} of {} jobs shared steps, {fused} had fused copies",
+        stages.len()
+    );
+    Ok(())
+}
+
+/// Inputs in pinned buffers: each written once and submitted twice with both jobs in flight;
+/// every output checked against the reference and bit for bit against the synchronous GPU
+/// path; writing a buffer that jobs still read is an error, and after their waits it is not.
+fn pinned_inputs(choice: GpuChoice, sync: &GpuBackend) -> Result<(), Failed> {
+    let j = juggler(Preference::Gpu, choice, Duration::from_secs(60))?;
+    let jobs = stream(12, 23).map_err(fail)?;
+    let mut pinned = Vec::new();
+    for job in &jobs {
+        let mut b = j.pinned_input(job.x.len()).map_err(fail)?;
+        if !b.is_mapped() {
+            return Err(fail(
+                "a Juggler with a GPU gave a pinned input in plain memory",
+            ));
+        }
+        b.as_mut_slice().map_err(fail)?.copy_from_slice(&job.x);
+        pinned.push(b);
+    }
+    let submit = |job: &Job, b: &crate::PinnedInput<'_>| {
+        j.submit_pinned(
+            &job.p,
+            b,
+            job.w[..].into(),
+            job.b.as_deref().map(Into::into),
+        )
+    };
+    let mut tickets = Vec::new();
+    for (job, b) in jobs.iter().zip(&pinned) {
+        tickets.push(submit(job, b).map_err(fail)?);
+        tickets.push(submit(job, b).map_err(fail)?);
+    }
+    if pinned[0].as_mut_slice().is_ok() {
+        return Err("a pinned input was writable while jobs read it".into());
+    }
+    let mut runs = Vec::new();
+    for (i, t) in tickets.into_iter().enumerate() {
+        let job = &jobs[i / 2];
+        let (y, info) = t.wait().map_err(fail)?;
+        if info.device != DeviceKind::Gpu || info.fallback.is_some() {
+            return Err(fail(format!("job {i} did not run on the GPU: {info:?}")));
+        }
+        let mut y_sync = vec![0.0f32; y.len()];
+        sync.conv2d(&job.p, &job.x, &job.w, job.b.as_deref(), &mut y_sync)
+            .map_err(fail)?;
+        if y.iter()
+            .zip(&y_sync)
+            .any(|(a, b)| a.to_bits() != b.to_bits())
+        {
+            return Err(fail(format!(
+                "job {i} ({}): the output from a pinned input differs from the synchronous path",
+                job.p
+            )));
+        }
+        check_reference(job, &y)?;
+        runs.push(info);
+    }
+    check_pipelined(&runs)?;
+    // Every ticket waited: writable again, and a new batch streams from it.
+    let job = Job {
+        p: jobs[0].p,
+        x: jobs[0].x.iter().map(|v| -v).collect(),
+        w: jobs[0].w.clone(),
+        b: jobs[0].b.clone(),
+    };
+    pinned[0]
+        .as_mut_slice()
+        .map_err(|e| fail(format!("after every wait: {e}")))?
+        .copy_from_slice(&job.x);
+    let (y, _) = submit(&job, &pinned[0])
+        .and_then(crate::Ticket::wait)
+        .map_err(fail)?;
+    check_reference(&job, &y)?;
+    // A pinned input of the wrong length is an error, not a panic.
+    if submit(&jobs[0], &pinned[1]).is_ok() && jobs[0].x.len() != jobs[1].x.len() {
+        return Err("a pinned input of the wrong length was accepted".into());
+    }
     Ok(())
 }
 
@@ -292,8 +394,28 @@ fn gpu_off() -> Result<(), Failed> {
         }
         check_reference(job, &y)?;
     }
+    // A pinned input without a GPU is plain memory, and works the same.
+    let job = &jobs[0];
+    let mut pinned = j.pinned_input(job.x.len()).map_err(fail)?;
+    if pinned.is_mapped() {
+        return Err("a CPU-only Juggler gave a mapped pinned input".into());
+    }
+    pinned.as_mut_slice().map_err(fail)?.copy_from_slice(&job.x);
+    let (y, info) = j
+        .submit_pinned(
+            &job.p,
+            &pinned,
+            job.w[..].into(),
+            job.b.as_deref().map(Into::into),
+        )
+        .and_then(crate::Ticket::wait)
+        .map_err(fail)?;
+    if info.device != DeviceKind::Cpu {
+        return Err(fail(format!("expected the CPU: {info:?}")));
+    }
+    check_reference(job, &y)?;
     let s = j.stats();
-    if s.gpu_unavailable.is_none() || s.cpu.calls != 4 || s.utilisation(DeviceKind::Cpu) <= 0.0 {
+    if s.gpu_unavailable.is_none() || s.cpu.calls != 5 || s.utilisation(DeviceKind::Cpu) <= 0.0 {
         return Err(fail(format!("statistics do not show a CPU-only run: {s}")));
     }
     Ok(())
@@ -367,9 +489,17 @@ pub fn trials(ctx: &Arc<Context>) -> Vec<Trial> {
     }) else {
         return out;
     };
+    let sync_mixed = Arc::clone(&sync);
     out.push(
         Trial::test("stream/mixed_changing_weights", move || {
-            mixed_stream(choice, &sync)
+            mixed_stream(choice, &sync_mixed)
+        })
+        .with_kind("gpu-async"),
+    );
+    let sync_pinned = Arc::clone(&sync);
+    out.push(
+        Trial::test("stream/pinned_inputs", move || {
+            pinned_inputs(choice, &sync_pinned)
         })
         .with_kind("gpu-async"),
     );

@@ -130,10 +130,21 @@ fn stream_child(kind: &str) -> Result<String, String> {
             let k = i % cases.len();
             let (x, w, b) = &data[k];
             let p = &cases[k].params;
-            let (y, _) = juggler
-                .submit(p, x, w, cases[k].bias.then_some(&b[..]))
-                .and_then(crate::Ticket::wait)
-                .map_err(|e| e.to_string())?;
+            let bias = cases[k].bias.then_some(&b[..]);
+            // Every other cycle from a pinned input, made and dropped with the cycle.
+            let (y, _) = if i % 2 == 1 {
+                let mut pinned = juggler.pinned_input(x.len()).map_err(|e| e.to_string())?;
+                pinned
+                    .as_mut_slice()
+                    .map_err(|e| e.to_string())?
+                    .copy_from_slice(x);
+                juggler
+                    .submit_pinned(p, &pinned, w[..].into(), bias.map(Into::into))
+                    .and_then(crate::Ticket::wait)
+            } else {
+                juggler.submit(p, x, w, bias).and_then(crate::Ticket::wait)
+            }
+            .map_err(|e| e.to_string())?;
             std::hint::black_box(y);
             at(i + 1);
         }

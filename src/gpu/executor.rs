@@ -1,27 +1,33 @@
-//! The async executor: streaming convolutions through [`FRAMES`] frames in flight.
+//! The async executor: streaming convolutions through a pipeline of steps, [`FRAMES`] jobs per
+//! step.
 //!
-//! It runs on the GPU worker thread, which owns the context. Each frame owns its buffers: an
-//! upload staging buffer and a download staging buffer (host memory, persistently and
-//! coherently mapped, `GL_ARB_buffer_storage`), and device buffers for input, output, bias and
-//! split-K partial sums. A job in a frame goes:
+//! It runs on the GPU worker thread, which owns the context. Each job has a frame: an upload
+//! and a download staging buffer (host memory, persistently and coherently mapped,
+//! `GL_ARB_buffer_storage`), and device buffers for input, output, bias and a plan's
+//! intermediates. A job goes through three phases, each in a different *step*:
 //!
-//! 1. host: the input is copied into the frame's upload staging (in parallel chunks: one thread
-//!    writes a mapping at only ~5 GB/s on the H100 machine);
-//! 2. GPU: DMA copy staging → device input (`glCopyBufferSubData`), the convolution, DMA copy
-//!    device output → download staging, each between its own timer query; then a fence;
-//! 3. host, once the fence has passed: the caller's thread reads the output straight out of the
-//!    download staging ([`Staged`], in parallel chunks, into the caller's buffer) and releases
-//!    the frame; the worker reuses a frame only after that release, and waits for every release
-//!    before it deletes the buffers.
+//! 1. copy in: its input (copied into the upload staging by the worker, in parallel chunks, or
+//!    read where it is from a pinned input) into its device input buffer;
+//! 2. convolve (its weights made resident then);
+//! 3. copy out: its output into the download staging.
 //!
-//! While one frame's work runs on the GPU, the worker fills the next frame's staging, so host
-//! copies overlap GPU work. Whether the GPU's own work for different frames overlaps (one
-//! context: one queue) is measured, not assumed: each job's GPU span (timestamps before its
-//! upload copy and after its download copy) is reported, and `sporkle bench --stream` sums how
-//! much consecutive spans overlap. A frame's buffers are touched by
-//! the host only after its fence; a fence that does not pass within the job's timeout fails the
-//! job (the caller re-runs it on the CPU) and marks the executor broken: its buffers may still
-//! be in use, so every later stream job fails at once with the reason.
+//! A step runs phase 1 of the newest job, phase 2 of the one before and phase 3 of the one
+//! before that, after one barrier (each phase reads what the previous step wrote), then sets
+//! one fence. With shader copies (the default, [`StreamCopy`]) the copies are workgroups of the
+//! convolution's own dispatch where its plan is one pass, so the GPU moves data both ways while
+//! it convolves (one context runs DMA copies and dispatches one after another: measured,
+//! `overlap::probe_zero_copy`). Timer queries time each step, and each job reports the steps of
+//! its phases; a job that shared steps reports their whole times (`steps_shared`).
+//!
+//! A new job records a step at once. A step without a new job is recorded only when the GPU has
+//! finished every step so far and [`IDLE_GRACE`] has passed, so that a steady stream keeps its
+//! phases together. Once the fence of a job's copy-out step has passed, the caller's thread
+//! reads the output straight out of the download staging ([`Staged`]) and releases the frame;
+//! the worker reuses a frame only after that release, and waits for every release before it
+//! deletes the buffers. A fence that does not pass within the job's timeout, or a step that
+//! fails, fails every job in flight (the caller re-runs them on the CPU) and marks the executor
+//! broken: their buffers may still be in use, so every later stream job fails at once with the
+//! reason.
 
 use super::gl::{self, Buffer, Direction, Fence, MappedBuffer, MappedView, TimerQuery};
 use super::shaders::{self, StreamCopy};

@@ -163,14 +163,15 @@ pub(super) fn probe_overlap(ctx: &GlContext, floats: usize) -> Result<String> {
     Ok(out)
 }
 
-/// Zero-copy probe (`sporkle probe-zero-copy`): in ONE context, how fast do shaders move data
-/// across the bus (reading mapped host memory into a device buffer, writing a device buffer
-/// into mapped host memory), and do those copies and compute overlap when they are roles of one
-/// dispatch, or separate dispatches with no barrier between them? Compared with DMA copies.
+/// Zero-copy probe (`sporkle probe-zero-copy`): in ONE context, how fast do the streaming
+/// copies (`shaders/stream_copy.glsl`) move data across the bus (mapped host memory into a
+/// device buffer, a device buffer into mapped host memory), and do those copies and compute
+/// overlap when they are workgroups of one dispatch, or separate dispatches with no barrier
+/// between them? Compared with DMA copies. What the executor's fused steps rest on.
 pub(super) fn probe_zero_copy(ctx: &GlContext, floats: usize) -> Result<String> {
     let gl = Rc::clone(&ctx.gl);
     let floats = floats / 4 * 4;
-    let n4 = floats / 4;
+    let n4 = (floats / 4) as u32;
     let mut host_in = MappedBuffer::new(&gl, floats, Direction::Upload)?;
     for (i, x) in host_in.as_mut_slice().iter_mut().enumerate() {
         *x = i as f32;
@@ -179,15 +180,17 @@ pub(super) fn probe_zero_copy(ctx: &GlContext, floats: usize) -> Result<String> 
     let dev_in = Buffer::new(&gl, floats, true)?;
     let dev_out = Buffer::new(&gl, floats, true)?;
     let sink = Buffer::new(&gl, 1 << 22, true)?;
-    host_in.bind(0);
-    dev_in.bind(1);
-    dev_out.bind(2);
-    host_out.bind(3);
-    sink.bind(4);
+    // The bindings of stream_copy.glsl, and the FMA workload's output.
+    host_in.bind(4);
+    dev_in.bind(5);
+    dev_out.bind(6);
+    host_out.bind(7);
+    sink.bind(0);
     let compute_groups = 2048u32;
-    let iters = 2048u32;
-    let program = |i: u32, o: u32| {
-        Program::compute(&gl, &shaders::probe_roles_source(i, o, n4, iters), false)
+    let program = Program::compute(&gl, &shaders::probe_roles_source(2048), false)?;
+    // `i` groups copy in, `o` copy out, then `fma` groups compute, in one dispatch.
+    let run = |i: u32, o: u32, fma: u32| {
+        program.dispatch_with([i + o + fma, 1, 1], "copies", [i, o, n4, n4])
     };
     let time = |op: &dyn Fn() -> Result<()>| -> Result<f64> {
         op()?;
@@ -230,65 +233,53 @@ pub(super) fn probe_zero_copy(ctx: &GlContext, floats: usize) -> Result<String> 
         })?,
         2.0 * bytes,
     );
-    let compute = program(0, 0)?;
-    line(
-        "compute alone",
-        time(&|| compute.dispatch([compute_groups, 1, 1]))?,
-        0.0,
-    );
+    line("compute alone", time(&|| run(0, 0, compute_groups))?, 0.0);
     line(
         "dma up + compute dispatch",
         time(&|| {
             gl::copy_buffer(&gl, hi, di, floats)?;
-            compute.dispatch([compute_groups, 1, 1])
+            run(0, 0, compute_groups)
         })?,
         0.0,
     );
-    for g in [66u32, 132, 264, 528, 1056] {
-        let p = program(g, 0)?;
+    for g in [66u32, 132, 264, 528] {
         line(
             &format!("shader in, {g} groups"),
-            time(&|| p.dispatch([g, 1, 1]))?,
+            time(&|| run(g, 0, 0))?,
             bytes,
         );
-        let p = program(0, g)?;
         line(
             &format!("shader out, {g} groups"),
-            time(&|| p.dispatch([g, 1, 1]))?,
+            time(&|| run(0, g, 0))?,
             bytes,
         );
-        let p = program(g, g)?;
         line(
             &format!("shader in + out, one dispatch, {g}+{g} groups"),
-            time(&|| p.dispatch([2 * g, 1, 1]))?,
+            time(&|| run(g, g, 0))?,
             2.0 * bytes,
         );
         line(
             &format!("shader in + out + compute, one dispatch, {g}+{g} groups"),
-            time(&|| p.dispatch([2 * g + compute_groups, 1, 1]))?,
+            time(&|| run(g, g, compute_groups))?,
             0.0,
         );
     }
-    let (pin, pout) = (program(264, 0)?, program(0, 264)?);
     line(
-        "separate dispatches, no barrier: in, compute, out (264 groups each copy)",
+        "separate dispatches, no barrier: in, compute, out (132 groups each copy)",
         time(&|| {
-            pin.dispatch([264, 1, 1])?;
-            compute.dispatch([compute_groups, 1, 1])?;
-            pout.dispatch([264, 1, 1])
+            run(132, 0, 0)?;
+            run(0, 0, compute_groups)?;
+            run(0, 132, 0)
         })?,
         0.0,
     );
-    // The copies must have moved the data.
+    // The copies must have moved the data: in, device to device, out.
     gl::storage_barrier(&gl);
-    gl::client_mapped_barrier(&gl);
-    let p = program(264, 0)?;
-    p.dispatch([264, 1, 1])?;
+    run(132, 0, 0)?;
     gl::storage_barrier(&gl);
     gl::copy_buffer(&gl, di, dout, floats)?;
     gl::storage_barrier(&gl);
-    let p = program(0, 264)?;
-    p.dispatch([264, 1, 1])?;
+    run(0, 132, 0)?;
     gl::client_mapped_barrier(&gl);
     Fence::new(&gl)?.wait(Duration::from_secs(30))?;
     let wrong = host_out

@@ -587,12 +587,10 @@ impl StreamCopy {
 /// The role-partitioned probe shader (`shaders/probe_roles.comp`, diagnostics only).
 pub const PROBE_ROLES: &str = include_str!("../../shaders/probe_roles.comp");
 
-/// The probe shader specialised: `in_groups` copy the input in, `out_groups` copy the output
-/// out (each over `n4` vec4s), the rest of the dispatch runs `iters` FMA iterations.
-pub fn probe_roles_source(in_groups: u32, out_groups: u32, n4: usize, iters: u32) -> String {
+/// The probe shader specialised: copies as the `copies` uniform says, then FMA workgroups of
+/// `iters` iterations.
+pub fn probe_roles_source(iters: u32) -> String {
     format!(
-        "#version 430\n#define THREADS 256u\n#define IN_GROUPS {in_groups}u\n\
-         #define OUT_GROUPS {out_groups}u\n#define N4 {n4}u\n#define ITERS {iters}u\n\
-         #define UNROLL 4u\n#line 1\n{PROBE_ROLES}"
+        "#version 430\n#define THREADS 256u\n#define ITERS {iters}u\n#line 1\n{STREAM_COPY}#line 1\n{PROBE_ROLES}"
     )
 }

@@ -338,6 +338,9 @@ fn conv2d(a: Conv2dArgs) -> Result<()> {
     Ok(())
 }
 
+/// Streaming warm-up jobs in flight together: more than the executor's frames (at most 16).
+const WARM_UP_JOBS: usize = 17;
+
 /// Output points checked after each benchmark: corners, edges and a seeded sample.
 const BENCH_CHECKS: usize = 256;
 
@@ -595,10 +598,10 @@ fn stream(a: &BenchArgs, cases: &[&sporkle::suite::Case], batches: usize) -> Res
             )
         };
         // Warm-up: programs compiled, weights resident, the model calibrated, and every frame's
-        // staging and device buffers allocated (pinned allocations cost milliseconds): a few
-        // more jobs than frames, in flight together, twice.
+        // staging and device buffers allocated (pinned allocations cost milliseconds): more jobs
+        // than the executor has frames (at most 16), in flight together, twice.
         for _ in 0..2 {
-            let tickets = (0..sporkle::gpu::SLOTS + 1)
+            let tickets = (0..WARM_UP_JOBS)
                 .map(submit)
                 .collect::<sporkle::Result<Vec<_>>>()?;
             for t in tickets {
@@ -646,7 +649,7 @@ fn stream(a: &BenchArgs, cases: &[&sporkle::suite::Case], batches: usize) -> Res
                 b_shared.clone(),
             )
         };
-        for t in (0..sporkle::gpu::SLOTS + 1)
+        for t in (0..WARM_UP_JOBS)
             .map(submit_pinned)
             .collect::<sporkle::Result<Vec<_>>>()?
         {

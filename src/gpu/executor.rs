@@ -20,8 +20,8 @@
 //! its phases; a job that shared steps reports their whole times (`steps_shared`).
 //!
 //! A new job records a step at once. A step without a new job is recorded only when the GPU has
-//! finished every step so far and [`IDLE_GRACE`] has passed, so that a steady stream keeps its
-//! phases together. Once the fence of a job's copy-out step has passed, the caller's thread
+//! finished every step so far (and, if a job waits for a frame, [`IDLE_GRACE`] has passed), so
+//! that a steady stream keeps its phases together. Once the fence of a job's copy-out step has passed, the caller's thread
 //! reads the output straight out of the download staging ([`Staged`]) and releases the frame;
 //! the worker reuses a frame only after that release, and waits for every release before it
 //! deletes the buffers. A fence that does not pass within the job's timeout, or a step that
@@ -43,12 +43,14 @@ use std::time::{Duration, Instant};
 /// is copied in and the one before it copied out.
 pub const FRAMES: usize = 3;
 
-/// Frames (buffer sets) in all: a job holds one from its start until its caller has read its
-/// output, so beyond the [`FRAMES`] jobs of a step, two more may be done and being read.
+/// Frames (buffer sets) in all, by default (`SPORKLE_STREAM_FRAMES` sets it, at least
+/// [`FRAMES`]): a job holds one from its start until its caller has read its output, so beyond
+/// the [`FRAMES`] jobs of a step, two more may be queued for the next step or being read.
 pub const SLOTS: usize = FRAMES + 2;
 
-/// How long the GPU may sit idle, with jobs in flight that need more steps, before the worker
-/// records a step without a new job: a job arriving in that time shares the step instead.
+/// How long the GPU may sit idle, with jobs in flight that need more steps and a job waiting for
+/// a frame, before the worker records a step without a new job: if a caller gives a frame back
+/// in that time, the waiting job shares the step instead.
 pub(super) const IDLE_GRACE: Duration = Duration::from_micros(100);
 
 /// The start of the error of a job whose fence missed its deadline.
@@ -294,7 +296,7 @@ pub fn parallel_copy(src: &[f32], dst: &mut [f32]) {
 impl Worker {
     /// Whether a frame is free for a new job (neither in flight nor read by a caller).
     pub(super) fn frame_free(&self) -> bool {
-        self.in_flight.len() + self.held.len() < SLOTS
+        self.in_flight.len() + self.held.len() < self.frames.len()
     }
 
     /// Takes the releases of frames that callers have finished reading, and frees the pinned
@@ -367,6 +369,15 @@ impl Worker {
             .is_none_or(|f| f.signaled().unwrap_or(true))
     }
 
+    /// Frames to make: [`SLOTS`], or `SPORKLE_STREAM_FRAMES`.
+    pub(super) fn slots() -> usize {
+        super::shaders::knob("SPORKLE_STREAM_FRAMES", |v| match v.parse::<usize>() {
+            Ok(n) if (FRAMES..=16).contains(&n) => Ok(n),
+            _ => Err(format!("expected {FRAMES} to 16 frames")),
+        })
+        .unwrap_or(SLOTS)
+    }
+
     /// How long the GPU has been seen idle (every step recorded has finished).
     pub(super) fn gpu_idle_for(&mut self) -> Duration {
         if !self.gpu_idle() {
@@ -407,7 +418,8 @@ impl Worker {
             answer(job, result);
             return;
         }
-        let Some(slot) = (0..SLOTS).find(|i| !self.in_flight.contains(i) && !self.held.contains(i))
+        let Some(slot) =
+            (0..self.frames.len()).find(|i| !self.in_flight.contains(i) && !self.held.contains(i))
         else {
             answer(job, Err(Error::Gpu("no free frame (executor bug)".into())));
             return;

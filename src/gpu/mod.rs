@@ -423,7 +423,7 @@ impl Worker {
     fn new(ctx: GlContext, unpin_rx: mpsc::Receiver<u64>) -> Self {
         let (release_tx, release_rx) = mpsc::channel();
         Self {
-            frames: (0..executor::SLOTS).map(|_| Frame::default()).collect(),
+            frames: (0..Self::slots()).map(|_| Frame::default()).collect(),
             pinned: std::collections::HashMap::new(),
             next_pin: 0,
             unpin_rx,
@@ -503,10 +503,16 @@ impl Worker {
                 None => {}
             }
             // Nothing can start now. A step without a new job moves the others on, but shares
-            // nothing new: it is recorded only once the GPU has been idle for a while, since a
-            // job arriving (or a frame coming back for the one waiting) would share it.
+            // nothing new: it is recorded once the GPU is idle, and when a job is waiting for a
+            // frame (which a caller is about to give back, so that the job would share the
+            // step) only once it has been idle for a while.
             let poll = Duration::from_micros(50);
-            if self.steps_pending() && self.gpu_idle_for() >= executor::IDLE_GRACE {
+            let grace = if pending.is_some() {
+                executor::IDLE_GRACE
+            } else {
+                Duration::ZERO
+            };
+            if self.steps_pending() && self.gpu_idle() && self.gpu_idle_for() >= grace {
                 self.step_or_fail();
             } else if self.wait_oldest(poll) {
             } else if pending.is_some() {

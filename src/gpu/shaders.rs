@@ -43,7 +43,10 @@ const MAX_SPLIT: u64 = 16;
 
 /// The tuning knob `name` from the environment, parsed; an invalid value is reported and
 /// ignored (the callers keep the answer, so it is read once).
-fn knob<T>(name: &str, parse: impl Fn(&str) -> std::result::Result<T, String>) -> Option<T> {
+pub(super) fn knob<T>(
+    name: &str,
+    parse: impl Fn(&str) -> std::result::Result<T, String>,
+) -> Option<T> {
     let v = std::env::var(name).ok()?;
     parse(&v)
         .map_err(|e| eprintln!("sporkle: ignoring {name}={v:?}: {e}"))

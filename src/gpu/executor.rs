@@ -244,6 +244,21 @@ struct Flight {
     done: StreamDone,
 }
 
+/// A job whose input is being copied into its frame's upload staging on another thread.
+pub(super) struct Filling {
+    slot: usize,
+    flight: Flight,
+    /// The copy's wall time (s), when it is done.
+    copied: mpsc::Receiver<f64>,
+}
+
+/// The address and length of a frame's upload staging, for the thread that copies into it.
+struct StagingPtr(*mut f32, usize);
+
+// SAFETY: the copy thread is the only one touching that memory while it runs (see
+// Worker::start_host_copy), and the mapping outlives it.
+unsafe impl Send for StagingPtr {}
+
 /// A step's timer queries: timestamps before and after it, and its elapsed time.
 struct StepTimes {
     start: TimerQuery,
@@ -296,7 +311,7 @@ pub fn parallel_copy(src: &[f32], dst: &mut [f32]) {
 impl Worker {
     /// Whether a frame is free for a new job (neither in flight nor read by a caller).
     pub(super) fn frame_free(&self) -> bool {
-        self.in_flight.len() + self.held.len() < self.frames.len()
+        self.filling.is_none() && self.in_flight.len() + self.held.len() < self.frames.len()
     }
 
     /// Takes the releases of frames that callers have finished reading, and frees the pinned
@@ -418,17 +433,19 @@ impl Worker {
             answer(job, result);
             return;
         }
-        let Some(slot) =
-            (0..self.frames.len()).find(|i| !self.in_flight.contains(i) && !self.held.contains(i))
-        else {
+        let filling = self.filling.as_ref().map(|f| f.slot);
+        let Some(slot) = (0..self.frames.len()).find(|&i| {
+            !self.in_flight.contains(&i) && !self.held.contains(&i) && filling != Some(i)
+        }) else {
             answer(job, Err(Error::Gpu("no free frame (executor bug)".into())));
             return;
         };
         let mut frame = std::mem::take(&mut self.frames[slot]);
         let started = self.try_fill(&mut frame, &job);
+        self.frames[slot] = frame;
         match started {
             Ok((plan, fused, done)) => {
-                frame.flight = Some(Flight {
+                let flight = Flight {
                     job,
                     plan,
                     fused,
@@ -438,24 +455,112 @@ impl Worker {
                     charged: Vec::new(),
                     begun: Instant::now(),
                     done,
-                });
-                self.frames[slot] = frame;
-                self.in_flight.push_back(slot);
-                let in_flight = self.in_flight.len();
-                if let Some(f) = self.frames[slot].flight.as_mut() {
-                    f.done.in_flight = in_flight;
+                };
+                let pinned = flight
+                    .job
+                    .x
+                    .gl_id()
+                    .is_some_and(|id| self.pinned.contains_key(&id));
+                if pinned {
+                    self.start_flight(slot, flight);
+                } else {
+                    self.start_host_copy(slot, flight);
                 }
-                self.step_or_fail();
             }
-            Err(e) => {
-                self.frames[slot] = frame;
-                answer(job, Err(e));
+            Err(e) => answer(job, Err(e)),
+        }
+    }
+
+    /// Puts `flight` (its input in place) in the pipeline and records a step.
+    fn start_flight(&mut self, slot: usize, mut flight: Flight) {
+        flight.begun = Instant::now();
+        flight.done.in_flight = self.in_flight.len() + 1;
+        self.frames[slot].flight = Some(flight);
+        self.in_flight.push_back(slot);
+        self.step_or_fail();
+    }
+
+    /// Copies `flight`'s input into its frame's upload staging on another thread (in parallel
+    /// chunks), so that the worker meanwhile records steps and answers jobs; the job enters the
+    /// pipeline when the copy is done ([`Worker::take_filled`]).
+    fn start_host_copy(&mut self, slot: usize, flight: Flight) {
+        let len = flight.job.x.len();
+        let Some(upload) = self.frames[slot].upload.as_mut() else {
+            answer(
+                flight.job,
+                Err(Error::Gpu("a frame lacks its staging".into())),
+            );
+            return;
+        };
+        let dst = StagingPtr(upload.as_mut_slice()[..len].as_mut_ptr(), len);
+        let x = flight.job.x.clone();
+        let (done, copied) = mpsc::channel();
+        let copy = move || {
+            let dst = dst;
+            let t = Instant::now();
+            // SAFETY: the frame's staging stays mapped, and nothing else touches it, until this
+            // copy's answer has been received: the frame is reserved for the job while it
+            // fills (Worker::filling), and the worker waits for the answer before it drains,
+            // fails or exits.
+            let dst = unsafe { std::slice::from_raw_parts_mut(dst.0, dst.1) };
+            parallel_copy(x.as_slice(), dst);
+            let _ = done.send(t.elapsed().as_secs_f64());
+        };
+        if let Err(e) = std::thread::Builder::new()
+            .name("sporkle-copy".into())
+            .spawn(copy)
+        {
+            answer(
+                flight.job,
+                Err(Error::Gpu(format!("cannot start a copy thread: {e}"))),
+            );
+            return;
+        }
+        self.filling = Some(Filling {
+            slot,
+            flight,
+            copied,
+        });
+    }
+
+    /// Moves the job whose input is being copied into the pipeline once the copy is done,
+    /// waiting at most `timeout`; whether it did.
+    pub(super) fn take_filled(&mut self, timeout: Duration) -> bool {
+        let Some(f) = &self.filling else {
+            return false;
+        };
+        let copied = if timeout.is_zero() {
+            f.copied
+                .try_recv()
+                .map_err(|e| e == mpsc::TryRecvError::Disconnected)
+        } else {
+            f.copied
+                .recv_timeout(timeout)
+                .map_err(|e| e == mpsc::RecvTimeoutError::Disconnected)
+        };
+        match copied {
+            Err(false) => false,
+            Ok(host_in_s) => {
+                let Filling {
+                    slot, mut flight, ..
+                } = self.filling.take().expect("checked above");
+                flight.done.host_in_s = host_in_s;
+                self.start_flight(slot, flight);
+                true
+            }
+            Err(true) => {
+                let f = self.filling.take().expect("checked above");
+                answer(
+                    f.flight.job,
+                    Err(Error::Gpu("the host copy thread failed".into())),
+                );
+                true
             }
         }
     }
 
-    /// Plans `job`, sizes `frame`'s buffers for it, copies its input into the upload staging
-    /// and uploads its bias. Its weights are made resident by the step that convolves.
+    /// Plans `job`, sizes `frame`'s buffers for it (an upload staging unless its input is
+    /// pinned) and uploads its bias. Its weights are made resident by the step that convolves.
     #[allow(clippy::type_complexity)]
     fn try_fill(
         &mut self,
@@ -491,20 +596,12 @@ impl Worker {
         Self::scratch(&gl, &mut frame.output, out_len, true)?;
         Self::scratch(&gl, &mut frame.bias, p.c_out, true)?;
         Self::scratch_for(&gl, &mut frame.scratch, &plan, true)?;
-        // A pinned input is read where it is; any other is copied into the upload staging.
-        let t = Instant::now();
-        if !pinned {
-            let upload = frame.upload.as_mut().expect("allocated above");
-            parallel_copy(job.x.as_slice(), &mut upload.as_mut_slice()[..job.x.len()]);
-        }
-        let host_in_s = t.elapsed().as_secs_f64();
         let mut bytes_up = (job.x.len() * 4) as u64;
         if let Some(b) = &job.b {
             frame.bias.as_ref().expect("allocated above").upload(b)?;
             bytes_up += (b.len() * 4) as u64;
         }
         let done = StreamDone {
-            host_in_s,
             bytes_up,
             bytes_down: (plan.out_len * 4) as u64,
             ..StreamDone::default()
@@ -738,6 +835,14 @@ impl Worker {
     /// still be in use, so none is read.
     fn fail_all(&mut self, why: String) {
         self.broken = Some(why.clone());
+        if let Some(f) = self.filling.take() {
+            // Its copy writes the frame's staging: wait for it before the frame can be reused.
+            let _ = f.copied.recv();
+            answer(
+                f.flight.job,
+                Err(Error::Gpu(format!("the GPU is unhealthy: {why}"))),
+            );
+        }
         while let Some(slot) = self.in_flight.pop_front() {
             if let Some(f) = self.frames[slot].flight.take() {
                 answer(
@@ -888,8 +993,11 @@ impl Worker {
         answer(job, Ok(done));
     }
 
-    /// Finishes every job in flight, oldest first.
+    /// Finishes every job in flight, oldest first (a job still being copied in first joins).
     pub(super) fn stream_drain(&mut self) {
+        while self.filling.is_some() {
+            self.take_filled(Duration::from_secs(1));
+        }
         while !self.in_flight.is_empty() {
             self.stream_finish_oldest();
         }

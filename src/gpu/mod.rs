@@ -404,6 +404,8 @@ struct Worker {
     last_step: Option<std::rc::Rc<gl::Fence>>,
     /// Since when the GPU has been seen idle with steps still to record.
     idle_since: Option<Instant>,
+    /// The job whose input a copy thread is writing into its staging.
+    filling: Option<executor::Filling>,
     /// How the executor's steps copy between staging and device buffers.
     copy_mode: shaders::StreamCopy,
     programs: ProgramCache,
@@ -435,6 +437,7 @@ impl Worker {
             busy_until: None,
             last_step: None,
             idle_since: None,
+            filling: None,
             copy_mode: shaders::StreamCopy::from_env(),
             programs: ProgramCache::default(),
             weights: Vec::new(),
@@ -464,12 +467,15 @@ impl Worker {
         let mut open = true;
         loop {
             self.take_releases();
+            if self.take_filled(Duration::ZERO) {
+                continue;
+            }
             if self.oldest_ready() {
                 self.stream_finish_oldest();
                 continue;
             }
             if pending.is_none() && open {
-                pending = if self.frames_busy() == 0 {
+                pending = if self.frames_busy() == 0 && self.filling.is_none() {
                     match jobs.recv() {
                         Ok(msg) => Some(msg),
                         Err(_) => break,
@@ -507,14 +513,15 @@ impl Worker {
             // frame (which a caller is about to give back, so that the job would share the
             // step) only once it has been idle for a while.
             let poll = Duration::from_micros(50);
-            let grace = if pending.is_some() {
+            let waits_for_frame = pending.is_some() && self.filling.is_none() && !self.frame_free();
+            let grace = if waits_for_frame {
                 executor::IDLE_GRACE
             } else {
                 Duration::ZERO
             };
             if self.steps_pending() && self.gpu_idle() && self.gpu_idle_for() >= grace {
                 self.step_or_fail();
-            } else if self.wait_oldest(poll) {
+            } else if self.wait_oldest(poll) || self.take_filled(poll) {
             } else if pending.is_some() {
                 // Every frame is read by a caller or in flight: wait for one to come back.
                 self.wait_release(poll);

@@ -616,21 +616,27 @@ fn stream(a: &BenchArgs, cases: &[&sporkle::suite::Case], batches: usize) -> Res
         // Async again, each output read where it lies (in the staging buffer, host memory) and
         // verified there, with no copy into a buffer of the caller's.
         j.set_async(true);
-        let t = Instant::now();
-        let tickets = (0..batches)
-            .map(submit)
-            .collect::<sporkle::Result<Vec<_>>>()?;
-        let (in_place, samples) = read_in_place(tickets)?;
-        let ms = t.elapsed().as_secs_f64() / batches as f64 * 1e3;
-        verify_in_place(&p, &inputs, &w, bias, &samples, &in_place, &case.name)?;
-        report_steps(&case.name, "async-inplace", &in_place);
-        let on_gpu = in_place.iter().any(|i| i.device == DeviceKind::Gpu);
-        emit(serde_json::json!({
-            "shape": case.name,
-            "device": format!("sporkle-stream-async-inplace {}", if on_gpu { who.as_str() } else { "cpu" }),
-            "ms": round4(ms),
-            "gflops": round2(p.flops() as f64 / ms / 1e6),
-        }))?;
+        // All submitted, then each output read where it lies and checked after the timing.
+        let mut in_place_mode = |mode: &str,
+                                 submit: &dyn Fn(usize) -> sporkle::Result<sporkle::Ticket>|
+         -> Result<()> {
+            let t = Instant::now();
+            let tickets = (0..batches)
+                .map(submit)
+                .collect::<sporkle::Result<Vec<_>>>()?;
+            let (runs, samples) = read_in_place(tickets)?;
+            let ms = t.elapsed().as_secs_f64() / batches as f64 * 1e3;
+            verify_in_place(&p, &inputs, &w, bias, &samples, &runs, &case.name)?;
+            report_steps(&case.name, mode, &runs);
+            let on_gpu = runs.iter().any(|i| i.device == DeviceKind::Gpu);
+            emit(serde_json::json!({
+                "shape": case.name,
+                "device": format!("sporkle-stream-{mode} {}", if on_gpu { who.as_str() } else { "cpu" }),
+                "ms": round4(ms),
+                "gflops": round2(p.flops() as f64 / ms / 1e6),
+            }))
+        };
+        in_place_mode("async-inplace", &submit)?;
         // Pinned: the inputs in pinned buffers, written once (as the peer's pinned input is),
         // which the GPU reads directly; outputs read and verified in place.
         let pinned = inputs
@@ -655,21 +661,7 @@ fn stream(a: &BenchArgs, cases: &[&sporkle::suite::Case], batches: usize) -> Res
         {
             t.wait()?;
         }
-        let t = Instant::now();
-        let tickets = (0..batches)
-            .map(submit_pinned)
-            .collect::<sporkle::Result<Vec<_>>>()?;
-        let (pinned_runs, samples) = read_in_place(tickets)?;
-        let ms = t.elapsed().as_secs_f64() / batches as f64 * 1e3;
-        verify_in_place(&p, &inputs, &w, bias, &samples, &pinned_runs, &case.name)?;
-        report_steps(&case.name, "async-pinned", &pinned_runs);
-        let on_gpu = pinned_runs.iter().any(|i| i.device == DeviceKind::Gpu);
-        emit(serde_json::json!({
-            "shape": case.name,
-            "device": format!("sporkle-stream-async-pinned {}", if on_gpu { who.as_str() } else { "cpu" }),
-            "ms": round4(ms),
-            "gflops": round2(p.flops() as f64 / ms / 1e6),
-        }))?;
+        in_place_mode("async-pinned", &submit_pinned)?;
         drop(pinned);
         let mut per_mode = Vec::new();
         for on in [true, false] {

@@ -20,7 +20,7 @@
 //! its phases; a job that shared steps reports their whole times (`steps_shared`).
 //!
 //! A new job records a step at once. A step without a new job is recorded only when the GPU has
-//! finished every step so far (and, if a job waits for a frame, [`IDLE_GRACE`] has passed), so
+//! finished every step so far (and, if a job is about to join, [`IDLE_GRACE`] has passed), so
 //! that a steady stream keeps its phases together. Once the fence of a job's copy-out step has passed, the caller's thread
 //! reads the output straight out of the download staging ([`Staged`]) and releases the frame;
 //! the worker reuses a frame only after that release, and waits for every release before it
@@ -48,9 +48,9 @@ pub const FRAMES: usize = 3;
 /// the [`FRAMES`] jobs of a step, two more may be queued for the next step or being read.
 pub const SLOTS: usize = FRAMES + 2;
 
-/// How long the GPU may sit idle, with jobs in flight that need more steps and a job waiting for
-/// a frame, before the worker records a step without a new job: if a caller gives a frame back
-/// in that time, the waiting job shares the step instead.
+/// How long the GPU may sit idle, with jobs in flight that need more steps and a job about to
+/// join (its input being copied in, or a frame about to come back for it), before the worker
+/// records a step without a new job: if the job joins in that time, it shares the step instead.
 pub(super) const IDLE_GRACE: Duration = Duration::from_micros(100);
 
 /// The start of the error of a job whose fence missed its deadline.

@@ -509,12 +509,13 @@ impl Worker {
                 None => {}
             }
             // Nothing can start now. A step without a new job moves the others on, but shares
-            // nothing new: it is recorded once the GPU is idle, and when a job is waiting for a
-            // frame (which a caller is about to give back, so that the job would share the
-            // step) only once it has been idle for a while.
+            // nothing new: it is recorded once the GPU is idle, and when a job is about to join
+            // (and would share the step) only once it has been idle for a while.
             let poll = Duration::from_micros(50);
-            let waits_for_frame = pending.is_some() && self.filling.is_none() && !self.frame_free();
-            let grace = if waits_for_frame {
+            // A job about to join: one whose input is being copied in, or one waiting for a
+            // frame that a caller is about to give back.
+            let joining = self.filling.is_some() || (pending.is_some() && !self.frame_free());
+            let grace = if joining {
                 executor::IDLE_GRACE
             } else {
                 Duration::ZERO

@@ -133,7 +133,7 @@ fn mixed_stream(choice: GpuChoice, sync: &GpuBackend) -> Result<(), Failed> {
         return Err("wait_into accepted an output buffer of the wrong length".into());
     }
     let s = j.stats();
-    check_pipelined(&runs)?;
+    check_pipelined(&runs, false)?;
     if s.max_in_flight < 2 {
         return Err(fail(format!(
             "no two jobs were ever in flight together (async on): {s}"
@@ -148,13 +148,15 @@ fn mixed_stream(choice: GpuChoice, sync: &GpuBackend) -> Result<(), Failed> {
     Ok(())
 }
 
-/// The executor's pipeline ran: some jobs shared steps with others, and (with shader copies,
-/// the default) some had their copies fused into a convolution's dispatch.
-fn check_pipelined(runs: &[crate::RunInfo]) -> Result<(), Failed> {
+/// The executor's pipeline ran: some jobs shared steps with others, and with `fusion` (and
+/// shader copies, the default) some had their copies fused into a convolution's dispatch. How
+/// many depends on timing (a step without a new job is recorded when the GPU is idle), so only
+/// a burst of jobs that need no host copy (pinned inputs) is sure to show fused copies.
+fn check_pipelined(runs: &[crate::RunInfo], fusion: bool) -> Result<(), Failed> {
     let stages: Vec<_> = runs.iter().filter_map(|r| r.stages).collect();
     let shared = stages.iter().filter(|s| s.steps_shared).count();
     let fused = stages.iter().filter(|s| s.fused).count();
-    let fusing = crate::gpu::StreamCopy::from_env() != crate::gpu::StreamCopy::Dma;
+    let fusing = fusion && crate::gpu::StreamCopy::from_env() != crate::gpu::StreamCopy::Dma;
     if shared == 0 || (fusing && fused == 0) {
         return Err(fail(format!(
             "of {} GPU jobs streamed together, {shared} shared a step and {fused} had fused \
@@ -224,7 +226,7 @@ fn pinned_inputs(choice: GpuChoice, sync: &GpuBackend) -> Result<(), Failed> {
         check_reference(job, &y)?;
         runs.push(info);
     }
-    check_pipelined(&runs)?;
+    check_pipelined(&runs, true)?;
     // Every ticket waited: writable again, and a new batch streams from it.
     let job = Job {
         p: jobs[0].p,

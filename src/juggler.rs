@@ -138,8 +138,8 @@ pub struct DeviceStats {
     pub calls: u64,
     /// Their FLOPs.
     pub flops: u64,
-    /// Time busy: CPU wall time of its jobs; GPU time from timer queries (upload copy, kernel,
-    /// download copy), never more than the wall time some job was on the GPU (that wall time
+    /// Time busy: CPU wall time of its jobs; GPU time from timer queries (the executor's steps,
+    /// each counted once), never more than the wall time some job was on the GPU (that wall time
     /// alone on a software renderer).
     pub busy_s: f64,
     /// Bytes host → device and device → host (GPU only).
@@ -280,7 +280,7 @@ struct Model {
     cpu_rate: Option<f64>,
     /// GPU kernel rate, FLOP/s.
     gpu_rate: Option<f64>,
-    /// GPU transfer rates (host copy and DMA together), bytes/s.
+    /// GPU transfer rates (host copy and GPU copy together), bytes/s.
     up_rate: Option<f64>,
     down_rate: Option<f64>,
     /// What a GPU call costs beyond the model's terms, seconds.
@@ -996,8 +996,9 @@ impl Juggler {
         }
     }
 
-    /// Submits a job and returns at once when it goes to the GPU (with async on, up to
-    /// [`crate::gpu::FRAMES`] GPU jobs are in flight together); a CPU job is computed before
+    /// Submits a job and returns at once when it goes to the GPU (with async on, the executor's
+    /// steps run [`crate::gpu::FRAMES`] jobs at once, and more wait in its frames); a CPU job is
+    /// computed before
     /// this returns. Lengths are checked first. The data are copied; to stream without that
     /// copy, see [`Juggler::submit_shared`].
     pub fn submit(

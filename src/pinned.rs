@@ -4,7 +4,7 @@
 //!
 //! [`PinnedInput`] is what callers hold ([`crate::Juggler::pinned_input`]); it borrows the
 //! Juggler, so it cannot outlive the GL context that maps it. Every job submitted with it (and
-//! the job's ticket) holds a [`PinnedRead`]; while any exists the buffer cannot be written
+//! the job's ticket) holds a `PinnedRead`; while any exists the buffer cannot be written
 //! ([`PinnedInput::as_mut_slice`] says so), so the GPU never reads a half-written batch. The
 //! memory itself belongs to the GPU worker, which frees it when the last holder is gone. Without
 //! a GPU (or where mapping fails) the buffer is plain host memory and everything else is the

@@ -559,8 +559,9 @@ fn bench(a: BenchArgs) -> Result<()> {
 /// `--stream N`: per shape, N batches submitted through the Juggler with async on (all
 /// submitted, then all waited), then the same N with async off, one call at a time; every
 /// output is verified.
-/// Prints one JSON line per shape and mode, and the stage times U (host copy in + DMA up),
-/// C (kernel), D (DMA down + host copy out) with the overlap bound (U+C+D)/max(U,C,D).
+/// Prints one JSON line per shape and mode, and the stage times U (host copy in + GPU copy in),
+/// C (kernel), D (GPU copy out + host copy out), from the synchronous run where each is a step
+/// of its own, with the overlap bound (U+C+D)/max(U,C,D).
 fn stream(a: &BenchArgs, cases: &[&sporkle::suite::Case], batches: usize) -> Result<()> {
     let preference = match a.device {
         DeviceArg::Auto => Preference::Auto,

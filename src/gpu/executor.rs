@@ -20,7 +20,7 @@
 //! its phases; a job that shared steps reports their whole times (`steps_shared`).
 //!
 //! A new job records a step at once. A step without a new job is recorded only when the GPU has
-//! finished every step so far (and, if a job is about to join, [`IDLE_GRACE`] has passed), so
+//! finished every step so far (and, if a job is about to join, `IDLE_GRACE` has passed), so
 //! that a steady stream keeps its phases together. Once the fence of a job's copy-out step has passed, the caller's thread
 //! reads the output straight out of the download staging ([`Staged`]) and releases the frame;
 //! the worker reuses a frame only after that release, and waits for every release before it
@@ -175,21 +175,25 @@ impl Output {
 pub struct StreamDone {
     /// The output.
     pub output: Output,
-    /// GPU time of the upload copy, the convolution and the download copy (timer queries;
-    /// `None` on a software renderer, whose timers mean nothing).
+    /// GPU time of the steps that copied its input in, convolved and copied its output out
+    /// (timer queries; `None` on a software renderer, whose timers mean nothing): its own times
+    /// when it ran alone, those of whole steps when they ran other jobs' phases too
+    /// (`steps_shared`).
     pub upload_ns: Option<u64>,
     /// See `upload_ns`.
     pub kernel_ns: Option<u64>,
     /// See `upload_ns`.
     pub download_ns: Option<u64>,
-    /// GPU timestamps (ns) before the job's upload copy and after its download copy (`None` on a
-    /// software renderer).
+    /// GPU timestamps (ns) at the start of its copy-in step and the end of its copy-out step
+    /// (`None` on a software renderer).
     pub gpu_span_ns: Option<(u64, u64)>,
-    /// Wall time of the host copy into staging (the copy out happens in the caller's thread).
+    /// Wall time of the host copy into staging, on a copy thread (0 for a pinned input; the copy
+    /// out happens in the caller's thread).
     pub host_in_s: f64,
     /// Wall time from the frame's submission to its fence passing.
     pub gpu_wall_s: f64,
-    /// GPU busy time of this job: the sum of its timer queries, at most its share of the wall
+    /// GPU busy time of this job: the steps charged to it (each step to the oldest job in it), at
+    /// most its share of the wall
     /// time during which some job was on the GPU (that share alone on a software renderer), so
     /// jobs in flight together are never counted twice.
     pub busy_s: f64,

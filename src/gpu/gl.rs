@@ -348,7 +348,7 @@ impl MappedBuffer {
 }
 
 /// A read-only view of a mapped staging buffer, sendable to another thread (see
-/// [`MappedBuffer::view`] for the contract that keeps it valid).
+/// `MappedBuffer::view` for the contract that keeps it valid).
 pub struct MappedView {
     ptr: *const f32,
     len: usize,

@@ -331,8 +331,9 @@ impl GpuBackend {
     }
 
     /// Streams one convolution through the async executor (see [`executor`]): returns at once;
-    /// the answer arrives on the returned channel. With `pipelined`, up to [`FRAMES`] jobs are in
-    /// flight together; without, each runs alone. A fence that does not pass within `timeout`
+    /// the answer arrives on the returned channel. With `pipelined`, its phases share the
+    /// executor's steps with other jobs ([`FRAMES`] per step); without, it runs alone, each phase
+    /// a step of its own. A fence that does not pass within `timeout`
     /// fails the job (nothing is read from its buffers) and marks the GPU unhealthy.
     pub(crate) fn stream(
         &self,

@@ -234,3 +234,44 @@ impl std::fmt::Debug for PinnedInput<'_> {
         )
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A reader (a job, a ticket) bars writing; once every reader is gone, writing works and
+    /// readers see what was written.
+    #[test]
+    fn readers_bar_writing_until_they_are_gone() {
+        let mut input = PinnedInput::new(PinnedShared::host(8));
+        assert!(!input.is_mapped());
+        input.as_mut_slice().unwrap().fill(2.0);
+        let job = StreamInput::Pinned(input.read());
+        let ticket = job.clone();
+        assert!(matches!(input.as_mut_slice(), Err(Error::InUse(_))));
+        assert_eq!(job.as_slice(), &[2.0; 8]);
+        assert_eq!(job.gl_id(), None);
+        drop(job);
+        assert!(input.as_mut_slice().is_err(), "the ticket still reads it");
+        drop(ticket);
+        input.as_mut_slice().unwrap()[0] = 3.0;
+        assert_eq!(input.as_slice()[0], 3.0);
+        assert_eq!(input.read().as_slice().len(), 8);
+    }
+
+    /// The last holder of a mapped buffer sends its id back to be freed, and only the last.
+    #[test]
+    fn the_last_holder_frees_a_mapped_buffer() {
+        let (free, freed) = mpsc::channel();
+        let mut backing = vec![0.0f32; 4];
+        // SAFETY: `backing` outlives every holder below and nothing else writes it.
+        let shared = unsafe { PinnedShared::mapped(7, backing.as_mut_ptr(), 4, free) };
+        let input = PinnedInput::new(shared);
+        let job = input.read();
+        assert_eq!(job.gl_id(), Some(7));
+        drop(input);
+        assert!(freed.try_recv().is_err(), "a job still holds it");
+        drop(job);
+        assert_eq!(freed.try_recv(), Ok(7));
+    }
+}

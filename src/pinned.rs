@@ -19,8 +19,10 @@ use std::sync::{mpsc, Arc};
 enum Storage {
     /// Plain host memory (no GPU, or mapping failed).
     Host(Box<[f32]>),
-    /// A mapped GL buffer of the GPU worker, by its id; dropping sends the id back to free it.
+    /// A mapped GL buffer of a GPU worker (`owner`), by its id; dropping sends the id back to
+    /// free it.
     Mapped {
+        owner: u64,
         id: u64,
         ptr: *mut f32,
         free: mpsc::Sender<u64>,
@@ -43,19 +45,26 @@ unsafe impl Send for PinnedShared {}
 unsafe impl Sync for PinnedShared {}
 
 impl PinnedShared {
-    /// A mapping of `len` floats at `ptr`, GL buffer `id` of the worker, freed through `free`.
+    /// A mapping of `len` floats at `ptr`, GL buffer `id` of GPU worker `owner`, freed through
+    /// `free`.
     ///
     /// # Safety
     /// `ptr` must stay valid for `len` floats, and unwritten by anyone but this buffer's owner,
     /// until `id` arrives on `free`'s receiver.
     pub(crate) unsafe fn mapped(
+        owner: u64,
         id: u64,
         ptr: *mut f32,
         len: usize,
         free: mpsc::Sender<u64>,
     ) -> Self {
         Self {
-            storage: Storage::Mapped { id, ptr, free },
+            storage: Storage::Mapped {
+                owner,
+                id,
+                ptr,
+                free,
+            },
             len,
             readers: AtomicUsize::new(0),
         }
@@ -103,10 +112,10 @@ impl PinnedRead {
         self.0.as_slice()
     }
 
-    /// The worker's GL buffer id, if it is mapped GPU memory.
-    pub(crate) fn gl_id(&self) -> Option<u64> {
+    /// The GPU worker that maps it and its GL buffer id there, if it is mapped GPU memory.
+    pub(crate) fn gl_id(&self) -> Option<(u64, u64)> {
         match self.0.storage {
-            Storage::Mapped { id, .. } => Some(id),
+            Storage::Mapped { owner, id, .. } => Some((owner, id)),
             Storage::Host(_) => None,
         }
     }
@@ -147,8 +156,9 @@ impl StreamInput {
         self.as_slice().len()
     }
 
-    /// The worker's GL buffer id of a pinned input in mapped GPU memory.
-    pub(crate) fn gl_id(&self) -> Option<u64> {
+    /// The GPU worker and GL buffer id of a pinned input in mapped GPU memory (a worker uses
+    /// only its own: another's it copies like host memory).
+    pub(crate) fn gl_id(&self) -> Option<(u64, u64)> {
         match self {
             StreamInput::Pinned(x) => x.gl_id(),
             StreamInput::Host(_) => None,
@@ -265,10 +275,10 @@ mod tests {
         let (free, freed) = mpsc::channel();
         let mut backing = vec![0.0f32; 4];
         // SAFETY: `backing` outlives every holder below and nothing else writes it.
-        let shared = unsafe { PinnedShared::mapped(7, backing.as_mut_ptr(), 4, free) };
+        let shared = unsafe { PinnedShared::mapped(1, 7, backing.as_mut_ptr(), 4, free) };
         let input = PinnedInput::new(shared);
         let job = input.read();
-        assert_eq!(job.gl_id(), Some(7));
+        assert_eq!(job.gl_id(), Some((1, 7)));
         drop(input);
         assert!(freed.try_recv().is_err(), "a job still holds it");
         drop(job);

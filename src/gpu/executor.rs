@@ -76,6 +76,7 @@ pub(crate) struct StreamJob {
 /// The caller's side of pinned input `id` of `len` floats at address `ptr` (from
 /// [`Worker::pin`]), which sends `id` back on `free` when its last holder is gone.
 pub(super) fn pinned_shared(
+    owner: u64,
     id: u64,
     ptr: usize,
     len: usize,
@@ -84,7 +85,7 @@ pub(super) fn pinned_shared(
     // SAFETY: the worker keeps buffer `id` mapped (persistent mapping of immutable storage) and
     // never writes it; it deletes it only when the id comes back on `free`, which PinnedShared
     // sends when dropped, and at exit leaves the context alive while any is still held.
-    unsafe { PinnedShared::mapped(id, ptr as *mut f32, len, free) }
+    unsafe { PinnedShared::mapped(owner, id, ptr as *mut f32, len, free) }
 }
 
 /// Answers `job` with `result`, after dropping the job (its hold on a pinned input goes first,
@@ -460,12 +461,7 @@ impl Worker {
                     begun: Instant::now(),
                     done,
                 };
-                let pinned = flight
-                    .job
-                    .x
-                    .gl_id()
-                    .is_some_and(|id| self.pinned.contains_key(&id));
-                if pinned {
+                if self.pinned_buffer(&flight.job.x).is_some() {
                     self.start_flight(slot, flight);
                 } else {
                     self.start_host_copy(slot, flight);
@@ -584,11 +580,7 @@ impl Worker {
             self.programs.get(&gl, shaders::stream_copy_source())?;
         }
         let (x_len, out_len) = (padded(job.x.len()), padded(plan.out_len));
-        let pinned = job
-            .x
-            .gl_id()
-            .is_some_and(|id| self.pinned.contains_key(&id));
-        if !pinned {
+        if self.pinned_buffer(&job.x).is_none() {
             gl::ensure_len(&mut frame.upload, x_len, || {
                 MappedBuffer::new(&gl, x_len, Direction::Upload)
             })?;
@@ -828,11 +820,19 @@ impl Worker {
 
     /// Where the input of `f`'s job is: its pinned buffer, or the frame's upload staging.
     fn copy_source<'a>(&'a self, f: &'a Frame) -> Result<&'a MappedBuffer> {
-        let pinned = f.flight.as_ref().and_then(|j| j.job.x.gl_id());
-        match pinned.and_then(|id| self.pinned.get(&id)) {
+        match f.flight.as_ref().and_then(|j| self.pinned_buffer(&j.job.x)) {
             Some(b) => Ok(b),
             None => mapped(&f.upload),
         }
+    }
+
+    /// The mapped buffer of a pinned input of this worker's (another worker's, or plain host
+    /// memory, is copied into staging like any host input).
+    fn pinned_buffer(&self, x: &StreamInput) -> Option<&MappedBuffer> {
+        let (owner, id) = x.gl_id()?;
+        (owner == self.backend_id)
+            .then(|| self.pinned.get(&id))
+            .flatten()
     }
 
     /// Fails every job in flight with `why` and marks the executor broken: their buffers may

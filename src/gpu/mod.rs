@@ -144,6 +144,8 @@ pub struct GpuBackend {
     choice: GpuChoice,
     /// Where pinned inputs send their ids to be freed (see [`crate::pinned`]).
     unpin: mpsc::Sender<u64>,
+    /// This backend among the process's (a pinned input is used only by the one that maps it).
+    id: u64,
     worker: Option<JoinHandle<()>>,
 }
 
@@ -158,12 +160,14 @@ impl GpuBackend {
         let (ready_tx, ready_rx) = mpsc::channel();
         let (jobs_tx, jobs_rx) = mpsc::channel();
         let (unpin, unpin_rx) = mpsc::channel();
+        static BACKENDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let id = BACKENDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let worker = std::thread::Builder::new()
             .name("sporkle-gpu".into())
             .spawn(move || match GlContext::create(choice) {
                 Ok(ctx) => {
                     let _ = ready_tx.send(Ok(ctx.info.clone()));
-                    Worker::new(ctx, unpin_rx).serve(jobs_rx);
+                    Worker::new(ctx, id, unpin_rx).serve(jobs_rx);
                 }
                 Err(e) => {
                     let _ = ready_tx.send(Err(e));
@@ -176,6 +180,7 @@ impl GpuBackend {
                 info,
                 choice,
                 unpin,
+                id,
                 worker: Some(worker),
             }),
             Ok(Err(e)) => {
@@ -323,7 +328,13 @@ impl GpuBackend {
     /// A pinned input buffer of `len` floats (see [`crate::pinned`]).
     pub(crate) fn pin(&self, len: usize) -> Result<crate::pinned::PinnedShared> {
         let (id, ptr) = self.ask("pinning an input", |reply| Msg::Pin(len, reply))?;
-        Ok(executor::pinned_shared(id, ptr, len, self.unpin.clone()))
+        Ok(executor::pinned_shared(
+            self.id,
+            id,
+            ptr,
+            len,
+            self.unpin.clone(),
+        ))
     }
 
     fn probe(&self, probe: Probe, floats: usize) -> Result<String> {
@@ -392,6 +403,8 @@ struct Worker {
     pinned: std::collections::HashMap<u64, gl::MappedBuffer>,
     next_pin: u64,
     unpin_rx: mpsc::Receiver<u64>,
+    /// The backend's id, which its pinned inputs carry.
+    backend_id: u64,
     in_flight: VecDeque<usize>,
     /// Frames whose output a caller is reading, and the channel their releases come back on.
     held: Vec<usize>,
@@ -423,13 +436,14 @@ struct Worker {
 }
 
 impl Worker {
-    fn new(ctx: GlContext, unpin_rx: mpsc::Receiver<u64>) -> Self {
+    fn new(ctx: GlContext, backend_id: u64, unpin_rx: mpsc::Receiver<u64>) -> Self {
         let (release_tx, release_rx) = mpsc::channel();
         Self {
             frames: (0..Self::slots()).map(|_| Frame::default()).collect(),
             pinned: std::collections::HashMap::new(),
             next_pin: 0,
             unpin_rx,
+            backend_id,
             in_flight: VecDeque::new(),
             held: Vec::new(),
             release_tx,

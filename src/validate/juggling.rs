@@ -242,6 +242,27 @@ fn pinned_inputs(choice: GpuChoice, sync: &GpuBackend) -> Result<(), Failed> {
         .and_then(crate::Ticket::wait)
         .map_err(fail)?;
     check_reference(&job, &y)?;
+    // Another Juggler's pinned input is copied like host memory: its buffer id names one of
+    // this Juggler's own buffers too (ids count from 1 in each), which must not be read.
+    let other = juggler(Preference::Gpu, choice, Duration::from_secs(60))?;
+    let mut foreign = other.pinned_input(job.x.len()).map_err(fail)?;
+    let half = Job {
+        x: jobs[0].x.iter().map(|v| 0.5 * v).collect(),
+        ..job
+    };
+    foreign
+        .as_mut_slice()
+        .map_err(fail)?
+        .copy_from_slice(&half.x);
+    let (y, _) = submit(&half, &foreign)
+        .and_then(crate::Ticket::wait)
+        .map_err(fail)?;
+    check_reference(&half, &y).map_err(|e| {
+        fail(format!(
+            "another Juggler's pinned input: {}",
+            e.message().unwrap_or("wrong")
+        ))
+    })?;
     // A pinned input of the wrong length is an error, not a panic.
     if submit(&jobs[0], &pinned[1]).is_ok() && jobs[0].x.len() != jobs[1].x.len() {
         return Err("a pinned input of the wrong length was accepted".into());

@@ -264,6 +264,16 @@ struct StagingPtr(*mut f32, usize);
 // Worker::start_host_copy), and the mapping outlives it.
 unsafe impl Send for StagingPtr {}
 
+/// A one-pass plan's convolution fused with a step's copies (see `Worker::encode`).
+pub(super) struct FusedPass<'a> {
+    /// The fused program's source (the program cache's key).
+    pub(super) source: &'a str,
+    /// Layers of copying workgroups in front of the convolution's.
+    pub(super) copy_z: u32,
+    /// The `copies` uniform: workgroups copying in and out, vec4s in and out.
+    pub(super) copies: [u32; 4],
+}
+
 /// A step's timer queries: timestamps before and after it, and its elapsed time.
 struct StepTimes {
     start: TimerQuery,
@@ -577,7 +587,8 @@ impl Worker {
         let gl = Rc::clone(&self.ctx.gl);
         let fused = self.fused_program(&plan)?;
         if self.copy_mode != StreamCopy::Dma {
-            self.programs.get(&gl, shaders::stream_copy_source())?;
+            self.programs
+                .get(&gl, shaders::stream_copy_source().to_owned())?;
         }
         let (x_len, out_len) = (padded(job.x.len()), padded(plan.out_len));
         if self.pinned_buffer(&job.x).is_none() {
@@ -716,7 +727,7 @@ impl Worker {
         let out_len = f_out.map_or(0, |f| {
             padded(f.flight.as_ref().map_or(0, |j| j.plan.out_len))
         });
-        let convolve = |f: &Frame| -> Result<()> {
+        let convolve = |f: &Frame, fused: Option<&FusedPass<'_>>| -> Result<()> {
             let job = f.flight.as_ref().expect("a frame in flight holds its job");
             let wi = weights.ok_or_else(|| Error::Gpu("no resident weights".into()))?;
             self.encode(
@@ -728,6 +739,7 @@ impl Worker {
                     output: buffer(&f.output)?,
                     scratch: [f.scratch[0].as_ref(), f.scratch[1].as_ref()],
                 },
+                fused,
             )
         };
         // Where the newest job's input is: its pinned buffer, or its frame's upload staging.
@@ -738,7 +750,7 @@ impl Worker {
                 gl::copy_buffer(gl, source(f)?.raw(), buffer(&f.input)?.raw(), x_len)?;
             }
             if let Some(f) = f_conv {
-                convolve(f)?;
+                convolve(f, None)?;
             }
             if let Some(f) = f_out {
                 gl::copy_buffer(
@@ -784,38 +796,24 @@ impl Worker {
         };
         let copies = [copy_groups[0], copy_groups[1], n_in as u32, n_out as u32];
         let copying = n_in + n_out > 0;
-        let program = |src: &str| {
-            self.programs
-                .peek(src)
-                .ok_or_else(|| Error::Gpu("program missing from the cache".into()))
-        };
-        match f_conv {
-            Some(f) if copying && f.flight.as_ref().is_some_and(|j| j.fused.is_some()) => {
-                let job = f.flight.as_ref().expect("checked above");
-                let (source, copy_z) = job.fused.as_ref().expect("checked above");
-                let [gx, gy, gz] = job.plan.passes[0].groups;
-                let wi = weights.ok_or_else(|| Error::Gpu("no resident weights".into()))?;
-                buffer(&f.input)?.bind(0);
-                self.weights[wi].buffer.bind(1);
-                buffer(&f.bias)?.bind(2);
-                buffer(&f.output)?.bind(3);
-                program(source)?.dispatch_with([gx, gy, gz + copy_z], "copies", copies)?;
-                Ok(true)
-            }
-            _ => {
-                if copying {
-                    program(&shaders::stream_copy_source())?.dispatch_with(
-                        [groups, 1, 1],
-                        "copies",
-                        copies,
-                    )?;
-                }
-                if let Some(f) = f_conv {
-                    convolve(f)?;
-                }
-                Ok(false)
-            }
+        // The copies go into the convolution's dispatch where its plan allows, else alongside.
+        let fused = f_conv
+            .and_then(|f| f.flight.as_ref())
+            .and_then(|j| j.fused.as_ref())
+            .filter(|_| copying)
+            .map(|(source, copy_z)| FusedPass {
+                source,
+                copy_z: *copy_z,
+                copies,
+            });
+        if copying && fused.is_none() {
+            self.compiled(shaders::stream_copy_source())?
+                .dispatch_with([groups, 1, 1], "copies", copies)?;
         }
+        if let Some(f) = f_conv {
+            convolve(f, fused.as_ref())?;
+        }
+        Ok(fused.is_some())
     }
 
     /// Where the input of `f`'s job is: its pinned buffer, or the frame's upload staging.

@@ -517,6 +517,11 @@ impl Worker {
                     }
                     pending = Some(Msg::Stream(job));
                 }
+                Some(Msg::Pin(len, reply)) => {
+                    // A new buffer touches nothing in flight: no need to drain the stream.
+                    let _ = reply.send(self.pin(len));
+                    continue;
+                }
                 Some(msg) => {
                     self.serve_alone(msg);
                     continue;
@@ -842,17 +847,25 @@ impl Worker {
     /// Records one whole convolution: every pass of `plan` in order, with barriers between
     /// them; pass `i` reads the input (first) or intermediate `i - 1`, and writes intermediate
     /// `i` or the output (last).
-    fn encode(&self, plan: &Plan, b: &Bindings) -> Result<()> {
+    ///
+    /// With `fused` (a one-pass plan in a streaming step), the pass runs as the convolution fused
+    /// with the step's copies: that program, its copying layers of workgroups in front.
+    fn encode(
+        &self,
+        plan: &Plan,
+        b: &Bindings,
+        fused: Option<&executor::FusedPass<'_>>,
+    ) -> Result<()> {
         let gl = &self.ctx.gl;
-        let program = |src: &str| {
-            self.programs
-                .peek(src)
-                .ok_or_else(|| Error::Gpu("program missing from the cache".into()))
-        };
         let scratch = |i: usize| {
             (b.scratch.get(i).copied().flatten())
                 .ok_or_else(|| Error::Gpu("an intermediate buffer is missing".into()))
         };
+        if fused.is_some() && plan.passes.len() != 1 {
+            return Err(Error::Gpu(
+                "copies fused into a plan of several passes (executor bug)".into(),
+            ));
+        }
         b.weights.bind(1);
         b.bias.bind(2);
         let last = plan.passes.len().saturating_sub(1);
@@ -864,9 +877,26 @@ impl Worker {
             let to = if i == last { b.output } else { scratch(i)? };
             from.bind(0);
             to.bind(3);
-            program(&pass.source)?.dispatch(pass.groups)?;
+            match fused {
+                Some(f) if i == 0 => {
+                    let [gx, gy, gz] = pass.groups;
+                    self.compiled(f.source)?.dispatch_with(
+                        [gx, gy, gz + f.copy_z],
+                        "copies",
+                        f.copies,
+                    )?;
+                }
+                _ => self.compiled(&pass.source)?.dispatch(pass.groups)?,
+            }
         }
         Ok(())
+    }
+
+    /// The compiled program for `source` (compiled when the plan was made).
+    fn compiled(&self, source: &str) -> Result<&gl::Program> {
+        self.programs
+            .peek(source)
+            .ok_or_else(|| Error::Gpu("program missing from the cache".into()))
     }
 
     fn conv2d(
@@ -902,13 +932,13 @@ impl Worker {
             scratch: [self.scratch[0].as_ref(), self.scratch[1].as_ref()],
         };
         for _ in 0..dispatches.warmup {
-            self.encode(&plan, &bindings)?;
+            self.encode(&plan, &bindings, None)?;
             gl::storage_barrier(&gl);
         }
         let mut queries = Vec::with_capacity(dispatches.timed);
         for _ in 0..dispatches.timed {
             let query = TimerQuery::begin(&gl)?;
-            let encoded = self.encode(&plan, &bindings);
+            let encoded = self.encode(&plan, &bindings, None);
             query.end();
             queries.push(query);
             encoded?;

@@ -530,11 +530,14 @@ pub const STREAM_COPY_MAIN: &str = include_str!("../../shaders/stream_copy.comp"
 /// Invocations per workgroup of the copies alone.
 pub const STREAM_COPY_THREADS: u32 = 256;
 
-/// The source of the streaming copies alone.
-pub fn stream_copy_source() -> String {
-    format!(
-        "#version 430\n#define THREADS {STREAM_COPY_THREADS}u\n#line 1\n{STREAM_COPY}#line 1\n{STREAM_COPY_MAIN}"
-    )
+/// The source of the streaming copies alone (made once: every streaming job looks it up).
+pub fn stream_copy_source() -> &'static str {
+    static SOURCE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    SOURCE.get_or_init(|| {
+        format!(
+            "#version 430\n#define THREADS {STREAM_COPY_THREADS}u\n#line 1\n{STREAM_COPY}#line 1\n{STREAM_COPY_MAIN}"
+        )
+    })
 }
 
 /// A convolution pass's source fused with the streaming copies: its first `copy_z` layers of

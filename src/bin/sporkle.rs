@@ -598,26 +598,15 @@ fn stream(a: &BenchArgs, cases: &[&sporkle::suite::Case], batches: usize) -> Res
                 b_shared.clone(),
             )
         };
-        // Warm-up: programs compiled, weights resident, the model calibrated, and every frame's
-        // staging and device buffers allocated (pinned allocations cost milliseconds): more jobs
-        // than the executor has frames (at most 16), in flight together, twice.
-        for _ in 0..2 {
-            let tickets = (0..WARM_UP_JOBS)
-                .map(submit)
-                .collect::<sporkle::Result<Vec<_>>>()?;
-            for t in tickets {
-                t.wait()?;
-            }
-        }
+        warm_up(&submit, 2)?;
         // One output buffer per batch, written once before timing (as the peer's pinned
         // outputs are allocated before its timing): fresh memory costs a page fault per 4 KiB.
         let mut outs: Vec<Vec<f32>> = (0..batches)
             .map(|_| vec![1.0f32; p.output_len() as usize])
             .collect();
-        // Async again, each output read where it lies (in the staging buffer, host memory) and
-        // verified there, with no copy into a buffer of the caller's.
+        // Async again, all submitted, then each output read where it lies (in the staging buffer,
+        // host memory, with no copy into a buffer of the caller's) and checked after the timing.
         j.set_async(true);
-        // All submitted, then each output read where it lies and checked after the timing.
         let mut in_place_mode = |mode: &str,
                                  submit: &dyn Fn(usize) -> sporkle::Result<sporkle::Ticket>|
          -> Result<()> {
@@ -656,12 +645,7 @@ fn stream(a: &BenchArgs, cases: &[&sporkle::suite::Case], batches: usize) -> Res
                 b_shared.clone(),
             )
         };
-        for t in (0..WARM_UP_JOBS)
-            .map(submit_pinned)
-            .collect::<sporkle::Result<Vec<_>>>()?
-        {
-            t.wait()?;
-        }
+        warm_up(&submit_pinned, 1)?;
         in_place_mode("async-pinned", &submit_pinned)?;
         drop(pinned);
         let mut per_mode = Vec::new();
@@ -831,6 +815,24 @@ fn verify_sample(
     check_sample(p, x, w, bias, y, BENCH_CHECKS, tol)
         .map(|_| ())
         .map_err(|m| anyhow!("{m}"))
+}
+
+/// Streaming warm-up: programs compiled, weights resident, the model calibrated, and every
+/// frame's staging and device buffers allocated (pinned allocations cost milliseconds): more
+/// jobs than the executor has frames (at most 16), in flight together, `rounds` times.
+fn warm_up(
+    submit: &dyn Fn(usize) -> sporkle::Result<sporkle::Ticket>,
+    rounds: usize,
+) -> Result<()> {
+    for _ in 0..rounds {
+        let tickets = (0..WARM_UP_JOBS)
+            .map(submit)
+            .collect::<sporkle::Result<Vec<_>>>()?;
+        for t in tickets {
+            t.wait()?;
+        }
+    }
+    Ok(())
 }
 
 /// Outputs read for a later check: `(flat index, value)`.

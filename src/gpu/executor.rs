@@ -30,6 +30,7 @@
 //! reason.
 
 use super::gl::{self, Buffer, Direction, Fence, MappedBuffer, MappedView, TimerQuery};
+pub use super::host_copy::parallel_copy;
 use super::shaders::{self, StreamCopy};
 use super::{Bindings, Plan, WeightsKey, Worker};
 use crate::error::{Error, Result};
@@ -55,9 +56,6 @@ pub(super) const IDLE_GRACE: Duration = Duration::from_micros(100);
 
 /// The start of the error of a job whose fence missed its deadline.
 pub const FENCE_TIMEOUT: &str = "fence timeout";
-
-/// Copies of at least this many floats are split across threads.
-const PARALLEL_COPY_MIN: usize = 1 << 19;
 
 /// A streaming job.
 pub(crate) struct StreamJob {
@@ -296,31 +294,6 @@ fn mapped(b: &Option<MappedBuffer>) -> Result<&MappedBuffer> {
 /// `len` floats rounded up to whole vec4s.
 fn padded(len: usize) -> usize {
     len.div_ceil(4) * 4
-}
-
-/// `dst.copy_from_slice(src)`, split across threads when large.
-pub fn parallel_copy(src: &[f32], dst: &mut [f32]) {
-    static THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    let threads = *THREADS.get_or_init(|| {
-        std::env::var("SPORKLE_COPY_THREADS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| {
-                std::thread::available_parallelism()
-                    .map_or(1, usize::from)
-                    .min(8)
-            })
-    });
-    if src.len() < PARALLEL_COPY_MIN || threads < 2 {
-        dst.copy_from_slice(src);
-        return;
-    }
-    let per = src.len().div_ceil(threads);
-    std::thread::scope(|s| {
-        for (d, c) in dst.chunks_mut(per).zip(src.chunks(per)) {
-            s.spawn(move || d.copy_from_slice(c));
-        }
-    });
 }
 
 impl Worker {

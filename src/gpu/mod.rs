@@ -18,6 +18,7 @@
 pub mod context;
 pub mod executor;
 pub mod gl;
+mod host_copy;
 mod overlap;
 pub mod shaders;
 

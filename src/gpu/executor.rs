@@ -6,8 +6,9 @@
 //! `GL_ARB_buffer_storage`), and device buffers for input, output, bias and a plan's
 //! intermediates. A job goes through three phases, each in a different *step*:
 //!
-//! 1. copy in: its input (copied into the upload staging by the worker, in parallel chunks, or
-//!    read where it is from a pinned input) into its device input buffer;
+//! 1. copy in: its input (copied into the upload staging on a copy thread, in parallel chunks
+//!    with streaming stores, `host_copy.rs`; or read where it is from a pinned input) into its
+//!    device input buffer;
 //! 2. convolve (its weights made resident then);
 //! 3. copy out: its output into the download staging.
 //!

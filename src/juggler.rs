@@ -998,9 +998,8 @@ impl Juggler {
 
     /// Submits a job and returns at once when it goes to the GPU (with async on, the executor's
     /// steps run [`crate::gpu::FRAMES`] jobs at once, and more wait in its frames); a CPU job is
-    /// computed before
-    /// this returns. Lengths are checked first. The data are copied; to stream without that
-    /// copy, see [`Juggler::submit_shared`].
+    /// computed before this returns. Lengths are checked first. The data are copied; to stream
+    /// without that copy, see [`Juggler::submit_shared`].
     pub fn submit(
         &self,
         p: &Conv2dParams,

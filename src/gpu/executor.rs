@@ -22,10 +22,10 @@
 //!
 //! A new job records a step at once. A step without a new job is recorded only when the GPU has
 //! finished every step so far (and, if a job is about to join, `IDLE_GRACE` has passed), so
-//! that a steady stream keeps its phases together. Once the fence of a job's copy-out step has passed, the caller's thread
-//! reads the output straight out of the download staging ([`Staged`]) and releases the frame;
-//! the worker reuses a frame only after that release, and waits for every release before it
-//! deletes the buffers. A fence that does not pass within the job's timeout, or a step that
+//! that a steady stream keeps its phases together. Once the fence of a job's copy-out step has
+//! passed, the caller's thread reads the output straight out of the download staging
+//! ([`Staged`]) and releases the frame; the worker reuses a frame only after that release, and
+//! waits for every release before it deletes the buffers. A fence that does not pass within the job's timeout, or a step that
 //! fails, fails every job in flight (the caller re-runs them on the CPU) and marks the executor
 //! broken: their buffers may still be in use, so every later stream job fails at once with the
 //! reason.
@@ -93,6 +93,11 @@ fn answer(job: StreamJob, result: Result<StreamDone>) {
     let reply = job.reply.clone();
     drop(job);
     let _ = reply.send(result);
+}
+
+/// The error of a job refused or failed because the executor is broken (`why`).
+fn unhealthy(why: &str) -> Error {
+    Error::Gpu(format!("the GPU is unhealthy: {why}"))
 }
 
 /// A job's output in its frame's download staging buffer, readable from any thread; dropping it
@@ -193,9 +198,8 @@ pub struct StreamDone {
     /// Wall time from the frame's submission to its fence passing.
     pub gpu_wall_s: f64,
     /// GPU busy time of this job: the steps charged to it (each step to the oldest job in it), at
-    /// most its share of the wall
-    /// time during which some job was on the GPU (that share alone on a software renderer), so
-    /// jobs in flight together are never counted twice.
+    /// most its share of the wall time during which some job was on the GPU (that share alone on
+    /// a software renderer), so jobs in flight together are never counted twice.
     pub busy_s: f64,
     /// Whether the executor had to block on the fence, and for how long.
     pub fence_waited: bool,
@@ -395,8 +399,7 @@ impl Worker {
     /// with the error.
     pub(super) fn stream_begin(&mut self, job: StreamJob) {
         if let Some(why) = &self.broken {
-            let why = why.clone();
-            answer(job, Err(Error::Gpu(format!("the GPU is unhealthy: {why}"))));
+            answer(job, Err(unhealthy(why)));
             return;
         }
         if !self.immutable {
@@ -561,8 +564,7 @@ impl Worker {
         let gl = Rc::clone(&self.ctx.gl);
         let fused = self.fused_program(&plan)?;
         if self.copy_mode != StreamCopy::Dma {
-            self.programs
-                .get(&gl, shaders::stream_copy_source().to_owned())?;
+            self.programs.get(&gl, shaders::stream_copy_source())?;
         }
         let (x_len, out_len) = (padded(job.x.len()), padded(plan.out_len));
         if self.pinned_buffer(&job.x).is_none() {
@@ -605,7 +607,7 @@ impl Worker {
             return Ok(None);
         }
         let source = shaders::fused_source(&pass.source, copy_z);
-        self.programs.get(&self.ctx.gl, source.clone())?;
+        self.programs.get(&self.ctx.gl, &source)?;
         Ok(Some((source, copy_z)))
     }
 
@@ -814,17 +816,11 @@ impl Worker {
         if let Some(f) = self.filling.take() {
             // Its copy writes the frame's staging: wait for it before the frame can be reused.
             let _ = f.copied.recv();
-            answer(
-                f.flight.job,
-                Err(Error::Gpu(format!("the GPU is unhealthy: {why}"))),
-            );
+            answer(f.flight.job, Err(unhealthy(&why)));
         }
         while let Some(slot) = self.in_flight.pop_front() {
             if let Some(f) = self.frames[slot].flight.take() {
-                answer(
-                    f.job,
-                    Err(Error::Gpu(format!("the GPU is unhealthy: {why}"))),
-                );
+                answer(f.job, Err(unhealthy(&why)));
             }
         }
         self.last_step = None;

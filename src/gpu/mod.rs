@@ -518,13 +518,8 @@ impl Worker {
                     }
                     pending = Some(Msg::Stream(job));
                 }
-                Some(Msg::Pin(len, reply)) => {
-                    // A new buffer touches nothing in flight: no need to drain the stream.
-                    let _ = reply.send(self.pin(len));
-                    continue;
-                }
                 Some(msg) => {
-                    self.serve_alone(msg);
+                    self.serve_one(msg);
                     continue;
                 }
                 None => {}
@@ -571,9 +566,12 @@ impl Worker {
         }
     }
 
-    /// Handles a message that runs with no streaming job in flight.
-    fn serve_alone(&mut self, msg: Msg) {
-        self.stream_drain();
+    /// Handles a message other than a pipelined streaming job. Each runs with no streaming job
+    /// in flight, but a pin request: a new buffer touches nothing in flight.
+    fn serve_one(&mut self, msg: Msg) {
+        if !matches!(msg, Msg::Pin(..)) {
+            self.stream_drain();
+        }
         match msg {
             Msg::Call(job) => {
                 let result = self.conv2d(
@@ -690,7 +688,7 @@ impl Worker {
         let gl = std::rc::Rc::clone(&self.ctx.gl);
         let out = Buffer::new(&gl, (threads * groups) as usize, self.immutable)?;
         out.bind(3);
-        let program = self.programs.get(&gl, shaders::calibrate_source())?;
+        let program = self.programs.get(&gl, &shaders::calibrate_source())?;
         let flops = 2.0 * 32.0 * f64::from(iters) * f64::from(threads) * f64::from(groups);
         let mut best: f64 = 0.0;
         // A warm-up dispatch, then three timed ones.
@@ -816,7 +814,7 @@ impl Worker {
         };
         let gl = std::rc::Rc::clone(&self.ctx.gl);
         for pass in &passes {
-            self.programs.get(&gl, pass.source.clone())?;
+            self.programs.get(&gl, &pass.source)?;
         }
         Ok(Plan {
             algorithm: if winograd {

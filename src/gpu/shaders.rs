@@ -493,17 +493,17 @@ pub struct ProgramCache {
 }
 
 impl ProgramCache {
-    /// The program for `source`, compiled on first use.
-    pub fn get(&mut self, gl: &Rc<glow::Context>, source: String) -> Result<&Program> {
-        if !self.programs.contains_key(&source) {
+    /// The program for `source`, compiled on first use (the source is copied only then).
+    pub fn get(&mut self, gl: &Rc<glow::Context>, source: &str) -> Result<&Program> {
+        if !self.programs.contains_key(source) {
             let dump = std::env::var_os("SPORKLE_GPU_DUMP");
-            let program = Program::compute(gl, &source, dump.is_some())?;
+            let program = Program::compute(gl, source, dump.is_some())?;
             if let Some(dir) = dump {
-                dump_program(std::path::Path::new(&dir), &source, &program);
+                dump_program(std::path::Path::new(&dir), source, &program);
             }
-            self.programs.insert(source.clone(), program);
+            self.programs.insert(source.to_owned(), program);
         }
-        Ok(&self.programs[&source])
+        Ok(&self.programs[source])
     }
 
     /// The program for `source` if it has been compiled.
@@ -530,12 +530,18 @@ pub const STREAM_COPY_MAIN: &str = include_str!("../../shaders/stream_copy.comp"
 /// Invocations per workgroup of the copies alone.
 pub const STREAM_COPY_THREADS: u32 = 256;
 
+/// A program whose `main` (source `main`, after `defines`) calls the streaming copies.
+fn with_stream_copy(defines: &str, main: &str) -> String {
+    format!("#version 430\n{defines}#line 1\n{STREAM_COPY}#line 1\n{main}")
+}
+
 /// The source of the streaming copies alone (made once: every streaming job looks it up).
 pub fn stream_copy_source() -> &'static str {
     static SOURCE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     SOURCE.get_or_init(|| {
-        format!(
-            "#version 430\n#define THREADS {STREAM_COPY_THREADS}u\n#line 1\n{STREAM_COPY}#line 1\n{STREAM_COPY_MAIN}"
+        with_stream_copy(
+            &format!("#define THREADS {STREAM_COPY_THREADS}u\n"),
+            STREAM_COPY_MAIN,
         )
     })
 }
@@ -596,7 +602,8 @@ pub const PROBE_ROLES: &str = include_str!("../../shaders/probe_roles.comp");
 /// The probe shader specialised: copies as the `copies` uniform says, then FMA workgroups of
 /// `iters` iterations.
 pub fn probe_roles_source(iters: u32) -> String {
-    format!(
-        "#version 430\n#define THREADS 256u\n#define ITERS {iters}u\n#line 1\n{STREAM_COPY}#line 1\n{PROBE_ROLES}"
+    with_stream_copy(
+        &format!("#define THREADS 256u\n#define ITERS {iters}u\n"),
+        PROBE_ROLES,
     )
 }

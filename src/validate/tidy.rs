@@ -15,6 +15,7 @@ const UNSAFE_ALLOWED: [&str; 6] = [
     "src/gpu/executor.rs",
     // Pinned inputs: the caller's view of a buffer that the GPU worker maps.
     "src/pinned.rs",
+    // Streaming (non-temporal) stores for the host copies into and out of staging.
     "src/gpu/host_copy.rs",
 ];
 

@@ -69,6 +69,13 @@ enum Command {
         #[arg(default_value_t = 6_422_528)]
         floats: usize,
     },
+    /// Diagnostics: Vulkan transfers (copy engines) beside GL compute, on memory both share.
+    #[command(hide = true)]
+    ProbeVulkan {
+        /// Floats per copy (#7's batch is 6422528).
+        #[arg(default_value_t = 6_422_528)]
+        floats: usize,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -210,6 +217,10 @@ fn main() -> ExitCode {
             .map_err(Into::into),
         Command::ProbeZeroCopy { floats } => GpuBackend::new()
             .and_then(|g| g.probe_zero_copy(floats))
+            .map(|report| out!("{}", report.trim_end()))
+            .map_err(Into::into),
+        Command::ProbeVulkan { floats } => GpuBackend::new()
+            .and_then(|g| g.probe_vulkan(floats))
             .map(|report| out!("{}", report.trim_end()))
             .map_err(Into::into),
     };

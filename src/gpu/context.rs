@@ -171,6 +171,12 @@ impl GlContext {
         Self::finish(context, config, display, is_software(device))
     }
 
+    /// The address of GL function `name` (null if the driver lacks it), for the extension
+    /// functions glow does not wrap.
+    pub fn proc_address(&self, name: &std::ffi::CStr) -> *const std::ffi::c_void {
+        self.display.get_proc_address(name)
+    }
+
     /// A new context that shares this one's objects, to be made current on another thread.
     pub fn shared(&self) -> Result<SharedContext> {
         Ok(SharedContext {

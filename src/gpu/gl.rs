@@ -117,25 +117,41 @@ impl Buffer {
     /// a mutable `glBufferData` buffer rewritten every call may be placed in host memory, where
     /// every shader read crosses the bus.
     pub fn new(gl: &Rc<glow::Context>, len: usize, immutable: bool) -> Result<Self> {
+        Self::with_storage(gl, len, |gl, bytes| {
+            // SAFETY: sizing the buffer bound to the storage target on the current context.
+            unsafe {
+                if immutable {
+                    gl.buffer_storage(
+                        glow::SHADER_STORAGE_BUFFER,
+                        bytes,
+                        None,
+                        glow::DYNAMIC_STORAGE_BIT,
+                    );
+                } else {
+                    gl.buffer_data_size(glow::SHADER_STORAGE_BUFFER, bytes, glow::DYNAMIC_COPY);
+                }
+            }
+        })
+    }
+
+    /// A buffer of `len` floats whose storage `define` gives it: called with the buffer bound
+    /// to `GL_SHADER_STORAGE_BUFFER` and its size in bytes (for storage from a memory object,
+    /// see `vk.rs`).
+    pub(crate) fn with_storage(
+        gl: &Rc<glow::Context>,
+        len: usize,
+        define: impl FnOnce(&glow::Context, i32),
+    ) -> Result<Self> {
         let bytes = i32::try_from(len.max(1) * 4).map_err(|_| {
             Error::GpuLimit(format!(
                 "a buffer of {len} floats is over the 2 GiB GL size limit"
             ))
         })?;
-        // SAFETY: creating and sizing a buffer on the current context; the name is deleted in Drop.
+        // SAFETY: creating and binding a buffer on the current context; the name is deleted in
+        // Drop.
         let raw = unsafe {
             let raw = gl.create_buffer().map_err(Error::Gpu)?;
             gl.bind_buffer(glow::SHADER_STORAGE_BUFFER, Some(raw));
-            if immutable {
-                gl.buffer_storage(
-                    glow::SHADER_STORAGE_BUFFER,
-                    bytes,
-                    None,
-                    glow::DYNAMIC_STORAGE_BIT,
-                );
-            } else {
-                gl.buffer_data_size(glow::SHADER_STORAGE_BUFFER, bytes, glow::DYNAMIC_COPY);
-            }
             raw
         };
         BUFFERS.fetch_add(1, Relaxed);
@@ -144,6 +160,7 @@ impl Buffer {
             raw,
             len,
         };
+        define(gl, bytes);
         check(gl, &format!("allocating a buffer of {bytes} bytes"))?;
         Ok(buffer)
     }
@@ -611,6 +628,12 @@ impl Drop for Fence {
 pub fn flush(gl: &glow::Context) {
     // SAFETY: glFlush has no preconditions on a current context.
     unsafe { gl.flush() };
+}
+
+/// Waits until the GPU has finished every command recorded so far.
+pub fn finish(gl: &glow::Context) {
+    // SAFETY: glFinish has no preconditions on a current context.
+    unsafe { gl.finish() };
 }
 
 /// Makes GPU writes to persistently mapped, non-coherent buffers visible to the host once the

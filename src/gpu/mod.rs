@@ -21,6 +21,7 @@ pub mod gl;
 mod host_copy;
 mod overlap;
 pub mod shaders;
+pub mod vk;
 
 pub use context::{GpuChoice, GpuInfo};
 pub use executor::{Output, StreamDone, FRAMES, SLOTS};
@@ -136,6 +137,8 @@ enum Probe {
     Overlap,
     /// `overlap::probe_zero_copy`.
     ZeroCopy,
+    /// `overlap::probe_vulkan`.
+    Vulkan,
 }
 
 /// The GPU backend (see the module docs).
@@ -324,6 +327,11 @@ impl GpuBackend {
     /// context (see `overlap::probe_zero_copy`), for `floats` floats.
     pub fn probe_zero_copy(&self, floats: usize) -> Result<String> {
         self.probe(Probe::ZeroCopy, floats)
+    }
+
+    /// Vulkan transfers beside GL compute (see `overlap::probe_vulkan`), for `floats` floats.
+    pub fn probe_vulkan(&self, floats: usize) -> Result<String> {
+        self.probe(Probe::Vulkan, floats)
     }
 
     /// A pinned input buffer of `len` floats (see [`crate::pinned`]).
@@ -595,6 +603,7 @@ impl Worker {
                     Probe::Staging => executor::probe_staging(&self.ctx.gl, floats),
                     Probe::Overlap => overlap::probe_overlap(&self.ctx, floats),
                     Probe::ZeroCopy => overlap::probe_zero_copy(&self.ctx, floats),
+                    Probe::Vulkan => overlap::probe_vulkan(&self.ctx, floats),
                 });
             }
             Msg::Stream(job) => {

@@ -13,6 +13,7 @@ use super::context::{GlContext, SharedContext};
 use super::gl::{self, Buffer, Fence, Program};
 use super::gl::{Direction, MappedBuffer};
 use super::shaders;
+use super::vk::VkTransfer;
 use crate::error::{Error, Result};
 use std::rc::Rc;
 use std::sync::{Arc, Barrier};
@@ -289,5 +290,167 @@ pub(super) fn probe_zero_copy(ctx: &GlContext, floats: usize) -> Result<String> 
         .filter(|(i, x)| **x != *i as f32)
         .count();
     out += &format!("round trip through both shader copies: {wrong} of {floats} floats wrong\n");
+    Ok(out)
+}
+
+/// Vulkan transfers beside GL compute (`sporkle probe-vulkan`): copies of `floats` floats
+/// between Vulkan host memory and device memory that GL sees (see `vk.rs`), in and out on
+/// their own transfer queues, alone, together, and with a GL compute workload running; then a
+/// round trip (Vulkan in, a GL shader copy on the device, Vulkan out) that must move every
+/// float.
+pub(super) fn probe_vulkan(ctx: &GlContext, floats: usize) -> Result<String> {
+    let gl = Rc::clone(&ctx.gl);
+    let floats = floats / 4 * 4;
+    let n4 = (floats / 4) as u32;
+    // Copies out on a second Vulkan device of the same GPU (SPORKLE_VK_TWO_DEVICES=1), else on
+    // the first's second queue.
+    let two = std::env::var("SPORKLE_VK_TWO_DEVICES").is_ok();
+    let mut vts = vec![VkTransfer::new(ctx)?];
+    if two {
+        vts.push(VkTransfer::new(ctx)?);
+    }
+    let (o, out_lane) = if two { (1, 0) } else { (0, 1) };
+    let mut host_in = vts[0].host_buffer(floats, false)?;
+    for (i, x) in host_in.as_mut_slice().iter_mut().enumerate() {
+        *x = i as f32;
+    }
+    let host_out = vts[o].host_buffer(floats, true)?;
+    let dev_in = vts[0].shared_buffer(floats)?;
+    let dev_out = vts[o].shared_buffer(floats)?;
+    let vt_name = vts[0].name.clone();
+    let vt_lanes = vts[0].lanes();
+    let sink = Buffer::new(&gl, 1 << 22, true)?;
+    sink.bind(0);
+    // GL's shader copies (stream_copy.glsl: binding 4 into 5, 6 into 7) for comparison, from
+    // and to GL's own mapped host memory.
+    let mut gl_host_in = MappedBuffer::new(&gl, floats, Direction::Upload)?;
+    gl_host_in
+        .as_mut_slice()
+        .copy_from_slice(host_in.as_slice());
+    let gl_host_out = MappedBuffer::new(&gl, floats, Direction::Download)?;
+    gl_host_in.bind(4);
+    dev_in.gl().bind(5);
+    dev_out.gl().bind(6);
+    gl_host_out.bind(7);
+    let compute_groups = 2048u32;
+    let program = Program::compute(&gl, &shaders::probe_roles_source(2048), false)?;
+    let run_roles = |i: u32, o: u32, fma: u32| {
+        program.dispatch_with([i + o + fma, 1, 1], "copies", [i, o, n4, n4])
+    };
+    let never = Duration::from_secs(60);
+    let mut out = format!(
+        "{REPS} repetitions; copies of {:.1} MB; Vulkan device {}, {} transfer queue(s)\n",
+        (floats * 4) as f64 / 1e6,
+        vt_name,
+        vt_lanes
+    );
+    let bytes = (floats * 4) as f64;
+    // Each measurement: `vk_in` and `vk_out` copies and `compute` GL dispatches per repetition,
+    // all submitted, then all waited for.
+    let mut measure =
+        |what: &str, vk_in: bool, vk_out: bool, compute: bool, shader: [u32; 2]| -> Result<()> {
+            let mut last = Vec::new();
+            let round =
+                |vts: &mut [VkTransfer], last: &mut Vec<(usize, super::vk::Copy)>| -> Result<()> {
+                    if vk_in {
+                        last.push((0, vts[0].upload(0, &host_in, &dev_in, floats)?));
+                    }
+                    if vk_out {
+                        last.push((o, vts[o].download(out_lane, &dev_out, &host_out, floats)?));
+                    }
+                    if compute || shader != [0, 0] {
+                        run_roles(
+                            shader[0],
+                            shader[1],
+                            if compute { compute_groups } else { 0 },
+                        )?;
+                        gl::flush(&gl);
+                    }
+                    Ok(())
+                };
+            round(&mut vts, &mut last)?;
+            for (v, c) in last.drain(..) {
+                vts[v].wait(c, never)?;
+            }
+            Fence::new(&gl)?.wait(never)?;
+            let t = Instant::now();
+            for _ in 0..REPS {
+                round(&mut vts, &mut last)?;
+            }
+            for (v, c) in last.drain(..) {
+                vts[v].wait(c, never)?;
+            }
+            Fence::new(&gl)?.wait(never)?;
+            let ms = t.elapsed().as_secs_f64() * 1e3 / REPS as f64;
+            let copies = u8::from(vk_in)
+                + u8::from(vk_out)
+                + shader.iter().map(|&g| u8::from(g > 0)).sum::<u8>();
+            let moved = bytes * copies as f64;
+            let rate = if moved > 0.0 {
+                format!(" ({:.1} GB/s)", moved / ms / 1e6)
+            } else {
+                String::new()
+            };
+            out += &format!("{what}: {ms:.3} ms{rate}\n");
+            Ok(())
+        };
+    let none = [0, 0];
+    measure("gl compute alone", false, false, true, none)?;
+    measure("vk in", true, false, false, none)?;
+    measure("vk out", false, true, false, none)?;
+    measure("vk in + out", true, true, false, none)?;
+    measure("vk in + out + gl compute", true, true, true, none)?;
+    measure("vk in + gl compute", true, false, true, none)?;
+    measure(
+        "gl shader in + out (132+132 groups)",
+        false,
+        false,
+        false,
+        [132, 132],
+    )?;
+    for g in [66, 132, 264] {
+        measure(
+            &format!("vk in + gl shader out ({g} groups)"),
+            true,
+            false,
+            false,
+            [0, g],
+        )?;
+        measure(
+            &format!("vk in + gl shader out ({g} groups) + compute"),
+            true,
+            false,
+            true,
+            [0, g],
+        )?;
+        measure(
+            &format!("gl shader in ({g} groups) + vk out"),
+            false,
+            true,
+            false,
+            [g, 0],
+        )?;
+    }
+    // The round trip: Vulkan in, GL copies on the device, Vulkan out; each step waits for the
+    // one before (a Vulkan fence, then a GL fence).
+    let c = vts[0].upload(0, &host_in, &dev_in, floats)?;
+    vts[0].wait(c, never)?;
+    dev_in.gl().bind(4);
+    dev_out.gl().bind(5);
+    gl::storage_barrier(&gl);
+    run_roles(132, 0, 0)?;
+    gl::storage_barrier(&gl);
+    Fence::new(&gl)?.wait(never)?;
+    let c = vts[o].download(out_lane, &dev_out, &host_out, floats)?;
+    vts[o].wait(c, never)?;
+    let wrong = host_out
+        .as_slice()
+        .iter()
+        .enumerate()
+        .filter(|(i, x)| **x != *i as f32)
+        .count();
+    out += &format!(
+        "round trip (Vulkan in, GL shader copy, Vulkan out): {wrong} of {floats} floats wrong\n"
+    );
     Ok(out)
 }

@@ -76,6 +76,15 @@ enum Command {
         #[arg(default_value_t = 6_422_528)]
         floats: usize,
     },
+    /// Diagnostics: streaming a benchmark shape with CUDA's copy engines and GL compute.
+    #[command(hide = true)]
+    ProbeCuda {
+        /// The shape's name (or number) in suites/perf.toml.
+        shape: String,
+        /// Batches a timed run.
+        #[arg(long, default_value_t = 12)]
+        batches: usize,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -223,6 +232,7 @@ fn main() -> ExitCode {
             .and_then(|g| g.probe_vulkan(floats))
             .map(|report| out!("{}", report.trim_end()))
             .map_err(Into::into),
+        Command::ProbeCuda { shape, batches } => probe_cuda(&shape, batches),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -351,6 +361,18 @@ fn conv2d(a: Conv2dArgs) -> Result<()> {
 
 /// Streaming warm-up jobs in flight together: more than the executor's frames (at most 16).
 const WARM_UP_JOBS: usize = 17;
+
+/// `sporkle probe-cuda`: the shape from the built-in benchmark suite.
+fn probe_cuda(shape: &str, batches: usize) -> Result<()> {
+    let suite = Suite::parse(Path::new("suites/perf.toml (built in)"), PERF_SUITE)?;
+    let case = (suite.cases.iter().enumerate())
+        .find(|(i, c)| c.name == shape || (i + 1).to_string() == shape)
+        .ok_or_else(|| anyhow!("no shape {shape:?} in the suite"))?
+        .1;
+    let report = GpuBackend::new()?.probe_cuda(&case.params, batches.max(1))?;
+    out!("{}", report.trim_end());
+    Ok(())
+}
 
 /// Output points checked after each benchmark: corners, edges and a seeded sample.
 const BENCH_CHECKS: usize = 256;

@@ -16,6 +16,8 @@
 //! early), and reads the output back. Kernel time and end-to-end time are reported apart.
 
 pub mod context;
+pub mod cu;
+mod cuda_probe;
 pub mod executor;
 pub mod gl;
 mod host_copy;
@@ -139,6 +141,8 @@ enum Probe {
     ZeroCopy,
     /// `overlap::probe_vulkan`.
     Vulkan,
+    /// `Worker::probe_cuda` (`cuda_probe.rs`), on this shape; the size is batches.
+    Cuda(Conv2dParams),
 }
 
 /// The GPU backend (see the module docs).
@@ -332,6 +336,11 @@ impl GpuBackend {
     /// Vulkan transfers beside GL compute (see `overlap::probe_vulkan`), for `floats` floats.
     pub fn probe_vulkan(&self, floats: usize) -> Result<String> {
         self.probe(Probe::Vulkan, floats)
+    }
+
+    /// Streaming with CUDA's copy engines (see `cuda_probe.rs`): `batches` of `p` a run.
+    pub fn probe_cuda(&self, p: &Conv2dParams, batches: usize) -> Result<String> {
+        self.probe(Probe::Cuda(*p), batches)
     }
 
     /// A pinned input buffer of `len` floats (see [`crate::pinned`]).
@@ -604,6 +613,7 @@ impl Worker {
                     Probe::Overlap => overlap::probe_overlap(&self.ctx, floats),
                     Probe::ZeroCopy => overlap::probe_zero_copy(&self.ctx, floats),
                     Probe::Vulkan => overlap::probe_vulkan(&self.ctx, floats),
+                    Probe::Cuda(p) => self.probe_cuda(&p, floats),
                 });
             }
             Msg::Stream(job) => {

@@ -134,6 +134,8 @@ pub struct VkTransfer {
     lanes: Vec<Lane>,
     /// The Vulkan device's name.
     pub name: String,
+    /// The GPU's UUID (GL's and Vulkan's, which match).
+    pub uuid: [u8; 16],
 }
 
 /// A copy submitted on a lane: wait for it with [`VkTransfer::wait`].
@@ -151,10 +153,27 @@ pub struct SharedBuffer {
     memory_object: u32,
     buffer: vk::Buffer,
     memory: vk::DeviceMemory,
+    /// Bytes of `memory`.
+    size: u64,
     dev: Rc<Device>,
 }
 
 impl SharedBuffer {
+    /// A new file descriptor for the memory (the importer owns it), its size in bytes, and
+    /// whether it is a dedicated allocation: what another API (CUDA) needs to import it.
+    pub fn export_fd(&self) -> Result<(i32, u64, bool)> {
+        // SAFETY: exporting live memory allocated with an exportable handle type.
+        let fd = unsafe {
+            self.dev.fd.get_memory_fd(
+                &vk::MemoryGetFdInfoKHR::default()
+                    .memory(self.memory)
+                    .handle_type(vk::ExternalMemoryHandleTypeFlags::OPAQUE_FD),
+            )
+        }
+        .map_err(vk_err("exporting memory"))?;
+        Ok((fd, self.size, self.dev.dedicated))
+    }
+
     /// The GL storage buffer over it.
     pub fn gl(&self) -> &Buffer {
         self.gl
@@ -404,6 +423,7 @@ impl VkTransfer {
             gl: Rc::clone(gl),
             lanes,
             name,
+            uuid: gl_uuid,
         })
     }
 
@@ -586,6 +606,7 @@ impl VkTransfer {
             memory_object,
             buffer,
             memory,
+            size,
             dev: Rc::clone(&self.dev),
         };
         if let Err(e) = gl::check(&self.gl, "importing Vulkan memory") {

@@ -1,0 +1,285 @@
+//! Transfers through CUDA's copy engines beside GL compute (experiment: `sporkle probe-cuda`).
+//!
+//! GL's shader copies reach 77 GB/s both ways together on the H100 and Vulkan's transfer
+//! queues 58, where CUDA's pinned copies reach 87 (README). This module opens CUDA (the driver
+//! library, loaded at run time through `cudarc`) on the GL context's GPU, matched by device
+//! UUID, and imports device memory that Vulkan exported and GL imported too (`vk.rs`), so that
+//! CUDA streams copy into and out of the buffers GL computes on. Host memory is CUDA's pinned
+//! memory (`cuMemHostAlloc`).
+//!
+//! Ordering between the APIs is the caller's: a CUDA copy into a shared buffer may start only
+//! once GL has finished with it (a GL fence has passed), and GL may read it only once the
+//! copy's event has passed.
+
+use super::vk::SharedBuffer;
+use crate::error::{Error, Result};
+use cudarc::driver::{result as cu, sys};
+use std::ffi::c_void;
+
+fn cuda_err(what: &str) -> impl Fn(cu::DriverError) -> Error + '_ {
+    move |e| Error::Gpu(format!("CUDA: {what}: {e:?}"))
+}
+
+/// CUDA on one GPU: its primary context, current on the thread that made it, and two streams
+/// (copies in, copies out).
+pub struct Cuda {
+    device: sys::CUdevice,
+    /// Copies into the GPU.
+    pub up: sys::CUstream,
+    /// Copies out of the GPU.
+    pub down: sys::CUstream,
+    /// The device's name.
+    pub name: String,
+}
+
+impl Cuda {
+    /// CUDA on the GPU whose UUID is `uuid`, its context made current on this thread; fails
+    /// with [`Error::DeviceUnavailable`] where there is no CUDA driver or no such GPU.
+    pub fn new(uuid: [u8; 16]) -> Result<Self> {
+        // SAFETY: only tries to open the driver library.
+        if !unsafe { sys::is_culib_present() } {
+            return Err(Error::DeviceUnavailable(
+                "no CUDA driver library (libcuda)".into(),
+            ));
+        }
+        cu::init().map_err(cuda_err("cuInit"))?;
+        let count = cu::device::get_count().map_err(cuda_err("counting devices"))?;
+        let device = (0..count)
+            .filter_map(|i| cu::device::get(i).ok())
+            .find(|&d| {
+                cu::device::get_uuid(d).is_ok_and(|u| u.bytes.map(|b| b as u8) == uuid)
+            })
+            .ok_or_else(|| {
+                Error::DeviceUnavailable("no CUDA device has the GL device's UUID".into())
+            })?;
+        let name = cu::device::get_name(device).unwrap_or_default();
+        // SAFETY: retaining the primary context of a valid device and making it current on this
+        // thread; Drop releases it.
+        unsafe {
+            let ctx = cu::primary_ctx::retain(device).map_err(cuda_err("retaining a context"))?;
+            cu::ctx::set_current(ctx).map_err(cuda_err("making the context current"))?;
+        }
+        let stream = || {
+            cu::stream::create(cu::stream::StreamKind::NonBlocking)
+                .map_err(cuda_err("creating a stream"))
+        };
+        let up = stream()?;
+        let down = stream()?;
+        Ok(Self {
+            device,
+            up,
+            down,
+            name,
+        })
+    }
+
+    /// The device memory of `shared` as a CUDA device pointer.
+    pub fn import(&self, shared: &SharedBuffer) -> Result<Imported> {
+        let (fd, size, dedicated) = shared.export_fd()?;
+        let desc = sys::CUDA_EXTERNAL_MEMORY_HANDLE_DESC {
+            type_: sys::CUexternalMemoryHandleType::CU_EXTERNAL_MEMORY_HANDLE_TYPE_OPAQUE_FD,
+            handle: sys::CUDA_EXTERNAL_MEMORY_HANDLE_DESC_st__bindgen_ty_1 { fd },
+            size,
+            flags: if dedicated {
+                sys::CUDA_EXTERNAL_MEMORY_DEDICATED
+            } else {
+                0
+            },
+            reserved: [0; 16],
+        };
+        let mut memory = std::mem::MaybeUninit::uninit();
+        // SAFETY: a valid descriptor of an fd Vulkan exported for `size` bytes; CUDA owns the fd
+        // once the import succeeds.
+        let imported = unsafe { sys::cuImportExternalMemory(memory.as_mut_ptr(), &desc).result() };
+        if let Err(e) = imported {
+            // SAFETY: the import failed, so the fd is still ours to close.
+            unsafe { libc_close(fd) };
+            return Err(cuda_err("importing memory")(e));
+        }
+        // SAFETY: the import succeeded and wrote the handle.
+        let memory = unsafe { memory.assume_init() };
+        // SAFETY: mapping the whole imported object once; Imported's Drop frees the mapping and
+        // then the object.
+        match unsafe { cu::external_memory::get_mapped_buffer(memory, 0, size) } {
+            Ok(ptr) => Ok(Imported { memory, ptr }),
+            Err(e) => {
+                // SAFETY: nothing is mapped onto the object.
+                unsafe {
+                    let _ = cu::external_memory::destroy_external_memory(memory);
+                }
+                Err(cuda_err("mapping imported memory")(e))
+            }
+        }
+    }
+
+    /// Pinned host memory for `len` floats.
+    pub fn pinned(&self, len: usize) -> Result<Pinned> {
+        // SAFETY: allocating pinned memory in the current context; Pinned's Drop frees it.
+        let ptr = unsafe { cu::malloc_host(len.max(1) * 4, 0) }
+            .map_err(cuda_err("allocating pinned memory"))?;
+        Ok(Pinned {
+            ptr: ptr.cast(),
+            len,
+        })
+    }
+
+    /// Device memory of CUDA's own for `len` floats (for comparison with imported memory).
+    pub fn device_memory(&self, len: usize) -> Result<DeviceMemory> {
+        // SAFETY: allocating device memory in the current context; Drop frees it.
+        let ptr = unsafe { cu::malloc_sync(len.max(1) * 4) }
+            .map_err(cuda_err("allocating device memory"))?;
+        Ok(DeviceMemory { ptr })
+    }
+
+    /// A new event (no timing).
+    pub fn event(&self) -> Result<Event> {
+        cu::event::create(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING)
+            .map(Event)
+            .map_err(cuda_err("creating an event"))
+    }
+
+    /// Copies `floats` floats from `src` to device address `dst` on `stream`.
+    pub fn upload(
+        &self,
+        stream: sys::CUstream,
+        src: &Pinned,
+        dst: sys::CUdeviceptr,
+        floats: usize,
+    ) -> Result<()> {
+        // SAFETY: `src` is pinned and holds at least the floats copied; the caller keeps it and
+        // `dst` (at least `floats` floats) alive until the copy has finished.
+        unsafe {
+            sys::cuMemcpyHtoDAsync_v2(dst, src.ptr.cast(), floats.min(src.len) * 4, stream)
+                .result()
+        }
+        .map_err(cuda_err("copying in"))
+    }
+
+    /// Copies `floats` floats from device address `src` to `dst` on `stream`.
+    pub fn download(
+        &self,
+        stream: sys::CUstream,
+        src: sys::CUdeviceptr,
+        dst: &Pinned,
+        floats: usize,
+    ) -> Result<()> {
+        // SAFETY: as in upload; the host side is written, and nothing reads it until the copy's
+        // event has passed (the caller's).
+        unsafe {
+            sys::cuMemcpyDtoHAsync_v2(dst.ptr.cast(), src, floats.min(dst.len) * 4, stream)
+                .result()
+        }
+        .map_err(cuda_err("copying out"))
+    }
+
+    /// Records `event` on `stream`.
+    pub fn record(&self, event: &Event, stream: sys::CUstream) -> Result<()> {
+        // SAFETY: a live event and stream.
+        unsafe { cu::event::record(event.0, stream) }.map_err(cuda_err("recording an event"))
+    }
+
+    /// Waits until the work before `event`'s last record has finished.
+    pub fn wait(&self, event: &Event) -> Result<()> {
+        // SAFETY: a live event.
+        unsafe { cu::event::synchronize(event.0) }.map_err(cuda_err("waiting for an event"))
+    }
+
+    /// Waits until all of `stream`'s work has finished.
+    pub fn sync(&self, stream: sys::CUstream) -> Result<()> {
+        // SAFETY: a live stream.
+        unsafe { cu::stream::synchronize(stream) }.map_err(cuda_err("waiting for a stream"))
+    }
+}
+
+impl Drop for Cuda {
+    fn drop(&mut self) {
+        // SAFETY: waiting for the streams before destroying them; every buffer and event is
+        // the caller's to have dropped first (they free themselves in the current context).
+        unsafe {
+            for s in [self.up, self.down] {
+                let _ = cu::stream::synchronize(s);
+                let _ = cu::stream::destroy(s);
+            }
+            let _ = cu::primary_ctx::release(self.device);
+        }
+    }
+}
+
+extern "C" {
+    #[link_name = "close"]
+    fn libc_close(fd: i32) -> i32;
+}
+
+/// Imported device memory, mapped as one CUDA buffer.
+pub struct Imported {
+    memory: sys::CUexternalMemory,
+    /// Its device address.
+    pub ptr: sys::CUdeviceptr,
+}
+
+impl Drop for Imported {
+    fn drop(&mut self) {
+        // SAFETY: the caller has waited for every copy that used it; the mapping is freed
+        // before the object.
+        unsafe {
+            let _ = cu::memory_free(self.ptr);
+            let _ = cu::external_memory::destroy_external_memory(self.memory);
+        }
+    }
+}
+
+/// CUDA device memory.
+pub struct DeviceMemory {
+    /// Its device address.
+    pub ptr: sys::CUdeviceptr,
+}
+
+impl Drop for DeviceMemory {
+    fn drop(&mut self) {
+        // SAFETY: the caller has waited for every copy that used it.
+        unsafe {
+            let _ = cu::free_sync(self.ptr);
+        }
+    }
+}
+
+/// Pinned host memory.
+pub struct Pinned {
+    ptr: *mut f32,
+    len: usize,
+}
+
+impl Pinned {
+    /// The floats. The caller makes sure (with the copy's event) that no copy uses them.
+    pub fn as_slice(&self) -> &[f32] {
+        // SAFETY: the allocation holds `len` floats and lives as long as self.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+
+    /// See [`Pinned::as_slice`].
+    pub fn as_mut_slice(&mut self) -> &mut [f32] {
+        // SAFETY: as in as_slice; `&mut self` makes this the only view.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+    }
+}
+
+impl Drop for Pinned {
+    fn drop(&mut self) {
+        // SAFETY: the caller has waited for every copy that used it.
+        unsafe {
+            let _ = cu::free_host(self.ptr.cast::<c_void>());
+        }
+    }
+}
+
+/// A CUDA event.
+pub struct Event(sys::CUevent);
+
+impl Drop for Event {
+    fn drop(&mut self) {
+        // SAFETY: destroying a live event once (CUDA defers it until its work is done).
+        unsafe {
+            let _ = cu::event::destroy(self.0);
+        }
+    }
+}

@@ -1,0 +1,248 @@
+//! Diagnostics (experiment): streaming with CUDA's copy engines moving the bytes and GL
+//! computing (`sporkle probe-cuda SHAPE`).
+//!
+//! Device memory is allocated and exported by Vulkan, imported by GL (as storage buffers the
+//! convolution binds) and by CUDA (as device pointers its streams copy to and from); see
+//! `vk.rs` and `cu.rs`. The probe reports the copy rates (CUDA's own memory and the imported
+//! memory, one way and both, with a GL convolution running), then streams batches of the shape
+//! through three frames: CUDA copies each batch in, GL convolves it, CUDA copies it out, the
+//! APIs ordered by the host (a CUDA event waited before the dispatch, a GL fence before the
+//! copy out). Every batch's output is compared with the GL backend's own result for its input.
+
+use super::cu::{Cuda, Event, Pinned};
+use super::gl::{self, Fence};
+use super::vk::{SharedBuffer, VkTransfer};
+use super::{Bindings, Dispatches, Worker, WeightsKey, FENCE_TIMEOUT};
+use crate::error::{Error, Result};
+use crate::params::Conv2dParams;
+use std::rc::Rc;
+use std::time::Instant;
+
+/// Distinct inputs (batch `i` reads input `i % INPUTS`).
+const INPUTS: usize = 3;
+/// Frames in flight.
+const FRAMES: usize = 3;
+/// Repetitions of each copy-rate measurement.
+const REPS: usize = 20;
+/// Timed runs of the stream (the median is reported).
+const RUNS: usize = 5;
+
+/// One frame: the shared input and output buffers and their CUDA views.
+struct Frame {
+    input: SharedBuffer,
+    output: SharedBuffer,
+    cu_in: super::cu::Imported,
+    cu_out: super::cu::Imported,
+    /// Passes when the frame's input has arrived.
+    uploaded: Event,
+    /// Passes when the frame's output has been copied out.
+    downloaded: Event,
+    /// Passes when the frame's convolution has finished.
+    computed: Option<Fence>,
+}
+
+impl Worker {
+    /// See the module docs; `batches` per timed stream.
+    pub(super) fn probe_cuda(&mut self, p: &Conv2dParams, batches: usize) -> Result<String> {
+        let gl = Rc::clone(&self.ctx.gl);
+        let vt = VkTransfer::new(&self.ctx)?;
+        let cuda = Cuda::new(vt.uuid)?;
+        let (x_len, w_len, y_len) = (
+            p.input_len() as usize,
+            p.weights_len() as usize,
+            p.output_len() as usize,
+        );
+        let mut out = format!(
+            "{p}: CUDA device {}, Vulkan device {}; {:.1} MB in, {:.1} MB out a batch\n",
+            cuda.name,
+            vt.name,
+            (x_len * 4) as f64 / 1e6,
+            (y_len * 4) as f64 / 1e6
+        );
+        // Data and the GL backend's results (the references).
+        let mut w = vec![0.0f32; w_len];
+        crate::data::fill_uniform(7, &mut w);
+        let key = WeightsKey::of(&w);
+        let mut inputs = Vec::new();
+        let mut expected = Vec::new();
+        for j in 0..INPUTS {
+            let mut x = cuda.pinned(x_len)?;
+            crate::data::fill_uniform(100 + j as u64, x.as_mut_slice());
+            let (y, _, _) = self.conv2d(p, x.as_slice(), &w, key, None, Dispatches::ONE)?;
+            expected.push(y);
+            inputs.push(x);
+        }
+        let plan = self.plan(p, (x_len, w_len), false, &Dispatches::ONE)?;
+        let (wi, _) = self.resident(p, key, &w, plan.algorithm)?;
+        let immutable = self.immutable;
+        Self::scratch(&gl, &mut self.bias, p.c_out, immutable)?;
+        Self::scratch_for(&gl, &mut self.scratch, &plan, immutable)?;
+        let mut frames = Vec::new();
+        for _ in 0..FRAMES {
+            let input = vt.shared_buffer(x_len)?;
+            let output = vt.shared_buffer(y_len)?;
+            frames.push(Frame {
+                cu_in: cuda.import(&input)?,
+                cu_out: cuda.import(&output)?,
+                input,
+                output,
+                uploaded: cuda.event()?,
+                downloaded: cuda.event()?,
+                computed: None,
+            });
+        }
+        let mut outputs = (0..batches)
+            .map(|_| cuda.pinned(y_len))
+            .collect::<Result<Vec<Pinned>>>()?;
+        let bias = self.bias.as_ref().expect("allocated above");
+        let convolve = |f: &Frame| -> Result<Fence> {
+            let bindings = Bindings {
+                input: f.input.gl(),
+                weights: &self.weights[wi].buffer,
+                bias,
+                output: f.output.gl(),
+                scratch: [self.scratch[0].as_ref(), self.scratch[1].as_ref()],
+            };
+            gl::storage_barrier(&gl);
+            self.encode(&plan, &bindings, None)?;
+            let fence = Fence::new(&gl)?;
+            gl::flush(&gl);
+            Ok(fence)
+        };
+
+        // Copy rates: REPS copies each, all issued, then all waited for.
+        let own_in = cuda.device_memory(x_len)?;
+        let own_out = cuda.device_memory(y_len)?;
+        let f0 = &frames[0];
+        let f1 = &frames[1];
+        let mut rate = |what: &str, up: Option<u64>, down: Option<u64>, conv: bool| {
+            let round = || -> Result<Option<Fence>> {
+                if let Some(dst) = up {
+                    cuda.upload(cuda.up, &inputs[0], dst, x_len)?;
+                }
+                if let Some(src) = down {
+                    cuda.download(cuda.down, src, &outputs[0], y_len)?;
+                }
+                conv.then(|| convolve(f1)).transpose()
+            };
+            let finish = |fence: Option<Fence>| -> Result<()> {
+                cuda.sync(cuda.up)?;
+                cuda.sync(cuda.down)?;
+                fence.map_or(Ok(()), |f| f.wait(FENCE_TIMEOUT))
+            };
+            finish(round()?)?;
+            let t = Instant::now();
+            let mut last = None;
+            for _ in 0..REPS {
+                last = round()?;
+            }
+            finish(last)?;
+            let ms = t.elapsed().as_secs_f64() * 1e3 / REPS as f64;
+            let bytes = (usize::from(up.is_some()) * x_len + usize::from(down.is_some()) * y_len)
+                as f64
+                * 4.0;
+            out += &format!("{what}: {ms:.3} ms ({:.1} GB/s)\n", bytes / ms / 1e6);
+            Ok::<_, Error>(())
+        };
+        rate("gl convolution alone", None, None, true)?;
+        rate("cuda in, own memory", Some(own_in.ptr), None, false)?;
+        rate("cuda out, own memory", None, Some(own_out.ptr), false)?;
+        rate(
+            "cuda in + out, own memory",
+            Some(own_in.ptr),
+            Some(own_out.ptr),
+            false,
+        )?;
+        rate("cuda in, imported", Some(f0.cu_in.ptr), None, false)?;
+        rate("cuda out, imported", None, Some(f0.cu_out.ptr), false)?;
+        rate(
+            "cuda in + out, imported",
+            Some(f0.cu_in.ptr),
+            Some(f0.cu_out.ptr),
+            false,
+        )?;
+        rate(
+            "cuda in + out, imported, + gl convolution",
+            Some(f0.cu_in.ptr),
+            Some(f0.cu_out.ptr),
+            true,
+        )?;
+
+        // The stream: step t copies batch t in, convolves batch t - 1, copies batch t - 2 out.
+        let stream = |frames: &mut [Frame], outputs: &[Pinned]| -> Result<f64> {
+            let t0 = Instant::now();
+            for t in 0..batches + 2 {
+                if t < batches {
+                    // Its input buffer was last read by batch t - 3's convolution, whose fence
+                    // passed before that batch was copied out (step t - 1).
+                    let f = &frames[t % FRAMES];
+                    cuda.upload(cuda.up, &inputs[t % INPUTS], f.cu_in.ptr, x_len)?;
+                    cuda.record(&f.uploaded, cuda.up)?;
+                }
+                if (1..=batches).contains(&t) {
+                    let f = &mut frames[(t - 1) % FRAMES];
+                    cuda.wait(&f.uploaded)?;
+                    // Its output buffer was last read by batch t - 4's copy out.
+                    cuda.wait(&f.downloaded)?;
+                    f.computed = Some(convolve(f)?);
+                }
+                if t >= 2 {
+                    let b = t - 2;
+                    let f = &mut frames[b % FRAMES];
+                    if let Some(fence) = f.computed.take() {
+                        fence.wait(FENCE_TIMEOUT)?;
+                    }
+                    cuda.download(cuda.down, f.cu_out.ptr, &outputs[b], y_len)?;
+                    cuda.record(&f.downloaded, cuda.down)?;
+                }
+            }
+            cuda.sync(cuda.down)?;
+            Ok(t0.elapsed().as_secs_f64() * 1e3 / batches as f64)
+        };
+        let check = |outputs: &[Pinned]| -> (usize, f32) {
+            let mut wrong = 0;
+            let mut worst = 0.0f32;
+            for (b, y) in outputs.iter().enumerate() {
+                for (a, e) in y.as_slice().iter().zip(&expected[b % INPUTS]) {
+                    if a.to_bits() != e.to_bits() {
+                        wrong += 1;
+                        worst = worst.max((a - e).abs());
+                    }
+                }
+            }
+            (wrong, worst)
+        };
+        stream(&mut frames, &outputs)?;
+        let mut times = Vec::new();
+        for run in 0..RUNS {
+            // Every output must be written again by this run.
+            for y in outputs.iter_mut() {
+                y.as_mut_slice().fill(f32::NAN);
+            }
+            let ms = stream(&mut frames, &outputs)?;
+            let (wrong, worst) = check(&outputs);
+            out += &format!(
+                "stream run {run}: {ms:.3} ms a batch ({batches} batches); {wrong} of {} \
+                 outputs differ from the GL backend's (largest difference {worst:e})\n",
+                batches * y_len
+            );
+            if wrong > 0 {
+                return Err(Error::Gpu(format!("probe-cuda: wrong outputs\n{out}")));
+            }
+            times.push(ms);
+        }
+        times.sort_by(f64::total_cmp);
+        out += &format!(
+            "cuda-stream median {:.3} ms a batch ({:.1} GB/s in and out together)\n",
+            times[RUNS / 2],
+            ((x_len + y_len) * 4) as f64 / times[RUNS / 2] / 1e6
+        );
+        // Buffers before the CUDA context (drop order): frames, outputs, inputs, own memory.
+        drop(frames);
+        drop(outputs);
+        drop(inputs);
+        drop((own_in, own_out));
+        drop(cuda);
+        Ok(out)
+    }
+}

@@ -1,20 +1,26 @@
-//! Transfers through CUDA's copy engines beside GL compute (experiment: `sporkle probe-cuda`).
+//! Transfers through CUDA's copy engines beside GL compute: the streaming executor's copies
+//! where CUDA is there (`SPORKLE_STREAM_COPY=cuda`, the default where it works).
 //!
 //! GL's shader copies reach 77 GB/s both ways together on the H100 and Vulkan's transfer
-//! queues 58, where CUDA's pinned copies reach 87 (README). This module opens CUDA (the driver
+//! queues 58, where CUDA's copy engines reach 99 (README). This module opens CUDA (the driver
 //! library, loaded at run time through `cudarc`) on the GL context's GPU, matched by device
 //! UUID, and imports device memory that Vulkan exported and GL imported too (`vk.rs`), so that
-//! CUDA streams copy into and out of the buffers GL computes on. Host memory is CUDA's pinned
-//! memory (`cuMemHostAlloc`).
+//! CUDA streams copy into and out of the buffers GL computes on ([`CudaCopies`]). Host memory
+//! is CUDA's pinned memory (`cuMemHostAlloc`). The convolution stays GL's.
 //!
 //! Ordering between the APIs is the caller's: a CUDA copy into a shared buffer may start only
 //! once GL has finished with it (a GL fence has passed), and GL may read it only once the
-//! copy's event has passed.
+//! copy's event has passed. Every CUDA object here must be dropped on the thread that opened
+//! CUDA (its context is current there), before the [`Cuda`] itself.
 
-use super::vk::SharedBuffer;
+use super::context::GlContext;
+use super::gl::{Buffer, Floats};
+use super::vk::{SharedBuffer, VkTransfer};
 use crate::error::{Error, Result};
 use cudarc::driver::{result as cu, sys};
 use std::ffi::c_void;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
 
 fn cuda_err(what: &str) -> impl Fn(cu::DriverError) -> Error + '_ {
     move |e| Error::Gpu(format!("CUDA: {what}: {e:?}"))
@@ -117,6 +123,9 @@ impl Cuda {
         // SAFETY: allocating pinned memory in the current context; Pinned's Drop frees it.
         let ptr = unsafe { cu::malloc_host(len.max(1) * 4, 0) }
             .map_err(cuda_err("allocating pinned memory"))?;
+        // SAFETY: the allocation holds at least `len` floats; zeroed, it is never read
+        // uninitialised.
+        unsafe { std::ptr::write_bytes(ptr.cast::<f32>(), 0, len) };
         Ok(Pinned {
             ptr: ptr.cast(),
             len,
@@ -134,6 +143,13 @@ impl Cuda {
     /// A new event (no timing).
     pub fn event(&self) -> Result<Event> {
         cu::event::create(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING)
+            .map(Event)
+            .map_err(cuda_err("creating an event"))
+    }
+
+    /// A new event that can time (see [`TimedCopy`]).
+    fn timing_event(&self) -> Result<Event> {
+        cu::event::create(sys::CUevent_flags::CU_EVENT_DEFAULT)
             .map(Event)
             .map_err(cuda_err("creating an event"))
     }
@@ -249,6 +265,12 @@ pub struct Pinned {
     len: usize,
 }
 
+impl Floats for Pinned {
+    fn floats(&self) -> usize {
+        self.len
+    }
+}
+
 impl Pinned {
     /// The floats. The caller makes sure (with the copy's event) that no copy uses them.
     pub fn as_slice(&self) -> &[f32] {
@@ -274,6 +296,151 @@ impl Drop for Pinned {
 
 /// A CUDA event.
 pub struct Event(sys::CUevent);
+
+impl Event {
+    /// Whether the work before its last record has finished.
+    pub fn passed(&self) -> Result<bool> {
+        // SAFETY: a live event.
+        match unsafe { cu::event::query(self.0) } {
+            Ok(()) => Ok(true),
+            Err(cu::DriverError(sys::CUresult::CUDA_ERROR_NOT_READY)) => Ok(false),
+            Err(e) => Err(cuda_err("querying an event")(e)),
+        }
+    }
+
+    /// Waits until it has passed, or at most `timeout`; whether it passed. Polls (CUDA's own
+    /// wait has no deadline): yielding for the first millisecond, then sleeping 50 µs at a time.
+    pub fn wait(&self, timeout: Duration) -> Result<bool> {
+        let start = Instant::now();
+        loop {
+            if self.passed()? {
+                return Ok(true);
+            }
+            let waited = start.elapsed();
+            if waited >= timeout {
+                return Ok(false);
+            }
+            if waited < Duration::from_millis(1) {
+                std::thread::yield_now();
+            } else {
+                std::thread::sleep(Duration::from_micros(50).min(timeout - waited));
+            }
+        }
+    }
+}
+
+/// A copy on a CUDA stream, between two timing events.
+pub struct TimedCopy {
+    start: Event,
+    /// Passes when the copy has finished.
+    pub end: Rc<Event>,
+}
+
+impl TimedCopy {
+    /// The copy's GPU time (ns), once `end` has passed.
+    pub fn nanoseconds(&self) -> Option<u64> {
+        // SAFETY: two live events recorded on one stream, start first.
+        let ms = unsafe { cu::event::elapsed(self.start.0, self.end.0) }.ok()?;
+        Some((f64::from(ms) * 1e6) as u64)
+    }
+}
+
+/// Device memory that GL and CUDA both see: a GL storage buffer (over Vulkan memory) and the
+/// same memory as a CUDA device pointer.
+pub struct SharedMemory {
+    // Field order is drop order: CUDA's mapping before the memory.
+    cuda: Imported,
+    shared: SharedBuffer,
+}
+
+impl SharedMemory {
+    /// The GL storage buffer.
+    pub fn gl(&self) -> &Buffer {
+        self.shared.gl()
+    }
+
+    /// The CUDA device address.
+    pub fn ptr(&self) -> sys::CUdeviceptr {
+        self.cuda.ptr
+    }
+}
+
+impl Floats for SharedMemory {
+    fn floats(&self) -> usize {
+        self.gl().len()
+    }
+}
+
+/// The streaming executor's copies through CUDA: Vulkan for memory that GL and CUDA share,
+/// CUDA for the copies. Lives on the GL worker thread.
+pub struct CudaCopies {
+    // Field order is drop order: CUDA (its streams waited for), then Vulkan.
+    cuda: Cuda,
+    vk: VkTransfer,
+}
+
+impl CudaCopies {
+    /// Opens Vulkan and CUDA on the GPU of `ctx` (current on this thread); fails with
+    /// [`Error::DeviceUnavailable`] (saying why) where either is missing or cannot share
+    /// memory with GL.
+    pub fn open(ctx: &GlContext) -> Result<Self> {
+        let vk = VkTransfer::new(ctx)?;
+        let cuda = Cuda::new(vk.uuid)?;
+        let copies = Self { cuda, vk };
+        // One small shared buffer proves the whole chain (export, GL and CUDA imports).
+        copies.device_buffer(4)?;
+        Ok(copies)
+    }
+
+    /// The CUDA device's name.
+    pub fn name(&self) -> &str {
+        &self.cuda.name
+    }
+
+    /// Device memory for `len` floats that GL and CUDA share.
+    pub fn device_buffer(&self, len: usize) -> Result<SharedMemory> {
+        let shared = self.vk.shared_buffer(len)?;
+        let cuda = self.cuda.import(&shared)?;
+        Ok(SharedMemory { cuda, shared })
+    }
+
+    /// Pinned host memory for `len` floats.
+    pub fn pinned(&self, len: usize) -> Result<Pinned> {
+        self.cuda.pinned(len)
+    }
+
+    /// Copies `floats` floats from `src` into `dst` on the stream for copies in.
+    pub fn copy_in(&self, src: &Pinned, dst: &SharedMemory, floats: usize) -> Result<TimedCopy> {
+        self.timed(self.cuda.up, |c| c.upload(c.up, src, dst.ptr(), floats))
+    }
+
+    /// Copies `floats` floats from `src` into `dst` on the stream for copies out.
+    pub fn copy_out(&self, src: &SharedMemory, dst: &Pinned, floats: usize) -> Result<TimedCopy> {
+        self.timed(self.cuda.down, |c| c.download(c.down, src.ptr(), dst, floats))
+    }
+
+    fn timed(
+        &self,
+        stream: sys::CUstream,
+        copy: impl FnOnce(&Cuda) -> Result<()>,
+    ) -> Result<TimedCopy> {
+        let start = self.cuda.timing_event()?;
+        let end = self.cuda.timing_event()?;
+        self.cuda.record(&start, stream)?;
+        copy(&self.cuda)?;
+        self.cuda.record(&end, stream)?;
+        Ok(TimedCopy {
+            start,
+            end: Rc::new(end),
+        })
+    }
+
+    /// Waits for every copy issued so far (before buffers they use are freed).
+    pub fn finish(&self) {
+        let _ = self.cuda.sync(self.cuda.up);
+        let _ = self.cuda.sync(self.cuda.down);
+    }
+}
 
 impl Drop for Event {
     fn drop(&mut self) {

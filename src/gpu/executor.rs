@@ -30,8 +30,10 @@
 //! broken: their buffers may still be in use, so every later stream job fails at once with the
 //! reason.
 
+use super::cu::{CudaCopies, TimedCopy};
 use super::gl::{self, Buffer, Direction, Fence, MappedBuffer, MappedView, TimerQuery};
 pub use super::host_copy::parallel_copy;
+use super::memory::{DeviceMem, HostMem};
 use super::shaders::{self, StreamCopy};
 use super::{Bindings, Plan, WeightsKey, Worker};
 use crate::error::{Error, Result};
@@ -224,10 +226,10 @@ pub struct StreamDone {
 /// shader copies move vec4s).
 #[derive(Default)]
 pub(crate) struct Frame {
-    upload: Option<MappedBuffer>,
-    download: Option<MappedBuffer>,
-    input: Option<Buffer>,
-    output: Option<Buffer>,
+    upload: Option<HostMem>,
+    download: Option<HostMem>,
+    input: Option<DeviceMem>,
+    output: Option<DeviceMem>,
     bias: Option<Buffer>,
     /// The plan's intermediates (split-K partial sums, Winograd's transforms).
     scratch: [Option<Buffer>; 2],
@@ -242,8 +244,9 @@ struct Flight {
     fused: Option<(String, u32)>,
     /// Steps recorded for it: 0 to 3 (copy in, convolution, copy out); at 3 its fence decides.
     phases: usize,
-    /// The fence after the step that copied its output out.
-    fence: Option<Rc<Fence>>,
+    /// What passes when its output has been copied out: the fence after that step, or (CUDA
+    /// copies) the copy's own end.
+    fence: Option<Marker>,
     /// The steps that ran its phases.
     steps: [Option<Rc<StepTimes>>; 3],
     /// Steps whose GPU time counts as its busy time (each step counts for the oldest job in it).
@@ -277,11 +280,66 @@ pub(super) struct FusedPass<'a> {
     pub(super) copies: [u32; 4],
 }
 
-/// A step's timer queries: timestamps before and after it, and its elapsed time.
+/// A step's timer queries: timestamps before and after its GL work, and its elapsed time;
+/// with CUDA copies, the copies in and out as well, each timed by its own events.
 struct StepTimes {
     start: TimerQuery,
     elapsed: TimerQuery,
     end: TimerQuery,
+    /// The fence after its GL work.
+    fence: Rc<Fence>,
+    copy_in: Option<TimedCopy>,
+    copy_out: Option<TimedCopy>,
+}
+
+impl StepTimes {
+    /// The GPU time of the step (ns): its GL work, or its longest part when CUDA copies ran
+    /// beside it.
+    fn gpu_ns(&self) -> u64 {
+        let copy = |c: &Option<TimedCopy>| c.as_ref().and_then(TimedCopy::nanoseconds);
+        (self.elapsed.nanoseconds())
+            .max(copy(&self.copy_in).unwrap_or(0))
+            .max(copy(&self.copy_out).unwrap_or(0))
+    }
+
+    /// What passes when all of the step's GPU work has finished.
+    fn markers(&self) -> Vec<Marker> {
+        let mut m = vec![Marker::Fence(Rc::clone(&self.fence))];
+        for c in [&self.copy_in, &self.copy_out].into_iter().flatten() {
+            m.push(Marker::Event(Rc::clone(&c.end)));
+        }
+        m
+    }
+}
+
+/// A point in the GPU's work that the worker waits for: a GL fence, or a CUDA copy's end.
+#[derive(Clone)]
+pub(super) enum Marker {
+    Fence(Rc<Fence>),
+    Event(Rc<super::cu::Event>),
+}
+
+impl Marker {
+    /// Whether it has passed.
+    pub(super) fn signaled(&self) -> Result<bool> {
+        match self {
+            Marker::Fence(f) => f.signaled(),
+            Marker::Event(e) => e.passed(),
+        }
+    }
+
+    /// Waits at most `timeout` for it to pass; an error if it did not.
+    fn wait(&self, timeout: Duration) -> Result<()> {
+        match self {
+            Marker::Fence(f) => f.wait(timeout),
+            Marker::Event(e) => match e.wait(timeout)? {
+                true => Ok(()),
+                false => Err(Error::Gpu(format!(
+                    "a CUDA copy had not finished after {timeout:?}"
+                ))),
+            },
+        }
+    }
 }
 
 /// A frame's buffer, which a job in flight always has.
@@ -290,8 +348,14 @@ fn buffer(b: &Option<Buffer>) -> Result<&Buffer> {
         .ok_or_else(|| Error::Gpu("a frame in flight lacks a buffer".into()))
 }
 
+/// A frame's input or output buffer, which a job in flight always has.
+fn device(b: &Option<DeviceMem>) -> Result<&DeviceMem> {
+    b.as_ref()
+        .ok_or_else(|| Error::Gpu("a frame in flight lacks a buffer".into()))
+}
+
 /// A frame's staging buffer, which a job in flight always has.
-fn mapped(b: &Option<MappedBuffer>) -> Result<&MappedBuffer> {
+fn mapped(b: &Option<HostMem>) -> Result<&HostMem> {
     b.as_ref()
         .ok_or_else(|| Error::Gpu("a frame in flight lacks its staging".into()))
 }
@@ -325,7 +389,15 @@ impl Worker {
                 "no persistent mapping without GL_ARB_buffer_storage".into(),
             ));
         }
-        let mut buffer = MappedBuffer::new(&self.ctx.gl, padded(len), Direction::Pinned)?;
+        self.open_cuda()?;
+        let mut buffer = match &self.cuda {
+            Some(c) => HostMem::Cuda(c.pinned(padded(len))?),
+            None => HostMem::Gl(MappedBuffer::new(
+                &self.ctx.gl,
+                padded(len),
+                Direction::Pinned,
+            )?),
+        };
         let ptr = buffer.as_mut_slice().as_mut_ptr() as usize;
         self.next_pin += 1;
         self.pinned.insert(self.next_pin, buffer);
@@ -373,8 +445,8 @@ impl Worker {
     /// share the next step with would leave it idle).
     pub(super) fn gpu_idle(&self) -> bool {
         self.last_step
-            .as_ref()
-            .is_none_or(|f| f.signaled().unwrap_or(true))
+            .iter()
+            .all(|m| m.signaled().unwrap_or(true))
     }
 
     /// Frames to make: [`SLOTS`], or `SPORKLE_STREAM_FRAMES`.
@@ -395,11 +467,41 @@ impl Worker {
         self.idle_since.get_or_insert_with(Instant::now).elapsed()
     }
 
+    /// With CUDA copies chosen ([`StreamCopy::Cuda`]) and not opened yet: opens them, or
+    /// falls back to shader copies (keeping why in `copy_fallback`), or where CUDA was required
+    /// fails. Runs before the first frame or pinned input is made, so all are of one kind.
+    pub(super) fn open_cuda(&mut self) -> Result<()> {
+        let StreamCopy::Cuda { required } = self.copy_mode else {
+            return Ok(());
+        };
+        if self.cuda.is_some() {
+            return Ok(());
+        }
+        match CudaCopies::open(&self.ctx) {
+            Ok(c) => {
+                self.cuda = Some(c);
+                Ok(())
+            }
+            Err(e) if required => Err(Error::Gpu(format!(
+                "SPORKLE_STREAM_COPY=cuda, but CUDA copies are unavailable: {e}"
+            ))),
+            Err(e) => {
+                self.copy_mode = StreamCopy::SHADER;
+                self.copy_fallback = Some(e.to_string());
+                Ok(())
+            }
+        }
+    }
+
     /// Starts `job` in a free frame and records a step; a job that cannot start is answered
     /// with the error.
     pub(super) fn stream_begin(&mut self, job: StreamJob) {
         if let Some(why) = &self.broken {
             answer(job, Err(unhealthy(why)));
+            return;
+        }
+        if let Err(e) = self.open_cuda() {
+            answer(job, Err(e));
             return;
         }
         if !self.immutable {
@@ -567,16 +669,25 @@ impl Worker {
             self.programs.get(&gl, shaders::stream_copy_source())?;
         }
         let (x_len, out_len) = (padded(job.x.len()), padded(plan.out_len));
+        // Staging and input and output buffers: CUDA's pinned and shared memory with CUDA
+        // copies, GL's otherwise.
+        let cuda = self.cuda.as_ref();
+        let host = |len: usize, direction: Direction| match cuda {
+            Some(c) => c.pinned(len).map(HostMem::Cuda),
+            None => MappedBuffer::new(&gl, len, direction).map(HostMem::Gl),
+        };
+        let device = |len: usize| match cuda {
+            Some(c) => c.device_buffer(len).map(DeviceMem::Shared),
+            None => Buffer::new(&gl, len, true).map(DeviceMem::Gl),
+        };
         if self.pinned_buffer(&job.x).is_none() {
-            gl::ensure_len(&mut frame.upload, x_len, || {
-                MappedBuffer::new(&gl, x_len, Direction::Upload)
-            })?;
+            gl::ensure_len(&mut frame.upload, x_len, || host(x_len, Direction::Upload))?;
         }
         gl::ensure_len(&mut frame.download, out_len, || {
-            MappedBuffer::new(&gl, out_len, Direction::Download)
+            host(out_len, Direction::Download)
         })?;
-        Self::scratch(&gl, &mut frame.input, x_len, true)?;
-        Self::scratch(&gl, &mut frame.output, out_len, true)?;
+        gl::ensure_len(&mut frame.input, x_len, || device(x_len))?;
+        gl::ensure_len(&mut frame.output, out_len, || device(out_len))?;
         Self::scratch(&gl, &mut frame.bias, p.c_out, true)?;
         Self::scratch_for(&gl, &mut frame.scratch, &plan, true)?;
         let mut bytes_up = (job.x.len() * 4) as u64;
@@ -635,6 +746,15 @@ impl Worker {
             return Ok(());
         }
         let gl = Rc::clone(&self.ctx.gl);
+        // With CUDA copies: the newest job's copy in starts at once (its frame is free); the
+        // convolution waits for its input's copy in (the step before), on the host.
+        let copy_in = match role[0] {
+            Some(slot) if self.cuda.is_some() => Some(self.cuda_copy_in(slot)?),
+            _ => None,
+        };
+        if let Some(slot) = role[1].filter(|_| self.cuda.is_some()) {
+            self.wait_phase(slot, 0)?;
+        }
         // The convolution's weights, made resident now: an earlier step may have evicted them.
         let weights = match role[1] {
             Some(slot) => {
@@ -656,10 +776,22 @@ impl Worker {
         let end = TimerQuery::timestamp(&gl)?;
         let fence = Rc::new(Fence::new(&gl)?);
         gl::flush(&gl);
+        // With CUDA copies: the oldest job's copy out, once its convolution (the step before)
+        // has finished.
+        let copy_out = match role[2] {
+            Some(slot) if self.cuda.is_some() => {
+                self.wait_phase(slot, 1)?;
+                Some(self.cuda_copy_out(slot)?)
+            }
+            _ => None,
+        };
         let times = Rc::new(StepTimes {
             start,
             elapsed,
             end,
+            fence: Rc::clone(&fence),
+            copy_in,
+            copy_out,
         });
         let shared = role.iter().flatten().count() > 1;
         // The oldest job in the step: the one copying out, else convolving, else copying in.
@@ -679,15 +811,51 @@ impl Worker {
                 f.done.bytes_up += (f.job.w.len() * 4) as u64;
             }
             if phase == 2 {
-                f.fence = Some(Rc::clone(&fence));
+                f.fence = Some(match &times.copy_out {
+                    Some(c) => Marker::Event(Rc::clone(&c.end)),
+                    None => Marker::Fence(Rc::clone(&fence)),
+                });
             }
             if Some(slot) == oldest {
                 f.charged.push(Rc::clone(&times));
             }
         }
-        self.last_step = Some(fence);
+        self.last_step = times.markers();
         self.idle_since = None;
         Ok(())
+    }
+
+    /// Starts the CUDA copy of the input of the job in frame `slot` into its device buffer.
+    fn cuda_copy_in(&self, slot: usize) -> Result<TimedCopy> {
+        let c = self.cuda.as_ref().expect("CUDA copies are open");
+        let f = &self.frames[slot];
+        let len = padded(self.flight(slot).job.x.len());
+        c.copy_in(self.copy_source(f)?.cuda()?, device(&f.input)?.cuda()?, len)
+    }
+
+    /// Starts the CUDA copy of the output of the job in frame `slot` into its download staging.
+    fn cuda_copy_out(&self, slot: usize) -> Result<TimedCopy> {
+        let c = self.cuda.as_ref().expect("CUDA copies are open");
+        let f = &self.frames[slot];
+        let len = padded(self.flight(slot).plan.out_len);
+        c.copy_out(device(&f.output)?.cuda()?, mapped(&f.download)?.cuda()?, len)
+    }
+
+    /// Waits, within the job's deadline, until phase `phase` (0: copy in, 1: convolution) of
+    /// the job in frame `slot` has finished on the GPU (CUDA copies order the APIs on the host).
+    fn wait_phase(&self, slot: usize, phase: usize) -> Result<()> {
+        let f = self.flight(slot);
+        let Some(step) = &f.steps[phase] else {
+            return Err(Error::Gpu("a phase waited for was never recorded (executor bug)".into()));
+        };
+        let marker = match (phase, &step.copy_in) {
+            (0, Some(c)) => Marker::Event(Rc::clone(&c.end)),
+            _ => Marker::Fence(Rc::clone(&step.fence)),
+        };
+        let left = f.job.timeout.saturating_sub(f.begun.elapsed());
+        marker.wait(left).map_err(|e| {
+            Error::Gpu(format!("{FENCE_TIMEOUT} of {:?}: {e}", f.job.timeout))
+        })
     }
 
     /// Encodes a step's work for the jobs in frames `role` ([copy in, convolve, copy out]);
@@ -709,21 +877,28 @@ impl Worker {
             self.encode(
                 &job.plan,
                 &Bindings {
-                    input: buffer(&f.input)?,
+                    input: device(&f.input)?.gl(),
                     weights: &self.weights[wi].buffer,
                     bias: buffer(&f.bias)?,
-                    output: buffer(&f.output)?,
+                    output: device(&f.output)?.gl(),
                     scratch: [f.scratch[0].as_ref(), f.scratch[1].as_ref()],
                 },
                 fused,
             )
         };
+        if self.cuda.is_some() {
+            // CUDA copies: the step's GL work is the convolution alone.
+            if let Some(f) = f_conv {
+                convolve(f, None)?;
+            }
+            return Ok(false);
+        }
         // Where the newest job's input is: its pinned buffer, or its frame's upload staging.
-        let source = |f| self.copy_source(f);
+        let source = |f| self.copy_source(f).and_then(HostMem::gl);
         let StreamCopy::Shader { groups } = self.copy_mode else {
             // DMA copies: one context runs them one after another with the convolution.
             if let Some(f) = f_in {
-                gl::copy_buffer(gl, source(f)?.raw(), buffer(&f.input)?.raw(), x_len)?;
+                gl::copy_buffer(gl, source(f)?.raw(), device(&f.input)?.gl().raw(), x_len)?;
             }
             if let Some(f) = f_conv {
                 convolve(f, None)?;
@@ -731,8 +906,8 @@ impl Worker {
             if let Some(f) = f_out {
                 gl::copy_buffer(
                     gl,
-                    buffer(&f.output)?.raw(),
-                    mapped(&f.download)?.raw(),
+                    device(&f.output)?.gl().raw(),
+                    mapped(&f.download)?.gl()?.raw(),
                     out_len,
                 )?;
             }
@@ -741,20 +916,20 @@ impl Worker {
         // Copy buffers on bindings 4 to 7; an absent copy binds its partner (nothing reads it).
         if let Some(f) = f_in {
             source(f)?.bind(4);
-            buffer(&f.input)?.bind(5);
+            device(&f.input)?.gl().bind(5);
         }
         if let Some(f) = f_out {
-            buffer(&f.output)?.bind(6);
-            mapped(&f.download)?.bind(7);
+            device(&f.output)?.gl().bind(6);
+            mapped(&f.download)?.gl()?.bind(7);
         }
         match (f_in, f_out) {
             (Some(f), None) => {
-                buffer(&f.input)?.bind(6);
+                device(&f.input)?.gl().bind(6);
                 source(f)?.bind(7);
             }
             (None, Some(f)) => {
-                mapped(&f.download)?.bind(4);
-                buffer(&f.output)?.bind(5);
+                mapped(&f.download)?.gl()?.bind(4);
+                device(&f.output)?.gl().bind(5);
             }
             _ => {}
         }
@@ -793,7 +968,7 @@ impl Worker {
     }
 
     /// Where the input of `f`'s job is: its pinned buffer, or the frame's upload staging.
-    fn copy_source<'a>(&'a self, f: &'a Frame) -> Result<&'a MappedBuffer> {
+    fn copy_source<'a>(&'a self, f: &'a Frame) -> Result<&'a HostMem> {
         match f.flight.as_ref().and_then(|j| self.pinned_buffer(&j.job.x)) {
             Some(b) => Ok(b),
             None => mapped(&f.upload),
@@ -802,7 +977,7 @@ impl Worker {
 
     /// The mapped buffer of a pinned input of this worker's (another worker's, or plain host
     /// memory, is copied into staging like any host input).
-    fn pinned_buffer(&self, x: &StreamInput) -> Option<&MappedBuffer> {
+    fn pinned_buffer(&self, x: &StreamInput) -> Option<&HostMem> {
         let (owner, id) = x.gl_id()?;
         (owner == self.backend_id)
             .then(|| self.pinned.get(&id))
@@ -823,7 +998,7 @@ impl Worker {
                 answer(f.job, Err(unhealthy(&why)));
             }
         }
-        self.last_step = None;
+        self.last_step.clear();
     }
 
     /// Whether the oldest job in flight has all its steps recorded and has finished on the GPU
@@ -949,18 +1124,31 @@ impl Worker {
                 .each_ref()
                 .map(|s| s.as_ref().map(|s| s.elapsed.nanoseconds()));
             (done.upload_ns, done.kernel_ns, done.download_ns) = (up, conv, down);
+            if let Some(s) = &steps[0] {
+                if let Some(c) = &s.copy_in {
+                    done.upload_ns = c.nanoseconds();
+                }
+            }
+            if let Some(s) = &steps[2] {
+                if let Some(c) = &s.copy_out {
+                    done.download_ns = c.nanoseconds();
+                }
+            }
             // Timer queries say how long the GPU worked; never more than the wall share.
-            let timed = charged.iter().map(|s| s.elapsed.nanoseconds()).sum::<u64>() as f64 * 1e-9;
+            let timed = charged.iter().map(|s| s.gpu_ns()).sum::<u64>() as f64 * 1e-9;
             done.busy_s = done.busy_s.min(timed);
+            // GL timestamps span its GPU work only where GL ran all of it (not CUDA's copies).
             if let (Some(first), Some(last)) = (&steps[0], &steps[2]) {
-                done.gpu_span_ns = Some((first.start.nanoseconds(), last.end.nanoseconds()));
+                if first.copy_in.is_none() && last.copy_out.is_none() {
+                    done.gpu_span_ns = Some((first.start.nanoseconds(), last.end.nanoseconds()));
+                }
             }
         }
         // GL objects go before the answer, so a caller that counts them sees them gone (those
         // of steps shared with later jobs go with the last of them).
         drop((fence, steps, charged));
         if self.in_flight.is_empty() {
-            self.last_step = None;
+            self.last_step.clear();
         }
         answer(job, Ok(done));
     }

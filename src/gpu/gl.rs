@@ -350,35 +350,33 @@ impl MappedBuffer {
                 .bind_buffer_base(glow::SHADER_STORAGE_BUFFER, index, Some(self.raw))
         };
     }
-
-    /// A read-only view of the first `len` floats that another thread may read.
-    ///
-    /// # Safety
-    /// The caller must keep this buffer alive, and the GPU from writing that range, until the
-    /// view is dropped (the executor holds the frame until the view's release arrives, and
-    /// waits for every release before dropping its frames), and must have waited for the fence
-    /// of the GPU's last write to it.
-    pub(crate) unsafe fn view(&self, len: usize) -> MappedView {
-        assert!(len <= self.len, "view larger than the buffer");
-        MappedView { ptr: self.ptr, len }
-    }
 }
 
-/// A read-only view of a mapped staging buffer, sendable to another thread (see
-/// `MappedBuffer::view` for the contract that keeps it valid).
+/// A read-only view of a staging buffer, sendable to another thread (see `MappedView::new` for
+/// the contract that keeps it valid).
 pub struct MappedView {
     ptr: *const f32,
     len: usize,
 }
 
 // SAFETY: the view only reads plain floats; the memory stays mapped and unwritten for the view's
-// life by the contract of MappedBuffer::view, whichever thread reads it.
+// life by the contract of MappedView::new, whichever thread reads it.
 unsafe impl Send for MappedView {}
 
 impl MappedView {
+    /// A view of `len` floats at `ptr`, host memory that a GPU copy wrote (a mapped buffer or
+    /// CUDA's pinned memory: `memory.rs`).
+    ///
+    /// # Safety
+    /// The memory must stay allocated and unwritten, and the copy into it must have finished,
+    /// for as long as the view exists.
+    pub(crate) unsafe fn new(ptr: *const f32, len: usize) -> Self {
+        Self { ptr, len }
+    }
+
     /// The floats.
     pub fn as_slice(&self) -> &[f32] {
-        // SAFETY: by MappedBuffer::view's contract the mapping is alive, finished and not
+        // SAFETY: by MappedView::new's contract the mapping is alive, finished and not
         // written for as long as this view (and so this borrow) exists.
         unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
     }

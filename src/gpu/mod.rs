@@ -20,6 +20,7 @@ pub mod cu;
 mod cuda_probe;
 pub mod executor;
 pub mod gl;
+mod memory;
 mod host_copy;
 mod overlap;
 pub mod shaders;
@@ -418,7 +419,7 @@ struct Worker {
     /// The executor's frames, and the slots in flight, oldest first.
     frames: Vec<Frame>,
     /// Pinned input buffers by id, and the channel their last holders free them on.
-    pinned: std::collections::HashMap<u64, gl::MappedBuffer>,
+    pinned: std::collections::HashMap<u64, memory::HostMem>,
     next_pin: u64,
     unpin_rx: mpsc::Receiver<u64>,
     /// The backend's id, which its pinned inputs carry.
@@ -432,14 +433,16 @@ struct Worker {
     broken: Option<String>,
     /// When the last streaming job's fence was seen passing (for busy time).
     busy_until: Option<Instant>,
-    /// The fence after the last step recorded (none when no job is in flight).
-    last_step: Option<std::rc::Rc<gl::Fence>>,
+    /// What passes when the last step recorded has finished (empty when no job is in flight).
+    last_step: Vec<executor::Marker>,
     /// Since when the GPU has been seen idle with steps still to record.
     idle_since: Option<Instant>,
     /// The job whose input a copy thread is writing into its staging.
     filling: Option<executor::Filling>,
     /// How the executor's steps copy between staging and device buffers.
     copy_mode: shaders::StreamCopy,
+    /// Why CUDA copies were chosen but could not be opened (shader copies instead).
+    copy_fallback: Option<String>,
     programs: ProgramCache,
     weights: Vec<Resident>,
     input: Option<Buffer>,
@@ -448,6 +451,8 @@ struct Worker {
     /// Intermediates: split-K partial outputs, or Winograd's transformed input and products.
     scratch: [Option<Buffer>; 2],
     clock: u64,
+    /// CUDA copies, once opened (`copy_mode`); after every buffer they made, before the context.
+    cuda: Option<cu::CudaCopies>,
     /// Buffers get immutable storage (GL_ARB_buffer_storage), which the driver keeps on the GPU.
     immutable: bool,
     ctx: GlContext,
@@ -468,10 +473,11 @@ impl Worker {
             release_rx,
             broken: None,
             busy_until: None,
-            last_step: None,
+            last_step: Vec::new(),
             idle_since: None,
             filling: None,
             copy_mode: shaders::StreamCopy::from_env(),
+            copy_fallback: None,
             programs: ProgramCache::default(),
             weights: Vec::new(),
             input: None,
@@ -479,6 +485,7 @@ impl Worker {
             bias: None,
             scratch: [None, None],
             clock: 0,
+            cuda: None,
             immutable: ctx
                 .info
                 .extensions
@@ -568,6 +575,10 @@ impl Worker {
             }
         }
         self.stream_drain();
+        if let Some(c) = &self.cuda {
+            // Jobs failed in flight may have left copies running into their frames.
+            c.finish();
+        }
         // Callers may still be reading staging buffers: the frames outlive every view.
         self.wait_all_releases();
         self.take_releases();

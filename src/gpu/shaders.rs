@@ -561,8 +561,15 @@ pub fn fused_source(conv_source: &str, copy_z: u32) -> String {
 /// device buffers (`SPORKLE_STREAM_COPY`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum StreamCopy {
+    /// CUDA's copy engines on memory shared with GL (`cu.rs`), opened with the first streaming
+    /// job or pinned input: the default. Where CUDA cannot be opened, shader copies, unless
+    /// `required` (`SPORKLE_STREAM_COPY=cuda`): then streaming jobs fail, saying why.
+    Cuda {
+        /// Set explicitly: no fallback to shader copies.
+        required: bool,
+    },
     /// Shader copies (`stream_copy.glsl`), in the convolution's own dispatch where the plan is
-    /// one pass: the default. `groups` workgroups copy (`SPORKLE_STREAM_COPY=shader:N`).
+    /// one pass. `groups` workgroups copy (`SPORKLE_STREAM_COPY=shader` or `shader:N`).
     Shader {
         /// Workgroups that copy, in and out together.
         groups: u32,
@@ -577,22 +584,24 @@ impl StreamCopy {
     /// most of the GPU (measured: 66 + 66 move 25.7 MB each way in 0.72 ms on the H100, alone).
     pub const GROUPS: u32 = 132;
 
-    /// From `SPORKLE_STREAM_COPY` (unset: shader copies with [`StreamCopy::GROUPS`]).
+    /// Shader copies with [`StreamCopy::GROUPS`] workgroups.
+    pub const SHADER: Self = StreamCopy::Shader {
+        groups: Self::GROUPS,
+    };
+
+    /// From `SPORKLE_STREAM_COPY` (unset: CUDA where it can be opened, else shader copies).
     pub fn from_env() -> Self {
         knob("SPORKLE_STREAM_COPY", |v| match v.split_once(':') {
             _ if v == "dma" => Ok(StreamCopy::Dma),
-            _ if v == "shader" => Ok(StreamCopy::Shader {
-                groups: Self::GROUPS,
-            }),
+            _ if v == "cuda" => Ok(StreamCopy::Cuda { required: true }),
+            _ if v == "shader" => Ok(Self::SHADER),
             Some(("shader", n)) => match n.parse::<u32>() {
                 Ok(groups) if groups >= 2 => Ok(StreamCopy::Shader { groups }),
                 _ => Err("expected shader:N with N at least 2".into()),
             },
-            _ => Err("expected dma, shader or shader:N".into()),
+            _ => Err("expected cuda, shader, shader:N or dma".into()),
         })
-        .unwrap_or(StreamCopy::Shader {
-            groups: Self::GROUPS,
-        })
+        .unwrap_or(StreamCopy::Cuda { required: false })
     }
 }
 

@@ -123,6 +123,8 @@ pub struct Stages {
     pub steps_shared: bool,
     /// Whether its copies ran inside a convolution's dispatch.
     pub fused: bool,
+    /// Whether CUDA's copy engines moved its input and output.
+    pub cuda_copies: bool,
     /// Output out of the download staging buffer.
     pub host_out_s: f64,
     /// GPU jobs in flight when it started, itself included.
@@ -546,6 +548,7 @@ impl GpuTicket {
                         gpu_span_ns: done.gpu_span_ns,
                         steps_shared: done.steps_shared,
                         fused: done.fused,
+                        cuda_copies: done.cuda_copies,
                     }),
                 };
                 Ok((delivered, info))

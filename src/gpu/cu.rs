@@ -22,6 +22,12 @@ use std::ffi::c_void;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
+/// Whether this machine has a CUDA driver library (cheap: opens it once).
+pub fn driver_present() -> bool {
+    // SAFETY: only tries to open the library.
+    unsafe { sys::is_culib_present() }
+}
+
 fn cuda_err(what: &str) -> impl Fn(cu::DriverError) -> Error + '_ {
     move |e| Error::Gpu(format!("CUDA: {what}: {e:?}"))
 }
@@ -42,8 +48,7 @@ impl Cuda {
     /// CUDA on the GPU whose UUID is `uuid`, its context made current on this thread; fails
     /// with [`Error::DeviceUnavailable`] where there is no CUDA driver or no such GPU.
     pub fn new(uuid: [u8; 16]) -> Result<Self> {
-        // SAFETY: only tries to open the driver library.
-        if !unsafe { sys::is_culib_present() } {
+        if !driver_present() {
             return Err(Error::DeviceUnavailable(
                 "no CUDA driver library (libcuda)".into(),
             ));
@@ -118,18 +123,51 @@ impl Cuda {
         }
     }
 
-    /// Pinned host memory for `len` floats.
+    /// Pinned host memory for `len` floats, from `cuMemHostAlloc` (`flags`), or (`registered`)
+    /// the process's own memory in 2 MiB pages, registered with `cuMemHostRegister`.
+    pub fn pinned_with(&self, len: usize, registered: bool, flags: u32) -> Result<Pinned> {
+        let bytes = len.max(1) * 4;
+        let (ptr, layout) = if registered {
+            let layout = std::alloc::Layout::from_size_align(bytes.next_multiple_of(HUGE), HUGE)
+                .map_err(|e| Error::Gpu(format!("pinned memory of {bytes} bytes: {e}")))?;
+            // SAFETY: a non-zero size; freed with the same layout in Drop.
+            let ptr = unsafe { std::alloc::alloc(layout) };
+            if ptr.is_null() {
+                return Err(Error::Gpu(format!("cannot allocate {bytes} bytes")));
+            }
+            // SAFETY: advice on memory just allocated (failure only loses large pages);
+            // registering it pins it for copies; Drop unregisters it before freeing.
+            let registered = unsafe {
+                libc_madvise(ptr.cast(), layout.size(), MADV_HUGEPAGE);
+                std::ptr::write_bytes(ptr, 0, layout.size());
+                sys::cuMemHostRegister_v2(ptr.cast(), layout.size(), 0).result()
+            };
+            if let Err(e) = registered {
+                // SAFETY: allocated above with this layout and not registered.
+                unsafe { std::alloc::dealloc(ptr, layout) };
+                return Err(cuda_err("registering host memory")(e));
+            }
+            (ptr.cast::<f32>(), Some(layout))
+        } else {
+            // SAFETY: allocating pinned memory in the current context; Pinned's Drop frees it.
+            let ptr = unsafe { cu::malloc_host(bytes, flags) }
+                .map_err(cuda_err("allocating pinned memory"))?;
+            // SAFETY: the allocation holds at least `len` floats; zeroed, it is never read
+            // uninitialised.
+            unsafe { std::ptr::write_bytes(ptr.cast::<f32>(), 0, len) };
+            (ptr.cast::<f32>(), None)
+        };
+        Ok(Pinned { ptr, len, layout })
+    }
+
+    /// Pinned host memory for `len` floats (see [`Cuda::pinned_with`]; `SPORKLE_CUDA_HOST`:
+    /// `alloc`, `wc` (write-combined) or `registered`, the default).
     pub fn pinned(&self, len: usize) -> Result<Pinned> {
-        // SAFETY: allocating pinned memory in the current context; Pinned's Drop frees it.
-        let ptr = unsafe { cu::malloc_host(len.max(1) * 4, 0) }
-            .map_err(cuda_err("allocating pinned memory"))?;
-        // SAFETY: the allocation holds at least `len` floats; zeroed, it is never read
-        // uninitialised.
-        unsafe { std::ptr::write_bytes(ptr.cast::<f32>(), 0, len) };
-        Ok(Pinned {
-            ptr: ptr.cast(),
-            len,
-        })
+        match std::env::var("SPORKLE_CUDA_HOST").as_deref() {
+            Ok("alloc") => self.pinned_with(len, false, 0),
+            Ok("wc") => self.pinned_with(len, false, sys::CU_MEMHOSTALLOC_WRITECOMBINED),
+            _ => self.pinned_with(len, true, 0),
+        }
     }
 
     /// Device memory of CUDA's own for `len` floats (for comparison with imported memory).
@@ -221,9 +259,16 @@ impl Drop for Cuda {
     }
 }
 
+/// Large pages (2 MiB) for registered host memory.
+const HUGE: usize = 2 << 20;
+/// `MADV_HUGEPAGE`.
+const MADV_HUGEPAGE: i32 = 14;
+
 extern "C" {
     #[link_name = "close"]
     fn libc_close(fd: i32) -> i32;
+    #[link_name = "madvise"]
+    fn libc_madvise(addr: *mut c_void, len: usize, advice: i32) -> i32;
 }
 
 /// Imported device memory, mapped as one CUDA buffer.
@@ -263,6 +308,8 @@ impl Drop for DeviceMemory {
 pub struct Pinned {
     ptr: *mut f32,
     len: usize,
+    /// Registered memory of the process's own, and its layout (else `cuMemHostAlloc`'s).
+    layout: Option<std::alloc::Layout>,
 }
 
 impl Floats for Pinned {
@@ -287,9 +334,18 @@ impl Pinned {
 
 impl Drop for Pinned {
     fn drop(&mut self) {
-        // SAFETY: the caller has waited for every copy that used it.
+        // SAFETY: the caller has waited for every copy that used it; registered memory is
+        // unregistered before it is freed with its layout.
         unsafe {
-            let _ = cu::free_host(self.ptr.cast::<c_void>());
+            match self.layout {
+                Some(layout) => {
+                    let _ = sys::cuMemHostUnregister(self.ptr.cast());
+                    std::alloc::dealloc(self.ptr.cast(), layout);
+                }
+                None => {
+                    let _ = cu::free_host(self.ptr.cast::<c_void>());
+                }
+            }
         }
     }
 }

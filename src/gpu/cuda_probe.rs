@@ -168,6 +168,47 @@ impl Worker {
             true,
         )?;
 
+        // Host copies (parallel, streaming stores) into and out of each kind of host memory.
+        {
+            let src = vec![1.0f32; x_len];
+            let mut dst = vec![0.0f32; x_len];
+            let mut time = |what: &str, buf: &mut [f32]| {
+                let med = |f: &mut dyn FnMut()| {
+                    let mut t: Vec<f64> = (0..7)
+                        .map(|_| {
+                            let t0 = Instant::now();
+                            f();
+                            t0.elapsed().as_secs_f64() * 1e3
+                        })
+                        .collect();
+                    t.sort_by(f64::total_cmp);
+                    t[3]
+                };
+                let into = med(&mut || super::executor::parallel_copy(&src, buf));
+                let from = med(&mut || super::executor::parallel_copy(buf, &mut dst));
+                let gb = (x_len * 4) as f64 / 1e6;
+                out += &format!(
+                    "host copy {what}: in {into:.3} ms ({:.1} GB/s), out {from:.3} ms ({:.1} GB/s)\n",
+                    gb / into,
+                    gb / from
+                );
+            };
+            let mut plain = vec![0.0f32; x_len];
+            time("plain memory", &mut plain);
+            for (what, registered, flags) in [
+                ("cuMemHostAlloc", false, 0),
+                ("cuMemHostAlloc write-combined", false, 4),
+                ("registered 2 MiB pages", true, 0),
+            ] {
+                let mut p = cuda.pinned_with(x_len, registered, flags)?;
+                time(what, p.as_mut_slice());
+            }
+            for direction in [gl::Direction::Upload, gl::Direction::Download] {
+                let mut m = gl::MappedBuffer::new(&gl, x_len, direction)?;
+                time(&format!("GL mapped {direction:?}"), m.as_mut_slice());
+            }
+        }
+
         // The stream: step t copies batch t in, convolves batch t - 1, copies batch t - 2 out.
         let stream = |frames: &mut [Frame], outputs: &[Pinned]| -> Result<f64> {
             let t0 = Instant::now();

@@ -212,6 +212,8 @@ pub struct StreamDone {
     pub steps_shared: bool,
     /// Whether its copies ran inside a convolution's dispatch (shader copies, fused).
     pub fused: bool,
+    /// Whether CUDA's copy engines moved its input and output (`cu.rs`).
+    pub cuda_copies: bool,
     /// Whether the weights had to be uploaded (false: resident).
     pub weights_uploaded: bool,
     /// Jobs in flight when this one was started, itself included (1: it ran alone).
@@ -486,6 +488,10 @@ impl Worker {
                 "SPORKLE_STREAM_COPY=cuda, but CUDA copies are unavailable: {e}"
             ))),
             Err(e) => {
+                if super::cu::driver_present() {
+                    // An NVIDIA machine expected to stream through its copy engines: say why not.
+                    eprintln!("sporkle: CUDA copies unavailable ({e}); streaming with shader copies");
+                }
                 self.copy_mode = StreamCopy::SHADER;
                 self.copy_fallback = Some(e.to_string());
                 Ok(())
@@ -806,6 +812,8 @@ impl Worker {
             f.phases += 1;
             f.done.steps_shared |= shared;
             f.done.fused |= fused;
+            f.done.cuda_copies |= (phase == 0 && times.copy_in.is_some())
+                || (phase == 2 && times.copy_out.is_some());
             if phase == 1 && weights.is_some_and(|w| w.1) {
                 f.done.weights_uploaded = true;
                 f.done.bytes_up += (f.job.w.len() * 4) as u64;

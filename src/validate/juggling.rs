@@ -149,14 +149,24 @@ fn mixed_stream(choice: GpuChoice, sync: &GpuBackend) -> Result<(), Failed> {
 }
 
 /// The executor's pipeline ran: some jobs shared steps with others, and with `fusion` (and
-/// shader copies, the default) some had their copies fused into a convolution's dispatch. How
-/// many depends on timing (a step without a new job is recorded when the GPU is idle), so only
-/// a burst of jobs that need no host copy (pinned inputs) is sure to show fused copies.
+/// shader copies, the default without CUDA) some had their copies fused into a convolution's
+/// dispatch. How many depends on timing (a step without a new job is recorded when the GPU is
+/// idle), so only a burst of jobs that need no host copy (pinned inputs) is sure to show fused
+/// copies. With CUDA copies, every job must have had them.
 fn check_pipelined(runs: &[crate::RunInfo], fusion: bool) -> Result<(), Failed> {
     let stages: Vec<_> = runs.iter().filter_map(|r| r.stages).collect();
     let shared = stages.iter().filter(|s| s.steps_shared).count();
     let fused = stages.iter().filter(|s| s.fused).count();
-    let fusing = fusion && crate::gpu::StreamCopy::from_env() != crate::gpu::StreamCopy::Dma;
+    let cuda = stages.iter().filter(|s| s.cuda_copies).count();
+    if cuda > 0 && cuda < stages.len() {
+        return Err(fail(format!(
+            "{cuda} of {} GPU jobs had CUDA copies: the copy mode changed mid-stream",
+            stages.len()
+        )));
+    }
+    let fusing = cuda == 0
+        && fusion
+        && crate::gpu::StreamCopy::from_env() != crate::gpu::StreamCopy::Dma;
     if shared == 0 || (fusing && fused == 0) {
         return Err(fail(format!(
             "of {} GPU jobs streamed together, {shared} shared a step and {fused} had fused \
@@ -497,6 +507,47 @@ fn auto_choice(choice: GpuChoice) -> Result<(), Failed> {
     Ok(())
 }
 
+/// Where a CUDA driver is present and no other copy mode is chosen, streaming jobs are copied by
+/// CUDA (every one, each output within tolerance of the reference); elsewhere the trial says
+/// why it cannot run. The other stream trials then exercise the CUDA path too.
+fn cuda_copies(choice: GpuChoice) -> Result<libtest_mimic::Completion, Failed> {
+    if !crate::gpu::cu::driver_present() {
+        return Ok(libtest_mimic::Completion::ignored_with(
+            "no CUDA driver (libcuda) on this machine: the CUDA copy path is not tested here",
+        ));
+    }
+    if !matches!(
+        crate::gpu::StreamCopy::from_env(),
+        crate::gpu::StreamCopy::Cuda { .. }
+    ) {
+        return Ok(libtest_mimic::Completion::ignored_with(
+            "SPORKLE_STREAM_COPY chooses other copies than CUDA's",
+        ));
+    }
+    let j = juggler(Preference::Gpu, choice, Duration::from_secs(60))?;
+    let jobs = stream(9, 29).map_err(fail)?;
+    let tickets = jobs
+        .iter()
+        .map(|job| job.submit(&j))
+        .collect::<crate::Result<Vec<_>>>()
+        .map_err(fail)?;
+    for (i, (job, t)) in jobs.iter().zip(tickets).enumerate() {
+        let (y, info) = t.wait().map_err(fail)?;
+        if info.device != DeviceKind::Gpu || info.fallback.is_some() {
+            return Err(fail(format!("job {i} did not run on the GPU: {info:?}")));
+        }
+        if !info.stages.is_some_and(|s| s.cuda_copies) {
+            return Err(fail(format!(
+                "job {i}: a CUDA driver is present but CUDA did not copy (see the warning \
+                 above for why; SPORKLE_STREAM_COPY=shader opts out)"
+            )));
+        }
+        check_reference(job, &y)?;
+    }
+    println!("{} jobs copied by CUDA, every output checked", jobs.len());
+    Ok(libtest_mimic::Completion::Completed)
+}
+
 pub fn trials(ctx: &Arc<Context>) -> Vec<Trial> {
     let mut out = vec![Trial::test("fault/gpu_off", gpu_off).with_kind("juggler")];
     let choice = GpuChoice::from_env().unwrap_or(GpuChoice::Off);
@@ -527,6 +578,10 @@ pub fn trials(ctx: &Arc<Context>) -> Vec<Trial> {
         .with_kind("gpu-async"),
     );
     out.push(Trial::test("stream/threads", move || threads(choice)).with_kind("gpu-async"));
+    out.push(
+        Trial::ignorable_test("stream/cuda_copies", move || cuda_copies(choice))
+            .with_kind("gpu-async"),
+    );
     out.push(Trial::test("stream/async_toggled", move || toggled(choice)).with_kind("gpu-async"));
     out.push(
         Trial::test("fault/fence_timeout", move || fence_timeout(choice)).with_kind("gpu-async"),

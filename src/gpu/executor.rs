@@ -753,9 +753,19 @@ impl Worker {
         }
         let gl = Rc::clone(&self.ctx.gl);
         // With CUDA copies: the newest job's copy in starts at once (its frame is free); the
-        // convolution waits for its input's copy in (the step before), on the host.
+        // oldest job's copy out as soon as its convolution (the step before) has finished,
+        // which is before the copy in of the next job to convolve (it was shorter), so the
+        // copy engines always have work queued; then the convolution, once its input's copy in
+        // (the step before) has finished. The host orders the APIs.
         let copy_in = match role[0] {
             Some(slot) if self.cuda.is_some() => Some(self.cuda_copy_in(slot)?),
+            _ => None,
+        };
+        let copy_out = match role[2] {
+            Some(slot) if self.cuda.is_some() => {
+                self.wait_phase(slot, 1)?;
+                Some(self.cuda_copy_out(slot)?)
+            }
             _ => None,
         };
         if let Some(slot) = role[1].filter(|_| self.cuda.is_some()) {
@@ -782,15 +792,6 @@ impl Worker {
         let end = TimerQuery::timestamp(&gl)?;
         let fence = Rc::new(Fence::new(&gl)?);
         gl::flush(&gl);
-        // With CUDA copies: the oldest job's copy out, once its convolution (the step before)
-        // has finished.
-        let copy_out = match role[2] {
-            Some(slot) if self.cuda.is_some() => {
-                self.wait_phase(slot, 1)?;
-                Some(self.cuda_copy_out(slot)?)
-            }
-            _ => None,
-        };
         let times = Rc::new(StepTimes {
             start,
             elapsed,

@@ -606,7 +606,7 @@ fn stream(a: &BenchArgs, cases: &[&sporkle::suite::Case], batches: usize) -> Res
     }
     let j = juggler(preference, a.threads)?;
     eprintln!(
-        "# stream: {batches} batches per shape through the Juggler (GPU: {}); async = all submitted then all waited, sync = async off and one call at a time; ms per batch, host input -> host output, every output verified at {} points",
+        "# stream: {STREAM_RUNS} runs of {batches} batches per shape through the Juggler (GPU: {}), the median run reported; async = all submitted then all waited, sync = async off and one call at a time; ms per batch, host input -> host output, every output verified at {} points",
         j.gpu_description().unwrap_or_else(|e| format!("none, {e}")),
         BENCH_CHECKS + 2
     );
@@ -643,13 +643,20 @@ fn stream(a: &BenchArgs, cases: &[&sporkle::suite::Case], batches: usize) -> Res
         let mut in_place_mode = |mode: &str,
                                  submit: &dyn Fn(usize) -> sporkle::Result<sporkle::Ticket>|
          -> Result<()> {
-            let t = Instant::now();
-            let tickets = (0..batches)
-                .map(submit)
-                .collect::<sporkle::Result<Vec<_>>>()?;
-            let (runs, samples) = read_in_place(tickets)?;
-            let ms = t.elapsed().as_secs_f64() / batches as f64 * 1e3;
-            verify_in_place(&p, &inputs, &w, bias, &samples, &runs, &case.name)?;
+            let mut times = Vec::new();
+            let mut runs = Vec::new();
+            for _ in 0..STREAM_RUNS {
+                let t = Instant::now();
+                let tickets = (0..batches)
+                    .map(submit)
+                    .collect::<sporkle::Result<Vec<_>>>()?;
+                let (infos, samples) = read_in_place(tickets)?;
+                times.push(t.elapsed().as_secs_f64() / batches as f64 * 1e3);
+                verify_in_place(&p, &inputs, &w, bias, &samples, &infos, &case.name)?;
+                runs = infos;
+            }
+            let ms = median(&mut times);
+            report_spread(&case.name, mode, &times);
             report_steps(&case.name, mode, &runs);
             let on_gpu = runs.iter().any(|i| i.device == DeviceKind::Gpu);
             emit(serde_json::json!({
@@ -684,34 +691,40 @@ fn stream(a: &BenchArgs, cases: &[&sporkle::suite::Case], batches: usize) -> Res
         let mut per_mode = Vec::new();
         for on in [true, false] {
             j.set_async(on);
-            let t = Instant::now();
-            let results = if on {
-                // Async: everything submitted, then waited in order (the executor keeps at
-                // most FRAMES on the GPU).
-                let tickets = (0..batches)
-                    .map(submit)
-                    .collect::<sporkle::Result<Vec<_>>>()?;
-                tickets
-                    .into_iter()
-                    .zip(outs.iter_mut())
-                    .map(|(t, out)| t.wait_into(out))
-                    .collect::<sporkle::Result<Vec<_>>>()?
-            } else {
-                // Sync: one call at a time, each waited before the next is submitted.
-                outs.iter_mut()
-                    .enumerate()
-                    .map(|(i, out)| submit(i)?.wait_into(out))
-                    .collect::<sporkle::Result<Vec<_>>>()?
-            };
-            let wall = t.elapsed().as_secs_f64();
-            for (i, (y, info)) in outs.iter_mut().zip(&results).enumerate() {
-                verify_sample(&p, &inputs[i % inputs.len()], &w, bias, y).with_context(|| {
-                    format!("shape {}: batch {i} ({}) is wrong", case.name, info.device)
-                })?;
-                y.fill(f32::NAN);
+            let mut times = Vec::new();
+            let mut results = Vec::new();
+            for _ in 0..STREAM_RUNS {
+                let t = Instant::now();
+                results = if on {
+                    // Async: everything submitted, then waited in order (the executor keeps at
+                    // most FRAMES on the GPU).
+                    let tickets = (0..batches)
+                        .map(submit)
+                        .collect::<sporkle::Result<Vec<_>>>()?;
+                    tickets
+                        .into_iter()
+                        .zip(outs.iter_mut())
+                        .map(|(t, out)| t.wait_into(out))
+                        .collect::<sporkle::Result<Vec<_>>>()?
+                } else {
+                    // Sync: one call at a time, each waited before the next is submitted.
+                    outs.iter_mut()
+                        .enumerate()
+                        .map(|(i, out)| submit(i)?.wait_into(out))
+                        .collect::<sporkle::Result<Vec<_>>>()?
+                };
+                let wall = t.elapsed().as_secs_f64();
+                for (i, (y, info)) in outs.iter_mut().zip(&results).enumerate() {
+                    verify_sample(&p, &inputs[i % inputs.len()], &w, bias, y).with_context(
+                        || format!("shape {}: batch {i} ({}) is wrong", case.name, info.device),
+                    )?;
+                    y.fill(f32::NAN);
+                }
+                times.push(wall / batches as f64 * 1e3);
             }
-            let ms = wall / batches as f64 * 1e3;
+            let ms = median(&mut times);
             let mode = if on { "async" } else { "sync" };
+            report_spread(&case.name, mode, &times);
             let devices: std::collections::BTreeSet<String> =
                 results.iter().map(|i| i.device.to_string()).collect();
             emit(serde_json::json!({
@@ -781,6 +794,20 @@ fn report_steps(shape: &str, mode: &str, infos: &[sporkle::RunInfo]) {
         med(&|s| s.kernel_s.unwrap_or(0.0)),
         med(&|s| s.download_s.unwrap_or(0.0)),
         med(&|s| s.host_out_s),
+    );
+}
+
+/// Timed runs of each streaming mode (the peer's pipeline reports the median of 5 too).
+const STREAM_RUNS: usize = 5;
+
+/// The sorted times (ms per batch) of a streaming mode's runs, for telling a change from noise.
+fn report_spread(shape: &str, mode: &str, times: &[f64]) {
+    let mut t = times.to_vec();
+    t.sort_by(f64::total_cmp);
+    let list: Vec<String> = t.iter().map(|ms| format!("{ms:.3}")).collect();
+    eprintln!(
+        "# {shape} {mode}: ms per batch of each run, sorted: {}",
+        list.join(" ")
     );
 }
 

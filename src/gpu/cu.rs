@@ -57,9 +57,7 @@ impl Cuda {
         let count = cu::device::get_count().map_err(cuda_err("counting devices"))?;
         let device = (0..count)
             .filter_map(|i| cu::device::get(i).ok())
-            .find(|&d| {
-                cu::device::get_uuid(d).is_ok_and(|u| u.bytes.map(|b| b as u8) == uuid)
-            })
+            .find(|&d| cu::device::get_uuid(d).is_ok_and(|u| u.bytes.map(|b| b as u8) == uuid))
             .ok_or_else(|| {
                 Error::DeviceUnavailable("no CUDA device has the GL device's UUID".into())
             })?;
@@ -203,8 +201,7 @@ impl Cuda {
         // SAFETY: `src` is pinned and holds at least the floats copied; the caller keeps it and
         // `dst` (at least `floats` floats) alive until the copy has finished.
         unsafe {
-            sys::cuMemcpyHtoDAsync_v2(dst, src.ptr.cast(), floats.min(src.len) * 4, stream)
-                .result()
+            sys::cuMemcpyHtoDAsync_v2(dst, src.ptr.cast(), floats.min(src.len) * 4, stream).result()
         }
         .map_err(cuda_err("copying in"))
     }
@@ -220,8 +217,7 @@ impl Cuda {
         // SAFETY: as in upload; the host side is written, and nothing reads it until the copy's
         // event has passed (the caller's).
         unsafe {
-            sys::cuMemcpyDtoHAsync_v2(dst.ptr.cast(), src, floats.min(dst.len) * 4, stream)
-                .result()
+            sys::cuMemcpyDtoHAsync_v2(dst.ptr.cast(), src, floats.min(dst.len) * 4, stream).result()
         }
         .map_err(cuda_err("copying out"))
     }
@@ -472,7 +468,9 @@ impl CudaCopies {
 
     /// Copies `floats` floats from `src` into `dst` on the stream for copies out.
     pub fn copy_out(&self, src: &SharedMemory, dst: &Pinned, floats: usize) -> Result<TimedCopy> {
-        self.timed(self.cuda.down, |c| c.download(c.down, src.ptr(), dst, floats))
+        self.timed(self.cuda.down, |c| {
+            c.download(c.down, src.ptr(), dst, floats)
+        })
     }
 
     fn timed(

@@ -12,7 +12,7 @@
 use super::cu::{Cuda, Event, Pinned};
 use super::gl::{self, Fence};
 use super::vk::{SharedBuffer, VkTransfer};
-use super::{Bindings, Dispatches, Worker, WeightsKey, FENCE_TIMEOUT};
+use super::{Bindings, Dispatches, WeightsKey, Worker, FENCE_TIMEOUT};
 use crate::error::{Error, Result};
 use crate::params::Conv2dParams;
 use std::rc::Rc;

@@ -446,9 +446,7 @@ impl Worker {
     /// Whether the GPU has finished every step recorded (so that waiting for more jobs to
     /// share the next step with would leave it idle).
     pub(super) fn gpu_idle(&self) -> bool {
-        self.last_step
-            .iter()
-            .all(|m| m.signaled().unwrap_or(true))
+        self.last_step.iter().all(|m| m.signaled().unwrap_or(true))
     }
 
     /// Frames to make: [`SLOTS`], or `SPORKLE_STREAM_FRAMES`.
@@ -490,7 +488,9 @@ impl Worker {
             Err(e) => {
                 if super::cu::driver_present() {
                     // An NVIDIA machine expected to stream through its copy engines: say why not.
-                    eprintln!("sporkle: CUDA copies unavailable ({e}); streaming with shader copies");
+                    eprintln!(
+                        "sporkle: CUDA copies unavailable ({e}); streaming with shader copies"
+                    );
                 }
                 self.copy_mode = StreamCopy::SHADER;
                 self.copy_fallback = Some(e.to_string());
@@ -813,8 +813,8 @@ impl Worker {
             f.phases += 1;
             f.done.steps_shared |= shared;
             f.done.fused |= fused;
-            f.done.cuda_copies |= (phase == 0 && times.copy_in.is_some())
-                || (phase == 2 && times.copy_out.is_some());
+            f.done.cuda_copies |=
+                (phase == 0 && times.copy_in.is_some()) || (phase == 2 && times.copy_out.is_some());
             if phase == 1 && weights.is_some_and(|w| w.1) {
                 f.done.weights_uploaded = true;
                 f.done.bytes_up += (f.job.w.len() * 4) as u64;
@@ -847,7 +847,11 @@ impl Worker {
         let c = self.cuda.as_ref().expect("CUDA copies are open");
         let f = &self.frames[slot];
         let len = padded(self.flight(slot).plan.out_len);
-        c.copy_out(device(&f.output)?.cuda()?, mapped(&f.download)?.cuda()?, len)
+        c.copy_out(
+            device(&f.output)?.cuda()?,
+            mapped(&f.download)?.cuda()?,
+            len,
+        )
     }
 
     /// Waits, within the job's deadline, until phase `phase` (0: copy in, 1: convolution) of
@@ -855,16 +859,18 @@ impl Worker {
     fn wait_phase(&self, slot: usize, phase: usize) -> Result<()> {
         let f = self.flight(slot);
         let Some(step) = &f.steps[phase] else {
-            return Err(Error::Gpu("a phase waited for was never recorded (executor bug)".into()));
+            return Err(Error::Gpu(
+                "a phase waited for was never recorded (executor bug)".into(),
+            ));
         };
         let marker = match (phase, &step.copy_in) {
             (0, Some(c)) => Marker::Event(Rc::clone(&c.end)),
             _ => Marker::Fence(Rc::clone(&step.fence)),
         };
         let left = f.job.timeout.saturating_sub(f.begun.elapsed());
-        marker.wait(left).map_err(|e| {
-            Error::Gpu(format!("{FENCE_TIMEOUT} of {:?}: {e}", f.job.timeout))
-        })
+        marker
+            .wait(left)
+            .map_err(|e| Error::Gpu(format!("{FENCE_TIMEOUT} of {:?}: {e}", f.job.timeout)))
     }
 
     /// Encodes a step's work for the jobs in frames `role` ([copy in, convolve, copy out]);

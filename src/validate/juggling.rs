@@ -164,9 +164,8 @@ fn check_pipelined(runs: &[crate::RunInfo], fusion: bool) -> Result<(), Failed> 
             stages.len()
         )));
     }
-    let fusing = cuda == 0
-        && fusion
-        && crate::gpu::StreamCopy::from_env() != crate::gpu::StreamCopy::Dma;
+    let fusing =
+        cuda == 0 && fusion && crate::gpu::StreamCopy::from_env() != crate::gpu::StreamCopy::Dma;
     if shared == 0 || (fusing && fused == 0) {
         return Err(fail(format!(
             "of {} GPU jobs streamed together, {shared} shared a step and {fused} had fused \

@@ -444,8 +444,21 @@ impl Worker {
     }
 
     /// Whether the GPU has finished every step recorded (so that waiting for more jobs to
-    /// share the next step with would leave it idle).
+    /// share the next step with would leave it idle). With CUDA copies, whose phases need not
+    /// share a dispatch: whether the next step's convolution and copy out can start (what they
+    /// wait for has finished), so that the copy engines never wait for a whole step.
     pub(super) fn gpu_idle(&self) -> bool {
+        if self.cuda.is_some() {
+            return self.in_flight.iter().all(|&slot| {
+                let f = self.flight(slot);
+                let copy_in = (f.phases == 1)
+                    .then(|| f.steps[0].as_ref().and_then(|s| s.copy_in.as_ref()))
+                    .flatten();
+                let conv = (f.phases == 2).then(|| f.steps[1].as_ref()).flatten();
+                copy_in.is_none_or(|c| c.end.passed().unwrap_or(true))
+                    && conv.is_none_or(|s| s.fence.signaled().unwrap_or(true))
+            });
+        }
         self.last_step.iter().all(|m| m.signaled().unwrap_or(true))
     }
 

@@ -69,13 +69,6 @@ enum Command {
         #[arg(default_value_t = 6_422_528)]
         floats: usize,
     },
-    /// Diagnostics: Vulkan transfers (copy engines) beside GL compute, on memory both share.
-    #[command(hide = true)]
-    ProbeVulkan {
-        /// Floats per copy (#7's batch is 6422528).
-        #[arg(default_value_t = 6_422_528)]
-        floats: usize,
-    },
     /// Diagnostics: streaming a benchmark shape with CUDA's copy engines and GL compute.
     #[command(hide = true)]
     ProbeCuda {
@@ -226,10 +219,6 @@ fn main() -> ExitCode {
             .map_err(Into::into),
         Command::ProbeZeroCopy { floats } => GpuBackend::new()
             .and_then(|g| g.probe_zero_copy(floats))
-            .map(|report| out!("{}", report.trim_end()))
-            .map_err(Into::into),
-        Command::ProbeVulkan { floats } => GpuBackend::new()
-            .and_then(|g| g.probe_vulkan(floats))
             .map(|report| out!("{}", report.trim_end()))
             .map_err(Into::into),
         Command::ProbeCuda { shape, batches } => probe_cuda(&shape, batches),

@@ -15,7 +15,7 @@
 
 use super::context::GlContext;
 use super::gl::{Buffer, Floats};
-use super::vk::{SharedBuffer, VkTransfer};
+use super::vk::{SharedBuffer, VkMemory};
 use crate::error::{Error, Result};
 use cudarc::driver::{result as cu, sys};
 use std::ffi::c_void;
@@ -32,14 +32,21 @@ fn cuda_err(what: &str) -> impl Fn(cu::DriverError) -> Error + '_ {
     move |e| Error::Gpu(format!("CUDA: {what}: {e:?}"))
 }
 
+/// One of [`Cuda`]'s two streams.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stream {
+    /// Copies into the GPU.
+    Up,
+    /// Copies out of the GPU.
+    Down,
+}
+
 /// CUDA on one GPU: its primary context, current on the thread that made it, and two streams
 /// (copies in, copies out).
 pub struct Cuda {
     device: sys::CUdevice,
-    /// Copies into the GPU.
-    pub up: sys::CUstream,
-    /// Copies out of the GPU.
-    pub down: sys::CUstream,
+    up: sys::CUstream,
+    down: sys::CUstream,
     /// The device's name.
     pub name: String,
 }
@@ -169,11 +176,14 @@ impl Cuda {
     }
 
     /// Device memory of CUDA's own for `len` floats (for comparison with imported memory).
-    pub fn device_memory(&self, len: usize) -> Result<DeviceMemory> {
+    pub fn device_memory(&self, len: usize) -> Result<Imported> {
         // SAFETY: allocating device memory in the current context; Drop frees it.
         let ptr = unsafe { cu::malloc_sync(len.max(1) * 4) }
             .map_err(cuda_err("allocating device memory"))?;
-        Ok(DeviceMemory { ptr })
+        Ok(Imported {
+            memory: std::ptr::null_mut(),
+            ptr,
+        })
     }
 
     /// A new event (no timing).
@@ -190,42 +200,38 @@ impl Cuda {
             .map_err(cuda_err("creating an event"))
     }
 
-    /// Copies `floats` floats from `src` to device address `dst` on `stream`.
-    pub fn upload(
-        &self,
-        stream: sys::CUstream,
-        src: &Pinned,
-        dst: sys::CUdeviceptr,
-        floats: usize,
-    ) -> Result<()> {
-        // SAFETY: `src` is pinned and holds at least the floats copied; the caller keeps it and
-        // `dst` (at least `floats` floats) alive until the copy has finished.
-        unsafe {
-            sys::cuMemcpyHtoDAsync_v2(dst, src.ptr.cast(), floats.min(src.len) * 4, stream).result()
+    fn stream(&self, stream: Stream) -> sys::CUstream {
+        match stream {
+            Stream::Up => self.up,
+            Stream::Down => self.down,
         }
-        .map_err(cuda_err("copying in"))
     }
 
-    /// Copies `floats` floats from device address `src` to `dst` on `stream`.
-    pub fn download(
-        &self,
-        stream: sys::CUstream,
-        src: sys::CUdeviceptr,
-        dst: &Pinned,
-        floats: usize,
-    ) -> Result<()> {
+    /// Copies `floats` floats from `src` into `dst` (at least as long) on the stream for
+    /// copies in.
+    pub fn upload(&self, src: &Pinned, dst: &Imported, floats: usize) -> Result<()> {
+        let bytes = floats.min(src.len) * 4;
+        // SAFETY: `src` is pinned and holds the bytes copied, `dst` is device memory of this
+        // context at least as long (the caller's); the caller keeps both alive until the copy
+        // has finished.
+        unsafe { sys::cuMemcpyHtoDAsync_v2(dst.ptr, src.ptr.cast(), bytes, self.up).result() }
+            .map_err(cuda_err("copying in"))
+    }
+
+    /// Copies `floats` floats from `src` into `dst` on the stream for copies out.
+    pub fn download(&self, src: &Imported, dst: &Pinned, floats: usize) -> Result<()> {
+        let bytes = floats.min(dst.len) * 4;
         // SAFETY: as in upload; the host side is written, and nothing reads it until the copy's
         // event has passed (the caller's).
-        unsafe {
-            sys::cuMemcpyDtoHAsync_v2(dst.ptr.cast(), src, floats.min(dst.len) * 4, stream).result()
-        }
-        .map_err(cuda_err("copying out"))
+        unsafe { sys::cuMemcpyDtoHAsync_v2(dst.ptr.cast(), src.ptr, bytes, self.down).result() }
+            .map_err(cuda_err("copying out"))
     }
 
     /// Records `event` on `stream`.
-    pub fn record(&self, event: &Event, stream: sys::CUstream) -> Result<()> {
+    pub fn record(&self, event: &Event, stream: Stream) -> Result<()> {
         // SAFETY: a live event and stream.
-        unsafe { cu::event::record(event.0, stream) }.map_err(cuda_err("recording an event"))
+        unsafe { cu::event::record(event.0, self.stream(stream)) }
+            .map_err(cuda_err("recording an event"))
     }
 
     /// Waits until the work before `event`'s last record has finished.
@@ -235,9 +241,10 @@ impl Cuda {
     }
 
     /// Waits until all of `stream`'s work has finished.
-    pub fn sync(&self, stream: sys::CUstream) -> Result<()> {
+    pub fn sync(&self, stream: Stream) -> Result<()> {
         // SAFETY: a live stream.
-        unsafe { cu::stream::synchronize(stream) }.map_err(cuda_err("waiting for a stream"))
+        unsafe { cu::stream::synchronize(self.stream(stream)) }
+            .map_err(cuda_err("waiting for a stream"))
     }
 }
 
@@ -267,35 +274,22 @@ extern "C" {
     fn libc_madvise(addr: *mut c_void, len: usize, advice: i32) -> i32;
 }
 
-/// Imported device memory, mapped as one CUDA buffer.
+/// Device memory as CUDA sees it: imported (mapped as one buffer), or (diagnostics,
+/// `cuda_probe.rs`) CUDA's own allocation, with no external object.
 pub struct Imported {
     memory: sys::CUexternalMemory,
-    /// Its device address.
-    pub ptr: sys::CUdeviceptr,
+    ptr: sys::CUdeviceptr,
 }
 
 impl Drop for Imported {
     fn drop(&mut self) {
-        // SAFETY: the caller has waited for every copy that used it; the mapping is freed
-        // before the object.
+        // SAFETY: the caller has waited for every copy that used it; the mapping (or CUDA's own
+        // allocation) is freed before the object.
         unsafe {
             let _ = cu::memory_free(self.ptr);
-            let _ = cu::external_memory::destroy_external_memory(self.memory);
-        }
-    }
-}
-
-/// CUDA device memory.
-pub struct DeviceMemory {
-    /// Its device address.
-    pub ptr: sys::CUdeviceptr,
-}
-
-impl Drop for DeviceMemory {
-    fn drop(&mut self) {
-        // SAFETY: the caller has waited for every copy that used it.
-        unsafe {
-            let _ = cu::free_sync(self.ptr);
+            if !self.memory.is_null() {
+                let _ = cu::external_memory::destroy_external_memory(self.memory);
+            }
         }
     }
 }
@@ -410,11 +404,6 @@ impl SharedMemory {
     pub fn gl(&self) -> &Buffer {
         self.shared.gl()
     }
-
-    /// The CUDA device address.
-    pub fn ptr(&self) -> sys::CUdeviceptr {
-        self.cuda.ptr
-    }
 }
 
 impl Floats for SharedMemory {
@@ -428,7 +417,7 @@ impl Floats for SharedMemory {
 pub struct CudaCopies {
     // Field order is drop order: CUDA (its streams waited for), then Vulkan.
     cuda: Cuda,
-    vk: VkTransfer,
+    vk: VkMemory,
 }
 
 impl CudaCopies {
@@ -436,7 +425,13 @@ impl CudaCopies {
     /// [`Error::DeviceUnavailable`] (saying why) where either is missing or cannot share
     /// memory with GL.
     pub fn open(ctx: &GlContext) -> Result<Self> {
-        let vk = VkTransfer::new(ctx)?;
+        if !driver_present() {
+            // Before Vulkan: no device to open, no instance to make, where CUDA cannot follow.
+            return Err(Error::DeviceUnavailable(
+                "no CUDA driver library (libcuda)".into(),
+            ));
+        }
+        let vk = VkMemory::new(ctx)?;
         let cuda = Cuda::new(vk.uuid)?;
         let copies = Self { cuda, vk };
         // One small shared buffer proves the whole chain (export, GL and CUDA imports).
@@ -463,21 +458,15 @@ impl CudaCopies {
 
     /// Copies `floats` floats from `src` into `dst` on the stream for copies in.
     pub fn copy_in(&self, src: &Pinned, dst: &SharedMemory, floats: usize) -> Result<TimedCopy> {
-        self.timed(self.cuda.up, |c| c.upload(c.up, src, dst.ptr(), floats))
+        self.timed(Stream::Up, |c| c.upload(src, &dst.cuda, floats))
     }
 
     /// Copies `floats` floats from `src` into `dst` on the stream for copies out.
     pub fn copy_out(&self, src: &SharedMemory, dst: &Pinned, floats: usize) -> Result<TimedCopy> {
-        self.timed(self.cuda.down, |c| {
-            c.download(c.down, src.ptr(), dst, floats)
-        })
+        self.timed(Stream::Down, |c| c.download(&src.cuda, dst, floats))
     }
 
-    fn timed(
-        &self,
-        stream: sys::CUstream,
-        copy: impl FnOnce(&Cuda) -> Result<()>,
-    ) -> Result<TimedCopy> {
+    fn timed(&self, stream: Stream, copy: impl FnOnce(&Cuda) -> Result<()>) -> Result<TimedCopy> {
         let start = self.cuda.timing_event()?;
         let end = self.cuda.timing_event()?;
         self.cuda.record(&start, stream)?;
@@ -491,8 +480,8 @@ impl CudaCopies {
 
     /// Waits for every copy issued so far (before buffers they use are freed).
     pub fn finish(&self) {
-        let _ = self.cuda.sync(self.cuda.up);
-        let _ = self.cuda.sync(self.cuda.down);
+        let _ = self.cuda.sync(Stream::Up);
+        let _ = self.cuda.sync(Stream::Down);
     }
 }
 

@@ -9,9 +9,9 @@
 //! APIs ordered by the host (a CUDA event waited before the dispatch, a GL fence before the
 //! copy out). Every batch's output is compared with the GL backend's own result for its input.
 
-use super::cu::{Cuda, Event, Pinned};
+use super::cu::{Cuda, Event, Imported, Pinned, Stream};
 use super::gl::{self, Fence};
-use super::vk::{SharedBuffer, VkTransfer};
+use super::vk::{SharedBuffer, VkMemory};
 use super::{Bindings, Dispatches, WeightsKey, Worker, FENCE_TIMEOUT};
 use crate::error::{Error, Result};
 use crate::params::Conv2dParams;
@@ -31,8 +31,8 @@ const RUNS: usize = 5;
 struct Frame {
     input: SharedBuffer,
     output: SharedBuffer,
-    cu_in: super::cu::Imported,
-    cu_out: super::cu::Imported,
+    cu_in: Imported,
+    cu_out: Imported,
     /// Passes when the frame's input has arrived.
     uploaded: Event,
     /// Passes when the frame's output has been copied out.
@@ -45,7 +45,7 @@ impl Worker {
     /// See the module docs; `batches` per timed stream.
     pub(super) fn probe_cuda(&mut self, p: &Conv2dParams, batches: usize) -> Result<String> {
         let gl = Rc::clone(&self.ctx.gl);
-        let vt = VkTransfer::new(&self.ctx)?;
+        let vt = VkMemory::new(&self.ctx)?;
         let cuda = Cuda::new(vt.uuid)?;
         let (x_len, w_len, y_len) = (
             p.input_len() as usize,
@@ -115,19 +115,19 @@ impl Worker {
         let own_out = cuda.device_memory(y_len)?;
         let f0 = &frames[0];
         let f1 = &frames[1];
-        let mut rate = |what: &str, up: Option<u64>, down: Option<u64>, conv: bool| {
+        let mut rate = |what: &str, up: Option<&Imported>, down: Option<&Imported>, conv: bool| {
             let round = || -> Result<Option<Fence>> {
                 if let Some(dst) = up {
-                    cuda.upload(cuda.up, &inputs[0], dst, x_len)?;
+                    cuda.upload(&inputs[0], dst, x_len)?;
                 }
                 if let Some(src) = down {
-                    cuda.download(cuda.down, src, &outputs[0], y_len)?;
+                    cuda.download(src, &outputs[0], y_len)?;
                 }
                 conv.then(|| convolve(f1)).transpose()
             };
             let finish = |fence: Option<Fence>| -> Result<()> {
-                cuda.sync(cuda.up)?;
-                cuda.sync(cuda.down)?;
+                cuda.sync(Stream::Up)?;
+                cuda.sync(Stream::Down)?;
                 fence.map_or(Ok(()), |f| f.wait(FENCE_TIMEOUT))
             };
             finish(round()?)?;
@@ -145,26 +145,26 @@ impl Worker {
             Ok::<_, Error>(())
         };
         rate("gl convolution alone", None, None, true)?;
-        rate("cuda in, own memory", Some(own_in.ptr), None, false)?;
-        rate("cuda out, own memory", None, Some(own_out.ptr), false)?;
+        rate("cuda in, own memory", Some(&own_in), None, false)?;
+        rate("cuda out, own memory", None, Some(&own_out), false)?;
         rate(
             "cuda in + out, own memory",
-            Some(own_in.ptr),
-            Some(own_out.ptr),
+            Some(&own_in),
+            Some(&own_out),
             false,
         )?;
-        rate("cuda in, imported", Some(f0.cu_in.ptr), None, false)?;
-        rate("cuda out, imported", None, Some(f0.cu_out.ptr), false)?;
+        rate("cuda in, imported", Some(&f0.cu_in), None, false)?;
+        rate("cuda out, imported", None, Some(&f0.cu_out), false)?;
         rate(
             "cuda in + out, imported",
-            Some(f0.cu_in.ptr),
-            Some(f0.cu_out.ptr),
+            Some(&f0.cu_in),
+            Some(&f0.cu_out),
             false,
         )?;
         rate(
             "cuda in + out, imported, + gl convolution",
-            Some(f0.cu_in.ptr),
-            Some(f0.cu_out.ptr),
+            Some(&f0.cu_in),
+            Some(&f0.cu_out),
             true,
         )?;
 
@@ -217,8 +217,8 @@ impl Worker {
                     // Its input buffer was last read by batch t - 3's convolution, whose fence
                     // passed before that batch was copied out (step t - 1).
                     let f = &frames[t % FRAMES];
-                    cuda.upload(cuda.up, &inputs[t % INPUTS], f.cu_in.ptr, x_len)?;
-                    cuda.record(&f.uploaded, cuda.up)?;
+                    cuda.upload(&inputs[t % INPUTS], &f.cu_in, x_len)?;
+                    cuda.record(&f.uploaded, Stream::Up)?;
                 }
                 if (1..=batches).contains(&t) {
                     let f = &mut frames[(t - 1) % FRAMES];
@@ -233,11 +233,11 @@ impl Worker {
                     if let Some(fence) = f.computed.take() {
                         fence.wait(FENCE_TIMEOUT)?;
                     }
-                    cuda.download(cuda.down, f.cu_out.ptr, &outputs[b], y_len)?;
-                    cuda.record(&f.downloaded, cuda.down)?;
+                    cuda.download(&f.cu_out, &outputs[b], y_len)?;
+                    cuda.record(&f.downloaded, Stream::Down)?;
                 }
             }
-            cuda.sync(cuda.down)?;
+            cuda.sync(Stream::Down)?;
             Ok(t0.elapsed().as_secs_f64() * 1e3 / batches as f64)
         };
         let check = |outputs: &[Pinned]| -> (usize, f32) {

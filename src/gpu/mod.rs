@@ -140,8 +140,6 @@ enum Probe {
     Overlap,
     /// `overlap::probe_zero_copy`.
     ZeroCopy,
-    /// `overlap::probe_vulkan`.
-    Vulkan,
     /// `Worker::probe_cuda` (`cuda_probe.rs`), on this shape; the size is batches.
     Cuda(Conv2dParams),
 }
@@ -332,11 +330,6 @@ impl GpuBackend {
     /// context (see `overlap::probe_zero_copy`), for `floats` floats.
     pub fn probe_zero_copy(&self, floats: usize) -> Result<String> {
         self.probe(Probe::ZeroCopy, floats)
-    }
-
-    /// Vulkan transfers beside GL compute (see `overlap::probe_vulkan`), for `floats` floats.
-    pub fn probe_vulkan(&self, floats: usize) -> Result<String> {
-        self.probe(Probe::Vulkan, floats)
     }
 
     /// Streaming with CUDA's copy engines (see `cuda_probe.rs`): `batches` of `p` a run.
@@ -623,7 +616,6 @@ impl Worker {
                     Probe::Staging => executor::probe_staging(&self.ctx.gl, floats),
                     Probe::Overlap => overlap::probe_overlap(&self.ctx, floats),
                     Probe::ZeroCopy => overlap::probe_zero_copy(&self.ctx, floats),
-                    Probe::Vulkan => overlap::probe_vulkan(&self.ctx, floats),
                     Probe::Cuda(p) => self.probe_cuda(&p, floats),
                 });
             }

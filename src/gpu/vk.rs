@@ -1,20 +1,18 @@
-//! Transfers through Vulkan beside GL compute: the copy engines that GL does not expose.
+//! Device memory that GL and CUDA share, allocated by Vulkan (the streaming executor's CUDA
+//! copies, `cu.rs`).
 //!
-//! One GL context runs its copies and dispatches one after another, and shader copies across
-//! the bus reach 77 GB/s both ways together on the H100 where its copy engines reach 87 (see
-//! the README). Vulkan exposes those engines as transfer queues. This module opens a Vulkan
-//! device on the same GPU as the GL context (matched by device UUID), allocates device memory
-//! that both APIs see (exported by Vulkan as an opaque file descriptor, imported into GL with
-//! `GL_EXT_memory_object_fd`, bound to a GL storage buffer) and host memory Vulkan copies from
-//! and to, and records copies on up to two transfer queues ("lanes"), each finished by a fence.
+//! GL cannot export its buffers, and CUDA cannot hand its memory to GL, but both import memory
+//! that Vulkan exports as an opaque file descriptor. This module opens a Vulkan device on the
+//! same GPU as the GL context (matched by device UUID), allocates device memory exportable as
+//! an fd, imports it into GL (`GL_EXT_memory_object_fd`, bound to a GL storage buffer) and
+//! exports it again for CUDA ([`SharedBuffer::export_fd`]). The Vulkan loader is opened at run
+//! time (`ash`'s `loaded` feature), so machines without one simply have no shared memory.
+//! (Vulkan's own transfer queues were measured as the copy path too, commit d3f87cc: 58 GB/s
+//! both ways together, where CUDA's copy engines reach 99; see the README.)
 //!
-//! Ordering between the APIs is the caller's: a copy into a shared buffer may start only once
-//! GL has finished with it (a GL fence has passed), and GL may read it only once the copy's
-//! fence has passed. The Vulkan loader is opened at run time (`ash`'s `loaded` feature), so
-//! machines without one simply have no Vulkan transfers.
-//!
-//! With `context.rs` and `gl.rs`, this file holds the GPU's `unsafe`: Vulkan and the GL
-//! extension functions are C APIs; every block says why it is sound.
+//! Ordering between the APIs is the user's (see `cu.rs`). With `context.rs`, `gl.rs` and
+//! `cu.rs`, this file holds the GPU's `unsafe`: Vulkan and the GL extension functions are C
+//! APIs; every block says why it is sound.
 
 use super::context::GlContext;
 use super::gl::{self, Buffer};
@@ -22,7 +20,6 @@ use crate::error::{Error, Result};
 use ash::vk;
 use std::ffi::{c_void, CStr};
 use std::rc::Rc;
-use std::time::Duration;
 
 /// `GL_HANDLE_TYPE_OPAQUE_FD_EXT`.
 const GL_HANDLE_TYPE_OPAQUE_FD: u32 = 0x9586;
@@ -32,9 +29,6 @@ const GL_DEDICATED_MEMORY_OBJECT: u32 = 0x9581;
 const GL_DEVICE_UUID: u32 = 0x9597;
 /// `GL_NUM_DEVICE_UUIDS_EXT`.
 const GL_NUM_DEVICE_UUIDS: u32 = 0x9596;
-
-/// Copies each lane may have in flight.
-const RING: usize = 8;
 
 /// The GL side of `GL_EXT_memory_object(_fd)`, which glow does not wrap.
 struct GlMemoryFns {
@@ -91,17 +85,6 @@ fn vk_err(what: &str) -> impl Fn(vk::Result) -> Error + '_ {
     move |e| Error::Gpu(format!("Vulkan: {what}: {e}"))
 }
 
-/// A transfer queue and its ring of command buffers and fences.
-struct Lane {
-    queue: vk::Queue,
-    family: u32,
-    pool: vk::CommandPool,
-    cmds: Vec<vk::CommandBuffer>,
-    fences: Vec<vk::Fence>,
-    /// Copies submitted on this lane so far (the next uses slot `next % RING`).
-    next: u64,
-}
-
 /// The Vulkan device and what every buffer needs to free itself.
 struct Device {
     _entry: ash::Entry,
@@ -116,7 +99,7 @@ struct Device {
 
 impl Drop for Device {
     fn drop(&mut self) {
-        // SAFETY: every buffer and lane holds an Rc of this device, so all are gone; waiting for
+        // SAFETY: every buffer holds an Rc of this device, so all are gone; waiting for
         // the device to be idle makes destroying it sound.
         unsafe {
             let _ = self.device.device_wait_idle();
@@ -126,23 +109,15 @@ impl Drop for Device {
     }
 }
 
-/// Vulkan transfers on the GL context's GPU (see the module docs). Lives on the thread of
-/// that context.
-pub struct VkTransfer {
+/// Vulkan on the GL context's GPU, for memory shared with GL (see the module docs). Lives on
+/// the thread of that context.
+pub struct VkMemory {
     dev: Rc<Device>,
     gl: Rc<glow::Context>,
-    lanes: Vec<Lane>,
     /// The Vulkan device's name.
     pub name: String,
     /// The GPU's UUID (GL's and Vulkan's, which match).
     pub uuid: [u8; 16],
-}
-
-/// A copy submitted on a lane: wait for it with [`VkTransfer::wait`].
-#[derive(Clone, Copy, Debug)]
-pub struct Copy {
-    lane: usize,
-    serial: u64,
 }
 
 /// Device memory that GL and Vulkan both see: a GL storage buffer over a Vulkan buffer.
@@ -197,55 +172,7 @@ impl Drop for SharedBuffer {
     }
 }
 
-/// Host memory Vulkan copies from or to, mapped for as long as it lives.
-pub struct HostBuffer {
-    ptr: *mut f32,
-    len: usize,
-    buffer: vk::Buffer,
-    memory: vk::DeviceMemory,
-    dev: Rc<Device>,
-}
-
-impl HostBuffer {
-    /// The mapped floats. The caller makes sure (with the copy's fence) that no copy uses them.
-    pub fn as_slice(&self) -> &[f32] {
-        // SAFETY: the mapping holds `len` floats and lives as long as self.
-        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
-    }
-
-    /// See [`HostBuffer::as_slice`].
-    pub fn as_mut_slice(&mut self) -> &mut [f32] {
-        // SAFETY: as in as_slice; `&mut self` makes this the only view.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
-    }
-}
-
-impl Drop for HostBuffer {
-    fn drop(&mut self) {
-        // SAFETY: the caller has waited for every copy that used it; freeing unmaps it.
-        unsafe {
-            self.dev.device.destroy_buffer(self.buffer, None);
-            self.dev.device.free_memory(self.memory, None);
-        }
-    }
-}
-
-impl Drop for VkTransfer {
-    fn drop(&mut self) {
-        // SAFETY: waiting for the device to be idle first makes freeing the lanes sound.
-        unsafe {
-            let _ = self.dev.device.device_wait_idle();
-            for lane in &self.lanes {
-                for &f in &lane.fences {
-                    self.dev.device.destroy_fence(f, None);
-                }
-                self.dev.device.destroy_command_pool(lane.pool, None);
-            }
-        }
-    }
-}
-
-impl VkTransfer {
+impl VkMemory {
     /// Opens Vulkan on the GPU of `ctx` (current on this thread), with up to two transfer
     /// queues; fails with [`Error::DeviceUnavailable`] where there is no loader, no such
     /// device, or no memory sharing with GL.
@@ -292,7 +219,7 @@ impl VkTransfer {
         }
     }
 
-    /// The rest of [`VkTransfer::new`]: on failure, the instance comes back to be destroyed.
+    /// The rest of [`VkMemory::new`]: on failure, the instance comes back to be destroyed.
     #[allow(clippy::result_large_err)]
     fn open(
         entry: ash::Entry,
@@ -325,45 +252,11 @@ impl VkTransfer {
                 instance,
             );
         };
-        // SAFETY: querying a physical device of a live instance.
-        let families = unsafe { instance.get_physical_device_queue_family_properties(pd) };
-        // A transfer-only family (the copy engines) if there is one, else any that transfers.
-        let pick = |only: bool| {
-            families.iter().position(|f| {
-                f.queue_flags.contains(vk::QueueFlags::TRANSFER)
-                    && (!only
-                        || !f
-                            .queue_flags
-                            .intersects(vk::QueueFlags::GRAPHICS | vk::QueueFlags::COMPUTE))
-            })
-        };
-        let Some(family) = pick(true).or_else(|| pick(false)) else {
-            return fail(unavailable("no Vulkan queue transfers"), instance);
-        };
-        // Lanes: (family, queue). Two queues of the transfer family, or (diagnostics,
-        // SPORKLE_VK_LANES=split) the second on an async compute family.
-        let compute_only = families.iter().position(|f| {
-            f.queue_flags.contains(vk::QueueFlags::COMPUTE)
-                && !f.queue_flags.contains(vk::QueueFlags::GRAPHICS)
-        });
-        let split = std::env::var("SPORKLE_VK_LANES").is_ok_and(|v| v == "split");
-        let lane_queues: Vec<(u32, u32)> = match compute_only {
-            Some(c) if split && c != family => vec![(family as u32, 0), (c as u32, 0)],
-            _ if families[family].queue_count >= 2 => vec![(family as u32, 0), (family as u32, 1)],
-            _ => vec![(family as u32, 0)],
-        };
-        let priorities = [1.0f32; 2];
-        let mut queue_info: Vec<vk::DeviceQueueCreateInfo> = Vec::new();
-        for &(f, _) in &lane_queues {
-            let count = lane_queues.iter().filter(|l| l.0 == f).count();
-            if !queue_info.iter().any(|q| q.queue_family_index == f) {
-                queue_info.push(
-                    vk::DeviceQueueCreateInfo::default()
-                        .queue_family_index(f)
-                        .queue_priorities(&priorities[..count]),
-                );
-            }
-        }
+        // A device needs a queue: one of family 0 (nothing is ever submitted to it).
+        let priorities = [1.0f32];
+        let queue_info = [vk::DeviceQueueCreateInfo::default()
+            .queue_family_index(0)
+            .queue_priorities(&priorities)];
         let extensions = [ash::khr::external_memory_fd::NAME.as_ptr()];
         let info = vk::DeviceCreateInfo::default()
             .queue_create_infos(&queue_info)
@@ -400,8 +293,7 @@ impl VkTransfer {
             device,
             memory,
             fd,
-            dedicated: std::env::var("SPORKLE_VK_DEDICATED").is_ok()
-                || features.contains(vk::ExternalMemoryFeatureFlags::DEDICATED_ONLY),
+            dedicated: features.contains(vk::ExternalMemoryFeatureFlags::DEDICATED_ONLY),
             gl_fns,
         });
         if !features.contains(vk::ExternalMemoryFeatureFlags::EXPORTABLE) {
@@ -411,68 +303,12 @@ impl VkTransfer {
                 None,
             ));
         }
-        let mut lanes = Vec::new();
-        for &(f, q) in &lane_queues {
-            match Self::lane(&dev.device, f, q) {
-                Ok(l) => lanes.push(l),
-                Err(e) => return Err((e, None)),
-            }
-        }
         Ok(Self {
             dev,
             gl: Rc::clone(gl),
-            lanes,
             name,
             uuid: gl_uuid,
         })
-    }
-
-    /// Queue `index` of `family`, with its command buffers and fences.
-    fn lane(device: &ash::Device, family: u32, index: u32) -> Result<Lane> {
-        // SAFETY: creating objects on a live device with valid create infos; Drop frees them.
-        unsafe {
-            let queue = device.get_device_queue(family, index);
-            let pool = device
-                .create_command_pool(
-                    &vk::CommandPoolCreateInfo::default()
-                        .queue_family_index(family)
-                        .flags(vk::CommandPoolCreateFlags::RESET_COMMAND_BUFFER),
-                    None,
-                )
-                .map_err(vk_err("creating a command pool"))?;
-            let cmds = device
-                .allocate_command_buffers(
-                    &vk::CommandBufferAllocateInfo::default()
-                        .command_pool(pool)
-                        .level(vk::CommandBufferLevel::PRIMARY)
-                        .command_buffer_count(RING as u32),
-                )
-                .map_err(vk_err("allocating command buffers"))?;
-            let mut fences = Vec::new();
-            for _ in 0..RING {
-                fences.push(
-                    device
-                        .create_fence(
-                            &vk::FenceCreateInfo::default().flags(vk::FenceCreateFlags::SIGNALED),
-                            None,
-                        )
-                        .map_err(vk_err("creating a fence"))?,
-                );
-            }
-            Ok(Lane {
-                queue,
-                family,
-                pool,
-                cmds,
-                fences,
-                next: 0,
-            })
-        }
-    }
-
-    /// Transfer queues (1 or 2): with 2, copies in and out run on separate queues.
-    pub fn lanes(&self) -> usize {
-        self.lanes.len()
     }
 
     /// The index of a memory type allowed by `bits` with all of `need`, preferring `want` too.
@@ -641,200 +477,6 @@ impl VkTransfer {
                 }
                 Err(e)
             }
-        }
-    }
-
-    /// Mapped host memory for `len` floats; `read`: the host reads it (cached memory if any).
-    pub fn host_buffer(&self, len: usize, read: bool) -> Result<HostBuffer> {
-        let bytes = (len.max(4) * 4) as u64;
-        let mode = std::env::var("SPORKLE_VK_HOST").unwrap_or_default();
-        let cached = match mode.as_str() {
-            "cached" => true,
-            "uncached" => false,
-            _ => read,
-        };
-        let want = if cached {
-            vk::MemoryPropertyFlags::HOST_CACHED
-        } else {
-            vk::MemoryPropertyFlags::empty()
-        };
-        let (buffer, memory, _) = self.allocate(
-            bytes,
-            false,
-            vk::MemoryPropertyFlags::HOST_VISIBLE | vk::MemoryPropertyFlags::HOST_COHERENT,
-            want,
-        )?;
-        let d = &self.dev.device;
-        // SAFETY: mapping host-visible memory once; it stays mapped until freed.
-        let mapped =
-            unsafe { d.map_memory(memory, 0, vk::WHOLE_SIZE, vk::MemoryMapFlags::empty()) };
-        match mapped {
-            Ok(ptr) => Ok(HostBuffer {
-                ptr: ptr.cast(),
-                len,
-                buffer,
-                memory,
-                dev: Rc::clone(&self.dev),
-            }),
-            Err(e) => {
-                // SAFETY: the buffer and memory are unused.
-                unsafe {
-                    d.destroy_buffer(buffer, None);
-                    d.free_memory(memory, None);
-                }
-                Err(vk_err("mapping memory")(e))
-            }
-        }
-    }
-
-    /// Submits a copy of `floats` floats on `lane` (taken modulo the lanes there are); `shared`
-    /// is the side (source or destination) that GL uses too, which the copy acquires from GL
-    /// and releases back to it (queue family ownership transfers with `VK_QUEUE_FAMILY_EXTERNAL`).
-    fn submit(
-        &mut self,
-        lane: usize,
-        src: vk::Buffer,
-        dst: vk::Buffer,
-        floats: usize,
-        shared: vk::Buffer,
-    ) -> Result<Copy> {
-        let lane = lane % self.lanes.len();
-        let d = &self.dev.device;
-        let l = &mut self.lanes[lane];
-        let slot = (l.next % RING as u64) as usize;
-        let (cmd, fence) = (l.cmds[slot], l.fences[slot]);
-        // SAFETY: the slot's previous copy is waited for before its command buffer and fence
-        // are reused; the buffers are live (the caller keeps them until the copy's fence).
-        unsafe {
-            d.wait_for_fences(&[fence], true, u64::MAX)
-                .map_err(vk_err("waiting for an earlier copy"))?;
-            d.reset_fences(&[fence])
-                .map_err(vk_err("resetting a fence"))?;
-            d.begin_command_buffer(
-                cmd,
-                &vk::CommandBufferBeginInfo::default()
-                    .flags(vk::CommandBufferUsageFlags::ONE_TIME_SUBMIT),
-            )
-            .map_err(vk_err("recording a copy"))?;
-            let ownership = |from: u32, to: u32, src_access, dst_access| {
-                [vk::BufferMemoryBarrier::default()
-                    .src_access_mask(src_access)
-                    .dst_access_mask(dst_access)
-                    .src_queue_family_index(from)
-                    .dst_queue_family_index(to)
-                    .buffer(shared)
-                    .offset(0)
-                    .size(vk::WHOLE_SIZE)]
-            };
-            let transfer = vk::AccessFlags::TRANSFER_READ | vk::AccessFlags::TRANSFER_WRITE;
-            d.cmd_pipeline_barrier(
-                cmd,
-                vk::PipelineStageFlags::TOP_OF_PIPE,
-                vk::PipelineStageFlags::TRANSFER,
-                vk::DependencyFlags::empty(),
-                &[],
-                &ownership(
-                    vk::QUEUE_FAMILY_EXTERNAL,
-                    l.family,
-                    vk::AccessFlags::empty(),
-                    transfer,
-                ),
-                &[],
-            );
-            d.cmd_copy_buffer(
-                cmd,
-                src,
-                dst,
-                &[vk::BufferCopy {
-                    src_offset: 0,
-                    dst_offset: 0,
-                    size: (floats * 4) as u64,
-                }],
-            );
-            d.cmd_pipeline_barrier(
-                cmd,
-                vk::PipelineStageFlags::TRANSFER,
-                vk::PipelineStageFlags::BOTTOM_OF_PIPE,
-                vk::DependencyFlags::empty(),
-                &[],
-                &ownership(
-                    l.family,
-                    vk::QUEUE_FAMILY_EXTERNAL,
-                    transfer,
-                    vk::AccessFlags::empty(),
-                ),
-                &[],
-            );
-            d.end_command_buffer(cmd)
-                .map_err(vk_err("recording a copy"))?;
-            let cmds = [cmd];
-            d.queue_submit(
-                l.queue,
-                &[vk::SubmitInfo::default().command_buffers(&cmds)],
-                fence,
-            )
-            .map_err(vk_err("submitting a copy"))?;
-        }
-        l.next += 1;
-        Ok(Copy {
-            lane,
-            serial: l.next - 1,
-        })
-    }
-
-    /// Copies `floats` floats from host memory into a shared buffer, on `lane`.
-    pub fn upload(
-        &mut self,
-        lane: usize,
-        src: &HostBuffer,
-        dst: &SharedBuffer,
-        floats: usize,
-    ) -> Result<Copy> {
-        self.submit(
-            lane,
-            src.buffer,
-            dst.buffer,
-            floats.min(src.len),
-            dst.buffer,
-        )
-    }
-
-    /// Copies `floats` floats from a shared buffer into host memory, on `lane`.
-    pub fn download(
-        &mut self,
-        lane: usize,
-        src: &SharedBuffer,
-        dst: &HostBuffer,
-        floats: usize,
-    ) -> Result<Copy> {
-        self.submit(
-            lane,
-            src.buffer,
-            dst.buffer,
-            floats.min(dst.len),
-            src.buffer,
-        )
-    }
-
-    /// Waits (at most `timeout`) for `copy`; whether it has finished. A copy older than the
-    /// lane's ring has finished.
-    pub fn wait(&self, copy: Copy, timeout: Duration) -> Result<bool> {
-        let l = &self.lanes[copy.lane];
-        if copy.serial + (RING as u64) < l.next {
-            return Ok(true);
-        }
-        let fence = l.fences[(copy.serial % RING as u64) as usize];
-        // SAFETY: waiting for a live fence.
-        match unsafe {
-            self.dev.device.wait_for_fences(
-                &[fence],
-                true,
-                timeout.as_nanos().min(u64::MAX as u128) as u64,
-            )
-        } {
-            Ok(()) => Ok(true),
-            Err(vk::Result::TIMEOUT) => Ok(false),
-            Err(e) => Err(vk_err("waiting for a copy")(e)),
         }
     }
 }

@@ -16,9 +16,10 @@
 //!   objects, implicit-GEMM compute shaders specialised by `#define`s, resident weights
 //!   identified by a hash of every byte, a fenced synchronous path.
 //!   Its async executor ([`gpu::executor`]) streams jobs through a pipeline of steps (copy in
-//!   the newest, convolve the one before, copy out the one before that, one fence), with the
-//!   copies across the bus done by the convolution's own dispatch; [`pinned`] inputs are read
-//!   by the GPU where they are.
+//!   the newest, convolve the one before, copy out the one before that), with the copies
+//!   across the bus done by CUDA's copy engines where a CUDA driver is present (on memory that
+//!   Vulkan allocates and GL and CUDA both import; the convolution stays GL's), else by the
+//!   convolution's own dispatch; [`pinned`] inputs are read by the GPU where they are.
 //! - [`juggler`] is the API for users: [`Juggler`] picks the device per call from a cost model
 //!   calibrated on first use and refined by every job, streams GPU jobs (`submit`/`Ticket`),
 //!   re-runs a failed GPU job on the CPU, and keeps [`Stats`].

@@ -15,7 +15,7 @@
 
 use super::context::GlContext;
 use super::gl::{Buffer, Floats};
-use super::vk::{SharedBuffer, SharedSemaphore, VkMemory};
+use super::vk::{SharedBuffer, VkMemory};
 use crate::error::{Error, Result};
 use cudarc::driver::{result as cu, sys};
 use std::ffi::c_void;
@@ -240,54 +240,6 @@ impl Cuda {
         unsafe { cu::event::synchronize(event.0) }.map_err(cuda_err("waiting for an event"))
     }
 
-    /// The semaphore behind `fd` (exported by Vulkan), as CUDA sees it.
-    fn import_semaphore(&self, fd: i32) -> Result<sys::CUexternalSemaphore> {
-        let desc = sys::CUDA_EXTERNAL_SEMAPHORE_HANDLE_DESC {
-            type_: sys::CUexternalSemaphoreHandleType::CU_EXTERNAL_SEMAPHORE_HANDLE_TYPE_OPAQUE_FD,
-            handle: sys::CUDA_EXTERNAL_SEMAPHORE_HANDLE_DESC_st__bindgen_ty_1 { fd },
-            flags: 0,
-            reserved: [0; 16],
-        };
-        let mut semaphore = std::mem::MaybeUninit::uninit();
-        // SAFETY: a valid descriptor of an fd Vulkan exported; CUDA owns the fd once the import
-        // succeeds.
-        let imported =
-            unsafe { sys::cuImportExternalSemaphore(semaphore.as_mut_ptr(), &desc).result() };
-        if let Err(e) = imported {
-            // SAFETY: the import failed, so the fd is still ours to close.
-            unsafe { libc_close(fd) };
-            return Err(cuda_err("importing a semaphore")(e));
-        }
-        // SAFETY: the import succeeded and wrote the handle.
-        Ok(unsafe { semaphore.assume_init() })
-    }
-
-    /// Signals `semaphore` on `stream` once the stream's earlier work has finished.
-    fn signal(&self, semaphore: &Semaphore, stream: Stream) -> Result<()> {
-        // SAFETY: all-zero parameters are a binary semaphore's (no fence value, no flags).
-        let params: sys::CUDA_EXTERNAL_SEMAPHORE_SIGNAL_PARAMS =
-            unsafe { std::mem::MaybeUninit::zeroed().assume_init() };
-        // SAFETY: a live imported semaphore and stream, one of each.
-        unsafe {
-            sys::cuSignalExternalSemaphoresAsync(&semaphore.cuda, &params, 1, self.stream(stream))
-                .result()
-        }
-        .map_err(cuda_err("signalling a semaphore"))
-    }
-
-    /// Makes `stream`'s later work wait until `semaphore` has been signalled.
-    fn wait_for(&self, semaphore: &Semaphore, stream: Stream) -> Result<()> {
-        // SAFETY: as in signal.
-        let params: sys::CUDA_EXTERNAL_SEMAPHORE_WAIT_PARAMS =
-            unsafe { std::mem::MaybeUninit::zeroed().assume_init() };
-        // SAFETY: as in signal.
-        unsafe {
-            sys::cuWaitExternalSemaphoresAsync(&semaphore.cuda, &params, 1, self.stream(stream))
-                .result()
-        }
-        .map_err(cuda_err("waiting on a semaphore"))
-    }
-
     /// Waits until all of `stream`'s work has finished.
     pub fn sync(&self, stream: Stream) -> Result<()> {
         // SAFETY: a live stream.
@@ -460,36 +412,6 @@ impl Floats for SharedMemory {
     }
 }
 
-/// A binary semaphore that GL and CUDA share (Vulkan's, imported by both), to order their
-/// work on the GPU: signalled by one, waited on by the other, once per signal.
-pub struct Semaphore {
-    // Field order is drop order: CUDA's import, then GL's and Vulkan's.
-    cuda: sys::CUexternalSemaphore,
-    shared: SharedSemaphore,
-}
-
-impl Semaphore {
-    /// See [`SharedSemaphore::gl_wait`].
-    pub fn gl_wait(&self, buffers: &[&Buffer]) {
-        self.shared.gl_wait(buffers);
-    }
-
-    /// See [`SharedSemaphore::gl_signal`].
-    pub fn gl_signal(&self, buffers: &[&Buffer]) {
-        self.shared.gl_signal(buffers);
-    }
-}
-
-impl Drop for Semaphore {
-    fn drop(&mut self) {
-        // SAFETY: destroying a live imported semaphore once; the caller has waited for CUDA's
-        // work that uses it (CUDA defers the destruction past pending work anyway).
-        unsafe {
-            let _ = sys::cuDestroyExternalSemaphore(self.cuda);
-        }
-    }
-}
-
 /// The streaming executor's copies through CUDA: Vulkan for memory that GL and CUDA share,
 /// CUDA for the copies. Lives on the GL worker thread.
 pub struct CudaCopies {
@@ -534,46 +456,13 @@ impl CudaCopies {
         self.cuda.pinned(len)
     }
 
-    /// Whether [`CudaCopies::semaphore`] works here.
-    pub fn has_semaphores(&self) -> bool {
-        self.vk.has_semaphores()
+    /// Copies `floats` floats from `src` into `dst` on the stream for copies in.
+    pub fn copy_in(&self, src: &Pinned, dst: &SharedMemory, floats: usize) -> Result<TimedCopy> {
+        self.timed(Stream::Up, |c| c.upload(src, &dst.cuda, floats))
     }
 
-    /// A semaphore that GL and CUDA share.
-    pub fn semaphore(&self) -> Result<Semaphore> {
-        let shared = self.vk.semaphore()?;
-        let cuda = self.cuda.import_semaphore(shared.export_fd()?)?;
-        Ok(Semaphore { cuda, shared })
-    }
-
-    /// Copies `floats` floats from `src` into `dst` on the stream for copies in, then signals
-    /// `then` (if any) for GL.
-    pub fn copy_in(
-        &self,
-        src: &Pinned,
-        dst: &SharedMemory,
-        floats: usize,
-        then: Option<&Semaphore>,
-    ) -> Result<TimedCopy> {
-        let copy = self.timed(Stream::Up, |c| c.upload(src, &dst.cuda, floats))?;
-        if let Some(s) = then {
-            self.cuda.signal(s, Stream::Up)?;
-        }
-        Ok(copy)
-    }
-
-    /// Copies `floats` floats from `src` into `dst` on the stream for copies out, once `after`
-    /// (if any) has been signalled by GL.
-    pub fn copy_out(
-        &self,
-        src: &SharedMemory,
-        dst: &Pinned,
-        floats: usize,
-        after: Option<&Semaphore>,
-    ) -> Result<TimedCopy> {
-        if let Some(s) = after {
-            self.cuda.wait_for(s, Stream::Down)?;
-        }
+    /// Copies `floats` floats from `src` into `dst` on the stream for copies out.
+    pub fn copy_out(&self, src: &SharedMemory, dst: &Pinned, floats: usize) -> Result<TimedCopy> {
         self.timed(Stream::Down, |c| c.download(&src.cuda, dst, floats))
     }
 

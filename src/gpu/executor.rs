@@ -30,7 +30,7 @@
 //! broken: their buffers may still be in use, so every later stream job fails at once with the
 //! reason.
 
-use super::cu::{CudaCopies, Semaphore, TimedCopy};
+use super::cu::{CudaCopies, TimedCopy};
 use super::gl::{self, Buffer, Direction, Fence, MappedBuffer, MappedView, TimerQuery};
 pub use super::host_copy::parallel_copy;
 use super::memory::{DeviceMem, HostMem};
@@ -235,9 +235,6 @@ pub(crate) struct Frame {
     bias: Option<Buffer>,
     /// The plan's intermediates (split-K partial sums, Winograd's transforms).
     scratch: [Option<Buffer>; 2],
-    /// With CUDA copies ordered on the GPU: [input arrived (CUDA signals, GL waits), output
-    /// ready (GL signals, CUDA waits)].
-    semaphores: Option<[Semaphore; 2]>,
     flight: Option<Flight>,
 }
 
@@ -365,12 +362,6 @@ fn mapped(b: &Option<HostMem>) -> Result<&HostMem> {
         .ok_or_else(|| Error::Gpu("a frame in flight lacks its staging".into()))
 }
 
-/// Whether CUDA copies are ordered with GL on the GPU (shared semaphores) where they can be:
-/// `SPORKLE_CUDA_SYNC=host` orders them on the host instead (for comparison).
-fn gpu_ordered() -> bool {
-    std::env::var("SPORKLE_CUDA_SYNC").map_or(true, |v| v != "host")
-}
-
 /// `len` floats rounded up to whole vec4s.
 fn padded(len: usize) -> usize {
     len.div_ceil(4) * 4
@@ -460,10 +451,6 @@ impl Worker {
         if self.cuda.is_some() {
             return self.in_flight.iter().all(|&slot| {
                 let f = self.flight(slot);
-                if self.frames[slot].semaphores.is_some() {
-                    // Ordered on the GPU: its next phase never waits here.
-                    return true;
-                }
                 let copy_in = (f.phases == 1)
                     .then(|| f.steps[0].as_ref().and_then(|s| s.copy_in.as_ref()))
                     .flatten();
@@ -720,11 +707,6 @@ impl Worker {
         })?;
         gl::ensure_len(&mut frame.input, x_len, || device(x_len))?;
         gl::ensure_len(&mut frame.output, out_len, || device(out_len))?;
-        if let Some(c) = cuda.filter(|c| c.has_semaphores() && gpu_ordered()) {
-            if frame.semaphores.is_none() {
-                frame.semaphores = Some([c.semaphore()?, c.semaphore()?]);
-            }
-        }
         Self::scratch(&gl, &mut frame.bias, p.c_out, true)?;
         Self::scratch_for(&gl, &mut frame.scratch, &plan, true)?;
         let mut bytes_up = (job.x.len() * 4) as u64;
@@ -783,27 +765,23 @@ impl Worker {
             return Ok(());
         }
         let gl = Rc::clone(&self.ctx.gl);
-        // With CUDA copies: the newest job's copy in starts at once (its frame is free), the
-        // oldest job's copy out after its convolution (the step before), the convolution after
-        // its input's copy in (the step before). Frames with semaphores order the two APIs on
-        // the GPU, so nothing here waits; without, the host waits: for the convolution before
-        // the copy out (which is shorter than the next copy in, so the copy engines always
-        // have work queued), then for the copy in before the convolution.
-        let ordered = |slot: usize| self.frames[slot].semaphores.is_some();
+        // With CUDA copies: the newest job's copy in starts at once (its frame is free); the
+        // oldest job's copy out as soon as its convolution (the step before) has finished,
+        // which is before the copy in of the next job to convolve (it was shorter), so the
+        // copy engines always have work queued; then the convolution, once its input's copy in
+        // (the step before) has finished. The host orders the APIs.
         let copy_in = match role[0] {
             Some(slot) if self.cuda.is_some() => Some(self.cuda_copy_in(slot)?),
             _ => None,
         };
         let copy_out = match role[2] {
             Some(slot) if self.cuda.is_some() => {
-                if !ordered(slot) {
-                    self.wait_phase(slot, 1)?;
-                }
+                self.wait_phase(slot, 1)?;
                 Some(self.cuda_copy_out(slot)?)
             }
             _ => None,
         };
-        if let Some(slot) = role[1].filter(|&s| self.cuda.is_some() && !ordered(s)) {
+        if let Some(slot) = role[1].filter(|_| self.cuda.is_some()) {
             self.wait_phase(slot, 0)?;
         }
         // The convolution's weights, made resident now: an earlier step may have evicted them.
@@ -816,27 +794,12 @@ impl Worker {
             }
             None => None,
         };
-        // On the GPU: the convolution waits for its input's semaphore (outside the timed part).
-        let conv_semaphores = role[1].and_then(|s| {
-            let f = &self.frames[s];
-            Some((
-                f.semaphores.as_ref()?,
-                f.input.as_ref()?,
-                f.output.as_ref()?,
-            ))
-        });
-        if let Some(([arrived, _], input, _)) = conv_semaphores {
-            arrived.gl_wait(&[input.gl()]);
-        }
         gl::storage_barrier(&gl);
         let start = TimerQuery::timestamp(&gl)?;
         let elapsed = TimerQuery::begin(&gl)?;
         let encoded = self.encode_step(role, weights.map(|w| w.0));
         elapsed.end();
         let fused = encoded?;
-        if let Some(([_, ready], _, output)) = conv_semaphores {
-            ready.gl_signal(&[output.gl()]);
-        }
         // Shader writes to mapped staging reach the host once the fence has passed.
         gl::client_mapped_barrier(&gl);
         let end = TimerQuery::timestamp(&gl)?;
@@ -884,34 +847,23 @@ impl Worker {
         Ok(())
     }
 
-    /// Starts the CUDA copy of the input of the job in frame `slot` into its device buffer
-    /// (then signalling the frame's first semaphore, if it has them).
+    /// Starts the CUDA copy of the input of the job in frame `slot` into its device buffer.
     fn cuda_copy_in(&self, slot: usize) -> Result<TimedCopy> {
         let c = self.cuda.as_ref().expect("CUDA copies are open");
         let f = &self.frames[slot];
         let len = padded(self.flight(slot).job.x.len());
-        let then = f.semaphores.as_ref().map(|[arrived, _]| arrived);
-        c.copy_in(
-            self.copy_source(f)?.cuda()?,
-            device(&f.input)?.cuda()?,
-            len,
-            then,
-        )
+        c.copy_in(self.copy_source(f)?.cuda()?, device(&f.input)?.cuda()?, len)
     }
 
-    /// Starts the CUDA copy of the output of the job in frame `slot` into its download staging
-    /// (after the frame's second semaphore, if it has them; else the caller has waited for the
-    /// convolution).
+    /// Starts the CUDA copy of the output of the job in frame `slot` into its download staging.
     fn cuda_copy_out(&self, slot: usize) -> Result<TimedCopy> {
         let c = self.cuda.as_ref().expect("CUDA copies are open");
         let f = &self.frames[slot];
         let len = padded(self.flight(slot).plan.out_len);
-        let after = f.semaphores.as_ref().map(|[_, ready]| ready);
         c.copy_out(
             device(&f.output)?.cuda()?,
             mapped(&f.download)?.cuda()?,
             len,
-            after,
         )
     }
 

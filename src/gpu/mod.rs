@@ -548,8 +548,7 @@ impl Worker {
             // A job about to join: one whose input is being copied in, or one waiting for a
             // frame that a caller is about to give back.
             let joining = self.filling.is_some() || (pending.is_some() && !self.frame_free());
-            // (CUDA copies need no shared steps: their phases never share a dispatch.)
-            let grace = if joining && self.cuda.is_none() {
+            let grace = if joining {
                 executor::IDLE_GRACE
             } else {
                 Duration::ZERO

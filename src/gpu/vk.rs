@@ -77,126 +77,6 @@ impl GlMemoryFns {
     }
 }
 
-/// The GL side of `GL_EXT_semaphore(_fd)`, which glow does not wrap.
-struct GlSemaphoreFns {
-    create: unsafe extern "system" fn(i32, *mut u32),
-    delete: unsafe extern "system" fn(i32, *const u32),
-    import_fd: unsafe extern "system" fn(u32, u32, i32),
-    wait: unsafe extern "system" fn(u32, u32, *const u32, u32, *const u32, *const u32),
-    signal: unsafe extern "system" fn(u32, u32, *const u32, u32, *const u32, *const u32),
-}
-
-impl GlSemaphoreFns {
-    /// The functions, where the GL context has both extensions.
-    #[allow(clippy::missing_transmute_annotations)]
-    fn load(ctx: &GlContext) -> Option<Self> {
-        let exts = glow::HasContext::supported_extensions(&*ctx.gl);
-        if !["GL_EXT_semaphore", "GL_EXT_semaphore_fd"]
-            .iter()
-            .all(|e| exts.contains(*e))
-        {
-            return None;
-        }
-        let f = |name: &CStr| Some(ctx.proc_address(name)).filter(|f| !f.is_null());
-        // SAFETY: each address is the driver's entry point of the named function (present, as
-        // its extension is), whose C signature the field's type spells out.
-        unsafe {
-            Some(Self {
-                create: std::mem::transmute::<*const c_void, _>(f(c"glGenSemaphoresEXT")?),
-                delete: std::mem::transmute::<*const c_void, _>(f(c"glDeleteSemaphoresEXT")?),
-                import_fd: std::mem::transmute::<*const c_void, _>(f(c"glImportSemaphoreFdEXT")?),
-                wait: std::mem::transmute::<*const c_void, _>(f(c"glWaitSemaphoreEXT")?),
-                signal: std::mem::transmute::<*const c_void, _>(f(c"glSignalSemaphoreEXT")?),
-            })
-        }
-    }
-}
-
-/// A binary semaphore that Vulkan made and GL imported, for GL and another API (CUDA) to
-/// order their work on the GPU: one side signals, the other waits, once per signal.
-pub struct SharedSemaphore {
-    gl: u32,
-    context: Rc<glow::Context>,
-    semaphore: vk::Semaphore,
-    dev: Rc<Device>,
-}
-
-impl SharedSemaphore {
-    fn fns(&self) -> &GlSemaphoreFns {
-        &self
-            .dev
-            .semaphores
-            .as_ref()
-            .expect("made only with semaphores")
-            .1
-    }
-
-    /// A new file descriptor for it (the importer owns it).
-    pub fn export_fd(&self) -> Result<i32> {
-        let (fd, _) = self
-            .dev
-            .semaphores
-            .as_ref()
-            .expect("made only with semaphores");
-        // SAFETY: exporting a live semaphore made exportable as an opaque fd.
-        unsafe {
-            fd.get_semaphore_fd(
-                &vk::SemaphoreGetFdInfoKHR::default()
-                    .semaphore(self.semaphore)
-                    .handle_type(vk::ExternalSemaphoreHandleTypeFlags::OPAQUE_FD),
-            )
-        }
-        .map_err(vk_err("exporting a semaphore"))
-    }
-
-    /// Makes GL's later commands wait (on the GPU) until it is signalled; `buffers` are those
-    /// they use that the other side wrote.
-    pub fn gl_wait(&self, buffers: &[&Buffer]) {
-        let names: Vec<u32> = buffers.iter().map(|b| b.raw().0.get()).collect();
-        // SAFETY: a live imported semaphore and live buffer names; no textures.
-        unsafe {
-            (self.fns().wait)(
-                self.gl,
-                names.len() as u32,
-                names.as_ptr(),
-                0,
-                std::ptr::null(),
-                std::ptr::null(),
-            )
-        };
-    }
-
-    /// Signals it once GL's earlier commands have finished; `buffers` are those they wrote that
-    /// the other side reads.
-    pub fn gl_signal(&self, buffers: &[&Buffer]) {
-        let names: Vec<u32> = buffers.iter().map(|b| b.raw().0.get()).collect();
-        // SAFETY: as in gl_wait.
-        unsafe {
-            (self.fns().signal)(
-                self.gl,
-                names.len() as u32,
-                names.as_ptr(),
-                0,
-                std::ptr::null(),
-                std::ptr::null(),
-            )
-        };
-    }
-}
-
-impl Drop for SharedSemaphore {
-    fn drop(&mut self) {
-        // GL commands may still wait on or signal it: finish them first.
-        gl::finish(&self.context);
-        // SAFETY: GL has finished every command that uses it; the other side's importer has
-        // its own reference (CUDA's is destroyed before this, see cu.rs).
-        unsafe {
-            (self.fns().delete)(1, &self.gl);
-            self.dev.device.destroy_semaphore(self.semaphore, None);
-        }
-    }
-}
-
 fn unavailable(why: impl Into<String>) -> Error {
     Error::DeviceUnavailable(format!("Vulkan transfers: {}", why.into()))
 }
@@ -215,8 +95,6 @@ struct Device {
     /// Exportable buffers need memory of their own (`VK_..._DEDICATED_ONLY`).
     dedicated: bool,
     gl_fns: GlMemoryFns,
-    /// Semaphores that GL and CUDA share, where both sides support them.
-    semaphores: Option<(ash::khr::external_semaphore_fd::Device, GlSemaphoreFns)>,
 }
 
 impl Drop for Device {
@@ -329,8 +207,7 @@ impl VkMemory {
             )
         }
         .map_err(|e| unavailable(format!("cannot create a Vulkan instance: {e}")))?;
-        let gl_semaphores = GlSemaphoreFns::load(ctx);
-        match Self::open(entry, instance, gl_uuid, (gl_fns, gl_semaphores), &ctx.gl) {
+        match Self::open(entry, instance, gl_uuid, gl_fns, &ctx.gl) {
             Ok(t) => Ok(t),
             Err((e, instance)) => {
                 if let Some(instance) = instance {
@@ -348,7 +225,7 @@ impl VkMemory {
         entry: ash::Entry,
         instance: ash::Instance,
         gl_uuid: [u8; 16],
-        (gl_fns, gl_semaphores): (GlMemoryFns, Option<GlSemaphoreFns>),
+        gl_fns: GlMemoryFns,
         gl: &Rc<glow::Context>,
     ) -> std::result::Result<Self, (Error, Option<ash::Instance>)> {
         let fail = |e: Error, i: ash::Instance| Err((e, Some(i)));
@@ -380,17 +257,7 @@ impl VkMemory {
         let queue_info = [vk::DeviceQueueCreateInfo::default()
             .queue_family_index(0)
             .queue_priorities(&priorities)];
-        // Semaphores shared with GL (and CUDA) where Vulkan can export them and GL import them.
-        // SAFETY: querying a physical device of a live instance.
-        let semaphore_ext = unsafe { instance.enumerate_device_extension_properties(pd) }
-            .unwrap_or_default()
-            .iter()
-            .any(|e| e.extension_name_as_c_str() == Ok(ash::khr::external_semaphore_fd::NAME));
-        let gl_semaphores = gl_semaphores.filter(|_| semaphore_ext);
-        let mut extensions = vec![ash::khr::external_memory_fd::NAME.as_ptr()];
-        if gl_semaphores.is_some() {
-            extensions.push(ash::khr::external_semaphore_fd::NAME.as_ptr());
-        }
+        let extensions = [ash::khr::external_memory_fd::NAME.as_ptr()];
         let info = vk::DeviceCreateInfo::default()
             .queue_create_infos(&queue_info)
             .enabled_extension_names(&extensions);
@@ -420,12 +287,6 @@ impl VkMemory {
         // SAFETY: as above.
         let memory = unsafe { instance.get_physical_device_memory_properties(pd) };
         let fd = ash::khr::external_memory_fd::Device::new(&instance, &device);
-        let semaphores = gl_semaphores.map(|fns| {
-            (
-                ash::khr::external_semaphore_fd::Device::new(&instance, &device),
-                fns,
-            )
-        });
         let dev = Rc::new(Device {
             _entry: entry,
             instance,
@@ -434,7 +295,6 @@ impl VkMemory {
             fd,
             dedicated: features.contains(vk::ExternalMemoryFeatureFlags::DEDICATED_ONLY),
             gl_fns,
-            semaphores,
         });
         if !features.contains(vk::ExternalMemoryFeatureFlags::EXPORTABLE) {
             // Device's Drop destroys the device and the instance.
@@ -534,38 +394,6 @@ impl VkMemory {
                 Err(e)
             }
         }
-    }
-
-    /// Whether [`VkMemory::semaphore`] works here (Vulkan exports semaphores, GL imports them).
-    pub fn has_semaphores(&self) -> bool {
-        self.dev.semaphores.is_some()
-    }
-
-    /// A binary semaphore that GL has imported, to be exported to another API too.
-    pub fn semaphore(&self) -> Result<SharedSemaphore> {
-        let Some((_, fns)) = &self.dev.semaphores else {
-            return Err(unavailable("no semaphores shared with GL here"));
-        };
-        let mut export = vk::ExportSemaphoreCreateInfo::default()
-            .handle_types(vk::ExternalSemaphoreHandleTypeFlags::OPAQUE_FD);
-        let info = vk::SemaphoreCreateInfo::default().push_next(&mut export);
-        // SAFETY: a valid create info on a live device; destroyed by SharedSemaphore's Drop.
-        let semaphore = unsafe { self.dev.device.create_semaphore(&info, None) }
-            .map_err(vk_err("creating a semaphore"))?;
-        let mut name = 0u32;
-        // SAFETY: generating a GL semaphore name on the current context.
-        unsafe { (fns.create)(1, &mut name) };
-        let shared = SharedSemaphore {
-            gl: name,
-            context: Rc::clone(&self.gl),
-            semaphore,
-            dev: Rc::clone(&self.dev),
-        };
-        let fd = shared.export_fd()?;
-        // SAFETY: importing an fd exported just now gives it to GL (which closes it).
-        unsafe { (fns.import_fd)(name, GL_HANDLE_TYPE_OPAQUE_FD, fd) };
-        gl::check(&self.gl, "importing a Vulkan semaphore")?;
-        Ok(shared)
     }
 
     /// Device memory for `len` floats that GL sees as a storage buffer.

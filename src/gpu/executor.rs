@@ -2,9 +2,11 @@
 //! step.
 //!
 //! It runs on the GPU worker thread, which owns the context. Each job has a frame: an upload
-//! and a download staging buffer (host memory, persistently and coherently mapped,
-//! `GL_ARB_buffer_storage`), and device buffers for input, output, bias and a plan's
-//! intermediates. A job goes through three phases, each in a different *step*:
+//! and a download staging buffer in host memory, and device buffers for input, output, bias
+//! and a plan's intermediates (`memory.rs`: with CUDA copies, CUDA's pinned memory and device
+//! memory shared with CUDA; otherwise persistently, coherently mapped GL buffers,
+//! `GL_ARB_buffer_storage`, and GL storage buffers). A job goes through three phases, each in
+//! a different *step*:
 //!
 //! 1. copy in: its input (copied into the upload staging on a copy thread, in parallel chunks
 //!    with streaming stores, `host_copy.rs`; or read where it is from a pinned input) into its
@@ -13,22 +15,30 @@
 //! 3. copy out: its output into the download staging.
 //!
 //! A step runs phase 1 of the newest job, phase 2 of the one before and phase 3 of the one
-//! before that, after one barrier (each phase reads what the previous step wrote), then sets
-//! one fence. With shader copies (the default, [`StreamCopy`]) the copies are workgroups of the
-//! convolution's own dispatch where its plan is one pass, so the GPU moves data both ways while
-//! it convolves (one context runs DMA copies and dispatches one after another: measured,
-//! `overlap::probe_zero_copy`). Timer queries time each step, and each job reports the steps of
-//! its phases; a job that shared steps reports their whole times (`steps_shared`).
+//! before that. How the copies run is the worker's [`StreamCopy`]:
+//! - CUDA copies (the default where CUDA opens, `cu.rs`): on two CUDA streams (in, out), timed
+//!   by events, while GL only convolves. The host orders the APIs: a step starts the copy in,
+//!   starts the copy out once the previous step's convolution has passed its fence, and
+//!   dispatches the convolution once the previous step's copy in has passed its event; a step
+//!   without a new job is recorded as soon as it would not block. (Ordering them on the GPU
+//!   with shared semaphores was slower: README.)
+//! - Shader copies (the default otherwise): workgroups of the convolution's own dispatch where
+//!   its plan is one pass, after one barrier, then one fence, so the GPU moves data both ways
+//!   while it convolves (one context runs DMA copies and dispatches one after another:
+//!   measured, `overlap::probe_zero_copy`). A step without a new job is recorded only when the
+//!   GPU has finished every step so far (and, if a job is about to join, `IDLE_GRACE` has
+//!   passed), so that a steady stream keeps its phases together.
 //!
-//! A new job records a step at once. A step without a new job is recorded only when the GPU has
-//! finished every step so far (and, if a job is about to join, `IDLE_GRACE` has passed), so
-//! that a steady stream keeps its phases together. Once the fence of a job's copy-out step has
-//! passed, the caller's thread reads the output straight out of the download staging
-//! ([`Staged`]) and releases the frame; the worker reuses a frame only after that release, and
-//! waits for every release before it deletes the buffers. A fence that does not pass within the job's timeout, or a step that
-//! fails, fails every job in flight (the caller re-runs them on the CPU) and marks the executor
-//! broken: their buffers may still be in use, so every later stream job fails at once with the
-//! reason.
+//! Timer queries time each step's GL work, and each job reports the steps of its phases; a job
+//! that shared steps reports their whole times (`steps_shared`), except CUDA copies, timed alone.
+//!
+//! A new job records a step at once. Once a job's copy out has passed (its step's fence, or its
+//! CUDA copy's event), the caller's thread reads the output straight out of the download
+//! staging ([`Staged`]) and releases the frame; the worker reuses a frame only after that
+//! release, and waits for every release before it deletes the buffers. A fence or event that
+//! does not pass within the job's timeout, or a step that fails, fails every job in flight (the
+//! caller re-runs them on the CPU) and marks the executor broken: their buffers may still be in
+//! use, so every later stream job fails at once with the reason.
 
 use super::cu::{CudaCopies, TimedCopy};
 use super::gl::{self, Buffer, Direction, Fence, MappedBuffer, MappedView, TimerQuery};

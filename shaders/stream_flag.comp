@@ -1,0 +1,17 @@
+// stream_flag.comp: after a streaming job's convolution, writes the job's serial into its
+// frame's flag, on which CUDA's stream for copies out waits (cuStreamWaitValue32) before it
+// copies the output out (src/gpu/executor.rs). One invocation; "#version" is prepended from
+// Rust (src/gpu/shaders.rs).
+
+layout(local_size_x = 1) in;
+
+layout(std430, binding = 0) writeonly buffer Flag {
+    uint flag[];
+};
+
+// serial.x: the job's serial in its frame (from 1, rising).
+uniform uvec4 serial;
+
+void main() {
+    flag[0] = serial.x;
+}

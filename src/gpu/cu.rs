@@ -240,28 +240,6 @@ impl Cuda {
         unsafe { cu::event::synchronize(event.0) }.map_err(cuda_err("waiting for an event"))
     }
 
-    /// Makes `stream`'s later work wait until the u32 at `flag` is at least `value`.
-    fn wait_value(&self, stream: Stream, flag: &Imported, value: u32) -> Result<()> {
-        // SAFETY: a live stream and a device address of this context (the flag's first word).
-        unsafe {
-            sys::cuStreamWaitValue32_v2(
-                self.stream(stream),
-                flag.ptr,
-                value,
-                sys::CUstreamWaitValue_flags::CU_STREAM_WAIT_VALUE_GEQ as u32,
-            )
-            .result()
-        }
-        .map_err(cuda_err("waiting on a flag"))
-    }
-
-    /// Sets the u32 at `flag` to `value` (from the host, at once: nothing orders it).
-    fn set_value(&self, flag: &Imported, value: u32) -> Result<()> {
-        // SAFETY: a device address of this context holding at least one u32.
-        unsafe { sys::cuMemsetD32_v2(flag.ptr, value, 1).result() }
-            .map_err(cuda_err("setting a flag"))
-    }
-
     /// Waits until all of `stream`'s work has finished.
     pub fn sync(&self, stream: Stream) -> Result<()> {
         // SAFETY: a live stream.
@@ -440,8 +418,6 @@ pub struct CudaCopies {
     // Field order is drop order: CUDA (its streams waited for), then Vulkan.
     cuda: Cuda,
     vk: VkMemory,
-    /// Whether CUDA streams can wait on flags in memory (`cuStreamWaitValue32`).
-    flags: bool,
 }
 
 impl CudaCopies {
@@ -457,38 +433,10 @@ impl CudaCopies {
         }
         let vk = VkMemory::new(ctx)?;
         let cuda = Cuda::new(vk.uuid)?;
-        let mut copies = Self {
-            cuda,
-            vk,
-            flags: false,
-        };
-        // One small shared buffer proves the whole chain (export, GL and CUDA imports), and a
-        // wait on a flag already raised whether streams can wait on flags.
-        let probe = copies.device_buffer(4)?;
-        copies.flags = copies.cuda.set_value(&probe.cuda, 1).is_ok()
-            && copies
-                .cuda
-                .wait_value(Stream::Down, &probe.cuda, 1)
-                .and_then(|()| copies.cuda.sync(Stream::Down))
-                .is_ok();
+        let copies = Self { cuda, vk };
+        // One small shared buffer proves the whole chain (export, GL and CUDA imports).
+        copies.device_buffer(4)?;
         Ok(copies)
-    }
-
-    /// A flag for [`CudaCopies::copy_out`] to wait on, at 0, where streams can wait on flags
-    /// (`SPORKLE_CUDA_SYNC=host`: never).
-    pub fn flag(&self) -> Result<Option<SharedMemory>> {
-        if !self.flags || std::env::var("SPORKLE_CUDA_SYNC").is_ok_and(|v| v == "host") {
-            return Ok(None);
-        }
-        let flag = self.device_buffer(4)?;
-        self.cuda.set_value(&flag.cuda, 0)?;
-        Ok(Some(flag))
-    }
-
-    /// Raises `flag` to its maximum from the host, so that every copy waiting on it goes on
-    /// (for jobs failed in flight, whose convolutions may never raise it).
-    pub fn release(&self, flag: &SharedMemory) {
-        let _ = self.cuda.set_value(&flag.cuda, u32::MAX);
     }
 
     /// The CUDA device's name.
@@ -513,18 +461,8 @@ impl CudaCopies {
         self.timed(Stream::Up, |c| c.upload(src, &dst.cuda, floats))
     }
 
-    /// Copies `floats` floats from `src` into `dst` on the stream for copies out, once `after`
-    /// (if any: a flag and a value) has reached the value.
-    pub fn copy_out(
-        &self,
-        src: &SharedMemory,
-        dst: &Pinned,
-        floats: usize,
-        after: Option<(&SharedMemory, u32)>,
-    ) -> Result<TimedCopy> {
-        if let Some((flag, value)) = after {
-            self.cuda.wait_value(Stream::Down, &flag.cuda, value)?;
-        }
+    /// Copies `floats` floats from `src` into `dst` on the stream for copies out.
+    pub fn copy_out(&self, src: &SharedMemory, dst: &Pinned, floats: usize) -> Result<TimedCopy> {
         self.timed(Stream::Down, |c| c.download(&src.cuda, dst, floats))
     }
 

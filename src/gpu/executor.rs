@@ -245,11 +245,6 @@ pub(crate) struct Frame {
     bias: Option<Buffer>,
     /// The plan's intermediates (split-K partial sums, Winograd's transforms).
     scratch: [Option<Buffer>; 2],
-    /// With CUDA copies where streams can wait on flags: the flag that the convolution raises
-    /// to `serial` and the copy out waits on (no host wait between them).
-    flag: Option<super::cu::SharedMemory>,
-    /// The serial of the frame's job (from 1, one more per job).
-    serial: u32,
     flight: Option<Flight>,
 }
 
@@ -469,9 +464,7 @@ impl Worker {
                 let copy_in = (f.phases == 1)
                     .then(|| f.steps[0].as_ref().and_then(|s| s.copy_in.as_ref()))
                     .flatten();
-                let conv = (f.phases == 2 && self.frames[slot].flag.is_none())
-                    .then(|| f.steps[1].as_ref())
-                    .flatten();
+                let conv = (f.phases == 2).then(|| f.steps[1].as_ref()).flatten();
                 copy_in.is_none_or(|c| c.end.passed().unwrap_or(true))
                     && conv.is_none_or(|s| s.fence.signaled().unwrap_or(true))
             });
@@ -701,9 +694,7 @@ impl Worker {
         )?;
         let gl = Rc::clone(&self.ctx.gl);
         let fused = self.fused_program(&plan)?;
-        if self.cuda.is_some() {
-            self.programs.get(&gl, shaders::stream_flag_source())?;
-        } else if self.copy_mode != StreamCopy::Dma {
+        if self.copy_mode != StreamCopy::Dma {
             self.programs.get(&gl, shaders::stream_copy_source())?;
         }
         let (x_len, out_len) = (padded(job.x.len()), padded(plan.out_len));
@@ -726,12 +717,6 @@ impl Worker {
         })?;
         gl::ensure_len(&mut frame.input, x_len, || device(x_len))?;
         gl::ensure_len(&mut frame.output, out_len, || device(out_len))?;
-        if let Some(c) = cuda {
-            if frame.flag.is_none() {
-                frame.flag = c.flag()?;
-            }
-        }
-        frame.serial += 1;
         Self::scratch(&gl, &mut frame.bias, p.c_out, true)?;
         Self::scratch_for(&gl, &mut frame.scratch, &plan, true)?;
         let mut bytes_up = (job.x.len() * 4) as u64;
@@ -801,10 +786,7 @@ impl Worker {
         };
         let copy_out = match role[2] {
             Some(slot) if self.cuda.is_some() => {
-                // A frame with a flag: the copy out waits for it on the GPU instead.
-                if self.frames[slot].flag.is_none() {
-                    self.wait_phase(slot, 1)?;
-                }
+                self.wait_phase(slot, 1)?;
                 Some(self.cuda_copy_out(slot)?)
             }
             _ => None,
@@ -828,15 +810,6 @@ impl Worker {
         let encoded = self.encode_step(role, weights.map(|w| w.0));
         elapsed.end();
         let fused = encoded?;
-        // The convolution raises its frame's flag for the copy out (CUDA waits on it).
-        if let Some(f) = role[1].map(|s| &self.frames[s]) {
-            if let Some(flag) = &f.flag {
-                gl::storage_barrier(&gl);
-                flag.gl().bind(0);
-                self.compiled(shaders::stream_flag_source())?
-                    .dispatch_with([1, 1, 1], "serial", [f.serial, 0, 0, 0])?;
-            }
-        }
         // Shader writes to mapped staging reach the host once the fence has passed.
         gl::client_mapped_barrier(&gl);
         let end = TimerQuery::timestamp(&gl)?;
@@ -901,7 +874,6 @@ impl Worker {
             device(&f.output)?.cuda()?,
             mapped(&f.download)?.cuda()?,
             len,
-            f.flag.as_ref().map(|flag| (flag, f.serial)),
         )
     }
 
@@ -1054,12 +1026,6 @@ impl Worker {
     /// still be in use, so none is read.
     fn fail_all(&mut self, why: String) {
         self.broken = Some(why.clone());
-        if let Some(c) = &self.cuda {
-            // Copies out may wait on flags that failed convolutions never raise.
-            for flag in self.frames.iter().filter_map(|f| f.flag.as_ref()) {
-                c.release(flag);
-            }
-        }
         if let Some(f) = self.filling.take() {
             // Its copy writes the frame's staging: wait for it before the frame can be reused.
             let _ = f.copied.recv();

@@ -536,18 +536,6 @@ fn with_stream_copy(defines: &str, main: &str) -> String {
 }
 
 /// The source of the streaming copies alone (made once: every streaming job looks it up).
-/// The flag a streaming job's convolution raises for CUDA's copy out
-/// (`shaders/stream_flag.comp`).
-pub fn stream_flag_source() -> &'static str {
-    static SOURCE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    SOURCE.get_or_init(|| {
-        format!(
-            "#version 430\n#line 1\n{}",
-            include_str!("../../shaders/stream_flag.comp")
-        )
-    })
-}
-
 pub fn stream_copy_source() -> &'static str {
     static SOURCE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     SOURCE.get_or_init(|| {

@@ -351,13 +351,26 @@ fn conv2d(a: Conv2dArgs) -> Result<()> {
 /// Streaming warm-up jobs in flight together: more than the executor's frames (at most 16).
 const WARM_UP_JOBS: usize = 17;
 
+/// The built-in copy of suites/perf.toml.
+fn perf_suite() -> Result<Suite> {
+    Ok(Suite::parse(
+        Path::new("suites/perf.toml (built in)"),
+        PERF_SUITE,
+    )?)
+}
+
+/// The case of `suite` named `shape`, or numbered so (from 1).
+fn find_shape<'a>(suite: &'a Suite, shape: &str) -> Result<&'a sporkle::suite::Case> {
+    (suite.cases.iter().enumerate())
+        .find(|(i, c)| c.name == shape || (i + 1).to_string() == shape)
+        .map(|(_, c)| c)
+        .ok_or_else(|| anyhow!("no shape {shape:?} in the suite"))
+}
+
 /// `sporkle probe-cuda`: the shape from the built-in benchmark suite.
 fn probe_cuda(shape: &str, batches: usize) -> Result<()> {
-    let suite = Suite::parse(Path::new("suites/perf.toml (built in)"), PERF_SUITE)?;
-    let case = (suite.cases.iter().enumerate())
-        .find(|(i, c)| c.name == shape || (i + 1).to_string() == shape)
-        .ok_or_else(|| anyhow!("no shape {shape:?} in the suite"))?
-        .1;
+    let suite = perf_suite()?;
+    let case = find_shape(&suite, shape)?;
     let report = GpuBackend::new()?.probe_cuda(&case.params, batches.max(1))?;
     out!("{}", report.trim_end());
     Ok(())
@@ -369,22 +382,14 @@ const BENCH_CHECKS: usize = 256;
 fn bench(a: BenchArgs) -> Result<()> {
     let suite = match &a.suite {
         Some(path) => Suite::load(path)?,
-        None => Suite::parse(Path::new("suites/perf.toml (built in)"), PERF_SUITE)?,
+        None => perf_suite()?,
     };
     let cases: Vec<_> = if a.shapes.is_empty() {
         suite.cases.iter().collect()
     } else {
-        let mut picked = Vec::new();
-        for s in &a.shapes {
-            let found = suite
-                .cases
-                .iter()
-                .enumerate()
-                .find(|(i, c)| c.name == *s || (i + 1).to_string() == *s)
-                .ok_or_else(|| anyhow!("no shape {s:?} in the suite"))?;
-            picked.push(found.1);
-        }
-        picked
+        (a.shapes.iter())
+            .map(|s| find_shape(&suite, s))
+            .collect::<Result<_>>()?
     };
     let peers = match &a.compare {
         Some(path) => read_peer_lines(path)?,

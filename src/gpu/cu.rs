@@ -53,13 +53,9 @@ pub struct Cuda {
 
 impl Cuda {
     /// CUDA on the GPU whose UUID is `uuid`, its context made current on this thread; fails
-    /// with [`Error::DeviceUnavailable`] where there is no CUDA driver or no such GPU.
-    pub fn new(uuid: [u8; 16]) -> Result<Self> {
-        if !driver_present() {
-            return Err(Error::DeviceUnavailable(
-                "no CUDA driver library (libcuda)".into(),
-            ));
-        }
+    /// with [`Error::DeviceUnavailable`] where there is no such GPU. The caller has checked
+    /// [`driver_present`] (`cudarc` panics on a missing library).
+    fn new(uuid: [u8; 16]) -> Result<Self> {
         cu::init().map_err(cuda_err("cuInit"))?;
         let count = cu::device::get_count().map_err(cuda_err("counting devices"))?;
         let device = (0..count)
@@ -90,7 +86,7 @@ impl Cuda {
     }
 
     /// The device memory of `shared` as a CUDA device pointer.
-    pub fn import(&self, shared: &SharedBuffer) -> Result<Imported> {
+    fn import(&self, shared: &SharedBuffer) -> Result<Imported> {
         let (fd, size, dedicated) = shared.export_fd()?;
         let desc = sys::CUDA_EXTERNAL_MEMORY_HANDLE_DESC {
             type_: sys::CUexternalMemoryHandleType::CU_EXTERNAL_MEMORY_HANDLE_TYPE_OPAQUE_FD,
@@ -404,6 +400,11 @@ impl SharedMemory {
     pub fn gl(&self) -> &Buffer {
         self.shared.gl()
     }
+
+    /// The same memory as CUDA sees it.
+    pub fn imported(&self) -> &Imported {
+        &self.cuda
+    }
 }
 
 impl Floats for SharedMemory {
@@ -442,6 +443,11 @@ impl CudaCopies {
     /// The CUDA device's name.
     pub fn name(&self) -> &str {
         &self.cuda.name
+    }
+
+    /// CUDA itself (diagnostics: `cuda_probe.rs` copies without timing, and waits on events).
+    pub fn cuda(&self) -> &Cuda {
+        &self.cuda
     }
 
     /// Device memory for `len` floats that GL and CUDA share.

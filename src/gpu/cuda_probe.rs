@@ -1,4 +1,4 @@
-//! Diagnostics (experiment): streaming with CUDA's copy engines moving the bytes and GL
+//! Diagnostics: streaming with CUDA's copy engines moving the bytes and GL
 //! computing (`sporkle probe-cuda SHAPE`).
 //!
 //! Device memory is allocated and exported by Vulkan, imported by GL (as storage buffers the
@@ -9,9 +9,8 @@
 //! APIs ordered by the host (a CUDA event waited before the dispatch, a GL fence before the
 //! copy out). Every batch's output is compared with the GL backend's own result for its input.
 
-use super::cu::{Cuda, Event, Imported, Pinned, Stream};
+use super::cu::{CudaCopies, Event, Imported, Pinned, SharedMemory, Stream};
 use super::gl::{self, Fence};
-use super::vk::{SharedBuffer, VkMemory};
 use super::{Bindings, Dispatches, WeightsKey, Worker, FENCE_TIMEOUT};
 use crate::error::{Error, Result};
 use crate::params::Conv2dParams;
@@ -27,12 +26,10 @@ const REPS: usize = 20;
 /// Timed runs of the stream (the median is reported).
 const RUNS: usize = 5;
 
-/// One frame: the shared input and output buffers and their CUDA views.
+/// One frame: the shared input and output buffers.
 struct Frame {
-    input: SharedBuffer,
-    output: SharedBuffer,
-    cu_in: Imported,
-    cu_out: Imported,
+    input: SharedMemory,
+    output: SharedMemory,
     /// Passes when the frame's input has arrived.
     uploaded: Event,
     /// Passes when the frame's output has been copied out.
@@ -45,17 +42,16 @@ impl Worker {
     /// See the module docs; `batches` per timed stream.
     pub(super) fn probe_cuda(&mut self, p: &Conv2dParams, batches: usize) -> Result<String> {
         let gl = Rc::clone(&self.ctx.gl);
-        let vt = VkMemory::new(&self.ctx)?;
-        let cuda = Cuda::new(vt.uuid)?;
+        let copies = CudaCopies::open(&self.ctx)?;
+        let cuda = copies.cuda();
         let (x_len, w_len, y_len) = (
             p.input_len() as usize,
             p.weights_len() as usize,
             p.output_len() as usize,
         );
         let mut out = format!(
-            "{p}: CUDA device {}, Vulkan device {}; {:.1} MB in, {:.1} MB out a batch\n",
-            cuda.name,
-            vt.name,
+            "{p}: CUDA device {}; {:.1} MB in, {:.1} MB out a batch\n",
+            copies.name(),
             (x_len * 4) as f64 / 1e6,
             (y_len * 4) as f64 / 1e6
         );
@@ -79,13 +75,9 @@ impl Worker {
         Self::scratch_for(&gl, &mut self.scratch, &plan, immutable)?;
         let mut frames = Vec::new();
         for _ in 0..FRAMES {
-            let input = vt.shared_buffer(x_len)?;
-            let output = vt.shared_buffer(y_len)?;
             frames.push(Frame {
-                cu_in: cuda.import(&input)?,
-                cu_out: cuda.import(&output)?,
-                input,
-                output,
+                input: copies.device_buffer(x_len)?,
+                output: copies.device_buffer(y_len)?,
                 uploaded: cuda.event()?,
                 downloaded: cuda.event()?,
                 computed: None,
@@ -153,18 +145,23 @@ impl Worker {
             Some(&own_out),
             false,
         )?;
-        rate("cuda in, imported", Some(&f0.cu_in), None, false)?;
-        rate("cuda out, imported", None, Some(&f0.cu_out), false)?;
+        rate("cuda in, imported", Some(f0.input.imported()), None, false)?;
+        rate(
+            "cuda out, imported",
+            None,
+            Some(f0.output.imported()),
+            false,
+        )?;
         rate(
             "cuda in + out, imported",
-            Some(&f0.cu_in),
-            Some(&f0.cu_out),
+            Some(f0.input.imported()),
+            Some(f0.output.imported()),
             false,
         )?;
         rate(
             "cuda in + out, imported, + gl convolution",
-            Some(&f0.cu_in),
-            Some(&f0.cu_out),
+            Some(f0.input.imported()),
+            Some(f0.output.imported()),
             true,
         )?;
 
@@ -217,7 +214,7 @@ impl Worker {
                     // Its input buffer was last read by batch t - 3's convolution, whose fence
                     // passed before that batch was copied out (step t - 1).
                     let f = &frames[t % FRAMES];
-                    cuda.upload(&inputs[t % INPUTS], &f.cu_in, x_len)?;
+                    cuda.upload(&inputs[t % INPUTS], f.input.imported(), x_len)?;
                     cuda.record(&f.uploaded, Stream::Up)?;
                 }
                 if (1..=batches).contains(&t) {
@@ -233,7 +230,7 @@ impl Worker {
                     if let Some(fence) = f.computed.take() {
                         fence.wait(FENCE_TIMEOUT)?;
                     }
-                    cuda.download(&f.cu_out, &outputs[b], y_len)?;
+                    cuda.download(f.output.imported(), &outputs[b], y_len)?;
                     cuda.record(&f.downloaded, Stream::Down)?;
                 }
             }
@@ -283,7 +280,7 @@ impl Worker {
         drop(outputs);
         drop(inputs);
         drop((own_in, own_out));
-        drop(cuda);
+        drop(copies);
         Ok(out)
     }
 }

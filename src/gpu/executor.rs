@@ -308,32 +308,48 @@ impl StepTimes {
     /// The GPU time of the step (ns): its GL work, or its longest part when CUDA copies ran
     /// beside it.
     fn gpu_ns(&self) -> u64 {
-        let copy = |c: &Option<TimedCopy>| c.as_ref().and_then(TimedCopy::nanoseconds);
+        let copy = |phase| self.copy(phase).and_then(TimedCopy::nanoseconds);
         (self.elapsed.nanoseconds())
-            .max(copy(&self.copy_in).unwrap_or(0))
-            .max(copy(&self.copy_out).unwrap_or(0))
+            .max(copy(0).unwrap_or(0))
+            .max(copy(2).unwrap_or(0))
     }
 
-    /// What passes when all of the step's GPU work has finished.
-    fn markers(&self) -> Vec<Marker> {
-        let mut m = vec![Marker::Fence(Rc::clone(&self.fence))];
-        for c in [&self.copy_in, &self.copy_out].into_iter().flatten() {
-            m.push(Marker::Event(Rc::clone(&c.end)));
+    /// The CUDA copy that ran phase `phase` (0: copy in, 1: convolution, 2: copy out) of a job
+    /// in this step, if CUDA copied.
+    fn copy(&self, phase: usize) -> Option<&TimedCopy> {
+        match phase {
+            0 => self.copy_in.as_ref(),
+            2 => self.copy_out.as_ref(),
+            _ => None,
         }
-        m
+    }
+
+    /// The GPU time (ns) of phase `phase` of a job in this step: a CUDA copy's own time, else
+    /// the step's GL time.
+    fn phase_ns(&self, phase: usize) -> Option<u64> {
+        self.copy(phase)
+            .map_or_else(|| Some(self.elapsed.nanoseconds()), TimedCopy::nanoseconds)
+    }
+
+    /// What passes when phase `phase` of a job in this step has finished on the GPU: a CUDA
+    /// copy's end, else the step's fence.
+    fn phase_end(&self, phase: usize) -> Marker {
+        self.copy(phase).map_or_else(
+            || Marker::Fence(Rc::clone(&self.fence)),
+            |c| Marker::Event(Rc::clone(&c.end)),
+        )
     }
 }
 
 /// A point in the GPU's work that the worker waits for: a GL fence, or a CUDA copy's end.
-#[derive(Clone)]
-pub(super) enum Marker {
+enum Marker {
     Fence(Rc<Fence>),
     Event(Rc<super::cu::Event>),
 }
 
 impl Marker {
     /// Whether it has passed.
-    pub(super) fn signaled(&self) -> Result<bool> {
+    fn signaled(&self) -> Result<bool> {
         match self {
             Marker::Fence(f) => f.signaled(),
             Marker::Event(e) => e.passed(),
@@ -459,17 +475,17 @@ impl Worker {
     /// wait for has finished), so that the copy engines never wait for a whole step.
     pub(super) fn gpu_idle(&self) -> bool {
         if self.cuda.is_some() {
+            // A job's next phase (convolution or copy out) waits for the end of its last one.
             return self.in_flight.iter().all(|&slot| {
                 let f = self.flight(slot);
-                let copy_in = (f.phases == 1)
-                    .then(|| f.steps[0].as_ref().and_then(|s| s.copy_in.as_ref()))
-                    .flatten();
-                let conv = (f.phases == 2).then(|| f.steps[1].as_ref()).flatten();
-                copy_in.is_none_or(|c| c.end.passed().unwrap_or(true))
-                    && conv.is_none_or(|s| s.fence.signaled().unwrap_or(true))
+                let last = (1..3).contains(&f.phases).then(|| f.phases - 1);
+                last.and_then(|p| Some(f.steps[p].as_ref()?.phase_end(p)))
+                    .is_none_or(|m| m.signaled().unwrap_or(true))
             });
         }
-        self.last_step.iter().all(|m| m.signaled().unwrap_or(true))
+        self.last_step
+            .as_ref()
+            .is_none_or(|f| f.signaled().unwrap_or(true))
     }
 
     /// Frames to make: [`SLOTS`], or `SPORKLE_STREAM_FRAMES`.
@@ -491,8 +507,8 @@ impl Worker {
     }
 
     /// With CUDA copies chosen ([`StreamCopy::Cuda`]) and not opened yet: opens them, or
-    /// falls back to shader copies (keeping why in `copy_fallback`), or where CUDA was required
-    /// fails. Runs before the first frame or pinned input is made, so all are of one kind.
+    /// falls back to shader copies (saying why on stderr where a CUDA driver is present), or
+    /// where CUDA was required fails. Runs before the first frame or pinned input is made, so all are of one kind.
     pub(super) fn open_cuda(&mut self) -> Result<()> {
         let StreamCopy::Cuda { required } = self.copy_mode else {
             return Ok(());
@@ -516,7 +532,6 @@ impl Worker {
                     );
                 }
                 self.copy_mode = StreamCopy::SHADER;
-                self.copy_fallback = Some(e.to_string());
                 Ok(())
             }
         }
@@ -694,7 +709,7 @@ impl Worker {
         )?;
         let gl = Rc::clone(&self.ctx.gl);
         let fused = self.fused_program(&plan)?;
-        if self.copy_mode != StreamCopy::Dma {
+        if matches!(self.copy_mode, StreamCopy::Shader { .. }) {
             self.programs.get(&gl, shaders::stream_copy_source())?;
         }
         let (x_len, out_len) = (padded(job.x.len()), padded(plan.out_len));
@@ -836,23 +851,19 @@ impl Worker {
             f.phases += 1;
             f.done.steps_shared |= shared;
             f.done.fused |= fused;
-            f.done.cuda_copies |=
-                (phase == 0 && times.copy_in.is_some()) || (phase == 2 && times.copy_out.is_some());
+            f.done.cuda_copies |= times.copy(phase).is_some();
             if phase == 1 && weights.is_some_and(|w| w.1) {
                 f.done.weights_uploaded = true;
                 f.done.bytes_up += (f.job.w.len() * 4) as u64;
             }
             if phase == 2 {
-                f.fence = Some(match &times.copy_out {
-                    Some(c) => Marker::Event(Rc::clone(&c.end)),
-                    None => Marker::Fence(Rc::clone(&fence)),
-                });
+                f.fence = Some(times.phase_end(2));
             }
             if Some(slot) == oldest {
                 f.charged.push(Rc::clone(&times));
             }
         }
-        self.last_step = times.markers();
+        self.last_step = Some(fence);
         self.idle_since = None;
         Ok(())
     }
@@ -886,10 +897,7 @@ impl Worker {
                 "a phase waited for was never recorded (executor bug)".into(),
             ));
         };
-        let marker = match (phase, &step.copy_in) {
-            (0, Some(c)) => Marker::Event(Rc::clone(&c.end)),
-            _ => Marker::Fence(Rc::clone(&step.fence)),
-        };
+        let marker = step.phase_end(phase);
         let left = f.job.timeout.saturating_sub(f.begun.elapsed());
         marker
             .wait(left)
@@ -1036,7 +1044,7 @@ impl Worker {
                 answer(f.job, Err(unhealthy(&why)));
             }
         }
-        self.last_step.clear();
+        self.last_step = None;
     }
 
     /// Whether the oldest job in flight has all its steps recorded and has finished on the GPU
@@ -1158,20 +1166,8 @@ impl Worker {
             release: self.release_tx.clone(),
         });
         if !self.ctx.info.software {
-            let [up, conv, down] = steps
-                .each_ref()
-                .map(|s| s.as_ref().map(|s| s.elapsed.nanoseconds()));
+            let [up, conv, down] = [0, 1, 2].map(|p| steps[p].as_ref().and_then(|s| s.phase_ns(p)));
             (done.upload_ns, done.kernel_ns, done.download_ns) = (up, conv, down);
-            if let Some(s) = &steps[0] {
-                if let Some(c) = &s.copy_in {
-                    done.upload_ns = c.nanoseconds();
-                }
-            }
-            if let Some(s) = &steps[2] {
-                if let Some(c) = &s.copy_out {
-                    done.download_ns = c.nanoseconds();
-                }
-            }
             // Timer queries say how long the GPU worked; never more than the wall share.
             let timed = charged.iter().map(|s| s.gpu_ns()).sum::<u64>() as f64 * 1e-9;
             done.busy_s = done.busy_s.min(timed);
@@ -1186,7 +1182,7 @@ impl Worker {
         // of steps shared with later jobs go with the last of them).
         drop((fence, steps, charged));
         if self.in_flight.is_empty() {
-            self.last_step.clear();
+            self.last_step = None;
         }
         answer(job, Ok(done));
     }

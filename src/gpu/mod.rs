@@ -426,16 +426,14 @@ struct Worker {
     broken: Option<String>,
     /// When the last streaming job's fence was seen passing (for busy time).
     busy_until: Option<Instant>,
-    /// What passes when the last step recorded has finished (empty when no job is in flight).
-    last_step: Vec<executor::Marker>,
+    /// The fence after the last step recorded (none when no job is in flight).
+    last_step: Option<std::rc::Rc<gl::Fence>>,
     /// Since when the GPU has been seen idle with steps still to record.
     idle_since: Option<Instant>,
     /// The job whose input a copy thread is writing into its staging.
     filling: Option<executor::Filling>,
     /// How the executor's steps copy between staging and device buffers.
     copy_mode: shaders::StreamCopy,
-    /// Why CUDA copies were chosen but could not be opened (shader copies instead).
-    copy_fallback: Option<String>,
     programs: ProgramCache,
     weights: Vec<Resident>,
     input: Option<Buffer>,
@@ -466,11 +464,10 @@ impl Worker {
             release_rx,
             broken: None,
             busy_until: None,
-            last_step: Vec::new(),
+            last_step: None,
             idle_since: None,
             filling: None,
             copy_mode: shaders::StreamCopy::from_env(),
-            copy_fallback: None,
             programs: ProgramCache::default(),
             weights: Vec::new(),
             input: None,

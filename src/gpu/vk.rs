@@ -78,7 +78,7 @@ impl GlMemoryFns {
 }
 
 fn unavailable(why: impl Into<String>) -> Error {
-    Error::DeviceUnavailable(format!("Vulkan transfers: {}", why.into()))
+    Error::DeviceUnavailable(format!("Vulkan memory shared with GL: {}", why.into()))
 }
 
 fn vk_err(what: &str) -> impl Fn(vk::Result) -> Error + '_ {
@@ -114,8 +114,6 @@ impl Drop for Device {
 pub struct VkMemory {
     dev: Rc<Device>,
     gl: Rc<glow::Context>,
-    /// The Vulkan device's name.
-    pub name: String,
     /// The GPU's UUID (GL's and Vulkan's, which match).
     pub uuid: [u8; 16],
 }
@@ -133,20 +131,28 @@ pub struct SharedBuffer {
     dev: Rc<Device>,
 }
 
+/// A new file descriptor for `memory` of `dev`, allocated exportable (the importer owns it).
+fn memory_fd(dev: &Device, memory: vk::DeviceMemory) -> Result<i32> {
+    // SAFETY: exporting live memory allocated with an exportable handle type.
+    unsafe {
+        dev.fd.get_memory_fd(
+            &vk::MemoryGetFdInfoKHR::default()
+                .memory(memory)
+                .handle_type(vk::ExternalMemoryHandleTypeFlags::OPAQUE_FD),
+        )
+    }
+    .map_err(vk_err("exporting memory"))
+}
+
 impl SharedBuffer {
     /// A new file descriptor for the memory (the importer owns it), its size in bytes, and
     /// whether it is a dedicated allocation: what another API (CUDA) needs to import it.
     pub fn export_fd(&self) -> Result<(i32, u64, bool)> {
-        // SAFETY: exporting live memory allocated with an exportable handle type.
-        let fd = unsafe {
-            self.dev.fd.get_memory_fd(
-                &vk::MemoryGetFdInfoKHR::default()
-                    .memory(self.memory)
-                    .handle_type(vk::ExternalMemoryHandleTypeFlags::OPAQUE_FD),
-            )
-        }
-        .map_err(vk_err("exporting memory"))?;
-        Ok((fd, self.size, self.dev.dedicated))
+        Ok((
+            memory_fd(&self.dev, self.memory)?,
+            self.size,
+            self.dev.dedicated,
+        ))
     }
 
     /// The GL storage buffer over it.
@@ -173,9 +179,9 @@ impl Drop for SharedBuffer {
 }
 
 impl VkMemory {
-    /// Opens Vulkan on the GPU of `ctx` (current on this thread), with up to two transfer
-    /// queues; fails with [`Error::DeviceUnavailable`] where there is no loader, no such
-    /// device, or no memory sharing with GL.
+    /// Opens Vulkan on the GPU of `ctx` (current on this thread); fails with
+    /// [`Error::DeviceUnavailable`] where there is no loader, no such device, or no memory
+    /// sharing with GL.
     pub fn new(ctx: &GlContext) -> Result<Self> {
         let gl_fns = GlMemoryFns::load(ctx)?;
         let gl_uuid = {
@@ -234,19 +240,14 @@ impl VkMemory {
         let Ok(physical) = physical else {
             return fail(unavailable("cannot list Vulkan devices"), instance);
         };
-        let found = physical.into_iter().find_map(|pd| {
+        let found = physical.into_iter().find(|&pd| {
             let mut id = vk::PhysicalDeviceIDProperties::default();
             let mut props = vk::PhysicalDeviceProperties2::default().push_next(&mut id);
             // SAFETY: as above; `props` chains a valid ID-properties struct.
             unsafe { instance.get_physical_device_properties2(pd, &mut props) };
-            let name = props
-                .properties
-                .device_name_as_c_str()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default();
-            (id.device_uuid == gl_uuid).then_some((pd, name))
+            id.device_uuid == gl_uuid
         });
-        let Some((pd, name)) = found else {
+        let Some(pd) = found else {
             return fail(
                 unavailable("no Vulkan device has the GL device's UUID"),
                 instance,
@@ -306,73 +307,50 @@ impl VkMemory {
         Ok(Self {
             dev,
             gl: Rc::clone(gl),
-            name,
             uuid: gl_uuid,
         })
     }
 
-    /// The index of a memory type allowed by `bits` with all of `need`, preferring `want` too.
-    fn memory_type(
-        &self,
-        bits: u32,
-        need: vk::MemoryPropertyFlags,
-        want: vk::MemoryPropertyFlags,
-    ) -> Result<u32> {
+    /// The index of a device-local memory type allowed by `bits`.
+    fn device_local_type(&self, bits: u32) -> Result<u32> {
         let m = &self.dev.memory;
-        let types = &m.memory_types[..m.memory_type_count as usize];
-        let ok = |i: usize, flags: vk::MemoryPropertyFlags| {
-            bits & (1 << i) != 0
-                && types[i].property_flags.contains(flags)
-                && (!want.is_empty()
-                    || !flags.contains(vk::MemoryPropertyFlags::HOST_VISIBLE)
-                    || !types[i]
+        (0..m.memory_type_count as usize)
+            .find(|&i| {
+                bits & (1 << i) != 0
+                    && m.memory_types[i]
                         .property_flags
-                        .contains(vk::MemoryPropertyFlags::HOST_CACHED)
-                    || i == usize::MAX)
-        };
-        (0..types.len())
-            .find(|&i| ok(i, need | want))
-            .or_else(|| (0..types.len()).find(|&i| ok(i, need)))
+                        .contains(vk::MemoryPropertyFlags::DEVICE_LOCAL)
+            })
             .map(|i| i as u32)
-            .ok_or_else(|| Error::Gpu(format!("Vulkan: no memory type with {need:?}")))
+            .ok_or_else(|| Error::Gpu("Vulkan: no device-local memory type".into()))
     }
 
-    /// A Vulkan buffer of `bytes` and its memory (exported where `export`), bound.
-    fn allocate(
-        &self,
-        bytes: u64,
-        export: bool,
-        need: vk::MemoryPropertyFlags,
-        want: vk::MemoryPropertyFlags,
-    ) -> Result<(vk::Buffer, vk::DeviceMemory, u64)> {
+    /// A Vulkan buffer of `bytes` and its device-local memory, exportable as an fd, bound.
+    fn allocate(&self, bytes: u64) -> Result<(vk::Buffer, vk::DeviceMemory, u64)> {
         let d = &self.dev.device;
         let handle = vk::ExternalMemoryHandleTypeFlags::OPAQUE_FD;
         let mut external = vk::ExternalMemoryBufferCreateInfo::default().handle_types(handle);
-        let mut info = vk::BufferCreateInfo::default()
+        let info = vk::BufferCreateInfo::default()
             .size(bytes.max(16))
             .usage(vk::BufferUsageFlags::TRANSFER_SRC | vk::BufferUsageFlags::TRANSFER_DST)
-            .sharing_mode(vk::SharingMode::EXCLUSIVE);
-        if export {
-            info = info.push_next(&mut external);
-        }
+            .sharing_mode(vk::SharingMode::EXCLUSIVE)
+            .push_next(&mut external);
         // SAFETY: a valid create info on a live device; freed by the caller's Drop (or below).
         let buffer =
             unsafe { d.create_buffer(&info, None) }.map_err(vk_err("creating a buffer"))?;
         // SAFETY: querying a live buffer.
         let req = unsafe { d.get_buffer_memory_requirements(buffer) };
         let allocated = self
-            .memory_type(req.memory_type_bits, need, want)
+            .device_local_type(req.memory_type_bits)
             .and_then(|index| {
                 let mut exported = vk::ExportMemoryAllocateInfo::default().handle_types(handle);
                 let mut dedicated = vk::MemoryDedicatedAllocateInfo::default().buffer(buffer);
                 let mut alloc = vk::MemoryAllocateInfo::default()
                     .allocation_size(req.size)
-                    .memory_type_index(index);
-                if export {
-                    alloc = alloc.push_next(&mut exported);
-                    if self.dev.dedicated {
-                        alloc = alloc.push_next(&mut dedicated);
-                    }
+                    .memory_type_index(index)
+                    .push_next(&mut exported);
+                if self.dev.dedicated {
+                    alloc = alloc.push_next(&mut dedicated);
                 }
                 // SAFETY: a valid allocate info; the memory is bound to the buffer just made.
                 unsafe {
@@ -399,23 +377,10 @@ impl VkMemory {
     /// Device memory for `len` floats that GL sees as a storage buffer.
     pub fn shared_buffer(&self, len: usize) -> Result<SharedBuffer> {
         let bytes = (len.max(4) * 4) as u64;
-        let (buffer, memory, size) = self.allocate(
-            bytes,
-            true,
-            vk::MemoryPropertyFlags::DEVICE_LOCAL,
-            vk::MemoryPropertyFlags::empty(),
-        )?;
+        let (buffer, memory, size) = self.allocate(bytes)?;
         let fns = &self.dev.gl_fns;
         let d = &self.dev.device;
-        // SAFETY: exporting the memory just allocated with an exportable handle type.
-        let fd = unsafe {
-            self.dev.fd.get_memory_fd(
-                &vk::MemoryGetFdInfoKHR::default()
-                    .memory(memory)
-                    .handle_type(vk::ExternalMemoryHandleTypeFlags::OPAQUE_FD),
-            )
-        };
-        let fd = match fd {
+        let fd = match memory_fd(&self.dev, memory) {
             Ok(fd) => fd,
             Err(e) => {
                 // SAFETY: the buffer and memory are unused.
@@ -423,7 +388,7 @@ impl VkMemory {
                     d.destroy_buffer(buffer, None);
                     d.free_memory(memory, None);
                 }
-                return Err(vk_err("exporting memory")(e));
+                return Err(e);
             }
         };
         let mut memory_object = 0u32;

@@ -69,6 +69,14 @@ impl Job {
     }
 }
 
+/// Submits every job (async on: several in flight at once), in order.
+fn submit_all(j: &Juggler, jobs: &[Job]) -> Result<Vec<crate::Ticket>, Failed> {
+    (jobs.iter())
+        .map(|job| job.submit(j))
+        .collect::<crate::Result<Vec<_>>>()
+        .map_err(fail)
+}
+
 /// The output is within tolerance of the reference.
 fn check_reference(job: &Job, y: &[f32]) -> Result<(), Failed> {
     let r = reference::conv2d_f64(&job.p, &job.x, &job.w, job.b.as_deref()).map_err(fail)?;
@@ -93,11 +101,7 @@ fn juggler(preference: Preference, gpu: GpuChoice, timeout: Duration) -> Result<
 fn mixed_stream(choice: GpuChoice, sync: &GpuBackend) -> Result<(), Failed> {
     let j = juggler(Preference::Gpu, choice, Duration::from_secs(60))?;
     let jobs = stream(30, 11).map_err(fail)?;
-    let tickets = jobs
-        .iter()
-        .map(|job| job.submit(&j))
-        .collect::<crate::Result<Vec<_>>>()
-        .map_err(fail)?;
+    let tickets = submit_all(&j, &jobs)?;
     let mut runs = Vec::new();
     for (i, (job, t)) in jobs.iter().zip(tickets).enumerate() {
         // Every way of waiting: a new vector, the caller's buffer, reading in place.
@@ -288,11 +292,7 @@ fn threads(choice: GpuChoice) -> Result<(), Failed> {
                 let j = Arc::clone(&j);
                 s.spawn(move || -> Result<(), Failed> {
                     let jobs = stream(8, 100 * t).map_err(fail)?;
-                    let tickets = jobs
-                        .iter()
-                        .map(|job| job.submit(&j))
-                        .collect::<crate::Result<Vec<_>>>()
-                        .map_err(fail)?;
+                    let tickets = submit_all(&j, &jobs)?;
                     for (job, t) in jobs.iter().zip(tickets) {
                         let (y, info) = t.wait().map_err(fail)?;
                         if info.fallback.is_some() {
@@ -525,11 +525,7 @@ fn cuda_copies(choice: GpuChoice) -> Result<libtest_mimic::Completion, Failed> {
     }
     let j = juggler(Preference::Gpu, choice, Duration::from_secs(60))?;
     let jobs = stream(9, 29).map_err(fail)?;
-    let tickets = jobs
-        .iter()
-        .map(|job| job.submit(&j))
-        .collect::<crate::Result<Vec<_>>>()
-        .map_err(fail)?;
+    let tickets = submit_all(&j, &jobs)?;
     for (i, (job, t)) in jobs.iter().zip(tickets).enumerate() {
         let (y, info) = t.wait().map_err(fail)?;
         if info.device != DeviceKind::Gpu || info.fallback.is_some() {

@@ -129,7 +129,8 @@ pub struct Stages {
     pub host_out_s: f64,
     /// GPU jobs in flight when it started, itself included.
     pub in_flight: usize,
-    /// GPU timestamps (ns) before its upload copy and after its download copy.
+    /// GPU times (ns) at the start of its copy in and the end of its copy out, comparable
+    /// between the jobs of one Juggler (GL timestamps, or CUDA event times when CUDA copied).
     pub gpu_span_ns: Option<(u64, u64)>,
 }
 

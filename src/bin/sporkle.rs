@@ -776,6 +776,42 @@ fn report_steps(shape: &str, mode: &str, infos: &[sporkle::RunInfo]) {
             overlap_ns as f64 / 1e6 / spans.len() as f64,
         );
     }
+    if let (Some(first), Some(last)) = (spans.first(), spans.iter().map(|s| s.1).max()) {
+        let window_ms = (last - first.0) as f64 / 1e6;
+        eprintln!(
+            "# {shape} {mode} GPU window (first copy in started to last copy out ended): {:.3} ms per batch",
+            window_ms / spans.len() as f64
+        );
+    }
+    // With CUDA copies, each stage is a copy's own time: how busy each copy stream was over
+    // the window, and the idle gaps between consecutive copies.
+    let cuda: Vec<_> = stages
+        .iter()
+        .filter(|s| s.cuda_copies)
+        .filter_map(|s| Some((s.gpu_span_ns?, s.upload_s?, s.download_s?)))
+        .collect();
+    if cuda.len() > 1 && cuda.len() == stages.len() {
+        let mut by_start = cuda.clone();
+        by_start.sort_by_key(|c| c.0 .0);
+        let ns = |s: f64| (s * 1e9) as u64;
+        let (mut gap_in, mut gap_out) = (0u64, 0u64);
+        for w in by_start.windows(2) {
+            let ((a, up_a, _), (b, _, down_b)) = (w[0], w[1]);
+            gap_in += b.0.saturating_sub(a.0 + ns(up_a));
+            gap_out += b.1.saturating_sub(ns(down_b)).saturating_sub(a.1);
+        }
+        let window = by_start.iter().map(|c| c.0 .1).max().unwrap_or(0) - by_start[0].0 .0;
+        let busy = |f: &dyn Fn(&((u64, u64), f64, f64)) -> f64| {
+            by_start.iter().map(f).sum::<f64>() * 1e9 / window.max(1) as f64
+        };
+        eprintln!(
+            "# {shape} {mode} CUDA copy streams over that window: in busy {:.0}%, out busy {:.0}%; gaps between consecutive copies: in {:.3} ms, out {:.3} ms per batch",
+            busy(&|c| c.1) * 100.0,
+            busy(&|c| c.2) * 100.0,
+            gap_in as f64 / 1e6 / by_start.len() as f64,
+            gap_out as f64 / 1e6 / by_start.len() as f64,
+        );
+    }
     let shared = stages.iter().filter(|s| s.steps_shared).count();
     let fused = stages.iter().filter(|s| s.fused).count();
     let cuda = stages.iter().filter(|s| s.cuda_copies).count();

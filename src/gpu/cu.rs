@@ -371,9 +371,19 @@ impl Event {
     }
 }
 
+/// The GPU time (ns) from timing event `from` to timing event `to`, both passed (negative
+/// where `to` came first); `None` where CUDA cannot say (an event not recorded or not passed).
+/// CUDA gives it as an f32 of ms: about 0.5 µs resolution, coarser beyond seconds.
+pub fn elapsed_ns(from: &Event, to: &Event) -> Option<i64> {
+    // SAFETY: two live events.
+    let ms = unsafe { cu::event::elapsed(from.0, to.0) }.ok()?;
+    Some((f64::from(ms) * 1e6).round() as i64)
+}
+
 /// A copy on a CUDA stream, between two timing events.
 pub struct TimedCopy {
-    start: Event,
+    /// Passes when the copy has started.
+    pub start: Rc<Event>,
     /// Passes when the copy has finished.
     pub end: Rc<Event>,
 }
@@ -381,9 +391,7 @@ pub struct TimedCopy {
 impl TimedCopy {
     /// The copy's GPU time (ns), once `end` has passed.
     pub fn nanoseconds(&self) -> Option<u64> {
-        // SAFETY: two live events recorded on one stream, start first.
-        let ms = unsafe { cu::event::elapsed(self.start.0, self.end.0) }.ok()?;
-        Some((f64::from(ms) * 1e6) as u64)
+        elapsed_ns(&self.start, &self.end).and_then(|ns| u64::try_from(ns).ok())
     }
 }
 
@@ -479,7 +487,7 @@ impl CudaCopies {
         copy(&self.cuda)?;
         self.cuda.record(&end, stream)?;
         Ok(TimedCopy {
-            start,
+            start: Rc::new(start),
             end: Rc::new(end),
         })
     }

@@ -40,7 +40,7 @@
 //! caller re-runs them on the CPU) and marks the executor broken: their buffers may still be in
 //! use, so every later stream job fails at once with the reason.
 
-use super::cu::{CudaCopies, TimedCopy};
+use super::cu::{elapsed_ns, CudaCopies, TimedCopy};
 use super::gl::{self, Buffer, Direction, Fence, MappedBuffer, MappedView, TimerQuery};
 pub use super::host_copy::parallel_copy;
 use super::memory::{DeviceMem, HostMem};
@@ -201,8 +201,10 @@ pub struct StreamDone {
     pub kernel_ns: Option<u64>,
     /// See `upload_ns`.
     pub download_ns: Option<u64>,
-    /// GPU timestamps (ns) at the start of its copy-in step and the end of its copy-out step
-    /// (`None` on a software renderer).
+    /// GPU times (ns) at the start of its copy in and the end of its copy out (`None` on a
+    /// software renderer): GL timestamps, or with CUDA copies, times of the copies' CUDA events
+    /// on a clock chained from job to job (`Worker::cuda_span`). Either way, comparable between
+    /// the jobs of one executor.
     pub gpu_span_ns: Option<(u64, u64)>,
     /// Wall time of the host copy into staging, on a copy thread (0 for a pinned input; the copy
     /// out happens in the caller's thread).
@@ -1171,11 +1173,13 @@ impl Worker {
             // Timer queries say how long the GPU worked; never more than the wall share.
             let timed = charged.iter().map(|s| s.gpu_ns()).sum::<u64>() as f64 * 1e-9;
             done.busy_s = done.busy_s.min(timed);
-            // GL timestamps span its GPU work only where GL ran all of it (not CUDA's copies).
             if let (Some(first), Some(last)) = (&steps[0], &steps[2]) {
-                if first.copy_in.is_none() && last.copy_out.is_none() {
-                    done.gpu_span_ns = Some((first.start.nanoseconds(), last.end.nanoseconds()));
-                }
+                done.gpu_span_ns = match (&first.copy_in, &last.copy_out) {
+                    // GL timestamps span its GPU work where GL ran all of it.
+                    (None, None) => Some((first.start.nanoseconds(), last.end.nanoseconds())),
+                    (Some(copy_in), Some(copy_out)) => self.cuda_span(copy_in, copy_out),
+                    _ => None,
+                };
             }
         }
         // GL objects go before the answer, so a caller that counts them sees them gone (those
@@ -1185,6 +1189,21 @@ impl Worker {
             self.last_step = None;
         }
         answer(job, Ok(done));
+    }
+
+    /// The GPU span (ns) of a job whose copies CUDA ran, from the start of `copy_in` to the end
+    /// of `copy_out`, on the executor's CUDA clock; moves that clock on to this job. CUDA times
+    /// events only relative to each other, so the clock is chained from job to job (jobs finish
+    /// in order, and copies in run in order on one stream): each link is short, so precise, and
+    /// the error of a long one (an idle gap) shifts every later job alike.
+    fn cuda_span(&mut self, copy_in: &TimedCopy, copy_out: &TimedCopy) -> Option<(u64, u64)> {
+        let start = match &self.cuda_clock {
+            Some((previous, at)) => at + elapsed_ns(previous, &copy_in.start)?.max(0),
+            None => 0,
+        };
+        let end = start + elapsed_ns(&copy_in.start, &copy_out.end)?.max(0);
+        self.cuda_clock = Some((Rc::clone(&copy_in.start), start));
+        Some((start as u64, end as u64))
     }
 
     /// Finishes every job in flight, oldest first (a job still being copied in first joins).

@@ -442,6 +442,9 @@ struct Worker {
     /// Intermediates: split-K partial outputs, or Winograd's transformed input and products.
     scratch: [Option<Buffer>; 2],
     clock: u64,
+    /// The copy-in start event of the last job finished with CUDA copies, and its time (ns) on
+    /// the executor's CUDA clock (`Worker::cuda_span`).
+    cuda_clock: Option<(std::rc::Rc<cu::Event>, i64)>,
     /// CUDA copies, once opened (`copy_mode`); after every buffer they made, before the context.
     cuda: Option<cu::CudaCopies>,
     /// Buffers get immutable storage (GL_ARB_buffer_storage), which the driver keeps on the GPU.
@@ -468,6 +471,7 @@ impl Worker {
             idle_since: None,
             filling: None,
             copy_mode: shaders::StreamCopy::from_env(),
+            cuda_clock: None,
             programs: ProgramCache::default(),
             weights: Vec::new(),
             input: None,

@@ -801,13 +801,11 @@ fn report_steps(shape: &str, mode: &str, infos: &[sporkle::RunInfo]) {
             gap_out += b.1.saturating_sub(ns(down_b)).saturating_sub(a.1);
         }
         let window = by_start.iter().map(|c| c.0 .1).max().unwrap_or(0) - by_start[0].0 .0;
-        let busy = |f: &dyn Fn(&((u64, u64), f64, f64)) -> f64| {
-            by_start.iter().map(f).sum::<f64>() * 1e9 / window.max(1) as f64
-        };
+        let percent = |busy_s: f64| busy_s * 1e9 / window.max(1) as f64 * 100.0;
         eprintln!(
             "# {shape} {mode} CUDA copy streams over that window: in busy {:.0}%, out busy {:.0}%; gaps between consecutive copies: in {:.3} ms, out {:.3} ms per batch",
-            busy(&|c| c.1) * 100.0,
-            busy(&|c| c.2) * 100.0,
+            percent(by_start.iter().map(|c| c.1).sum()),
+            percent(by_start.iter().map(|c| c.2).sum()),
             gap_in as f64 / 1e6 / by_start.len() as f64,
             gap_out as f64 / 1e6 / by_start.len() as f64,
         );

@@ -20,8 +20,9 @@
 //!   by events, while GL only convolves. The host orders the APIs: a step starts the copy in,
 //!   starts the copy out once the previous step's convolution has passed its fence, and
 //!   dispatches the convolution once the previous step's copy in has passed its event; a step
-//!   without a new job is recorded as soon as it would not block. (Ordering them on the GPU
-//!   with shared semaphores was slower: README.)
+//!   without a new job is recorded as soon as it would not block, or where only its copy out
+//!   could start, that copy out alone ([`Worker::step_copy_out_early`]). (Ordering the APIs on
+//!   the GPU with shared semaphores was slower: README.)
 //! - Shader copies (the default otherwise): workgroups of the convolution's own dispatch where
 //!   its plan is one pass, after one barrier, then one fence, so the GPU moves data both ways
 //!   while it convolves (one context runs DMA copies and dispatches one after another:
@@ -253,7 +254,7 @@ pub(crate) struct Frame {
 /// A job in the pipeline, from its start until it is answered.
 struct Flight {
     job: StreamJob,
-    plan: Plan,
+    plan: Rc<Plan>,
     /// Its convolution fused with the copies: the program's source and its copying layers.
     fused: Option<(String, u32)>,
     /// Steps recorded for it: 0 to 3 (copy in, convolution, copy out); at 3 its fence decides.
@@ -701,7 +702,7 @@ impl Worker {
         &mut self,
         frame: &mut Frame,
         job: &StreamJob,
-    ) -> Result<(Plan, Option<(String, u32)>, StreamDone)> {
+    ) -> Result<(Rc<Plan>, Option<(String, u32)>, StreamDone)> {
         let p = &job.p;
         let plan = self.plan(
             p,
@@ -781,6 +782,11 @@ impl Worker {
     /// what the step before wrote), then a fence. Jobs advance one phase per step, so no two jobs
     /// in a step are in the same phase.
     fn step(&mut self) -> Result<()> {
+        self.step_roles(self.roles())
+    }
+
+    /// The jobs whose phases the next step runs: [copy in, convolve, copy out].
+    fn roles(&self) -> [Option<usize>; 3] {
         let mut role: [Option<usize>; 3] = [None; 3];
         for &slot in &self.in_flight {
             let phases = self.flight(slot).phases;
@@ -788,6 +794,37 @@ impl Worker {
                 role[phases] = Some(slot);
             }
         }
+        role
+    }
+
+    /// With CUDA copies, where the next step's copy out could start (its convolution has
+    /// finished) but its convolution not yet (its copy in is still running): records a step of
+    /// the copy out alone, so that the copy engine does not idle until both can start. Whether
+    /// it did. (Jobs stay in distinct phases: the job copied out is the oldest, done after it.)
+    pub(super) fn step_copy_out_early(&mut self) -> bool {
+        if self.cuda.is_none() {
+            return false;
+        }
+        let role = self.roles();
+        let (Some(out), Some(conv)) = (role[2], role[1]) else {
+            return false;
+        };
+        let passed = |slot: usize, phase: usize| {
+            self.flight(slot).steps[phase]
+                .as_ref()
+                .is_none_or(|s| s.phase_end(phase).signaled().unwrap_or(true))
+        };
+        if !passed(out, 1) || passed(conv, 0) {
+            return false;
+        }
+        if let Err(e) = self.step_roles([None, None, Some(out)]) {
+            self.fail_all(format!("a streaming step failed: {e}"));
+        }
+        true
+    }
+
+    /// Records a step of the phases of the jobs in `role` (see [`Worker::step`]).
+    fn step_roles(&mut self, role: [Option<usize>; 3]) -> Result<()> {
         if role.iter().all(Option::is_none) {
             return Ok(());
         }

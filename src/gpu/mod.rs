@@ -38,6 +38,7 @@ use executor::{Frame, StreamJob};
 use gl::{Buffer, Fence, TimerQuery};
 use shaders::ProgramCache;
 use std::collections::VecDeque;
+use std::rc::Rc;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -435,6 +436,8 @@ struct Worker {
     /// How the executor's steps copy between staging and device buffers.
     copy_mode: shaders::StreamCopy,
     programs: ProgramCache,
+    /// Plans made, by what they were made from.
+    plans: std::collections::HashMap<PlanKey, Rc<Plan>>,
     weights: Vec<Resident>,
     input: Option<Buffer>,
     output: Option<Buffer>,
@@ -473,6 +476,7 @@ impl Worker {
             copy_mode: shaders::StreamCopy::from_env(),
             cuda_clock: None,
             programs: ProgramCache::default(),
+            plans: std::collections::HashMap::new(),
             weights: Vec::new(),
             input: None,
             output: None,
@@ -494,8 +498,10 @@ impl Worker {
     /// Streaming jobs go through the executor's steps: each new job records a step (its copy in,
     /// the previous job's convolution, the one before's copy out). Between jobs the worker
     /// answers finished jobs in order; it records a step without a new job (to move the others
-    /// on) only when the GPU has finished every step so far, or when a job waits for a frame, so
-    /// that a steady stream's phases share steps.
+    /// on) only when the GPU has finished every step so far (with CUDA copies: what the step
+    /// waits for), or when a job waits for a frame, so that a steady stream's phases share steps;
+    /// with CUDA copies, a copy out that could start while the next convolution could not goes
+    /// at once, alone.
     fn serve(mut self, jobs: mpsc::Receiver<Msg>) {
         let mut pending: Option<Msg> = None;
         let mut open = true;
@@ -556,7 +562,9 @@ impl Worker {
             };
             if self.steps_pending() && self.gpu_idle() && self.gpu_idle_for() >= grace {
                 self.step_or_fail();
-            } else if self.wait_oldest(poll) || self.take_filled(poll) {
+            } else if self.step_copy_out_early() || self.wait_oldest(poll) || self.take_filled(poll)
+            {
+                // A copy out started early, or something was waited for: look again.
             } else if pending.is_some() {
                 // Every frame is read by a caller or in flight: wait for one to come back.
                 self.wait_release(poll);
@@ -730,10 +738,39 @@ impl Worker {
         Ok(Some(best))
     }
 
+    /// The plan of a convolution ([`Worker::make_plan`]), made once per shape and kept: making
+    /// one writes its shaders' sources, which cost a stream step more host time than the rest of
+    /// it (about 50 to 100 µs).
+    fn plan(
+        &mut self,
+        p: &Conv2dParams,
+        lens: (usize, usize),
+        bias: bool,
+        dispatches: &Dispatches,
+    ) -> Result<Rc<Plan>> {
+        let key = PlanKey {
+            p: *p,
+            lens,
+            bias,
+            tile: dispatches.tile,
+            algorithm: dispatches.algorithm,
+        };
+        if let Some(plan) = self.plans.get(&key) {
+            return Ok(Rc::clone(plan));
+        }
+        let plan = Rc::new(self.make_plan(p, lens, bias, dispatches)?);
+        if self.plans.len() >= PLANS_KEPT {
+            // Many shapes: start again rather than grow without bound (the programs stay).
+            self.plans.clear();
+        }
+        self.plans.insert(key, Rc::clone(&plan));
+        Ok(plan)
+    }
+
     /// Checks `p` against the GL limits, chooses its algorithm and tile, and compiles its
     /// programs. Winograd falls back to the direct algorithm where its intermediates would not
     /// fit a storage buffer.
-    fn plan(
+    fn make_plan(
         &mut self,
         p: &Conv2dParams,
         lens: (usize, usize),
@@ -990,6 +1027,20 @@ impl Worker {
         ))
     }
 }
+
+/// What a plan is made from (see [`Worker::plan`]).
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+struct PlanKey {
+    p: Conv2dParams,
+    /// Floats of the input and the weights.
+    lens: (usize, usize),
+    bias: bool,
+    tile: Option<Tile>,
+    algorithm: Option<Algorithm>,
+}
+
+/// Plans kept at most ([`Worker::plan`]).
+const PLANS_KEPT: usize = 256;
 
 /// A convolution checked against the limits, its programs compiled.
 struct Plan {

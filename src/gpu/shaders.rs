@@ -54,7 +54,7 @@ pub(super) fn knob<T>(
 }
 
 /// Which shader a tile variant runs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Kernel {
     /// `conv2d_tiled.comp`: vec4 shared-memory tiles, register double buffering.
     Tiled,
@@ -63,7 +63,7 @@ pub enum Kernel {
 }
 
 /// A tile variant of the convolution shader.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Tile {
     /// The shader.
     pub kernel: Kernel,
@@ -417,7 +417,7 @@ pub fn reduce_source(p: &Conv2dParams, split: u32, bias: bool) -> String {
 pub const REDUCE_THREADS: u32 = 256;
 
 /// How the GPU computes a convolution.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Algorithm {
     /// The implicit GEMM over the taps (`conv2d_tiled.comp` or `conv2d_narrow.comp`).
     Direct,

@@ -584,8 +584,8 @@ fn bench(a: BenchArgs) -> Result<()> {
 }
 
 /// `--stream N`: per shape, N batches submitted through the Juggler with async on (all
-/// submitted, then all waited), then the same N with async off, one call at a time; every
-/// output is verified.
+/// submitted, then all waited), and the same N with async off, one call at a time, the two
+/// modes' runs alternating; every output is verified.
 /// Prints one JSON line per shape and mode, and the stage times U (host copy in + GPU copy in),
 /// C (kernel), D (GPU copy out + host copy out), from the synchronous run where each is a step
 /// of its own, with the overlap bound (U+C+D)/max(U,C,D).
@@ -600,7 +600,7 @@ fn stream(a: &BenchArgs, cases: &[&sporkle::suite::Case], batches: usize) -> Res
     }
     let j = juggler(preference, a.threads)?;
     eprintln!(
-        "# stream: {STREAM_RUNS} runs of {batches} batches per shape through the Juggler (GPU: {}), the median run reported; async = all submitted then all waited, sync = async off and one call at a time; ms per batch, host input -> host output, every output verified at {} points",
+        "# stream: {STREAM_RUNS} runs of {batches} batches per shape through the Juggler (GPU: {}), the median run reported; async = all submitted then all waited, sync = async off and one call at a time (their runs alternate); ms per batch, host input -> host output, every output verified at {} points",
         j.gpu_description().unwrap_or_else(|e| format!("none, {e}")),
         BENCH_CHECKS + 2
     );
@@ -682,14 +682,15 @@ fn stream(a: &BenchArgs, cases: &[&sporkle::suite::Case], batches: usize) -> Res
         warm_up(&submit_pinned, 1)?;
         in_place_mode("async-pinned", &submit_pinned)?;
         drop(pinned);
-        let mut per_mode = Vec::new();
-        for on in [true, false] {
-            j.set_async(on);
-            let mut times = Vec::new();
-            let mut results = Vec::new();
-            for _ in 0..STREAM_RUNS {
+        // Async and sync runs alternate, so that a change in the machine's load (the host
+        // copies share its memory bandwidth with other tenants) weighs on both alike.
+        let mut times: [Vec<f64>; 2] = Default::default();
+        let mut per_mode: [Vec<sporkle::RunInfo>; 2] = Default::default();
+        for _ in 0..STREAM_RUNS {
+            for (m, on) in [true, false].into_iter().enumerate() {
+                j.set_async(on);
                 let t = Instant::now();
-                results = if on {
+                let results = if on {
                     // Async: everything submitted, then waited in order (the executor keeps at
                     // most FRAMES on the GPU).
                     let tickets = (0..batches)
@@ -714,33 +715,34 @@ fn stream(a: &BenchArgs, cases: &[&sporkle::suite::Case], batches: usize) -> Res
                     )?;
                     y.fill(f32::NAN);
                 }
-                times.push(wall / batches as f64 * 1e3);
+                times[m].push(wall / batches as f64 * 1e3);
+                per_mode[m] = results;
             }
-            let ms = median(&mut times);
-            let mode = if on { "async" } else { "sync" };
-            report_spread(&case.name, mode, &times);
+        }
+        let mut ms = [0.0; 2];
+        for (m, mode) in ["async", "sync"].into_iter().enumerate() {
+            ms[m] = median(&mut times[m]);
+            report_spread(&case.name, mode, &times[m]);
             let devices: std::collections::BTreeSet<String> =
-                results.iter().map(|i| i.device.to_string()).collect();
+                per_mode[m].iter().map(|i| i.device.to_string()).collect();
             emit(serde_json::json!({
                 "shape": case.name,
                 "device": format!("sporkle-stream-{mode} {}", if devices.contains("gpu") { who.as_str() } else { "cpu" }),
-                "ms": round4(ms),
-                "gflops": round2(p.flops() as f64 / ms / 1e6),
+                "ms": round4(ms[m]),
+                "gflops": round2(p.flops() as f64 / ms[m] / 1e6),
             }))?;
-            per_mode.push((ms, results));
         }
         j.set_async(true);
         // Stage times from the synchronous run (jobs alone), medians.
-        let (sync_ms, sync_results) = &per_mode[1];
-        let stages: Vec<_> = sync_results.iter().filter_map(|i| i.stages).collect();
+        let stages: Vec<_> = per_mode[1].iter().filter_map(|i| i.stages).collect();
         if stages.len() == batches {
             let med = |f: &dyn Fn(&sporkle::Stages) -> f64| stage_ms(&stages, f);
             let u = med(&|s| s.host_in_s + s.upload_s.unwrap_or(0.0));
             let c = med(&|s| s.kernel_s.unwrap_or(0.0));
             let d = med(&|s| s.download_s.unwrap_or(0.0) + s.host_out_s);
             let bound = (u + c + d) / u.max(c).max(d).max(1e-9);
-            let speedup = sync_ms / per_mode[0].0;
-            report_steps(&case.name, "async", &per_mode[0].1);
+            let speedup = ms[1] / ms[0];
+            report_steps(&case.name, "async", &per_mode[0]);
             eprintln!(
                 "# {}: U {u:.3} ms (host {:.3} + GPU copy {:.3}), C {c:.3} ms, D {d:.3} ms (GPU copy {:.3} + host {:.3}); bound {bound:.2}x, async/sync {speedup:.2}x = {:.2} of the bound; at most {} in flight",
                 case.name,
@@ -749,7 +751,7 @@ fn stream(a: &BenchArgs, cases: &[&sporkle::suite::Case], batches: usize) -> Res
                 med(&|s| s.download_s.unwrap_or(0.0)),
                 med(&|s| s.host_out_s),
                 speedup / bound,
-                per_mode[0].1.iter().filter_map(|i| i.stages.map(|s| s.in_flight)).max().unwrap_or(0),
+                per_mode[0].iter().filter_map(|i| i.stages.map(|s| s.in_flight)).max().unwrap_or(0),
             );
         }
     }

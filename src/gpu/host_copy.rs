@@ -7,15 +7,19 @@
 //! and the copy out of another running at once (`bench --stream`, from the caller's memory),
 //! this made #7 (25.7 MB each way) 12% faster: 1.60–1.71 ms a batch against 1.84–2.07, three
 //! runs each, interleaved. `SPORKLE_COPY_NT=0` keeps plain copies, for comparison.
+//!
+//! The chunks run on threads kept for the process (a rayon pool), not on threads started for
+//! each copy: on a loaded H100 host, starting 8 threads a copy had made async streaming from
+//! the caller's memory 2× slower (#7 5.09–5.75 ms a batch against 1.98–2.88, three runs each,
+//! interleaved) and no faster than sync on #5.
 
 /// Copies of at least this many floats are split across threads and use streaming stores.
 const PARALLEL_COPY_MIN: usize = 1 << 19;
 
-/// `dst.copy_from_slice(src)`, split across threads (at most 8, `SPORKLE_COPY_THREADS`) with
-/// streaming stores when large.
-pub fn parallel_copy(src: &[f32], dst: &mut [f32]) {
+/// Chunks a large copy is split into: at most 8 (`SPORKLE_COPY_THREADS`).
+fn chunks() -> usize {
     static THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    let threads = *THREADS.get_or_init(|| {
+    *THREADS.get_or_init(|| {
         std::env::var("SPORKLE_COPY_THREADS")
             .ok()
             .and_then(|v| v.parse().ok())
@@ -24,17 +28,46 @@ pub fn parallel_copy(src: &[f32], dst: &mut [f32]) {
                     .map_or(1, usize::from)
                     .min(8)
             })
-    });
+            .max(1)
+    })
+}
+
+/// The threads that copy large copies' chunks, made on first use and kept: twice [`chunks`], so
+/// that a copy in and a copy out running at once (async streaming) each have a thread per
+/// chunk, and no copy waits for threads to start. `None` where they cannot be made (copies then
+/// start their own).
+fn pool() -> Option<&'static rayon::ThreadPool> {
+    static POOL: std::sync::OnceLock<Option<rayon::ThreadPool>> = std::sync::OnceLock::new();
+    POOL.get_or_init(|| {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(2 * chunks())
+            .thread_name(|i| format!("sporkle-copy-{i}"))
+            .build()
+            .ok()
+    })
+    .as_ref()
+}
+
+/// `dst.copy_from_slice(src)`, split across the copy threads ([`chunks`]) with streaming stores
+/// when large.
+pub fn parallel_copy(src: &[f32], dst: &mut [f32]) {
     if src.len() < PARALLEL_COPY_MIN {
         dst.copy_from_slice(src);
         return;
     }
-    let per = src.len().div_ceil(threads.max(1));
-    std::thread::scope(|s| {
-        for (d, c) in dst.chunks_mut(per).zip(src.chunks(per)) {
-            s.spawn(move || streaming_copy(c, d));
-        }
-    });
+    let per = src.len().div_ceil(chunks());
+    match pool() {
+        Some(p) => p.scope(|s| {
+            for (d, c) in dst.chunks_mut(per).zip(src.chunks(per)) {
+                s.spawn(move |_| streaming_copy(c, d));
+            }
+        }),
+        None => std::thread::scope(|s| {
+            for (d, c) in dst.chunks_mut(per).zip(src.chunks(per)) {
+                s.spawn(move || streaming_copy(c, d));
+            }
+        }),
+    }
 }
 
 /// `dst.copy_from_slice(src)` with streaming stores where the CPU has them (x86-64 with AVX)

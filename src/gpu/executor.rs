@@ -642,10 +642,7 @@ impl Worker {
             parallel_copy(x.as_slice(), dst);
             let _ = done.send(t.elapsed().as_secs_f64());
         };
-        if let Err(e) = std::thread::Builder::new()
-            .name("sporkle-copy".into())
-            .spawn(copy)
-        {
+        if let Err(e) = self.copy_thread.run(copy) {
             answer(
                 flight.job,
                 Err(Error::Gpu(format!("cannot start a copy thread: {e}"))),

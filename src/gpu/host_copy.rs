@@ -116,6 +116,61 @@ unsafe fn copy_nt_avx(src: &[f32], dst: &mut [f32]) {
     dst[head + body..].copy_from_slice(&src[head + body..]);
 }
 
+/// A job for the [`CopyThread`].
+type CopyJob = Box<dyn FnOnce() + Send>;
+
+/// A thread kept by a streaming worker for its copies into staging, one at a time, in order:
+/// made on first use and joined when dropped (so nothing of it outlives the worker). Starting a
+/// thread for every job cost most on a loaded host, where streaming matters most.
+#[derive(Default)]
+pub struct CopyThread {
+    jobs: Option<std::sync::mpsc::Sender<CopyJob>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl CopyThread {
+    /// Runs `copy` on the thread, starting it first if it is not running; fails only where no
+    /// thread can be started. A copy that panics ends only itself (its caller sees its answer
+    /// channel close).
+    pub fn run(&mut self, copy: impl FnOnce() + Send + 'static) -> std::io::Result<()> {
+        let mut copy: CopyJob = Box::new(copy);
+        if let Some(jobs) = &self.jobs {
+            match jobs.send(copy) {
+                Ok(()) => return Ok(()),
+                // The thread has gone: start another.
+                Err(std::sync::mpsc::SendError(back)) => copy = back,
+            }
+        }
+        self.stop();
+        let (tx, rx) = std::sync::mpsc::channel::<CopyJob>();
+        let thread = std::thread::Builder::new()
+            .name("sporkle-copy".into())
+            .spawn(move || {
+                for job in rx {
+                    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
+                }
+            })?;
+        tx.send(copy)
+            .expect("the copy thread just started holds its receiver");
+        (self.jobs, self.thread) = (Some(tx), Some(thread));
+        Ok(())
+    }
+
+    /// Lets the thread finish its copies and joins it.
+    fn stop(&mut self) {
+        self.jobs = None;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for CopyThread {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -158,5 +213,21 @@ mod tests {
         parallel_copy(&src, &mut dst[1..]);
         assert_eq!(&dst[1..], &src[..]);
         assert_eq!(dst[0], 0.0);
+    }
+
+    #[test]
+    fn copy_thread_runs_jobs_in_order_and_outlives_a_panicking_one() {
+        let mut t = CopyThread::default();
+        let (tx, rx) = std::sync::mpsc::channel();
+        for i in 0..3 {
+            let tx = tx.clone();
+            t.run(move || tx.send(i).unwrap()).unwrap();
+        }
+        assert_eq!(rx.iter().take(3).collect::<Vec<_>>(), [0, 1, 2]);
+        t.run(|| panic!("a copy that fails (expected in this test)"))
+            .unwrap();
+        let tx2 = tx.clone();
+        t.run(move || tx2.send(7).unwrap()).unwrap();
+        assert_eq!(rx.recv_timeout(std::time::Duration::from_secs(5)), Ok(7));
     }
 }

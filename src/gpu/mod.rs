@@ -431,8 +431,10 @@ struct Worker {
     last_step: Option<std::rc::Rc<gl::Fence>>,
     /// Since when the GPU has been seen idle with steps still to record.
     idle_since: Option<Instant>,
-    /// The job whose input a copy thread is writing into its staging.
+    /// The job whose input the copy thread is writing into its staging.
     filling: Option<executor::Filling>,
+    /// The thread that copies inputs into staging.
+    copy_thread: host_copy::CopyThread,
     /// How the executor's steps copy between staging and device buffers.
     copy_mode: shaders::StreamCopy,
     programs: ProgramCache,
@@ -473,6 +475,7 @@ impl Worker {
             last_step: None,
             idle_since: None,
             filling: None,
+            copy_thread: host_copy::CopyThread::default(),
             copy_mode: shaders::StreamCopy::from_env(),
             cuda_clock: None,
             programs: ProgramCache::default(),

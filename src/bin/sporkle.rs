@@ -759,9 +759,10 @@ fn stream(a: &BenchArgs, cases: &[&sporkle::suite::Case], batches: usize) -> Res
     Ok(())
 }
 
-/// Where a streaming mode's GPU time went: how much consecutive jobs' GPU spans (first step
-/// start to last step end) overlapped, how many jobs shared steps or had fused copies, and the
-/// median step times.
+/// Where a streaming mode's GPU time went, over the jobs of one run (`infos`): how much
+/// consecutive jobs' GPU spans (first step start to last step end) overlapped, the run's GPU
+/// window, with CUDA copies how busy each copy stream was, how many jobs shared steps or had
+/// fused copies, and the median step times.
 fn report_steps(shape: &str, mode: &str, infos: &[sporkle::RunInfo]) {
     let stages: Vec<_> = infos.iter().filter_map(|i| i.stages).collect();
     let mut spans: Vec<(u64, u64)> = stages.iter().filter_map(|s| s.gpu_span_ns).collect();
@@ -781,7 +782,7 @@ fn report_steps(shape: &str, mode: &str, infos: &[sporkle::RunInfo]) {
     if let (Some(first), Some(last)) = (spans.first(), spans.iter().map(|s| s.1).max()) {
         let window_ms = (last - first.0) as f64 / 1e6;
         eprintln!(
-            "# {shape} {mode} GPU window (first copy in started to last copy out ended): {:.3} ms per batch",
+            "# {shape} {mode} GPU window of the last run (first copy in started to last copy out ended): {:.3} ms per batch",
             window_ms / spans.len() as f64
         );
     }

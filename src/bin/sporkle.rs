@@ -788,13 +788,12 @@ fn report_steps(shape: &str, mode: &str, infos: &[sporkle::RunInfo]) {
     }
     // With CUDA copies, each stage is a copy's own time: how busy each copy stream was over
     // the window, and the idle gaps between consecutive copies.
-    let cuda: Vec<_> = stages
+    let mut by_start: Vec<_> = stages
         .iter()
         .filter(|s| s.cuda_copies)
         .filter_map(|s| Some((s.gpu_span_ns?, s.upload_s?, s.download_s?)))
         .collect();
-    if cuda.len() > 1 && cuda.len() == stages.len() {
-        let mut by_start = cuda.clone();
+    if by_start.len() > 1 && by_start.len() == stages.len() {
         by_start.sort_by_key(|c| c.0 .0);
         let ns = |s: f64| (s * 1e9) as u64;
         let (mut gap_in, mut gap_out) = (0u64, 0u64);

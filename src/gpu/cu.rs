@@ -6,7 +6,8 @@
 //! library, loaded at run time through `cudarc`) on the GL context's GPU, matched by device
 //! UUID, and imports device memory that Vulkan exported and GL imported too (`vk.rs`), so that
 //! CUDA streams copy into and out of the buffers GL computes on ([`CudaCopies`]). Host memory
-//! is CUDA's pinned memory (`cuMemHostAlloc`). The convolution stays GL's.
+//! is pinned for CUDA: by default the process's own memory in 2 MiB pages, registered with
+//! `cuMemHostRegister` ([`Cuda::pinned`]). The convolution stays GL's.
 //!
 //! Ordering between the APIs is the caller's: a CUDA copy into a shared buffer may start only
 //! once GL has finished with it (a GL fence has passed), and GL may read it only once the
@@ -14,7 +15,7 @@
 //! CUDA (its context is current there), before the [`Cuda`] itself.
 
 use super::context::GlContext;
-use super::gl::{Buffer, Floats};
+use super::gl::{Buffer, Floats, WAIT_SPIN};
 use super::vk::{SharedBuffer, VkMemory};
 use crate::error::{Error, Result};
 use cudarc::driver::{result as cu, sys};
@@ -351,7 +352,8 @@ impl Event {
     }
 
     /// Waits until it has passed, or at most `timeout`; whether it passed. Polls (CUDA's own
-    /// wait has no deadline): yielding for the first millisecond, then sleeping 50 µs at a time.
+    /// wait has no deadline): yielding for the first [`WAIT_SPIN`], then sleeping 50 µs at a
+    /// time.
     pub fn wait(&self, timeout: Duration) -> Result<bool> {
         let start = Instant::now();
         loop {
@@ -362,7 +364,7 @@ impl Event {
             if waited >= timeout {
                 return Ok(false);
             }
-            if waited < Duration::from_millis(1) {
+            if waited < WAIT_SPIN {
                 std::thread::yield_now();
             } else {
                 std::thread::sleep(Duration::from_micros(50).min(timeout - waited));

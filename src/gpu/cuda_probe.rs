@@ -136,34 +136,34 @@ impl Worker {
             out += &format!("{what}: {ms:.3} ms ({:.1} GB/s)\n", bytes / ms / 1e6);
             Ok::<_, Error>(())
         };
-        rate("gl convolution alone", None, None, true)?;
-        rate("cuda in, own memory", Some(&own_in), None, false)?;
-        rate("cuda out, own memory", None, Some(&own_out), false)?;
-        rate(
-            "cuda in + out, own memory",
-            Some(&own_in),
-            Some(&own_out),
-            false,
-        )?;
-        rate("cuda in, imported", Some(f0.input.imported()), None, false)?;
-        rate(
-            "cuda out, imported",
-            None,
-            Some(f0.output.imported()),
-            false,
-        )?;
-        rate(
-            "cuda in + out, imported",
-            Some(f0.input.imported()),
-            Some(f0.output.imported()),
-            false,
-        )?;
-        rate(
-            "cuda in + out, imported, + gl convolution",
-            Some(f0.input.imported()),
-            Some(f0.output.imported()),
-            true,
-        )?;
+        let (shared_in, shared_out) = (f0.input.imported(), f0.output.imported());
+        for (what, up, down, conv) in [
+            ("gl convolution alone", None, None, true),
+            ("cuda in, own memory", Some(&own_in), None, false),
+            ("cuda out, own memory", None, Some(&own_out), false),
+            (
+                "cuda in + out, own memory",
+                Some(&own_in),
+                Some(&own_out),
+                false,
+            ),
+            ("cuda in, imported", Some(shared_in), None, false),
+            ("cuda out, imported", None, Some(shared_out), false),
+            (
+                "cuda in + out, imported",
+                Some(shared_in),
+                Some(shared_out),
+                false,
+            ),
+            (
+                "cuda in + out, imported, + gl convolution",
+                Some(shared_in),
+                Some(shared_out),
+                true,
+            ),
+        ] {
+            rate(what, up, down, conv)?;
+        }
 
         // Host copies (parallel, streaming stores) into and out of each kind of host memory.
         {
@@ -194,7 +194,11 @@ impl Worker {
             time("plain memory", &mut plain);
             for (what, registered, flags) in [
                 ("cuMemHostAlloc", false, 0),
-                ("cuMemHostAlloc write-combined", false, 4),
+                (
+                    "cuMemHostAlloc write-combined",
+                    false,
+                    cudarc::driver::sys::CU_MEMHOSTALLOC_WRITECOMBINED,
+                ),
                 ("registered 2 MiB pages", true, 0),
             ] {
                 let mut p = cuda.pinned_with(x_len, registered, flags)?;

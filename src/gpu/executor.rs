@@ -480,10 +480,8 @@ impl Worker {
         if self.cuda.is_some() {
             // A job's next phase (convolution or copy out) waits for the end of its last one.
             return self.in_flight.iter().all(|&slot| {
-                let f = self.flight(slot);
-                let last = (1..3).contains(&f.phases).then(|| f.phases - 1);
-                last.and_then(|p| Some(f.steps[p].as_ref()?.phase_end(p)))
-                    .is_none_or(|m| m.signaled().unwrap_or(true))
+                let phases = self.flight(slot).phases;
+                !(1..3).contains(&phases) || self.phase_done(slot, phases - 1)
             });
         }
         self.last_step
@@ -766,20 +764,18 @@ impl Worker {
         Ok(Some((source, copy_z)))
     }
 
-    /// Records a step (see [`Worker::step`]); a failure fails every job in flight, since their
-    /// buffers may be half written, and marks the executor broken.
+    /// Records the next step of the pipeline (see [`Worker::step`]).
     pub(super) fn step_or_fail(&mut self) {
-        if let Err(e) = self.step() {
-            self.fail_all(format!("a streaming step failed: {e}"));
-        }
+        self.step_or_fail_with(self.roles());
     }
 
-    /// Records one step of the pipeline: the newest job copies its input in, the one before
-    /// convolves, the one before that copies its output out, all after one barrier (each reads
-    /// what the step before wrote), then a fence. Jobs advance one phase per step, so no two jobs
-    /// in a step are in the same phase.
-    fn step(&mut self) -> Result<()> {
-        self.step_roles(self.roles())
+    /// Records a step of the phases of the jobs in `role` ([`Worker::step`]); a failure fails
+    /// every job in flight, since their buffers may be half written, and marks the executor
+    /// broken.
+    fn step_or_fail_with(&mut self, role: [Option<usize>; 3]) {
+        if let Err(e) = self.step(role) {
+            self.fail_all(format!("a streaming step failed: {e}"));
+        }
     }
 
     /// The jobs whose phases the next step runs: [copy in, convolve, copy out].
@@ -806,22 +802,28 @@ impl Worker {
         let (Some(out), Some(conv)) = (role[2], role[1]) else {
             return false;
         };
-        let passed = |slot: usize, phase: usize| {
-            self.flight(slot).steps[phase]
-                .as_ref()
-                .is_none_or(|s| s.phase_end(phase).signaled().unwrap_or(true))
-        };
-        if !passed(out, 1) || passed(conv, 0) {
+        if !self.phase_done(out, 1) || self.phase_done(conv, 0) {
             return false;
         }
-        if let Err(e) = self.step_roles([None, None, Some(out)]) {
-            self.fail_all(format!("a streaming step failed: {e}"));
-        }
+        self.step_or_fail_with([None, None, Some(out)]);
         true
     }
 
-    /// Records a step of the phases of the jobs in `role` (see [`Worker::step`]).
-    fn step_roles(&mut self, role: [Option<usize>; 3]) -> Result<()> {
+    /// Whether phase `phase` (0: copy in, 1: convolution, 2: copy out) of the job in frame `slot`
+    /// has finished on the GPU (or was never recorded, or cannot be asked: then waiting for it
+    /// would not help).
+    fn phase_done(&self, slot: usize, phase: usize) -> bool {
+        self.flight(slot).steps[phase]
+            .as_ref()
+            .is_none_or(|s| s.phase_end(phase).signaled().unwrap_or(true))
+    }
+
+    /// Records one step of the pipeline for the jobs in `role` ([copy in, convolve, copy out],
+    /// normally [`Worker::roles`]): the newest job copies its input in, the one before
+    /// convolves, the one before that copies its output out, all after one barrier (each reads
+    /// what the step before wrote), then a fence. Jobs advance one phase per step, so no two jobs
+    /// in a step are in the same phase.
+    fn step(&mut self, role: [Option<usize>; 3]) -> Result<()> {
         if role.iter().all(Option::is_none) {
             return Ok(());
         }

@@ -71,8 +71,9 @@ pub fn check(gl: &glow::Context, what: &str) -> Result<()> {
     }
 }
 
-/// How long [`Fence::wait`] polls before it blocks in the driver.
-pub const FENCE_SPIN: Duration = Duration::from_millis(1);
+/// How long the executor's waits (a GL fence's, a CUDA event's) poll before they block or
+/// sleep: most of its waits are shorter.
+pub const WAIT_SPIN: Duration = Duration::from_millis(1);
 
 /// A buffer of a known number of floats ([`Buffer`], [`MappedBuffer`]).
 pub trait Floats {
@@ -598,10 +599,10 @@ impl Fence {
 
     /// Waits until the GPU passed the fence, at most `timeout`; a timeout or a lost context is
     /// an error, so nothing written after the fence is ever read early. Polls for the first
-    /// [`FENCE_SPIN`] (the executor's waits are mostly shorter), then blocks in the driver.
+    /// [`WAIT_SPIN`], then blocks in the driver.
     pub fn wait(&self, timeout: Duration) -> Result<()> {
         let start = std::time::Instant::now();
-        while start.elapsed() < FENCE_SPIN.min(timeout) {
+        while start.elapsed() < WAIT_SPIN.min(timeout) {
             if self.signaled()? {
                 return Ok(());
             }

@@ -35,7 +35,7 @@ fn chunks() -> usize {
 /// The threads that copy large copies' chunks, made on first use and kept: twice [`chunks`], so
 /// that a copy in and a copy out running at once (async streaming) each have a thread per
 /// chunk, and no copy waits for threads to start. `None` where they cannot be made (copies then
-/// start their own).
+/// run on the caller's thread alone).
 fn pool() -> Option<&'static rayon::ThreadPool> {
     static POOL: std::sync::OnceLock<Option<rayon::ThreadPool>> = std::sync::OnceLock::new();
     POOL.get_or_init(|| {
@@ -55,19 +55,16 @@ pub fn parallel_copy(src: &[f32], dst: &mut [f32]) {
         dst.copy_from_slice(src);
         return;
     }
+    let Some(pool) = pool() else {
+        streaming_copy(src, dst);
+        return;
+    };
     let per = src.len().div_ceil(chunks());
-    match pool() {
-        Some(p) => p.scope(|s| {
-            for (d, c) in dst.chunks_mut(per).zip(src.chunks(per)) {
-                s.spawn(move |_| streaming_copy(c, d));
-            }
-        }),
-        None => std::thread::scope(|s| {
-            for (d, c) in dst.chunks_mut(per).zip(src.chunks(per)) {
-                s.spawn(move || streaming_copy(c, d));
-            }
-        }),
-    }
+    pool.scope(|s| {
+        for (d, c) in dst.chunks_mut(per).zip(src.chunks(per)) {
+            s.spawn(move |_| streaming_copy(c, d));
+        }
+    });
 }
 
 /// `dst.copy_from_slice(src)` with streaming stores where the CPU has them (x86-64 with AVX)

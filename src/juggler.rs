@@ -129,6 +129,9 @@ pub struct Stages {
     pub host_out_s: f64,
     /// GPU jobs in flight when it started, itself included.
     pub in_flight: usize,
+    /// Parts its batch ran in along n on the GPU, each part's copies and convolution waited for
+    /// on their own (1: whole).
+    pub parts: usize,
     /// GPU times (ns) at the start of its copy in and the end of its copy out, comparable
     /// between the jobs of one Juggler (GL timestamps, or CUDA event times when CUDA copied).
     pub gpu_span_ns: Option<(u64, u64)>,
@@ -546,6 +549,7 @@ impl GpuTicket {
                         download_s: done.download_ns.map(|ns| ns as f64 * 1e-9),
                         host_out_s,
                         in_flight: done.in_flight,
+                        parts: done.parts,
                         gpu_span_ns: done.gpu_span_ns,
                         steps_shared: done.steps_shared,
                         fused: done.fused,

@@ -815,9 +815,10 @@ fn report_steps(shape: &str, mode: &str, infos: &[sporkle::RunInfo]) {
     let shared = stages.iter().filter(|s| s.steps_shared).count();
     let fused = stages.iter().filter(|s| s.fused).count();
     let cuda = stages.iter().filter(|s| s.cuda_copies).count();
+    let parts = stages.iter().map(|s| s.parts).max().unwrap_or(1);
     let med = |f: &dyn Fn(&sporkle::Stages) -> f64| stage_ms(&stages, f);
     eprintln!(
-        "# {shape} {mode}: {shared} of {} jobs shared steps with other jobs, {fused} had copies fused into a convolution's dispatch, {cuda} had CUDA copies (timed alone); medians (shared steps timed whole): host in {:.3} ms, copy-in step {:.3}, convolution step {:.3}, copy-out step {:.3}, host out {:.3}",
+        "# {shape} {mode}: {shared} of {} jobs shared steps with other jobs, {fused} had copies fused into a convolution's dispatch, {cuda} had CUDA copies (timed alone), batches in up to {parts} parts; medians (shared steps timed whole): host in {:.3} ms, copy-in step {:.3}, convolution step {:.3}, copy-out step {:.3}, host out {:.3}",
         stages.len(),
         med(&|s| s.host_in_s),
         med(&|s| s.upload_s.unwrap_or(0.0)),

@@ -68,6 +68,8 @@ pub struct GpuInfo {
     pub max_invocations: i32,
     /// `GL_MAX_COMPUTE_WORK_GROUP_COUNT` per axis.
     pub max_groups: [i32; 3],
+    /// `GL_SHADER_STORAGE_BUFFER_OFFSET_ALIGNMENT`, bytes: where a bound range may start.
+    pub storage_offset_alignment: i32,
 }
 
 /// Extensions sporkle looks for (used where present).
@@ -269,6 +271,8 @@ fn probe(gl: &glow::Context, software: bool) -> Result<GpuInfo> {
             max_invocations: gl.get_parameter_i32(glow::MAX_COMPUTE_WORK_GROUP_INVOCATIONS),
             max_groups: [0, 1, 2]
                 .map(|i| gl.get_parameter_indexed_i32(glow::MAX_COMPUTE_WORK_GROUP_COUNT, i)),
+            storage_offset_alignment: gl
+                .get_parameter_i32(glow::SHADER_STORAGE_BUFFER_OFFSET_ALIGNMENT),
         }
     };
     Ok(info)

@@ -20,6 +20,7 @@ use super::vk::{SharedBuffer, VkMemory};
 use crate::error::{Error, Result};
 use cudarc::driver::{result as cu, sys};
 use std::ffi::c_void;
+use std::ops::Range;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -204,24 +205,41 @@ impl Cuda {
         }
     }
 
-    /// Copies `floats` floats from `src` into `dst` (at least as long) on the stream for
-    /// copies in.
-    pub fn upload(&self, src: &Pinned, dst: &Imported, floats: usize) -> Result<()> {
-        let bytes = floats.min(src.len) * 4;
-        // SAFETY: `src` is pinned and holds the bytes copied, `dst` is device memory of this
-        // context at least as long (the caller's); the caller keeps both alive until the copy
-        // has finished.
-        unsafe { sys::cuMemcpyHtoDAsync_v2(dst.ptr, src.ptr.cast(), bytes, self.up).result() }
-            .map_err(cuda_err("copying in"))
+    /// Copies floats `range` of `src` into the same floats of `dst` (at least as long) on the
+    /// stream for copies in.
+    pub fn upload(&self, src: &Pinned, dst: &Imported, range: Range<usize>) -> Result<()> {
+        let (offset, bytes) = byte_span(range, src.len);
+        // SAFETY: `src` is pinned and holds the bytes copied (clamped to its length), `dst` is
+        // device memory of this context at least as long (the caller's); the caller keeps both
+        // alive until the copy has finished.
+        unsafe {
+            sys::cuMemcpyHtoDAsync_v2(
+                dst.ptr + offset as u64,
+                src.ptr.cast::<u8>().add(offset).cast(),
+                bytes,
+                self.up,
+            )
+            .result()
+        }
+        .map_err(cuda_err("copying in"))
     }
 
-    /// Copies `floats` floats from `src` into `dst` on the stream for copies out.
-    pub fn download(&self, src: &Imported, dst: &Pinned, floats: usize) -> Result<()> {
-        let bytes = floats.min(dst.len) * 4;
+    /// Copies floats `range` of `src` into the same floats of `dst` on the stream for copies
+    /// out.
+    pub fn download(&self, src: &Imported, dst: &Pinned, range: Range<usize>) -> Result<()> {
+        let (offset, bytes) = byte_span(range, dst.len);
         // SAFETY: as in upload; the host side is written, and nothing reads it until the copy's
         // event has passed (the caller's).
-        unsafe { sys::cuMemcpyDtoHAsync_v2(dst.ptr.cast(), src.ptr, bytes, self.down).result() }
-            .map_err(cuda_err("copying out"))
+        unsafe {
+            sys::cuMemcpyDtoHAsync_v2(
+                dst.ptr.cast::<u8>().add(offset).cast(),
+                src.ptr + offset as u64,
+                bytes,
+                self.down,
+            )
+            .result()
+        }
+        .map_err(cuda_err("copying out"))
     }
 
     /// Records `event` on `stream`.
@@ -243,6 +261,13 @@ impl Cuda {
         unsafe { cu::stream::synchronize(self.stream(stream)) }
             .map_err(cuda_err("waiting for a stream"))
     }
+}
+
+/// The byte offset and length of floats `range`, clamped to a host buffer of `len` floats.
+fn byte_span(range: Range<usize>, len: usize) -> (usize, usize) {
+    let end = range.end.min(len);
+    let start = range.start.min(end);
+    (start * 4, (end - start) * 4)
 }
 
 impl Drop for Cuda {
@@ -382,18 +407,26 @@ pub fn elapsed_ns(from: &Event, to: &Event) -> Option<i64> {
     Some((f64::from(ms) * 1e6).round() as i64)
 }
 
-/// A copy on a CUDA stream, between two timing events.
+/// A copy on a CUDA stream, between two timing events, in parts (see
+/// [`CudaCopies::copy_in`]), each ending at an event of its own.
 pub struct TimedCopy {
     /// Passes when the copy has started.
     pub start: Rc<Event>,
     /// Passes when the copy has finished.
     pub end: Rc<Event>,
+    /// Where each part ends, in order (the last is `end`).
+    parts: Vec<Rc<Event>>,
 }
 
 impl TimedCopy {
     /// The copy's GPU time (ns), once `end` has passed.
     pub fn nanoseconds(&self) -> Option<u64> {
         elapsed_ns(&self.start, &self.end).and_then(|ns| u64::try_from(ns).ok())
+    }
+
+    /// Passes when part `part` has been copied (past the last part: the whole copy).
+    pub fn part_end(&self, part: usize) -> &Rc<Event> {
+        self.parts.get(part).unwrap_or(&self.end)
     }
 }
 
@@ -429,6 +462,17 @@ pub struct CudaCopies {
     // Field order is drop order: CUDA (its streams waited for), then Vulkan.
     cuda: Cuda,
     vk: VkMemory,
+}
+
+/// An error unless every range lies within `len` floats (a copy past a buffer's end would
+/// write another's memory).
+fn check_within(parts: &[Range<usize>], len: usize) -> Result<()> {
+    match parts.iter().find(|r| r.end > len || r.start > r.end) {
+        Some(r) => Err(Error::Gpu(format!(
+            "a copy of floats {r:?} of a buffer of {len} (sporkle bug)"
+        ))),
+        None => Ok(()),
+    }
 }
 
 impl CudaCopies {
@@ -472,25 +516,66 @@ impl CudaCopies {
         self.cuda.pinned(len)
     }
 
-    /// Copies `floats` floats from `src` into `dst` on the stream for copies in.
-    pub fn copy_in(&self, src: &Pinned, dst: &SharedMemory, floats: usize) -> Result<TimedCopy> {
-        self.timed(Stream::Up, |c| c.upload(src, &dst.cuda, floats))
+    /// Copies floats `parts` (ranges, in order) of `src` into the same floats of `dst` on the
+    /// stream for copies in, one copy per range, timed as one.
+    pub fn copy_in(
+        &self,
+        src: &Pinned,
+        dst: &SharedMemory,
+        parts: &[Range<usize>],
+    ) -> Result<TimedCopy> {
+        check_within(parts, src.floats().min(dst.floats()))?;
+        self.timed(
+            Stream::Up,
+            parts,
+            |_| Ok(()),
+            |c, r| c.upload(src, &dst.cuda, r),
+        )
     }
 
-    /// Copies `floats` floats from `src` into `dst` on the stream for copies out.
-    pub fn copy_out(&self, src: &SharedMemory, dst: &Pinned, floats: usize) -> Result<TimedCopy> {
-        self.timed(Stream::Down, |c| c.download(&src.cuda, dst, floats))
+    /// Copies floats `parts` of `src` into the same floats of `dst` on the stream for copies
+    /// out, as `copy_in`; `before(i)` runs before part `i` is issued (to wait until it is
+    /// written).
+    pub fn copy_out(
+        &self,
+        src: &SharedMemory,
+        dst: &Pinned,
+        parts: &[Range<usize>],
+        before: impl FnMut(usize) -> Result<()>,
+    ) -> Result<TimedCopy> {
+        check_within(parts, src.floats().min(dst.floats()))?;
+        self.timed(Stream::Down, parts, before, |c, r| {
+            c.download(&src.cuda, dst, r)
+        })
     }
 
-    fn timed(&self, stream: Stream, copy: impl FnOnce(&Cuda) -> Result<()>) -> Result<TimedCopy> {
+    /// Issues the copy of each of `parts` on `stream` (after `before` of its index), an event
+    /// after each, between two timing events.
+    fn timed(
+        &self,
+        stream: Stream,
+        parts: &[Range<usize>],
+        mut before: impl FnMut(usize) -> Result<()>,
+        copy: impl Fn(&Cuda, Range<usize>) -> Result<()>,
+    ) -> Result<TimedCopy> {
         let start = self.cuda.timing_event()?;
-        let end = self.cuda.timing_event()?;
+        let end = Rc::new(self.cuda.timing_event()?);
         self.cuda.record(&start, stream)?;
-        copy(&self.cuda)?;
-        self.cuda.record(&end, stream)?;
+        let mut ends = Vec::with_capacity(parts.len());
+        for (i, range) in parts.iter().enumerate() {
+            before(i)?;
+            copy(&self.cuda, range.clone())?;
+            let part_end = match i + 1 == parts.len() {
+                true => Rc::clone(&end),
+                false => Rc::new(self.cuda.event()?),
+            };
+            self.cuda.record(&part_end, stream)?;
+            ends.push(part_end);
+        }
         Ok(TimedCopy {
             start: Rc::new(start),
-            end: Rc::new(end),
+            end,
+            parts: ends,
         })
     }
 

@@ -94,6 +94,7 @@ impl Worker {
                 bias,
                 output: f.output.gl(),
                 scratch: [self.scratch[0].as_ref(), self.scratch[1].as_ref()],
+                part: None,
             };
             gl::storage_barrier(&gl);
             self.encode(&plan, &bindings, None)?;
@@ -110,10 +111,10 @@ impl Worker {
         let mut rate = |what: &str, up: Option<&Imported>, down: Option<&Imported>, conv: bool| {
             let round = || -> Result<Option<Fence>> {
                 if let Some(dst) = up {
-                    cuda.upload(&inputs[0], dst, x_len)?;
+                    cuda.upload(&inputs[0], dst, 0..x_len)?;
                 }
                 if let Some(src) = down {
-                    cuda.download(src, &outputs[0], y_len)?;
+                    cuda.download(src, &outputs[0], 0..y_len)?;
                 }
                 conv.then(|| convolve(f1)).transpose()
             };
@@ -218,7 +219,7 @@ impl Worker {
                     // Its input buffer was last read by batch t - 3's convolution, whose fence
                     // passed before that batch was copied out (step t - 1).
                     let f = &frames[t % FRAMES];
-                    cuda.upload(&inputs[t % INPUTS], f.input.imported(), x_len)?;
+                    cuda.upload(&inputs[t % INPUTS], f.input.imported(), 0..x_len)?;
                     cuda.record(&f.uploaded, Stream::Up)?;
                 }
                 if (1..=batches).contains(&t) {
@@ -234,7 +235,7 @@ impl Worker {
                     if let Some(fence) = f.computed.take() {
                         fence.wait(FENCE_TIMEOUT)?;
                     }
-                    cuda.download(f.output.imported(), &outputs[b], y_len)?;
+                    cuda.download(f.output.imported(), &outputs[b], 0..y_len)?;
                     cuda.record(&f.downloaded, Stream::Down)?;
                 }
             }

@@ -50,6 +50,7 @@ use super::{Bindings, Plan, WeightsKey, Worker};
 use crate::error::{Error, Result};
 use crate::params::Conv2dParams;
 use crate::pinned::{PinnedShared, StreamInput};
+use std::ops::Range;
 use std::rc::Rc;
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
@@ -67,6 +68,15 @@ pub const SLOTS: usize = FRAMES + 2;
 /// join (its input being copied in, or a frame about to come back for it), before the worker
 /// records a step without a new job: if the job joins in that time, it shares the step instead.
 pub(super) const IDLE_GRACE: Duration = Duration::from_micros(100);
+
+/// Parts a large job's batch runs in along n with CUDA copies, by default (see
+/// [`Worker::parts_for`]): the first part's convolution starts while the rest is still copied
+/// in, and its copy out while the rest convolves, which shortens a stream's start and end.
+pub const PARTS: usize = 2;
+
+/// The least bytes in and out of a job that runs in [`PARTS`] parts by default: below, a
+/// part's copies would be too short to be worth their own waits.
+pub const PARTS_MIN_BYTES: usize = 8 << 20;
 
 /// The start of the error of a job whose fence missed its deadline.
 pub const FENCE_TIMEOUT: &str = "fence timeout";
@@ -231,6 +241,8 @@ pub struct StreamDone {
     pub weights_uploaded: bool,
     /// Jobs in flight when this one was started, itself included (1: it ran alone).
     pub in_flight: usize,
+    /// Parts its batch ran in along n (1: whole; see `Worker::parts_for`).
+    pub parts: usize,
     /// Bytes copied host → GPU (input, bias, and weights when uploaded) and GPU → host.
     pub bytes_up: u64,
     /// See `bytes_up`.
@@ -254,7 +266,12 @@ pub(crate) struct Frame {
 /// A job in the pipeline, from its start until it is answered.
 struct Flight {
     job: StreamJob,
+    /// The plan of one part of its batch (all of it where it runs in one part).
     plan: Rc<Plan>,
+    /// Parts its batch runs in along n ([`Worker::parts_for`]): each part's copies and
+    /// convolution are waited for on their own, so the next phase starts on the first part
+    /// while the others are still in the one before.
+    parts: usize,
     /// Its convolution fused with the copies: the program's source and its copying layers.
     fused: Option<(String, u32)>,
     /// Steps recorded for it: 0 to 3 (copy in, convolution, copy out); at 3 its fence decides.
@@ -267,6 +284,41 @@ struct Flight {
     /// Steps whose GPU time counts as its busy time (each step counts for the oldest job in it).
     charged: Vec<Rc<StepTimes>>,
     begun: Instant,
+    done: StreamDone,
+}
+
+impl Flight {
+    /// Floats of its output, all parts.
+    fn out_len(&self) -> usize {
+        self.plan.out_len * self.parts
+    }
+
+    /// The float ranges of its parts in its input buffer (the last one takes the vec4 padding).
+    fn input_parts(&self) -> Vec<Range<usize>> {
+        let len = self.job.x.len();
+        part_ranges(len / self.parts, self.parts, padded(len))
+    }
+
+    /// The float ranges of its parts in its output buffer, as `input_parts`.
+    fn output_parts(&self) -> Vec<Range<usize>> {
+        part_ranges(self.plan.out_len, self.parts, padded(self.out_len()))
+    }
+}
+
+/// `parts` ranges of `part` floats in a buffer of `len` floats, the last running to `len`.
+fn part_ranges(part: usize, parts: usize, len: usize) -> Vec<Range<usize>> {
+    (0..parts)
+        .map(|i| i * part..if i + 1 == parts { len } else { (i + 1) * part })
+        .collect()
+}
+
+/// What a job's frame was made ready with ([`Worker::try_fill`]).
+struct Planned {
+    /// One part's plan.
+    plan: Rc<Plan>,
+    parts: usize,
+    /// As [`Flight`]'s.
+    fused: Option<(String, u32)>,
     done: StreamDone,
 }
 
@@ -299,12 +351,23 @@ pub(super) struct FusedPass<'a> {
 /// with CUDA copies, the copies in and out as well, each timed by its own events.
 struct StepTimes {
     start: TimerQuery,
-    elapsed: TimerQuery,
+    /// The GPU time of its GL work: one query, or with CUDA copies, one per part of its
+    /// convolution (not counting the time between parts, when the GPU may wait for the host).
+    elapsed: Vec<TimerQuery>,
     end: TimerQuery,
     /// The fence after its GL work.
     fence: Rc<Fence>,
+    /// With CUDA copies and a convolution in parts: the fence after each part.
+    conv_parts: Vec<Rc<Fence>>,
     copy_in: Option<TimedCopy>,
     copy_out: Option<TimedCopy>,
+}
+
+/// A step's GL work as it is encoded ([`Worker::encode_step`]): see [`StepTimes`].
+#[derive(Default)]
+struct GlWork {
+    elapsed: Vec<TimerQuery>,
+    conv_parts: Vec<Rc<Fence>>,
 }
 
 impl StepTimes {
@@ -312,9 +375,14 @@ impl StepTimes {
     /// beside it.
     fn gpu_ns(&self) -> u64 {
         let copy = |phase| self.copy(phase).and_then(TimedCopy::nanoseconds);
-        (self.elapsed.nanoseconds())
+        (self.gl_ns())
             .max(copy(0).unwrap_or(0))
             .max(copy(2).unwrap_or(0))
+    }
+
+    /// The GPU time (ns) of its GL work.
+    fn gl_ns(&self) -> u64 {
+        self.elapsed.iter().map(TimerQuery::nanoseconds).sum()
     }
 
     /// The CUDA copy that ran phase `phase` (0: copy in, 1: convolution, 2: copy out) of a job
@@ -331,7 +399,7 @@ impl StepTimes {
     /// the step's GL time.
     fn phase_ns(&self, phase: usize) -> Option<u64> {
         self.copy(phase)
-            .map_or_else(|| Some(self.elapsed.nanoseconds()), TimedCopy::nanoseconds)
+            .map_or_else(|| Some(self.gl_ns()), TimedCopy::nanoseconds)
     }
 
     /// What passes when phase `phase` of a job in this step has finished on the GPU: a CUDA
@@ -341,6 +409,18 @@ impl StepTimes {
             || Marker::Fence(Rc::clone(&self.fence)),
             |c| Marker::Event(Rc::clone(&c.end)),
         )
+    }
+
+    /// What passes when part `part` of phase `phase` of a job in this step has finished: a
+    /// CUDA copy's part, a convolution part's fence, else as `phase_end`.
+    fn part_end(&self, phase: usize, part: usize) -> Marker {
+        if let Some(c) = self.copy(phase) {
+            return Marker::Event(Rc::clone(c.part_end(part)));
+        }
+        match self.conv_parts.get(part).filter(|_| phase == 1) {
+            Some(fence) => Marker::Fence(Rc::clone(fence)),
+            None => self.phase_end(phase),
+        }
     }
 }
 
@@ -481,7 +561,7 @@ impl Worker {
             // A job's next phase (convolution or copy out) waits for the end of its last one.
             return self.in_flight.iter().all(|&slot| {
                 let phases = self.flight(slot).phases;
-                !(1..3).contains(&phases) || self.phase_done(slot, phases - 1)
+                !(1..3).contains(&phases) || self.phase_started_done(slot, phases - 1)
             });
         }
         self.last_step
@@ -567,6 +647,7 @@ impl Worker {
                     kernel_ns: run.kernel_ns,
                     host_in_s: run.upload_s + run.download_s,
                     weights_uploaded: run.weights_uploaded,
+                    parts: 1,
                     ..StreamDone::default()
                 });
             answer(job, result);
@@ -583,10 +664,16 @@ impl Worker {
         let started = self.try_fill(&mut frame, &job);
         self.frames[slot] = frame;
         match started {
-            Ok((plan, fused, done)) => {
+            Ok(Planned {
+                plan,
+                parts,
+                fused,
+                done,
+            }) => {
                 let flight = Flight {
                     job,
                     plan,
+                    parts,
                     fused,
                     phases: 0,
                     fence: None,
@@ -690,27 +777,38 @@ impl Worker {
         }
     }
 
-    /// Plans `job`, sizes `frame`'s buffers for it (an upload staging unless its input is
-    /// pinned) and uploads its bias. Its weights are made resident by the step that convolves.
-    #[allow(clippy::type_complexity)]
-    fn try_fill(
-        &mut self,
-        frame: &mut Frame,
-        job: &StreamJob,
-    ) -> Result<(Rc<Plan>, Option<(String, u32)>, StreamDone)> {
+    /// Plans `job` (one part of its batch), sizes `frame`'s buffers for it (an upload staging
+    /// unless its input is pinned) and uploads its bias. Its weights are made resident by the
+    /// step that convolves.
+    fn try_fill(&mut self, frame: &mut Frame, job: &StreamJob) -> Result<Planned> {
         let p = &job.p;
-        let plan = self.plan(
-            p,
-            (job.x.len(), job.w.len()),
-            job.b.is_some(),
-            &super::Dispatches::ONE,
-        )?;
+        let lens = (job.x.len(), job.w.len());
+        let whole = self.plan(p, lens, job.b.is_some(), &super::Dispatches::ONE)?;
+        let parts = self.parts_for(p, job.x.len());
+        // A part runs the whole batch's algorithm and tile, so that its outputs are the same
+        // bits as the synchronous path's.
+        let plan = match parts {
+            1 => whole,
+            _ => self.plan(
+                &Conv2dParams {
+                    n: p.n / parts,
+                    ..*p
+                },
+                (lens.0 / parts, lens.1),
+                job.b.is_some(),
+                &super::Dispatches {
+                    tile: Some(whole.tile),
+                    algorithm: Some(whole.algorithm),
+                    ..super::Dispatches::ONE
+                },
+            )?,
+        };
         let gl = Rc::clone(&self.ctx.gl);
         let fused = self.fused_program(&plan)?;
         if matches!(self.copy_mode, StreamCopy::Shader { .. }) {
             self.programs.get(&gl, shaders::stream_copy_source())?;
         }
-        let (x_len, out_len) = (padded(job.x.len()), padded(plan.out_len));
+        let (x_len, out_len) = (padded(job.x.len()), padded(plan.out_len * parts));
         // Staging and input and output buffers: CUDA's pinned and shared memory with CUDA
         // copies, GL's otherwise.
         let cuda = self.cuda.as_ref();
@@ -739,10 +837,47 @@ impl Worker {
         }
         let done = StreamDone {
             bytes_up,
-            bytes_down: (plan.out_len * 4) as u64,
+            bytes_down: (plan.out_len * parts * 4) as u64,
+            parts,
             ..StreamDone::default()
         };
-        Ok((plan, fused, done))
+        Ok(Planned {
+            plan,
+            parts,
+            fused,
+            done,
+        })
+    }
+
+    /// Parts to run a job of `p` (input `x_len` floats) in along n: the most, up to those
+    /// wanted, that divide n and start every part at an offset that storage buffers can be bound
+    /// at. Wanted: `SPORKLE_STREAM_PARTS`, else with CUDA copies [`PARTS`] for jobs of at
+    /// least [`PARTS_MIN_BYTES`] in and out; one with shader copies (fused into one dispatch).
+    fn parts_for(&self, p: &Conv2dParams, x_len: usize) -> usize {
+        let out_len = p.output_len() as usize;
+        let wanted = match (self.copy_mode, self.stream_parts) {
+            (StreamCopy::Shader { .. }, _) => 1,
+            (_, Some(parts)) => parts,
+            (StreamCopy::Cuda { .. }, None) if (x_len + out_len) * 4 >= PARTS_MIN_BYTES => PARTS,
+            _ => 1,
+        };
+        let align = self.ctx.info.storage_offset_alignment.max(4) as usize;
+        (1..=wanted.min(p.n))
+            .rev()
+            .find(|&d| {
+                p.n.is_multiple_of(d)
+                    && (x_len / d * 4).is_multiple_of(align)
+                    && (out_len / d * 4).is_multiple_of(align)
+            })
+            .unwrap_or(1)
+    }
+
+    /// Parts wanted from `SPORKLE_STREAM_PARTS` (1 to 16; see [`Worker::parts_for`]).
+    pub(super) fn parts_knob() -> Option<usize> {
+        super::shaders::knob("SPORKLE_STREAM_PARTS", |v| match v.parse::<usize>() {
+            Ok(n) if (1..=16).contains(&n) => Ok(n),
+            _ => Err("expected 1 to 16 parts".into()),
+        })
     }
 
     /// For a one-pass plan with shader copies: the source of its convolution fused with the
@@ -802,20 +937,20 @@ impl Worker {
         let (Some(out), Some(conv)) = (role[2], role[1]) else {
             return false;
         };
-        if !self.phase_done(out, 1) || self.phase_done(conv, 0) {
+        if !self.phase_started_done(out, 1) || self.phase_started_done(conv, 0) {
             return false;
         }
         self.step_or_fail_with([None, None, Some(out)]);
         true
     }
 
-    /// Whether phase `phase` (0: copy in, 1: convolution, 2: copy out) of the job in frame `slot`
-    /// has finished on the GPU (or was never recorded, or cannot be asked: then waiting for it
-    /// would not help).
-    fn phase_done(&self, slot: usize, phase: usize) -> bool {
+    /// Whether the first part of phase `phase` (0: copy in, 1: convolution, 2: copy out) of the
+    /// job in frame `slot` has finished on the GPU, so that its next phase can start (or was
+    /// never recorded, or cannot be asked: then waiting for it would not help).
+    fn phase_started_done(&self, slot: usize, phase: usize) -> bool {
         self.flight(slot).steps[phase]
             .as_ref()
-            .is_none_or(|s| s.phase_end(phase).signaled().unwrap_or(true))
+            .is_none_or(|s| s.part_end(phase, 0).signaled().unwrap_or(true))
     }
 
     /// Records one step of the pipeline for the jobs in `role` ([copy in, convolve, copy out],
@@ -833,20 +968,16 @@ impl Worker {
         // which is before the copy in of the next job to convolve (it was shorter), so the
         // copy engines always have work queued; then the convolution, once its input's copy in
         // (the step before) has finished. The host orders the APIs.
+        // A job in parts has each part's copy out wait for that part's convolution, and each
+        // part's convolution for that part's copy in.
         let copy_in = match role[0] {
             Some(slot) if self.cuda.is_some() => Some(self.cuda_copy_in(slot)?),
             _ => None,
         };
         let copy_out = match role[2] {
-            Some(slot) if self.cuda.is_some() => {
-                self.wait_phase(slot, 1)?;
-                Some(self.cuda_copy_out(slot)?)
-            }
+            Some(slot) if self.cuda.is_some() => Some(self.cuda_copy_out(slot)?),
             _ => None,
         };
-        if let Some(slot) = role[1].filter(|_| self.cuda.is_some()) {
-            self.wait_phase(slot, 0)?;
-        }
         // The convolution's weights, made resident now: an earlier step may have evicted them.
         let weights = match role[1] {
             Some(slot) => {
@@ -859,10 +990,8 @@ impl Worker {
         };
         gl::storage_barrier(&gl);
         let start = TimerQuery::timestamp(&gl)?;
-        let elapsed = TimerQuery::begin(&gl)?;
-        let encoded = self.encode_step(role, weights.map(|w| w.0));
-        elapsed.end();
-        let fused = encoded?;
+        let mut work = GlWork::default();
+        let fused = self.encode_step(role, weights.map(|w| w.0), &mut work)?;
         // Shader writes to mapped staging reach the host once the fence has passed.
         gl::client_mapped_barrier(&gl);
         let end = TimerQuery::timestamp(&gl)?;
@@ -870,9 +999,10 @@ impl Worker {
         gl::flush(&gl);
         let times = Rc::new(StepTimes {
             start,
-            elapsed,
+            elapsed: work.elapsed,
             end,
             fence: Rc::clone(&fence),
+            conv_parts: work.conv_parts,
             copy_in,
             copy_out,
         });
@@ -906,77 +1036,139 @@ impl Worker {
         Ok(())
     }
 
-    /// Starts the CUDA copy of the input of the job in frame `slot` into its device buffer.
+    /// Starts the CUDA copy of the input of the job in frame `slot` into its device buffer,
+    /// part by part.
     fn cuda_copy_in(&self, slot: usize) -> Result<TimedCopy> {
         let c = self.cuda.as_ref().expect("CUDA copies are open");
         let f = &self.frames[slot];
-        let len = padded(self.flight(slot).job.x.len());
-        c.copy_in(self.copy_source(f)?.cuda()?, device(&f.input)?.cuda()?, len)
-    }
-
-    /// Starts the CUDA copy of the output of the job in frame `slot` into its download staging.
-    fn cuda_copy_out(&self, slot: usize) -> Result<TimedCopy> {
-        let c = self.cuda.as_ref().expect("CUDA copies are open");
-        let f = &self.frames[slot];
-        let len = padded(self.flight(slot).plan.out_len);
-        c.copy_out(
-            device(&f.output)?.cuda()?,
-            mapped(&f.download)?.cuda()?,
-            len,
+        let parts = self.flight(slot).input_parts();
+        c.copy_in(
+            self.copy_source(f)?.cuda()?,
+            device(&f.input)?.cuda()?,
+            &parts,
         )
     }
 
-    /// Waits, within the job's deadline, until phase `phase` (0: copy in, 1: convolution) of
-    /// the job in frame `slot` has finished on the GPU (CUDA copies order the APIs on the host).
-    fn wait_phase(&self, slot: usize, phase: usize) -> Result<()> {
+    /// Starts the CUDA copy of the output of the job in frame `slot` into its download staging,
+    /// each part once its convolution has finished.
+    fn cuda_copy_out(&self, slot: usize) -> Result<TimedCopy> {
+        let c = self.cuda.as_ref().expect("CUDA copies are open");
+        let f = &self.frames[slot];
+        let parts = self.flight(slot).output_parts();
+        c.copy_out(
+            device(&f.output)?.cuda()?,
+            mapped(&f.download)?.cuda()?,
+            &parts,
+            |part| self.wait_part(slot, 1, part),
+        )
+    }
+
+    /// Waits, within the job's deadline, until part `part` of phase `phase` (0: copy in, 1:
+    /// convolution) of the job in frame `slot` has finished on the GPU (CUDA copies order the
+    /// APIs on the host).
+    fn wait_part(&self, slot: usize, phase: usize, part: usize) -> Result<()> {
         let f = self.flight(slot);
         let Some(step) = &f.steps[phase] else {
             return Err(Error::Gpu(
                 "a phase waited for was never recorded (executor bug)".into(),
             ));
         };
-        let marker = step.phase_end(phase);
+        let marker = step.part_end(phase, part);
         let left = f.job.timeout.saturating_sub(f.begun.elapsed());
         marker
             .wait(left)
             .map_err(|e| Error::Gpu(format!("{FENCE_TIMEOUT} of {:?}: {e}", f.job.timeout)))
     }
 
-    /// Encodes a step's work for the jobs in frames `role` ([copy in, convolve, copy out]);
-    /// `weights` is the convolution's resident weights. Returns whether the copies ran in the
-    /// convolution's own dispatch.
-    fn encode_step(&self, role: [Option<usize>; 3], weights: Option<usize>) -> Result<bool> {
+    /// Encodes the convolution of the job in frame `slot` with resident weights `weights`,
+    /// part by part, the copies in `fused` where they run in its dispatch. With `cuda` (CUDA
+    /// copies), each part first waits for its input's copy, and is timed and fenced on its own
+    /// in it, so that its copy out can start before the next part has run.
+    fn convolve(
+        &self,
+        slot: usize,
+        weights: Option<usize>,
+        fused: Option<&FusedPass<'_>>,
+        mut cuda: Option<&mut GlWork>,
+    ) -> Result<()> {
         let gl = &self.ctx.gl;
-        let frame = |slot: Option<usize>| slot.map(|s| &self.frames[s]);
-        let (f_in, f_conv, f_out) = (frame(role[0]), frame(role[1]), frame(role[2]));
-        let x_len = f_in.map_or(0, |f| {
-            padded(f.flight.as_ref().map_or(0, |j| j.job.x.len()))
-        });
-        let out_len = f_out.map_or(0, |f| {
-            padded(f.flight.as_ref().map_or(0, |j| j.plan.out_len))
-        });
-        let convolve = |f: &Frame, fused: Option<&FusedPass<'_>>| -> Result<()> {
-            let job = f.flight.as_ref().expect("a frame in flight holds its job");
-            let wi = weights.ok_or_else(|| Error::Gpu("no resident weights".into()))?;
-            self.encode(
-                &job.plan,
-                &Bindings {
-                    input: device(&f.input)?.gl(),
-                    weights: &self.weights[wi].buffer,
-                    bias: buffer(&f.bias)?,
-                    output: device(&f.output)?.gl(),
-                    scratch: [f.scratch[0].as_ref(), f.scratch[1].as_ref()],
-                },
-                fused,
-            )
+        let f = &self.frames[slot];
+        let flight = self.flight(slot);
+        let wi = weights.ok_or_else(|| Error::Gpu("no resident weights".into()))?;
+        let bindings = |part| -> Result<Bindings<'_>> {
+            Ok(Bindings {
+                input: device(&f.input)?.gl(),
+                weights: &self.weights[wi].buffer,
+                bias: buffer(&f.bias)?,
+                output: device(&f.output)?.gl(),
+                scratch: [f.scratch[0].as_ref(), f.scratch[1].as_ref()],
+                part,
+            })
         };
+        if flight.parts == 1 && cuda.is_none() {
+            return self.encode(&flight.plan, &bindings(None)?, fused);
+        }
+        let parts = flight.input_parts().into_iter().zip(flight.output_parts());
+        for (i, (input, output)) in parts.enumerate() {
+            let b = bindings((flight.parts > 1).then_some((input, output)))?;
+            if i > 0 && flight.plan.passes.len() > 1 {
+                // The parts share the plan's intermediates: the next writes what this one read.
+                gl::storage_barrier(gl);
+            }
+            let Some(work) = cuda.as_deref_mut() else {
+                self.encode(&flight.plan, &b, None)?;
+                continue;
+            };
+            self.wait_part(slot, 0, i)?;
+            let elapsed = TimerQuery::begin(gl)?;
+            let encoded = self.encode(&flight.plan, &b, None);
+            elapsed.end();
+            work.elapsed.push(elapsed);
+            encoded?;
+            if flight.parts > 1 {
+                work.conv_parts.push(Rc::new(Fence::new(gl)?));
+                gl::flush(gl);
+            }
+        }
+        Ok(())
+    }
+
+    /// Encodes a step's work for the jobs in frames `role` ([copy in, convolve, copy out]),
+    /// its timer queries and fences into `work`; `weights` is the convolution's resident
+    /// weights. Returns whether the copies ran in the convolution's own dispatch.
+    fn encode_step(
+        &self,
+        role: [Option<usize>; 3],
+        weights: Option<usize>,
+        work: &mut GlWork,
+    ) -> Result<bool> {
         if self.cuda.is_some() {
-            // CUDA copies: the step's GL work is the convolution alone.
-            if let Some(f) = f_conv {
-                convolve(f, None)?;
+            // CUDA copies: the step's GL work is the convolution alone, timed part by part.
+            if let Some(slot) = role[1] {
+                self.convolve(slot, weights, None, Some(work))?;
             }
             return Ok(false);
         }
+        let elapsed = TimerQuery::begin(&self.ctx.gl)?;
+        let encoded = self.encode_copies_and_convolution(role, weights);
+        elapsed.end();
+        work.elapsed.push(elapsed);
+        encoded
+    }
+
+    /// Without CUDA copies: encodes a step's copies (DMA, or shader copies fused into the
+    /// convolution's dispatch where its plan allows) and its convolution; whether they were
+    /// fused.
+    fn encode_copies_and_convolution(
+        &self,
+        role: [Option<usize>; 3],
+        weights: Option<usize>,
+    ) -> Result<bool> {
+        let gl = &self.ctx.gl;
+        let frame = |slot: Option<usize>| slot.map(|s| &self.frames[s]);
+        let (f_in, f_out) = (frame(role[0]), frame(role[2]));
+        let x_len = role[0].map_or(0, |s| padded(self.flight(s).job.x.len()));
+        let out_len = role[2].map_or(0, |s| padded(self.flight(s).out_len()));
         // Where the newest job's input is: its pinned buffer, or its frame's upload staging.
         let source = |f| self.copy_source(f).and_then(HostMem::gl);
         let StreamCopy::Shader { groups } = self.copy_mode else {
@@ -984,8 +1176,8 @@ impl Worker {
             if let Some(f) = f_in {
                 gl::copy_buffer(gl, source(f)?.raw(), device(&f.input)?.gl().raw(), x_len)?;
             }
-            if let Some(f) = f_conv {
-                convolve(f, None)?;
+            if let Some(slot) = role[1] {
+                self.convolve(slot, weights, None, None)?;
             }
             if let Some(f) = f_out {
                 gl::copy_buffer(
@@ -1032,9 +1224,8 @@ impl Worker {
         let copies = [copy_groups[0], copy_groups[1], n_in as u32, n_out as u32];
         let copying = n_in + n_out > 0;
         // The copies go into the convolution's dispatch where its plan allows, else alongside.
-        let fused = f_conv
-            .and_then(|f| f.flight.as_ref())
-            .and_then(|j| j.fused.as_ref())
+        let fused = role[1]
+            .and_then(|s| self.flight(s).fused.as_ref())
             .filter(|_| copying)
             .map(|(source, copy_z)| FusedPass {
                 source,
@@ -1045,8 +1236,8 @@ impl Worker {
             self.compiled(shaders::stream_copy_source())?
                 .dispatch_with([groups, 1, 1], "copies", copies)?;
         }
-        if let Some(f) = f_conv {
-            convolve(f, fused.as_ref())?;
+        if let Some(slot) = role[1] {
+            self.convolve(slot, weights, fused.as_ref(), None)?;
         }
         Ok(fused.is_some())
     }
@@ -1132,6 +1323,7 @@ impl Worker {
         let Some(flight) = self.frames[slot].flight.take() else {
             return;
         };
+        let out_len = flight.out_len();
         let Flight {
             job,
             fence,
@@ -1139,7 +1331,6 @@ impl Worker {
             charged,
             begun,
             mut done,
-            plan,
             ..
         } = flight;
         let fence = fence.expect("a job with its three steps has the fence of the last");
@@ -1196,7 +1387,7 @@ impl Worker {
             .expect("a frame in flight has staging");
         // SAFETY: the fence of the copy into it has passed; the frame stays held (not reused,
         // not deleted) until the Staged's release arrives (wait_all_releases before exit).
-        let view = unsafe { download.view(plan.out_len) };
+        let view = unsafe { download.view(out_len) };
         self.held.push(slot);
         done.output = Output::Staged(Staged {
             view,

@@ -224,6 +224,30 @@ impl Buffer {
                 .bind_buffer_base(glow::SHADER_STORAGE_BUFFER, index, Some(self.raw))
         };
     }
+
+    /// Binds `len` floats of it from float `offset` to storage binding point `index` (the
+    /// shader sees them as the whole buffer). `offset * 4` must be a multiple of
+    /// `GL_SHADER_STORAGE_BUFFER_OFFSET_ALIGNMENT` (`GpuInfo::storage_offset_alignment`).
+    pub fn bind_range(&self, index: u32, offset: usize, len: usize) -> Result<()> {
+        if offset + len > self.len || len == 0 {
+            return Err(Error::Gpu(format!(
+                "binding floats {offset}..{} of a buffer of {} (sporkle bug)",
+                offset + len,
+                self.len
+            )));
+        }
+        // SAFETY: the buffer is alive and the range lies within it (checked above).
+        unsafe {
+            self.gl.bind_buffer_range(
+                glow::SHADER_STORAGE_BUFFER,
+                index,
+                Some(self.raw),
+                (offset * 4) as i32,
+                (len * 4) as i32,
+            )
+        };
+        check(&self.gl, "binding a buffer range")
+    }
 }
 
 impl Drop for Buffer {

@@ -437,6 +437,8 @@ struct Worker {
     copy_thread: host_copy::CopyThread,
     /// How the executor's steps copy between staging and device buffers.
     copy_mode: shaders::StreamCopy,
+    /// Parts of a job's batch wanted by `SPORKLE_STREAM_PARTS` (`Worker::parts_for`).
+    stream_parts: Option<usize>,
     programs: ProgramCache,
     /// Plans made, by what they were made from.
     plans: std::collections::HashMap<PlanKey, Rc<Plan>>,
@@ -477,6 +479,7 @@ impl Worker {
             filling: None,
             copy_thread: host_copy::CopyThread::default(),
             copy_mode: shaders::StreamCopy::from_env(),
+            stream_parts: Self::parts_knob(),
             cuda_clock: None,
             programs: ProgramCache::default(),
             plans: std::collections::HashMap::new(),
@@ -885,6 +888,7 @@ impl Worker {
             } else {
                 Algorithm::Direct
             },
+            tile,
             out_len,
             passes,
             scratch,
@@ -935,10 +939,18 @@ impl Worker {
             if i > 0 {
                 gl::storage_barrier(gl);
             }
-            let from = if i == 0 { b.input } else { scratch(i - 1)? };
-            let to = if i == last { b.output } else { scratch(i)? };
-            from.bind(0);
-            to.bind(3);
+            // The first pass reads the input, the last writes the output: the part's floats of
+            // them where the batch runs in parts.
+            match (i, &b.part) {
+                (0, Some((input, _))) => b.input.bind_range(0, input.start, input.len())?,
+                (0, None) => b.input.bind(0),
+                _ => scratch(i - 1)?.bind(0),
+            }
+            match (i == last, &b.part) {
+                (true, Some((_, output))) => b.output.bind_range(3, output.start, output.len())?,
+                (true, None) => b.output.bind(3),
+                _ => scratch(i)?.bind(3),
+            }
             match fused {
                 Some(f) if i == 0 => {
                     let [gx, gy, gz] = pass.groups;
@@ -992,6 +1004,7 @@ impl Worker {
             bias: self.bias.as_ref().expect("allocated above"),
             output,
             scratch: [self.scratch[0].as_ref(), self.scratch[1].as_ref()],
+            part: None,
         };
         for _ in 0..dispatches.warmup {
             self.encode(&plan, &bindings, None)?;
@@ -1049,6 +1062,9 @@ const PLANS_KEPT: usize = 256;
 struct Plan {
     /// What runs (Winograd only where its intermediates fit).
     algorithm: Algorithm,
+    /// The convolution's tile (Winograd's GEMM's), its split chosen: a plan for part of the
+    /// batch made with this tile and algorithm sums every output in the same order.
+    tile: Tile,
     out_len: usize,
     /// The passes in order, each reading what the one before wrote: the convolution alone;
     /// split-K's slices into intermediate 0, then their reduction; or Winograd's input
@@ -1074,6 +1090,9 @@ struct Bindings<'a> {
     output: &'a Buffer,
     /// The plan's intermediates.
     scratch: [Option<&'a Buffer>; 2],
+    /// Where the batch runs in parts along n (the executor's): the floats of this part in the
+    /// input and in the output (else the whole buffers).
+    part: Option<(std::ops::Range<usize>, std::ops::Range<usize>)>,
 }
 
 #[cfg(test)]

@@ -177,8 +177,22 @@ fn check_pipelined(runs: &[crate::RunInfo], fusion: bool) -> Result<(), Failed> 
             stages.len()
         )));
     }
+    // Batches in parts along n: asked for (SPORKLE_STREAM_PARTS) where copies are not fused,
+    // some job must have run in parts, or the trial would prove nothing about them.
+    let in_parts = stages.iter().filter(|s| s.parts > 1).count();
+    let parts_wanted = std::env::var("SPORKLE_STREAM_PARTS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .is_some_and(|n| n > 1);
+    let unfused = cuda > 0 || crate::gpu::StreamCopy::from_env() == crate::gpu::StreamCopy::Dma;
+    if parts_wanted && unfused && in_parts == 0 {
+        return Err(fail(format!(
+            "SPORKLE_STREAM_PARTS asks for parts, but none of {} GPU jobs ran in parts",
+            stages.len()
+        )));
+    }
     println!(
-        "{shared} of {} jobs shared steps, {fused} had fused copies",
+        "{shared} of {} jobs shared steps, {fused} had fused copies, {in_parts} ran in parts",
         stages.len()
     );
     Ok(())

@@ -20,6 +20,7 @@ use crate::error::{Error, Result};
 use ash::vk;
 use std::ffi::{c_void, CStr};
 use std::rc::Rc;
+use std::sync::{Arc, Mutex};
 
 /// `GL_HANDLE_TYPE_OPAQUE_FD_EXT`.
 const GL_HANDLE_TYPE_OPAQUE_FD: u32 = 0x9586;
@@ -85,8 +86,11 @@ fn vk_err(what: &str) -> impl Fn(vk::Result) -> Error + '_ {
     move |e| Error::Gpu(format!("Vulkan: {what}: {e}"))
 }
 
-/// The Vulkan device and what every buffer needs to free itself.
+/// The Vulkan device and what every buffer needs to free itself. One per GPU, opened by the
+/// first worker that needs it and kept for the life of the process ([`OPEN`]).
 struct Device {
+    /// The GPU's UUID.
+    uuid: [u8; 16],
     _entry: ash::Entry,
     instance: ash::Instance,
     device: ash::Device,
@@ -97,9 +101,17 @@ struct Device {
     gl_fns: GlMemoryFns,
 }
 
+/// The Vulkan devices opened, kept until the process exits and shared by every worker on
+/// their GPU. Never destroyed while the process runs: the NVIDIA driver's `vkDestroyDevice`
+/// joins a thread of its own that can wait for a lock that another thread's GL call holds,
+/// and so hung forever when a Juggler was dropped while others ran (seen on the H100, the
+/// validation's `fault/fence_timeout` and `auto/choice` hangs; stacks in the README).
+static OPEN: Mutex<Vec<Arc<Device>>> = Mutex::new(Vec::new());
+
 impl Drop for Device {
     fn drop(&mut self) {
-        // SAFETY: every buffer holds an Rc of this device, so all are gone; waiting for
+        // Only a device that failed to open is dropped (see OPEN).
+        // SAFETY: every buffer holds an Arc of this device, so all are gone; waiting for
         // the device to be idle makes destroying it sound.
         unsafe {
             let _ = self.device.device_wait_idle();
@@ -112,7 +124,7 @@ impl Drop for Device {
 /// Vulkan on the GL context's GPU, for memory shared with GL (see the module docs). Lives on
 /// the thread of that context.
 pub struct VkMemory {
-    dev: Rc<Device>,
+    dev: Arc<Device>,
     gl: Rc<glow::Context>,
     /// The GPU's UUID (GL's and Vulkan's, which match).
     pub uuid: [u8; 16],
@@ -128,7 +140,7 @@ pub struct SharedBuffer {
     memory: vk::DeviceMemory,
     /// Bytes of `memory`.
     size: u64,
-    dev: Rc<Device>,
+    dev: Arc<Device>,
 }
 
 /// A new file descriptor for `memory` of `dev`, allocated exportable (the importer owns it).
@@ -199,6 +211,15 @@ impl VkMemory {
             }
         };
         gl::check(&ctx.gl, "reading the GL device UUID")?;
+        // One device per GPU for the process: opened under the lock, so only once.
+        let mut open = OPEN.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(dev) = open.iter().find(|d| d.uuid == gl_uuid) {
+            return Ok(Self {
+                dev: Arc::clone(dev),
+                gl: Rc::clone(&ctx.gl),
+                uuid: gl_uuid,
+            });
+        }
         // SAFETY: loading the system's Vulkan loader; its functions are called as documented.
         let entry = unsafe { ash::Entry::load() }
             .map_err(|e| unavailable(format!("no Vulkan loader: {e}")))?;
@@ -214,7 +235,10 @@ impl VkMemory {
         }
         .map_err(|e| unavailable(format!("cannot create a Vulkan instance: {e}")))?;
         match Self::open(entry, instance, gl_uuid, gl_fns, &ctx.gl) {
-            Ok(t) => Ok(t),
+            Ok(t) => {
+                open.push(Arc::clone(&t.dev));
+                Ok(t)
+            }
             Err((e, instance)) => {
                 if let Some(instance) = instance {
                     // SAFETY: nothing was created from the instance that still lives.
@@ -288,7 +312,8 @@ impl VkMemory {
         // SAFETY: as above.
         let memory = unsafe { instance.get_physical_device_memory_properties(pd) };
         let fd = ash::khr::external_memory_fd::Device::new(&instance, &device);
-        let dev = Rc::new(Device {
+        let dev = Arc::new(Device {
+            uuid: gl_uuid,
             _entry: entry,
             instance,
             device,
@@ -408,7 +433,7 @@ impl VkMemory {
             buffer,
             memory,
             size,
-            dev: Rc::clone(&self.dev),
+            dev: Arc::clone(&self.dev),
         };
         if let Err(e) = gl::check(&self.gl, "importing Vulkan memory") {
             // SAFETY: as in SharedBuffer's Drop, with no GL buffer yet.

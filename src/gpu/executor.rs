@@ -784,7 +784,7 @@ impl Worker {
         let p = &job.p;
         let lens = (job.x.len(), job.w.len());
         let whole = self.plan(p, lens, job.b.is_some(), &super::Dispatches::ONE)?;
-        let parts = self.parts_for(p, job.x.len());
+        let parts = self.parts_for(job);
         // A part runs the whole batch's algorithm and tile, so that its outputs are the same
         // bits as the synchronous path's.
         let plan = match parts {
@@ -849,13 +849,17 @@ impl Worker {
         })
     }
 
-    /// Parts to run a job of `p` (input `x_len` floats) in along n: the most, up to those
-    /// wanted, that divide n and start every part at an offset that storage buffers can be bound
-    /// at. Wanted: `SPORKLE_STREAM_PARTS`, else with CUDA copies [`PARTS`] for jobs of at
-    /// least [`PARTS_MIN_BYTES`] in and out; one with shader copies (fused into one dispatch).
-    fn parts_for(&self, p: &Conv2dParams, x_len: usize) -> usize {
+    /// Parts to run `job` in along n: the most, up to those wanted, that divide n and start
+    /// every part at an offset that storage buffers can be bound at. Wanted: one for a job that
+    /// runs alone (synchronous mode: each of its phases a step of its own, so its stage times
+    /// are its own, never overlapped), and with shader copies (fused into one dispatch); else
+    /// `SPORKLE_STREAM_PARTS`, or with CUDA copies [`PARTS`] for jobs of at least
+    /// [`PARTS_MIN_BYTES`] in and out.
+    fn parts_for(&self, job: &StreamJob) -> usize {
+        let (p, x_len) = (&job.p, job.x.len());
         let out_len = p.output_len() as usize;
         let wanted = match (self.copy_mode, self.stream_parts) {
+            _ if !job.pipelined => 1,
             (StreamCopy::Shader { .. }, _) => 1,
             (_, Some(parts)) => parts,
             (StreamCopy::Cuda { .. }, None) if (x_len + out_len) * 4 >= PARTS_MIN_BYTES => PARTS,

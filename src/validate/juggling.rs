@@ -351,9 +351,17 @@ fn toggled(choice: GpuChoice) -> Result<(), Failed> {
     if !j.is_async() {
         return Err("set_async(true) did not stick".into());
     }
-    for (job, t) in jobs.iter().zip(tickets) {
-        let (y, _) = t.wait().map_err(fail)?;
+    for (i, (job, t)) in jobs.iter().zip(tickets).enumerate() {
+        let (y, info) = t.wait().map_err(fail)?;
         check_reference(job, &y)?;
+        // A job submitted with async off runs alone, each phase a step of its own: never in
+        // parts, whose phases overlap.
+        let parts = info.stages.map_or(1, |s| s.parts);
+        if (6..12).contains(&i) && parts != 1 {
+            return Err(fail(format!(
+                "job {i} ran with async off, yet in {parts} parts"
+            )));
+        }
     }
     Ok(())
 }

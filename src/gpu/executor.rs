@@ -30,6 +30,12 @@
 //!   GPU has finished every step so far (and, if a job is about to join, `IDLE_GRACE` has
 //!   passed), so that a steady stream keeps its phases together.
 //!
+//! A big pipelined job runs its batch in parts along n ([`PARTS`], with CUDA copies): each part
+//! of each phase ends at its own event or fence, and each part of the next phase waits only for
+//! its own part of the one before, so a job's convolution starts on the first part of its input
+//! and its copy out on the first part of its output (a shorter start and end of a stream). A
+//! part runs the whole batch's tile and algorithm, on buffer ranges; a job alone runs whole.
+//!
 //! Timer queries time each step's GL work, and each job reports the steps of its phases; a job
 //! that shared steps reports their whole times (`steps_shared`), except CUDA copies, timed alone.
 //!
@@ -70,7 +76,7 @@ pub const SLOTS: usize = FRAMES + 2;
 pub(super) const IDLE_GRACE: Duration = Duration::from_micros(100);
 
 /// Parts a large job's batch runs in along n with CUDA copies, by default (see
-/// [`Worker::parts_for`]): the first part's convolution starts while the rest is still copied
+/// `Worker::parts_for`): the first part's convolution starts while the rest is still copied
 /// in, and its copy out while the rest convolves, which shortens a stream's start and end.
 pub const PARTS: usize = 2;
 

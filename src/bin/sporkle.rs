@@ -779,11 +779,14 @@ fn report_steps(shape: &str, mode: &str, infos: &[sporkle::RunInfo]) {
             overlap_ns as f64 / 1e6 / spans.len() as f64,
         );
     }
-    if let (Some(first), Some(last)) = (spans.first(), spans.iter().map(|s| s.1).max()) {
-        let window_ms = (last - first.0) as f64 / 1e6;
+    // The run's GPU window (ns): first copy in started to last copy out ended.
+    let window = (spans.first())
+        .zip(spans.iter().map(|s| s.1).max())
+        .map(|(first, last)| last - first.0);
+    if let Some(window) = window {
         eprintln!(
             "# {shape} {mode} GPU window of the last run (first copy in started to last copy out ended): {:.3} ms per batch",
-            window_ms / spans.len() as f64
+            window as f64 / 1e6 / spans.len() as f64
         );
     }
     // With CUDA copies, each stage is a copy's own time: how busy each copy stream was over
@@ -802,7 +805,8 @@ fn report_steps(shape: &str, mode: &str, infos: &[sporkle::RunInfo]) {
             gap_in += b.0.saturating_sub(a.0 + ns(up_a));
             gap_out += b.1.saturating_sub(ns(down_b)).saturating_sub(a.1);
         }
-        let window = by_start.iter().map(|c| c.0 .1).max().unwrap_or(0) - by_start[0].0 .0;
+        // Every job has its span here, so the window is the spans' own.
+        let window = window.unwrap_or(0);
         let percent = |busy_s: f64| busy_s * 1e9 / window.max(1) as f64 * 100.0;
         eprintln!(
             "# {shape} {mode} CUDA copy streams over that window: in busy {:.0}%, out busy {:.0}%; gaps between consecutive copies: in {:.3} ms, out {:.3} ms per batch",

@@ -80,6 +80,14 @@ pub(super) const IDLE_GRACE: Duration = Duration::from_micros(100);
 /// in, and its copy out while the rest convolves, which shortens a stream's start and end.
 pub const PARTS: usize = 2;
 
+/// Parts wanted from `SPORKLE_STREAM_PARTS` (1 to 16; see `Worker::parts_for`), if set.
+pub fn parts_from_env() -> Option<usize> {
+    super::shaders::knob("SPORKLE_STREAM_PARTS", |v| match v.parse::<usize>() {
+        Ok(n) if (1..=16).contains(&n) => Ok(n),
+        _ => Err("expected 1 to 16 parts".into()),
+    })
+}
+
 /// The least bytes in and out of a job that runs in [`PARTS`] parts by default: below, a
 /// part's copies would be too short to be worth their own waits.
 pub const PARTS_MIN_BYTES: usize = 8 << 20;
@@ -882,14 +890,6 @@ impl Worker {
             .unwrap_or(1)
     }
 
-    /// Parts wanted from `SPORKLE_STREAM_PARTS` (1 to 16; see [`Worker::parts_for`]).
-    pub(super) fn parts_knob() -> Option<usize> {
-        super::shaders::knob("SPORKLE_STREAM_PARTS", |v| match v.parse::<usize>() {
-            Ok(n) if (1..=16).contains(&n) => Ok(n),
-            _ => Err("expected 1 to 16 parts".into()),
-        })
-    }
-
     /// For a one-pass plan with shader copies: the source of its convolution fused with the
     /// copies, compiled, and the copying layers of workgroups put before the convolution's.
     fn fused_program(&mut self, plan: &Plan) -> Result<Option<(String, u32)>> {
@@ -1117,6 +1117,11 @@ impl Worker {
         };
         if flight.parts == 1 && cuda.is_none() {
             return self.encode(&flight.plan, &bindings(None)?, fused);
+        }
+        if fused.is_some() {
+            return Err(Error::Gpu(
+                "copies fused into a convolution in parts or beside CUDA's (executor bug)".into(),
+            ));
         }
         let parts = flight.input_parts().into_iter().zip(flight.output_parts());
         for (i, (input, output)) in parts.enumerate() {

@@ -27,7 +27,7 @@ pub mod shaders;
 pub mod vk;
 
 pub use context::{GpuChoice, GpuInfo};
-pub use executor::{Output, StreamDone, FRAMES, SLOTS};
+pub use executor::{parts_from_env, Output, StreamDone, FRAMES, SLOTS};
 pub use gl::LiveObjects;
 pub use shaders::{Algorithm, StreamCopy, Tile};
 
@@ -479,7 +479,7 @@ impl Worker {
             filling: None,
             copy_thread: host_copy::CopyThread::default(),
             copy_mode: shaders::StreamCopy::from_env(),
-            stream_parts: Self::parts_knob(),
+            stream_parts: executor::parts_from_env(),
             cuda_clock: None,
             programs: ProgramCache::default(),
             plans: std::collections::HashMap::new(),

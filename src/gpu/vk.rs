@@ -132,7 +132,7 @@ pub struct VkMemory {
 
 /// Device memory that GL and Vulkan both see: a GL storage buffer over a Vulkan buffer.
 pub struct SharedBuffer {
-    /// The GL buffer (always there until dropped, first).
+    /// The GL buffer (there once made, until dropped, first).
     gl: Option<Buffer>,
     context: Rc<glow::Context>,
     memory_object: u32,
@@ -426,8 +426,10 @@ impl VkMemory {
             }
             (fns.import_fd)(memory_object, size, GL_HANDLE_TYPE_OPAQUE_FD, fd);
         }
-        let shared = |gl: Buffer| SharedBuffer {
-            gl: Some(gl),
+        // From here its Drop frees the memory object and the Vulkan buffer and memory, on
+        // failure too.
+        let mut shared = SharedBuffer {
+            gl: None,
             context: Rc::clone(&self.gl),
             memory_object,
             buffer,
@@ -435,15 +437,7 @@ impl VkMemory {
             size,
             dev: Arc::clone(&self.dev),
         };
-        if let Err(e) = gl::check(&self.gl, "importing Vulkan memory") {
-            // SAFETY: as in SharedBuffer's Drop, with no GL buffer yet.
-            unsafe {
-                (fns.delete)(1, &memory_object);
-                d.destroy_buffer(buffer, None);
-                d.free_memory(memory, None);
-            }
-            return Err(e);
-        }
+        gl::check(&self.gl, "importing Vulkan memory")?;
         let gl_buffer = Buffer::with_storage(&self.gl, len, |_, bytes| {
             // SAFETY: the buffer is bound to the storage target; the memory object holds `size`
             // bytes, at least `bytes`.
@@ -455,18 +449,8 @@ impl VkMemory {
                     0,
                 )
             };
-        });
-        match gl_buffer {
-            Ok(b) => Ok(shared(b)),
-            Err(e) => {
-                // SAFETY: as in SharedBuffer's Drop (the failed GL buffer is already deleted).
-                unsafe {
-                    (fns.delete)(1, &memory_object);
-                    d.destroy_buffer(buffer, None);
-                    d.free_memory(memory, None);
-                }
-                Err(e)
-            }
-        }
+        })?;
+        shared.gl = Some(gl_buffer);
+        Ok(shared)
     }
 }

@@ -168,8 +168,8 @@ fn check_pipelined(runs: &[crate::RunInfo], fusion: bool) -> Result<(), Failed> 
             stages.len()
         )));
     }
-    let fusing =
-        cuda == 0 && fusion && crate::gpu::StreamCopy::from_env() != crate::gpu::StreamCopy::Dma;
+    let dma = crate::gpu::StreamCopy::from_env() == crate::gpu::StreamCopy::Dma;
+    let fusing = cuda == 0 && fusion && !dma;
     if shared == 0 || (fusing && fused == 0) {
         return Err(fail(format!(
             "of {} GPU jobs streamed together, {shared} shared a step and {fused} had fused \
@@ -180,12 +180,8 @@ fn check_pipelined(runs: &[crate::RunInfo], fusion: bool) -> Result<(), Failed> 
     // Batches in parts along n: asked for (SPORKLE_STREAM_PARTS) where copies are not fused,
     // some job must have run in parts, or the trial would prove nothing about them.
     let in_parts = stages.iter().filter(|s| s.parts > 1).count();
-    let parts_wanted = std::env::var("SPORKLE_STREAM_PARTS")
-        .ok()
-        .and_then(|v| v.parse::<usize>().ok())
-        .is_some_and(|n| n > 1);
-    let unfused = cuda > 0 || crate::gpu::StreamCopy::from_env() == crate::gpu::StreamCopy::Dma;
-    if parts_wanted && unfused && in_parts == 0 {
+    let parts_wanted = crate::gpu::parts_from_env().is_some_and(|n| n > 1);
+    if parts_wanted && (cuda > 0 || dma) && in_parts == 0 {
         return Err(fail(format!(
             "SPORKLE_STREAM_PARTS asks for parts, but none of {} GPU jobs ran in parts",
             stages.len()

@@ -126,6 +126,15 @@ impl CpuPath {
         }
     }
 
+    /// A name for reports and fingerprint keys.
+    pub fn name(self) -> &'static str {
+        match self {
+            CpuPath::GemmStrips => "gemm-strips",
+            CpuPath::GemmRows => "gemm-rows",
+            CpuPath::Direct => "row-sums",
+        }
+    }
+
     /// Whether the weights are packed for the microkernels (else used as given).
     pub fn packs_weights(self) -> bool {
         self != CpuPath::Direct

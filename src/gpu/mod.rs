@@ -15,6 +15,7 @@
 //! query, fences, waits on the fence with a timeout (a timeout is an error: nothing is read
 //! early), and reads the output back. Kernel time and end-to-end time are reported apart.
 
+pub mod arithmetic;
 pub mod context;
 pub mod cu;
 mod cuda_probe;
@@ -26,6 +27,7 @@ mod overlap;
 pub mod shaders;
 pub mod vk;
 
+pub use arithmetic::Arithmetic;
 pub use context::{GpuChoice, GpuInfo};
 pub use executor::{parts_from_env, Output, StreamDone, FRAMES, SLOTS};
 pub use gl::LiveObjects;
@@ -130,6 +132,10 @@ enum Msg {
     Pin(usize, mpsc::Sender<Result<(u64, usize)>>),
     /// The calibration workload: its GFLOP/s by timer query, best of three.
     Calibrate(mpsc::Sender<Result<Option<f64>>>),
+    /// The plan a synchronous call of this shape (with a bias or not) runs.
+    Plan(Conv2dParams, bool, mpsc::Sender<Result<PlanInfo>>),
+    /// The arithmetic probe (`arithmetic.rs`).
+    Arithmetic(mpsc::Sender<Result<Arithmetic>>),
 }
 
 /// The diagnostic probes (hidden CLI commands).
@@ -154,6 +160,8 @@ pub struct GpuBackend {
     unpin: mpsc::Sender<u64>,
     /// This backend among the process's (a pinned input is used only by the one that maps it).
     id: u64,
+    /// The arithmetic class, once probed.
+    arithmetic: std::sync::OnceLock<Arithmetic>,
     worker: Option<JoinHandle<()>>,
 }
 
@@ -189,6 +197,7 @@ impl GpuBackend {
                 choice,
                 unpin,
                 id,
+                arithmetic: std::sync::OnceLock::new(),
                 worker: Some(worker),
             }),
             Ok(Err(e)) => {
@@ -336,6 +345,22 @@ impl GpuBackend {
     /// Streaming with CUDA's copy engines (see `cuda_probe.rs`): `batches` of `p` a run.
     pub fn probe_cuda(&self, p: &Conv2dParams, batches: usize) -> Result<String> {
         self.probe(Probe::Cuda(*p), batches)
+    }
+
+    /// What a call of `p` (with a bias or not) runs here: its algorithm, tile, split and
+    /// passes. With [`GpuBackend::arithmetic`], this fixes the output's bits.
+    pub fn plan_info(&self, p: &Conv2dParams, bias: bool) -> Result<PlanInfo> {
+        p.validate()?;
+        self.ask("planning", |reply| Msg::Plan(*p, bias, reply))
+    }
+
+    /// The GPU's arithmetic class (see [`arithmetic`]), probed once per backend.
+    pub fn arithmetic(&self) -> Result<Arithmetic> {
+        if let Some(a) = self.arithmetic.get() {
+            return Ok(*a);
+        }
+        let a = self.ask("the arithmetic probe", Msg::Arithmetic)?;
+        Ok(*self.arithmetic.get_or_init(|| a))
     }
 
     /// A pinned input buffer of `len` floats (see [`crate::pinned`]).
@@ -605,7 +630,8 @@ impl Worker {
     /// Handles a message other than a pipelined streaming job. Each runs with no streaming job
     /// in flight, but a pin request: a new buffer touches nothing in flight.
     fn serve_one(&mut self, msg: Msg) {
-        if !matches!(msg, Msg::Pin(..)) {
+        // Questions that dispatch nothing of a job's need not wait for the stream.
+        if !matches!(msg, Msg::Pin(..) | Msg::Plan(..)) {
             self.stream_drain();
         }
         match msg {
@@ -625,6 +651,24 @@ impl Worker {
             }
             Msg::Pin(len, reply) => {
                 let _ = reply.send(self.pin(len));
+            }
+            Msg::Plan(p, bias, reply) => {
+                let lens = (p.input_len() as usize, p.weights_len() as usize);
+                let plan = self.plan(&p, lens, bias, &Dispatches::ONE);
+                let _ = reply.send(plan.map(|plan| PlanInfo {
+                    algorithm: plan.algorithm,
+                    tile: plan.tile,
+                    passes: plan.passes.len(),
+                }));
+            }
+            Msg::Arithmetic(reply) => {
+                let gl = Rc::clone(&self.ctx.gl);
+                let _ = reply.send(arithmetic::probe(
+                    &gl,
+                    &mut self.programs,
+                    self.immutable,
+                    FENCE_TIMEOUT,
+                ));
             }
             Msg::Probe(probe, floats, reply) => {
                 let _ = reply.send(match probe {
@@ -1072,6 +1116,36 @@ struct Plan {
     passes: Vec<Pass>,
     /// Floats of the two intermediate buffers (0: not needed).
     scratch: [usize; 2],
+}
+
+/// What a plan runs, for callers: with the arithmetic class, what fixes a result's bits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PlanInfo {
+    /// The algorithm that runs (Winograd falls back to direct where it does not fit).
+    pub algorithm: Algorithm,
+    /// The convolution's tile (Winograd's GEMM's), its split chosen.
+    pub tile: Tile,
+    /// Dispatches in order (the convolution; split-K's reduction; Winograd's transforms).
+    pub passes: usize,
+}
+
+impl PlanInfo {
+    /// A name for keys: `direct-tiled-64x64x16-4x4-split1-passes1`.
+    pub fn key(&self) -> String {
+        let t = self.tile;
+        let algorithm = match self.algorithm {
+            Algorithm::Direct => "direct",
+            Algorithm::Winograd => "winograd",
+        };
+        let kernel = match t.kernel {
+            shaders::Kernel::Tiled => "tiled",
+            shaders::Kernel::Narrow => "narrow",
+        };
+        format!(
+            "{algorithm}-{kernel}-{}x{}x{}-{}x{}-split{}-passes{}",
+            t.bm, t.bn, t.bk, t.tm, t.tn, t.split, self.passes
+        )
+    }
 }
 
 /// One compute dispatch of a plan.

@@ -33,8 +33,9 @@ pub enum Device {
     GpuAsync {
         /// Shared by every trial of this device.
         juggler: Arc<Juggler>,
-        /// The GPU's renderer (for the numerics key: the same kernels as `gpu`).
-        renderer: String,
+        /// The `[gpu]` device's backend, on the same GPU: it answers what the executor's plans
+        /// and arithmetic are (the same kernels, planned by the same code), for the numerics key.
+        same_gpu: Arc<GpuBackend>,
     },
     /// A Juggler choosing the device per call.
     Juggler {
@@ -77,14 +78,14 @@ impl Device {
         }
         let gpu_absence = match GpuBackend::new() {
             Ok(b) => {
-                let (choice, renderer) = (b.choice(), b.info().renderer.clone());
+                let (choice, backend) = (b.choice(), Arc::new(b));
                 all.push(Device::Gpu {
-                    backend: Arc::new(b),
+                    backend: Arc::clone(&backend),
                 });
                 match juggler(Preference::Gpu, choice, threads) {
                     Ok(j) => all.push(Device::GpuAsync {
                         juggler: Arc::new(j),
-                        renderer,
+                        same_gpu: backend,
                     }),
                     Err(e) => eprintln!("sporkle-validate: no [gpu-async] device: {e}"),
                 }
@@ -123,17 +124,33 @@ impl Device {
         }
     }
 
-    /// What determines this device's exact numerics (fingerprints are kept per key):
-    /// `reference`, `cpu-avx512`, `cpu-portable`.
-    pub fn numerics_key(&self) -> String {
-        match self {
-            Device::Reference => "reference".into(),
-            Device::Cpu { backend, .. } => format!("cpu-{}", backend.microkernel().name()),
-            Device::Gpu { backend } => format!("gpu-{}", slug(&backend.info().renderer)),
-            Device::GpuAsync { renderer, .. } => format!("gpu-{}", slug(renderer)),
-            // Its numerics are those of whichever device it picks.
-            Device::Juggler { .. } => "juggler".into(),
-        }
+    /// What determines this device's output bits for a case (fingerprints are keyed by it),
+    /// or `None` where they are not fixed (the Juggler picks a device per call). Measured or
+    /// derived, never a name: the CPU's microkernel and path; the GPU's arithmetic class
+    /// (probed, see [`crate::gpu::arithmetic`]) and the plan it runs.
+    pub fn numerics(&self, p: &Conv2dParams, bias: bool) -> Result<Option<Numerics>> {
+        let gpu = |b: &GpuBackend| -> Result<Numerics> {
+            Ok(Numerics {
+                family: "gpu",
+                arithmetic: b.arithmetic()?.name(),
+                plan: b.plan_info(p, bias)?.key(),
+            })
+        };
+        Ok(match self {
+            Device::Reference => Some(Numerics {
+                family: "reference",
+                arithmetic: "f64".into(),
+                plan: "naive".into(),
+            }),
+            Device::Cpu { backend, .. } => Some(Numerics {
+                family: "cpu",
+                arithmetic: backend.microkernel().name().into(),
+                plan: backend.path_for(p).name().into(),
+            }),
+            Device::Gpu { backend } => Some(gpu(backend)?),
+            Device::GpuAsync { same_gpu, .. } => Some(gpu(same_gpu)?),
+            Device::Juggler { .. } => None,
+        })
     }
 
     /// Whether its exact bits are fixed (a fingerprint can be kept).
@@ -168,9 +185,9 @@ impl Device {
             Device::Gpu { backend } => Device::Gpu {
                 backend: Arc::new(GpuBackend::with_choice(backend.choice())?),
             },
-            Device::GpuAsync { renderer, .. } => Device::GpuAsync {
+            Device::GpuAsync { same_gpu, .. } => Device::GpuAsync {
                 juggler: Arc::new(juggler(Preference::Gpu, GpuChoice::from_env()?, 2)?),
-                renderer: renderer.clone(),
+                same_gpu: Arc::clone(same_gpu),
             },
             Device::Juggler { .. } => Device::Juggler {
                 juggler: Arc::new(juggler(Preference::Auto, GpuChoice::from_env()?, 2)?),
@@ -224,6 +241,29 @@ impl Device {
             Device::GpuAsync { juggler, .. } => juggler.gpu_is_software(),
             _ => false,
         }
+    }
+}
+
+/// What fixes a device's output bits for one case: the name of its fingerprints.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Numerics {
+    /// `reference`, `cpu` or `gpu`.
+    pub family: &'static str,
+    /// How it rounds: the CPU's microkernel (`avx512`, `portable`), the GPU's measured class
+    /// (`fma-ftz`, `mul-add`, ...).
+    pub arithmetic: String,
+    /// The order it sums in: the CPU's path, the GPU's plan ([`crate::gpu::PlanInfo::key`]).
+    pub plan: String,
+}
+
+impl Numerics {
+    /// The key: `gpu-fma-ftz_direct-tiled-64x64x16-4x4-split1-passes1`, `cpu-avx512_rows`;
+    /// the reference's is `reference`.
+    pub fn key(&self) -> String {
+        if self.family == "reference" {
+            return "reference".into();
+        }
+        format!("{}-{}_{}", self.family, self.arithmetic, self.plan)
     }
 }
 

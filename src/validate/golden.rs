@@ -128,33 +128,275 @@ fn matches_producer(case: &Case, device: &Device, producer: &str) -> Result<(), 
         })
 }
 
-/// Exact bits (FNV-1a over every output) and rounded statistics, as an insta snapshot.
+/// The command that accepts new fingerprints (CI never writes them).
+pub const ACCEPT: &str =
+    "SPORKLE_BLESS=1 cargo run --release --bin sporkle-validate -- fingerprint";
+
+/// A device's exact bits for a case (FNV-1a over every output) and rounded statistics, checked
+/// against the fingerprints stored under `golden/snapshots/{case}@{key}.snap`, where the key
+/// names what fixes the bits ([`super::devices::Numerics`]): the arithmetic class and the plan.
+///
+/// - The stored fingerprint of this key: its text must be this run's (a diff is a numerics
+///   change to review).
+/// - No fingerprint of this key: bits equal to a stored one of the same family, case and plan
+///   (another arithmetic class that happens to round alike here) pass, and the trial says
+///   which it matched.
+/// - Otherwise the bits are new: in CI a failure naming the command that accepts them
+///   ([`ACCEPT`]); elsewhere insta's review flow (`.snap.new` files, `cargo insta review`); with
+///   `SPORKLE_BLESS=1` they are written.
 fn fingerprint(case: &Case, device: &Device) -> Result<(), Failed> {
     let g = load(case).map_err(fail)?;
+    let numerics = device
+        .numerics(&g.p, g.b.is_some())
+        .map_err(fail)?
+        .ok_or("this device's numerics are not fixed")?;
     let y = device
         .conv2d(&g.p, &g.x, &g.w, g.b.as_deref())
         .map_err(fail)?;
-    let bits = y.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, v| {
-        (h ^ u64::from(v.to_bits())).wrapping_mul(0x100_0000_01b3)
-    });
-    let sum: f64 = y.iter().map(|&v| f64::from(v)).sum();
-    let abs: f64 = y.iter().map(|&v| f64::from(v).abs()).sum::<f64>() / y.len() as f64;
-    let (min, max) = y
+    let print = Print::of(&g.p, &numerics, &y);
+    let text = print.text(&case.name);
+    let key = numerics.key();
+    let stored = stored_prints(&case.name).map_err(fail)?;
+    let bless = std::env::var("INSTA_UPDATE").is_ok_and(|v| v == "always");
+    let review = || {
+        let mut settings = insta::Settings::clone_current();
+        settings.set_snapshot_path(dir().join("snapshots"));
+        settings.set_prepend_module_to_snapshot(false);
+        settings.set_omit_expression(true);
+        let name = format!("{}@{key}", case.name);
+        settings.bind(|| insta::assert_snapshot!(name, text.clone()));
+    };
+    match verdict(&stored, &numerics, &print, &text) {
+        Verdict::Matches => {
+            println!("matches {}@{key}", case.name);
+            Ok(())
+        }
+        Verdict::Twin(twin) => {
+            println!(
+                "no fingerprint of {key}; the bits match the stored {}@{} (the same plan; arithmetic {} there, {} here)",
+                case.name,
+                twin.key,
+                twin.field("arithmetic").unwrap_or("?"),
+                numerics.arithmetic
+            );
+            Ok(())
+        }
+        Verdict::Changed => new_bits(
+            case,
+            &key,
+            &print,
+            "differ from its stored fingerprint",
+            bless,
+            review,
+        ),
+        Verdict::New => new_bits(case, &key, &print, "are new", bless, review),
+    }
+}
+
+/// How a fingerprint compares with the stored ones of its case.
+#[derive(Debug)]
+enum Verdict<'a> {
+    /// The stored fingerprint of its key says the same.
+    Matches,
+    /// None of its key, but one of the same family and plan has its bits.
+    Twin(&'a Stored),
+    /// The stored fingerprint of its key says something else.
+    Changed,
+    /// No stored fingerprint of its key, and none of its plan with its bits.
+    New,
+}
+
+fn verdict<'a>(
+    stored: &'a [Stored],
+    numerics: &super::devices::Numerics,
+    print: &Print,
+    text: &str,
+) -> Verdict<'a> {
+    let key = numerics.key();
+    if let Some(own) = stored.iter().find(|s| s.key == key) {
+        return if own.text == text {
+            Verdict::Matches
+        } else {
+            Verdict::Changed
+        };
+    }
+    stored
         .iter()
-        .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &v| {
-            (a.min(v), b.max(v))
-        });
-    let text = format!(
-        "case: {}\nparams: {}\noutputs: {}\nbits_fnv1a: {bits:016x}\nsum: {sum:.6e}\nmean_abs: {abs:.6e}\nmin: {min:.6e}\nmax: {max:.6e}\n",
-        case.name,
-        g.p,
-        y.len()
-    );
-    let mut settings = insta::Settings::clone_current();
-    settings.set_snapshot_path(dir().join("snapshots"));
-    settings.set_prepend_module_to_snapshot(false);
-    settings.set_omit_expression(true);
-    let name = format!("{}@{}", case.name, device.numerics_key());
-    settings.bind(|| insta::assert_snapshot!(name, text));
+        .filter(|s| s.key.split('-').next() == Some(numerics.family))
+        .filter(|s| s.field("plan") == Some(numerics.plan.as_str()))
+        .find(|s| s.field("bits_fnv1a") == Some(print.bits.as_str()))
+        .map_or(Verdict::New, Verdict::Twin)
+}
+
+/// A fingerprint that no stored one matches: written when blessing, a failure in CI, insta's
+/// review flow elsewhere.
+fn new_bits(
+    case: &Case,
+    key: &str,
+    print: &Print,
+    what: &str,
+    bless: bool,
+    review: impl FnOnce(),
+) -> Result<(), Failed> {
+    if bless {
+        review();
+        println!("wrote {}@{key}", case.name);
+        return Ok(());
+    }
+    if std::env::var_os("CI").is_some() {
+        return Err(format!(
+            "{}@{key}: the output bits ({}, plan {}) {what}; CI writes no fingerprint; to accept \
+             them: {ACCEPT}",
+            case.name, print.bits, print.plan
+        )
+        .into());
+    }
+    review();
     Ok(())
+}
+
+/// A fingerprint: the numerics it was made with, exact bits and rounded statistics.
+struct Print {
+    params: String,
+    arithmetic: String,
+    plan: String,
+    outputs: usize,
+    bits: String,
+    stats: String,
+}
+
+impl Print {
+    fn of(p: &Conv2dParams, numerics: &super::devices::Numerics, y: &[f32]) -> Self {
+        let bits = y.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, v| {
+            (h ^ u64::from(v.to_bits())).wrapping_mul(0x100_0000_01b3)
+        });
+        let sum: f64 = y.iter().map(|&v| f64::from(v)).sum();
+        let abs: f64 = y.iter().map(|&v| f64::from(v).abs()).sum::<f64>() / y.len() as f64;
+        let (min, max) = y
+            .iter()
+            .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &v| {
+                (a.min(v), b.max(v))
+            });
+        Self {
+            params: p.to_string(),
+            arithmetic: numerics.arithmetic.clone(),
+            plan: numerics.plan.clone(),
+            outputs: y.len(),
+            bits: format!("{bits:016x}"),
+            stats: format!("sum: {sum:.6e}\nmean_abs: {abs:.6e}\nmin: {min:.6e}\nmax: {max:.6e}\n"),
+        }
+    }
+
+    fn text(&self, case: &str) -> String {
+        format!(
+            "case: {case}\nparams: {}\narithmetic: {}\nplan: {}\noutputs: {}\nbits_fnv1a: {}\n{}",
+            self.params, self.arithmetic, self.plan, self.outputs, self.bits, self.stats
+        )
+    }
+}
+
+/// A fingerprint stored for a case: its key (from the file name) and its text.
+#[derive(Debug)]
+struct Stored {
+    key: String,
+    text: String,
+}
+
+impl Stored {
+    /// The value of a `name: value` line.
+    fn field(&self, name: &str) -> Option<&str> {
+        self.text.lines().find_map(|l| {
+            l.strip_prefix(name)
+                .and_then(|rest| rest.strip_prefix(": "))
+        })
+    }
+}
+
+/// Every fingerprint stored for `case` (`golden/snapshots/{case}@{key}.snap`; insta's header
+/// dropped; pending `.snap.new` files are not stored ones).
+fn stored_prints(case: &str) -> Result<Vec<Stored>, String> {
+    let dir = dir().join("snapshots");
+    let entries = std::fs::read_dir(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let prefix = format!("{case}@");
+    let mut out = Vec::new();
+    for entry in entries {
+        let path = entry.map_err(|e| format!("{}: {e}", dir.display()))?.path();
+        let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+            continue;
+        };
+        let Some(key) = name
+            .strip_prefix(&prefix)
+            .and_then(|rest| rest.strip_suffix(".snap"))
+        else {
+            continue;
+        };
+        let raw = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        out.push(Stored {
+            key: key.to_owned(),
+            text: snapshot_body(&raw).to_owned(),
+        });
+    }
+    out.sort_by(|a, b| a.key.cmp(&b.key));
+    Ok(out)
+}
+
+/// An insta snapshot file's contents without its `---` metadata header.
+fn snapshot_body(raw: &str) -> &str {
+    raw.strip_prefix("---\n")
+        .and_then(|rest| rest.split_once("\n---\n"))
+        .map_or(raw, |(_, body)| body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::devices::Numerics;
+    use super::*;
+
+    /// A key's own fingerprint decides; without one, only the same family, plan and bits pass.
+    #[test]
+    fn verdicts() {
+        let numerics = |arithmetic: &str, plan: &str| Numerics {
+            family: "gpu",
+            arithmetic: arithmetic.into(),
+            plan: plan.into(),
+        };
+        let p = Conv2dParams::new(1, 1, 2, 2, 1, 1, 1);
+        let (y, z) = ([1.0f32, 2.0, 3.0, 4.0], [1.0f32, 2.0, 3.0, 4.5]);
+        let (fma, mul) = (numerics("fma", "direct-a"), numerics("mul-add", "direct-a"));
+        let stored_of = |n: &Numerics, y: &[f32]| Stored {
+            key: n.key(),
+            text: Print::of(&p, n, y).text("c"),
+        };
+        let stored = vec![stored_of(&fma, &y)];
+        let check = |n: &Numerics, y: &[f32]| {
+            let print = Print::of(&p, n, y);
+            format!("{:?}", verdict(&stored, n, &print, &print.text("c")))
+        };
+        assert_eq!(check(&fma, &y), "Matches");
+        assert_eq!(check(&fma, &z), "Changed");
+        assert!(check(&mul, &y).starts_with("Twin"), "{}", check(&mul, &y));
+        assert_eq!(check(&mul, &z), "New");
+        // Another plan (a forced tile: another summation order) never borrows a fingerprint.
+        assert_eq!(check(&numerics("mul-add", "direct-b"), &y), "New");
+        let cpu = Numerics {
+            family: "cpu",
+            ..mul.clone()
+        };
+        assert_eq!(check(&cpu, &y), "New", "families do not mix");
+    }
+
+    #[test]
+    fn snapshot_bodies_and_fields() {
+        let raw =
+            "---\nsource: src/validate/golden.rs\n---\ncase: a\nplan: direct-x\nbits_fnv1a: 00ff\n";
+        let s = Stored {
+            key: "gpu-fma_direct-x".into(),
+            text: snapshot_body(raw).into(),
+        };
+        assert_eq!(s.field("plan"), Some("direct-x"));
+        assert_eq!(s.field("bits_fnv1a"), Some("00ff"));
+        assert_eq!(s.field("case"), Some("a"));
+        assert_eq!(s.field("bits"), None);
+        assert_eq!(snapshot_body("case: b\n"), "case: b\n");
+    }
 }

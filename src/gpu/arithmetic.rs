@@ -52,27 +52,31 @@ impl Arithmetic {
 
     /// Reads the class off the probe's outputs `[scalar fma, vec4 fma, s * s]`.
     fn from_outputs([scalar, vector, square]: [f32; 3]) -> Result<Self> {
-        let fused = |v: f32| match v {
-            v if v == TWO_POW_M24 => Ok(true),
-            v if v == 0.0 => Ok(false),
-            v => Err(Error::Gpu(format!(
-                "arithmetic probe: fma(1+2^-12, 1+2^-12, -(1+2^-11)) gave {v:e}, \
-                 neither 2^-24 (fused) nor 0 (rounded twice)"
-            ))),
+        let fused = |v: f32| {
+            if v == TWO_POW_M24 {
+                Ok(true)
+            } else if v == 0.0 {
+                Ok(false)
+            } else {
+                Err(Error::Gpu(format!(
+                    "arithmetic probe: fma(1+2^-12, 1+2^-12, -(1+2^-11)) gave {v:e}, \
+                     neither 2^-24 (fused) nor 0 (rounded twice)"
+                )))
+            }
         };
         let fma = match (fused(scalar)?, fused(vector)?) {
             (true, true) => Fma::Fused,
             (false, false) => Fma::Unfused,
             _ => Fma::Mixed,
         };
-        let flushes_subnormals = match square {
-            v if v == 0.0 => true,
-            v if v == TWO_POW_M140 => false,
-            v => {
-                return Err(Error::Gpu(format!(
-                    "arithmetic probe: 2^-70 * 2^-70 gave {v:e}, neither 2^-140 nor 0"
-                )))
-            }
+        let flushes_subnormals = if square == 0.0 {
+            true
+        } else if square == TWO_POW_M140 {
+            false
+        } else {
+            return Err(Error::Gpu(format!(
+                "arithmetic probe: 2^-70 * 2^-70 gave {square:e}, neither 2^-140 nor 0"
+            )));
         };
         Ok(Self {
             fma,

@@ -13,9 +13,11 @@
 //!   - GPU (hardware only): the calibration is `shaders/calibrate.comp`, fixed FMA chains timed
 //!     by a timer query; the case is the median kernel time of back-to-back dispatches.
 //! - Baselines live in `golden/perf/<device-key>.json` (key: device kind, microkernel, CPU model,
-//!   threads; for the GPU, its renderer). A regression is a ratio below the baseline's by more than [`BAND`] in all three
-//!   rounds. A missing baseline is written and reported as new (never in CI, where it fails);
-//!   `SPORKLE_BLESS=1` rewrites.
+//!   threads; for the GPU, its renderer: speed, unlike numerics, belongs to the device). A
+//!   regression is a ratio below the baseline's by more than [`BAND`] in all three rounds.
+//!   Without a baseline (a new device or case) the trial is ignored, never passed or failed:
+//!   its reason gives the command that records one ([`RECORD`]) and, for information, the ratio
+//!   against the closest known device's (by calibration speed). Only `SPORKLE_BLESS=1` writes.
 //! - `--report DIR` writes `perf.json` and `perf.svg` (per shape: this run, the baseline, and
 //!   every peer given with `--peers FILE`, JSON lines as printed by `shared/peers/*.py`).
 
@@ -114,6 +116,7 @@ fn run(ctx: &Context, device: &Device, case: &Case, test_mode: bool) -> Result<C
             .conv2d_prepared(p, &x, &prepared, bias, &mut y)
             .map_err(fail)
     };
+    let mut verdict = Completion::Completed;
     if test_mode {
         once()?;
     } else {
@@ -150,10 +153,10 @@ fn run(ctx: &Context, device: &Device, case: &Case, test_mode: bool) -> Result<C
             variance.sqrt() / 1e6,
             ns.len()
         );
-        result?;
+        verdict = result?;
     }
     check_sample(p, &x, &w, bias, &y, CHECKS, Tolerance::Fp32)
-        .map(|_| Completion::Completed)
+        .map(|_| verdict)
         .map_err(|m| fail(format!("{}: wrong result: {m}", case.name)))
 }
 
@@ -224,8 +227,8 @@ fn gpu_bench(
             .collect::<Vec<_>>()
             .join(", ")
     );
-    result?;
-    check_gpu_sample(case, (&x, &w, bias), &y).map(|()| Completion::Completed)
+    let verdict = result?;
+    check_gpu_sample(case, (&x, &w, bias), &y).map(|()| verdict)
 }
 
 /// A sampled check of a GPU result of `case` with inputs `(x, w, bias)` (the Winograd tolerance
@@ -251,7 +254,13 @@ fn gpu_smoke(device: &Device, case: &Case) -> Result<(), Failed> {
     check_gpu_sample(case, (&x, &w, bias), &y)
 }
 
-/// Compares three rounds with the baseline, writes a missing (or blessed) one, records the row.
+/// The command that records (or rewrites) performance baselines.
+const RECORD: &str = "SPORKLE_BLESS=1 cargo run --release --bin sporkle-validate -- --bench";
+
+/// Compares three rounds with the baseline and records the row; writes the baseline when
+/// blessing. Without a baseline (a device or case not seen before) the trial is ignored, with
+/// the command that records one and, as information, this run against the closest known
+/// device's baseline (both ratios to their own calibration); it neither passes nor fails.
 fn judge(
     ctx: &Context,
     (key, calibration): (&str, &str),
@@ -259,7 +268,7 @@ fn judge(
     case: &Case,
     gflops: &[f64],
     ratios: &[f64],
-) -> Result<(), Failed> {
+) -> Result<Completion, Failed> {
     let mid = |v: &[f64]| {
         let mut v = v.to_vec();
         v.sort_by(f64::total_cmp);
@@ -270,13 +279,30 @@ fn judge(
     let path = baseline_path(key);
     let mut file = read_baselines(&path).map_err(fail)?;
     let old = file.cases.get(&case.name).copied();
-    let in_ci = std::env::var_os("CI").is_some();
     let (status, verdict) = match old {
-        Some(base) if !ctx.opts.bless => {
+        _ if ctx.opts.bless => {
+            file.device_key = key.to_owned();
+            file.calibration = calibration.into();
+            file.cases.insert(
+                case.name.clone(),
+                Baseline {
+                    gflops: g,
+                    ratio: r,
+                },
+            );
+            write_baselines(&path, &file).map_err(fail)?;
+            println!(
+                "{}: baseline {g:.1} GFLOP/s, ratio {r:.4} written ({})",
+                case.name,
+                path.display()
+            );
+            ("new".to_owned(), Ok(Completion::Completed))
+        }
+        Some(base) => {
             let floor = base.ratio * (1.0 - BAND);
             if ratios.iter().all(|&x| x < floor) {
                 let msg = format!(
-                    "performance regression: ratio to calibration {} in all {ROUNDS} rounds, below the baseline's {:.4} by more than {:.0}% ({g:.1} GFLOP/s now, {:.1} at the baseline); if intended, re-bless with SPORKLE_BLESS=1",
+                    "performance regression: ratio to calibration {} in all {ROUNDS} rounds, below the baseline's {:.4} by more than {:.0}% ({g:.1} GFLOP/s now, {:.1} at the baseline); if intended, re-bless: {RECORD}",
                     ratios.iter().map(|x| format!("{x:.4}")).collect::<Vec<_>>().join(", "),
                     base.ratio,
                     BAND * 100.0,
@@ -289,37 +315,30 @@ fn judge(
                     case.name, base.ratio
                 );
                 println!("{msg}");
-                ("faster".to_owned(), Ok(()))
+                ("faster".to_owned(), Ok(Completion::Completed))
             } else {
-                ("ok".to_owned(), Ok(()))
+                ("ok".to_owned(), Ok(Completion::Completed))
             }
         }
-        None if in_ci && !ctx.opts.bless => (
-            "missing".to_owned(),
-            Err(format!(
-                "no performance baseline for {} in {} (CI never writes one)",
-                case.name,
-                path.display()
+        None => {
+            let closest = closest_baseline(key, &case.name, g / r).map_err(fail)?;
+            let compared = match closest {
+                Some((other, base)) => format!(
+                    "; for information, ratio {r:.4} here against {:.4} on the closest known device, {other} (calibration {:.0} GFLOP/s there, {:.0} here): {:.2}x",
+                    base.ratio,
+                    base.gflops / base.ratio,
+                    g / r,
+                    r / base.ratio
+                ),
+                None => "; no other device has a baseline for it".to_owned(),
+            };
+            (
+                "no baseline".to_owned(),
+                Ok(Completion::ignored_with(format!(
+                    "no baseline for {} on {key} ({g:.1} GFLOP/s measured, output checked); record one: {RECORD}{compared}",
+                    case.name
+                ))),
             )
-            .into()),
-        ),
-        _ => {
-            file.device_key = key.to_owned();
-            file.calibration = calibration.into();
-            file.cases.insert(
-                case.name.clone(),
-                Baseline {
-                    gflops: g,
-                    ratio: r,
-                },
-            );
-            write_baselines(&path, &file).map_err(fail)?;
-            println!(
-                "{}: new baseline {g:.1} GFLOP/s, ratio {r:.4} ({})",
-                case.name,
-                path.display()
-            );
-            ("new".to_owned(), Ok(()))
         }
     };
     ctx.perf_rows
@@ -335,6 +354,48 @@ fn judge(
             status,
         });
     verdict
+}
+
+/// Among the other devices of `key`'s family (the part before its first dash: `cpu`, `gpu`)
+/// with a baseline for `case`, the one whose calibration (GFLOP/s = gflops / ratio) was
+/// closest to `calibration`: its key and baseline.
+fn closest_baseline(
+    key: &str,
+    case: &str,
+    calibration: f64,
+) -> Result<Option<(String, Baseline)>, String> {
+    let dir = crate::repo_root().join("golden/perf");
+    let family = key.split('-').next().unwrap_or(key);
+    let entries = match std::fs::read_dir(&dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(format!("{}: {e}", dir.display())),
+    };
+    let mut best: Option<(f64, String, Baseline)> = None;
+    for entry in entries {
+        let path = entry.map_err(|e| format!("{}: {e}", dir.display()))?.path();
+        let Some(other) = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_suffix(".json"))
+        else {
+            continue;
+        };
+        if other == key || other.split('-').next() != Some(family) {
+            continue;
+        }
+        let Some(base) = read_baselines(&path)?.cases.get(case).copied() else {
+            continue;
+        };
+        if !(base.ratio > 0.0 && base.gflops > 0.0) {
+            continue;
+        }
+        let distance = (calibration / (base.gflops / base.ratio)).ln().abs();
+        if best.as_ref().is_none_or(|(d, _, _)| distance < *d) {
+            best = Some((distance, other.to_owned(), base));
+        }
+    }
+    Ok(best.map(|(_, k, b)| (k, b)))
 }
 
 /// The key of a device's baselines: kind, microkernel, CPU model and threads.
@@ -512,4 +573,33 @@ fn svg(rows: &[Row], peers: &[(String, String, f64)]) -> String {
         );
     }
     out + "</svg>\n"
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A device without baselines is compared with the stored one of its family whose
+    /// calibration is nearest; its own file and other families never count.
+    #[test]
+    fn the_closest_baseline_is_of_the_same_family() {
+        let case = "vgg_3x3_56_256_n32";
+        let (gpu, base) = closest_baseline("gpu-unseen", case, 60_000.0)
+            .unwrap()
+            .expect("a stored GPU baseline");
+        assert!(gpu.starts_with("gpu-"), "{gpu}");
+        assert!(base.ratio > 0.0);
+        let (cpu, _) = closest_baseline("cpu-avx512-unseen-2t", case, 30.0)
+            .unwrap()
+            .expect("a stored CPU baseline");
+        assert!(cpu.starts_with("cpu-"), "{cpu}");
+        let own = closest_baseline(&gpu, case, 60_000.0).unwrap();
+        assert!(
+            own.is_none_or(|(k, _)| k != gpu),
+            "its own file is not another device"
+        );
+        assert!(closest_baseline("gpu-unseen", "no_such_case", 1.0)
+            .unwrap()
+            .is_none());
+    }
 }

@@ -48,6 +48,15 @@ pub enum Error {
         problem: String,
     },
 
+    /// A benchdnn-style problem descriptor (see [`crate::desc`]) that sporkle cannot run.
+    #[error("problem descriptor {desc:?}: {problem}")]
+    Descriptor {
+        /// The descriptor as given.
+        desc: String,
+        /// What is wrong with it.
+        problem: String,
+    },
+
     /// The requested device does not exist on this machine, or cannot be used.
     #[error("device unavailable: {0}")]
     DeviceUnavailable(String),

@@ -37,6 +37,7 @@
 
 pub mod cpu;
 pub mod data;
+pub mod desc;
 pub mod error;
 pub mod gpu;
 pub mod juggler;

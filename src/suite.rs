@@ -22,8 +22,12 @@
 //! seed = 1                      # data seed; default: derived from the name
 //! pins = "what bug this pins"   # regression suite: required, says which bug the case pins
 //! xfail = { gpu = "reason" }    # devices where the case is expected to fail, and why
+//!
+//! [[case]]                      # the same shape as a benchdnn problem descriptor (crate::desc)
+//! desc = "mb1ic64ih56oc64kh3ph1" # instead of n ... groups; name defaults to its n"..." or itself
 //! ```
-//! Unknown keys are errors, so a typo never silently drops a setting.
+//! Unknown keys are errors, so a typo never silently drops a setting; a case gives its shape
+//! either by the keys above or by `desc`, never both.
 
 #![forbid(unsafe_code)]
 
@@ -83,14 +87,24 @@ impl Pair {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawCase {
-    name: String,
-    n: usize,
-    c_in: usize,
-    h: usize,
-    w: usize,
-    c_out: usize,
-    k_h: usize,
-    k_w: usize,
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    desc: Option<String>,
+    #[serde(default)]
+    n: Option<usize>,
+    #[serde(default)]
+    c_in: Option<usize>,
+    #[serde(default)]
+    h: Option<usize>,
+    #[serde(default)]
+    w: Option<usize>,
+    #[serde(default)]
+    c_out: Option<usize>,
+    #[serde(default)]
+    k_h: Option<usize>,
+    #[serde(default)]
+    k_w: Option<usize>,
     #[serde(default)]
     stride: Option<Pair>,
     #[serde(default)]
@@ -111,36 +125,102 @@ struct RawCase {
     xfail: std::collections::BTreeMap<String, String>,
 }
 
+impl RawCase {
+    /// The case's convolution and name, from its keys or its descriptor (not both).
+    fn shape(&self) -> std::result::Result<(Conv2dParams, String), String> {
+        let keys = [
+            ("n", self.n),
+            ("c_in", self.c_in),
+            ("h", self.h),
+            ("w", self.w),
+            ("c_out", self.c_out),
+            ("k_h", self.k_h),
+            ("k_w", self.k_w),
+        ];
+        if let Some(desc) = &self.desc {
+            let given = keys
+                .iter()
+                .filter(|(_, v)| v.is_some())
+                .map(|(k, _)| *k)
+                .chain(self.stride.map(|_| "stride"))
+                .chain(self.padding.map(|_| "padding"))
+                .chain(self.dilation.map(|_| "dilation"))
+                .chain(self.groups.map(|_| "groups"))
+                .collect::<Vec<_>>();
+            if !given.is_empty() {
+                return Err(format!(
+                    "desc {desc:?} gives the shape; {} must not be given too",
+                    given.join(", ")
+                ));
+            }
+            let problem = crate::desc::parse(desc).map_err(|e| e.to_string())?;
+            let name = self
+                .name
+                .clone()
+                .or(problem.name)
+                .unwrap_or_else(|| desc.clone());
+            return Ok((problem.params, name));
+        }
+        let name = self.name.clone().ok_or("missing field `name`")?;
+        let [n, c_in, h, w, c_out, k_h, k_w] = keys.map(|(k, v)| {
+            v.ok_or_else(|| format!("case {name:?}: missing field `{k}` (or give `desc`)"))
+        });
+        let params = Conv2dParams {
+            n: n?,
+            c_in: c_in?,
+            h: h?,
+            w: w?,
+            c_out: c_out?,
+            k_h: k_h?,
+            k_w: k_w?,
+            stride: self.stride.map_or((1, 1), Pair::get),
+            padding: self.padding.map_or((0, 0), Pair::get),
+            dilation: self.dilation.map_or((1, 1), Pair::get),
+            groups: self.groups.unwrap_or(1),
+        };
+        Ok((params, name))
+    }
+}
+
 impl<'de> Deserialize<'de> for Case {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        use serde::de::Error as _;
         let r = RawCase::deserialize(d)?;
-        let params = Conv2dParams {
-            n: r.n,
-            c_in: r.c_in,
-            h: r.h,
-            w: r.w,
-            c_out: r.c_out,
-            k_h: r.k_h,
-            k_w: r.k_w,
-            stride: r.stride.map_or((1, 1), Pair::get),
-            padding: r.padding.map_or((0, 0), Pair::get),
-            dilation: r.dilation.map_or((1, 1), Pair::get),
-            groups: r.groups.unwrap_or(1),
-        };
-        // A stable seed from the name (FNV-1a), so a case's data never depends on file order.
-        let seed = r.seed.unwrap_or_else(|| {
-            r.name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-                (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
-            })
-        });
+        let (params, name) = r.shape().map_err(D::Error::custom)?;
+        let seed = r.seed.unwrap_or_else(|| seed_of(&name));
         Ok(Case {
-            name: r.name,
+            name,
             params,
             bias: r.bias,
             exact: r.exact,
             seed,
             pins: r.pins,
             xfail: r.xfail,
+        })
+    }
+}
+
+/// A stable seed from a case's name (FNV-1a), so its data never depends on file order.
+fn seed_of(name: &str) -> u64 {
+    name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    })
+}
+
+impl Case {
+    /// A case from a benchdnn problem descriptor alone (`sporkle-validate --problem`): named by
+    /// its `n"..."` or the descriptor itself, no bias, uniform data.
+    pub fn from_desc(desc: &str) -> Result<Self> {
+        let problem = crate::desc::parse(desc)?;
+        let name = problem.name.unwrap_or_else(|| desc.trim().to_owned());
+        Ok(Case {
+            seed: seed_of(&name),
+            name,
+            params: problem.params,
+            bias: false,
+            exact: false,
+            pins: None,
+            xfail: Default::default(),
         })
     }
 }
@@ -213,6 +293,43 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("\"z\""));
+    }
+
+    #[test]
+    fn cases_by_descriptor() {
+        let s = Suite::parse(
+            Path::new("t.toml"),
+            "[[case]]\ndesc='mb1ic8ih9oc16kh3sh2ph1'\n[[case]]\ndesc='ic4ih5oc4kh1n\"named\"'\nbias=true\n[[case]]\nname='own'\ndesc='g2ic4ih5oc4kh3'\n",
+        )
+        .unwrap();
+        let names: Vec<&str> = s.cases.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names, ["mb1ic8ih9oc16kh3sh2ph1", "named", "own"]);
+        assert_eq!(
+            s.cases[0].params,
+            Conv2dParams::new(1, 8, 9, 9, 16, 3, 3)
+                .with_stride(2, 2)
+                .with_padding(1, 1)
+        );
+        assert!(s.cases[1].bias);
+        assert_eq!(s.cases[2].params.groups, 2);
+        let both = Suite::parse(
+            Path::new("t.toml"),
+            "[[case]]\ndesc='ic4ih5oc4kh1'\nc_in=4\n",
+        );
+        assert!(both
+            .unwrap_err()
+            .to_string()
+            .contains("c_in must not be given too"));
+        let bad = Suite::parse(Path::new("t.toml"), "[[case]]\ndesc='ic4ih5oc4kh1zz'\n");
+        assert!(bad
+            .unwrap_err()
+            .to_string()
+            .contains("unknown field at \"zz\""));
+        let missing = Suite::parse(Path::new("t.toml"), "[[case]]\nname='m'\nn=1\n");
+        assert!(missing
+            .unwrap_err()
+            .to_string()
+            .contains("missing field `c_in`"));
     }
 
     #[test]

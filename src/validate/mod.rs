@@ -21,7 +21,8 @@
 //!
 //! Beyond libtest's options: `--stress` (or `SPORKLE_STRESS=1`) runs the stress trials,
 //! `--report DIR` writes the performance report, `--peers FILE` (repeatable) adds peers' JSON
-//! lines to it. `SPORKLE_BLESS=1` rewrites goldens' fingerprints and performance baselines.
+//! lines to it, `--problem DESC` (repeatable) runs only the cases given as benchdnn problem
+//! descriptors (`problem/{name}`, see [`crate::desc`]). `SPORKLE_BLESS=1` rewrites goldens' fingerprints and performance baselines.
 
 #![forbid(unsafe_code)]
 
@@ -55,6 +56,9 @@ pub struct Options {
     pub bless: bool,
     /// Measure the performance trials (`--bench`); only they run.
     pub bench: bool,
+    /// Cases given as benchdnn problem descriptors (`--problem DESC`, repeatable); when there
+    /// are any, only they run (`problem/{name}` on every backend, against the reference).
+    pub problems: Vec<crate::suite::Case>,
 }
 
 impl Options {
@@ -75,9 +79,11 @@ impl Options {
                 "--stress" => o.stress = true,
                 "--report" => o.report = Some(value("--report")?.into()),
                 "--peers" => o.peers.push(value("--peers")?.into()),
+                "--problem" => o.problems.push(problem(&value("--problem")?)?),
                 _ => match a.split_once('=') {
                     Some(("--report", v)) => o.report = Some(v.into()),
                     Some(("--peers", v)) => o.peers.push(v.into()),
+                    Some(("--problem", v)) => o.problems.push(problem(v)?),
                     _ => rest.push(a),
                 },
             }
@@ -85,6 +91,11 @@ impl Options {
         *args = rest;
         Ok(o)
     }
+}
+
+/// A `--problem` case, or why its descriptor cannot run.
+fn problem(desc: &str) -> Result<crate::suite::Case, String> {
+    crate::suite::Case::from_desc(desc).map_err(|e| format!("--problem: {e}"))
 }
 
 /// What every trial shares.
@@ -149,6 +160,9 @@ pub fn main() -> ExitCode {
 fn all_trials(ctx: &Arc<Context>) -> crate::Result<Vec<Trial>> {
     if ctx.opts.bench {
         return perf::trials(ctx);
+    }
+    if !ctx.opts.problems.is_empty() {
+        return Ok(suites::problem_trials(ctx));
     }
     let mut trials = suites::trials(ctx)?;
     trials.extend(props::trials(ctx));
@@ -254,9 +268,24 @@ mod tests {
         .to_vec();
         let o = Options::take_from(&mut args).unwrap();
         assert!(o.stress);
+        assert!(o.problems.is_empty());
         assert_eq!(o.report, Some(PathBuf::from("out")));
         assert_eq!(o.peers, vec![PathBuf::from("a.json")]);
         assert_eq!(args, ["bin", "edge", "--exact"]);
         assert!(Options::take_from(&mut vec!["bin".into(), "--report".into()]).is_err());
+        let mut args: Vec<String> = [
+            "bin",
+            "--problem",
+            "mb1ic4ih5oc8kh3",
+            "--problem=ic4ih5oc4kh1n\"x\"",
+        ]
+        .map(String::from)
+        .to_vec();
+        let o = Options::take_from(&mut args).unwrap();
+        let names: Vec<&str> = o.problems.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names, ["mb1ic4ih5oc8kh3", "x"]);
+        assert_eq!(args, ["bin"]);
+        let bad = Options::take_from(&mut vec!["bin".into(), "--problem=ic4ih5oc4".into()]);
+        assert!(bad.unwrap_err().contains("kernel size"));
     }
 }

@@ -1,5 +1,6 @@
-//! Suite trials: every case of `suites/{basic,edge,regression,stress}.toml` on every backend,
-//! against the reference (tolerance or bit-exact), named `{suite}/{case}`.
+//! Suite trials: every case of `suites/{basic,edge,regression,stress,benchdnn}.toml` on every
+//! backend, against the reference (tolerance or bit-exact), named `{suite}/{case}`; and the
+//! cases of `--problem DESC`, named `problem/{name}`.
 
 use super::{fail, trial, Context};
 use crate::suite::{Case, Suite};
@@ -9,7 +10,7 @@ use libtest_mimic::{Failed, Trial};
 use std::sync::Arc;
 
 /// The suites checked for correctness (the perf suite is too large for the reference).
-pub const CORRECTNESS_SUITES: [&str; 4] = ["basic", "edge", "regression", "stress"];
+pub const CORRECTNESS_SUITES: [&str; 5] = ["basic", "edge", "regression", "stress", "benchdnn"];
 
 /// Loads a suite by name from `suites/`.
 pub fn load(name: &str) -> crate::Result<Suite> {
@@ -30,6 +31,23 @@ pub fn load(name: &str) -> crate::Result<Suite> {
         }
     }
     Ok(suite)
+}
+
+/// `problem/{name}` for each `--problem` case on every backend, against the reference.
+pub fn problem_trials(ctx: &Arc<Context>) -> Vec<Trial> {
+    let mut out = Vec::new();
+    for case in &ctx.opts.problems {
+        for device in ctx.devices.iter().filter(|d| d.is_backend()) {
+            let (case, dev) = (case.clone(), device.clone());
+            out.push(trial(
+                format!("problem/{}", case.name),
+                device,
+                None,
+                move || check_case(&case, &dev),
+            ));
+        }
+    }
+    out
 }
 
 pub fn trials(ctx: &Arc<Context>) -> crate::Result<Vec<Trial>> {

@@ -122,7 +122,7 @@ fn check(root: &Path) -> Result<Completion, Failed> {
             }
         }
     }
-    for suite in ["basic", "edge", "regression", "stress", "perf"] {
+    for suite in ["basic", "edge", "regression", "stress", "benchdnn", "perf"] {
         match crate::suite::Suite::load(&root.join(format!("suites/{suite}.toml"))) {
             Ok(s) if s.description.trim().is_empty() => {
                 problems.push(format!("suites/{suite}.toml: no description"))

@@ -504,10 +504,11 @@ fn bench(a: BenchArgs) -> Result<()> {
                     // Sorted by median(): the spread, for telling a slow phase from noise.
                     let (k_min, k_max) = (kernel[0], kernel[kernel.len() - 1]);
                     let k_gf = p.flops() as f64 / k_ms / 1e6;
-                    let algorithm =
-                        format!("{:?}", sporkle::gpu::Algorithm::for_params(&p)).to_lowercase();
+                    // The plan that ran (Winograd falls back where it does not fit).
+                    let plan = gpu.plan_info(&p, bias.is_some())?;
+                    let algorithm = format!("{:?}", plan.algorithm).to_lowercase();
                     emit(
-                        serde_json::json!({"shape": case.name, "device": format!("sporkle-gpu-kernel {r}"), "ms": round4(k_ms), "gflops": round2(k_gf), "algorithm": algorithm, "ms_min": round4(k_min), "ms_max": round4(k_max)}),
+                        serde_json::json!({"shape": case.name, "device": format!("sporkle-gpu-kernel {r}"), "ms": round4(k_ms), "gflops": round2(k_gf), "algorithm": algorithm, "plan": plan.key(), "ms_min": round4(k_min), "ms_max": round4(k_max)}),
                     )?;
                     k_gf
                 };
@@ -1029,7 +1030,27 @@ fn devices() -> Result<()> {
     out!("  threads: {}", backend.threads());
     out!("  microkernel: {}", backend.microkernel().name());
     match sporkle::GpuBackend::new() {
-        Ok(gpu) => out!("{}", gpu.info().to_string().trim_end()),
+        Ok(gpu) => {
+            out!("{}", gpu.info().to_string().trim_end());
+            // Measured, with the plan of each call: what fixes the GPU's output bits.
+            match gpu.arithmetic() {
+                Ok(a) => out!(
+                    "  arithmetic: {} (fma() {}; subnormal results {})",
+                    a.name(),
+                    match a.fma {
+                        sporkle::gpu::arithmetic::Fma::Fused => "rounds once",
+                        sporkle::gpu::arithmetic::Fma::Unfused => "rounds twice",
+                        sporkle::gpu::arithmetic::Fma::Mixed => "rounds once or twice by form",
+                    },
+                    if a.flushes_subnormals {
+                        "flushed to zero"
+                    } else {
+                        "kept"
+                    }
+                ),
+                Err(e) => out!("  arithmetic: not probed ({e})"),
+            }
+        }
         Err(e) => out!("gpu: none ({e})"),
     }
     Ok(())

@@ -77,6 +77,19 @@ pub fn trials(ctx: &Arc<Context>) -> crate::Result<Vec<Trial>> {
     })?;
     let producer = Arc::new(manifest.producer.to_string());
     let mut out = Vec::new();
+    for device in ctx
+        .devices
+        .iter()
+        .filter(|d| matches!(d, Device::Gpu { .. } | Device::GpuAsync { .. }))
+    {
+        let dev = device.clone();
+        out.push(trial(
+            "fingerprint/arithmetic_class".into(),
+            device,
+            None,
+            move || arithmetic_is_the_kernels(&dev),
+        ));
+    }
     for case in manifest.cases {
         for device in &ctx.devices {
             let (c, dev, prod) = (case.clone(), device.clone(), Arc::clone(&producer));
@@ -126,6 +139,73 @@ fn matches_producer(case: &Case, device: &Device, producer: &str) -> Result<(), 
                 device.kind()
             ))
         })
+}
+
+/// The GPU's arithmetic class, which names its fingerprints, is the kernels' own: two
+/// convolutions whose result is one value if `fma()` rounds once and another if it rounds
+/// twice, and one whose result is subnormal, each on the narrow kernel (one filter) and the
+/// tiled kernel (64 filters), must give what the probe's class predicts.
+fn arithmetic_is_the_kernels(device: &Device) -> Result<(), Failed> {
+    use crate::gpu::arithmetic::Fma;
+    let gpu_of = |d: &Device| match d {
+        Device::Gpu { backend } => Some(Arc::clone(backend)),
+        Device::GpuAsync { same_gpu, .. } => Some(Arc::clone(same_gpu)),
+        _ => None,
+    };
+    let gpu = gpu_of(device).ok_or("not a GPU device")?;
+    let class = gpu.arithmetic().map_err(fail)?;
+    let a = 1.0 + 1.0 / 4096.0;
+    let (exact, tiny) = (1.0 / 16_777_216.0f32, 1.0 / (2.0f32).powi(70));
+    let mut checked = Vec::new();
+    for c_out in [1, 64] {
+        // Taps summed in order: round(x0 * w0) = -(1 + 2^-11) exactly, then x1 * w1 added.
+        let p = Conv2dParams::new(1, 2, 1, 1, c_out, 1, 1);
+        let plan = device
+            .numerics(&p, false)
+            .map_err(fail)?
+            .map_or_else(String::new, |n| n.plan);
+        let y = device
+            .conv2d(
+                &p,
+                &[-(1.0 + 1.0 / 2048.0), a],
+                &[1.0, a].repeat(c_out),
+                None,
+            )
+            .map_err(fail)?;
+        let want = match class.fma {
+            Fma::Fused => Some(exact),
+            Fma::Unfused => Some(0.0),
+            Fma::Mixed => None,
+        };
+        if let Some(v) = y.iter().find(|&&v| want.is_some_and(|w| v != w)) {
+            return Err(fail(format!(
+                "the probe says {}, but plan {plan} gave {v:e} (fused: 2^-24, twice rounded: 0)",
+                class.name()
+            )));
+        }
+        let p = Conv2dParams::new(1, 1, 1, 1, c_out, 1, 1);
+        let y = device
+            .conv2d(&p, &[tiny], &vec![tiny; c_out], None)
+            .map_err(fail)?;
+        let want = if class.flushes_subnormals {
+            0.0
+        } else {
+            tiny * tiny
+        };
+        if let Some(v) = y.iter().find(|&&v| v != want) {
+            return Err(fail(format!(
+                "the probe says {}, but plan {plan} gave 2^-70 * 2^-70 = {v:e}",
+                class.name()
+            )));
+        }
+        checked.push(plan);
+    }
+    println!(
+        "arithmetic {} holds on plans {}",
+        class.name(),
+        checked.join(", ")
+    );
+    Ok(())
 }
 
 /// The command that accepts new fingerprints (CI never writes them).

@@ -29,7 +29,9 @@
 //! - [`suite`] reads the device-independent case files in `suites/*.toml`.
 //! - [`data`] makes deterministic test data (seeded uniform and small-integer fills).
 //! - [`validate`] is the validation harness (`sporkle-validate`, and `cargo test`'s
-//!   `tests/validate.rs`): suites × devices, goldens, fingerprints, leaks, stress, performance.
+//!   `tests/validate.rs`): suites × devices, goldens, fingerprints (keyed by arithmetic class
+//!   and plan, never by a device's name), leaks, stress, performance; [`desc`] reads cases
+//!   written as benchdnn problem descriptors.
 //! - The binaries: `sporkle` (`conv2d`, `bench`, `devices`) and `sporkle-validate`.
 //!
 //! Layouts: input `N×C×H×W`, weights `K×(C/G)×R×S`, optional bias `K`, output `N×K×Ho×Wo`,

@@ -21,7 +21,7 @@
 //!   starts the copy out once the previous step's convolution has passed its fence, and
 //!   dispatches the convolution once the previous step's copy in has passed its event; a step
 //!   without a new job is recorded as soon as it would not block, or where only its copy out
-//!   could start, that copy out alone ([`Worker::step_copy_out_early`]). (Ordering the APIs on
+//!   could start, that copy out alone (`Worker::step_copy_out_early`). (Ordering the APIs on
 //!   the GPU with shared semaphores was slower: README.)
 //! - Shader copies (the default otherwise): workgroups of the convolution's own dispatch where
 //!   its plan is one pass, after one barrier, then one fence, so the GPU moves data both ways

@@ -48,7 +48,7 @@ fn pool() -> Option<&'static rayon::ThreadPool> {
     .as_ref()
 }
 
-/// `dst.copy_from_slice(src)`, split across the copy threads ([`chunks`]) with streaming stores
+/// `dst.copy_from_slice(src)`, split across the copy threads (`chunks`) with streaming stores
 /// when large.
 pub fn parallel_copy(src: &[f32], dst: &mut [f32]) {
     if src.len() < PARALLEL_COPY_MIN {

@@ -197,11 +197,21 @@ fn gpu_presence(ctx: &Context) -> Trial {
     .with_kind("gpu")
 }
 
-/// insta writes into `golden/snapshots`; blessing means accepting every new value.
+/// insta writes into `golden/snapshots`; blessing means accepting every new value, and
+/// clearing what earlier failed runs left pending (`*.snap.new`), so nothing stray is committed.
 fn prepare_insta(bless: bool) {
     // Edition 2021: set_var is safe; this runs before any trial thread starts.
     if bless {
         std::env::set_var("INSTA_UPDATE", "always");
+        let dir = crate::repo_root().join("golden/snapshots");
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.to_str().is_some_and(|p| p.ends_with(".snap.new")) {
+                if let Err(e) = std::fs::remove_file(&path) {
+                    eprintln!("sporkle-validate: cannot remove {}: {e}", path.display());
+                }
+            }
+        }
     }
     if std::env::var_os("INSTA_WORKSPACE_ROOT").is_none() {
         std::env::set_var("INSTA_WORKSPACE_ROOT", crate::repo_root());

@@ -10,6 +10,10 @@ import numpy as np, onnx, onnxruntime as ort
 from onnx import helper, TensorProto
 
 # name, n, c_in, h, w, c_out, k_h, k_w, stride, padding, dilation, groups, bias
+# padding: (PH, PW) on both sides, (T, L, B, R) per side (ONNX pads order [t, l, b, r]), or an
+# ONNX auto_pad rule ("same" = SAME_UPPER, "same-lower" = SAME_LOWER, "valid"), which ONNX
+# resolves itself: the producer, not sporkle, decides what the rule means (onnxruntime refuses
+# auto_pad with dilation, so dilated cases give their pads).
 CASES = [
     ("resnet_3x3", 2, 16, 14, 14, 32, 3, 3, (1, 1), (1, 1), (1, 1), 1, True),
     ("stem_7x7_s2", 1, 3, 30, 30, 16, 7, 7, (2, 2), (3, 3), (1, 1), 1, True),
@@ -19,7 +23,14 @@ CASES = [
     ("per_axis", 2, 6, 19, 11, 10, 5, 3, (2, 1), (2, 0), (1, 2), 2, False),
     ("stride3_odd", 1, 5, 23, 20, 17, 4, 4, (3, 3), (1, 2), (1, 1), 1, True),
     ("wide_reduction", 1, 256, 6, 6, 16, 3, 3, (1, 1), (1, 1), (1, 1), 1, False),
+    ("uneven_pads", 1, 4, 9, 8, 20, 3, 3, (1, 1), (0, 1, 2, 1), (1, 1), 1, True),
+    ("same_upper_even_s2", 2, 6, 11, 10, 16, 4, 2, (2, 2), "same", (1, 1), 1, True),
+    ("same_lower_s1x2", 1, 5, 12, 9, 8, 2, 3, (1, 2), "same-lower", (1, 1), 1, False),
+    ("pads_dilated", 1, 5, 12, 9, 8, 2, 3, (1, 2), (2, 0, 0, 3), (2, 1), 1, False),
+    ("valid_grouped", 1, 8, 10, 7, 8, 3, 2, (2, 1), "valid", (1, 1), 4, True),
 ]
+
+AUTO_PAD = {"same": "SAME_UPPER", "same-lower": "SAME_LOWER", "valid": "VALID"}
 
 def conv(x, w, b, stride, padding, dilation, groups):
     inputs = [helper.make_tensor_value_info("X", TensorProto.FLOAT, list(x.shape))]
@@ -28,8 +39,14 @@ def conv(x, w, b, stride, padding, dilation, groups):
     if b is not None:
         init.append(helper.make_tensor("B", TensorProto.FLOAT, list(b.shape), b.ravel()))
         names.append("B")
+    if isinstance(padding, str):
+        pad = {"auto_pad": AUTO_PAD[padding]}
+    elif len(padding) == 4:
+        pad = {"pads": list(padding)}
+    else:
+        pad = {"pads": [padding[0], padding[1], padding[0], padding[1]]}
     node = helper.make_node("Conv", names, ["Y"], strides=list(stride), dilations=list(dilation), group=groups,
-                            pads=[padding[0], padding[1], padding[0], padding[1]], kernel_shape=list(w.shape[2:]))
+                            kernel_shape=list(w.shape[2:]), **pad)
     y = helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)
     model = helper.make_model(helper.make_graph([node], "conv", inputs, [y], initializer=init),
                               opset_imports=[helper.make_opsetid("", 17)])
@@ -56,7 +73,9 @@ def main():
             if arr is not None:
                 np.save(os.path.join(d, fname + ".npy"), np.ascontiguousarray(arr))
         manifest["cases"].append({"name": name, "n": n, "c_in": c, "h": h, "w": w, "c_out": k, "k_h": kh, "k_w": kw,
-                                  "stride": list(stride), "padding": list(padding), "dilation": list(dilation),
+                                  "stride": list(stride),
+                                  "padding": padding if isinstance(padding, str) else list(padding),
+                                  "dilation": list(dilation),
                                   "groups": groups, "bias": bias})
     with open(os.path.join(root, "manifest.json"), "w") as f:
         json.dump(manifest, f, indent=1)

@@ -7,13 +7,14 @@
 //! - defaults: `g1`, `mb2`, stride 1, dilation 0 (benchdnn counts the gaps between taps:
 //!   its `dh0` is sporkle's `dilation = 1`), padding 0 when no output size is given;
 //! - an axis with nothing given takes the other axis's values (`ih56kh3` is 56×56, 3×3);
-//! - an output size without padding deduces the padding, `((o-1)·s − i + (k−1)·(d+1) + 1) / 2`;
-//!   with both, they must agree.
+//! - an output size without padding deduces the padding before, `((o-1)·s − i + (k−1)·(d+1) + 1) / 2`
+//!   (truncated), and the padding after as what the output still needs (more than before for
+//!   an odd total: TensorFlow's `SAME`);
+//! - an output size with padding deduces the padding after; they must not contradict.
 //!
-//! sporkle pads both sides of an axis alike, so a descriptor whose output needs uneven padding
-//! (benchdnn's right padding differing from the left) is refused, as are 3-D fields
-//! (`id`, `od`, `kd`, `sd`, `pd`, `dd`) that make it more than 2-D, unknown or repeated fields,
-//! and sizes that do not fit. Every refusal says what is wrong.
+//! Refused, each with what is wrong: 3-D fields (`id`, `od`, `kd`, `sd`, `pd`, `dd`), unknown or
+//! repeated fields, an output that would need negative padding, contradictions, and sizes that
+//! do not fit.
 
 #![forbid(unsafe_code)]
 
@@ -54,7 +55,7 @@ impl Axis {
     }
 
     /// Sporkle's (input, kernel, stride, padding, dilation) for this axis named `h` or `w`.
-    fn resolve(self, axis: char) -> std::result::Result<[usize; 5], String> {
+    fn resolve(self, axis: char) -> std::result::Result<[usize; 6], String> {
         let i = self.i.ok_or(format!("no input size (i{axis})"))?;
         let k = self.k.ok_or(format!("no kernel size (k{axis})"))?;
         let s = self.s.unwrap_or(1);
@@ -66,24 +67,24 @@ impl Axis {
             .checked_mul(d + 1)
             .and_then(|x| x.checked_add(1))
             .ok_or(format!("k{axis}{k} with d{axis}{d} overflows"))?;
-        let out = |p: usize| (i + 2 * p).checked_sub(span).map(|x| x / s + 1);
-        let p = match (self.o, self.p) {
-            (None, p) => p.unwrap_or(0),
-            (Some(o), Some(p)) => {
-                if out(p) != Some(o) {
-                    return Err(format!(
-                        "o{axis}{o} contradicts the rest: i{axis}{i} k{axis}{k} s{axis}{s} \
-                         p{axis}{p} d{axis}{d} give {}",
-                        out(p).map_or("no output".into(), |v| format!("o{axis}{v}"))
-                    ));
-                }
-                p
+        let out =
+            |before: usize, after: usize| (i + before + after).checked_sub(span).map(|x| x / s + 1);
+        // benchdnn's right padding for an output `o` and left padding `left`: what the last
+        // window needs past the input (negative: trailing input rows no window reads, which is
+        // padding 0 here). Symmetric padding is kept where it gives the same output.
+        let right_for = |o: usize, left: i128| -> usize {
+            let right = (o as i128 - 1) * s as i128 + span as i128 - i as i128 - left;
+            match left {
+                l if l >= 0 && out(l as usize, l as usize) == Some(o) => l as usize,
+                _ => right.max(0) as usize,
             }
+        };
+        let (before, after) = match (self.o, self.p) {
+            (None, p) => (p.unwrap_or(0), p.unwrap_or(0)),
+            (Some(0), _) => return Err(format!("o{axis} must be positive")),
+            (Some(o), Some(p)) => (p, right_for(o, p as i128)),
             (Some(o), None) => {
-                if o == 0 {
-                    return Err(format!("o{axis} must be positive"));
-                }
-                // benchdnn's padding: the left side, truncated; the right is what remains.
+                // benchdnn's left padding: half the total, truncated.
                 let total = ((o - 1) as i128 * s as i128 + span as i128) - i as i128;
                 let left = total / 2;
                 if left < 0 {
@@ -91,22 +92,22 @@ impl Axis {
                         "o{axis}{o} would need negative padding (part of the input cut off)"
                     ));
                 }
-                // With the right side no larger than the left, symmetric padding gives `o`
-                // (padding past the last window is never read); a larger right side cannot.
-                if out(left as usize) != Some(o) {
-                    return Err(format!(
-                        "o{axis}{o} needs uneven padding (p{axis}{left} before, {} after); \
-                         sporkle pads both sides alike",
-                        total - left
-                    ));
-                }
-                left as usize
+                (left as usize, right_for(o, left))
             }
         };
-        if out(p).is_none_or(|o| o == 0) {
+        if let Some(o) = self.o {
+            if out(before, after) != Some(o) {
+                return Err(format!(
+                    "o{axis}{o} contradicts the rest: i{axis}{i} k{axis}{k} s{axis}{s} \
+                     p{axis}{before} d{axis}{d} give {}",
+                    out(before, after).map_or("no output".into(), |v| format!("o{axis}{v}"))
+                ));
+            }
+        }
+        if out(before, after).is_none_or(|o| o == 0) {
             return Err(format!("the output along {axis} is empty"));
         }
-        Ok([i, k, s, p, d + 1])
+        Ok([i, k, s, before, after, d + 1])
     }
 }
 
@@ -178,8 +179,8 @@ fn parse_inner(desc: &str) -> std::result::Result<Problem, String> {
         (false, true) => h = w,
         (true, true) => {}
     }
-    let [ih, kh, sh, ph, dh] = h.resolve('h')?;
-    let [iw, kw, sw, pw, dw] = w.resolve('w')?;
+    let [ih, kh, sh, pt, pb, dh] = h.resolve('h')?;
+    let [iw, kw, sw, pl, pr, dw] = w.resolve('w')?;
     let positive = |f: &str, default: usize| match get(f) {
         Some(0) => Err(format!("{f} must be positive")),
         Some(v) => Ok(v),
@@ -196,7 +197,8 @@ fn parse_inner(desc: &str) -> std::result::Result<Problem, String> {
         k_h: kh,
         k_w: kw,
         stride: (sh, sw),
-        padding: (ph, pw),
+        padding: (pt, pl),
+        padding_end: (pb, pr),
         dilation: (dh, dw),
         groups: positive("g", 1)?,
     };
@@ -280,7 +282,17 @@ mod tests {
         // Output and padding that agree.
         assert_eq!(params("ic128ih56oc128oh28kh3sh2ph1").padding, (1, 1));
         // The last input row unused (benchdnn's right padding is -1): padding 0.
-        assert_eq!(params("ic3ih8oc4oh3kh3sh2").padding, (0, 0));
+        assert_eq!(params("ic3ih8oc4oh3kh3sh2").pads(), [0, 0, 0, 0]);
+        // Uneven, as benchdnn deduces it: SAME with an even kernel pads one more after.
+        assert_eq!(params("ic3ih8oc4oh8kh2").pads(), [0, 0, 1, 1]);
+        // The stride-2 layer written with its output only: ph0 and one row after (TF's SAME).
+        let p = params("ic128ih56oc128oh28kh3sh2");
+        assert_eq!((p.pads(), p.out_hw()), ([0, 0, 1, 1], (28, 28)));
+        // Output and left padding given: the right side follows.
+        assert_eq!(
+            params("ic3ih8iw8oc4oh8ow8kh2kw2ph1pw0").pads(),
+            [1, 0, 0, 1]
+        );
     }
 
     #[test]
@@ -294,6 +306,7 @@ mod tests {
                 .with_padding(1, 0)
                 .with_dilation(2, 1)
                 .with_groups(4),
+            Conv2dParams::new(1, 2, 8, 7, 2, 2, 4).with_pads(0, 1, 1, 2),
         ] {
             assert_eq!(params(&canonical(&p)), p, "{}", canonical(&p));
         }
@@ -312,8 +325,6 @@ mod tests {
         assert!(refused("ic3ih8oc4kh3sh0").contains("positive"));
         assert!(refused("mb0ic3ih8oc4kh3").contains("mb must be positive"));
         assert!(refused("g2ic3ih8oc4kh3").contains("invalid convolution parameters"));
-        // SAME with an even kernel pads one side more.
-        assert!(refused("ic3ih8oc4oh8kh2").contains("uneven padding (ph0 before, 1 after)"));
         assert!(refused("ic3ih10oc4oh3kh3sh2").contains("negative padding"));
         // The suite's stride-2 layer written with its output only: benchdnn deduces ph0 and a
         // right padding of 1 (TensorFlow's SAME), which sporkle cannot express.

@@ -270,6 +270,7 @@ const CALIBRATION: Conv2dParams = Conv2dParams {
     k_w: 3,
     stride: (1, 1),
     padding: (1, 1),
+    padding_end: (1, 1),
     dilation: (1, 1),
     groups: 1,
 };

@@ -3,8 +3,11 @@
 //!
 //! Vocabulary (used the same way in Rust, GLSL, TOML and trial names): `n` images of
 //! `c_in` channels of `h × w`; `c_out` filters of `k_h × k_w` over `c_in / groups` channels;
-//! `stride = (sh, sw)`, `padding = (ph, pw)` (symmetric per axis), `dilation = (dh, dw)`.
-//! Output size per axis: `ho = (h + 2·ph − dh·(k_h − 1) − 1) / sh + 1`.
+//! `stride = (sh, sw)`, `padding = (ph, pw)` before each axis (top, left) and
+//! `padding_end = (pb, pr)` after it (bottom, right), equal in the common symmetric case;
+//! `dilation = (dh, dw)`. Output size per axis: `ho = (h + ph + pb − dh·(k_h − 1) − 1) / sh + 1`.
+//! Only the leading padding moves the windows (output `y` reads input rows from `y·sh − ph`);
+//! the trailing padding only adds output rows, so every path honours it by its output size.
 //!
 //! All sizes are computed in 64-bit arithmetic with overflow checks; [`Conv2dParams::validate`]
 //! rejects anything whose buffers could not be addressed on this machine.
@@ -36,8 +39,11 @@ pub struct Conv2dParams {
     pub k_w: usize,
     /// Stride `(sh, sw)`.
     pub stride: (usize, usize),
-    /// Zero padding `(ph, pw)`, applied on both sides of each axis.
+    /// Zero padding `(ph, pw)` before each axis: top and left.
     pub padding: (usize, usize),
+    /// Zero padding `(pb, pr)` after each axis: bottom and right (equal to `padding` when
+    /// symmetric, as [`with_padding`](Self::with_padding) sets it).
+    pub padding_end: (usize, usize),
     /// Dilation `(dh, dw)`.
     pub dilation: (usize, usize),
     /// Groups: `c_in` and `c_out` are split into `groups` independent convolutions.
@@ -65,6 +71,7 @@ impl Conv2dParams {
             k_w,
             stride: (1, 1),
             padding: (0, 0),
+            padding_end: (0, 0),
             dilation: (1, 1),
             groups: 1,
         }
@@ -76,10 +83,30 @@ impl Conv2dParams {
         self
     }
 
-    /// Sets the padding `(ph, pw)`.
+    /// Sets symmetric padding: `ph` above and below, `pw` left and right.
     pub fn with_padding(mut self, ph: usize, pw: usize) -> Self {
         self.padding = (ph, pw);
+        self.padding_end = (ph, pw);
         self
+    }
+
+    /// Sets padding per side: `top`, `left`, `bottom`, `right` (ONNX's `pads` order is
+    /// `[top, left, bottom, right]` too).
+    pub fn with_pads(mut self, top: usize, left: usize, bottom: usize, right: usize) -> Self {
+        self.padding = (top, left);
+        self.padding_end = (bottom, right);
+        self
+    }
+
+    /// Padding per side: `[top, left, bottom, right]`.
+    pub fn pads(&self) -> [usize; 4] {
+        let ((t, l), (b, r)) = (self.padding, self.padding_end);
+        [t, l, b, r]
+    }
+
+    /// Whether both sides of each axis are padded alike.
+    pub fn is_symmetric(&self) -> bool {
+        self.padding == self.padding_end
     }
 
     /// Sets the dilation `(dh, dw)`.
@@ -149,7 +176,7 @@ impl Conv2dParams {
             "height",
             self.h,
             self.k_h,
-            self.padding.0,
+            (self.padding.0, self.padding_end.0),
             self.dilation.0,
             self.stride.0,
         )?;
@@ -157,7 +184,7 @@ impl Conv2dParams {
             "width",
             self.w,
             self.k_w,
-            self.padding.1,
+            (self.padding.1, self.padding_end.1),
             self.dilation.1,
             self.stride.1,
         )?;
@@ -187,13 +214,14 @@ impl Conv2dParams {
         name: &str,
         size: usize,
         k: usize,
-        pad: usize,
+        (before, after): (usize, usize),
         dil: usize,
         stride: usize,
     ) -> Result<u64> {
         let overflow = || Error::InvalidParams(format!("the {name} arithmetic overflows: {self}"));
         let padded = (size as u64)
-            .checked_add((pad as u64).checked_mul(2).ok_or_else(overflow)?)
+            .checked_add(before as u64)
+            .and_then(|v| v.checked_add(after as u64))
             .ok_or_else(overflow)?;
         let span = (dil as u64)
             .checked_mul(k as u64 - 1)
@@ -201,7 +229,7 @@ impl Conv2dParams {
             .ok_or_else(overflow)?;
         if span > padded {
             return Err(Error::InvalidParams(format!(
-                "the dilated kernel {name} {span} (kernel {k}, dilation {dil}) is larger than the padded input {name} {padded} (input {size}, padding {pad} each side): the output would be empty"
+                "the dilated kernel {name} {span} (kernel {k}, dilation {dil}) is larger than the padded input {name} {padded} (input {size}, padding {before} before and {after} after): the output would be empty"
             )));
         }
         Ok((padded - span) / stride as u64 + 1)
@@ -217,7 +245,7 @@ impl Conv2dParams {
             "height",
             self.h,
             self.k_h.max(1),
-            self.padding.0,
+            (self.padding.0, self.padding_end.0),
             self.dilation.0,
             self.stride.0,
         );
@@ -225,7 +253,7 @@ impl Conv2dParams {
             "width",
             self.w,
             self.k_w.max(1),
-            self.padding.1,
+            (self.padding.1, self.padding_end.1),
             self.dilation.1,
             self.stride.1,
         );
@@ -306,6 +334,83 @@ impl Conv2dParams {
     }
 }
 
+/// Padding as a caller gives it: numbers per side, or a rule that deduces them from the shape
+/// (ONNX's `auto_pad`, TensorFlow's `SAME`, PyTorch's `'same'` and `'valid'`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PaddingSpec {
+    /// `[top, left, bottom, right]`.
+    Pads([usize; 4]),
+    /// ONNX `SAME_UPPER` (TensorFlow's `SAME`; PyTorch's `'same'` at stride 1): the output is
+    /// `ceil(in / stride)` per axis, and an odd total pads one more after than before.
+    Same,
+    /// ONNX `SAME_LOWER`: as `Same`, the odd one before.
+    SameLower,
+    /// No padding.
+    Valid,
+}
+
+impl PaddingSpec {
+    /// Parses `P`, `PH,PW`, `T,L,B,R`, `same`, `same-lower` or `valid`; a wrong count of numbers
+    /// names the forms expected.
+    pub fn parse(v: &str) -> std::result::Result<Self, String> {
+        match v.trim().to_ascii_lowercase().as_str() {
+            "same" | "same-upper" | "same_upper" => return Ok(Self::Same),
+            "same-lower" | "same_lower" => return Ok(Self::SameLower),
+            "valid" => return Ok(Self::Valid),
+            _ => {}
+        }
+        let nums = v
+            .split(',')
+            .map(|n| {
+                n.trim()
+                    .parse::<usize>()
+                    .map_err(|_| format!("{:?} in {v:?} is not a non-negative integer", n.trim()))
+            })
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        Self::from_numbers(&nums).map_err(|e| format!("{v:?}: {e}"))
+    }
+
+    /// From 1 (`P`), 2 (`PH, PW`) or 4 (`T, L, B, R`) numbers.
+    pub fn from_numbers(nums: &[usize]) -> std::result::Result<Self, String> {
+        match *nums {
+            [p] => Ok(Self::Pads([p, p, p, p])),
+            [ph, pw] => Ok(Self::Pads([ph, pw, ph, pw])),
+            [t, l, b, r] => Ok(Self::Pads([t, l, b, r])),
+            _ => Err(format!(
+                "padding takes 1, 2 or 4 numbers (P, PH,PW or T,L,B,R), not {}; or same, same-lower, valid",
+                nums.len()
+            )),
+        }
+    }
+
+    /// `p` with this padding (the rules read its sizes, kernel, stride and dilation).
+    pub fn apply(self, p: Conv2dParams) -> Conv2dParams {
+        let axis = |size: usize, k: usize, s: usize, d: usize| {
+            let out = size.div_ceil(s.max(1));
+            let span = d * k.saturating_sub(1) + 1;
+            ((out.saturating_sub(1)) * s + span).saturating_sub(size)
+        };
+        let split = |total: usize, lower: bool| {
+            let small = total / 2;
+            if lower {
+                (total - small, small)
+            } else {
+                (small, total - small)
+            }
+        };
+        match self {
+            Self::Pads([t, l, b, r]) => p.with_pads(t, l, b, r),
+            Self::Valid => p.with_pads(0, 0, 0, 0),
+            Self::Same | Self::SameLower => {
+                let lower = self == Self::SameLower;
+                let (t, b) = split(axis(p.h, p.k_h, p.stride.0, p.dilation.0), lower);
+                let (l, r) = split(axis(p.w, p.k_w, p.stride.1, p.dilation.1), lower);
+                p.with_pads(t, l, b, r)
+            }
+        }
+    }
+}
+
 struct Lens {
     input: u64,
     weights: u64,
@@ -317,7 +422,7 @@ impl std::fmt::Display for Conv2dParams {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "n={} c_in={} h={} w={} c_out={} k={}x{} stride={}x{} padding={}x{} dilation={}x{} groups={}",
+            "n={} c_in={} h={} w={} c_out={} k={}x{} stride={}x{} padding={} dilation={}x{} groups={}",
             self.n,
             self.c_in,
             self.h,
@@ -327,8 +432,13 @@ impl std::fmt::Display for Conv2dParams {
             self.k_w,
             self.stride.0,
             self.stride.1,
-            self.padding.0,
-            self.padding.1,
+            // Symmetric as before (fingerprints hold this text); per side otherwise.
+            if self.is_symmetric() {
+                format!("{}x{}", self.padding.0, self.padding.1)
+            } else {
+                let [t, l, b, r] = self.pads();
+                format!("{t},{l},{b},{r}")
+            },
             self.dilation.0,
             self.dilation.1,
             self.groups
@@ -342,6 +452,55 @@ mod tests {
 
     fn err(p: Conv2dParams) -> String {
         p.validate().unwrap_err().to_string()
+    }
+
+    /// Padding per side: the output follows both sides, only the leading one is shown apart
+    /// when uneven, and the rules give ONNX's SAME_UPPER / SAME_LOWER / VALID.
+    #[test]
+    fn padding_per_side_and_rules() {
+        let p = Conv2dParams::new(1, 1, 9, 8, 1, 3, 3).with_pads(0, 1, 2, 1);
+        assert_eq!(p.out_hw(), (9, 8));
+        assert!(!p.is_symmetric());
+        assert!(p.to_string().contains("padding=0,1,2,1"));
+        let sym = Conv2dParams::new(1, 1, 9, 8, 1, 3, 3).with_padding(1, 2);
+        assert!(sym.is_symmetric() && sym.to_string().contains("padding=1x2"));
+        assert_eq!(sym.pads(), [1, 2, 1, 2]);
+        let e = err(Conv2dParams::new(1, 1, 2, 2, 1, 5, 1).with_pads(1, 0, 1, 0));
+        assert!(e.contains("padding 1 before and 1 after"), "{e}");
+        let parse = |v: &str| PaddingSpec::parse(v);
+        assert_eq!(parse("2"), Ok(PaddingSpec::Pads([2, 2, 2, 2])));
+        assert_eq!(parse("1,2"), Ok(PaddingSpec::Pads([1, 2, 1, 2])));
+        assert_eq!(parse("0,1,0,1"), Ok(PaddingSpec::Pads([0, 1, 0, 1])));
+        assert_eq!(parse("SAME"), Ok(PaddingSpec::Same));
+        assert_eq!(parse("same-lower"), Ok(PaddingSpec::SameLower));
+        assert_eq!(parse("valid"), Ok(PaddingSpec::Valid));
+        assert!(parse("1,2,3").unwrap_err().contains("1, 2 or 4 numbers"));
+        assert!(parse("-1")
+            .unwrap_err()
+            .contains("not a non-negative integer"));
+        // SAME: the output is ceil(in / stride) on every axis, dilation included; an odd total
+        // goes after (UPPER) or before (LOWER).
+        for (h, k, s, d) in [
+            (7, 2, 1, 1),
+            (11, 4, 2, 1),
+            (13, 3, 2, 2),
+            (5, 1, 3, 1),
+            (6, 5, 1, 3),
+        ] {
+            let base = Conv2dParams::new(1, 1, h, h, 1, k, k)
+                .with_stride(s, s)
+                .with_dilation(d, d);
+            let upper = PaddingSpec::Same.apply(base);
+            let lower = PaddingSpec::SameLower.apply(base);
+            assert_eq!(upper.out_hw().0, h.div_ceil(s), "{upper}");
+            assert_eq!(lower.out_hw().0, h.div_ceil(s), "{lower}");
+            let [t, _, b, _] = upper.pads();
+            assert!(b == t || b == t + 1, "{upper}");
+            assert_eq!(lower.pads()[0], b);
+            assert_eq!(lower.pads()[2], t);
+        }
+        let v = PaddingSpec::Valid.apply(sym);
+        assert_eq!(v.pads(), [0; 4]);
     }
 
     #[test]

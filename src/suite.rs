@@ -14,7 +14,7 @@
 //! k_h = 3
 //! k_w = 3
 //! stride = 1                    # S or [SH, SW]; default 1
-//! padding = 1                   # P or [PH, PW]; default 0
+//! padding = 1                   # P, [PH, PW], [T, L, B, R], "same", "same-lower", "valid"; default 0
 //! dilation = 1                  # D or [DH, DW]; default 1
 //! groups = 1                    # default 1
 //! bias = false                  # default false
@@ -32,7 +32,7 @@
 #![forbid(unsafe_code)]
 
 use crate::error::{Error, Result};
-use crate::params::Conv2dParams;
+use crate::params::{Conv2dParams, PaddingSpec};
 use serde::Deserialize;
 use std::path::Path;
 
@@ -75,6 +75,26 @@ enum Pair {
     Each([usize; 2]),
 }
 
+/// `padding`: one number, a list (2 or 4), or a rule's name.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(untagged)]
+enum PaddingValue {
+    One(usize),
+    List(Vec<usize>),
+    Rule(String),
+}
+
+impl PaddingValue {
+    fn spec(&self) -> std::result::Result<PaddingSpec, String> {
+        match self {
+            PaddingValue::One(p) => PaddingSpec::from_numbers(&[*p]),
+            PaddingValue::List(v) => PaddingSpec::from_numbers(v),
+            PaddingValue::Rule(r) => PaddingSpec::parse(r),
+        }
+        .map_err(|e| format!("padding: {e}"))
+    }
+}
+
 impl Pair {
     fn get(self) -> (usize, usize) {
         match self {
@@ -108,7 +128,7 @@ struct RawCase {
     #[serde(default)]
     stride: Option<Pair>,
     #[serde(default)]
-    padding: Option<Pair>,
+    padding: Option<PaddingValue>,
     #[serde(default)]
     dilation: Option<Pair>,
     #[serde(default)]
@@ -143,7 +163,7 @@ impl RawCase {
                 .filter(|(_, v)| v.is_some())
                 .map(|(k, _)| *k)
                 .chain(self.stride.map(|_| "stride"))
-                .chain(self.padding.map(|_| "padding"))
+                .chain(self.padding.as_ref().map(|_| "padding"))
                 .chain(self.dilation.map(|_| "dilation"))
                 .chain(self.groups.map(|_| "groups"))
                 .collect::<Vec<_>>();
@@ -165,19 +185,19 @@ impl RawCase {
         let [n, c_in, h, w, c_out, k_h, k_w] = keys.map(|(k, v)| {
             v.ok_or_else(|| format!("case {name:?}: missing field `{k}` (or give `desc`)"))
         });
-        let params = Conv2dParams {
-            n: n?,
-            c_in: c_in?,
-            h: h?,
-            w: w?,
-            c_out: c_out?,
-            k_h: k_h?,
-            k_w: k_w?,
-            stride: self.stride.map_or((1, 1), Pair::get),
-            padding: self.padding.map_or((0, 0), Pair::get),
-            dilation: self.dilation.map_or((1, 1), Pair::get),
-            groups: self.groups.unwrap_or(1),
+        let params = Conv2dParams::new(n?, c_in?, h?, w?, c_out?, k_h?, k_w?);
+        let (sh, sw) = self.stride.map_or((1, 1), Pair::get);
+        let (dh, dw) = self.dilation.map_or((1, 1), Pair::get);
+        let padding = match &self.padding {
+            Some(v) => v.spec()?,
+            None => PaddingSpec::Valid,
         };
+        let params = padding.apply(
+            params
+                .with_stride(sh, sw)
+                .with_dilation(dh, dw)
+                .with_groups(self.groups.unwrap_or(1)),
+        );
         Ok((params, name))
     }
 }
@@ -325,6 +345,20 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("unknown field at \"zz\""));
+        let pads = Suite::parse(
+            Path::new("t.toml"),
+            "[[case]]\nname='u'\nn=1\nc_in=1\nh=5\nw=6\nc_out=1\nk_h=2\nk_w=2\npadding=[0,1,1,0]\n[[case]]\nname='s'\nn=1\nc_in=1\nh=5\nw=6\nc_out=1\nk_h=2\nk_w=4\nstride=2\npadding='same'\n",
+        )
+        .unwrap();
+        assert_eq!(pads.cases[0].params.pads(), [0, 1, 1, 0]);
+        // SAME_UPPER: out = ceil(5/2) = 3 needs 1 row (after); ceil(6/2) = 3 needs 2 columns.
+        assert_eq!(pads.cases[1].params.pads(), [0, 1, 1, 1]);
+        assert_eq!(pads.cases[1].params.out_hw(), (3, 3));
+        let three = Suite::parse(
+            Path::new("t.toml"),
+            "[[case]]\nname='t'\nn=1\nc_in=1\nh=5\nw=6\nc_out=1\nk_h=2\nk_w=2\npadding=[0,1,1]\n",
+        );
+        assert!(three.unwrap_err().to_string().contains("1, 2 or 4 numbers"));
         let missing = Suite::parse(Path::new("t.toml"), "[[case]]\nname='m'\nn=1\n");
         assert!(missing
             .unwrap_err()

@@ -141,6 +141,58 @@ fn auto_device_says_why() {
     );
 }
 
+/// Padding per side and by rule (ONNX's pads and auto_pad, PyTorch's 'same'), against the
+/// reference with the padding the rule implies.
+#[test]
+fn padding_per_side_and_by_rule() {
+    let f = Files::new();
+    let (x, xv) = f.npy("x.npy", &[1, 3, 7, 6], 1);
+    let (w, wv) = f.npy("w.npy", &[4, 3, 2, 4], 2);
+    let base = Conv2dParams::new(1, 3, 7, 6, 4, 2, 4);
+    // SAME_UPPER at stride 2: ho = ceil(7/2) = 4 needs 1 row (after), wo = ceil(6/2) = 3 needs
+    // 2 columns (1 each side); SAME_LOWER puts the odd row before.
+    for (padding, stride, pads) in [
+        ("0,1,2,3", "1", [0, 1, 2, 3]),
+        ("2,1", "1", [2, 1, 2, 1]),
+        ("same", "2", [0, 1, 1, 1]),
+        ("same-lower", "2", [1, 1, 0, 1]),
+        ("valid", "1", [0, 0, 0, 0]),
+    ] {
+        let y = f.path(&format!("y_{padding}.npy"));
+        let out = sporkle(&[
+            "conv2d",
+            "--input",
+            &x,
+            "--weights",
+            &w,
+            "--padding",
+            padding,
+            "--stride",
+            stride,
+            "--device",
+            "cpu",
+            "--output",
+            y.to_str().unwrap(),
+        ]);
+        assert!(
+            out.status.success(),
+            "{padding}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let s = stride.parse().unwrap();
+        let [t, l, b, r] = pads;
+        let p = base.with_stride(s, s).with_pads(t, l, b, r);
+        let got = npy::read(&y).unwrap();
+        let (ho, wo) = p.out_hw();
+        assert_eq!(got.shape, vec![1, 4, ho, wo], "{padding}");
+        if padding.starts_with("same") {
+            assert_eq!((ho, wo), (4, 3), "{padding}: ceil(in / stride)");
+        }
+        let refv = reference::conv2d_f64(&p, &xv, &wv, None).unwrap();
+        tolerance::compare(&p, &got.data, &refv, tolerance::Tolerance::Fp32).unwrap();
+    }
+}
+
 #[test]
 fn bad_inputs_fail_cleanly_without_output() {
     let f = Files::new();
@@ -199,6 +251,14 @@ fn bad_inputs_fail_cleanly_without_output() {
             "tpu",
         ),
         (vec!["--input", &x], "--weights"),
+        (
+            vec!["--input", &x, "--weights", &w, "--padding", "0,1,1"],
+            "1, 2 or 4 numbers (P, PH,PW or T,L,B,R), not 3",
+        ),
+        (
+            vec!["--input", &x, "--weights", &w, "--padding", "sideways"],
+            "\"sideways\"",
+        ),
     ];
     for (args, needle) in cases {
         let mut full = vec!["conv2d"];

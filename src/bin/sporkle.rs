@@ -11,6 +11,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use sporkle::cpu::CpuPath;
 use sporkle::gpu::Dispatches;
 use sporkle::juggler::{Config as JugglerConfig, DeviceKind};
+use sporkle::params::PaddingSpec;
 use sporkle::suite::Suite;
 use sporkle::tolerance::check_sample;
 use sporkle::{npy, Conv2dParams, CpuBackend, GpuBackend, Juggler, Preference};
@@ -104,9 +105,11 @@ struct Conv2dArgs {
     /// Stride: S or SH,SW.
     #[arg(long, value_parser = parse_pair, default_value = "1")]
     stride: (usize, usize),
-    /// Zero padding on each side: P or PH,PW.
-    #[arg(long, value_parser = parse_pair, default_value = "0")]
-    padding: (usize, usize),
+    /// Zero padding: P (every side), PH,PW (top and bottom, left and right), T,L,B,R (per side,
+    /// ONNX's pads order), same (ONNX SAME_UPPER: output ceil(in/stride), an odd total padded
+    /// more after), same-lower (more before) or valid (none).
+    #[arg(long, value_parser = PaddingSpec::parse, default_value = "0")]
+    padding: PaddingSpec,
     /// Dilation: D or DH,DW.
     #[arg(long, value_parser = parse_pair, default_value = "1")]
     dilation: (usize, usize),
@@ -285,19 +288,12 @@ fn conv2d(a: Conv2dArgs) -> Result<()> {
     let w = npy::read(&a.weights)?;
     let [n, c_in, h, wd] = dims4(&x, &a.input, "the input (N×C×H×W)")?;
     let [c_out, c_per_group, k_h, k_w] = dims4(&w, &a.weights, "the weights (K×C/G×R×S)")?;
-    let p = Conv2dParams {
-        n,
-        c_in,
-        h,
-        w: wd,
-        c_out,
-        k_h,
-        k_w,
-        stride: a.stride,
-        padding: a.padding,
-        dilation: a.dilation,
-        groups: a.groups,
-    };
+    let p = a.padding.apply(
+        Conv2dParams::new(n, c_in, h, wd, c_out, k_h, k_w)
+            .with_stride(a.stride.0, a.stride.1)
+            .with_dilation(a.dilation.0, a.dilation.1)
+            .with_groups(a.groups),
+    );
     p.validate()?;
     if c_per_group != p.c_in_per_group() {
         bail!(

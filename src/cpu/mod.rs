@@ -858,6 +858,36 @@ mod tests {
         }
     }
 
+    /// Padding that differs between the two sides of an axis (ONNX pads, SAME with even
+    /// kernels or strides): more after than before, more before than after, one side only, on
+    /// every path and microkernel, in tolerance and bit-exact.
+    #[test]
+    fn uneven_padding_on_every_path() {
+        let cases = [
+            Conv2dParams::new(1, 4, 8, 8, 16, 2, 2).with_pads(0, 0, 1, 1),
+            Conv2dParams::new(2, 5, 9, 11, 20, 3, 3).with_pads(2, 0, 0, 3),
+            Conv2dParams::new(1, 3, 15, 13, 17, 4, 4)
+                .with_stride(2, 2)
+                .with_pads(1, 1, 2, 2),
+            Conv2dParams::new(1, 8, 13, 9, 16, 3, 2)
+                .with_stride(2, 3)
+                .with_pads(0, 2, 3, 0)
+                .with_dilation(2, 1),
+            Conv2dParams::new(2, 12, 10, 10, 12, 3, 3)
+                .with_pads(1, 0, 2, 1)
+                .with_groups(12),
+            Conv2dParams::new(1, 16, 6, 7, 32, 1, 1).with_pads(0, 0, 1, 2),
+            // The last rows read only padding, past a plane's guard row.
+            Conv2dParams::new(1, 4, 6, 6, 16, 3, 3).with_pads(0, 1, 3, 0),
+        ];
+        for b in backends() {
+            for p in cases {
+                check(p, &b, false, true);
+                check(p, &b, true, false);
+            }
+        }
+    }
+
     /// Regression (found by the property tests): the last row of a phase plane read past its
     /// end into the next plane, whose first column held data (stride 2, padding 1 on w).
     #[test]

@@ -1,11 +1,12 @@
 //! Phase planes: the input rearranged so that a convolution becomes an implicit GEMM in which
 //! every kernel tap is one constant offset, and no im2col matrix is ever built.
 //!
-//! Rows of the zero-padded input are laid out with a pitch of `wv ≥ w + pw` columns: `pw` zeros,
-//! the `w` values, zeros up to `wv`. Consecutive rows *share* their padding: a read that runs past
-//! the end of a row (the right padding) lands in the next row's leading zeros, so a row costs
-//! `w + pw` columns instead of `w + 2·pw`. Each channel is then split by stride phase into
-//! `sh·sw` planes of `hq × wq` (`hq = ⌈(h + 2·ph)/sh⌉`, `wq = wv/sw`), each followed by one
+//! Rows of the zero-padded input are laid out with a pitch of `wv ≥ w + max(pl, pr)` columns
+//! (`pl`, `pr`: the left and right padding): `pl` zeros, the `w` values, zeros up to `wv`.
+//! Consecutive rows *share* their padding: a read that runs past the end of a row (the right
+//! padding) lands in the trailing zeros and then the next row's leading zeros, so a row costs
+//! `w + max(pl, pr)` columns instead of `w + pl + pr`. Each channel is then split by stride phase
+//! into `sh·sw` planes of `hq × wq` (`hq = ⌈(h + pt + pb)/sh⌉`, `wq = wv/sw`), each followed by one
 //! guard row of zeros (the spill of a plane's last row must not reach the next plane, whose
 //! first column may hold data):
 //! `plane[c][py][px][yy][xx] = padded[c][yy·sh + py][xx·sw + px]`.
@@ -16,7 +17,7 @@
 //! A stride-1 layer has one phase, and a 1×1 layer's planes are its input.
 //!
 //! The copy costs one pass over the input; the price is `wq − wo` junk columns per row
-//! (`(k_w − 1)·dw − pw`: one column for a 3×3 "same" layer, none for a 1×1).
+//! (about `(k_w − 1)·dw − pr`: one column for a 3×3 "same" layer, none for a 1×1).
 
 #![forbid(unsafe_code)]
 
@@ -54,7 +55,7 @@ impl Geometry {
     /// planes, with no copy: `h` rows of `w` per channel, no junk columns, no guard row. Only
     /// the rows kernel may read it, because it reads nothing past a row's valid positions.
     pub fn pointwise(p: &Conv2dParams) -> Option<Self> {
-        let is_pointwise = (p.k_h, p.k_w, p.stride, p.padding) == (1, 1, (1, 1), (0, 0));
+        let is_pointwise = (p.k_h, p.k_w, p.stride, p.pads()) == (1, 1, (1, 1), [0; 4]);
         is_pointwise.then(|| Self {
             ho: p.h,
             wo: p.w,
@@ -70,11 +71,13 @@ impl Geometry {
     pub fn new(p: &Conv2dParams) -> Self {
         let (ho, wo) = p.out_hw();
         let (sh, sw) = p.stride;
-        let hq = (p.h + 2 * p.padding.0).div_ceil(sh);
-        // Row pitch: room for the left padding and the row (the right padding is the next row's
-        // left padding), at least wo·sw so that output rows do not overlap, and a multiple of sw
-        // so that every row splits into phases alike.
-        let wv = (p.w + p.padding.1).max(wo * sw).next_multiple_of(sw);
+        let [pt, pl, pb, pr] = p.pads();
+        let hq = (p.h + pt + pb).div_ceil(sh);
+        // Row pitch: room for the left padding and the row, and for the right padding, which
+        // reads past the row into its trailing zeros and the next row's `pl` leading ones
+        // (`wv − w − pl + pl ≥ pr`); at least wo·sw so that output rows do not overlap, and a
+        // multiple of sw so that every row splits into phases alike.
+        let wv = (p.w + pl.max(pr)).max(wo * sw).next_multiple_of(sw);
         let wq = wv / sw;
         let chan_stride = sh * sw * plane_len(hq, wq);
         // A valid output reads inside its plane (see the module docs); a strip that starts at a
@@ -124,6 +127,8 @@ impl Geometry {
         let (data, slack) = planes.split_at_mut(body);
         slack.fill(0.0);
         let (sh, sw) = p.stride;
+        // Only the leading padding places the data; the trailing one is zeros the geometry
+        // leaves room for.
         let (ph, pw) = p.padding;
         let plane = plane_len(self.hq, self.wq);
         let chan = p.h * p.w;

@@ -15,7 +15,8 @@ use std::sync::{Arc, OnceLock};
 const CASES: u32 = 64;
 
 /// Valid parameters: up to 3 images, 4 groups, 20 filters per group, 13×13 inputs, 5×5
-/// kernels, strides and dilations up to 3, padding up to 3. Shared with `tests/properties.rs`.
+/// kernels, strides and dilations up to 3, padding up to 3 per side (half the cases symmetric,
+/// half with each side drawn on its own). Shared with `tests/properties.rs`.
 pub fn params() -> impl Strategy<Value = Conv2dParams> {
     (
         (1usize..=3, 1usize..=4, 1usize..=5, 1usize..=20),
@@ -28,14 +29,24 @@ pub fn params() -> impl Strategy<Value = Conv2dParams> {
             1usize..=3,
             1usize..=3,
         ),
+        (0usize..=3, 0usize..=3, any::<bool>()),
     )
         .prop_map(
-            |((n, groups, cg, kg), (h, w, k_h, k_w), (sh, sw, ph, pw, dh, dw))| {
-                Conv2dParams::new(n, cg * groups, h, w, kg * groups, k_h, k_w)
+            |(
+                (n, groups, cg, kg),
+                (h, w, k_h, k_w),
+                (sh, sw, ph, pw, dh, dw),
+                (pb, pr, uneven),
+            )| {
+                let p = Conv2dParams::new(n, cg * groups, h, w, kg * groups, k_h, k_w)
                     .with_groups(groups)
                     .with_stride(sh, sw)
-                    .with_padding(ph, pw)
-                    .with_dilation(dh, dw)
+                    .with_dilation(dh, dw);
+                if uneven {
+                    p.with_pads(ph, pw, pb, pr)
+                } else {
+                    p.with_padding(ph, pw)
+                }
             },
         )
         .prop_filter("output must not be empty", |p| p.validate().is_ok())

@@ -132,8 +132,8 @@ fn every_tile(gpu: &crate::GpuBackend, cases: &[crate::suite::Case]) -> Result<(
 
 /// Winograd F(2x2, 3x3), which the GPU chooses only for large layers, forced on every basic
 /// case it applies to and on shapes that stress its tiling (odd output sizes, padding 0 and 2,
-/// filters that are not whole GEMM tiles, one filter), and with each tiled GEMM variant; all
-/// against the whole reference with Winograd magnitudes.
+/// filters that are not whole GEMM tiles, one filter, padding per side), and with each tiled
+/// GEMM variant; all against the whole reference with Winograd magnitudes.
 fn forced_winograd(gpu: &crate::GpuBackend, cases: &[crate::suite::Case]) -> Result<(), Failed> {
     use crate::gpu::{Algorithm, Dispatches};
     use crate::Conv2dParams;
@@ -171,6 +171,14 @@ fn forced_winograd(gpu: &crate::GpuBackend, cases: &[crate::suite::Case]) -> Res
         None,
     )?;
     run(&Conv2dParams::new(1, 3, 4, 4, 1, 3, 3), 4, true, None)?;
+    // Padding per side: the transforms read from the leading padding; the trailing one only
+    // adds output rows and columns (odd counts, ragged last tiles).
+    run(
+        &Conv2dParams::new(2, 20, 9, 8, 24, 3, 3).with_pads(0, 2, 3, 1),
+        6,
+        true,
+        None,
+    )?;
     for spec in TILES.iter().filter(|s| s.starts_with("tiled:")) {
         run(&ragged, 5, true, Some(spec))?;
     }

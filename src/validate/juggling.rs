@@ -484,8 +484,7 @@ fn auto_choice(choice: GpuChoice) -> Result<(), Failed> {
         return Err(fail(format!("a tiny job must stay on the CPU: {info:?}")));
     }
     // 693 MFLOP: above the floor.
-    let mut big = Conv2dParams::new(1, 64, 56, 56, 192, 3, 3);
-    big.padding = (1, 1);
+    let big = Conv2dParams::new(1, 64, 56, 56, 192, 3, 3).with_padding(1, 1);
     let (x, w, _) = data::conv_data(&big, 2, false);
     let mut y = vec![0.0f32; big.output_len() as usize];
     let mut last = None;

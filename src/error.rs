@@ -72,6 +72,10 @@ pub enum Error {
     #[error("GPU limit: {0}")]
     GpuLimit(String),
 
+    /// A buffer larger than the host memory this machine can give (checked before allocating).
+    #[error("out of memory: {0}")]
+    OutOfMemory(String),
+
     /// The CPU backend could not start (e.g. its thread pool).
     #[error("CPU backend: {0}")]
     Cpu(String),

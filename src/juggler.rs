@@ -562,7 +562,8 @@ impl GpuTicket {
             Err(e) => {
                 let why = e.to_string();
                 self.inner.gpu_failed(&e);
-                let mut output = vec![0.0f32; self.p.output_len() as usize];
+                let mut output =
+                    crate::host_mem::zeroed(self.p.output_len() as usize, "the output")?;
                 let mut info = self.inner.run_cpu(
                     &self.p,
                     self.input.as_slice(),
@@ -1074,7 +1075,7 @@ impl Juggler {
         let (device, reason) = self.inner.choose(p);
         match device {
             DeviceKind::Cpu => {
-                let mut output = vec![0.0f32; p.output_len() as usize];
+                let mut output = crate::host_mem::zeroed(p.output_len() as usize, "the output")?;
                 let info = self.inner.run_cpu(
                     p,
                     input.as_slice(),

@@ -42,6 +42,7 @@ pub mod data;
 pub mod desc;
 pub mod error;
 pub mod gpu;
+pub mod host_mem;
 pub mod juggler;
 pub mod npy;
 pub mod params;

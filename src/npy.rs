@@ -86,7 +86,13 @@ pub fn parse(path: &Path, bytes: &[u8]) -> Result<Array> {
     Ok(Array { shape, data })
 }
 
-/// Writes `data` with `shape` as a float32, little-endian, C-order `.npy` file, atomically.
+/// Writes `data` with `shape` as a float32, little-endian, C-order `.npy` file.
+///
+/// - A regular file (or a new one) is written atomically: into a temporary file beside it,
+///   then renamed over it, so a failed write leaves the old file or none.
+/// - A symbolic link is followed: the file it points to is written, and the link stays a link.
+/// - What is not a regular file (a device such as `/dev/stdout`, a pipe) is written directly,
+///   never replaced; a directory is an error.
 pub fn write(path: &Path, shape: &[usize], data: &[f32]) -> Result<()> {
     let count: usize = shape.iter().product();
     if count != data.len() {
@@ -95,16 +101,54 @@ pub fn write(path: &Path, shape: &[usize], data: &[f32]) -> Result<()> {
             format!("shape {shape:?} needs {count} elements, got {}", data.len()),
         ));
     }
-    let dir = path
+    if path.as_os_str().to_string_lossy().ends_with('/') {
+        return Err(err(path, "is a directory name, not a file name"));
+    }
+    let bytes = encode(shape, data).map_err(|e| err(path, format!("cannot encode: {e}")))?;
+    let in_place = |at: &Path| {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(at)
+            .and_then(|mut f| f.write_all(&bytes))
+            .map_err(|e| err(path, format!("cannot write: {e}")))
+    };
+    let target = match follow_links(path)? {
+        // The process's own output: written through it, where the rest of the output goes.
+        Target::Descriptor(1) => {
+            let mut out = std::io::stdout().lock();
+            return out
+                .write_all(&bytes)
+                .and_then(|()| out.flush())
+                .map_err(|e| err(path, format!("cannot write: {e}")));
+        }
+        Target::Descriptor(2) => {
+            return std::io::stderr()
+                .write_all(&bytes)
+                .map_err(|e| err(path, format!("cannot write: {e}")))
+        }
+        Target::Descriptor(n) => {
+            return in_place(Path::new(&format!("/proc/self/fd/{n}")));
+        }
+        Target::Path(target) => target,
+    };
+    match std::fs::metadata(&target) {
+        Ok(m) if m.is_dir() => return Err(err(path, "is a directory, not a file")),
+        // A device or a pipe: written in place (renaming over it would replace it).
+        Ok(m) if !m.is_file() => return in_place(&target),
+        _ => {}
+    }
+    let dir = target
         .parent()
         .filter(|d| !d.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
-    let name = path
+    let name = target
         .file_name()
         .ok_or_else(|| err(path, "not a file name"))?
         .to_string_lossy();
     let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
-    let result = write_to(&tmp, shape, data).and_then(|()| std::fs::rename(&tmp, path));
+    let result = std::fs::File::create(&tmp)
+        .and_then(|mut f| f.write_all(&bytes).and_then(|()| f.sync_all()))
+        .and_then(|()| std::fs::rename(&tmp, &target));
     if let Err(e) = result {
         let _ = std::fs::remove_file(&tmp);
         return Err(err(path, format!("cannot write: {e}")));
@@ -112,7 +156,47 @@ pub fn write(path: &Path, shape: &[usize], data: &[f32]) -> Result<()> {
     Ok(())
 }
 
-fn write_to(tmp: &Path, shape: &[usize], data: &[f32]) -> std::io::Result<()> {
+/// Where a path written to leads.
+enum Target {
+    /// One of the process's open files (`/dev/stdout`, `/dev/fd/N`, `/proc/self/fd/N`).
+    Descriptor(u32),
+    /// A path through no more links (the last one may dangle: then it is the file to create).
+    Path(std::path::PathBuf),
+}
+
+/// Follows `path` through symbolic links.
+fn follow_links(path: &Path) -> Result<Target> {
+    let mut at = path.to_path_buf();
+    for _ in 0..40 {
+        let name = at.to_string_lossy();
+        let fd = match name.as_ref() {
+            "/dev/stdin" => Some(0),
+            "/dev/stdout" => Some(1),
+            "/dev/stderr" => Some(2),
+            n => n
+                .strip_prefix("/dev/fd/")
+                .or_else(|| n.strip_prefix("/proc/self/fd/"))
+                .and_then(|d| d.parse().ok()),
+        };
+        if let Some(fd) = fd {
+            return Ok(Target::Descriptor(fd));
+        }
+        match std::fs::symlink_metadata(&at) {
+            Ok(m) if m.file_type().is_symlink() => {
+                let to = std::fs::read_link(&at).map_err(|e| err(path, format!("{e}")))?;
+                at = match at.parent() {
+                    Some(dir) if to.is_relative() => dir.join(to),
+                    _ => to,
+                };
+            }
+            _ => return Ok(Target::Path(at)),
+        }
+    }
+    Err(err(path, "too many levels of symbolic links"))
+}
+
+/// The bytes of a float32 `.npy` file.
+fn encode(shape: &[usize], data: &[f32]) -> std::io::Result<Vec<u8>> {
     use npyz::WriterBuilder;
     let shape: Vec<u64> = shape.iter().map(|&d| d as u64).collect();
     let mut out = Vec::with_capacity(128 + data.len() * 4);
@@ -125,9 +209,7 @@ fn write_to(tmp: &Path, shape: &[usize], data: &[f32]) -> std::io::Result<()> {
         .begin_nd()?;
     w.extend(data.iter().copied())?;
     w.finish()?;
-    let mut f = std::fs::File::create(tmp)?;
-    f.write_all(&out)?;
-    f.sync_all()
+    Ok(out)
 }
 
 #[cfg(test)]

@@ -399,3 +399,165 @@ fn a_closed_stdout_is_not_a_panic() {
     assert!(out.status.success(), "{err}");
     assert!(!err.contains("panicked"), "{err}");
 }
+
+/// `--output` through a link writes where the link points and leaves the link a link; a
+/// device (here `/dev/stdout`, and a link to `/dev/null`) is written in place, never replaced.
+#[test]
+fn output_follows_links_and_writes_devices_in_place() {
+    let f = Files::new();
+    let (x, _) = f.npy("x.npy", &[1, 2, 5, 5], 1);
+    let (w, _) = f.npy("w.npy", &[3, 2, 3, 3], 2);
+    let run = |out: &str| {
+        sporkle(&[
+            "conv2d",
+            "--input",
+            &x,
+            "--weights",
+            &w,
+            "--device",
+            "cpu",
+            "--output",
+            out,
+        ])
+    };
+    let target = f.path("target.npy");
+    std::fs::write(&target, b"old").unwrap();
+    let link = f.path("link.npy");
+    std::os::unix::fs::symlink(&target, &link).unwrap();
+    let out = run(link.to_str().unwrap());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(std::fs::symlink_metadata(&link)
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    assert_eq!(npy::read(&target).unwrap().shape, vec![1, 3, 3, 3]);
+    // A dangling link: the file it names is created.
+    let dangling = f.path("dangling.npy");
+    std::os::unix::fs::symlink(f.path("made.npy"), &dangling).unwrap();
+    assert!(run(dangling.to_str().unwrap()).status.success());
+    assert!(std::fs::symlink_metadata(&dangling)
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    assert_eq!(
+        npy::read(&f.path("made.npy")).unwrap().shape,
+        vec![1, 3, 3, 3]
+    );
+    // A link to a device.
+    let null = f.path("null.npy");
+    std::os::unix::fs::symlink("/dev/null", &null).unwrap();
+    assert!(run(null.to_str().unwrap()).status.success());
+    assert!(std::fs::symlink_metadata(&null)
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    assert!(
+        !std::fs::metadata("/dev/null").unwrap().is_file(),
+        "/dev/null is still a device"
+    );
+    // /dev/stdout: the array, then the JSON line, both on stdout; /dev/stdout itself untouched.
+    let was_link = std::fs::symlink_metadata("/dev/stdout").map(|m| m.file_type().is_symlink());
+    let out = run("/dev/stdout");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.stdout.starts_with(b"\x93NUMPY"),
+        "the array comes first on stdout"
+    );
+    let json_at = out.stdout.iter().rposition(|&b| b == b'{').unwrap();
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout[json_at..]).unwrap();
+    assert_eq!(info["device"], "cpu");
+    let now_link = std::fs::symlink_metadata("/dev/stdout").map(|m| m.file_type().is_symlink());
+    assert_eq!(
+        was_link.ok(),
+        now_link.ok(),
+        "/dev/stdout must not be replaced"
+    );
+    // A directory is an error, by name or with a trailing slash, and nothing is written.
+    assert_fails(
+        &run(f.dir.path().to_str().unwrap()),
+        "is a directory",
+        &f.path("none.npy"),
+    );
+    let slash = format!("{}/", f.path("sub").display());
+    assert_fails(&run(&slash), "is a directory name", &f.path("sub"));
+}
+
+/// Memory follows the work: a huge stride on a small input is quick and small on every
+/// device; an output larger than the machine's memory is a one-line error before allocating.
+#[test]
+fn huge_strides_are_cheap_and_huge_outputs_are_errors() {
+    let f = Files::new();
+    let (x, xv) = f.npy("x.npy", &[1, 4, 32, 32], 1);
+    let (w, wv) = f.npy("w.npy", &[2, 4, 3, 3], 2);
+    let y = f.path("y.npy");
+    for (stride, device) in [
+        ("100000", "cpu"),
+        ("10000", "cpu"),
+        ("100000", "auto"),
+        ("100000,1", "cpu"),
+    ] {
+        let start = std::time::Instant::now();
+        let out = sporkle(&[
+            "conv2d",
+            "--input",
+            &x,
+            "--weights",
+            &w,
+            "--stride",
+            stride,
+            "--device",
+            device,
+            "--output",
+            y.to_str().unwrap(),
+        ]);
+        assert!(
+            out.status.success(),
+            "{stride} {device}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            start.elapsed().as_secs_f64() < 10.0,
+            "{stride} {device}: {:?}",
+            start.elapsed()
+        );
+        let (sh, sw) = match stride.split_once(',') {
+            Some((a, b)) => (a.parse().unwrap(), b.parse().unwrap()),
+            None => (stride.parse().unwrap(), stride.parse().unwrap()),
+        };
+        let p = Conv2dParams::new(1, 4, 32, 32, 2, 3, 3).with_stride(sh, sw);
+        let got = npy::read(&y).unwrap();
+        assert_eq!(got.shape, vec![1, 2, p.out_hw().0, p.out_hw().1]);
+        let r = reference::conv2d_f64(&p, &xv, &wv, None).unwrap();
+        tolerance::compare(&p, &got.data, &r, tolerance::Tolerance::Fp32).unwrap();
+        std::fs::remove_file(&y).unwrap();
+    }
+    // 2 filters of 200,002 x 200,002 outputs: 320 GB.
+    for device in ["cpu", "auto", "gpu"] {
+        let out = sporkle(&[
+            "conv2d",
+            "--input",
+            &x,
+            "--weights",
+            &w,
+            "--padding",
+            "100000",
+            "--device",
+            device,
+            "--output",
+            y.to_str().unwrap(),
+        ]);
+        if sporkle::host_mem::available_bytes().is_some_and(|b| b > 320_096_007_200) {
+            eprintln!("this machine holds 320 GB: the huge-output check cannot be made here");
+            continue;
+        }
+        assert_fails(&out, "out of memory: the output needs 320.1 GB", &y);
+    }
+}

@@ -324,7 +324,7 @@ fn conv2d(a: Conv2dArgs) -> Result<()> {
     };
     let juggler = juggler(preference, a.threads)?;
     let (ho, wo) = p.out_hw();
-    let mut y = vec![0.0f32; p.output_len() as usize];
+    let mut y = sporkle::host_mem::zeroed(p.output_len() as usize, "the output")?;
     let run = juggler.conv2d(&p, &x.data, &w.data, bias.as_deref(), &mut y)?;
     let mut info = serde_json::json!({
         "device": run.device.to_string(),

@@ -334,9 +334,9 @@ impl CpuBackend {
         } else {
             weights
         };
-        self.run(p, input, laid_out, bias, output, &mut ws);
+        let result = self.run(p, input, laid_out, bias, output, &mut ws);
         ws.packed = packed;
-        Ok(())
+        result
     }
 
     /// Lays out weights for repeated calls with parameters like `p` (same `c_out`, `c_in`,
@@ -390,8 +390,7 @@ impl CpuBackend {
             output.len(),
         )?;
         let mut ws = lock(&self.workspace);
-        self.run(p, input, &weights.data, bias, output, &mut ws);
-        Ok(())
+        self.run(p, input, &weights.data, bias, output, &mut ws)
     }
 
     /// Runs a checked call; `weights` are laid out for `self.path_for(p)`.
@@ -403,21 +402,29 @@ impl CpuBackend {
         bias: Option<&[f32]>,
         output: &mut [f32],
         ws: &mut Workspace,
-    ) {
+    ) -> Result<()> {
         let path = self.path_for(p);
         // Pointwise layers on the rows kernel read the input in place (see Geometry::pointwise).
-        let in_place = if path == CpuPath::GemmRows {
-            Geometry::pointwise(p)
-        } else {
-            None
+        let (geo, in_place) = match (path == CpuPath::GemmRows)
+            .then(|| Geometry::pointwise(p))
+            .flatten()
+        {
+            Some(geo) => (geo, true),
+            None => (Geometry::new(p), false),
         };
-        let geo = in_place.unwrap_or_else(|| Geometry::new(p));
         let Workspace {
             planes, offsets, ..
         } = ws;
         geo.fill_offsets(p, offsets);
         let per_image_out = p.c_out * geo.ho * geo.wo;
         let images_per_chunk = (PLANES_BUDGET / geo.image_stride.max(1)).clamp(1, p.n);
+        if !in_place {
+            // The planes of one chunk, refused before any work if the machine cannot hold them.
+            let len = images_per_chunk
+                .saturating_mul(geo.image_stride)
+                .saturating_add(geo.slack);
+            crate::host_mem::grow(planes, len, "the CPU backend's phase planes")?;
+        }
         self.pool().install(|| {
             for (chunk, out) in output
                 .chunks_mut(images_per_chunk * per_image_out)
@@ -425,13 +432,10 @@ impl CpuBackend {
             {
                 let images = out.len() / per_image_out;
                 let first = chunk * images_per_chunk;
-                let planes: &[f32] = if in_place.is_some() {
+                let planes: &[f32] = if in_place {
                     &input[first * geo.image_stride..(first + images) * geo.image_stride]
                 } else {
                     let len = images * geo.image_stride + geo.slack;
-                    if planes.len() < len {
-                        planes.resize(len, 0.0);
-                    }
                     geo.transform(p, input, first, images, &mut planes[..len]);
                     &planes[..len]
                 };
@@ -447,6 +451,7 @@ impl CpuBackend {
                 self.run_tasks(&shared, images, out);
             }
         });
+        Ok(())
     }
 
     /// Cuts the output of `images` images into tasks and runs them on the pool.
@@ -848,6 +853,14 @@ mod tests {
                 .with_groups(3),
             Conv2dParams::new(1, 1, 1, 1, 1, 1, 1),
             Conv2dParams::new(1, 300, 5, 5, 18, 3, 3).with_padding(1, 1),
+            // Strides larger than the kernel: phases no tap reads get no plane.
+            Conv2dParams::new(2, 3, 20, 23, 16, 2, 3)
+                .with_stride(7, 5)
+                .with_padding(1, 1),
+            Conv2dParams::new(1, 4, 9, 9, 6, 2, 2)
+                .with_stride(4, 3)
+                .with_dilation(2, 1)
+                .with_groups(2),
         ];
         for b in backends() {
             for p in cases {

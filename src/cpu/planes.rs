@@ -6,13 +6,16 @@
 //! Consecutive rows *share* their padding: a read that runs past the end of a row (the right
 //! padding) lands in the trailing zeros and then the next row's leading zeros, so a row costs
 //! `w + max(pl, pr)` columns instead of `w + pl + pr`. Each channel is then split by stride phase
-//! into `sh·sw` planes of `hq × wq` (`hq = ⌈(h + pt + pb)/sh⌉`, `wq = wv/sw`), each followed by one
+//! into planes of `hq × wq` (`hq = ⌈(h + pt + pb)/sh⌉`, `wq = wv/sw`), one for each phase
+//! `(py, px)` that some tap reads (`py = (r·dh) % sh`, `px = (s·dw) % sw`: at most `sh·sw`, and at
+//! most `k_h·k_w`, so a stride far larger than the kernel costs no memory for the rows and columns
+//! no window reads), each followed by one
 //! guard row of zeros (the spill of a plane's last row must not reach the next plane, whose
 //! first column may hold data):
-//! `plane[c][py][px][yy][xx] = padded[c][yy·sh + py][xx·sw + px]`.
+//! `plane[c][phase(py, px)][yy][xx] = padded[c][yy·sh + py][xx·sw + px]`.
 //! The outputs are computed on a grid of `ho` rows of `wq` positions (`q = y·wq + x`; columns
 //! `x ≥ wo` are junk and never stored). Output `(y, x)` reads, for tap `(c, r, s)`,
-//! `padded[c][y·sh + r·dh][x·sw + s·dw] = plane[c][(r·dh) % sh][(s·dw) % sw][y + r·dh/sh][x + s·dw/sw]`,
+//! `padded[c][y·sh + r·dh][x·sw + s·dw] = plane[c][phase((r·dh) % sh, (s·dw) % sw)][y + r·dh/sh][x + s·dw/sw]`,
 //! which is `planes[q + off(c, r, s)]`: 16 consecutive outputs read 16 consecutive floats.
 //! A stride-1 layer has one phase, and a 1×1 layer's planes are its input.
 //!
@@ -28,11 +31,11 @@ use super::kernel::{TapOffsets, NR};
 
 /// Floats of one phase plane: `hq` rows and a guard row of zeros, `wq` columns each.
 fn plane_len(hq: usize, wq: usize) -> usize {
-    (hq + 1) * wq
+    (hq + 1).saturating_mul(wq)
 }
 
 /// The sizes and strides of the phase planes for one convolution.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct Geometry {
     /// Output rows.
     pub ho: usize,
@@ -42,8 +45,12 @@ pub struct Geometry {
     pub hq: usize,
     /// Columns of one phase plane, and the row pitch of the output grid.
     pub wq: usize,
-    /// Floats per channel: `sh·sw·(hq + 1)·wq` (each plane has a guard row).
+    /// Floats per channel: one plane of `(hq + 1)·wq` (with its guard row) per phase.
     pub chan_stride: usize,
+    /// The row phases some tap reads, ascending (`(r·dh) % sh`).
+    phases_h: Vec<usize>,
+    /// The column phases some tap reads, ascending (`(s·dw) % sw`).
+    phases_w: Vec<usize>,
     /// Floats per image: `c_in · chan_stride`.
     pub image_stride: usize,
     /// Zeros kept after the last image, so that junk lanes of the last strip stay in bounds.
@@ -62,6 +69,8 @@ impl Geometry {
             hq: p.h,
             wq: p.w,
             chan_stride: p.h * p.w,
+            phases_h: vec![0],
+            phases_w: vec![0],
             image_stride: p.c_in * p.h * p.w,
             slack: 0,
         })
@@ -79,7 +88,16 @@ impl Geometry {
         // multiple of sw so that every row splits into phases alike.
         let wv = (p.w + pl.max(pr)).max(wo * sw).next_multiple_of(sw);
         let wq = wv / sw;
-        let chan_stride = sh * sw * plane_len(hq, wq);
+        let phases = |k: usize, d: usize, s: usize| {
+            let mut v: Vec<usize> = (0..k).map(|r| (r * d) % s).collect();
+            v.sort_unstable();
+            v.dedup();
+            v
+        };
+        let phases_h = phases(p.k_h, p.dilation.0, sh);
+        let phases_w = phases(p.k_w, p.dilation.1, sw);
+        // Saturating: a geometry too large for memory is refused by the allocation that uses it.
+        let chan_stride = (phases_h.len() * phases_w.len()).saturating_mul(plane_len(hq, wq));
         // A valid output reads inside its plane (see the module docs); a strip that starts at a
         // valid row may run up to wq + NR floats past the last plane (junk lanes only).
         Self {
@@ -88,9 +106,17 @@ impl Geometry {
             hq,
             wq,
             chan_stride,
-            image_stride: p.c_in * chan_stride,
+            phases_h,
+            phases_w,
+            image_stride: p.c_in.saturating_mul(chan_stride),
             slack: wq + 2 * NR,
         }
+    }
+
+    /// The index of phase `(py, px)` among the planes of a channel.
+    fn phase(&self, py: usize, px: usize) -> usize {
+        let at = |v: &[usize], x: usize| v.binary_search(&x).expect("a phase some tap reads");
+        at(&self.phases_h, py) * self.phases_w.len() + at(&self.phases_w, px)
     }
 
     /// Offsets of the taps `(c, r, s)` of one group, in weight order (`c` slowest).
@@ -101,7 +127,7 @@ impl Geometry {
         offsets.fill((0..p.c_in_per_group()).flat_map(move |c| {
             (0..p.k_h).flat_map(move |r| {
                 (0..p.k_w).map(move |s| {
-                    let phase = ((r * dh) % sh) * sw + (s * dw) % sw;
+                    let phase = self.phase((r * dh) % sh, (s * dw) % sw);
                     c * self.chan_stride + phase * plane + (r * dh / sh) * self.wq + s * dw / sw
                 })
             })
@@ -137,7 +163,8 @@ impl Geometry {
             .zip(src.par_chunks_exact(chan))
             .for_each(|(dst, src)| {
                 for (phase, dst) in dst.chunks_exact_mut(plane).enumerate() {
-                    let (py, px) = (phase / sw, phase % sw);
+                    let n_w = self.phases_w.len();
+                    let (py, px) = (self.phases_h[phase / n_w], self.phases_w[phase % n_w]);
                     for (yy, row) in dst.chunks_exact_mut(self.wq).enumerate() {
                         let y = (yy * sh + py) as isize - ph as isize;
                         if y < 0 || y >= p.h as isize {
@@ -166,5 +193,27 @@ impl Geometry {
                     }
                 }
             });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A plane per phase that some tap reads: a stride far larger than the kernel costs the
+    /// planes no more than the windows it reads (it once allocated sh·sw planes: 10¹⁰ for a
+    /// stride of 100,000 on a 32×32 input).
+    #[test]
+    fn planes_only_for_the_phases_taps_read() {
+        let p = Conv2dParams::new(1, 4, 32, 32, 2, 3, 3).with_stride(100_000, 100_000);
+        let g = Geometry::new(&p);
+        assert_eq!((g.phases_h.len(), g.phases_w.len()), (3, 3));
+        assert!(g.image_stride < 1000, "{g:?}");
+        let dense = Conv2dParams::new(1, 4, 32, 32, 2, 3, 3).with_stride(2, 2);
+        let g = Geometry::new(&dense);
+        assert_eq!((g.phases_h, g.phases_w), (vec![0, 1], vec![0, 1]));
+        // Dilation 2 at stride 2: every tap on phase 0.
+        let g = Geometry::new(&dense.with_dilation(2, 2));
+        assert_eq!((g.phases_h, g.phases_w), (vec![0], vec![0]));
     }
 }

@@ -200,7 +200,7 @@ fn arithmetic_is_the_kernels(device: &Device) -> Result<(), Failed> {
         }
         checked.push(plan);
     }
-    println!(
+    eprintln!(
         "arithmetic {} holds on plans {}",
         class.name(),
         checked.join(", ")
@@ -247,12 +247,9 @@ fn fingerprint(case: &Case, device: &Device) -> Result<(), Failed> {
         settings.bind(|| insta::assert_snapshot!(name, text.clone()));
     };
     match verdict(&stored, &numerics, &print, &text) {
-        Verdict::Matches => {
-            println!("matches {}@{key}", case.name);
-            Ok(())
-        }
+        Verdict::Matches => Ok(()),
         Verdict::Twin(twin) => {
-            println!(
+            eprintln!(
                 "no fingerprint of {key}; the bits match the stored {}@{} (the same plan; arithmetic {} there, {} here)",
                 case.name,
                 twin.key,
@@ -320,7 +317,7 @@ fn new_bits(
 ) -> Result<(), Failed> {
     if bless {
         review();
-        println!("wrote {}@{key}", case.name);
+        eprintln!("wrote {}@{key}", case.name);
         return Ok(());
     }
     if std::env::var_os("CI").is_some() {
@@ -331,8 +328,16 @@ fn new_bits(
         )
         .into());
     }
+    // insta writes `{case}@{key}.snap.new` (INSTA_FORCE_PASS keeps it from panicking with its
+    // own advice and a backtrace); the failure says what to do with it.
     review();
-    Ok(())
+    Err(format!(
+        "{}@{key}: the output bits ({}, plan {}) {what}; written to golden/snapshots/{}@{key}.snap.new \
+         for review (cargo install cargo-insta; cargo insta review), or accept every new \
+         fingerprint: {ACCEPT}",
+        case.name, print.bits, print.plan, case.name
+    )
+    .into())
 }
 
 /// A fingerprint: the numerics it was made with, exact bits and rounded statistics.

@@ -5,7 +5,7 @@
 //! jobs or settings interleave) and checks every output against the reference, and GPU outputs
 //! bit for bit against the synchronous GPU path.
 
-use super::{fail, Context, Device};
+use super::{fail, named, Context, Device};
 use crate::gpu::{Algorithm, GpuBackend, GpuChoice};
 use crate::juggler::{Config, DeviceKind, Juggler, Preference};
 use crate::suite::Case;
@@ -148,7 +148,7 @@ fn mixed_stream(choice: GpuChoice, sync: &GpuBackend) -> Result<(), Failed> {
             "expected both weight uploads and resident hits: {s}"
         )));
     }
-    println!("{s}");
+    eprintln!("{s}");
     Ok(())
 }
 
@@ -187,7 +187,7 @@ fn check_pipelined(runs: &[crate::RunInfo], fusion: bool) -> Result<(), Failed> 
             stages.len()
         )));
     }
-    println!(
+    eprintln!(
         "{shared} of {} jobs shared steps, {fused} had fused copies, {in_parts} ran in parts",
         stages.len()
     );
@@ -516,7 +516,7 @@ fn auto_choice(choice: GpuChoice) -> Result<(), Failed> {
             info.device, info.reason
         )));
     }
-    println!(
+    eprintln!(
         "auto chose {} for {big}: {} (measured cpu {cpu:?} s, gpu {gpu:?} s)",
         info.device, info.reason
     );
@@ -526,19 +526,26 @@ fn auto_choice(choice: GpuChoice) -> Result<(), Failed> {
 /// Where a CUDA driver is present and no other copy mode is chosen, streaming jobs are copied by
 /// CUDA (every one, each output within tolerance of the reference); elsewhere the trial says
 /// why it cannot run. The other stream trials then exercise the CUDA path too.
-fn cuda_copies(choice: GpuChoice) -> Result<libtest_mimic::Completion, Failed> {
+/// Why `stream/cuda_copies` cannot run here, if it cannot (known before any trial runs).
+fn cuda_copies_missing() -> Option<String> {
     if !crate::gpu::cu::driver_present() {
-        return Ok(libtest_mimic::Completion::ignored_with(
-            "no CUDA driver (libcuda) on this machine: the CUDA copy path is not tested here",
-        ));
+        return Some(
+            "no CUDA driver (libcuda) on this machine: the CUDA copy path is not tested here"
+                .into(),
+        );
     }
     if !matches!(
         crate::gpu::StreamCopy::from_env(),
         crate::gpu::StreamCopy::Cuda { .. }
     ) {
-        return Ok(libtest_mimic::Completion::ignored_with(
-            "SPORKLE_STREAM_COPY chooses other copies than CUDA's",
-        ));
+        return Some("SPORKLE_STREAM_COPY chooses other copies than CUDA's".into());
+    }
+    None
+}
+
+fn cuda_copies(choice: GpuChoice) -> Result<libtest_mimic::Completion, Failed> {
+    if let Some(why) = cuda_copies_missing() {
+        return Ok(libtest_mimic::Completion::ignored_with(why));
     }
     let j = juggler(Preference::Gpu, choice, Duration::from_secs(60))?;
     let jobs = stream(9, 29).map_err(fail)?;
@@ -556,19 +563,21 @@ fn cuda_copies(choice: GpuChoice) -> Result<libtest_mimic::Completion, Failed> {
         }
         check_reference(job, &y)?;
     }
-    println!("{} jobs copied by CUDA, every output checked", jobs.len());
+    eprintln!("{} jobs copied by CUDA, every output checked", jobs.len());
     Ok(libtest_mimic::Completion::Completed)
 }
 
 pub fn trials(ctx: &Arc<Context>) -> Vec<Trial> {
-    let mut out = vec![Trial::test("fault/gpu_off", gpu_off).with_kind("juggler")];
+    let mut out = vec![Trial::test(named("juggler", "fault/gpu_off"), gpu_off)];
     let choice = GpuChoice::from_env().unwrap_or(GpuChoice::Off);
     let auto_gpu = if ctx.gpu_absence.is_some() {
         GpuChoice::Off
     } else {
         choice
     };
-    out.push(Trial::test("auto/choice", move || auto_choice(auto_gpu)).with_kind("juggler"));
+    out.push(Trial::test(named("juggler", "auto/choice"), move || {
+        auto_choice(auto_gpu)
+    }));
     let Some(sync) = ctx.devices.iter().find_map(|d| match d {
         Device::Gpu { backend } => Some(Arc::clone(backend)),
         _ => None,
@@ -576,28 +585,33 @@ pub fn trials(ctx: &Arc<Context>) -> Vec<Trial> {
         return out;
     };
     let sync_mixed = Arc::clone(&sync);
-    out.push(
-        Trial::test("stream/mixed_changing_weights", move || {
-            mixed_stream(choice, &sync_mixed)
-        })
-        .with_kind("gpu-async"),
-    );
+    out.push(Trial::test(
+        named("gpu-async", "stream/mixed_changing_weights"),
+        move || mixed_stream(choice, &sync_mixed),
+    ));
     let sync_pinned = Arc::clone(&sync);
-    out.push(
-        Trial::test("stream/pinned_inputs", move || {
-            pinned_inputs(choice, &sync_pinned)
-        })
-        .with_kind("gpu-async"),
-    );
-    out.push(Trial::test("stream/threads", move || threads(choice)).with_kind("gpu-async"));
-    out.push(
-        Trial::ignorable_test("stream/cuda_copies", move || cuda_copies(choice))
-            .with_kind("gpu-async"),
-    );
-    out.push(Trial::test("stream/async_toggled", move || toggled(choice)).with_kind("gpu-async"));
-    out.push(
-        Trial::test("fault/fence_timeout", move || fence_timeout(choice)).with_kind("gpu-async"),
-    );
+    out.push(Trial::test(
+        named("gpu-async", "stream/pinned_inputs"),
+        move || pinned_inputs(choice, &sync_pinned),
+    ));
+    out.push(Trial::test(
+        named("gpu-async", "stream/threads"),
+        move || threads(choice),
+    ));
+    out.push(super::unless_missing(
+        Trial::ignorable_test(named("gpu-async", "stream/cuda_copies"), move || {
+            cuda_copies(choice)
+        }),
+        cuda_copies_missing(),
+    ));
+    out.push(Trial::test(
+        named("gpu-async", "stream/async_toggled"),
+        move || toggled(choice),
+    ));
+    out.push(Trial::test(
+        named("gpu-async", "fault/fence_timeout"),
+        move || fence_timeout(choice),
+    ));
     let limit = ctx
         .devices
         .iter()
@@ -606,18 +620,22 @@ pub fn trials(ctx: &Arc<Context>) -> Vec<Trial> {
             _ => None,
         })
         .unwrap_or(i64::MAX);
-    out.push(
-        Trial::ignorable_test("fault/over_gl_limit", move || {
-            // Exceeding a 2 GiB limit would need a 2 GiB job: only cheap limits are tested.
-            if limit > 256 << 20 {
-                return Ok(libtest_mimic::Completion::ignored_with(format!(
-                    "the storage block limit here ({} MiB) is too large to exceed cheaply",
-                    limit >> 20
-                )));
+    // Exceeding a 2 GiB limit would need a 2 GiB job: only cheap limits are tested.
+    let too_large = (limit > 256 << 20).then(|| {
+        format!(
+            "the storage block limit here ({} MiB) is too large to exceed cheaply",
+            limit >> 20
+        )
+    });
+    let why = too_large.clone();
+    out.push(super::unless_missing(
+        Trial::ignorable_test(named("gpu-async", "fault/over_gl_limit"), move || {
+            if let Some(why) = why {
+                return Ok(libtest_mimic::Completion::ignored_with(why));
             }
             over_gl_limit(choice, limit).map(|()| libtest_mimic::Completion::Completed)
-        })
-        .with_kind("gpu-async"),
-    );
+        }),
+        too_large,
+    ));
     out
 }

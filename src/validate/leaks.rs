@@ -7,7 +7,7 @@
 //! harness declare `dhat::Alloc` as their global allocator (it forwards to the system allocator
 //! when no profiler runs); the child checks that it does before trusting any number.
 
-use super::{Context, Device};
+use super::{named, Context, Device};
 use libtest_mimic::Trial;
 use std::process::{Command, ExitCode};
 use std::sync::Arc;
@@ -46,7 +46,7 @@ fn run_child(mode: String) -> Result<(), libtest_mimic::Failed> {
     let said = String::from_utf8_lossy(&out.stdout).trim().to_owned();
     let err = String::from_utf8_lossy(&out.stderr).trim().to_owned();
     if out.status.success() {
-        println!("{said}");
+        eprintln!("{said}");
         Ok(())
     } else {
         Err(format!("{said} {err}").trim().to_owned().into())
@@ -60,17 +60,17 @@ pub fn trials(ctx: &Arc<Context>) -> Vec<Trial> {
         .filter(|d| d.is_backend())
         .map(|device| {
             let kind = device.kind();
-            Trial::test("leak/create_run_drop", move || run_child(kind.to_owned())).with_kind(kind)
+            Trial::test(named(kind, "leak/create_run_drop"), move || {
+                run_child(kind.to_owned())
+            })
         })
         .collect();
     for device in ctx.devices.iter().filter(|d| d.juggler().is_some()) {
         let kind = device.kind();
-        out.push(
-            Trial::test(format!("leak/submit_wait_{STREAM_CYCLES}"), move || {
-                run_child(format!("{kind}{STREAM_MODE}"))
-            })
-            .with_kind(kind),
-        );
+        out.push(Trial::test(
+            named(kind, format!("leak/submit_wait_{STREAM_CYCLES}")),
+            move || run_child(format!("{kind}{STREAM_MODE}")),
+        ));
     }
     out
 }

@@ -116,6 +116,10 @@ pub fn main() -> ExitCode {
         return code;
     }
     let mut args: Vec<String> = std::env::args().collect();
+    if args.iter().skip(1).any(|a| a == "-h" || a == "--help") {
+        print!("{HELP}");
+        return ExitCode::SUCCESS;
+    }
     let opts = match Options::take_from(&mut args) {
         Ok(o) => o,
         Err(e) => {
@@ -123,7 +127,13 @@ pub fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // libtest-mimic takes one filter; several select the trials matching any of them (as
+    // libtest's do), applied here.
+    let filters = take_filters(&mut args);
     let mut targs = Arguments::from_iter(args);
+    if filters.len() == 1 {
+        targs.filter = filters.first().cloned();
+    }
     let mut opts = opts;
     if targs.bench {
         // sporkle handles --bench itself: performance trials are ordinary tests that measure in
@@ -139,13 +149,26 @@ pub fn main() -> ExitCode {
         gpu_absence,
         perf_rows: Mutex::default(),
     });
-    let trials = match all_trials(&ctx) {
+    let mut trials = match all_trials(&ctx) {
         Ok(t) => t,
         Err(e) => {
             eprintln!("sporkle-validate: {e}");
             return ExitCode::FAILURE;
         }
     };
+    if filters.len() > 1 {
+        let before = trials.len();
+        trials.retain(|t| {
+            filters.iter().any(|f| match targs.exact {
+                true => t.name() == f,
+                false => t.name().contains(f.as_str()),
+            })
+        });
+        eprintln!(
+            "sporkle-validate: {} of {before} trials match any of {filters:?}",
+            trials.len()
+        );
+    }
     let conclusion = libtest_mimic::run(&targs, trials);
     if let Some(dir) = &ctx.opts.report {
         if let Err(e) = perf::write_report(&ctx, dir) {
@@ -154,6 +177,80 @@ pub fn main() -> ExitCode {
         }
     }
     conclusion.exit_code()
+}
+
+/// `sporkle-validate --help`.
+const HELP: &str = "\
+sporkle-validate: the validation harness of sporkle (the same trials `cargo test` runs).
+Every trial runs per device and is named `[device] family/case`.
+
+Usage: sporkle-validate [OPTIONS] [FILTER ...]
+
+Filters: a trial runs if its name contains any FILTER (with --exact: equals one), e.g.
+  sporkle-validate '[cpu]'                  every trial of the CPU backend
+  sporkle-validate '[cpu] edge/'            the CPU's edge cases
+  sporkle-validate fingerprint/ golden/     both families, every device
+
+sporkle's options:
+  --stress            also run the stress trials (same as SPORKLE_STRESS=1)
+  --bench             run only the performance trials, measured against golden/perf baselines
+  --report DIR        write perf.json and perf.svg there (with --bench)
+  --peers FILE        peers' JSON lines (shared/peers/*.py) for the report; repeatable
+  --problem DESC      run only this benchmark problem descriptor (benchdnn's notation, e.g.
+                      mb32ic64ih56oc64kh3ph1) on every device; repeatable
+  -h, --help          this text
+
+libtest's options (libtest-mimic):
+  --list              list the trials          --exact             filters match whole names
+  --ignored           run only ignored trials  --include-ignored   run ignored trials too
+  --skip FILTER       skip matching trials     --test-threads N    trials at once
+  --format pretty|terse|json                   --color auto|always|never
+  -q, --quiet         one character per trial  --logfile PATH
+
+Environment:
+  SPORKLE_BLESS=1           write new fingerprints (and, with --bench, baselines) instead of failing
+  CI                        set: nothing under golden/ is written; a missing or changed one fails
+  SPORKLE_STRESS=1          run the stress trials;  SPORKLE_STRESS_SECS=N  each one's length (10)
+  SPORKLE_REQUIRE_GPU=1     fail gpu/available unless there is a hardware GPU
+  SPORKLE_GPU=off|auto|software|N          which EGL device is the GPU
+  SPORKLE_GPU_TILE=kernel:BMxBNxBK:TMxTN[:SPLIT]   force a GPU tile (tuning)
+  SPORKLE_GPU_ALGO=direct|winograd         force the GPU's algorithm where Winograd applies
+  SPORKLE_STREAM_COPY=cuda|shader[:N]|dma  how the executor copies;  SPORKLE_STREAM_PARTS=N
+  (README.md lists every knob.)
+
+Accept new numerics: SPORKLE_BLESS=1 cargo run --release --bin sporkle-validate -- fingerprint
+Review them first:   cargo install cargo-insta; cargo insta review
+";
+
+/// Takes the positional filters out of `args` (the arguments that are neither options nor the
+/// values of libtest's options that take one).
+fn take_filters(args: &mut Vec<String>) -> Vec<String> {
+    const WITH_VALUE: [&str; 6] = [
+        "--test-threads",
+        "--logfile",
+        "--skip",
+        "--color",
+        "--format",
+        "-Z",
+    ];
+    let mut filters = Vec::new();
+    let mut rest = Vec::with_capacity(args.len());
+    let mut it = std::mem::take(args).into_iter();
+    if let Some(program) = it.next() {
+        rest.push(program);
+    }
+    while let Some(a) = it.next() {
+        if WITH_VALUE.contains(&a.as_str()) {
+            rest.push(a);
+            rest.extend(it.next());
+        } else if a.starts_with('-') {
+            rest.push(a);
+        } else {
+            filters.push(a);
+        }
+    }
+    *args = rest;
+    filters
 }
 
 /// Every trial, for every device.
@@ -182,25 +279,37 @@ fn gpu_presence(ctx: &Context) -> Trial {
     let absent = ctx.gpu_absence.clone();
     let software = ctx.devices.iter().any(|d| d.is_software());
     let require = std::env::var("SPORKLE_REQUIRE_GPU").is_ok_and(|v| v == "1");
-    Trial::ignorable_test("gpu/available", move || match (absent, require) {
-        (Some(why), true) => {
-            Err(format!("SPORKLE_REQUIRE_GPU=1, but there is no GPU: {why}").into())
+    let missing = match (&absent, require) {
+        (Some(why), false) => Some(format!("no GPU, so no [gpu] trials: {why}")),
+        _ => None,
+    };
+    let trial = Trial::ignorable_test(named("gpu", "gpu/available"), move || {
+        match (absent, require) {
+            (Some(why), true) => {
+                Err(format!("SPORKLE_REQUIRE_GPU=1, but there is no GPU: {why}").into())
+            }
+            (Some(why), false) => Ok(libtest_mimic::Completion::ignored_with(format!(
+                "no GPU, so no [gpu] trials: {why}"
+            ))),
+            (None, true) if software => {
+                Err("SPORKLE_REQUIRE_GPU=1, but the only GPU is a software renderer".into())
+            }
+            (None, _) => Ok(libtest_mimic::Completion::Completed),
         }
-        (Some(why), false) => Ok(libtest_mimic::Completion::ignored_with(format!(
-            "no GPU, so no [gpu] trials: {why}"
-        ))),
-        (None, true) if software => {
-            Err("SPORKLE_REQUIRE_GPU=1, but the only GPU is a software renderer".into())
-        }
-        (None, _) => Ok(libtest_mimic::Completion::Completed),
-    })
-    .with_kind("gpu")
+    });
+    unless_missing(trial, missing)
 }
 
 /// insta writes into `golden/snapshots`; blessing means accepting every new value, and
 /// clearing what earlier failed runs left pending (`*.snap.new`), so nothing stray is committed.
 fn prepare_insta(bless: bool) {
     // Edition 2021: set_var is safe; this runs before any trial thread starts.
+    if !bless {
+        // A new fingerprint is written as `.snap.new` and the trial fails with sporkle's own
+        // message (golden.rs), not with insta's panic, backtrace and advice for cargo-insta's
+        // runner.
+        std::env::set_var("INSTA_FORCE_PASS", "1");
+    }
     if bless {
         std::env::set_var("INSTA_UPDATE", "always");
         let dir = crate::repo_root().join("golden/snapshots");
@@ -226,7 +335,9 @@ pub(crate) fn trial(
     xfail: Option<String>,
     body: impl FnOnce() -> Result<(), Failed> + Send + 'static,
 ) -> Trial {
-    Trial::test(name, move || judge_xfail(body(), xfail.as_deref())).with_kind(device.kind())
+    Trial::test(named(device.kind(), name), move || {
+        judge_xfail(body(), xfail.as_deref())
+    })
 }
 
 /// The outcome of a trial given its result and its expected-failure reason, if any.
@@ -238,10 +349,33 @@ fn judge_xfail(result: Result<(), Failed>, xfail: Option<&str>) -> Result<(), Fa
         )
         .into()),
         (Err(e), Some(reason)) => {
-            println!("expected failure ({reason}): {}", e.message().unwrap_or(""));
+            eprintln!("expected failure ({reason}): {}", e.message().unwrap_or(""));
             Ok(())
         }
     }
+}
+
+/// `trial`, marked ignored before anything runs where its precondition is `missing` (the
+/// reason is said once on stderr), so that every runner skips it: libtest's, this one's, and
+/// cargo-nextest, which learns which trials are ignored from `--list --ignored` and counts a
+/// trial that runs and returns as passed. Run anyway (`--include-ignored`), its body reports
+/// the same reason as ignored.
+pub(crate) fn unless_missing(trial: Trial, missing: Option<String>) -> Trial {
+    match missing {
+        Some(why) => {
+            eprintln!("sporkle-validate: {} is ignored: {why}", trial.name());
+            trial.with_ignored_flag(true)
+        }
+        None => trial,
+    }
+}
+
+/// A trial's name: `[kind] name`. The kind is written into the name rather than given to
+/// libtest-mimic as its kind, so that every report names the device: the text summary of
+/// failures and `--format json`'s lines carry the name alone, where 4 devices' trials would
+/// otherwise share one name. Filters still select a device (`'[cpu]'`, `'[cpu] edge/'`).
+pub(crate) fn named(kind: &str, name: impl std::fmt::Display) -> String {
+    format!("[{kind}] {name}")
 }
 
 /// Turns any displayable error into a trial failure.
@@ -261,6 +395,20 @@ mod tests {
         assert!(e.message().unwrap().contains("unexpected pass"));
         assert!(judge_xfail(Ok(()), None).is_ok());
         assert!(judge_xfail(Err("wrong".into()), None).is_err());
+    }
+
+    #[test]
+    fn several_filters_are_taken_out_of_the_command_line() {
+        let mut args: Vec<String> = [
+            "bin", "[cpu]", "--skip", "leak", "edge/", "--exact", "--format", "json",
+        ]
+        .map(String::from)
+        .to_vec();
+        assert_eq!(take_filters(&mut args), ["[cpu]", "edge/"]);
+        assert_eq!(
+            args,
+            ["bin", "--skip", "leak", "--exact", "--format", "json"]
+        );
     }
 
     #[test]

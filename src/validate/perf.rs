@@ -21,7 +21,7 @@
 //! - `--report DIR` writes `perf.json` and `perf.svg` (per shape: this run, the baseline, and
 //!   every peer given with `--peers FILE`, JSON lines as printed by `shared/peers/*.py`).
 
-use super::{fail, Context, Device};
+use super::{fail, named, Context, Device};
 use crate::gpu::Algorithm;
 use crate::suite::Case;
 use crate::tolerance::{check_sample, Tolerance};
@@ -87,10 +87,10 @@ pub fn trials(ctx: &Arc<Context>) -> crate::Result<Vec<Trial>> {
             let (ctx, dev, case) = (Arc::clone(ctx), device.clone(), case.clone());
             let name = format!("perf/{}", case.name);
             let measure = ctx.opts.bench;
-            out.push(
-                Trial::ignorable_test(name, move || run(&ctx, &dev, &case, !measure))
-                    .with_kind(device.kind()),
-            );
+            out.push(Trial::ignorable_test(
+                named(device.kind(), name),
+                move || run(&ctx, &dev, &case, !measure),
+            ));
         }
     }
     Ok(out)
@@ -145,7 +145,7 @@ fn run(ctx: &Context, device: &Device, case: &Case, test_mode: bool) -> Result<C
         let ns: Vec<f64> = times.iter().map(|t| t * 1e9).collect();
         let avg = ns[ns.len() / 2];
         let variance = ns.iter().map(|v| (v - avg).powi(2)).sum::<f64>() / ns.len() as f64;
-        println!(
+        eprintln!(
             "{}: {:.1} GFLOP/s (median {:.3} ms, sd {:.3} ms over {} runs)",
             case.name,
             p.flops() as f64 / avg,
@@ -217,7 +217,7 @@ fn gpu_bench(
         ratios.push(g / cal);
     }
     let result = judge(ctx, (&key, GPU_CALIBRATION), device, case, &gflops, &ratios);
-    println!(
+    eprintln!(
         "{}: {:.1} GFLOP/s kernel (medians of 3 rounds: {})",
         case.name,
         gflops.iter().copied().fold(0.0, f64::max),
@@ -291,7 +291,7 @@ fn judge(
                 },
             );
             write_baselines(&path, &file).map_err(fail)?;
-            println!(
+            eprintln!(
                 "{}: baseline {g:.1} GFLOP/s, ratio {r:.4} written ({})",
                 case.name,
                 path.display()
@@ -314,7 +314,7 @@ fn judge(
                     "{}: faster than its baseline ({r:.4} vs {:.4}); consider re-blessing",
                     case.name, base.ratio
                 );
-                println!("{msg}");
+                eprintln!("{msg}");
                 ("faster".to_owned(), Ok(Completion::Completed))
             } else {
                 ("ok".to_owned(), Ok(Completion::Completed))

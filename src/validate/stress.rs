@@ -5,7 +5,7 @@
 //! timeout (no job finishing for `WATCHDOG` seconds) fails the trial. A progress bar shows on a
 //! terminal; a summary line follows (jobs, verified, mismatches, throughput, peak memory).
 
-use super::{Context, Device};
+use super::{named, Context, Device};
 use crate::suite::Case;
 use crate::tolerance::{compare, Tolerance};
 use crate::{data, reference};
@@ -30,9 +30,10 @@ pub fn trials(ctx: &Arc<Context>) -> crate::Result<Vec<Trial>> {
         .filter(|d| d.is_backend())
         .map(|device| {
             let (dev, cases) = (device.clone(), Arc::clone(&cases));
-            Trial::test("stress-run/mixed", move || run(&dev, &cases))
-                .with_kind(device.kind())
-                .with_ignored_flag(!stress)
+            Trial::test(named(device.kind(), "stress-run/mixed"), move || {
+                run(&dev, &cases)
+            })
+            .with_ignored_flag(!stress)
         })
         .collect())
 }
@@ -101,7 +102,7 @@ fn run(device: &Device, cases: &Arc<Vec<Case>>) -> Result<(), Failed> {
         counters.verified.load(Relaxed),
         counters.mismatches.load(Relaxed),
     );
-    println!(
+    eprintln!(
         "stress [{}]: {jobs} jobs on {THREADS} threads in {elapsed:.1} s, {verified} verified, {mismatches} mismatches, {:.2} GFLOP/s, peak memory {}",
         device.kind(),
         counters.flops.load(Relaxed) as f64 / elapsed / 1e9,

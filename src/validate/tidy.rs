@@ -25,7 +25,27 @@ const UNSAFE_ALLOWED: [&str; 9] = [
 ];
 
 pub fn trials() -> Vec<Trial> {
-    vec![Trial::ignorable_test("tidy/conventions", || check(&crate::repo_root())).with_kind("tidy")]
+    let root = crate::repo_root();
+    let missing = sources(&root).is_empty().then(|| {
+        format!(
+            "no Rust sources under {}: tidy checks the source tree, and this run has none",
+            root.display()
+        )
+    });
+    vec![super::unless_missing(
+        Trial::ignorable_test(super::named("tidy", "tidy/conventions"), move || {
+            check(&root)
+        }),
+        missing,
+    )]
+}
+
+/// The Rust files of the tree at `root` (`src/` and `tests/`).
+fn sources(root: &Path) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    rust_files(&root.join("src"), &mut files);
+    rust_files(&root.join("tests"), &mut files);
+    files
 }
 
 fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
@@ -69,9 +89,7 @@ fn code_of(line: &str) -> String {
 /// The conventions over the tree at `root`; ignored (its precondition missing, neither a pass
 /// nor a failure) where there is no source tree, as where the binaries run from a copy.
 fn check(root: &Path) -> Result<Completion, Failed> {
-    let mut files = Vec::new();
-    rust_files(&root.join("src"), &mut files);
-    rust_files(&root.join("tests"), &mut files);
+    let files = sources(root);
     if files.is_empty() {
         return Ok(Completion::ignored_with(format!(
             "no Rust sources under {}: tidy checks the source tree, and this run has none",

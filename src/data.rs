@@ -54,9 +54,9 @@ pub fn conv_data(
     seed: u64,
     exact: bool,
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-    let mut x = vec![0.0; p.input_len() as usize];
-    let mut w = vec![0.0; p.weights_len() as usize];
-    let mut b = vec![0.0; p.bias_len() as usize];
+    let mut x = vec![0.0; p.input_len()];
+    let mut w = vec![0.0; p.weights_len()];
+    let mut b = vec![0.0; p.bias_len()];
     if exact {
         fill_small_ints(seed, 3, &mut x);
         fill_small_ints(seed ^ 0x5151, 3, &mut w);

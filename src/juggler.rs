@@ -508,7 +508,7 @@ impl Ticket {
                 Ok(info)
             }
             TicketState::Gpu(t) => {
-                check(t.p.output_len() as usize)?;
+                check(t.p.output_len())?;
                 t.finish(|o| o.copy_to(output)).map(|((), info)| info)
             }
         }
@@ -562,8 +562,7 @@ impl GpuTicket {
             Err(e) => {
                 let why = e.to_string();
                 self.inner.gpu_failed(&e);
-                let mut output =
-                    crate::host_mem::zeroed(self.p.output_len() as usize, "the output")?;
+                let mut output = crate::host_mem::zeroed(self.p.output_len(), "the output")?;
                 let mut info = self.inner.run_cpu(
                     &self.p,
                     self.input.as_slice(),
@@ -726,11 +725,11 @@ impl Inner {
             return;
         }
         let p = CALIBRATION;
-        let mut x = vec![0.0f32; p.input_len() as usize];
-        let mut w = vec![0.0f32; p.weights_len() as usize];
+        let mut x = vec![0.0f32; p.input_len()];
+        let mut w = vec![0.0f32; p.weights_len()];
         crate::data::fill_uniform(1, &mut x);
         crate::data::fill_uniform(2, &mut w);
-        let mut y = vec![0.0f32; p.output_len() as usize];
+        let mut y = vec![0.0f32; p.output_len()];
         // Twice each: a device's first call of a shape is a warm-up (see ShapeTimes).
         for _ in 0..2 {
             let _ = self.cpu_measured(&p, &x, &w, None, &mut y);
@@ -1070,12 +1069,12 @@ impl Juggler {
             input.len(),
             weights.len(),
             bias.as_deref().map(<[f32]>::len),
-            p.output_len() as usize,
+            p.output_len(),
         )?;
         let (device, reason) = self.inner.choose(p);
         match device {
             DeviceKind::Cpu => {
-                let mut output = crate::host_mem::zeroed(p.output_len() as usize, "the output")?;
+                let mut output = crate::host_mem::zeroed(p.output_len(), "the output")?;
                 let info = self.inner.run_cpu(
                     p,
                     input.as_slice(),
@@ -1185,9 +1184,9 @@ mod tests {
         let j = cpu_only();
         assert!(j.gpu_description().unwrap_err().contains("SPORKLE_GPU=off"));
         let p = CALIBRATION;
-        let x = vec![1.0f32; p.input_len() as usize];
-        let w = vec![0.5f32; p.weights_len() as usize];
-        let mut y = vec![0.0f32; p.output_len() as usize];
+        let x = vec![1.0f32; p.input_len()];
+        let w = vec![0.5f32; p.weights_len()];
+        let mut y = vec![0.0f32; p.output_len()];
         let info = j.conv2d(&p, &x, &w, None, &mut y).unwrap();
         assert_eq!(info.device, DeviceKind::Cpu);
         assert!(info.reason.contains("SPORKLE_GPU=off"), "{}", info.reason);
@@ -1203,8 +1202,8 @@ mod tests {
         let j = cpu_only();
         let p = CALIBRATION;
         let x = vec![1.0f32; 10];
-        let w = vec![0.5f32; p.weights_len() as usize];
-        let mut y = vec![7.0f32; p.output_len() as usize];
+        let w = vec![0.5f32; p.weights_len()];
+        let mut y = vec![7.0f32; p.output_len()];
         assert!(j.conv2d(&p, &x, &w, None, &mut y).is_err());
         assert!(y.iter().all(|&v| v == 7.0));
         assert!(j.submit(&p, &x, &w, None).is_err());

@@ -34,8 +34,28 @@
 //!   written as benchdnn problem descriptors.
 //! - The binaries: `sporkle` (`conv2d`, `bench`, `devices`) and `sporkle-validate`.
 //!
-//! Layouts: input `N×C×H×W`, weights `K×(C/G)×R×S`, optional bias `K`, output `N×K×Ho×Wo`,
-//! all contiguous row-major f32.
+//! Layouts: input `n×c_in×h×w`, weights `c_out×(c_in/groups)×k_h×k_w`, optional bias `c_out`,
+//! output `n×c_out×ho×wo`, all contiguous row-major f32.
+//!
+//! # Example
+//!
+//! ```
+//! use sporkle::{Conv2dParams, Juggler};
+//!
+//! // 1 image of 3 channels, 8×8; 4 filters of 3×3, padded to keep 8×8.
+//! let p = Conv2dParams::new(1, 3, 8, 8, 4, 3, 3).with_padding(1, 1);
+//! let x = vec![1.0f32; p.input_len()];
+//! let w = vec![0.5f32; p.weights_len()];
+//! let bias = vec![0.25f32; p.bias_len()];
+//! let mut y = vec![0.0f32; p.output_len()];
+//! let juggler = Juggler::new()?; // a GPU if there is one; the CPU alone otherwise
+//! let info = juggler.conv2d(&p, &x, &w, Some(&bias), &mut y)?;
+//! // An inner output sums 3 channels × 9 taps of 1 × 0.5, plus the bias; a corner sees 4 taps.
+//! assert_eq!(y[9], 13.75);
+//! assert_eq!(y[0], 6.25);
+//! println!("ran on {} ({}), {:.3} ms", info.device, info.reason, info.wall_s * 1e3);
+//! # Ok::<(), sporkle::Error>(())
+//! ```
 
 pub mod cpu;
 pub mod data;

@@ -279,24 +279,25 @@ impl Conv2dParams {
         })
     }
 
-    /// Elements of the input `N×C×H×W` (64-bit; 0 if the sizes overflow).
-    pub fn input_len(&self) -> u64 {
-        self.lens().map_or(0, |l| l.input)
+    /// Elements of the input `N×C×H×W`, as buffers are sized (0 if the sizes overflow or
+    /// do not fit this machine's addresses, which [`validate`](Self::validate) refuses).
+    pub fn input_len(&self) -> usize {
+        self.lens().map_or(0, |l| addressable(l.input))
     }
 
     /// Elements of the weights `K×(C/G)×R×S`.
-    pub fn weights_len(&self) -> u64 {
-        self.lens().map_or(0, |l| l.weights)
+    pub fn weights_len(&self) -> usize {
+        self.lens().map_or(0, |l| addressable(l.weights))
     }
 
     /// Elements of the bias `K`.
-    pub fn bias_len(&self) -> u64 {
-        self.c_out as u64
+    pub fn bias_len(&self) -> usize {
+        self.c_out
     }
 
     /// Elements of the output `N×K×Ho×Wo`.
-    pub fn output_len(&self) -> u64 {
-        self.lens().map_or(0, |l| l.output)
+    pub fn output_len(&self) -> usize {
+        self.lens().map_or(0, |l| addressable(l.output))
     }
 
     /// Floating-point operations of the convolution, counted once:
@@ -314,13 +315,13 @@ impl Conv2dParams {
         output: usize,
     ) -> Result<()> {
         self.validate()?;
-        let check = |what: &'static str, expected: u64, got: usize| {
-            if expected == got as u64 {
+        let check = |what: &'static str, expected: usize, got: usize| {
+            if expected == got {
                 Ok(())
             } else {
                 Err(Error::BufferLength {
                     what,
-                    expected,
+                    expected: expected as u64,
                     got: got as u64,
                 })
             }
@@ -409,6 +410,14 @@ impl PaddingSpec {
             }
         }
     }
+}
+
+/// `v` as a length, or 0 where it is more than this machine can address.
+fn addressable(v: u64) -> usize {
+    usize::try_from(v)
+        .ok()
+        .filter(|&n| n as u64 <= MAX_ELEMENTS)
+        .unwrap_or(0)
 }
 
 struct Lens {

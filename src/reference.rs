@@ -135,7 +135,7 @@ pub fn whole(
     (input, weights, bias): (&[f32], &[f32], Option<&[f32]>),
     value_at: impl Fn(OutIndex) -> RefValue,
 ) -> Result<RefOutput> {
-    let len = p.output_len() as usize;
+    let len = p.output_len();
     p.check_buffers(input.len(), weights.len(), bias.map(<[f32]>::len), len)?;
     let (value, magnitude) = (0..len)
         .map(|i| {
@@ -207,7 +207,7 @@ mod tests {
     #[test]
     fn flat_index_round_trips() {
         let p = Conv2dParams::new(2, 3, 6, 7, 5, 2, 3);
-        for i in 0..p.output_len() as usize {
+        for i in 0..p.output_len() {
             assert_eq!(OutIndex::from_flat(&p, i).flat(&p), i);
         }
     }

@@ -251,8 +251,8 @@ mod tests {
     #[test]
     fn rounding_passes_but_a_shifted_tap_fails() {
         let p = Conv2dParams::new(1, 8, 9, 9, 4, 3, 3).with_padding(1, 1);
-        let mut x = vec![0.0; p.input_len() as usize];
-        let mut w = vec![0.0; p.weights_len() as usize];
+        let mut x = vec![0.0; p.input_len()];
+        let mut w = vec![0.0; p.weights_len()];
         crate::data::fill_uniform(1, &mut x);
         crate::data::fill_uniform(2, &mut w);
         let r = reference::conv2d_f64(&p, &x, &w, None).unwrap();

@@ -212,7 +212,7 @@ mod tests {
                 }
             }
         }
-        let mut y = vec![0.0f32; p.output_len() as usize];
+        let mut y = vec![0.0f32; p.output_len()];
         for k in 0..p.c_out {
             for t in 0..npos {
                 let mut m = [[0.0f32; 4]; 4];
@@ -297,7 +297,7 @@ mod tests {
     fn the_winograd_magnitude_is_at_least_the_direct_one() {
         let p = Conv2dParams::new(1, 4, 6, 6, 3, 3, 3).with_padding(1, 1);
         let (x, w, b) = crate::data::conv_data(&p, 5, false);
-        for i in 0..p.output_len() as usize {
+        for i in 0..p.output_len() {
             let at = OutIndex::from_flat(&p, i);
             let direct = crate::reference::output_at(&p, &x, &w, Some(&b), at);
             let wino = output_at(&p, &x, &w, Some(&b), at);

@@ -256,6 +256,14 @@ fn bad_inputs_fail_cleanly_without_output() {
             "1, 2 or 4 numbers (P, PH,PW or T,L,B,R), not 3",
         ),
         (
+            vec!["--input", &x, "--weights", &w, "--stride", "-1"],
+            "\"-1\" is not a non-negative integer",
+        ),
+        (
+            vec!["--input", &x, "--weights", &w, "--padding", "-2,1"],
+            "\"-2\" in \"-2,1\" is not a non-negative integer",
+        ),
+        (
             vec!["--input", &x, "--weights", &w, "--padding", "sideways"],
             "\"sideways\"",
         ),
@@ -560,4 +568,88 @@ fn huge_strides_are_cheap_and_huge_outputs_are_errors() {
         }
         assert_fails(&out, "out of memory: the output needs 320.1 GB", &y);
     }
+}
+
+fn validate(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_sporkle-validate"))
+        .args(args)
+        .output()
+        .expect("run sporkle-validate")
+}
+
+/// `--format json` is JSON lines only (diagnostics go to stderr), and every trial's name is
+/// unique: it names the device.
+#[test]
+fn runner_json_lines_parse_with_unique_names() {
+    let out = validate(&["--format", "json", "fingerprint/", "golden/resnet"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut names = std::collections::HashSet::new();
+    let mut results = 0;
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line:?}"));
+        if v["type"] == "test" && v["event"] != "started" {
+            let name = v["name"].as_str().unwrap().to_owned();
+            assert!(name.starts_with('['), "the name names the device: {name}");
+            assert!(names.insert(name.clone()), "{name} appears twice");
+            results += 1;
+        }
+    }
+    assert!(results >= 8, "only {results} results");
+}
+
+/// Every `sporkle-validate` command in README.md parses as written: run with `--list`, it
+/// exits 0 and lists at least one trial.
+#[test]
+fn readme_runner_commands_run_as_written() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let mut checked = 0;
+    for line in readme.lines() {
+        let Some((_, rest)) = line.split_once("--bin sporkle-validate") else {
+            continue;
+        };
+        let command = rest.split(" #").next().unwrap_or(rest).trim();
+        let args = command.strip_prefix("--").unwrap_or(command).trim();
+        if args.contains("--report") || args.contains('`') {
+            continue; // writes files, or prose rather than a command
+        }
+        // Shell words: single quotes group.
+        let mut words = Vec::new();
+        for (i, part) in args.split('\'').enumerate() {
+            if i % 2 == 1 {
+                words.push(part.to_owned());
+            } else {
+                words.extend(part.split_whitespace().map(str::to_owned));
+            }
+        }
+        if !words.iter().any(|w| w == "--list") {
+            words.push("--list".into());
+        }
+        let words: Vec<&str> = words.iter().map(String::as_str).collect();
+        let out = validate(&words);
+        assert!(
+            out.status.success(),
+            "README: `{line}`: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let said = String::from_utf8_lossy(&out.stdout);
+        if words.contains(&"--help") {
+            assert!(
+                said.contains("sporkle-validate") && said.contains("--stress"),
+                "{said}"
+            );
+        } else {
+            assert!(said.contains(": test"), "README: `{line}` lists no trial");
+        }
+        checked += 1;
+    }
+    assert!(
+        checked >= 4,
+        "only {checked} runner commands found in README.md"
+    );
 }

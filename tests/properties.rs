@@ -43,7 +43,7 @@ fn run(
     let (x, w, b) = data::conv_data(p, seed, exact);
     let bias = bias.then_some(&b[..]);
     let r = reference::conv2d_f64(p, &x, &w, bias).unwrap();
-    let mut y = vec![f32::NAN; p.output_len() as usize];
+    let mut y = vec![f32::NAN; p.output_len()];
     let cpu = &backends()[backend];
     cpu.conv2d(p, &x, &w, bias, &mut y).unwrap();
     let tol = if exact {

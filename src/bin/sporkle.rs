@@ -103,15 +103,15 @@ struct Conv2dArgs {
     #[arg(long)]
     bias: Option<PathBuf>,
     /// Stride: S or SH,SW.
-    #[arg(long, value_parser = parse_pair, default_value = "1")]
+    #[arg(long, value_parser = parse_pair, default_value = "1", allow_hyphen_values = true)]
     stride: (usize, usize),
     /// Zero padding: P (every side), PH,PW (top and bottom, left and right), T,L,B,R (per side,
     /// ONNX's pads order), same (ONNX SAME_UPPER: output ceil(in/stride), an odd total padded
     /// more after), same-lower (more before) or valid (none).
-    #[arg(long, value_parser = PaddingSpec::parse, default_value = "0")]
+    #[arg(long, value_parser = PaddingSpec::parse, default_value = "0", allow_hyphen_values = true)]
     padding: PaddingSpec,
     /// Dilation: D or DH,DW.
-    #[arg(long, value_parser = parse_pair, default_value = "1")]
+    #[arg(long, value_parser = parse_pair, default_value = "1", allow_hyphen_values = true)]
     dilation: (usize, usize),
     /// Groups.
     #[arg(long, default_value_t = 1)]
@@ -324,7 +324,7 @@ fn conv2d(a: Conv2dArgs) -> Result<()> {
     };
     let juggler = juggler(preference, a.threads)?;
     let (ho, wo) = p.out_hw();
-    let mut y = sporkle::host_mem::zeroed(p.output_len() as usize, "the output")?;
+    let mut y = sporkle::host_mem::zeroed(p.output_len(), "the output")?;
     let run = juggler.conv2d(&p, &x.data, &w.data, bias.as_deref(), &mut y)?;
     let mut info = serde_json::json!({
         "device": run.device.to_string(),
@@ -438,7 +438,7 @@ fn bench(a: BenchArgs) -> Result<()> {
         let p = case.params;
         let (x, w, b) = sporkle::data::conv_data(&p, 42, false);
         let bias = case.bias.then_some(&b[..]);
-        let mut y = vec![0.0f32; p.output_len() as usize];
+        let mut y = vec![0.0f32; p.output_len()];
         match &engine {
             Engine::Cpu(cpu) => {
                 // Weights are laid out once per shape, as an inference engine does when it
@@ -625,9 +625,7 @@ fn stream(a: &BenchArgs, cases: &[&sporkle::suite::Case], batches: usize) -> Res
         warm_up(&submit, 2)?;
         // One output buffer per batch, written once before timing (as the peer's pinned
         // outputs are allocated before its timing): fresh memory costs a page fault per 4 KiB.
-        let mut outs: Vec<Vec<f32>> = (0..batches)
-            .map(|_| vec![1.0f32; p.output_len() as usize])
-            .collect();
+        let mut outs: Vec<Vec<f32>> = (0..batches).map(|_| vec![1.0f32; p.output_len()]).collect();
         // Async again, all submitted, then each output read where it lies (in the staging buffer,
         // host memory, with no copy into a buffer of the caller's) and checked after the timing.
         j.set_async(true);

@@ -343,10 +343,10 @@ impl CpuBackend {
     /// kernel size and groups): what [`conv2d`](Self::conv2d) does on every call, done once.
     pub fn prepare_weights(&self, p: &Conv2dParams, weights: &[f32]) -> Result<CpuWeights> {
         p.validate()?;
-        if weights.len() as u64 != p.weights_len() {
+        if weights.len() != p.weights_len() {
             return Err(Error::BufferLength {
                 what: "weights",
-                expected: p.weights_len(),
+                expected: p.weights_len() as u64,
                 got: weights.len() as u64,
             });
         }
@@ -385,7 +385,7 @@ impl CpuBackend {
         }
         p.check_buffers(
             input.len(),
-            p.weights_len() as usize,
+            p.weights_len(),
             bias.map(<[f32]>::len),
             output.len(),
         )?;
@@ -795,7 +795,7 @@ mod tests {
     fn check(p: Conv2dParams, backend: &CpuBackend, exact: bool, with_bias: bool) {
         let (x, w, b) = conv_data(&p, 7, exact);
         let bias = with_bias.then_some(&b[..]);
-        let mut y = vec![f32::NAN; p.output_len() as usize];
+        let mut y = vec![f32::NAN; p.output_len()];
         backend.conv2d(&p, &x, &w, bias, &mut y).unwrap();
         let r = reference::conv2d_f64(&p, &x, &w, bias).unwrap();
         let tol = if exact {
@@ -953,7 +953,7 @@ mod tests {
                         if let Some(path) = path {
                             cpu = cpu.with_path(path);
                         }
-                        let mut y = vec![0.0; p.output_len() as usize];
+                        let mut y = vec![0.0; p.output_len()];
                         cpu.conv2d(&p, &x, &w, Some(&b), &mut y).unwrap();
                         y.iter().map(|v| v.to_bits()).collect()
                     })
@@ -989,8 +989,8 @@ mod tests {
             Conv2dParams::new(1, 6, 9, 9, 6, 3, 3).with_groups(6),
         ] {
             let (x, w, bias) = conv_data(&p, 3, false);
-            let mut y1 = vec![0.0; p.output_len() as usize];
-            let mut y2 = vec![1.0; p.output_len() as usize];
+            let mut y1 = vec![0.0; p.output_len()];
+            let mut y2 = vec![1.0; p.output_len()];
             b.conv2d(&p, &x, &w, Some(&bias), &mut y1).unwrap();
             let prepared = b.prepare_weights(&p, &w).unwrap();
             b.conv2d_prepared(&p, &x, &prepared, Some(&bias), &mut y2)
@@ -1004,7 +1004,7 @@ mod tests {
                 ..p
             };
             let (x, _, _) = conv_data(&other, 3, false);
-            let mut y = vec![0.0; other.output_len() as usize];
+            let mut y = vec![0.0; other.output_len()];
             b.conv2d_prepared(&other, &x, &prepared, None, &mut y)
                 .unwrap();
             let wrong = Conv2dParams { k_w: 1, ..p };

@@ -44,11 +44,7 @@ impl Worker {
         let gl = Rc::clone(&self.ctx.gl);
         let copies = CudaCopies::open(&self.ctx)?;
         let cuda = copies.cuda();
-        let (x_len, w_len, y_len) = (
-            p.input_len() as usize,
-            p.weights_len() as usize,
-            p.output_len() as usize,
-        );
+        let (x_len, w_len, y_len) = (p.input_len(), p.weights_len(), p.output_len());
         let mut out = format!(
             "{p}: CUDA device {}; {:.1} MB in, {:.1} MB out a batch\n",
             copies.name(),

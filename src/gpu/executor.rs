@@ -871,7 +871,7 @@ impl Worker {
     /// [`PARTS_MIN_BYTES`] in and out.
     fn parts_for(&self, job: &StreamJob) -> usize {
         let (p, x_len) = (&job.p, job.x.len());
-        let out_len = p.output_len() as usize;
+        let out_len = p.output_len();
         let wanted = match (self.copy_mode, self.stream_parts) {
             _ if !job.pipelined => 1,
             (StreamCopy::Shader { .. }, _) => 1,

@@ -397,7 +397,7 @@ impl GpuBackend {
             input.len(),
             weights.len(),
             bias.as_deref().map(<[f32]>::len),
-            p.output_len() as usize,
+            p.output_len(),
         )?;
         let (reply, answer) = mpsc::channel();
         self.send(Msg::Stream(StreamJob {
@@ -653,7 +653,7 @@ impl Worker {
                 let _ = reply.send(self.pin(len));
             }
             Msg::Plan(p, bias, reply) => {
-                let lens = (p.input_len() as usize, p.weights_len() as usize);
+                let lens = (p.input_len(), p.weights_len());
                 let plan = self.plan(&p, lens, bias, &Dispatches::ONE);
                 let _ = reply.send(plan.map(|plan| PlanInfo {
                     algorithm: plan.algorithm,
@@ -869,7 +869,7 @@ impl Worker {
             }
         }
         let split = tile.split.max(1) as usize;
-        let out_len = p.output_len() as usize;
+        let out_len = p.output_len();
         let scratch = match winograd_sizes {
             Some(sizes) => sizes,
             None if split > 1 => [out_len * split, 0],

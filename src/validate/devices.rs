@@ -206,12 +206,12 @@ impl Device {
         match self {
             Device::Reference => reference::conv2d(p, x, w, b),
             Device::Cpu { backend, .. } => {
-                let mut y = vec![0.0; p.output_len() as usize];
+                let mut y = vec![0.0; p.output_len()];
                 backend.conv2d(p, x, w, b, &mut y)?;
                 Ok(y)
             }
             Device::Gpu { backend } => {
-                let mut y = vec![0.0; p.output_len() as usize];
+                let mut y = vec![0.0; p.output_len()];
                 backend.conv2d(p, x, w, b, &mut y)?;
                 Ok(y)
             }
@@ -226,7 +226,7 @@ impl Device {
                 }
             }
             Device::Juggler { juggler } => {
-                let mut y = vec![0.0; p.output_len() as usize];
+                let mut y = vec![0.0; p.output_len()];
                 juggler.conv2d(p, x, w, b, &mut y)?;
                 Ok(y)
             }

@@ -108,7 +108,7 @@ fn mixed_stream(choice: GpuChoice, sync: &GpuBackend) -> Result<(), Failed> {
         let (y, info) = match i % 3 {
             0 => t.wait().map_err(fail)?,
             1 => {
-                let mut y = vec![f32::NAN; job.p.output_len() as usize];
+                let mut y = vec![f32::NAN; job.p.output_len()];
                 let info = t.wait_into(&mut y).map_err(fail)?;
                 (y, info)
             }
@@ -131,7 +131,7 @@ fn mixed_stream(choice: GpuChoice, sync: &GpuBackend) -> Result<(), Failed> {
     }
     // A buffer of the wrong length is an error, not a panic, and the GPU stays healthy.
     let job = &jobs[0];
-    let mut short = vec![0.0f32; job.p.output_len() as usize - 1];
+    let mut short = vec![0.0f32; job.p.output_len() - 1];
     let wrong = job.submit(&j).map_err(fail)?.wait_into(&mut short);
     if wrong.is_ok() {
         return Err("wait_into accepted an output buffer of the wrong length".into());
@@ -433,7 +433,7 @@ fn gpu_off() -> Result<(), Failed> {
     let j = juggler(Preference::Auto, GpuChoice::Off, Duration::from_secs(60))?;
     let jobs = stream(4, 5).map_err(fail)?;
     for job in &jobs {
-        let mut y = vec![0.0f32; job.p.output_len() as usize];
+        let mut y = vec![0.0f32; job.p.output_len()];
         let info = j
             .conv2d(&job.p, &job.x, &job.w, job.b.as_deref(), &mut y)
             .map_err(fail)?;
@@ -478,7 +478,7 @@ fn auto_choice(choice: GpuChoice) -> Result<(), Failed> {
     let j = juggler(Preference::Auto, choice, Duration::from_secs(60))?;
     let small = Conv2dParams::new(1, 8, 10, 10, 8, 3, 3);
     let (x, w, _) = data::conv_data(&small, 1, false);
-    let mut y = vec![0.0f32; small.output_len() as usize];
+    let mut y = vec![0.0f32; small.output_len()];
     let info = j.conv2d(&small, &x, &w, None, &mut y).map_err(fail)?;
     if info.device != DeviceKind::Cpu || !info.reason.contains("floor") {
         return Err(fail(format!("a tiny job must stay on the CPU: {info:?}")));
@@ -486,7 +486,7 @@ fn auto_choice(choice: GpuChoice) -> Result<(), Failed> {
     // 693 MFLOP: above the floor.
     let big = Conv2dParams::new(1, 64, 56, 56, 192, 3, 3).with_padding(1, 1);
     let (x, w, _) = data::conv_data(&big, 2, false);
-    let mut y = vec![0.0f32; big.output_len() as usize];
+    let mut y = vec![0.0f32; big.output_len()];
     let mut last = None;
     for _ in 0..4 {
         last = Some(j.conv2d(&big, &x, &w, None, &mut y).map_err(fail)?);

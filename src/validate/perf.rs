@@ -110,7 +110,7 @@ fn run(ctx: &Context, device: &Device, case: &Case, test_mode: bool) -> Result<C
     let (x, w, b) = data::conv_data(p, case.seed, false);
     let bias = case.bias.then_some(&b[..]);
     let prepared = backend.prepare_weights(p, &w).map_err(fail)?;
-    let mut y = vec![0.0f32; p.output_len() as usize];
+    let mut y = vec![0.0f32; p.output_len()];
     let mut once = || {
         backend
             .conv2d_prepared(p, &x, &prepared, bias, &mut y)
@@ -183,7 +183,7 @@ fn gpu_bench(
     let p = &case.params;
     let (x, w, b) = data::conv_data(p, case.seed, false);
     let bias = case.bias.then_some(&b[..]);
-    let mut y = vec![0.0f32; p.output_len() as usize];
+    let mut y = vec![0.0f32; p.output_len()];
     let key = format!("gpu-{}", super::devices::slug(&gpu.info().renderer));
     let (mut gflops, mut ratios) = (Vec::new(), Vec::new());
     for _ in 0..ROUNDS {

@@ -71,11 +71,17 @@ fn run(device: &Device, cases: &Arc<Vec<Case>>) -> Result<(), Failed> {
             })
         })
         .collect();
-    let bar = indicatif::ProgressBar::new(secs);
+    // One bar per trial, named by its device, under one MultiProgress for the process, so
+    // stress trials that run at once each keep their own line.
+    let bars = bars();
+    let bar = bars.add(indicatif::ProgressBar::new(secs));
     bar.set_style(
-        indicatif::ProgressStyle::with_template("stress [{bar:30}] {pos}/{len} s {msg}")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        indicatif::ProgressStyle::with_template(
+            "stress {prefix:>14} [{bar:30}] {pos}/{len} s {msg}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
+    bar.set_prefix(format!("[{}]", device.kind()));
     let mut last_jobs = 0;
     let mut last_progress = Instant::now();
     let mut hung = false;
@@ -96,18 +102,24 @@ fn run(device: &Device, cases: &Arc<Vec<Case>>) -> Result<(), Failed> {
         ));
     }
     bar.finish_and_clear();
+    bars.remove(&bar);
     let elapsed = start.elapsed().as_secs_f64();
     let (jobs, verified, mismatches) = (
         counters.jobs.load(Relaxed),
         counters.verified.load(Relaxed),
         counters.mismatches.load(Relaxed),
     );
-    eprintln!(
-        "stress [{}]: {jobs} jobs on {THREADS} threads in {elapsed:.1} s, {verified} verified, {mismatches} mismatches, {:.2} GFLOP/s, peak memory {}",
+    // Through the bars, so the line is not drawn over. Memory is the process's: the stress
+    // trials that run at once share it, and the line says so.
+    let line = format!(
+        "stress [{}]: {jobs} jobs on {THREADS} threads in {elapsed:.1} s, {verified} verified, {mismatches} mismatches, {:.2} GFLOP/s; the process's peak resident memory so far (every trial running at once): {}",
         device.kind(),
         counters.flops.load(Relaxed) as f64 / elapsed / 1e9,
         peak_memory()
     );
+    if bars.println(&line).is_err() || bars.is_hidden() {
+        eprintln!("{line}");
+    }
     if hung {
         return Err(format!("watchdog: no job finished for {WATCHDOG} s (hang)").into());
     }
@@ -170,6 +182,12 @@ fn worker(
                 .get_or_insert(problem);
         }
     }
+}
+
+/// The progress bars of the stress trials running in this process (drawn on stderr).
+fn bars() -> &'static indicatif::MultiProgress {
+    static BARS: std::sync::OnceLock<indicatif::MultiProgress> = std::sync::OnceLock::new();
+    BARS.get_or_init(indicatif::MultiProgress::new)
 }
 
 /// Peak resident memory of this process (Linux `VmHWM`), or "unknown".

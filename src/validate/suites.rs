@@ -115,7 +115,7 @@ fn every_tile(gpu: &crate::GpuBackend, cases: &[crate::suite::Case]) -> Result<(
             let p = &case.params;
             let (x, w, b) = data::conv_data(p, case.seed, false);
             let bias = case.bias.then_some(&b[..]);
-            let mut y = vec![f32::NAN; p.output_len() as usize];
+            let mut y = vec![f32::NAN; p.output_len()];
             let once = crate::gpu::Dispatches {
                 tile: Some(tile),
                 ..crate::gpu::Dispatches::ONE
@@ -140,7 +140,7 @@ fn forced_winograd(gpu: &crate::GpuBackend, cases: &[crate::suite::Case]) -> Res
     let run = |p: &Conv2dParams, seed: u64, bias: bool, tile: Option<&str>| {
         let (x, w, b) = data::conv_data(p, seed, false);
         let bias = bias.then_some(&b[..]);
-        let mut y = vec![f32::NAN; p.output_len() as usize];
+        let mut y = vec![f32::NAN; p.output_len()];
         let forced = Dispatches {
             algorithm: Some(Algorithm::Winograd),
             tile: tile
@@ -184,7 +184,7 @@ fn forced_winograd(gpu: &crate::GpuBackend, cases: &[crate::suite::Case]) -> Res
     }
     // Where it does not apply, forcing it is an error, not a silent direct run.
     let strided = odd.with_stride(2, 2);
-    let mut y = vec![0.0; strided.output_len() as usize];
+    let mut y = vec![0.0; strided.output_len()];
     let (x, w, _) = data::conv_data(&strided, 6, false);
     let forced = Dispatches {
         algorithm: Some(Algorithm::Winograd),

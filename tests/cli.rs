@@ -653,3 +653,32 @@ fn readme_runner_commands_run_as_written() {
         "only {checked} runner commands found in README.md"
     );
 }
+
+/// Stress trials that run at once keep apart: each device's summary is its own line, said
+/// once, naming the device, and its memory figure says it is the whole process's.
+#[test]
+fn stress_summaries_name_their_device() {
+    let out = Command::new(env!("CARGO_BIN_EXE_sporkle-validate"))
+        .args(["--stress", "stress-run/"])
+        .env("SPORKLE_STRESS_SECS", "1")
+        .output()
+        .expect("run sporkle-validate");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    for kind in ["cpu", "cpu-portable"] {
+        let lines: Vec<&str> = stderr
+            .lines()
+            .filter(|l| l.starts_with(&format!("stress [{kind}]:")))
+            .collect();
+        if kind == "cpu-portable" && lines.is_empty() {
+            continue; // no SIMD microkernel here, so no portable twin
+        }
+        assert_eq!(lines.len(), 1, "{kind}: {stderr}");
+        assert!(
+            lines[0].contains("verified, 0 mismatches")
+                && lines[0].contains("the process's peak resident memory"),
+            "{}",
+            lines[0]
+        );
+    }
+}

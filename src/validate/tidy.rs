@@ -26,18 +26,26 @@ const UNSAFE_ALLOWED: [&str; 9] = [
 
 pub fn trials() -> Vec<Trial> {
     let root = crate::repo_root();
-    let missing = sources(&root).is_empty().then(|| {
-        format!(
-            "no Rust sources under {}: tidy checks the source tree, and this run has none",
-            root.display()
-        )
-    });
+    let missing = no_source_tree(&root);
     vec![super::unless_missing(
         Trial::ignorable_test(super::named("tidy", "tidy/conventions"), move || {
             check(&root)
         }),
         missing,
     )]
+}
+
+/// Why tidy cannot run on `root`, if it cannot: the crate's sources are not there (the
+/// binaries run from a copy of the tree without `src/`).
+fn no_source_tree(root: &Path) -> Option<String> {
+    let mut files = Vec::new();
+    rust_files(&root.join("src"), &mut files);
+    files.is_empty().then(|| {
+        format!(
+            "no Rust sources under {}: tidy checks the source tree, and this run has none",
+            root.join("src").display()
+        )
+    })
 }
 
 /// The Rust files of the tree at `root` (`src/` and `tests/`).
@@ -89,13 +97,10 @@ fn code_of(line: &str) -> String {
 /// The conventions over the tree at `root`; ignored (its precondition missing, neither a pass
 /// nor a failure) where there is no source tree, as where the binaries run from a copy.
 fn check(root: &Path) -> Result<Completion, Failed> {
-    let files = sources(root);
-    if files.is_empty() {
-        return Ok(Completion::ignored_with(format!(
-            "no Rust sources under {}: tidy checks the source tree, and this run has none",
-            root.display()
-        )));
+    if let Some(why) = no_source_tree(root) {
+        return Ok(Completion::ignored_with(why));
     }
+    let files = sources(root);
     let mut problems = Vec::new();
     for path in &files {
         let rel = path
@@ -172,6 +177,14 @@ mod tests {
         assert!(matches!(
             check(&crate::repo_root()),
             Ok(Completion::Completed)
+        ));
+        // Tests without the crate's sources are no source tree either.
+        let tests_only = tempfile::tempdir().unwrap();
+        std::fs::create_dir(tests_only.path().join("tests")).unwrap();
+        std::fs::write(tests_only.path().join("tests/t.rs"), "//! t\n").unwrap();
+        assert!(matches!(
+            check(tests_only.path()),
+            Ok(Completion::Ignored { .. })
         ));
         let bad = tempfile::tempdir().unwrap();
         std::fs::create_dir(bad.path().join("src")).unwrap();

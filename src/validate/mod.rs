@@ -312,18 +312,22 @@ fn prepare_insta(bless: bool) {
     }
     if bless {
         std::env::set_var("INSTA_UPDATE", "always");
-        let dir = crate::repo_root().join("golden/snapshots");
-        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
-            let path = entry.path();
-            if path.to_str().is_some_and(|p| p.ends_with(".snap.new")) {
-                if let Err(e) = std::fs::remove_file(&path) {
-                    eprintln!("sporkle-validate: cannot remove {}: {e}", path.display());
-                }
-            }
-        }
+        clear_pending(&crate::repo_root().join("golden/snapshots"));
     }
     if std::env::var_os("INSTA_WORKSPACE_ROOT").is_none() {
         std::env::set_var("INSTA_WORKSPACE_ROOT", crate::repo_root());
+    }
+}
+
+/// Removes the `*.snap.new` files in `dir` (pending fingerprints of earlier failed runs).
+fn clear_pending(dir: &std::path::Path) {
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.to_str().is_some_and(|p| p.ends_with(".snap.new")) {
+            if let Err(e) = std::fs::remove_file(&path) {
+                eprintln!("sporkle-validate: cannot remove {}: {e}", path.display());
+            }
+        }
     }
 }
 
@@ -395,6 +399,22 @@ mod tests {
         assert!(e.message().unwrap().contains("unexpected pass"));
         assert!(judge_xfail(Ok(()), None).is_ok());
         assert!(judge_xfail(Err("wrong".into()), None).is_err());
+    }
+
+    /// Blessing clears what failed runs left pending, and only that.
+    #[test]
+    fn blessing_clears_pending_fingerprints() {
+        let dir = tempfile::tempdir().unwrap();
+        for f in ["a@k.snap", "a@k.snap.new", "b@j.snap.new", "notes.txt"] {
+            std::fs::write(dir.path().join(f), "x").unwrap();
+        }
+        clear_pending(dir.path());
+        let mut left: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["a@k.snap", "notes.txt"]);
     }
 
     #[test]

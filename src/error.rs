@@ -66,6 +66,15 @@ pub enum Error {
     #[error("GPU: {0}")]
     Gpu(String),
 
+    /// A GPU job whose fence (or CUDA copy) had not passed by its deadline: nothing it wrote
+    /// was read, and the GPU is marked unhealthy.
+    #[error("fence timeout: {0}")]
+    FenceTimeout(String),
+
+    /// The GL context was lost (a reset, a driver fault): waits fail, nothing can be trusted.
+    #[error("GPU context lost: {0}")]
+    ContextLost(String),
+
     /// A job the GPU cannot take because it is larger than a GL limit (buffer size, workgroup
     /// count). The GPU is fine: smaller jobs still go there, and the Juggler runs this one on
     /// the CPU.

@@ -621,7 +621,7 @@ impl Inner {
         let why = e.to_string();
         let mut s = lock(&self.stats);
         s.stats.fallbacks += 1;
-        if why.contains(crate::gpu::executor::FENCE_TIMEOUT) {
+        if matches!(e, Error::FenceTimeout(_)) {
             s.stats.timeouts += 1;
         }
         drop(s);

@@ -92,9 +92,6 @@ pub fn parts_from_env() -> Option<usize> {
 /// part's copies would be too short to be worth their own waits.
 pub const PARTS_MIN_BYTES: usize = 8 << 20;
 
-/// The start of the error of a job whose fence missed its deadline.
-pub const FENCE_TIMEOUT: &str = "fence timeout";
-
 /// A streaming job.
 pub(crate) struct StreamJob {
     pub(super) p: Conv2dParams,
@@ -459,7 +456,7 @@ impl Marker {
             Marker::Fence(f) => f.wait(timeout),
             Marker::Event(e) => match e.wait(timeout)? {
                 true => Ok(()),
-                false => Err(Error::Gpu(format!(
+                false => Err(Error::FenceTimeout(format!(
                     "a CUDA copy had not finished after {timeout:?}"
                 ))),
             },
@@ -1085,9 +1082,12 @@ impl Worker {
         };
         let marker = step.part_end(phase, part);
         let left = f.job.timeout.saturating_sub(f.begun.elapsed());
-        marker
-            .wait(left)
-            .map_err(|e| Error::Gpu(format!("{FENCE_TIMEOUT} of {:?}: {e}", f.job.timeout)))
+        marker.wait(left).map_err(|e| match e {
+            Error::FenceTimeout(why) => {
+                Error::FenceTimeout(format!("the job's deadline of {:?}: {why}", f.job.timeout))
+            }
+            other => other,
+        })
     }
 
     /// Encodes the convolution of the job in frame `slot` with resident weights `weights`,
@@ -1357,14 +1357,17 @@ impl Worker {
         let waited = if already {
             let took = begun.elapsed();
             if took > job.timeout {
-                Err(Error::Gpu(format!("the fence passed only after {took:?}")))
+                Err(Error::FenceTimeout(format!(
+                    "the fence passed only after {took:?}, past the deadline of {:?}",
+                    job.timeout
+                )))
             } else {
                 Ok(())
             }
         } else if left.is_zero() {
             // The deadline has passed and the fence had not: polling again now could see it
             // pass late and accept it (seen on the H100 with a 1 ns deadline).
-            Err(Error::Gpu(format!(
+            Err(Error::FenceTimeout(format!(
                 "the fence had not passed when its deadline did, {:?} after submission",
                 job.timeout
             )))
@@ -1372,13 +1375,14 @@ impl Worker {
             fence.wait(left)
         };
         if let Err(e) = waited {
-            let e = e.to_string();
-            let why = if e.contains("context lost") {
-                e
-            } else {
-                format!("{FENCE_TIMEOUT} of {:?}: {e}", job.timeout)
+            let e = match e {
+                Error::FenceTimeout(why) => {
+                    Error::FenceTimeout(format!("the job's deadline of {:?}: {why}", job.timeout))
+                }
+                other => other,
             };
-            answer(job, Err(Error::Gpu(why.clone())));
+            let why = e.to_string();
+            answer(job, Err(e));
             // The other frames' buffers may be in use too: fail their jobs, never read them.
             self.fail_all(why);
             return;

@@ -617,7 +617,7 @@ impl Fence {
         match status {
             glow::ALREADY_SIGNALED | glow::CONDITION_SATISFIED => Ok(true),
             glow::TIMEOUT_EXPIRED => Ok(false),
-            _ => Err(Error::Gpu("polling a fence failed (context lost?)".into())),
+            _ => Err(Error::ContextLost("polling a fence failed".into())),
         }
     }
 
@@ -646,15 +646,11 @@ impl Fence {
                 glow::ALREADY_SIGNALED | glow::CONDITION_SATISFIED => return Ok(()),
                 glow::TIMEOUT_EXPIRED if start.elapsed() < timeout => continue,
                 glow::TIMEOUT_EXPIRED => {
-                    return Err(Error::Gpu(format!(
-                        "fence not signalled within {timeout:?}"
+                    return Err(Error::FenceTimeout(format!(
+                        "not signalled within {timeout:?}"
                     )))
                 }
-                _ => {
-                    return Err(Error::Gpu(
-                        "waiting on a fence failed (context lost?)".into(),
-                    ))
-                }
+                _ => return Err(Error::ContextLost("waiting on a fence failed".into())),
             }
         }
     }

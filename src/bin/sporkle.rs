@@ -58,12 +58,15 @@ enum Command {
     /// Lists the devices this machine offers.
     Devices,
     /// Diagnostics: DMA and host-read speeds of staging buffers (64 MiB).
+    #[cfg(feature = "probes")]
     #[command(hide = true)]
     ProbeStaging,
     /// Diagnostics: do uploads, downloads and compute overlap in separate shared contexts?
+    #[cfg(feature = "probes")]
     #[command(hide = true)]
     ProbeOverlap,
     /// Diagnostics: shader copies across the bus, and their overlap with compute, in one context.
+    #[cfg(feature = "probes")]
     #[command(hide = true)]
     ProbeZeroCopy {
         /// Floats per copy (#7's batch is 6422528).
@@ -71,6 +74,7 @@ enum Command {
         floats: usize,
     },
     /// Diagnostics: streaming a benchmark shape with CUDA's copy engines and GL compute.
+    #[cfg(feature = "probes")]
     #[command(hide = true)]
     ProbeCuda {
         /// The shape's name (or number) in suites/perf.toml.
@@ -212,18 +216,22 @@ fn main() -> ExitCode {
         Command::Conv2d(a) => conv2d(a),
         Command::Bench(a) => bench(a),
         Command::Devices => devices(),
+        #[cfg(feature = "probes")]
         Command::ProbeStaging => GpuBackend::new()
             .and_then(|g| g.probe_staging(16 << 20))
             .map(|report| out!("{}", report.trim_end()))
             .map_err(Into::into),
+        #[cfg(feature = "probes")]
         Command::ProbeOverlap => GpuBackend::new()
             .and_then(|g| g.probe_overlap(16 << 20))
             .map(|report| out!("{}", report.trim_end()))
             .map_err(Into::into),
+        #[cfg(feature = "probes")]
         Command::ProbeZeroCopy { floats } => GpuBackend::new()
             .and_then(|g| g.probe_zero_copy(floats))
             .map(|report| out!("{}", report.trim_end()))
             .map_err(Into::into),
+        #[cfg(feature = "probes")]
         Command::ProbeCuda { shape, batches } => probe_cuda(&shape, batches),
     };
     match result {
@@ -364,6 +372,7 @@ fn find_shape<'a>(suite: &'a Suite, shape: &str) -> Result<&'a sporkle::suite::C
 }
 
 /// `sporkle probe-cuda`: the shape from the built-in benchmark suite.
+#[cfg(feature = "probes")]
 fn probe_cuda(shape: &str, batches: usize) -> Result<()> {
     let suite = perf_suite()?;
     let case = find_shape(&suite, shape)?;

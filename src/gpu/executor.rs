@@ -1468,6 +1468,7 @@ impl Worker {
 /// the staging buffer, and of the host reading it (into a buffer already touched, and into a
 /// fresh allocation, in parallel chunks); a plain host copy for reference. One line per
 /// variant, medians of 5.
+#[cfg(feature = "probes")]
 pub(super) fn probe_staging(gl: &Rc<glow::Context>, floats: usize) -> Result<String> {
     let mb = (floats * 4) as f64 / 1e6;
     let device = Buffer::new(gl, floats, true)?;

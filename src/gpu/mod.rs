@@ -18,11 +18,13 @@
 pub mod arithmetic;
 pub mod context;
 pub mod cu;
+#[cfg(feature = "probes")]
 mod cuda_probe;
 pub mod executor;
 pub mod gl;
 mod host_copy;
 mod memory;
+#[cfg(feature = "probes")]
 mod overlap;
 pub mod shaders;
 pub mod vk;
@@ -127,6 +129,7 @@ enum Msg {
     /// A streaming job for the executor.
     Stream(StreamJob),
     /// A diagnostic probe, with its size in floats.
+    #[cfg(feature = "probes")]
     Probe(Probe, usize, mpsc::Sender<Result<String>>),
     /// A pinned input buffer of so many floats: its id and address.
     Pin(usize, mpsc::Sender<Result<(u64, usize)>>),
@@ -138,7 +141,8 @@ enum Msg {
     Arithmetic(mpsc::Sender<Result<Arithmetic>>),
 }
 
-/// The diagnostic probes (hidden CLI commands).
+/// The diagnostic probes (hidden CLI commands, feature `probes`).
+#[cfg(feature = "probes")]
 #[derive(Clone, Copy, Debug)]
 enum Probe {
     /// `executor::probe_staging`.
@@ -326,23 +330,27 @@ impl GpuBackend {
 
     /// Diagnostics: DMA and host-read speeds of download staging buffers made with different
     /// flags (see `executor::probe_staging`), for `floats` floats.
+    #[cfg(feature = "probes")]
     pub fn probe_staging(&self, floats: usize) -> Result<String> {
         self.probe(Probe::Staging, floats)
     }
 
     /// Diagnostics: whether uploads, downloads and compute overlap when each runs in its own
     /// shared context (see `overlap`), with copies of `floats` floats.
+    #[cfg(feature = "probes")]
     pub fn probe_overlap(&self, floats: usize) -> Result<String> {
         self.probe(Probe::Overlap, floats)
     }
 
     /// Zero-copy probe: shader copies across the bus and their overlap with compute in one
     /// context (see `overlap::probe_zero_copy`), for `floats` floats.
+    #[cfg(feature = "probes")]
     pub fn probe_zero_copy(&self, floats: usize) -> Result<String> {
         self.probe(Probe::ZeroCopy, floats)
     }
 
     /// Streaming with CUDA's copy engines (see `cuda_probe.rs`): `batches` of `p` a run.
+    #[cfg(feature = "probes")]
     pub fn probe_cuda(&self, p: &Conv2dParams, batches: usize) -> Result<String> {
         self.probe(Probe::Cuda(*p), batches)
     }
@@ -375,6 +383,7 @@ impl GpuBackend {
         ))
     }
 
+    #[cfg(feature = "probes")]
     fn probe(&self, probe: Probe, floats: usize) -> Result<String> {
         self.ask("the probe", |reply| Msg::Probe(probe, floats, reply))
     }
@@ -670,6 +679,7 @@ impl Worker {
                     FENCE_TIMEOUT,
                 ));
             }
+            #[cfg(feature = "probes")]
             Msg::Probe(probe, floats, reply) => {
                 let _ = reply.send(match probe {
                     Probe::Staging => executor::probe_staging(&self.ctx.gl, floats),

@@ -606,10 +606,12 @@ impl StreamCopy {
 }
 
 /// The role-partitioned probe shader (`shaders/probe_roles.comp`, diagnostics only).
+#[cfg(feature = "probes")]
 pub const PROBE_ROLES: &str = include_str!("../../shaders/probe_roles.comp");
 
 /// The probe shader specialised: copies as the `copies` uniform says, then FMA workgroups of
 /// `iters` iterations.
+#[cfg(feature = "probes")]
 pub fn probe_roles_source(iters: u32) -> String {
     with_stream_copy(
         &format!("#define THREADS 256u\n#define ITERS {iters}u\n"),

@@ -959,6 +959,22 @@ impl Juggler {
             .unwrap_or_default()
     }
 
+    /// Test hook: its GPU's fences never seen to pass (see [`GpuBackend::inject_fence_fault`]);
+    /// an error where there is no GPU.
+    #[doc(hidden)]
+    pub fn inject_gpu_fence_fault(&self, on: bool) -> Result<()> {
+        match self
+            .inner
+            .gpu
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
+            Some(g) => g.inject_fence_fault(on),
+            None => Err(Error::DeviceUnavailable("this Juggler has no GPU".into())),
+        }
+    }
+
     /// Whether its GPU is a software renderer (llvmpipe: for testing, never fast).
     pub fn gpu_is_software(&self) -> bool {
         self.inner.software_gpu

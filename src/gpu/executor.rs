@@ -1291,19 +1291,21 @@ impl Worker {
         self.last_step = None;
     }
 
-    /// Whether the oldest job in flight has all its steps recorded and has finished on the GPU
-    /// or run out of time (so that finishing it will not block).
+    /// Whether finishing the oldest job in flight will not block: all its steps are recorded and
+    /// it has finished on the GPU, or it has run out of time.
     pub(super) fn oldest_ready(&self) -> bool {
         let Some(&slot) = self.in_flight.front() else {
             return false;
         };
         let f = self.flight(slot);
-        f.phases == 3
-            && (f
-                .fence
-                .as_ref()
-                .is_none_or(|f| f.signaled().unwrap_or(true))
-                || f.begun.elapsed() >= f.job.timeout)
+        // Out of time, finished or not, with its steps recorded or not: a GPU that never gets
+        // idle (hung) would otherwise keep its remaining steps unrecorded and the job waiting
+        // for ever (found by the injected fence fault, `fault/fence_never_passes`).
+        f.begun.elapsed() >= f.job.timeout
+            || f.phases == 3
+                && f.fence
+                    .as_ref()
+                    .is_none_or(|f| f.signaled().unwrap_or(true))
     }
 
     /// Waits (at most `timeout`) for the oldest job's fence, if all its steps are recorded.

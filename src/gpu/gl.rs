@@ -17,6 +17,17 @@ static PROGRAMS: AtomicUsize = AtomicUsize::new(0);
 static QUERIES: AtomicUsize = AtomicUsize::new(0);
 static FENCES: AtomicUsize = AtomicUsize::new(0);
 
+thread_local! {
+    /// Fault injection (`GpuBackend::inject_fence_fault`): on this thread's context no fence is
+    /// ever seen to pass, as on a hung GPU, so every wait lasts its whole timeout and fails.
+    static NEVER_SIGNAL: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Turns the fence fault of this thread's context on or off (see `NEVER_SIGNAL`).
+pub(crate) fn set_fences_never_signal(on: bool) {
+    NEVER_SIGNAL.with(|f| f.set(on));
+}
+
 /// GL objects alive in this process, by type.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct LiveObjects {
@@ -609,6 +620,9 @@ impl Fence {
 
     /// Whether the GPU has passed the fence (never waits; flushes, so it will).
     pub fn signaled(&self) -> Result<bool> {
+        if NEVER_SIGNAL.with(std::cell::Cell::get) {
+            return Ok(false);
+        }
         // SAFETY: the fence is alive; a zero timeout only polls.
         let status = unsafe {
             self.gl
@@ -625,6 +639,12 @@ impl Fence {
     /// an error, so nothing written after the fence is ever read early. Polls for the first
     /// [`WAIT_SPIN`], then blocks in the driver.
     pub fn wait(&self, timeout: Duration) -> Result<()> {
+        if NEVER_SIGNAL.with(std::cell::Cell::get) {
+            std::thread::sleep(timeout);
+            return Err(Error::FenceTimeout(format!(
+                "not signalled within {timeout:?} (fault injected: fences never signal)"
+            )));
+        }
         let start = std::time::Instant::now();
         while start.elapsed() < WAIT_SPIN.min(timeout) {
             if self.signaled()? {

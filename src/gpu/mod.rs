@@ -139,6 +139,10 @@ enum Msg {
     Plan(Conv2dParams, bool, mpsc::Sender<Result<PlanInfo>>),
     /// The arithmetic probe (`arithmetic.rs`).
     Arithmetic(mpsc::Sender<Result<Arithmetic>>),
+    /// How long the synchronous path waits for a fence.
+    SyncTimeout(Duration, mpsc::Sender<Result<()>>),
+    /// Fault injection: fences never seen to pass (on) or as they are (off).
+    FenceFault(bool, mpsc::Sender<Result<()>>),
 }
 
 /// The diagnostic probes (hidden CLI commands, feature `probes`).
@@ -371,6 +375,24 @@ impl GpuBackend {
         Ok(*self.arithmetic.get_or_init(|| a))
     }
 
+    /// How long a synchronous call ([`conv2d`](Self::conv2d), [`time_kernel`](Self::time_kernel))
+    /// waits for its fence before it fails with [`Error::FenceTimeout`] (default 60 s); nothing
+    /// is read from a job whose fence did not pass.
+    pub fn set_fence_timeout(&self, timeout: Duration) -> Result<()> {
+        self.ask("setting the fence timeout", |reply| {
+            Msg::SyncTimeout(timeout, reply)
+        })
+    }
+
+    /// Test hook: with `on`, this backend's fences are never seen to pass, as on a hung GPU,
+    /// so every wait lasts its whole timeout and fails; `false` restores them.
+    #[doc(hidden)]
+    pub fn inject_fence_fault(&self, on: bool) -> Result<()> {
+        self.ask("injecting a fence fault", |reply| {
+            Msg::FenceFault(on, reply)
+        })
+    }
+
     /// A pinned input buffer of `len` floats (see [`crate::pinned`]).
     pub(crate) fn pin(&self, len: usize) -> Result<crate::pinned::PinnedShared> {
         let (id, ptr) = self.ask("pinning an input", |reply| Msg::Pin(len, reply))?;
@@ -490,6 +512,8 @@ struct Worker {
     cuda: Option<cu::CudaCopies>,
     /// Buffers get immutable storage (GL_ARB_buffer_storage), which the driver keeps on the GPU.
     immutable: bool,
+    /// How long the synchronous path waits for a fence (`GpuBackend::set_fence_timeout`).
+    sync_timeout: Duration,
     ctx: GlContext,
 }
 
@@ -524,6 +548,7 @@ impl Worker {
             scratch: [None, None],
             clock: 0,
             cuda: None,
+            sync_timeout: FENCE_TIMEOUT,
             immutable: ctx
                 .info
                 .extensions
@@ -669,6 +694,14 @@ impl Worker {
                     tile: plan.tile,
                     passes: plan.passes.len(),
                 }));
+            }
+            Msg::SyncTimeout(timeout, reply) => {
+                self.sync_timeout = timeout;
+                let _ = reply.send(Ok(()));
+            }
+            Msg::FenceFault(on, reply) => {
+                gl::set_fences_never_signal(on);
+                let _ = reply.send(Ok(()));
             }
             Msg::Arithmetic(reply) => {
                 let gl = Rc::clone(&self.ctx.gl);
@@ -1074,7 +1107,7 @@ impl Worker {
             gl::storage_barrier(&gl);
         }
         let fence = Fence::new(&gl)?;
-        fence.wait(FENCE_TIMEOUT)?;
+        fence.wait(self.sync_timeout)?;
         let t1 = Instant::now();
         let mut y = vec![0.0f32; plan.out_len];
         output.download(&mut y)?;

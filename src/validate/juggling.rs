@@ -13,7 +13,7 @@ use crate::tolerance::{compare, Tolerance};
 use crate::{data, reference, Conv2dParams};
 use libtest_mimic::{Failed, Trial};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// One job of a stream: parameters and data.
 struct Job {
@@ -389,6 +389,66 @@ fn fence_timeout(choice: GpuChoice) -> Result<(), Failed> {
     Ok(())
 }
 
+/// How long the injected-fault trials let a fence run before its deadline.
+const FAULT_DEADLINE: Duration = Duration::from_millis(200);
+
+/// The synchronous GPU path with fences that never pass (injected): the call waits out its
+/// deadline (a wait that returns early fails this), fails with `Error::FenceTimeout`, writes
+/// nothing into the output; with the fault gone the same backend runs correctly again.
+fn sync_fence_timeout(choice: GpuChoice) -> Result<(), Failed> {
+    let gpu = GpuBackend::with_choice(choice).map_err(fail)?;
+    let p = Conv2dParams::new(1, 8, 12, 12, 16, 3, 3).with_padding(1, 1);
+    let (x, w, _) = data::conv_data(&p, 5, false);
+    let mut y = vec![f32::NAN; p.output_len()];
+    gpu.set_fence_timeout(FAULT_DEADLINE).map_err(fail)?;
+    gpu.inject_fence_fault(true).map_err(fail)?;
+    let start = Instant::now();
+    let result = gpu.conv2d(&p, &x, &w, None, &mut y);
+    let waited = start.elapsed();
+    if !matches!(result, Err(crate::Error::FenceTimeout(_))) {
+        return Err(fail(format!("expected a fence timeout, got {result:?}")));
+    }
+    if waited < FAULT_DEADLINE {
+        return Err(fail(format!(
+            "the call failed after {waited:?}, before its {FAULT_DEADLINE:?} deadline: the fence wait did not wait"
+        )));
+    }
+    if y.iter().any(|v| !v.is_nan()) {
+        return Err(fail("a call whose fence timed out wrote into the output"));
+    }
+    gpu.inject_fence_fault(false).map_err(fail)?;
+    gpu.conv2d(&p, &x, &w, None, &mut y).map_err(fail)?;
+    check_sampled(&p, &x, &w, &y)
+}
+
+/// The executor with fences that never pass (injected) and a real deadline (the 1 ns trial's
+/// deadline has passed before any wait): the Juggler waits it out, re-runs the job on the CPU
+/// with the right output, and counts one timeout.
+fn stream_fence_never_passes(choice: GpuChoice) -> Result<(), Failed> {
+    let j = juggler(Preference::Gpu, choice, FAULT_DEADLINE)?;
+    j.inject_gpu_fence_fault(true).map_err(fail)?;
+    let jobs = stream(1, 41).map_err(fail)?;
+    let start = Instant::now();
+    let info = jobs[0].run_checked(&j)?;
+    let waited = start.elapsed();
+    let why = info.fallback.clone().unwrap_or_default();
+    if info.device != DeviceKind::Cpu || !why.contains("fence") {
+        return Err(fail(format!(
+            "expected a fence timeout and a CPU re-run: {info:?}"
+        )));
+    }
+    if waited < FAULT_DEADLINE {
+        return Err(fail(format!(
+            "the job fell back after {waited:?}, before its {FAULT_DEADLINE:?} deadline: the fence wait did not wait"
+        )));
+    }
+    let s = j.stats();
+    if (s.timeouts, s.fallbacks) != (1, 1) {
+        return Err(fail(format!("expected 1 timeout and 1 fallback: {s}")));
+    }
+    Ok(())
+}
+
 /// A sampled check of a Juggler result of `p` (no bias), with the tolerance that holds for
 /// whichever algorithm the device chose.
 fn check_sampled(p: &Conv2dParams, x: &[f32], w: &[f32], y: &[f32]) -> Result<(), Failed> {
@@ -611,6 +671,14 @@ pub fn trials(ctx: &Arc<Context>) -> Vec<Trial> {
     out.push(Trial::test(
         named("gpu-async", "fault/fence_timeout"),
         move || fence_timeout(choice),
+    ));
+    out.push(Trial::test(
+        named("gpu-async", "fault/fence_never_passes"),
+        move || stream_fence_never_passes(choice),
+    ));
+    out.push(Trial::test(
+        named("gpu", "fault/sync_fence_timeout"),
+        move || sync_fence_timeout(choice),
     ));
     let limit = ctx
         .devices

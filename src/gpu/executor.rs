@@ -916,7 +916,7 @@ impl Worker {
     /// broken.
     fn step_or_fail_with(&mut self, role: [Option<usize>; 3]) {
         if let Err(e) = self.step(role) {
-            self.fail_all(format!("a streaming step failed: {e}"));
+            self.fail_all(&e, format!("a streaming step failed: {e}"));
         }
     }
 
@@ -1274,18 +1274,24 @@ impl Worker {
             .flatten()
     }
 
-    /// Fails every job in flight with `why` and marks the executor broken: their buffers may
+    /// Fails every job in flight with `why` (caused by `cause`, whose kind each job's error
+    /// keeps: a fence timeout stays one) and marks the executor broken: their buffers may
     /// still be in use, so none is read.
-    fn fail_all(&mut self, why: String) {
+    fn fail_all(&mut self, cause: &Error, why: String) {
+        let failed = |why: &str| match cause {
+            Error::FenceTimeout(_) => Error::FenceTimeout(format!("the GPU is unhealthy: {why}")),
+            Error::ContextLost(_) => Error::ContextLost(format!("the GPU is unhealthy: {why}")),
+            _ => unhealthy(why),
+        };
         self.broken = Some(why.clone());
         if let Some(f) = self.filling.take() {
             // Its copy writes the frame's staging: wait for it before the frame can be reused.
             let _ = f.copied.recv();
-            answer(f.flight.job, Err(unhealthy(&why)));
+            answer(f.flight.job, Err(failed(&why)));
         }
         while let Some(slot) = self.in_flight.pop_front() {
             if let Some(f) = self.frames[slot].flight.take() {
-                answer(f.job, Err(unhealthy(&why)));
+                answer(f.job, Err(failed(&why)));
             }
         }
         self.last_step = None;
@@ -1384,9 +1390,9 @@ impl Worker {
                 other => other,
             };
             let why = e.to_string();
-            answer(job, Err(e));
             // The other frames' buffers may be in use too: fail their jobs, never read them.
-            self.fail_all(why);
+            self.fail_all(&e, why);
+            answer(job, Err(e));
             return;
         }
         done.fence_waited = !already;

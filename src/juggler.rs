@@ -933,20 +933,23 @@ impl Juggler {
             .store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
-    /// The GPU's renderer, or why there is none.
-    pub fn gpu_description(&self) -> std::result::Result<String, String> {
-        match self
-            .inner
+    /// `f` of its GPU backend, if it has one.
+    fn with_gpu<T>(&self, f: impl FnOnce(&GpuBackend) -> T) -> Option<T> {
+        self.inner
             .gpu
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .as_ref()
-        {
-            Some(g) => Ok(g.info().renderer.clone()),
-            None => Err(lock(&self.inner.gpu_unavailable)
+            .map(f)
+    }
+
+    /// The GPU's renderer, or why there is none.
+    pub fn gpu_description(&self) -> std::result::Result<String, String> {
+        self.with_gpu(|g| g.info().renderer.clone()).ok_or_else(|| {
+            lock(&self.inner.gpu_unavailable)
                 .clone()
-                .unwrap_or_else(|| "no GPU".into())),
-        }
+                .unwrap_or_else(|| "no GPU".into())
+        })
     }
 
     /// The wall times measured for `p` so far (moving averages), `[cpu, gpu]`, seconds; GPU
@@ -963,16 +966,8 @@ impl Juggler {
     /// an error where there is no GPU.
     #[doc(hidden)]
     pub fn inject_gpu_fence_fault(&self, on: bool) -> Result<()> {
-        match self
-            .inner
-            .gpu
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_ref()
-        {
-            Some(g) => g.inject_fence_fault(on),
-            None => Err(Error::DeviceUnavailable("this Juggler has no GPU".into())),
-        }
+        self.with_gpu(|g| g.inject_fence_fault(on))
+            .unwrap_or_else(|| Err(Error::DeviceUnavailable("this Juggler has no GPU".into())))
     }
 
     /// Whether its GPU is a software renderer (llvmpipe: for testing, never fast).

@@ -280,6 +280,87 @@ mod tests {
         assert!(compare(&p, &nan, &r, Tolerance::Fp32).is_err());
     }
 
+    /// The bounds are exactly the documented formulas: a loosened factor (the bound times 10,
+    /// say) fails here, though no realistic kernel error would show it.
+    #[test]
+    fn bounds_are_pinned() {
+        let eps = 1.0 / 8_388_608.0; // 2^-23
+        let r = |magnitude: f64| RefValue {
+            value: 0.5,
+            magnitude,
+        };
+        // K = c_in / groups · k_h · k_w; the bound is (K + 2)·ε·magnitude.
+        for (p, k) in [
+            (Conv2dParams::new(1, 1, 1, 1, 1, 1, 1), 1.0),
+            (Conv2dParams::new(1, 8, 5, 5, 4, 3, 3), 72.0),
+            (Conv2dParams::new(1, 8, 5, 5, 4, 3, 3).with_groups(4), 18.0),
+            (Conv2dParams::new(1, 512, 5, 5, 4, 3, 3), 4608.0),
+        ] {
+            assert_eq!(Tolerance::Fp32.bound(&p, r(1.0)), (k + 2.0) * eps, "{p}");
+            assert_eq!(
+                Tolerance::Fp32.bound(&p, r(3.0)),
+                (k + 2.0) * eps * 3.0,
+                "{p}"
+            );
+            assert_eq!(Tolerance::Exact.bound(&p, r(3.0)), 0.0);
+        }
+        // Winograd: (max(K, C + 14) + 2)·ε·M_W.
+        let one = Conv2dParams::new(1, 1, 6, 6, 2, 3, 3);
+        assert_eq!(Tolerance::Winograd.bound(&one, r(1.0)), 17.0 * eps);
+        let wide = Conv2dParams::new(1, 64, 6, 6, 2, 3, 3);
+        assert_eq!(Tolerance::Winograd.bound(&wide, r(2.0)), 578.0 * eps * 2.0);
+        // At the bound accepted, one step past it refused.
+        let p = Conv2dParams::new(1, 8, 5, 5, 4, 3, 3);
+        let at = 0.5 + 74.0 * eps;
+        assert!(Tolerance::Fp32.accepts(&p, 0.5, r(1.0)));
+        assert!(!Tolerance::Fp32.accepts(&p, (at + 2.0 * eps) as f32, r(1.0)));
+    }
+
+    /// Every output moved by the smallest product in its window (data of magnitude 0.5 to 1,
+    /// so no product hides below the rounding) fails the comparison, at that output alone.
+    #[test]
+    fn one_product_off_fails_at_every_output() {
+        let p = Conv2dParams::new(1, 6, 7, 7, 5, 3, 3).with_padding(1, 1);
+        let fill = |seed: u64, len: usize| -> Vec<f32> {
+            let mut rng = crate::data::SplitMix64::new(seed);
+            (0..len)
+                .map(|_| {
+                    let m = 0.5 + (rng.below(1 << 20) as f32) / (1 << 21) as f32;
+                    if rng.below(2) == 0 {
+                        m
+                    } else {
+                        -m
+                    }
+                })
+                .collect()
+        };
+        let (x, w) = (fill(1, p.input_len()), fill(2, p.weights_len()));
+        let r = reference::conv2d_f64(&p, &x, &w, None).unwrap();
+        let good = r.to_f32();
+        compare(&p, &good, &r, Tolerance::Fp32).unwrap();
+        for i in 0..good.len() {
+            let at = OutIndex::from_flat(&p, i);
+            let mut smallest = f32::INFINITY;
+            for c in 0..p.c_in {
+                for kr in 0..3 {
+                    for ks in 0..3 {
+                        let (iy, ix) = (at.y + kr, at.x + ks);
+                        if iy < 1 || ix < 1 || iy > p.h || ix > p.w {
+                            continue; // padding: no product
+                        }
+                        let xv = x[(c * p.h + iy - 1) * p.w + ix - 1];
+                        let wv = w[((at.k * p.c_in + c) * 3 + kr) * 3 + ks];
+                        smallest = smallest.min((xv * wv).abs());
+                    }
+                }
+            }
+            let mut bad = good.clone();
+            bad[i] += smallest;
+            let m = compare(&p, &bad, &r, Tolerance::Fp32).unwrap_err();
+            assert_eq!((m.at, m.failures), (at, 1), "output {i}");
+        }
+    }
+
     #[test]
     fn exact_mode_demands_identical_bits() {
         let p = Conv2dParams::new(1, 1, 1, 1, 1, 1, 1);

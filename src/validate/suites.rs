@@ -133,7 +133,8 @@ fn every_tile(gpu: &crate::GpuBackend, cases: &[crate::suite::Case]) -> Result<(
 /// Winograd F(2x2, 3x3), which the GPU chooses only for large layers, forced on every basic
 /// case it applies to and on shapes that stress its tiling (odd output sizes, padding 0 and 2,
 /// filters that are not whole GEMM tiles, one filter, padding per side), and with each tiled
-/// GEMM variant; all against the whole reference with Winograd magnitudes.
+/// GEMM variant; all against the whole reference with Winograd magnitudes; and bit-exact on
+/// small-integer data, where no value through the transforms rounds.
 fn forced_winograd(gpu: &crate::GpuBackend, cases: &[crate::suite::Case]) -> Result<(), Failed> {
     use crate::gpu::{Algorithm, Dispatches};
     use crate::Conv2dParams;
@@ -181,6 +182,22 @@ fn forced_winograd(gpu: &crate::GpuBackend, cases: &[crate::suite::Case]) -> Res
     )?;
     for spec in TILES.iter().filter(|s| s.starts_with("tiled:")) {
         run(&ragged, 5, true, Some(spec))?;
+    }
+    // Exact mode: with small integers every value through the transforms is a multiple of 1/4
+    // far below 2^22, so nothing rounds and Winograd must give the reference's bits (a
+    // transform coefficient off by 2e-5 passes the Winograd bound, not this).
+    for (p, seed) in [(odd, 7), (ragged, 8)] {
+        let (x, w, b) = data::conv_data(&p, seed, true);
+        let mut y = vec![f32::NAN; p.output_len()];
+        let forced = Dispatches {
+            algorithm: Some(Algorithm::Winograd),
+            ..Dispatches::ONE
+        };
+        gpu.time_kernel(&p, &x, &w, Some(&b), &mut y, forced)
+            .map_err(|e| fail(format!("{p} (exact): {e}")))?;
+        let r = reference::conv2d_f64(&p, &x, &w, Some(&b)).map_err(fail)?;
+        compare(&p, &y, &r, Tolerance::Exact)
+            .map_err(|m| fail(format!("{p}: Winograd on small integers is not exact: {m}")))?;
     }
     // Where it does not apply, forcing it is an error, not a silent direct run.
     let strided = odd.with_stride(2, 2);

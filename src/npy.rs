@@ -105,12 +105,13 @@ pub fn write(path: &Path, shape: &[usize], data: &[f32]) -> Result<()> {
         return Err(err(path, "is a directory name, not a file name"));
     }
     let bytes = encode(shape, data).map_err(|e| err(path, format!("cannot encode: {e}")))?;
+    let cannot = |e: std::io::Error| err(path, format!("cannot write: {e}"));
     let in_place = |at: &Path| {
         std::fs::OpenOptions::new()
             .write(true)
             .open(at)
             .and_then(|mut f| f.write_all(&bytes))
-            .map_err(|e| err(path, format!("cannot write: {e}")))
+            .map_err(cannot)
     };
     let target = match follow_links(path)? {
         // The process's own output: written through it, where the rest of the output goes.
@@ -119,13 +120,9 @@ pub fn write(path: &Path, shape: &[usize], data: &[f32]) -> Result<()> {
             return out
                 .write_all(&bytes)
                 .and_then(|()| out.flush())
-                .map_err(|e| err(path, format!("cannot write: {e}")));
+                .map_err(cannot);
         }
-        Target::Descriptor(2) => {
-            return std::io::stderr()
-                .write_all(&bytes)
-                .map_err(|e| err(path, format!("cannot write: {e}")))
-        }
+        Target::Descriptor(2) => return std::io::stderr().write_all(&bytes).map_err(cannot),
         Target::Descriptor(n) => {
             return in_place(Path::new(&format!("/proc/self/fd/{n}")));
         }
@@ -149,11 +146,10 @@ pub fn write(path: &Path, shape: &[usize], data: &[f32]) -> Result<()> {
     let result = std::fs::File::create(&tmp)
         .and_then(|mut f| f.write_all(&bytes).and_then(|()| f.sync_all()))
         .and_then(|()| std::fs::rename(&tmp, &target));
-    if let Err(e) = result {
+    result.map_err(|e| {
         let _ = std::fs::remove_file(&tmp);
-        return Err(err(path, format!("cannot write: {e}")));
-    }
-    Ok(())
+        cannot(e)
+    })
 }
 
 /// Where a path written to leads.

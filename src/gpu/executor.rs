@@ -130,6 +130,16 @@ fn answer(job: StreamJob, result: Result<StreamDone>) {
 }
 
 /// The error of a job refused or failed because the executor is broken (`why`).
+/// A job's fence timeout, naming the job's deadline (other errors as they are).
+fn past_deadline(e: Error, deadline: Duration) -> Error {
+    match e {
+        Error::FenceTimeout(why) => {
+            Error::FenceTimeout(format!("the job's deadline of {deadline:?}: {why}"))
+        }
+        other => other,
+    }
+}
+
 fn unhealthy(why: &str) -> Error {
     Error::Gpu(format!("the GPU is unhealthy: {why}"))
 }
@@ -1082,12 +1092,9 @@ impl Worker {
         };
         let marker = step.part_end(phase, part);
         let left = f.job.timeout.saturating_sub(f.begun.elapsed());
-        marker.wait(left).map_err(|e| match e {
-            Error::FenceTimeout(why) => {
-                Error::FenceTimeout(format!("the job's deadline of {:?}: {why}", f.job.timeout))
-            }
-            other => other,
-        })
+        marker
+            .wait(left)
+            .map_err(|e| past_deadline(e, f.job.timeout))
     }
 
     /// Encodes the convolution of the job in frame `slot` with resident weights `weights`,
@@ -1383,12 +1390,7 @@ impl Worker {
             fence.wait(left)
         };
         if let Err(e) = waited {
-            let e = match e {
-                Error::FenceTimeout(why) => {
-                    Error::FenceTimeout(format!("the job's deadline of {:?}: {why}", job.timeout))
-                }
-                other => other,
-            };
+            let e = past_deadline(e, job.timeout);
             let why = e.to_string();
             // The other frames' buffers may be in use too: fail their jobs, never read them.
             self.fail_all(&e, why);

@@ -129,13 +129,13 @@ impl Device {
     /// derived, never a name: the CPU's microkernel and path; the GPU's arithmetic class
     /// (probed, see [`crate::gpu::arithmetic`]) and the plan it runs.
     pub fn numerics(&self, p: &Conv2dParams, bias: bool) -> Result<Option<Numerics>> {
-        let gpu = |b: &GpuBackend| -> Result<Numerics> {
-            Ok(Numerics {
+        if let Some(b) = self.gpu_backend() {
+            return Ok(Some(Numerics {
                 family: "gpu",
                 arithmetic: b.arithmetic()?.name(),
                 plan: b.plan_info(p, bias)?.key(),
-            })
-        };
+            }));
+        }
         Ok(match self {
             Device::Reference => Some(Numerics {
                 family: "reference",
@@ -147,10 +147,18 @@ impl Device {
                 arithmetic: backend.microkernel().name().into(),
                 plan: backend.path_for(p).name().into(),
             }),
-            Device::Gpu { backend } => Some(gpu(backend)?),
-            Device::GpuAsync { same_gpu, .. } => Some(gpu(same_gpu)?),
-            Device::Juggler { .. } => None,
+            Device::Gpu { .. } | Device::GpuAsync { .. } | Device::Juggler { .. } => None,
         })
+    }
+
+    /// The GPU backend whose kernels this device runs: the `[gpu]` device's own, or for
+    /// `[gpu-async]` the same GPU's (its plans and arithmetic are the executor's).
+    pub fn gpu_backend(&self) -> Option<&Arc<GpuBackend>> {
+        match self {
+            Device::Gpu { backend } => Some(backend),
+            Device::GpuAsync { same_gpu, .. } => Some(same_gpu),
+            _ => None,
+        }
     }
 
     /// Whether its exact bits are fixed (a fingerprint can be kept).

@@ -77,11 +77,7 @@ pub fn trials(ctx: &Arc<Context>) -> crate::Result<Vec<Trial>> {
     })?;
     let producer = Arc::new(manifest.producer.to_string());
     let mut out = Vec::new();
-    for device in ctx
-        .devices
-        .iter()
-        .filter(|d| matches!(d, Device::Gpu { .. } | Device::GpuAsync { .. }))
-    {
+    for device in ctx.devices.iter().filter(|d| d.gpu_backend().is_some()) {
         let dev = device.clone();
         out.push(trial(
             "fingerprint/arithmetic_class".into(),
@@ -147,12 +143,7 @@ fn matches_producer(case: &Case, device: &Device, producer: &str) -> Result<(), 
 /// tiled kernel (64 filters), must give what the probe's class predicts.
 fn arithmetic_is_the_kernels(device: &Device) -> Result<(), Failed> {
     use crate::gpu::arithmetic::Fma;
-    let gpu_of = |d: &Device| match d {
-        Device::Gpu { backend } => Some(Arc::clone(backend)),
-        Device::GpuAsync { same_gpu, .. } => Some(Arc::clone(same_gpu)),
-        _ => None,
-    };
-    let gpu = gpu_of(device).ok_or("not a GPU device")?;
+    let gpu = device.gpu_backend().ok_or("not a GPU device")?;
     let class = gpu.arithmetic().map_err(fail)?;
     let a = 1.0 + 1.0 / 4096.0;
     let (exact, tiny) = (1.0 / 16_777_216.0f32, 1.0 / (2.0f32).powi(70));

@@ -283,14 +283,15 @@ fn gpu_presence(ctx: &Context) -> Trial {
         (Some(why), false) => Some(format!("no GPU, so no [gpu] trials: {why}")),
         _ => None,
     };
+    let reason = missing.clone();
     let trial = Trial::ignorable_test(named("gpu", "gpu/available"), move || {
         match (absent, require) {
             (Some(why), true) => {
                 Err(format!("SPORKLE_REQUIRE_GPU=1, but there is no GPU: {why}").into())
             }
-            (Some(why), false) => Ok(libtest_mimic::Completion::ignored_with(format!(
-                "no GPU, so no [gpu] trials: {why}"
-            ))),
+            (Some(_), false) => Ok(libtest_mimic::Completion::ignored_with(
+                reason.unwrap_or_default(),
+            )),
             (None, true) if software => {
                 Err("SPORKLE_REQUIRE_GPU=1, but the only GPU is a software renderer".into())
             }
@@ -304,15 +305,14 @@ fn gpu_presence(ctx: &Context) -> Trial {
 /// clearing what earlier failed runs left pending (`*.snap.new`), so nothing stray is committed.
 fn prepare_insta(bless: bool) {
     // Edition 2021: set_var is safe; this runs before any trial thread starts.
-    if !bless {
+    if bless {
+        std::env::set_var("INSTA_UPDATE", "always");
+        clear_pending(&crate::repo_root().join("golden/snapshots"));
+    } else {
         // A new fingerprint is written as `.snap.new` and the trial fails with sporkle's own
         // message (golden.rs), not with insta's panic, backtrace and advice for cargo-insta's
         // runner.
         std::env::set_var("INSTA_FORCE_PASS", "1");
-    }
-    if bless {
-        std::env::set_var("INSTA_UPDATE", "always");
-        clear_pending(&crate::repo_root().join("golden/snapshots"));
     }
     if std::env::var_os("INSTA_WORKSPACE_ROOT").is_none() {
         std::env::set_var("INSTA_WORKSPACE_ROOT", crate::repo_root());

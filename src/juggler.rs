@@ -20,7 +20,7 @@
 
 use crate::cpu::{CpuBackend, CpuWeights};
 use crate::error::{Error, Result};
-use crate::gpu::{GpuBackend, GpuChoice, Output, StreamDone};
+use crate::gpu::{GpuBackend, GpuChoice, Output, StreamDone, WeightsKey};
 use crate::params::Conv2dParams;
 use crate::pinned::{PinnedInput, PinnedShared, StreamInput};
 use std::collections::HashMap;
@@ -458,6 +458,8 @@ struct GpuTicket {
     input: StreamInput,
     weights: Arc<[f32]>,
     bias: Option<Arc<[f32]>>,
+    /// See [`GpuCall::host_in_s`].
+    host_in_s: f64,
     reason: String,
     submitted: Instant,
     sync: bool,
@@ -525,6 +527,7 @@ impl GpuTicket {
             .unwrap_or_else(|_| Err(Error::Gpu("the GPU stopped before answering".into())));
         match answer {
             Ok(mut done) => {
+                done.host_in_s += self.host_in_s;
                 let output = std::mem::take(&mut done.output);
                 let t = Instant::now();
                 let delivered = deliver(output);
@@ -748,6 +751,7 @@ impl Inner {
                         &p,
                         StreamInput::Host(Arc::clone(&x)),
                         Arc::clone(&w),
+                        WeightsKey::of(&w),
                         None,
                         false,
                         self.config.fence_timeout,
@@ -1003,15 +1007,40 @@ impl Juggler {
         match device {
             DeviceKind::Cpu => self.inner.run_cpu(p, input, weights, bias, output, reason),
             DeviceKind::Gpu => {
-                let ticket = self.submit_gpu(
-                    p,
-                    StreamInput::Host(input.into()),
-                    weights.into(),
-                    bias.map(Into::into),
-                    reason,
-                    true,
-                );
-                ticket.wait_into(output)
+                let submitted = Instant::now();
+                // The input straight into a pooled staging buffer the GPU reads, the weights
+                // shared by content: a warm call allocates nothing of its data's size. The
+                // lock is held until the staged input is back in its pool.
+                let gpu = self.inner.gpu.read().unwrap_or_else(|e| e.into_inner());
+                let staged = gpu.as_ref().map(|g| g.stage_call(input, weights, bias));
+                // Lent until the ticket has been waited.
+                let mut lent = None;
+                let ticket = match staged {
+                    Some(Ok(s)) => {
+                        let read = s.input.read();
+                        lent = Some(s.input);
+                        let job = GpuCall {
+                            input: StreamInput::Pinned(read),
+                            weights: s.weights,
+                            key: s.key,
+                            bias: s.bias,
+                            host_in_s: s.host_in_s,
+                        };
+                        self.submit_gpu_to(gpu.as_ref(), p, job, reason, true, submitted)
+                    }
+                    // The ticket re-runs it on the CPU, as after any GPU failure.
+                    failed => Ticket::failed_gpu(
+                        &self.inner,
+                        p,
+                        GpuCall::copied(input, weights, bias),
+                        reason,
+                        failed.map_or_else(|| Err(released()), |r| r.map(|_| ())),
+                        submitted,
+                    ),
+                };
+                let info = ticket.wait_into(output);
+                drop(lent);
+                info
             }
         }
     }
@@ -1115,22 +1144,38 @@ impl Juggler {
         sync: bool,
     ) -> Ticket {
         let submitted = Instant::now();
-        let answer = match self
-            .inner
-            .gpu
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_ref()
-        {
+        let job = GpuCall {
+            input,
+            key: WeightsKey::of(&weights),
+            weights,
+            bias,
+            host_in_s: 0.0,
+        };
+        let gpu = self.inner.gpu.read().unwrap_or_else(|e| e.into_inner());
+        self.submit_gpu_to(gpu.as_ref(), p, job, reason, sync, submitted)
+    }
+
+    /// Streams `job` on `gpu` (none: it was released) and returns its ticket.
+    fn submit_gpu_to(
+        &self,
+        gpu: Option<&GpuBackend>,
+        p: &Conv2dParams,
+        job: GpuCall,
+        reason: String,
+        sync: bool,
+        submitted: Instant,
+    ) -> Ticket {
+        let answer = match gpu {
             Some(g) => g.stream(
                 p,
-                input.clone(),
-                Arc::clone(&weights),
-                bias.clone(),
+                job.input.clone(),
+                Arc::clone(&job.weights),
+                job.key,
+                job.bias.clone(),
                 !sync,
                 self.inner.config.fence_timeout,
             ),
-            None => Err(Error::Gpu("the GPU was released".into())),
+            None => Err(released()),
         };
         // A job the GPU cannot even take becomes an answer that fails, so the ticket re-runs
         // it on the CPU like any other GPU failure.
@@ -1139,19 +1184,77 @@ impl Juggler {
             let _ = tx.send(Err(e));
             rx
         });
+        Ticket::gpu(&self.inner, p, job, reason, answer, submitted, sync)
+    }
+}
+
+/// Why a GPU job did not start: the Juggler released its GPU.
+fn released() -> Error {
+    Error::Gpu("the GPU was released".into())
+}
+
+/// A GPU job's data, kept by its ticket for a CPU re-run.
+struct GpuCall {
+    input: StreamInput,
+    weights: Arc<[f32]>,
+    key: WeightsKey,
+    bias: Option<Arc<[f32]>>,
+    /// Wall time of a host copy into staging done before submitting (0: none, or the
+    /// executor's own).
+    host_in_s: f64,
+}
+
+impl GpuCall {
+    /// The data copied into shared buffers (where nothing was staged).
+    fn copied(input: &[f32], weights: &[f32], bias: Option<&[f32]>) -> Self {
+        Self {
+            input: StreamInput::Host(input.into()),
+            key: WeightsKey::of(weights),
+            weights: weights.into(),
+            bias: bias.map(Into::into),
+            host_in_s: 0.0,
+        }
+    }
+}
+
+impl Ticket {
+    fn gpu(
+        inner: &Arc<Inner>,
+        p: &Conv2dParams,
+        job: GpuCall,
+        reason: String,
+        answer: mpsc::Receiver<Result<StreamDone>>,
+        submitted: Instant,
+        sync: bool,
+    ) -> Self {
         Ticket {
             state: TicketState::Gpu(Box::new(GpuTicket {
-                inner: Arc::clone(&self.inner),
+                inner: Arc::clone(inner),
                 answer,
                 p: *p,
-                input,
-                weights,
-                bias,
+                input: job.input,
+                weights: job.weights,
+                bias: job.bias,
+                host_in_s: job.host_in_s,
                 reason,
                 submitted,
                 sync,
             })),
         }
+    }
+
+    /// The ticket of a GPU job that could not start (`why`): waiting re-runs it on the CPU.
+    fn failed_gpu(
+        inner: &Arc<Inner>,
+        p: &Conv2dParams,
+        job: GpuCall,
+        reason: String,
+        why: Result<()>,
+        submitted: Instant,
+    ) -> Self {
+        let (tx, rx) = mpsc::channel();
+        let _ = tx.send(why.and_then(|()| Err(Error::Gpu("the job did not start".into()))));
+        Self::gpu(inner, p, job, reason, rx, submitted, true)
     }
 }
 

@@ -98,18 +98,20 @@ impl Drop for PinnedShared {
     }
 }
 
-/// A reader's hold on a pinned buffer: a job in the GPU worker, or its ticket (for a CPU re-run).
-pub(crate) struct PinnedRead(Arc<PinnedShared>);
+/// A reader's hold on the first `len` floats of a pinned buffer: a job in the GPU worker, or its
+/// ticket (for a CPU re-run).
+pub(crate) struct PinnedRead(Arc<PinnedShared>, usize);
 
 impl PinnedRead {
-    fn new(shared: &Arc<PinnedShared>) -> Self {
+    fn new(shared: &Arc<PinnedShared>, len: usize) -> Self {
+        assert!(len <= shared.len, "a pinned read past the buffer's end");
         shared.readers.fetch_add(1, Ordering::AcqRel);
-        Self(Arc::clone(shared))
+        Self(Arc::clone(shared), len)
     }
 
     /// The floats.
     pub(crate) fn as_slice(&self) -> &[f32] {
-        self.0.as_slice()
+        &self.0.as_slice()[..self.1]
     }
 
     /// The GPU worker that maps it and its GL buffer id there, if it is mapped GPU memory.
@@ -123,13 +125,126 @@ impl PinnedRead {
 
 impl Clone for PinnedRead {
     fn clone(&self) -> Self {
-        Self::new(&self.0)
+        Self::new(&self.0, self.1)
     }
 }
 
 impl Drop for PinnedRead {
     fn drop(&mut self) {
         self.0.readers.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Buffers that synchronous GPU calls stage the caller's input in (pinned where the GPU maps
+/// them, else plain host memory), kept for the next call: a warm call allocates nothing
+/// input-sized, and the GPU reads the input where this copy put it.
+#[derive(Default)]
+pub(crate) struct InputPool {
+    free: std::sync::Mutex<Vec<Arc<PinnedShared>>>,
+}
+
+/// Buffers an [`InputPool`] keeps at most (calls from more threads at once allocate more, and
+/// the smallest go when they come back).
+const POOL_MAX: usize = 4;
+
+impl InputPool {
+    /// A buffer of at least `len` floats that no one else holds: the smallest kept one that
+    /// fits, else a new one from `make` (which gets `len`).
+    pub(crate) fn take(
+        &self,
+        len: usize,
+        make: impl Fn(usize) -> Result<PinnedShared>,
+    ) -> Result<PooledInput<'_>> {
+        let kept = {
+            let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
+            let best = (free.iter().enumerate())
+                .filter(|(_, b)| b.len >= len)
+                .min_by_key(|(_, b)| b.len)
+                .map(|(i, _)| i);
+            best.map(|i| free.swap_remove(i))
+        };
+        let mut shared = match kept {
+            Some(b) => b,
+            None => Arc::new(make(len)?),
+        };
+        // A job answers before its worker drops the job's hold; wait the moment that takes.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_millis(100);
+        while Arc::get_mut(&mut shared).is_none() {
+            if std::time::Instant::now() > deadline {
+                shared = Arc::new(make(len)?);
+                break;
+            }
+            std::thread::yield_now();
+        }
+        Ok(PooledInput {
+            pool: self,
+            shared: Some(shared),
+            len,
+        })
+    }
+
+    /// Drops every kept buffer (their memory goes back to the GPU worker that maps it).
+    pub(crate) fn clear(&self) {
+        self.free.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    }
+
+    /// Buffers kept now.
+    #[cfg(test)]
+    fn kept(&self) -> usize {
+        self.free.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+}
+
+/// A buffer lent by an [`InputPool`] for one call: written through [`PooledInput::as_mut_slice`]
+/// while no job reads it, read by jobs through [`PooledInput::read`]; back to the pool on drop.
+pub(crate) struct PooledInput<'p> {
+    pool: &'p InputPool,
+    shared: Option<Arc<PinnedShared>>,
+    /// Floats of this call (the buffer may be longer).
+    len: usize,
+}
+
+impl PooledInput<'_> {
+    fn shared(&self) -> &Arc<PinnedShared> {
+        self.shared.as_ref().expect("a pooled input is lent until dropped")
+    }
+
+    /// The call's floats, to write; an error while a job reads them.
+    pub(crate) fn as_mut_slice(&mut self) -> Result<&mut [f32]> {
+        let len = self.len;
+        let shared = self.shared.as_mut().expect("a pooled input is lent until dropped");
+        match Arc::get_mut(shared).map(|s| &mut s.storage) {
+            Some(Storage::Host(b)) => Ok(&mut b[..len]),
+            // SAFETY: valid for the buffer's length (>= len) while the shared buffer lives; this
+            // Arc is the only one (get_mut), so no reader exists, and the borrow of self bounds it.
+            Some(Storage::Mapped { ptr, .. }) => {
+                Ok(unsafe { std::slice::from_raw_parts_mut(*ptr, len) })
+            }
+            None => Err(Error::InUse("a staged input is still read by a job".into())),
+        }
+    }
+
+    /// A reader's hold on the call's floats, for a job.
+    pub(crate) fn read(&self) -> PinnedRead {
+        PinnedRead::new(self.shared(), self.len)
+    }
+}
+
+impl Drop for PooledInput<'_> {
+    fn drop(&mut self) {
+        let Some(shared) = self.shared.take() else {
+            return;
+        };
+        let mut free = self.pool.free.lock().unwrap_or_else(|e| e.into_inner());
+        free.push(shared);
+        if free.len() > POOL_MAX {
+            let smallest = (free.iter().enumerate())
+                .min_by_key(|(_, b)| b.len)
+                .map(|(i, _)| i);
+            if let Some(i) = smallest {
+                free.swap_remove(i);
+            }
+        }
     }
 }
 
@@ -230,7 +345,7 @@ impl PinnedInput<'_> {
 
     /// A reader's hold, for a job.
     pub(crate) fn read(&self) -> PinnedRead {
-        PinnedRead::new(&self.shared)
+        PinnedRead::new(&self.shared, self.shared.len)
     }
 }
 
@@ -283,5 +398,41 @@ mod tests {
         assert!(freed.try_recv().is_err(), "a job still holds it");
         drop(job);
         assert_eq!(freed.try_recv(), Ok(7));
+    }
+
+    /// A pool lends the smallest kept buffer that fits, reads see only the call's floats, a
+    /// buffer a job still reads is not written, and what comes back is kept for the next call
+    /// (no new buffer), at most `POOL_MAX` of them.
+    #[test]
+    fn a_pool_reuses_its_buffers() {
+        let pool = InputPool::default();
+        let made = AtomicUsize::new(0);
+        let make = |len| {
+            made.fetch_add(1, Ordering::Relaxed);
+            Ok(PinnedShared::host(len))
+        };
+        let mut a = pool.take(8, make).unwrap();
+        a.as_mut_slice().unwrap().fill(1.0);
+        let job = a.read();
+        assert_eq!(job.as_slice(), &[1.0; 8]);
+        assert!(matches!(a.as_mut_slice(), Err(Error::InUse(_))));
+        drop(job);
+        drop(a);
+        assert_eq!(pool.kept(), 1);
+        // Shorter calls reuse it and see their own length.
+        let mut b = pool.take(5, make).unwrap();
+        b.as_mut_slice().unwrap().fill(2.0);
+        assert_eq!(b.read().as_slice(), &[2.0; 5]);
+        assert_eq!(made.load(Ordering::Relaxed), 1);
+        // A longer one while b is lent: a new buffer.
+        let c = pool.take(16, make).unwrap();
+        assert_eq!(made.load(Ordering::Relaxed), 2);
+        drop((b, c));
+        assert_eq!(pool.kept(), 2);
+        let lent: Vec<_> = (0..POOL_MAX + 2).map(|_| pool.take(4, make).unwrap()).collect();
+        drop(lent);
+        assert_eq!(pool.kept(), POOL_MAX);
+        pool.clear();
+        assert_eq!(pool.kept(), 0);
     }
 }

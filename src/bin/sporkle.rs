@@ -158,6 +158,12 @@ struct BenchArgs {
     /// async on and then off (--device auto or gpu); every output verified.
     #[arg(long, value_name = "N")]
     stream: Option<usize>,
+    /// One synchronous GPU call at a time through the Juggler (GPU preferred), from ordinary
+    /// memory (`conv2d`) and from a pinned input with the output read in place: wall time per
+    /// call and where it went (host copies, GPU copies, kernel, and the fixed cost left over);
+    /// every output verified. With --compare, against the peer's serial end-to-end lines.
+    #[arg(long, conflicts_with = "stream")]
+    one_call: bool,
     /// With --device auto: also time every shape on the CPU only and on the GPU only (through
     /// the Juggler as well), and compare auto's total with always picking the faster.
     #[arg(long)]
@@ -402,6 +408,9 @@ fn bench(a: BenchArgs) -> Result<()> {
     };
     if let Some(batches) = a.stream {
         return stream(&a, &cases, batches);
+    }
+    if a.one_call {
+        return one_call(&a, &cases, &peers);
     }
     let engine = match (a.device, a.cpu_path) {
         (DeviceArg::Cpu, Some(path)) => Engine::Cpu(cpu_backend(a.threads)?.with_path(path)),
@@ -761,6 +770,167 @@ fn stream(a: &BenchArgs, cases: &[&sporkle::suite::Case], batches: usize) -> Res
     }
     eprintln!("# {}", j.stats().to_string().replace('\n', "\n# "));
     Ok(())
+}
+
+/// `--one-call`: per shape, synchronous GPU calls one at a time through the Juggler, timed as
+/// the peer times its serial calls (`wall_ms` in shared/peers/torch_conv.py: loops of calls
+/// for about 50 ms, the median loop's mean), from ordinary memory and from a pinned input; one
+/// JSON line per shape and mode, and on stderr where a call's time went (medians over the timed
+/// calls): the fixed cost is the wall time less the host copies, the GPU copies and the kernel.
+fn one_call(
+    a: &BenchArgs,
+    cases: &[&sporkle::suite::Case],
+    peers: &[(String, String, f64)],
+) -> Result<()> {
+    if a.device != DeviceArg::Gpu {
+        bail!("--one-call needs --device gpu");
+    }
+    let j = juggler(Preference::Gpu, a.threads)?;
+    j.set_async(false);
+    let who = j
+        .gpu_description()
+        .map_err(|e| anyhow!("--one-call needs a GPU: {e}"))?;
+    eprintln!(
+        "# one call: synchronous GPU calls through the Juggler ({who}); ms per call = median of {ONE_CALL_LOOPS} loops of calls (about 50 ms each) of the loop's mean, host input -> host output; every output verified at {} points",
+        BENCH_CHECKS + 2
+    );
+    let mut emit = json_lines(a.json.as_deref())?;
+    // Per shape and mode (pageable, pinned): GFLOP/s.
+    let mut rows: [Vec<(String, f64, f64)>; 2] = Default::default();
+    for case in cases {
+        let p = case.params;
+        let (x, w, b) = sporkle::data::conv_data(&p, 42, false);
+        let bias = case.bias.then_some(&b[..]);
+        let (w_shared, b_shared): (Arc<[f32]>, Option<Arc<[f32]>>) =
+            (w.clone().into(), bias.map(Into::into));
+        // Written once before timing, as the peer's output is allocated before its timing.
+        let mut y = vec![1.0f32; p.output_len()];
+        let mut pinned = j.pinned_input(x.len())?;
+        pinned.as_mut_slice()?.copy_from_slice(&x);
+        let mut sample = Vec::new();
+        for (m, mode) in ["pageable", "pinned"].into_iter().enumerate() {
+            let mut infos = Vec::new();
+            let mut call = |keep: bool| -> Result<()> {
+                let info = if m == 0 {
+                    j.conv2d(&p, &x, &w, bias, &mut y)?
+                } else {
+                    let ticket =
+                        j.submit_pinned(&p, &pinned, Arc::clone(&w_shared), b_shared.clone())?;
+                    let (s, info) =
+                        ticket.wait_with(|y| sporkle::tolerance::read_sample(y, BENCH_CHECKS))?;
+                    sample = s;
+                    info
+                };
+                if info.device != DeviceKind::Gpu {
+                    bail!(
+                        "shape {}: a call ran on the {} ({})",
+                        case.name,
+                        info.device,
+                        info.fallback.as_deref().unwrap_or(&info.reason)
+                    );
+                }
+                if keep {
+                    infos.push(info);
+                }
+                Ok(())
+            };
+            let ms = loops_ms(&mut |keep| call(keep))?;
+            if m == 0 {
+                verify_sample(&p, &x, &w, bias, &y)
+            } else {
+                let tol = sporkle::gpu::Algorithm::for_params(&p).tolerance();
+                sporkle::tolerance::check_points(&p, &x, &w, bias, &sample, tol)
+                    .map(|_| ())
+                    .map_err(|e| anyhow!("{e}"))
+            }
+            .with_context(|| format!("shape {} ({mode}): result is wrong", case.name))?;
+            y.fill(f32::NAN);
+            report_call(&case.name, mode, &infos);
+            let gflops = p.flops() as f64 / ms / 1e6;
+            emit(serde_json::json!({
+                "shape": case.name,
+                "device": format!("sporkle-call-{mode} {who}"),
+                "ms": round4(ms),
+                "gflops": round2(gflops),
+            }))?;
+            rows[m].push((case.name.clone(), gflops, gflops));
+        }
+    }
+    eprintln!("# {}", j.stats().to_string().replace('\n', "\n# "));
+    for (m, peer_mode) in ["pageable-serial", "pinned-serial"].into_iter().enumerate() {
+        let theirs: Vec<_> = (peers.iter())
+            .filter(|p| p.1.contains(peer_mode))
+            .cloned()
+            .collect();
+        if !theirs.is_empty() {
+            print_comparison(&rows[m], &theirs);
+        }
+    }
+    Ok(())
+}
+
+/// Loops a serial peer times: one call to estimate, then [`ONE_CALL_LOOPS`] loops of as many
+/// calls as take about 50 ms (1 to 2000), after three warm-up calls; the median loop's mean,
+/// in ms. `call(true)` is a timed call.
+fn loops_ms(call: &mut dyn FnMut(bool) -> Result<()>) -> Result<f64> {
+    for _ in 0..3 {
+        call(false)?;
+    }
+    let t = Instant::now();
+    call(false)?;
+    let calls = ((0.05 / t.elapsed().as_secs_f64().max(1e-6)) as usize).clamp(1, 2000);
+    let mut loops = Vec::new();
+    for _ in 0..ONE_CALL_LOOPS {
+        let t = Instant::now();
+        for _ in 0..calls {
+            call(true)?;
+        }
+        loops.push(t.elapsed().as_secs_f64() * 1e3 / calls as f64);
+    }
+    Ok(median(&mut loops))
+}
+
+/// Loops `--one-call` times (the peer's `wall_ms` takes the median of 5 too).
+const ONE_CALL_LOOPS: usize = 5;
+
+/// Where one-call mode `mode`'s calls went, medians over `infos`, on stderr.
+fn report_call(shape: &str, mode: &str, infos: &[sporkle::RunInfo]) {
+    let stages: Vec<_> = infos.iter().filter_map(|i| i.stages).collect();
+    let med = |f: &dyn Fn(&sporkle::Stages) -> f64| stage_ms(&stages, f);
+    let wall = median(&mut infos.iter().map(|i| i.wall_s * 1e3).collect::<Vec<_>>());
+    let (host_in, up, kernel, down, host_out) = (
+        med(&|s| s.host_in_s),
+        med(&|s| s.upload_s.unwrap_or(0.0)),
+        med(&|s| s.kernel_s.unwrap_or(0.0)),
+        med(&|s| s.download_s.unwrap_or(0.0)),
+        med(&|s| s.host_out_s),
+    );
+    // Per call, then the median: the medians of the parts need not add up to the whole's.
+    let fixed = median(
+        &mut stages
+            .iter()
+            .zip(infos)
+            .map(|(s, i)| {
+                let parts = s.host_in_s
+                    + s.upload_s.unwrap_or(0.0)
+                    + s.kernel_s.unwrap_or(0.0)
+                    + s.download_s.unwrap_or(0.0)
+                    + s.host_out_s;
+                (i.wall_s - parts) * 1e6
+            })
+            .collect::<Vec<_>>(),
+    );
+    let copies = if stages.iter().any(|s| s.cuda_copies) {
+        "CUDA copies"
+    } else if stages.iter().any(|s| s.fused) {
+        "shader copies"
+    } else {
+        "GL copies"
+    };
+    eprintln!(
+        "# {shape} {mode}: {wall:.3} ms a call (median of the calls) = host in {host_in:.3} + copy in {up:.3} + kernel {kernel:.3} + copy out {down:.3} + host out {host_out:.3} + fixed cost {fixed:.1} µs ({copies}; {} calls)",
+        infos.len()
+    );
 }
 
 /// Where a streaming mode's GPU time went, over the jobs of one run (`infos`): how much

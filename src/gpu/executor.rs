@@ -382,6 +382,9 @@ struct StepTimes {
     conv_parts: Vec<Rc<Fence>>,
     copy_in: Option<TimedCopy>,
     copy_out: Option<TimedCopy>,
+    /// A job's three phases in this one step, each timed by its own query in `elapsed`
+    /// ([`Worker::encode_alone`]).
+    alone: bool,
 }
 
 /// A step's GL work as it is encoded ([`Worker::encode_step`]): see [`StepTimes`].
@@ -419,6 +422,9 @@ impl StepTimes {
     /// The GPU time (ns) of phase `phase` of a job in this step: a CUDA copy's own time, else
     /// the step's GL time.
     fn phase_ns(&self, phase: usize) -> Option<u64> {
+        if self.alone {
+            return self.elapsed.get(phase).map(TimerQuery::nanoseconds);
+        }
         self.copy(phase)
             .map_or_else(|| Some(self.gl_ns()), TimedCopy::nanoseconds)
     }
@@ -705,6 +711,8 @@ impl Worker {
                 };
                 if self.pinned_buffer(&flight.job.x).is_some() {
                     self.start_flight(slot, flight);
+                } else if !flight.job.pipelined {
+                    self.host_copy_here(slot, flight);
                 } else {
                     self.start_host_copy(slot, flight);
                 }
@@ -717,9 +725,33 @@ impl Worker {
     fn start_flight(&mut self, slot: usize, mut flight: Flight) {
         flight.begun = Instant::now();
         flight.done.in_flight = self.in_flight.len() + 1;
+        let alone = !flight.job.pipelined && self.cuda.is_none();
         self.frames[slot].flight = Some(flight);
         self.in_flight.push_back(slot);
-        self.step_or_fail();
+        if alone {
+            self.step_or_fail_with([Some(slot); 3]);
+        } else {
+            self.step_or_fail();
+        }
+    }
+
+    /// A job that runs alone: copies its input into its frame's upload staging on this thread
+    /// (in parallel chunks, as the copy thread would; nothing else is in flight to record
+    /// meanwhile, and handing the copy to another thread and back costs two wake-ups), then
+    /// starts it.
+    fn host_copy_here(&mut self, slot: usize, mut flight: Flight) {
+        let len = flight.job.x.len();
+        let Some(upload) = self.frames[slot].upload.as_mut() else {
+            answer(
+                flight.job,
+                Err(Error::Gpu("a frame lacks its staging".into())),
+            );
+            return;
+        };
+        let t = Instant::now();
+        parallel_copy(flight.job.x.as_slice(), &mut upload.as_mut_slice()[..len]);
+        flight.done.host_in_s = t.elapsed().as_secs_f64();
+        self.start_flight(slot, flight);
     }
 
     /// Copies `flight`'s input into its frame's upload staging on another thread (in parallel
@@ -980,6 +1012,8 @@ impl Worker {
             return Ok(());
         }
         let gl = Rc::clone(&self.ctx.gl);
+        // One job in every role: it runs alone, its three phases in this step.
+        let alone = role[0].is_some() && role.iter().all(|r| *r == role[0]);
         // With CUDA copies: the newest job's copy in starts at once (its frame is free); the
         // oldest job's copy out as soon as its convolution (the step before) has finished,
         // which is before the copy in of the next job to convolve (it was shorter), so the
@@ -1008,7 +1042,13 @@ impl Worker {
         gl::storage_barrier(&gl);
         let start = TimerQuery::timestamp(&gl)?;
         let mut work = GlWork::default();
-        let fused = self.encode_step(role, weights.map(|w| w.0), &mut work)?;
+        let fused = match role[0] {
+            Some(slot) if alone => {
+                self.encode_alone(slot, weights.map(|w| w.0), &mut work)?;
+                false
+            }
+            _ => self.encode_step(role, weights.map(|w| w.0), &mut work)?,
+        };
         // Shader writes to mapped staging reach the host once the fence has passed.
         gl::client_mapped_barrier(&gl);
         let end = TimerQuery::timestamp(&gl)?;
@@ -1022,8 +1062,9 @@ impl Worker {
             conv_parts: work.conv_parts,
             copy_in,
             copy_out,
+            alone,
         });
-        let shared = role.iter().flatten().count() > 1;
+        let shared = !alone && role.iter().flatten().count() > 1;
         // The oldest job in the step: the one copying out, else convolving, else copying in.
         let oldest = role.iter().rev().flatten().next().copied();
         for (phase, slot) in role.iter().enumerate() {
@@ -1176,6 +1217,64 @@ impl Worker {
         elapsed.end();
         work.elapsed.push(elapsed);
         encoded
+    }
+
+    /// Without CUDA copies, a job that runs alone: encodes its copy in, its convolution and its
+    /// copy out one after another in this one step, each behind a barrier and timed by its own
+    /// query, so that a synchronous call costs one submission and one fence.
+    fn encode_alone(&self, slot: usize, weights: Option<usize>, work: &mut GlWork) -> Result<()> {
+        let gl = &self.ctx.gl;
+        let f = &self.frames[slot];
+        let (x_len, out_len) = (
+            padded(self.flight(slot).job.x.len()),
+            padded(self.flight(slot).out_len()),
+        );
+        let (source, input) = (self.copy_source(f)?.gl()?, device(&f.input)?.gl());
+        let (output, download) = (device(&f.output)?.gl(), mapped(&f.download)?.gl()?);
+        let timed = |work: &mut GlWork, encode: &dyn Fn() -> Result<()>| -> Result<()> {
+            let elapsed = TimerQuery::begin(gl)?;
+            let encoded = encode();
+            elapsed.end();
+            work.elapsed.push(elapsed);
+            encoded
+        };
+        match self.copy_mode {
+            StreamCopy::Shader { groups } => {
+                let copy = self.compiled(shaders::stream_copy_source())?;
+                timed(work, &|| {
+                    // Bindings 6 and 7 take the partners (the copy out is empty).
+                    source.bind(4);
+                    input.bind(5);
+                    input.bind(6);
+                    source.bind(7);
+                    copy.dispatch_with([groups, 1, 1], "copies", [groups, 0, (x_len / 4) as u32, 0])
+                })?;
+                gl::storage_barrier(gl);
+                timed(work, &|| self.convolve(slot, weights, None, None))?;
+                gl::storage_barrier(gl);
+                timed(work, &|| {
+                    download.bind(4);
+                    output.bind(5);
+                    output.bind(6);
+                    download.bind(7);
+                    copy.dispatch_with(
+                        [groups, 1, 1],
+                        "copies",
+                        [0, groups, 0, (out_len / 4) as u32],
+                    )
+                })
+            }
+            _ => {
+                timed(work, &|| {
+                    gl::copy_buffer(gl, source.raw(), input.raw(), x_len)
+                })?;
+                timed(work, &|| self.convolve(slot, weights, None, None))?;
+                gl::storage_barrier(gl);
+                timed(work, &|| {
+                    gl::copy_buffer(gl, output.raw(), download.raw(), out_len)
+                })
+            }
+        }
     }
 
     /// Without CUDA copies: encodes a step's copies (DMA, or shader copies fused into the

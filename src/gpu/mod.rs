@@ -38,6 +38,7 @@ pub use shaders::{Algorithm, StreamCopy, Tile};
 use crate::error::{Error, Result};
 use crate::params::Conv2dParams;
 use context::GlContext;
+use crate::pinned::{InputPool, PinnedShared, PooledInput};
 use executor::{Frame, StreamJob};
 use gl::{Buffer, Fence, TimerQuery};
 use shaders::ProgramCache;
@@ -95,13 +96,13 @@ impl Dispatches {
 
 /// The identity of a weight set: length and a hash of every byte.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-struct WeightsKey {
+pub(crate) struct WeightsKey {
     len: usize,
     hash: u64,
 }
 
 impl WeightsKey {
-    fn of(w: &[f32]) -> Self {
+    pub(crate) fn of(w: &[f32]) -> Self {
         Self {
             len: w.len(),
             hash: xxhash_rust::xxh3::xxh3_64(bytemuck::cast_slice(w)),
@@ -170,8 +171,29 @@ pub struct GpuBackend {
     id: u64,
     /// The arithmetic class, once probed.
     arithmetic: std::sync::OnceLock<Arithmetic>,
+    /// Synchronous calls' inputs, staged where the GPU reads them (see [`InputPool`]).
+    inputs: InputPool,
+    /// Weight and bias sets of recent synchronous calls as shared buffers, by key (see
+    /// [`GpuBackend::stage_call`]), most recently used last.
+    sets: Mutex<Vec<(WeightsKey, Arc<[f32]>)>>,
     worker: Option<JoinHandle<()>>,
 }
+
+/// A synchronous call's data made ready for the executor ([`GpuBackend::stage_call`]).
+pub(crate) struct StagedCall<'g> {
+    /// The input, copied into a pooled staging buffer.
+    pub(crate) input: PooledInput<'g>,
+    pub(crate) key: WeightsKey,
+    pub(crate) weights: Arc<[f32]>,
+    pub(crate) bias: Option<Arc<[f32]>>,
+    /// Wall time of the input's copy (on the caller's thread).
+    pub(crate) host_in_s: f64,
+}
+
+/// Shared weight and bias sets a backend keeps: at most this many ...
+const SETS_MAX: usize = 16;
+/// ... and this many bytes (the oldest go first; the newest always stays).
+const SETS_BYTES: usize = 256 << 20;
 
 impl GpuBackend {
     /// The GPU chosen by `SPORKLE_GPU` (see [`GpuChoice`]), or why there is none.
@@ -206,6 +228,8 @@ impl GpuBackend {
                 unpin,
                 id,
                 arithmetic: std::sync::OnceLock::new(),
+                inputs: InputPool::default(),
+                sets: Mutex::default(),
                 worker: Some(worker),
             }),
             Ok(Err(e)) => {
@@ -267,6 +291,51 @@ impl GpuBackend {
             ..dispatches
         };
         Ok(self.submit(p, input, weights, bias, output, dispatches)?.1)
+    }
+
+    /// A synchronous call's data, ready for [`GpuBackend::stream`] without a copy the size of
+    /// its input, weights or output allocated once warm: the input copied (in parallel chunks,
+    /// on this thread) straight into a pooled staging buffer the GPU reads (pinned where the
+    /// GPU maps one, else plain host memory); the weights and bias as shared buffers kept by
+    /// content (length and a hash of every byte, the key resident weights are found by).
+    pub(crate) fn stage_call(
+        &self,
+        input: &[f32],
+        weights: &[f32],
+        bias: Option<&[f32]>,
+    ) -> Result<StagedCall<'_>> {
+        let t = Instant::now();
+        let mut staged = self.inputs.take(input.len(), |len| {
+            Ok(self.pin(len).unwrap_or_else(|_| PinnedShared::host(len)))
+        })?;
+        executor::parallel_copy(input, staged.as_mut_slice()?);
+        let host_in_s = t.elapsed().as_secs_f64();
+        let (key, weights) = self.shared_set(weights);
+        Ok(StagedCall {
+            input: staged,
+            key,
+            weights,
+            bias: bias.map(|b| self.shared_set(b).1),
+            host_in_s,
+        })
+    }
+
+    /// `v` as a shared buffer: the kept one with the same key, or a new one, kept.
+    fn shared_set(&self, v: &[f32]) -> (WeightsKey, Arc<[f32]>) {
+        let key = WeightsKey::of(v);
+        let mut sets = self.sets.lock().unwrap_or_else(|e| e.into_inner());
+        let set = match sets.iter().position(|(k, _)| *k == key) {
+            Some(i) => sets.remove(i).1,
+            None => v.into(),
+        };
+        sets.push((key, Arc::clone(&set)));
+        let bytes = |sets: &[(WeightsKey, Arc<[f32]>)]| -> usize {
+            sets.iter().map(|(_, s)| s.len() * 4).sum()
+        };
+        while sets.len() > 1 && (sets.len() > SETS_MAX || bytes(&sets) > SETS_BYTES) {
+            sets.remove(0);
+        }
+        (key, set)
     }
 
     fn submit(
@@ -420,6 +489,7 @@ impl GpuBackend {
         p: &Conv2dParams,
         input: crate::pinned::StreamInput,
         weights: Arc<[f32]>,
+        key: WeightsKey,
         bias: Option<Arc<[f32]>>,
         pipelined: bool,
         timeout: Duration,
@@ -433,7 +503,7 @@ impl GpuBackend {
         let (reply, answer) = mpsc::channel();
         self.send(Msg::Stream(StreamJob {
             p: *p,
-            key: WeightsKey::of(&weights),
+            key,
             x: input,
             w: weights,
             b: bias,
@@ -448,6 +518,8 @@ impl GpuBackend {
 impl Drop for GpuBackend {
     /// Stops the worker, which deletes every GL object and the context before it exits.
     fn drop(&mut self) {
+        // Staged inputs are the worker's memory: given back before it stops, so none outlives it.
+        self.inputs.clear();
         self.jobs.lock().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(w) = self.worker.take() {
             let _ = w.join();

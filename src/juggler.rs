@@ -135,6 +135,17 @@ pub struct Stages {
     /// GPU times (ns) at the start of its copy in and the end of its copy out, comparable
     /// between the jobs of one Juggler (GL timestamps, or CUDA event times when CUDA copied).
     pub gpu_span_ns: Option<(u64, u64)>,
+    /// Where the rest of the wall time went, for a call's fixed cost: from the job's sending to
+    /// the GPU worker starting it; from its start to its fence passing (everything on the GPU,
+    /// waits between its steps included); from the fence to its answer (timer queries read,
+    /// objects freed); from the answer to the caller having it.
+    pub queued_s: f64,
+    /// See `queued_s`.
+    pub gpu_wall_s: f64,
+    /// See `queued_s`.
+    pub settle_s: f64,
+    /// See `queued_s`.
+    pub wake_s: f64,
 }
 
 /// Counters of one device.
@@ -525,6 +536,7 @@ impl GpuTicket {
             .answer
             .recv()
             .unwrap_or_else(|_| Err(Error::Gpu("the GPU stopped before answering".into())));
+        let received = Instant::now();
         match answer {
             Ok(mut done) => {
                 done.host_in_s += self.host_in_s;
@@ -555,6 +567,12 @@ impl GpuTicket {
                         in_flight: done.in_flight,
                         parts: done.parts,
                         gpu_span_ns: done.gpu_span_ns,
+                        queued_s: done.queued_s,
+                        gpu_wall_s: done.gpu_wall_s,
+                        settle_s: done.settle_s,
+                        wake_s: done
+                            .answered
+                            .map_or(0.0, |a| received.duration_since(a).as_secs_f64()),
                         steps_shared: done.steps_shared,
                         fused: done.fused,
                         cuda_copies: done.cuda_copies,

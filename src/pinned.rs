@@ -206,13 +206,18 @@ pub(crate) struct PooledInput<'p> {
 
 impl PooledInput<'_> {
     fn shared(&self) -> &Arc<PinnedShared> {
-        self.shared.as_ref().expect("a pooled input is lent until dropped")
+        self.shared
+            .as_ref()
+            .expect("a pooled input is lent until dropped")
     }
 
     /// The call's floats, to write; an error while a job reads them.
     pub(crate) fn as_mut_slice(&mut self) -> Result<&mut [f32]> {
         let len = self.len;
-        let shared = self.shared.as_mut().expect("a pooled input is lent until dropped");
+        let shared = self
+            .shared
+            .as_mut()
+            .expect("a pooled input is lent until dropped");
         match Arc::get_mut(shared).map(|s| &mut s.storage) {
             Some(Storage::Host(b)) => Ok(&mut b[..len]),
             // SAFETY: valid for the buffer's length (>= len) while the shared buffer lives; this
@@ -429,7 +434,9 @@ mod tests {
         assert_eq!(made.load(Ordering::Relaxed), 2);
         drop((b, c));
         assert_eq!(pool.kept(), 2);
-        let lent: Vec<_> = (0..POOL_MAX + 2).map(|_| pool.take(4, make).unwrap()).collect();
+        let lent: Vec<_> = (0..POOL_MAX + 2)
+            .map(|_| pool.take(4, make).unwrap())
+            .collect();
         drop(lent);
         assert_eq!(pool.kept(), POOL_MAX);
         pool.clear();

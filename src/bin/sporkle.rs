@@ -259,7 +259,9 @@ fn cpu_backend(threads: Option<usize>) -> Result<CpuBackend> {
 /// The device that runs a benchmark.
 enum Engine {
     Cpu(CpuBackend),
-    Gpu(GpuBackend),
+    /// The backend times the kernel; a Juggler that prefers the GPU times whole calls (the
+    /// path `sporkle conv2d` and library callers take).
+    Gpu(GpuBackend, Box<Juggler>),
     Auto(Juggler),
 }
 
@@ -267,7 +269,10 @@ enum Engine {
 fn engine(device: DeviceArg, threads: Option<usize>) -> Result<Engine> {
     Ok(match device {
         DeviceArg::Cpu => Engine::Cpu(cpu_backend(threads)?),
-        DeviceArg::Gpu => Engine::Gpu(GpuBackend::new().context("--device gpu")?),
+        DeviceArg::Gpu => Engine::Gpu(
+            GpuBackend::new().context("--device gpu")?,
+            Box::new(juggler(Preference::Gpu, threads)?),
+        ),
         DeviceArg::Auto => Engine::Auto(juggler(Preference::Auto, threads)?),
     })
 }
@@ -424,8 +429,8 @@ fn bench(a: BenchArgs) -> Result<()> {
             cpu.microkernel().name(),
             BENCH_CHECKS + 2
         ),
-        Engine::Gpu(gpu) => eprintln!(
-                        "# gpu: {}{}; kernel = median GL_TIME_ELAPSED of back-to-back dispatches, each timed alone; e2e = median wall time of host input -> host output calls (weights resident); both outputs verified at {} points",
+        Engine::Gpu(gpu, _) => eprintln!(
+                        "# gpu: {}{}; kernel = median GL_TIME_ELAPSED of back-to-back dispatches, each timed alone; e2e = median wall time of synchronous Juggler::conv2d calls, host input -> host output (weights resident); both outputs verified at {} points",
             gpu.info().renderer,
             if gpu.info().software { " (software: timings mean nothing)" } else { "" },
             BENCH_CHECKS + 2
@@ -475,10 +480,18 @@ fn bench(a: BenchArgs) -> Result<()> {
                 )?;
                 rows.push((case.name.clone(), gflops, gflops));
             }
-            Engine::Gpu(gpu) => {
-                // End to end: whole calls, host input in, host output back.
+            Engine::Gpu(gpu, j) => {
+                // End to end: whole calls through the Juggler, host input in, host output back.
                 let mut wall = timed(a.seconds, || {
-                    Ok(gpu.conv2d(&p, &x, &w, bias, &mut y).map(|_| ())?)
+                    let info = j.conv2d(&p, &x, &w, bias, &mut y)?;
+                    if info.device != DeviceKind::Gpu {
+                        bail!(
+                            "a GPU call ran on the {}: {}",
+                            info.device,
+                            info.fallback.as_deref().unwrap_or(&info.reason)
+                        );
+                    }
+                    Ok(())
                 })?;
                 verify_sample(&p, &x, &w, bias, &y)
                     .with_context(|| format!("shape {}: result is wrong", case.name))?;
@@ -906,20 +919,37 @@ fn report_call(shape: &str, mode: &str, infos: &[sporkle::RunInfo]) {
         med(&|s| s.host_out_s),
     );
     // Per call, then the median: the medians of the parts need not add up to the whole's.
-    let fixed = median(
-        &mut stages
-            .iter()
-            .zip(infos)
-            .map(|(s, i)| {
-                let parts = s.host_in_s
-                    + s.upload_s.unwrap_or(0.0)
-                    + s.kernel_s.unwrap_or(0.0)
-                    + s.download_s.unwrap_or(0.0)
-                    + s.host_out_s;
-                (i.wall_s - parts) * 1e6
-            })
-            .collect::<Vec<_>>(),
-    );
+    let per_call = |f: &dyn Fn(&sporkle::Stages, &sporkle::RunInfo) -> f64| {
+        median(
+            &mut stages
+                .iter()
+                .zip(infos)
+                .map(|(s, i)| f(s, i) * 1e6)
+                .collect::<Vec<_>>(),
+        )
+    };
+    let fixed = per_call(&|s, i| {
+        i.wall_s
+            - s.host_in_s
+            - s.upload_s.unwrap_or(0.0)
+            - s.kernel_s.unwrap_or(0.0)
+            - s.download_s.unwrap_or(0.0)
+            - s.host_out_s
+    });
+    // The fixed cost's parts: the trip to the worker, the GPU's wall time beyond its timed
+    // work, the fence to the answer, the answer to the caller, and the rest (the caller's own).
+    let queued = per_call(&|s, _| s.queued_s);
+    let gpu_gaps = per_call(&|s, _| {
+        s.gpu_wall_s
+            - s.upload_s.unwrap_or(0.0)
+            - s.kernel_s.unwrap_or(0.0)
+            - s.download_s.unwrap_or(0.0)
+    });
+    let settle = per_call(&|s, _| s.settle_s);
+    let wake = per_call(&|s, _| s.wake_s);
+    let caller = per_call(&|s, i| {
+        i.wall_s - s.host_in_s - s.host_out_s - s.queued_s - s.gpu_wall_s - s.settle_s - s.wake_s
+    });
     let copies = if stages.iter().any(|s| s.cuda_copies) {
         "CUDA copies"
     } else if stages.iter().any(|s| s.fused) {
@@ -928,7 +958,7 @@ fn report_call(shape: &str, mode: &str, infos: &[sporkle::RunInfo]) {
         "GL copies"
     };
     eprintln!(
-        "# {shape} {mode}: {wall:.3} ms a call (median of the calls) = host in {host_in:.3} + copy in {up:.3} + kernel {kernel:.3} + copy out {down:.3} + host out {host_out:.3} + fixed cost {fixed:.1} µs ({copies}; {} calls)",
+        "# {shape} {mode}: {wall:.3} ms a call (median of the calls) = host in {host_in:.3} + copy in {up:.3} + kernel {kernel:.3} + copy out {down:.3} + host out {host_out:.3} + fixed cost {fixed:.1} µs ({copies}; {} calls)\n#   fixed cost, µs: to the worker {queued:.1}, GPU wall time beyond its timed work {gpu_gaps:.1}, fence to answer {settle:.1}, answer to caller {wake:.1}, in the caller {caller:.1}",
         infos.len()
     );
 }

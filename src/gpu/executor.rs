@@ -104,6 +104,8 @@ pub(crate) struct StreamJob {
     /// How long its fence may take, from submission to the GPU.
     pub(super) timeout: Duration,
     pub(super) reply: mpsc::Sender<Result<StreamDone>>,
+    /// When it was sent to the worker.
+    pub(super) sent: Instant,
 }
 
 /// The caller's side of pinned input `id` of `len` floats at address `ptr` (from
@@ -243,6 +245,12 @@ pub struct StreamDone {
     pub host_in_s: f64,
     /// Wall time from the frame's submission to its fence passing.
     pub gpu_wall_s: f64,
+    /// Wall time from the job's sending to the worker starting it.
+    pub queued_s: f64,
+    /// Wall time from its fence passing to its answer.
+    pub settle_s: f64,
+    /// When it was answered.
+    pub answered: Option<Instant>,
     /// GPU busy time of this job: the steps charged to it (each step to the oldest job in it), at
     /// most its share of the wall time during which some job was on the GPU (that share alone on
     /// a software renderer), so jobs in flight together are never counted twice.
@@ -695,8 +703,9 @@ impl Worker {
                 plan,
                 parts,
                 fused,
-                done,
+                mut done,
             }) => {
+                done.queued_s = job.sent.elapsed().as_secs_f64();
                 let flight = Flight {
                     job,
                     plan,
@@ -1503,6 +1512,7 @@ impl Worker {
             waited_from.elapsed().as_secs_f64()
         };
         done.gpu_wall_s = begun.elapsed().as_secs_f64();
+        let passed = Instant::now();
         // Busy time without double counting: the part of [submission, fence] after the
         // previous job's fence (jobs finish in order).
         let end = Instant::now();
@@ -1543,6 +1553,8 @@ impl Worker {
         if self.in_flight.is_empty() {
             self.last_step = None;
         }
+        done.settle_s = passed.elapsed().as_secs_f64();
+        done.answered = Some(Instant::now());
         answer(job, Ok(done));
     }
 

@@ -37,8 +37,8 @@ pub use shaders::{Algorithm, StreamCopy, Tile};
 
 use crate::error::{Error, Result};
 use crate::params::Conv2dParams;
-use context::GlContext;
 use crate::pinned::{InputPool, PinnedShared, PooledInput};
+use context::GlContext;
 use executor::{Frame, StreamJob};
 use gl::{Buffer, Fence, TimerQuery};
 use shaders::ProgramCache;
@@ -510,6 +510,7 @@ impl GpuBackend {
             pipelined,
             timeout,
             reply,
+            sent: Instant::now(),
         }))?;
         Ok(answer)
     }

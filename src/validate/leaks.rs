@@ -1,5 +1,6 @@
 //! Leak trials: heap in use must return to its baseline after many create/run/drop cycles of
-//! each backend, and no GL object may outlive its backend.
+//! each backend, and no GL object may outlive its backend; a warm synchronous GPU call must
+//! allocate nothing the size of its data.
 //!
 //! dhat allows one profiler per process, so each leak trial re-runs this same binary as a
 //! child with `SPORKLE_LEAK_CHILD=<device kind>`; [`run_child_if_asked`] (first thing in
@@ -35,6 +36,10 @@ const STREAM_CYCLES: usize = 1000;
 const STREAM_SLACK: usize = 2560;
 /// The child mode of the streaming leak trial, after the device kind.
 const STREAM_MODE: &str = "+stream";
+/// The child mode of the warm-call trial, after the device kind.
+const CALL_MODE: &str = "+call";
+/// Warm synchronous calls the warm-call trial counts allocations over.
+const WARM_CALLS: usize = 10;
 
 /// Runs this binary as a leak child with `mode` and reports its line.
 fn run_child(mode: String) -> Result<(), libtest_mimic::Failed> {
@@ -72,7 +77,65 @@ pub fn trials(ctx: &Arc<Context>) -> Vec<Trial> {
             move || run_child(format!("{kind}{STREAM_MODE}")),
         ));
     }
+    // A Juggler that prefers the GPU: its synchronous calls go through the staged path.
+    for device in (ctx.devices.iter()).filter(|d| matches!(d, Device::GpuAsync { .. })) {
+        let kind = device.kind();
+        out.push(Trial::test(
+            named(kind, "leak/warm_call_allocates_no_data"),
+            move || run_child(format!("{kind}{CALL_MODE}")),
+        ));
+    }
     out
+}
+
+/// A Juggler that prefers the GPU, warm: [`WARM_CALLS`] synchronous `conv2d` calls (input and
+/// output 1 MiB each) allocate, all together, less than one input: no call copies its
+/// input, weights or output into memory of its own. Every call ran on the GPU; the last output
+/// is checked against the reference.
+fn call_child(kind: &str) -> Result<String, String> {
+    let (devices, _) = Device::all();
+    let device = (devices.iter())
+        .find(|d| d.kind() == kind)
+        .ok_or_else(|| format!("no device {kind} here"))?;
+    let juggler = device.juggler().ok_or("not a Juggler device")?;
+    let p = crate::Conv2dParams::new(1, 64, 64, 64, 64, 1, 1);
+    let (x, w, b) = crate::data::conv_data(&p, 7, false);
+    let mut y = vec![0.0f32; p.output_len()];
+    let call = |y: &mut [f32]| -> Result<(), String> {
+        let info = (juggler.conv2d(&p, &x, &w, Some(&b), y)).map_err(|e| e.to_string())?;
+        match (info.device, &info.fallback) {
+            (crate::juggler::DeviceKind::Gpu, None) => Ok(()),
+            (d, why) => Err(format!("a call ran on the {d}: {why:?} {}", info.reason)),
+        }
+    };
+    // Warm: the program, resident weights, staging and the pooled input exist after these.
+    for _ in 0..3 {
+        call(&mut y)?;
+    }
+    let before = dhat::HeapStats::get();
+    for _ in 0..WARM_CALLS {
+        call(&mut y)?;
+    }
+    let after = dhat::HeapStats::get();
+    let (bytes, blocks) = (
+        after.total_bytes - before.total_bytes,
+        after.total_blocks - before.total_blocks,
+    );
+    let data = (p.input_len().min(p.output_len()) * 4) as u64;
+    if bytes >= data {
+        return Err(format!(
+            "{WARM_CALLS} warm synchronous GPU calls allocated {bytes} bytes in {blocks} blocks, \
+             where an input or output is {data} bytes: some call copies its data into memory \
+             of its own"
+        ));
+    }
+    let tol = crate::gpu::Algorithm::for_params(&p).tolerance();
+    crate::tolerance::check_sample(&p, &x, &w, Some(&b), &y, 256, tol)
+        .map_err(|m| m.to_string())?;
+    Ok(format!(
+        "[{kind}] {WARM_CALLS} warm synchronous GPU calls allocated {bytes} bytes in {blocks} \
+         blocks in all (an input or output is {data} bytes)"
+    ))
 }
 
 /// In a leak-check child, runs the check and returns the exit code; otherwise `None`.
@@ -232,6 +295,9 @@ fn child(kind: &str) -> Result<String, String> {
     check_profiler()?;
     if let Some(kind) = kind.strip_suffix(STREAM_MODE) {
         return stream_child(kind);
+    }
+    if let Some(kind) = kind.strip_suffix(CALL_MODE) {
+        return call_child(kind);
     }
     let (devices, _) = Device::all();
     let template = devices

@@ -20,7 +20,7 @@
 
 use crate::cpu::{CpuBackend, CpuWeights};
 use crate::error::{Error, Result};
-use crate::gpu::{GpuBackend, GpuChoice, Output, StreamDone, WeightsKey};
+use crate::gpu::{GpuBackend, GpuChoice, Output, SharedWeights, StreamDone};
 use crate::params::Conv2dParams;
 use crate::pinned::{PinnedInput, PinnedShared, StreamInput};
 use std::collections::HashMap;
@@ -768,8 +768,7 @@ impl Inner {
                     g.stream(
                         &p,
                         StreamInput::Host(Arc::clone(&x)),
-                        Arc::clone(&w),
-                        WeightsKey::of(&w),
+                        SharedWeights::new(Arc::clone(&w)),
                         None,
                         false,
                         self.config.fence_timeout,
@@ -1040,7 +1039,6 @@ impl Juggler {
                         let job = GpuCall {
                             input: StreamInput::Pinned(read),
                             weights: s.weights,
-                            key: s.key,
                             bias: s.bias,
                             host_in_s: s.host_in_s,
                         };
@@ -1164,8 +1162,7 @@ impl Juggler {
         let submitted = Instant::now();
         let job = GpuCall {
             input,
-            key: WeightsKey::of(&weights),
-            weights,
+            weights: SharedWeights::new(weights),
             bias,
             host_in_s: 0.0,
         };
@@ -1187,8 +1184,7 @@ impl Juggler {
             Some(g) => g.stream(
                 p,
                 job.input.clone(),
-                Arc::clone(&job.weights),
-                job.key,
+                job.weights.clone(),
                 job.bias.clone(),
                 !sync,
                 self.inner.config.fence_timeout,
@@ -1214,8 +1210,7 @@ fn released() -> Error {
 /// A GPU job's data, kept by its ticket for a CPU re-run.
 struct GpuCall {
     input: StreamInput,
-    weights: Arc<[f32]>,
-    key: WeightsKey,
+    weights: SharedWeights,
     bias: Option<Arc<[f32]>>,
     /// Wall time of a host copy into staging done before submitting (0: none, or the
     /// executor's own).
@@ -1227,8 +1222,7 @@ impl GpuCall {
     fn copied(input: &[f32], weights: &[f32], bias: Option<&[f32]>) -> Self {
         Self {
             input: StreamInput::Host(input.into()),
-            key: WeightsKey::of(weights),
-            weights: weights.into(),
+            weights: SharedWeights::new(weights.into()),
             bias: bias.map(Into::into),
             host_in_s: 0.0,
         }
@@ -1251,7 +1245,7 @@ impl Ticket {
                 answer,
                 p: *p,
                 input: job.input,
-                weights: job.weights,
+                weights: job.weights.data,
                 bias: job.bias,
                 host_in_s: job.host_in_s,
                 reason,

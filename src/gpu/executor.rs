@@ -103,7 +103,7 @@ pub(crate) struct StreamJob {
     pub(super) pipelined: bool,
     /// How long its fence may take, from submission to the GPU.
     pub(super) timeout: Duration,
-    pub(super) reply: mpsc::Sender<Result<StreamDone>>,
+    pub(super) reply: mpsc::SyncSender<Result<StreamDone>>,
     /// When it was sent to the worker.
     pub(super) sent: Instant,
 }

@@ -179,12 +179,28 @@ pub struct GpuBackend {
     worker: Option<JoinHandle<()>>,
 }
 
+/// A weight set shared with the jobs that use it, and its key.
+#[derive(Clone)]
+pub(crate) struct SharedWeights {
+    pub(crate) data: Arc<[f32]>,
+    pub(crate) key: WeightsKey,
+}
+
+impl SharedWeights {
+    /// `data`, keyed (a hash of every byte).
+    pub(crate) fn new(data: Arc<[f32]>) -> Self {
+        Self {
+            key: WeightsKey::of(&data),
+            data,
+        }
+    }
+}
+
 /// A synchronous call's data made ready for the executor ([`GpuBackend::stage_call`]).
 pub(crate) struct StagedCall<'g> {
     /// The input, copied into a pooled staging buffer.
     pub(crate) input: PooledInput<'g>,
-    pub(crate) key: WeightsKey,
-    pub(crate) weights: Arc<[f32]>,
+    pub(crate) weights: SharedWeights,
     pub(crate) bias: Option<Arc<[f32]>>,
     /// Wall time of the input's copy (on the caller's thread).
     pub(crate) host_in_s: f64,
@@ -310,11 +326,10 @@ impl GpuBackend {
         })?;
         executor::parallel_copy(input, staged.as_mut_slice()?);
         let host_in_s = t.elapsed().as_secs_f64();
-        let (key, weights) = self.shared_set(weights);
+        let (key, data) = self.shared_set(weights);
         Ok(StagedCall {
             input: staged,
-            key,
-            weights,
+            weights: SharedWeights { data, key },
             bias: bias.map(|b| self.shared_set(b).1),
             host_in_s,
         })
@@ -488,24 +503,24 @@ impl GpuBackend {
         &self,
         p: &Conv2dParams,
         input: crate::pinned::StreamInput,
-        weights: Arc<[f32]>,
-        key: WeightsKey,
+        weights: SharedWeights,
         bias: Option<Arc<[f32]>>,
         pipelined: bool,
         timeout: Duration,
     ) -> Result<mpsc::Receiver<Result<StreamDone>>> {
         p.check_buffers(
             input.len(),
-            weights.len(),
+            weights.data.len(),
             bias.as_deref().map(<[f32]>::len),
             p.output_len(),
         )?;
-        let (reply, answer) = mpsc::channel();
+        // One slot: the one answer, allocated once (an unbounded channel allocates a block of 31).
+        let (reply, answer) = mpsc::sync_channel(1);
         self.send(Msg::Stream(StreamJob {
             p: *p,
-            key,
+            key: weights.key,
             x: input,
-            w: weights,
+            w: weights.data,
             b: bias,
             pipelined,
             timeout,

@@ -105,7 +105,7 @@ impl WeightsKey {
     pub(crate) fn of(w: &[f32]) -> Self {
         Self {
             len: w.len(),
-            hash: xxhash_rust::xxh3::xxh3_64(bytemuck::cast_slice(w)),
+            hash: host_copy::parallel_hash(bytemuck::cast_slice(w)),
         }
     }
 }

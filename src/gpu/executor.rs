@@ -744,19 +744,30 @@ impl Worker {
         }
     }
 
+    /// Frame `slot`'s upload staging, with `flight`; `None` once `flight` has been answered
+    /// that the frame lacks one.
+    fn upload_staging(&mut self, slot: usize, flight: Flight) -> Option<(Flight, &mut HostMem)> {
+        match self.frames[slot].upload.as_mut() {
+            Some(upload) => Some((flight, upload)),
+            None => {
+                answer(
+                    flight.job,
+                    Err(Error::Gpu("a frame lacks its staging".into())),
+                );
+                None
+            }
+        }
+    }
+
     /// A job that runs alone: copies its input into its frame's upload staging on this thread
     /// (in parallel chunks, as the copy thread would; nothing else is in flight to record
     /// meanwhile, and handing the copy to another thread and back costs two wake-ups), then
     /// starts it.
-    fn host_copy_here(&mut self, slot: usize, mut flight: Flight) {
-        let len = flight.job.x.len();
-        let Some(upload) = self.frames[slot].upload.as_mut() else {
-            answer(
-                flight.job,
-                Err(Error::Gpu("a frame lacks its staging".into())),
-            );
+    fn host_copy_here(&mut self, slot: usize, flight: Flight) {
+        let Some((mut flight, upload)) = self.upload_staging(slot, flight) else {
             return;
         };
+        let len = flight.job.x.len();
         let t = Instant::now();
         parallel_copy(flight.job.x.as_slice(), &mut upload.as_mut_slice()[..len]);
         flight.done.host_in_s = t.elapsed().as_secs_f64();
@@ -767,14 +778,10 @@ impl Worker {
     /// chunks), so that the worker meanwhile records steps and answers jobs; the job enters the
     /// pipeline when the copy is done ([`Worker::take_filled`]).
     fn start_host_copy(&mut self, slot: usize, flight: Flight) {
-        let len = flight.job.x.len();
-        let Some(upload) = self.frames[slot].upload.as_mut() else {
-            answer(
-                flight.job,
-                Err(Error::Gpu("a frame lacks its staging".into())),
-            );
+        let Some((flight, upload)) = self.upload_staging(slot, flight) else {
             return;
         };
+        let len = flight.job.x.len();
         let dst = StagingPtr(upload.as_mut_slice()[..len].as_mut_ptr(), len);
         let x = flight.job.x.clone();
         let (done, copied) = mpsc::channel();

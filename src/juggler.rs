@@ -20,7 +20,7 @@
 
 use crate::cpu::{CpuBackend, CpuWeights};
 use crate::error::{Error, Result};
-use crate::gpu::{GpuBackend, GpuChoice, Output, SharedWeights, StreamDone};
+use crate::gpu::{GpuBackend, GpuChoice, JobWeights, Output, SharedWeights, StreamDone};
 use crate::params::Conv2dParams;
 use crate::pinned::{PinnedInput, PinnedShared, StreamInput};
 use std::collections::HashMap;
@@ -713,7 +713,7 @@ impl Inner {
         let key = (
             *p,
             weights.len(),
-            xxhash_rust::xxh3::xxh3_64(bytemuck::cast_slice(weights)),
+            crate::gpu::executor::parallel_hash(bytemuck::cast_slice(weights)),
         );
         let mut cache = lock(&self.cpu_cache);
         cache.clock += 1;
@@ -768,7 +768,7 @@ impl Inner {
                     g.stream(
                         &p,
                         StreamInput::Host(Arc::clone(&x)),
-                        SharedWeights::new(Arc::clone(&w)),
+                        JobWeights::Ready(SharedWeights::new(Arc::clone(&w))),
                         None,
                         false,
                         self.config.fence_timeout,
@@ -1029,23 +1029,39 @@ impl Juggler {
                 // shared by content: a warm call allocates nothing of its data's size. The
                 // lock is held until the staged input is back in its pool.
                 let gpu = self.inner.gpu.read().unwrap_or_else(|e| e.into_inner());
-                let staged = gpu.as_ref().map(|g| g.stage_call(input, weights, bias));
+                let staged = gpu.as_ref().map(|g| g.stage_input(input));
                 // Lent until the ticket has been waited.
                 let mut lent = None;
-                let ticket = match staged {
-                    Some(Ok(s)) => {
-                        let read = s.input.read();
-                        lent = Some(s.input);
+                let ticket = match (gpu.as_ref(), staged) {
+                    (Some(g), Some(Ok(staged))) => {
+                        let read = staged.input.read();
+                        let host_in_s = staged.host_in_s;
+                        lent = Some(staged.input);
+                        let bias = bias.map(|b| g.shared_bias(b));
+                        // The weights follow on their own channel: hashed (every byte) while
+                        // the GPU copies the input in, the first phase that needs none.
+                        let (send_weights, weights_later) = mpsc::sync_channel(1);
+                        let answer = self.stream_on(
+                            Some(g),
+                            p,
+                            StreamInput::Pinned(read.clone()),
+                            JobWeights::Later(weights_later),
+                            bias.clone(),
+                            true,
+                        );
+                        let weights = g.shared_weights(weights);
+                        // A job that failed before it needed them has dropped the receiver.
+                        let _ = send_weights.send(weights.clone());
                         let job = GpuCall {
                             input: StreamInput::Pinned(read),
-                            weights: s.weights,
-                            bias: s.bias,
-                            host_in_s: s.host_in_s,
+                            weights,
+                            bias,
+                            host_in_s,
                         };
-                        self.submit_gpu_to(gpu.as_ref(), p, job, reason, true, submitted)
+                        Ticket::gpu(&self.inner, p, job, reason, answer, submitted, true)
                     }
                     // The ticket re-runs it on the CPU, as after any GPU failure.
-                    failed => Ticket::failed_gpu(
+                    (_, failed) => Ticket::failed_gpu(
                         &self.inner,
                         p,
                         GpuCall::copied(input, weights, bias),
@@ -1180,25 +1196,45 @@ impl Juggler {
         sync: bool,
         submitted: Instant,
     ) -> Ticket {
+        let answer = self.stream_on(
+            gpu,
+            p,
+            job.input.clone(),
+            JobWeights::Ready(job.weights.clone()),
+            job.bias.clone(),
+            sync,
+        );
+        Ticket::gpu(&self.inner, p, job, reason, answer, submitted, sync)
+    }
+
+    /// Sends a job to `gpu`'s executor (none: it was released); its answer. A job the GPU
+    /// cannot even take gets an answer that fails, so its ticket re-runs it on the CPU like any
+    /// other GPU failure.
+    fn stream_on(
+        &self,
+        gpu: Option<&GpuBackend>,
+        p: &Conv2dParams,
+        input: StreamInput,
+        weights: JobWeights,
+        bias: Option<Arc<[f32]>>,
+        sync: bool,
+    ) -> mpsc::Receiver<Result<StreamDone>> {
         let answer = match gpu {
             Some(g) => g.stream(
                 p,
-                job.input.clone(),
-                job.weights.clone(),
-                job.bias.clone(),
+                input,
+                weights,
+                bias,
                 !sync,
                 self.inner.config.fence_timeout,
             ),
             None => Err(released()),
         };
-        // A job the GPU cannot even take becomes an answer that fails, so the ticket re-runs
-        // it on the CPU like any other GPU failure.
-        let answer = answer.unwrap_or_else(|e| {
+        answer.unwrap_or_else(|e| {
             let (tx, rx) = mpsc::channel();
             let _ = tx.send(Err(e));
             rx
-        });
-        Ticket::gpu(&self.inner, p, job, reason, answer, submitted, sync)
+        })
     }
 }
 

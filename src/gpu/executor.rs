@@ -49,10 +49,10 @@
 
 use super::cu::{elapsed_ns, CudaCopies, TimedCopy};
 use super::gl::{self, Buffer, Direction, Fence, MappedBuffer, MappedView, TimerQuery};
-pub use super::host_copy::parallel_copy;
+pub use super::host_copy::{parallel_copy, parallel_hash};
 use super::memory::{DeviceMem, HostMem};
 use super::shaders::{self, StreamCopy};
-use super::{Bindings, Plan, WeightsKey, Worker};
+use super::{Bindings, Plan, SharedWeights, Worker};
 use crate::error::{Error, Result};
 use crate::params::Conv2dParams;
 use crate::pinned::{PinnedShared, StreamInput};
@@ -96,8 +96,7 @@ pub const PARTS_MIN_BYTES: usize = 8 << 20;
 pub(crate) struct StreamJob {
     pub(super) p: Conv2dParams,
     pub(super) x: StreamInput,
-    pub(super) w: Arc<[f32]>,
-    pub(super) key: WeightsKey,
+    pub(super) w: JobWeights,
     pub(super) b: Option<Arc<[f32]>>,
     /// False: the job runs alone (synchronous mode), with no other frame in flight.
     pub(super) pipelined: bool,
@@ -106,6 +105,30 @@ pub(crate) struct StreamJob {
     pub(super) reply: mpsc::SyncSender<Result<StreamDone>>,
     /// When it was sent to the worker.
     pub(super) sent: Instant,
+}
+
+/// A job's weights: known when it is sent, or sent by the caller later on their own channel
+/// (a synchronous call hashes its weights while the GPU copies its input in: the convolution
+/// is the first phase that needs them).
+pub(crate) enum JobWeights {
+    Ready(SharedWeights),
+    Later(mpsc::Receiver<SharedWeights>),
+}
+
+impl JobWeights {
+    /// The weights, waiting for the caller to send them if they come later.
+    fn get(&mut self) -> Result<&SharedWeights> {
+        if let JobWeights::Later(rx) = self {
+            let w = rx.recv().map_err(|_| {
+                Error::Gpu("the caller stopped before sending the job's weights".into())
+            })?;
+            *self = JobWeights::Ready(w);
+        }
+        match self {
+            JobWeights::Ready(w) => Ok(w),
+            JobWeights::Later(_) => unreachable!("resolved above"),
+        }
+    }
 }
 
 /// The caller's side of pinned input `id` of `len` floats at address `ptr` (from
@@ -666,15 +689,18 @@ impl Worker {
         }
         if !self.immutable {
             // No persistent mapping without GL_ARB_buffer_storage: the plain synchronous path.
-            let result = self
-                .conv2d(
-                    &job.p,
-                    job.x.as_slice(),
-                    &job.w,
-                    job.key,
-                    job.b.as_deref(),
-                    super::Dispatches::ONE,
-                )
+            let mut job = job;
+            let result = (job.w.get().cloned())
+                .and_then(|w| {
+                    self.conv2d(
+                        &job.p,
+                        job.x.as_slice(),
+                        &w.data,
+                        w.key,
+                        job.b.as_deref(),
+                        super::Dispatches::ONE,
+                    )
+                })
                 .map(|(output, run, _)| StreamDone {
                     bytes_up: (job.x.len() * 4) as u64,
                     bytes_down: (output.len() * 4) as u64,
@@ -851,7 +877,7 @@ impl Worker {
     /// step that convolves.
     fn try_fill(&mut self, frame: &mut Frame, job: &StreamJob) -> Result<Planned> {
         let p = &job.p;
-        let lens = (job.x.len(), job.w.len());
+        let lens = (job.x.len(), p.weights_len());
         let whole = self.plan(p, lens, job.b.is_some(), &super::Dispatches::ONE)?;
         let parts = self.parts_for(job);
         // A part runs the whole batch's algorithm and tile, so that its outputs are the same
@@ -1048,10 +1074,11 @@ impl Worker {
         // The convolution's weights, made resident now: an earlier step may have evicted them.
         let weights = match role[1] {
             Some(slot) => {
-                let f = self.flight(slot);
-                let (p, key, w, algorithm) =
-                    (f.job.p, f.job.key, Arc::clone(&f.job.w), f.plan.algorithm);
-                Some(self.resident(&p, key, &w, algorithm)?)
+                let f =
+                    (self.frames[slot].flight.as_mut()).expect("a frame in flight holds its job");
+                let (p, algorithm) = (f.job.p, f.plan.algorithm);
+                let w = f.job.w.get()?.clone();
+                Some(self.resident(&p, w.key, &w.data, algorithm)?)
             }
             None => None,
         };
@@ -1096,7 +1123,7 @@ impl Worker {
             f.done.cuda_copies |= times.copy(phase).is_some();
             if phase == 1 && weights.is_some_and(|w| w.1) {
                 f.done.weights_uploaded = true;
-                f.done.bytes_up += (f.job.w.len() * 4) as u64;
+                f.done.bytes_up += (f.job.p.weights_len() * 4) as u64;
             }
             if phase == 2 {
                 f.fence = Some(times.phase_end(2));

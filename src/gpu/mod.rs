@@ -39,6 +39,7 @@ use crate::error::{Error, Result};
 use crate::params::Conv2dParams;
 use crate::pinned::{InputPool, PinnedShared, PooledInput};
 use context::GlContext;
+pub(crate) use executor::JobWeights;
 use executor::{Frame, StreamJob};
 use gl::{Buffer, Fence, TimerQuery};
 use shaders::ProgramCache;
@@ -196,13 +197,11 @@ impl SharedWeights {
     }
 }
 
-/// A synchronous call's data made ready for the executor ([`GpuBackend::stage_call`]).
-pub(crate) struct StagedCall<'g> {
+/// A synchronous call's input, staged for the executor ([`GpuBackend::stage_input`]).
+pub(crate) struct StagedInput<'g> {
     /// The input, copied into a pooled staging buffer.
     pub(crate) input: PooledInput<'g>,
-    pub(crate) weights: SharedWeights,
-    pub(crate) bias: Option<Arc<[f32]>>,
-    /// Wall time of the input's copy (on the caller's thread).
+    /// Wall time of the copy (on the caller's thread).
     pub(crate) host_in_s: f64,
 }
 
@@ -309,30 +308,31 @@ impl GpuBackend {
         Ok(self.submit(p, input, weights, bias, output, dispatches)?.1)
     }
 
-    /// A synchronous call's data, ready for [`GpuBackend::stream`] without a copy the size of
-    /// its input, weights or output allocated once warm: the input copied (in parallel chunks,
-    /// on this thread) straight into a pooled staging buffer the GPU reads (pinned where the
-    /// GPU maps one, else plain host memory); the weights and bias as shared buffers kept by
-    /// content (length and a hash of every byte, the key resident weights are found by).
-    pub(crate) fn stage_call(
-        &self,
-        input: &[f32],
-        weights: &[f32],
-        bias: Option<&[f32]>,
-    ) -> Result<StagedCall<'_>> {
+    /// A synchronous call's input, ready for [`GpuBackend::stream`] without a copy of its size
+    /// allocated once warm: copied (in parallel chunks, on this thread) straight into a pooled
+    /// staging buffer the GPU reads (pinned where the GPU maps one, else plain host memory).
+    pub(crate) fn stage_input(&self, input: &[f32]) -> Result<StagedInput<'_>> {
         let t = Instant::now();
         let mut staged = self.inputs.take(input.len(), |len| {
             Ok(self.pin(len).unwrap_or_else(|_| PinnedShared::host(len)))
         })?;
         executor::parallel_copy(input, staged.as_mut_slice()?);
-        let host_in_s = t.elapsed().as_secs_f64();
-        let (key, data) = self.shared_set(weights);
-        Ok(StagedCall {
+        Ok(StagedInput {
             input: staged,
-            weights: SharedWeights { data, key },
-            bias: bias.map(|b| self.shared_set(b).1),
-            host_in_s,
+            host_in_s: t.elapsed().as_secs_f64(),
         })
+    }
+
+    /// `weights` as a shared buffer kept by content (length and a hash of every byte, the key
+    /// resident weights are found by): the kept one with its key, else a copy, kept.
+    pub(crate) fn shared_weights(&self, weights: &[f32]) -> SharedWeights {
+        let (key, data) = self.shared_set(weights);
+        SharedWeights { data, key }
+    }
+
+    /// `bias` as a shared buffer kept by content (see [`GpuBackend::shared_weights`]).
+    pub(crate) fn shared_bias(&self, bias: &[f32]) -> Arc<[f32]> {
+        self.shared_set(bias).1
     }
 
     /// `v` as a shared buffer: the kept one with the same key, or a new one, kept.
@@ -503,14 +503,18 @@ impl GpuBackend {
         &self,
         p: &Conv2dParams,
         input: crate::pinned::StreamInput,
-        weights: SharedWeights,
+        weights: JobWeights,
         bias: Option<Arc<[f32]>>,
         pipelined: bool,
         timeout: Duration,
     ) -> Result<mpsc::Receiver<Result<StreamDone>>> {
         p.check_buffers(
             input.len(),
-            weights.data.len(),
+            match &weights {
+                JobWeights::Ready(w) => w.data.len(),
+                // The caller checks what it sends.
+                JobWeights::Later(_) => p.weights_len(),
+            },
             bias.as_deref().map(<[f32]>::len),
             p.output_len(),
         )?;
@@ -518,9 +522,8 @@ impl GpuBackend {
         let (reply, answer) = mpsc::sync_channel(1);
         self.send(Msg::Stream(StreamJob {
             p: *p,
-            key: weights.key,
             x: input,
-            w: weights.data,
+            w: weights,
             b: bias,
             pipelined,
             timeout,

@@ -73,10 +73,11 @@ const HASH_PIECE: usize = 256 << 10;
 /// A 64-bit hash of every byte of `data` (xxh3), the same wherever it runs: data longer than
 /// one [`HASH_PIECE`] is hashed piece by piece on the copy threads, and the pieces' hashes (with
 /// the length) hashed again. Weights are identified by it on every call: hashed on one thread
-/// (xxhash-rust's SSE2 build) they were most of a small layer's fixed cost on the H200 (0.2 ms
-/// for #4's 2.4 MB).
+/// they were most of a small layer's fixed cost on the H200 (0.2 ms for #4's 2.4 MB). twox-hash's
+/// XXH3, which picks AVX2 at run time, was 1.6x faster on the development machine but 3x
+/// slower on the H200's host (264 against 88 us for #4's weights, same call shape): not used.
 pub fn parallel_hash(data: &[u8]) -> u64 {
-    let xxh3_64 = twox_hash::XxHash3_64::oneshot;
+    use xxhash_rust::xxh3::xxh3_64;
     if data.len() <= HASH_PIECE {
         return xxh3_64(data);
     }
@@ -224,7 +225,7 @@ mod tests {
         }
         assert_ne!(parallel_hash(&data[..data.len() - 1]), base, "length");
         let small = &data[..HASH_PIECE];
-        assert_eq!(parallel_hash(small), twox_hash::XxHash3_64::oneshot(small));
+        assert_eq!(parallel_hash(small), xxhash_rust::xxh3::xxh3_64(small));
     }
 
     /// Every float arrives, whatever the alignment of either slice and the length.

@@ -322,7 +322,7 @@ pub fn conv2d_source(p: &Conv2dParams, tile: Tile, bias: bool) -> String {
 /// Writes a program's source and the driver's binary to `dir` (diagnostics for kernel tuning,
 /// enabled by `SPORKLE_GPU_DUMP=dir`); a failure to write is reported and otherwise ignored.
 fn dump_program(dir: &std::path::Path, source: &str, program: &Program) {
-    let name = format!("{:016x}", twox_hash::XxHash3_64::oneshot(source.as_bytes()));
+    let name = format!("{:016x}", xxhash_rust::xxh3::xxh3_64(source.as_bytes()));
     let written = std::fs::create_dir_all(dir)
         .and_then(|()| std::fs::write(dir.join(format!("{name}.comp")), source))
         .and_then(|()| {

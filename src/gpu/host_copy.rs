@@ -60,9 +60,16 @@ pub fn parallel_copy(src: &[f32], dst: &mut [f32]) {
         return;
     };
     let per = src.len().div_ceil(chunks());
-    pool.scope(|s| {
-        for (d, c) in dst.chunks_mut(per).zip(src.chunks(per)) {
+    let mut pairs = dst.chunks_mut(per).zip(src.chunks(per));
+    let first = pairs.next();
+    // The calling thread copies the first chunk itself: one hand-off to the pool's threads,
+    // not two (a scope's body would first go to a pool thread, which then wakes the others).
+    pool.in_place_scope(|s| {
+        for (d, c) in pairs {
             s.spawn(move |_| streaming_copy(c, d));
+        }
+        if let Some((d, c)) = first {
+            streaming_copy(c, d);
         }
     });
 }
@@ -85,9 +92,15 @@ pub fn parallel_hash(data: &[u8]) -> u64 {
     let mut hashes = vec![0u64; pieces.len() + 1];
     hashes[pieces.len()] = data.len() as u64;
     match pool() {
-        Some(pool) => pool.scope(|s| {
-            for (h, piece) in hashes.iter_mut().zip(&pieces) {
+        // The calling thread hashes the first piece itself (see `parallel_copy`).
+        Some(pool) => pool.in_place_scope(|s| {
+            let mut pairs = hashes.iter_mut().zip(&pieces);
+            let first = pairs.next();
+            for (h, piece) in pairs {
                 s.spawn(move |_| *h = xxh3_64(piece));
+            }
+            if let Some((h, piece)) = first {
+                *h = xxh3_64(piece);
             }
         }),
         None => {

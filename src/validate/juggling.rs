@@ -97,12 +97,13 @@ fn juggler(preference: Preference, gpu: GpuChoice, timeout: Duration) -> Result<
 }
 
 /// Submits every job (async on), waits for all, and checks each against the synchronous GPU
-/// path (same bits) and the reference; the stream must have had jobs in flight together.
+/// path and the Juggler's synchronous call (same bits) and the reference; the stream must have
+/// had jobs in flight together.
 fn mixed_stream(choice: GpuChoice, sync: &GpuBackend) -> Result<(), Failed> {
     let j = juggler(Preference::Gpu, choice, Duration::from_secs(60))?;
     let jobs = stream(30, 11).map_err(fail)?;
     let tickets = submit_all(&j, &jobs)?;
-    let mut runs = Vec::new();
+    let (mut runs, mut outputs) = (Vec::new(), Vec::new());
     for (i, (job, t)) in jobs.iter().zip(tickets).enumerate() {
         // Every way of waiting: a new vector, the caller's buffer, reading in place.
         let (y, info) = match i % 3 {
@@ -128,6 +129,23 @@ fn mixed_stream(choice: GpuChoice, sync: &GpuBackend) -> Result<(), Failed> {
         }
         check_reference(job, &y)?;
         runs.push(info);
+        outputs.push(y);
+    }
+    // The Juggler's synchronous call (the input staged by the caller, the weights sent after
+    // the job) gives the same bits too, on the GPU.
+    for (i, (job, y)) in jobs.iter().zip(&outputs).enumerate() {
+        let mut y_call = vec![f32::NAN; y.len()];
+        let info =
+            (j.conv2d(&job.p, &job.x, &job.w, job.b.as_deref(), &mut y_call)).map_err(fail)?;
+        if info.device != DeviceKind::Gpu || info.fallback.is_some() {
+            return Err(fail(format!("call {i} did not run on the GPU: {info:?}")));
+        }
+        if let Some(k) = (0..y.len()).find(|&k| y[k].to_bits() != y_call[k].to_bits()) {
+            return Err(fail(format!(
+                "job {i} ({}): Juggler::conv2d differs from the async output at {k}: {} vs {}",
+                job.p, y_call[k], y[k]
+            )));
+        }
     }
     // A buffer of the wrong length is an error, not a panic, and the GPU stays healthy.
     let job = &jobs[0];

@@ -1025,43 +1025,29 @@ impl Juggler {
             DeviceKind::Cpu => self.inner.run_cpu(p, input, weights, bias, output, reason),
             DeviceKind::Gpu => {
                 let submitted = Instant::now();
-                // The input straight into a pooled staging buffer the GPU reads, the weights
-                // shared by content: a warm call allocates nothing of its data's size. The
-                // lock is held until the staged input is back in its pool.
+                // The input staged, the weights sent after the job (GpuBackend::send_call): a
+                // warm call allocates nothing of its data's size. The lock is held until the
+                // staged input is back in its pool.
                 let gpu = self.inner.gpu.read().unwrap_or_else(|e| e.into_inner());
-                let staged = gpu.as_ref().map(|g| g.stage_input(input));
+                let timeout = self.inner.config.fence_timeout;
+                let sent = gpu
+                    .as_ref()
+                    .map(|g| g.send_call(p, input, weights, bias, timeout));
                 // Lent until the ticket has been waited.
                 let mut lent = None;
-                let ticket = match (gpu.as_ref(), staged) {
-                    (Some(g), Some(Ok(staged))) => {
-                        let read = staged.input.read();
-                        let host_in_s = staged.host_in_s;
-                        lent = Some(staged.input);
-                        let bias = bias.map(|b| g.shared_bias(b));
-                        // The weights follow on their own channel: hashed (every byte) while
-                        // the GPU copies the input in, the first phase that needs none.
-                        let (send_weights, weights_later) = mpsc::sync_channel(1);
-                        let answer = self.stream_on(
-                            Some(g),
-                            p,
-                            StreamInput::Pinned(read.clone()),
-                            JobWeights::Later(weights_later),
-                            bias.clone(),
-                            true,
-                        );
-                        let weights = g.shared_weights(weights);
-                        // A job that failed before it needed them has dropped the receiver.
-                        let _ = send_weights.send(weights.clone());
+                let ticket = match sent {
+                    Some(Ok(call)) => {
+                        lent = Some(call.staged);
                         let job = GpuCall {
-                            input: StreamInput::Pinned(read),
-                            weights,
-                            bias,
-                            host_in_s,
+                            input: call.input,
+                            weights: call.weights,
+                            bias: call.bias,
+                            host_in_s: call.host_in_s,
                         };
-                        Ticket::gpu(&self.inner, p, job, reason, answer, submitted, true)
+                        Ticket::gpu(&self.inner, p, job, reason, call.answer, submitted, true)
                     }
                     // The ticket re-runs it on the CPU, as after any GPU failure.
-                    (_, failed) => Ticket::failed_gpu(
+                    failed => Ticket::failed_gpu(
                         &self.inner,
                         p,
                         GpuCall::copied(input, weights, bias),

@@ -579,6 +579,19 @@ impl CudaCopies {
         })
     }
 
+    /// Whether every copy issued so far has finished, waiting at most `timeout`: an event
+    /// recorded now on each stream has passed.
+    pub fn idle(&self, timeout: Duration) -> Result<bool> {
+        for stream in [Stream::Up, Stream::Down] {
+            let event = self.cuda.event()?;
+            self.cuda.record(&event, stream)?;
+            if !event.wait(timeout)? {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
     /// Waits for every copy issued so far (before buffers they use are freed).
     pub fn finish(&self) {
         let _ = self.cuda.sync(Stream::Up);

@@ -45,7 +45,9 @@
 //! release, and waits for every release before it deletes the buffers. A fence or event that
 //! does not pass within the job's timeout, or a step that fails, fails every job in flight (the
 //! caller re-runs them on the CPU) and marks the executor broken: their buffers may still be in
-//! use, so every later stream job fails at once with the reason.
+//! use, so a later job fails at once with the reason, until the GPU is seen to have finished
+//! everything it was given before (`Worker::recover`: a new fence passes, and CUDA's copy
+//! streams are idle); then the executor works again.
 
 use super::cu::{elapsed_ns, CudaCopies, TimedCopy};
 use super::gl::{self, Buffer, Direction, Fence, MappedBuffer, MappedView, TimerQuery};
@@ -79,6 +81,10 @@ pub(super) const IDLE_GRACE: Duration = Duration::from_micros(100);
 /// `Worker::parts_for`): the first part's convolution starts while the rest is still copied
 /// in, and its copy out while the rest convolves, which shortens a stream's start and end.
 pub const PARTS: usize = 2;
+
+/// How long a broken executor waits for the GPU to finish its earlier work before it takes a
+/// new job ([`Worker::recover`]).
+const RECOVER_WAIT: Duration = Duration::from_millis(50);
 
 /// Parts wanted from `SPORKLE_STREAM_PARTS` (1 to 16; see `Worker::parts_for`), if set.
 pub fn parts_from_env() -> Option<usize> {
@@ -676,11 +682,39 @@ impl Worker {
         }
     }
 
+    /// After a failure (the executor broken): whether everything the GPU was given before it
+    /// has finished, so that its frames can be used again; then the executor works again.
+    /// Nothing is in flight by then (the failure failed every job), so a new fence that passes
+    /// within [`RECOVER_WAIT`] means every earlier GL command has finished, and with CUDA
+    /// copies an event recorded on each copy stream must pass too. A GPU that is still hung
+    /// (or fences that never pass) keeps it broken.
+    fn recover(&mut self) -> bool {
+        if !self.in_flight.is_empty() || self.filling.is_some() {
+            return false;
+        }
+        let gl = Rc::clone(&self.ctx.gl);
+        let Ok(fence) = Fence::new(&gl) else {
+            return false;
+        };
+        gl::flush(&gl);
+        if fence.wait(RECOVER_WAIT).is_err() {
+            return false;
+        }
+        if let Some(c) = &self.cuda {
+            if !c.idle(RECOVER_WAIT).unwrap_or(false) {
+                return false;
+            }
+        }
+        self.broken = None;
+        true
+    }
+
     /// Starts `job` in a free frame and records a step; a job that cannot start is answered
     /// with the error.
     pub(super) fn stream_begin(&mut self, job: StreamJob) {
-        if let Some(why) = &self.broken {
-            answer(job, Err(unhealthy(why)));
+        if self.broken.is_some() && !self.recover() {
+            let why = self.broken.clone().unwrap_or_default();
+            answer(job, Err(unhealthy(&why)));
             return;
         }
         if let Err(e) = self.open_cuda() {

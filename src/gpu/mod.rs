@@ -37,7 +37,7 @@ pub use shaders::{Algorithm, StreamCopy, Tile};
 
 use crate::error::{Error, Result};
 use crate::params::Conv2dParams;
-use crate::pinned::{InputPool, PinnedShared, PooledInput};
+use crate::pinned::{InputPool, PinnedShared, PooledInput, StreamInput};
 use context::GlContext;
 pub(crate) use executor::JobWeights;
 use executor::{Frame, StreamJob};
@@ -126,7 +126,7 @@ type JobResult = Result<(Vec<f32>, GpuRun, Vec<u64>)>;
 
 /// What the worker is asked to do.
 enum Msg {
-    /// A synchronous call (or kernel timing) with its own buffers.
+    /// Kernel timing, with its own buffers.
     Call(Job),
     /// A streaming job for the executor.
     Stream(StreamJob),
@@ -174,6 +174,8 @@ pub struct GpuBackend {
     arithmetic: std::sync::OnceLock<Arithmetic>,
     /// Synchronous calls' inputs, staged where the GPU reads them (see [`InputPool`]).
     inputs: InputPool,
+    /// How long [`GpuBackend::conv2d`] waits for its job's fences.
+    call_timeout: Mutex<Duration>,
     /// Weight and bias sets of recent synchronous calls as shared buffers, by key (see
     /// [`GpuBackend::stage_call`]), most recently used last.
     sets: Mutex<Vec<(WeightsKey, Arc<[f32]>)>>,
@@ -195,6 +197,19 @@ impl SharedWeights {
             data,
         }
     }
+}
+
+/// A synchronous call on its way ([`GpuBackend::send_call`]).
+pub(crate) struct SentCall<'g> {
+    /// The staged input, lent until the job has been answered and its output read.
+    pub(crate) staged: PooledInput<'g>,
+    /// The job's input (for a CPU re-run), its weights and bias.
+    pub(crate) input: StreamInput,
+    pub(crate) weights: SharedWeights,
+    pub(crate) bias: Option<Arc<[f32]>>,
+    /// Wall time of the input's copy into staging (on the caller's thread).
+    pub(crate) host_in_s: f64,
+    pub(crate) answer: mpsc::Receiver<Result<StreamDone>>,
 }
 
 /// A synchronous call's input, staged for the executor ([`GpuBackend::stage_input`]).
@@ -244,6 +259,7 @@ impl GpuBackend {
                 id,
                 arithmetic: std::sync::OnceLock::new(),
                 inputs: InputPool::default(),
+                call_timeout: Mutex::new(FENCE_TIMEOUT),
                 sets: Mutex::default(),
                 worker: Some(worker),
             }),
@@ -270,8 +286,10 @@ impl GpuBackend {
         self.choice
     }
 
-    /// Computes `output = conv2d(input, weights) + bias` on the GPU, synchronously.
-    /// Every length is checked first; on any error the output is left untouched.
+    /// Computes `output = conv2d(input, weights) + bias` on the GPU, synchronously, through the
+    /// executor as a job that runs alone (the path [`crate::Juggler::conv2d`] takes: see
+    /// [`GpuBackend::send_call`]). Every length is checked first; on any error the output is
+    /// left untouched.
     pub fn conv2d(
         &self,
         p: &Conv2dParams,
@@ -280,9 +298,64 @@ impl GpuBackend {
         bias: Option<&[f32]>,
         output: &mut [f32],
     ) -> Result<GpuRun> {
-        Ok(self
-            .submit(p, input, weights, bias, output, Dispatches::ONE)?
-            .0)
+        p.check_buffers(
+            input.len(),
+            weights.len(),
+            bias.map(<[f32]>::len),
+            output.len(),
+        )?;
+        let timeout = *self.call_timeout.lock().unwrap_or_else(|e| e.into_inner());
+        let call = self.send_call(p, input, weights, bias, timeout)?;
+        let mut done = (call.answer.recv())
+            .map_err(|_| Error::Gpu("the GPU thread stopped during a job".into()))??;
+        let t = Instant::now();
+        std::mem::take(&mut done.output).copy_to(output);
+        let seconds = |ns: Option<u64>| ns.map_or(0.0, |ns| ns as f64 * 1e-9);
+        Ok(GpuRun {
+            kernel_ns: done.kernel_ns,
+            upload_s: call.host_in_s + seconds(done.upload_ns),
+            download_s: seconds(done.download_ns) + t.elapsed().as_secs_f64(),
+            weights_uploaded: done.weights_uploaded,
+        })
+    }
+
+    /// A synchronous call sent to the executor as a job that runs alone, with nothing of its
+    /// data's size allocated once warm: the input copied on this thread (in parallel chunks)
+    /// straight into a pooled staging buffer the GPU reads; the job sent; then, while the GPU
+    /// copies the input in (the convolution is the first phase that needs them), the weights
+    /// found among the kept shared sets by content (length and a hash of every byte) and sent
+    /// after it. The caller's lengths must have been checked.
+    pub(crate) fn send_call(
+        &self,
+        p: &Conv2dParams,
+        input: &[f32],
+        weights: &[f32],
+        bias: Option<&[f32]>,
+        timeout: Duration,
+    ) -> Result<SentCall<'_>> {
+        let staged = self.stage_input(input)?;
+        let read = staged.input.read();
+        let bias = bias.map(|b| self.shared_bias(b));
+        let (send_weights, weights_later) = mpsc::sync_channel(1);
+        let answer = self.stream(
+            p,
+            StreamInput::Pinned(read.clone()),
+            JobWeights::Later(weights_later),
+            bias.clone(),
+            false,
+            timeout,
+        )?;
+        let weights = self.shared_weights(weights);
+        // A job that failed before it needed them has dropped the receiver.
+        let _ = send_weights.send(weights.clone());
+        Ok(SentCall {
+            staged: staged.input,
+            input: StreamInput::Pinned(read),
+            weights,
+            bias,
+            host_in_s: staged.host_in_s,
+            answer,
+        })
     }
 
     /// Kernel timing, the way a GPU kernel benchmark (and the cuDNN peer) measures it: the
@@ -463,6 +536,7 @@ impl GpuBackend {
     /// waits for its fence before it fails with [`Error::FenceTimeout`] (default 60 s); nothing
     /// is read from a job whose fence did not pass.
     pub fn set_fence_timeout(&self, timeout: Duration) -> Result<()> {
+        *self.call_timeout.lock().unwrap_or_else(|e| e.into_inner()) = timeout;
         self.ask("setting the fence timeout", |reply| {
             Msg::SyncTimeout(timeout, reply)
         })

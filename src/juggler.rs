@@ -72,6 +72,20 @@ pub struct Config {
     pub fence_timeout: Duration,
     /// Below this many FLOPs, `Auto` runs on the CPU.
     pub min_gpu_flops: u64,
+    /// Testing and tuning: the cost model's rates, fixed (never calibrated, never refined by
+    /// jobs). `None` (the default): calibrated on first use and refined by every job.
+    pub fixed_rates: Option<Rates>,
+}
+
+/// Rates of the cost model (see the module docs), for [`Config::fixed_rates`].
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Rates {
+    /// CPU compute, FLOP/s.
+    pub cpu_flops: f64,
+    /// GPU kernel compute, FLOP/s.
+    pub gpu_flops: f64,
+    /// Host to GPU and back (host copy and GPU copy together), bytes/s each way.
+    pub transfer_bytes: f64,
 }
 
 impl Default for Config {
@@ -82,6 +96,7 @@ impl Default for Config {
             cpu_threads: None,
             fence_timeout: Duration::from_secs(60),
             min_gpu_flops: 500_000_000,
+            fixed_rates: None,
         }
     }
 }
@@ -294,6 +309,8 @@ fn ewma(old: &mut Option<f64>, new: f64) {
 #[derive(Debug, Default)]
 struct Model {
     calibrated: bool,
+    /// Rates fixed by the configuration: jobs do not refine them.
+    fixed: bool,
     /// CPU compute rate, FLOP/s.
     cpu_rate: Option<f64>,
     /// GPU kernel rate, FLOP/s.
@@ -350,7 +367,7 @@ impl Model {
             .entry(*p)
             .or_default()
             .record(DeviceKind::Cpu, wall_s);
-        if measured {
+        if measured && !self.fixed {
             ewma(&mut self.cpu_rate, p.flops() as f64 / wall_s.max(1e-9));
         }
     }
@@ -371,7 +388,7 @@ impl Model {
         } else {
             shape.calls[DeviceKind::Gpu as usize] > 0
         };
-        if !measured {
+        if !measured || self.fixed {
             return;
         }
         if let Some(ns) = done.kernel_ns {
@@ -743,6 +760,13 @@ impl Inner {
     /// Measures both devices on the calibration convolution (once).
     fn calibrate(&self) {
         if lock(&self.model).calibrated {
+            return;
+        }
+        if let Some(r) = self.config.fixed_rates {
+            let mut m = lock(&self.model);
+            (m.cpu_rate, m.gpu_rate) = (Some(r.cpu_flops), Some(r.gpu_flops));
+            (m.up_rate, m.down_rate) = (Some(r.transfer_bytes), Some(r.transfer_bytes));
+            (m.calibrated, m.fixed) = (true, true);
             return;
         }
         let p = CALIBRATION;

@@ -557,7 +557,9 @@ fn auto_choice(choice: GpuChoice) -> Result<(), Failed> {
     let small = Conv2dParams::new(1, 8, 10, 10, 8, 3, 3);
     let (x, w, _) = data::conv_data(&small, 1, false);
     let mut y = vec![0.0f32; small.output_len()];
+    let before = j.stats();
     let info = j.conv2d(&small, &x, &w, None, &mut y).map_err(fail)?;
+    check_info_against_stats(&small, &info, &before, &j.stats())?;
     if info.device != DeviceKind::Cpu || !info.reason.contains("floor") {
         return Err(fail(format!("a tiny job must stay on the CPU: {info:?}")));
     }
@@ -567,7 +569,10 @@ fn auto_choice(choice: GpuChoice) -> Result<(), Failed> {
     let mut y = vec![0.0f32; big.output_len()];
     let mut last = None;
     for _ in 0..4 {
-        last = Some(j.conv2d(&big, &x, &w, None, &mut y).map_err(fail)?);
+        let before = j.stats();
+        let info = j.conv2d(&big, &x, &w, None, &mut y).map_err(fail)?;
+        check_info_against_stats(&big, &info, &before, &j.stats())?;
+        last = Some(info);
     }
     let info = last.expect("ran");
     check_sampled(&big, &x, &w, &y)?;
@@ -598,6 +603,99 @@ fn auto_choice(choice: GpuChoice) -> Result<(), Failed> {
         "auto chose {} for {big}: {} (measured cpu {cpu:?} s, gpu {gpu:?} s)",
         info.device, info.reason
     );
+    Ok(())
+}
+
+/// What a job's `RunInfo` says agrees with the statistics it moved (`before` to `after`): one
+/// call more on its device and none on the other (a fallback counts one too), its FLOPs there,
+/// and a job said to have run on the GPU has the GPU's stage times (and a kernel time where the
+/// GPU's timers mean something) and moved bytes over the bus.
+fn check_info_against_stats(
+    p: &Conv2dParams,
+    info: &crate::RunInfo,
+    before: &crate::Stats,
+    after: &crate::Stats,
+) -> Result<(), Failed> {
+    let (ran, other) = match info.device {
+        DeviceKind::Cpu => ((&before.cpu, &after.cpu), (&before.gpu, &after.gpu)),
+        DeviceKind::Gpu => ((&before.gpu, &after.gpu), (&before.cpu, &after.cpu)),
+    };
+    let wrong = |what: &str| {
+        Err(fail(format!(
+            "RunInfo says {} ({}), but {what}: before {before}, after {after}",
+            info.device, info.reason
+        )))
+    };
+    if ran.1.calls != ran.0.calls + 1 || ran.1.flops != ran.0.flops + p.flops() {
+        return wrong("that device's calls and FLOPs did not move by one job");
+    }
+    if other.1.calls != other.0.calls || other.1.flops != other.0.flops {
+        return wrong("the other device's counters moved");
+    }
+    if info.device == DeviceKind::Gpu {
+        let Some(stages) = info.stages else {
+            return wrong("it has no GPU stage times");
+        };
+        if after.gpu_timed && (info.gpu_kernel_s.is_none() || stages.kernel_s.is_none()) {
+            return wrong("the GPU's timers work here and it has no kernel time");
+        }
+        if ran.1.bytes_up <= ran.0.bytes_up || ran.1.bytes_down <= ran.0.bytes_down {
+            return wrong("no bytes crossed the bus");
+        }
+    } else if info.stages.is_some() || info.gpu_kernel_s.is_some() {
+        return wrong("it has GPU times");
+    }
+    Ok(())
+}
+
+/// `Auto`'s GPU branch, on any GPU (llvmpipe included, which it never picks by measurement):
+/// with no floor and the model's rates fixed so that the GPU looks far faster, a new shape
+/// goes to the GPU by the model, then by its measurement, synchronously and streamed; every
+/// `RunInfo` agrees with the statistics it moved, and every output with the reference.
+fn auto_gpu_branch(choice: GpuChoice) -> Result<(), Failed> {
+    let j = Juggler::with_config(Config {
+        preference: Preference::Auto,
+        gpu: Some(choice),
+        cpu_threads: Some(2),
+        min_gpu_flops: 0,
+        fixed_rates: Some(crate::juggler::Rates {
+            cpu_flops: 1e6,
+            gpu_flops: 1e15,
+            transfer_bytes: 1e15,
+        }),
+        ..Config::default()
+    })
+    .map_err(fail)?;
+    let p = Conv2dParams::new(1, 8, 12, 12, 16, 3, 3).with_padding(1, 1);
+    let (x, w, _) = data::conv_data(&p, 3, false);
+    // A device's first call of a shape is a warm-up, measuring nothing: the model decides twice.
+    let expected = [
+        "model predicts",
+        "model predicts",
+        "measured gpu",
+        "measured gpu",
+    ];
+    for (i, why) in expected.iter().enumerate() {
+        let before = j.stats();
+        let mut y = vec![f32::NAN; p.output_len()];
+        let info = if i < 3 {
+            j.conv2d(&p, &x, &w, None, &mut y).map_err(fail)?
+        } else {
+            let (out, info) = j
+                .submit(&p, &x, &w, None)
+                .and_then(crate::Ticket::wait)
+                .map_err(fail)?;
+            y = out;
+            info
+        };
+        if info.device != DeviceKind::Gpu || !info.reason.contains(why) || info.fallback.is_some() {
+            return Err(fail(format!(
+                "call {i}: expected the GPU by '{why}': {info:?}"
+            )));
+        }
+        check_info_against_stats(&p, &info, &before, &j.stats())?;
+        check_sampled(&p, &x, &w, &y)?;
+    }
     Ok(())
 }
 
@@ -662,6 +760,10 @@ pub fn trials(ctx: &Arc<Context>) -> Vec<Trial> {
     }) else {
         return out;
     };
+    out.push(Trial::test(
+        named("juggler", "auto/gpu_branch"),
+        move || auto_gpu_branch(choice),
+    ));
     let sync_mixed = Arc::clone(&sync);
     out.push(Trial::test(
         named("gpu-async", "stream/mixed_changing_weights"),

@@ -97,7 +97,7 @@ pub fn trials(ctx: &Arc<Context>) -> crate::Result<Vec<Trial>> {
 /// and ones tuning sweeps try, forced on the wide cases of the basic suite (filters and positions
 /// that are not whole tiles, groups, strides, dilations) with their split chosen, and once with
 /// a split of 3.
-const TILES: [&str; 8] = [
+pub(super) const TILES: [&str; 8] = [
     "tiled:64x64x16:4x4",
     "tiled:64x64x16:4x8",
     "tiled:64x128x8:8x8",

@@ -138,7 +138,12 @@ enum Msg {
     /// The calibration workload: its GFLOP/s by timer query, best of three.
     Calibrate(mpsc::Sender<Result<Option<f64>>>),
     /// The plan a synchronous call of this shape (with a bias or not) runs.
-    Plan(Conv2dParams, bool, mpsc::Sender<Result<PlanInfo>>),
+    Plan(
+        Conv2dParams,
+        bool,
+        Option<Algorithm>,
+        mpsc::Sender<Result<PlanInfo>>,
+    ),
     /// The arithmetic probe (`arithmetic.rs`).
     Arithmetic(mpsc::Sender<Result<Arithmetic>>),
     /// How long the synchronous path waits for a fence.
@@ -519,8 +524,19 @@ impl GpuBackend {
     /// What a call of `p` (with a bias or not) runs here: its algorithm, tile, split and
     /// passes. With [`GpuBackend::arithmetic`], this fixes the output's bits.
     pub fn plan_info(&self, p: &Conv2dParams, bias: bool) -> Result<PlanInfo> {
+        self.plan_info_with(p, bias, None)
+    }
+
+    /// [`GpuBackend::plan_info`] with the algorithm forced (as [`Dispatches::algorithm`] forces
+    /// it); forcing Winograd where it does not apply is an error.
+    pub fn plan_info_with(
+        &self,
+        p: &Conv2dParams,
+        bias: bool,
+        algorithm: Option<Algorithm>,
+    ) -> Result<PlanInfo> {
         p.validate()?;
-        self.ask("planning", |reply| Msg::Plan(*p, bias, reply))
+        self.ask("planning", |reply| Msg::Plan(*p, bias, algorithm, reply))
     }
 
     /// The GPU's arithmetic class (see [`arithmetic`]), probed once per backend.
@@ -851,9 +867,13 @@ impl Worker {
             Msg::Pin(len, reply) => {
                 let _ = reply.send(self.pin(len));
             }
-            Msg::Plan(p, bias, reply) => {
+            Msg::Plan(p, bias, algorithm, reply) => {
                 let lens = (p.input_len(), p.weights_len());
-                let plan = self.plan(&p, lens, bias, &Dispatches::ONE);
+                let forced = Dispatches {
+                    algorithm,
+                    ..Dispatches::ONE
+                };
+                let plan = self.plan(&p, lens, bias, &forced);
                 let _ = reply.send(plan.map(|plan| PlanInfo {
                     algorithm: plan.algorithm,
                     tile: plan.tile,

@@ -105,9 +105,56 @@ pub fn trials(ctx: &Arc<Context>) -> crate::Result<Vec<Trial>> {
                 None,
                 move || fingerprint(&c, &dev),
             ));
+            // Winograd, which the GPU picks only for large layers, forced where it applies.
+            if let Device::Gpu { backend } = device {
+                if crate::winograd::applies(&case.params) {
+                    let (c, gpu) = (case.clone(), Arc::clone(backend));
+                    out.push(trial(
+                        format!("fingerprint/{}{WINOGRAD}", case.name),
+                        device,
+                        None,
+                        move || fingerprint_winograd(&c, &gpu),
+                    ));
+                }
+            }
         }
     }
     Ok(out)
+}
+
+/// The suffix of a case's name for its fingerprints with Winograd forced.
+const WINOGRAD: &str = "_winograd";
+
+/// [`fingerprint`] of the GPU's output with Winograd forced (its own case name, `{case}_winograd`,
+/// and plan key); the output is first checked against the reference with Winograd's bound.
+fn fingerprint_winograd(case: &Case, gpu: &crate::GpuBackend) -> Result<(), Failed> {
+    use crate::gpu::{Algorithm, Dispatches};
+    let g = load(case).map_err(fail)?;
+    let numerics = super::devices::Numerics {
+        family: "gpu",
+        arithmetic: gpu.arithmetic().map_err(fail)?.name(),
+        plan: (gpu.plan_info_with(&g.p, g.b.is_some(), Some(Algorithm::Winograd)))
+            .map_err(fail)?
+            .key(),
+    };
+    if !numerics.plan.starts_with("winograd") {
+        return Err(format!("forcing Winograd planned {}", numerics.plan).into());
+    }
+    let mut y = vec![f32::NAN; g.p.output_len()];
+    let forced = Dispatches {
+        algorithm: Some(Algorithm::Winograd),
+        ..Dispatches::ONE
+    };
+    gpu.time_kernel(&g.p, &g.x, &g.w, g.b.as_deref(), &mut y, forced)
+        .map_err(fail)?;
+    let r = crate::winograd::reference(&g.p, &g.x, &g.w, g.b.as_deref()).map_err(fail)?;
+    crate::tolerance::compare(&g.p, &y, &r, Tolerance::Winograd)
+        .map_err(|m| fail(format!("{}: {m}", g.p)))?;
+    let named = Case {
+        name: format!("{}{WINOGRAD}", case.name),
+        ..case.clone()
+    };
+    check_print(&named, &numerics, &g.p, &y)
 }
 
 /// The device's output against the producer's, within twice the tolerance bound (both the
@@ -224,7 +271,18 @@ fn fingerprint(case: &Case, device: &Device) -> Result<(), Failed> {
     let y = device
         .conv2d(&g.p, &g.x, &g.w, g.b.as_deref())
         .map_err(fail)?;
-    let print = Print::of(&g.p, &numerics, &y);
+    check_print(case, &numerics, &g.p, &y)
+}
+
+/// The fingerprint of output `y` of `case` made with `numerics`, against the stored ones (see
+/// [`fingerprint`]).
+fn check_print(
+    case: &Case,
+    numerics: &super::devices::Numerics,
+    p: &Conv2dParams,
+    y: &[f32],
+) -> Result<(), Failed> {
+    let print = Print::of(p, numerics, y);
     let text = print.text(&case.name);
     let key = numerics.key();
     let stored = stored_prints(&case.name).map_err(fail)?;
@@ -237,7 +295,7 @@ fn fingerprint(case: &Case, device: &Device) -> Result<(), Failed> {
         let name = format!("{}@{key}", case.name);
         settings.bind(|| insta::assert_snapshot!(name, text.clone()));
     };
-    match verdict(&stored, &numerics, &print, &text) {
+    match verdict(&stored, numerics, &print, &text) {
         Verdict::Matches => Ok(()),
         Verdict::Twin(twin) => {
             eprintln!(

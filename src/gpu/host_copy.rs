@@ -78,7 +78,7 @@ pub fn parallel_copy(src: &[f32], dst: &mut [f32]) {
 const HASH_PIECE: usize = 256 << 10;
 
 /// A 64-bit hash of every byte of `data` (xxh3), the same wherever it runs: data longer than
-/// one [`HASH_PIECE`] is hashed piece by piece on the copy threads, and the pieces' hashes (with
+/// one `HASH_PIECE` (256 KiB) is hashed piece by piece on the copy threads, and the pieces' hashes (with
 /// the length) hashed again. Weights are identified by it on every call: hashed on one thread
 /// they were most of a small layer's fixed cost on the H200 (0.2 ms for #4's 2.4 MB). twox-hash's
 /// XXH3, which picks AVX2 at run time, was 1.6x faster on the development machine but 3x

@@ -293,7 +293,7 @@ impl GpuBackend {
 
     /// Computes `output = conv2d(input, weights) + bias` on the GPU, synchronously, through the
     /// executor as a job that runs alone (the path [`crate::Juggler::conv2d`] takes: see
-    /// [`GpuBackend::send_call`]). Every length is checked first; on any error the output is
+    /// `GpuBackend::send_call`). Every length is checked first; on any error the output is
     /// left untouched.
     pub fn conv2d(
         &self,

@@ -1711,3 +1711,28 @@ pub(super) fn probe_staging(gl: &Rc<glow::Context>, floats: usize) -> Result<Str
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Weights sent later are waited for, then kept; a caller that stops before sending them
+    /// fails the job with an error, never a hang or a panic.
+    #[test]
+    fn weights_sent_later_arrive_or_fail_the_job() {
+        let (tx, rx) = mpsc::sync_channel(1);
+        let mut later = JobWeights::Later(rx);
+        let sent = SharedWeights::new(vec![1.0f32, 2.0].into());
+        let sender = std::thread::spawn(move || tx.send(sent).unwrap());
+        assert_eq!(&*later.get().unwrap().data, &[1.0, 2.0]);
+        sender.join().unwrap();
+        assert_eq!(
+            &*later.get().unwrap().data,
+            &[1.0, 2.0],
+            "kept once resolved"
+        );
+        let (tx, rx) = mpsc::sync_channel::<SharedWeights>(1);
+        drop(tx);
+        assert!(matches!(JobWeights::Later(rx).get(), Err(Error::Gpu(_))));
+    }
+}

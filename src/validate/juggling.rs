@@ -659,7 +659,8 @@ fn auto_gpu_branch(choice: GpuChoice) -> Result<(), Failed> {
         cpu_threads: Some(2),
         min_gpu_flops: 0,
         fixed_rates: Some(crate::juggler::Rates {
-            cpu_flops: 1e6,
+            // So slow that the CPU is never worth trying (a loaded GPU measured 92 ms here once).
+            cpu_flops: 1.0,
             gpu_flops: 1e15,
             transfer_bytes: 1e15,
         }),

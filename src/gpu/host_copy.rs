@@ -50,7 +50,7 @@ fn pool() -> Option<&'static rayon::ThreadPool> {
 }
 
 /// `dst.copy_from_slice(src)`; when large, with streaming stores, in pieces shared by the
-/// calling thread and the copy threads ([`share`]).
+/// calling thread and the copy threads (`share`).
 pub fn parallel_copy(src: &[f32], dst: &mut [f32]) {
     if src.len() < PARALLEL_COPY_MIN {
         dst.copy_from_slice(src);

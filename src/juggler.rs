@@ -1038,12 +1038,7 @@ impl Juggler {
         bias: Option<&[f32]>,
         output: &mut [f32],
     ) -> Result<RunInfo> {
-        p.check_buffers(
-            input.len(),
-            weights.len(),
-            bias.map(<[f32]>::len),
-            output.len(),
-        )?;
+        p.check_slices(input, weights, bias, output)?;
         let (device, reason) = self.inner.choose(p);
         match device {
             DeviceKind::Cpu => self.inner.run_cpu(p, input, weights, bias, output, reason),

@@ -306,6 +306,22 @@ impl Conv2dParams {
         self.lens().and_then(|l| l.flops).unwrap_or(0)
     }
 
+    /// [`Conv2dParams::check_buffers`] of the slices a call is given.
+    pub fn check_slices(
+        &self,
+        input: &[f32],
+        weights: &[f32],
+        bias: Option<&[f32]>,
+        output: &[f32],
+    ) -> Result<()> {
+        self.check_buffers(
+            input.len(),
+            weights.len(),
+            bias.map(<[f32]>::len),
+            output.len(),
+        )
+    }
+
     /// Validates the parameters and checks every buffer length against them.
     pub fn check_buffers(
         &self,

@@ -319,12 +319,7 @@ impl CpuBackend {
         bias: Option<&[f32]>,
         output: &mut [f32],
     ) -> Result<()> {
-        p.check_buffers(
-            input.len(),
-            weights.len(),
-            bias.map(<[f32]>::len),
-            output.len(),
-        )?;
+        p.check_slices(input, weights, bias, output)?;
         let mut ws = lock(&self.workspace);
         let mut packed = std::mem::take(&mut ws.packed);
         let laid_out = if self.path_for(p).packs_weights() {

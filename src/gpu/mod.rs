@@ -303,12 +303,7 @@ impl GpuBackend {
         bias: Option<&[f32]>,
         output: &mut [f32],
     ) -> Result<GpuRun> {
-        p.check_buffers(
-            input.len(),
-            weights.len(),
-            bias.map(<[f32]>::len),
-            output.len(),
-        )?;
+        p.check_slices(input, weights, bias, output)?;
         let timeout = *self.call_timeout.lock().unwrap_or_else(|e| e.into_inner());
         let call = self.send_call(p, input, weights, bias, timeout)?;
         let mut done = (call.answer.recv())
@@ -440,12 +435,7 @@ impl GpuBackend {
         output: &mut [f32],
         dispatches: Dispatches,
     ) -> Result<(GpuRun, Vec<u64>)> {
-        p.check_buffers(
-            input.len(),
-            weights.len(),
-            bias.map(<[f32]>::len),
-            output.len(),
-        )?;
+        p.check_slices(input, weights, bias, output)?;
         let (y, run, times) = self.ask("a job", |reply| {
             Msg::Call(Job {
                 p: *p,

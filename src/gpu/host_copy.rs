@@ -16,8 +16,7 @@
 /// Copies of at least this many floats are split across threads and use streaming stores.
 const PARALLEL_COPY_MIN: usize = 1 << 19;
 
-/// Threads that share a large copy or hash, the calling one included: at most 8
-/// (`SPORKLE_COPY_THREADS`).
+/// Chunks a large copy is split into: at most 8 (`SPORKLE_COPY_THREADS`).
 fn chunks() -> usize {
     static THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     *THREADS.get_or_init(|| {
@@ -49,49 +48,30 @@ fn pool() -> Option<&'static rayon::ThreadPool> {
     .as_ref()
 }
 
-/// `dst.copy_from_slice(src)`; when large, with streaming stores, in pieces shared by the
-/// calling thread and the copy threads (`share`).
+/// `dst.copy_from_slice(src)`, split across the copy threads (`chunks`) with streaming stores
+/// when large.
 pub fn parallel_copy(src: &[f32], dst: &mut [f32]) {
     if src.len() < PARALLEL_COPY_MIN {
         dst.copy_from_slice(src);
         return;
     }
-    // Four pieces a thread, so that the calling thread takes more where helpers wake late.
-    let per = src.len().div_ceil(4 * chunks());
-    let pieces: Vec<_> = (dst.chunks_mut(per).zip(src.chunks(per)))
-        .map(|piece| std::sync::Mutex::new(Some(piece)))
-        .collect();
-    share(pieces.len(), &|i| {
-        let piece = pieces[i].lock().unwrap_or_else(|e| e.into_inner()).take();
-        if let Some((d, c)) = piece {
+    let Some(pool) = pool() else {
+        streaming_copy(src, dst);
+        return;
+    };
+    let per = src.len().div_ceil(chunks());
+    let mut pairs = dst.chunks_mut(per).zip(src.chunks(per));
+    let first = pairs.next();
+    // The calling thread copies the first chunk itself: one hand-off to the pool's threads,
+    // not two (a scope's body would first go to a pool thread, which then wakes the others).
+    pool.in_place_scope(|s| {
+        for (d, c) in pairs {
+            s.spawn(move |_| streaming_copy(c, d));
+        }
+        if let Some((d, c)) = first {
             streaming_copy(c, d);
         }
     });
-}
-
-/// Runs `work(i)` for every `i` in `0..items` on the calling thread and up to `chunks() - 1` copy
-/// threads together, each taking the next item not yet taken: a helper slow to wake takes
-/// fewer (or none), so the whole is never much slower than the calling thread alone, and the
-/// calling thread starts at once (no hand-off to a pool thread first).
-fn share(items: usize, work: &(dyn Fn(usize) + Sync)) {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    let next = AtomicUsize::new(0);
-    let run = || loop {
-        let i = next.fetch_add(1, Ordering::Relaxed);
-        if i >= items {
-            break;
-        }
-        work(i);
-    };
-    match pool() {
-        Some(pool) if items > 1 && chunks() > 1 => pool.in_place_scope(|s| {
-            for _ in 0..(chunks() - 1).min(items - 1) {
-                s.spawn(|_| run());
-            }
-            run();
-        }),
-        _ => run(),
-    }
 }
 
 /// Bytes of each piece [`parallel_hash`] hashes on its own.
@@ -109,14 +89,26 @@ pub fn parallel_hash(data: &[u8]) -> u64 {
         return xxh3_64(data);
     }
     let pieces: Vec<&[u8]> = data.chunks(HASH_PIECE).collect();
-    let hashes: Vec<std::sync::atomic::AtomicU64> = (0..pieces.len())
-        .map(|_| std::sync::atomic::AtomicU64::new(0))
-        .collect();
-    share(pieces.len(), &|i| {
-        hashes[i].store(xxh3_64(pieces[i]), std::sync::atomic::Ordering::Relaxed);
-    });
-    let mut hashes: Vec<u64> = hashes.into_iter().map(|h| h.into_inner()).collect();
-    hashes.push(data.len() as u64);
+    let mut hashes = vec![0u64; pieces.len() + 1];
+    hashes[pieces.len()] = data.len() as u64;
+    match pool() {
+        // The calling thread hashes the first piece itself (see `parallel_copy`).
+        Some(pool) => pool.in_place_scope(|s| {
+            let mut pairs = hashes.iter_mut().zip(&pieces);
+            let first = pairs.next();
+            for (h, piece) in pairs {
+                s.spawn(move |_| *h = xxh3_64(piece));
+            }
+            if let Some((h, piece)) = first {
+                *h = xxh3_64(piece);
+            }
+        }),
+        None => {
+            for (h, piece) in hashes.iter_mut().zip(&pieces) {
+                *h = xxh3_64(piece);
+            }
+        }
+    }
     xxh3_64(bytemuck::cast_slice(&hashes))
 }
 

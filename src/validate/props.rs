@@ -78,7 +78,7 @@ pub fn wide_params() -> impl Strategy<Value = Conv2dParams> {
 }
 
 /// Random cases of the wide trial per run.
-const WIDE_CASES: u32 = 24;
+const WIDE_CASES: u32 = 12;
 
 /// The persistence file, as the `'static` path proptest wants (made once per process).
 fn persistence() -> &'static str {

@@ -779,7 +779,7 @@ impl Inner {
         for _ in 0..2 {
             let _ = self.cpu_measured(&p, &x, &w, None, &mut y);
         }
-        let (x, w): (Arc<[f32]>, Arc<[f32]>) = (x.into(), w.into());
+        let (x, w): (Arc<[f32]>, SharedWeights) = (x.into(), SharedWeights::new(w.into()));
         // Twice: the first call compiles the program and uploads the weights.
         for _ in 0..2 {
             let t = Instant::now();
@@ -792,7 +792,7 @@ impl Inner {
                     g.stream(
                         &p,
                         StreamInput::Host(Arc::clone(&x)),
-                        JobWeights::Ready(SharedWeights::new(Arc::clone(&w))),
+                        JobWeights::Ready(w.clone()),
                         None,
                         false,
                         self.config.fence_timeout,
@@ -1049,13 +1049,12 @@ impl Juggler {
                 // staged input is back in its pool.
                 let gpu = self.inner.gpu.read().unwrap_or_else(|e| e.into_inner());
                 let timeout = self.inner.config.fence_timeout;
-                let sent = gpu
-                    .as_ref()
-                    .map(|g| g.send_call(p, input, weights, bias, timeout));
+                let sent = (gpu.as_ref().ok_or_else(released))
+                    .and_then(|g| g.send_call(p, input, weights, bias, timeout));
                 // Lent until the ticket has been waited.
                 let mut lent = None;
                 let ticket = match sent {
-                    Some(Ok(call)) => {
+                    Ok(call) => {
                         lent = Some(call.staged);
                         let job = GpuCall {
                             input: call.input,
@@ -1066,14 +1065,11 @@ impl Juggler {
                         Ticket::gpu(&self.inner, p, job, reason, call.answer, submitted, true)
                     }
                     // The ticket re-runs it on the CPU, as after any GPU failure.
-                    failed => Ticket::failed_gpu(
-                        &self.inner,
-                        p,
-                        GpuCall::copied(input, weights, bias),
-                        reason,
-                        failed.map_or_else(|| Err(released()), |r| r.map(|_| ())),
-                        submitted,
-                    ),
+                    Err(why) => {
+                        let job = GpuCall::copied(input, weights, bias);
+                        let answer = failed_answer(why);
+                        Ticket::gpu(&self.inner, p, job, reason, answer, submitted, true)
+                    }
                 };
                 let info = ticket.wait_into(output);
                 drop(lent);
@@ -1188,21 +1184,8 @@ impl Juggler {
             host_in_s: 0.0,
         };
         let gpu = self.inner.gpu.read().unwrap_or_else(|e| e.into_inner());
-        self.submit_gpu_to(gpu.as_ref(), p, job, reason, sync, submitted)
-    }
-
-    /// Streams `job` on `gpu` (none: it was released) and returns its ticket.
-    fn submit_gpu_to(
-        &self,
-        gpu: Option<&GpuBackend>,
-        p: &Conv2dParams,
-        job: GpuCall,
-        reason: String,
-        sync: bool,
-        submitted: Instant,
-    ) -> Ticket {
         let answer = self.stream_on(
-            gpu,
+            gpu.as_ref(),
             p,
             job.input.clone(),
             JobWeights::Ready(job.weights.clone()),
@@ -1235,12 +1218,15 @@ impl Juggler {
             ),
             None => Err(released()),
         };
-        answer.unwrap_or_else(|e| {
-            let (tx, rx) = mpsc::channel();
-            let _ = tx.send(Err(e));
-            rx
-        })
+        answer.unwrap_or_else(failed_answer)
     }
+}
+
+/// The answer of a GPU job that failed before it started (`why`).
+fn failed_answer(why: Error) -> mpsc::Receiver<Result<StreamDone>> {
+    let (tx, rx) = mpsc::channel();
+    let _ = tx.send(Err(why));
+    rx
 }
 
 /// Why a GPU job did not start: the Juggler released its GPU.
@@ -1294,20 +1280,6 @@ impl Ticket {
                 sync,
             })),
         }
-    }
-
-    /// The ticket of a GPU job that could not start (`why`): waiting re-runs it on the CPU.
-    fn failed_gpu(
-        inner: &Arc<Inner>,
-        p: &Conv2dParams,
-        job: GpuCall,
-        reason: String,
-        why: Result<()>,
-        submitted: Instant,
-    ) -> Self {
-        let (tx, rx) = mpsc::channel();
-        let _ = tx.send(why.and_then(|()| Err(Error::Gpu("the job did not start".into()))));
-        Self::gpu(inner, p, job, reason, rx, submitted, true)
     }
 }
 

@@ -1580,7 +1580,6 @@ impl Worker {
             waited_from.elapsed().as_secs_f64()
         };
         done.gpu_wall_s = begun.elapsed().as_secs_f64();
-        let passed = Instant::now();
         // Busy time without double counting: the part of [submission, fence] after the
         // previous job's fence (jobs finish in order).
         let end = Instant::now();
@@ -1621,7 +1620,7 @@ impl Worker {
         if self.in_flight.is_empty() {
             self.last_step = None;
         }
-        done.settle_s = passed.elapsed().as_secs_f64();
+        done.settle_s = end.elapsed().as_secs_f64();
         done.answered = Some(Instant::now());
         answer(job, Ok(done));
     }

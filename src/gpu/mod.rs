@@ -182,7 +182,7 @@ pub struct GpuBackend {
     /// How long [`GpuBackend::conv2d`] waits for its job's fences.
     call_timeout: Mutex<Duration>,
     /// Weight and bias sets of recent synchronous calls as shared buffers, by key (see
-    /// [`GpuBackend::stage_call`]), most recently used last.
+    /// [`GpuBackend::shared_weights`]), most recently used last.
     sets: Mutex<Vec<(WeightsKey, Arc<[f32]>)>>,
     worker: Option<JoinHandle<()>>,
 }
@@ -218,11 +218,11 @@ pub(crate) struct SentCall<'g> {
 }
 
 /// A synchronous call's input, staged for the executor ([`GpuBackend::stage_input`]).
-pub(crate) struct StagedInput<'g> {
+struct StagedInput<'g> {
     /// The input, copied into a pooled staging buffer.
-    pub(crate) input: PooledInput<'g>,
+    input: PooledInput<'g>,
     /// Wall time of the copy (on the caller's thread).
-    pub(crate) host_in_s: f64,
+    host_in_s: f64,
 }
 
 /// Shared weight and bias sets a backend keeps: at most this many ...
@@ -384,7 +384,7 @@ impl GpuBackend {
     /// A synchronous call's input, ready for [`GpuBackend::stream`] without a copy of its size
     /// allocated once warm: copied (in parallel chunks, on this thread) straight into a pooled
     /// staging buffer the GPU reads (pinned where the GPU maps one, else plain host memory).
-    pub(crate) fn stage_input(&self, input: &[f32]) -> Result<StagedInput<'_>> {
+    fn stage_input(&self, input: &[f32]) -> Result<StagedInput<'_>> {
         let t = Instant::now();
         let mut staged = self.inputs.take(input.len(), |len| {
             Ok(self.pin(len).unwrap_or_else(|_| PinnedShared::host(len)))
@@ -398,13 +398,13 @@ impl GpuBackend {
 
     /// `weights` as a shared buffer kept by content (length and a hash of every byte, the key
     /// resident weights are found by): the kept one with its key, else a copy, kept.
-    pub(crate) fn shared_weights(&self, weights: &[f32]) -> SharedWeights {
+    fn shared_weights(&self, weights: &[f32]) -> SharedWeights {
         let (key, data) = self.shared_set(weights);
         SharedWeights { data, key }
     }
 
     /// `bias` as a shared buffer kept by content (see [`GpuBackend::shared_weights`]).
-    pub(crate) fn shared_bias(&self, bias: &[f32]) -> Arc<[f32]> {
+    fn shared_bias(&self, bias: &[f32]) -> Arc<[f32]> {
         self.shared_set(bias).1
     }
 

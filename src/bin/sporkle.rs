@@ -8,7 +8,7 @@
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
-use sporkle::cpu::CpuPath;
+use sporkle::cpu::{CpuPath, Microkernel};
 use sporkle::gpu::Dispatches;
 use sporkle::juggler::{Config as JugglerConfig, DeviceKind};
 use sporkle::params::PaddingSpec;
@@ -151,6 +151,10 @@ struct BenchArgs {
     /// Force one CPU path (strips, rows, direct) instead of sporkle's choice (for diagnosis).
     #[arg(long, hide = true, value_parser = parse_cpu_path)]
     cpu_path: Option<CpuPath>,
+    /// Force one CPU microkernel (avx512, avx512-wide, portable) instead of the calibrated
+    /// choice (to compare variants in one run).
+    #[arg(long, value_parser = parse_microkernel)]
+    microkernel: Option<Microkernel>,
     /// Peer JSON lines (e.g. from shared/peers/ort_conv.py) to compare with, by shape name.
     #[arg(long)]
     compare: Option<PathBuf>,
@@ -170,6 +174,18 @@ struct BenchArgs {
     vs_fixed: bool,
     /// Shapes by name or 1-based number (default: all).
     shapes: Vec<String>,
+}
+
+fn parse_microkernel(s: &str) -> Result<Microkernel, String> {
+    let kernel = Microkernel::from_name(s).ok_or_else(|| {
+        let names: Vec<&str> = Microkernel::ALL.iter().map(|k| k.name()).collect();
+        format!("unknown microkernel {s:?} (one of {})", names.join(", "))
+    })?;
+    if kernel.supported() {
+        Ok(kernel)
+    } else {
+        Err(format!("this CPU cannot run the {s} microkernel"))
+    }
 }
 
 fn parse_cpu_path(s: &str) -> Result<CpuPath, String> {
@@ -247,6 +263,14 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The FMA peak of the cores a CPU backend's threads can run on: the calibration's one-core
+/// figure times min(threads, cores); `None` where no SIMD peak is measured.
+fn cpu_peak(cpu: &CpuBackend) -> Option<f64> {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let per_core = sporkle::cpu::calibration().fma_peak_gflops?;
+    Some(per_core * cpu.threads().min(cores) as f64)
 }
 
 fn cpu_backend(threads: Option<usize>) -> Result<CpuBackend> {
@@ -417,10 +441,22 @@ fn bench(a: BenchArgs) -> Result<()> {
     if a.one_call {
         return one_call(&a, &cases, &peers);
     }
-    let engine = match (a.device, a.cpu_path) {
-        (DeviceArg::Cpu, Some(path)) => Engine::Cpu(cpu_backend(a.threads)?.with_path(path)),
-        (_, Some(_)) => bail!("--cpu-path needs --device cpu"),
-        (device, None) => engine(device, a.threads)?,
+    let engine = match (a.device, a.cpu_path, a.microkernel) {
+        (DeviceArg::Cpu, path, kernel) if path.is_some() || kernel.is_some() => {
+            let threads = a
+                .threads
+                .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+            let kernel = kernel.unwrap_or_else(Microkernel::detect);
+            let cpu = CpuBackend::with_options(threads, kernel)?;
+            Engine::Cpu(match path {
+                Some(path) => cpu.with_path(path),
+                None => cpu,
+            })
+        }
+        (_, Some(_), _) | (_, _, Some(_)) => {
+            bail!("--cpu-path and --microkernel need --device cpu")
+        }
+        (device, None, None) => engine(device, a.threads)?,
     };
     match &engine {
         Engine::Cpu(cpu) => eprintln!(
@@ -478,6 +514,13 @@ fn bench(a: BenchArgs) -> Result<()> {
                 emit(
                     serde_json::json!({"shape": case.name, "device": device, "ms": round4(ms), "gflops": round2(gflops)}),
                 )?;
+                if let Some(peak) = cpu_peak(cpu) {
+                    eprintln!(
+                        "# {}: {:.0}% of the measured FMA peak ({peak:.0} GFLOP/s)",
+                        case.name,
+                        100.0 * gflops / peak
+                    );
+                }
                 rows.push((case.name.clone(), gflops, gflops));
             }
             Engine::Gpu(gpu, j) => {
@@ -1231,7 +1274,7 @@ fn devices() -> Result<()> {
     let backend = CpuBackend::new()?;
     out!("cpu: {model}");
     out!("  threads: {}", backend.threads());
-    out!("  microkernel: {}", backend.microkernel().name());
+    out!("  microkernel: {}", sporkle::cpu::calibration().describe());
     match sporkle::GpuBackend::new() {
         Ok(gpu) => {
             out!("{}", gpu.info().to_string().trim_end());

@@ -18,6 +18,9 @@
 
 /// Rows of A (filters) and columns of B (output positions) in one microkernel call.
 pub const MR: usize = 16;
+/// Positions per call of [`Microkernel::Avx512Wide`]'s rows tile (2 × 14 accumulators, two
+/// vectors of A, four registers spare).
+pub const WIDE_POSITIONS: usize = 14;
 /// See [`MR`].
 pub const NR: usize = 16;
 
@@ -57,38 +60,95 @@ impl TapOffsets {
     }
 }
 
-/// Which instruction set the microkernel uses.
+/// Which microkernels run: an instruction set and a rows tile. Both AVX-512 variants compute
+/// every output as the same chain of FMAs in the same order, so their bits are identical (one
+/// numerics key, [`Microkernel::numerics`]); the portable one multiplies and adds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Microkernel {
-    /// AVX-512F intrinsics (checked at run time).
+    /// AVX-512F, 16 accumulators: one load (a broadcast or a vector) per FMA. Enough where
+    /// 512-bit FMAs issue at one per cycle (AMD Zen 4 splits them in two).
     Avx512,
+    /// AVX-512F with a rows tile of up to 14 positions × 32 filters (28 accumulators, two
+    /// vectors of filters per broadcast): 16 loads per 28 FMAs, for cores with two 512-bit FMA
+    /// ports, which one load per FMA cannot feed. Strips are as in [`Microkernel::Avx512`].
+    Avx512Wide,
     /// Plain Rust; the compiler vectorises it for the baseline target.
     Portable,
 }
 
 impl Microkernel {
-    /// The fastest kernel this CPU supports.
-    pub fn detect() -> Self {
-        #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            return Microkernel::Avx512;
+    /// Every variant, supported here or not.
+    pub const ALL: [Microkernel; 3] = [
+        Microkernel::Avx512,
+        Microkernel::Avx512Wide,
+        Microkernel::Portable,
+    ];
+
+    /// Whether this CPU can run it.
+    pub fn supported(self) -> bool {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Microkernel::Avx512 | Microkernel::Avx512Wide => {
+                std::arch::is_x86_feature_detected!("avx512f")
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            Microkernel::Avx512 | Microkernel::Avx512Wide => false,
+            Microkernel::Portable => true,
         }
-        Microkernel::Portable
+    }
+
+    /// The fastest kernel on this CPU, as measured once per process (see `calibrate.rs`).
+    pub fn detect() -> Self {
+        super::calibrate::calibration().chosen
     }
 
     /// Name for reports.
     pub fn name(self) -> &'static str {
         match self {
             Microkernel::Avx512 => "avx512",
+            Microkernel::Avx512Wide => "avx512-wide",
             Microkernel::Portable => "portable",
         }
     }
 
+    /// The kernel with this [`name`](Self::name).
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.name() == name)
+    }
+
+    /// What determines its output bits (fingerprints are keyed by it): the AVX-512 variants
+    /// share one FMA chain per output.
+    pub fn numerics(self) -> &'static str {
+        match self {
+            Microkernel::Avx512 | Microkernel::Avx512Wide => "avx512",
+            Microkernel::Portable => "portable",
+        }
+    }
+
+    /// The rows tile: at most this many positions per call...
+    pub fn rows_positions(self) -> usize {
+        match self {
+            Microkernel::Avx512Wide => WIDE_POSITIONS,
+            Microkernel::Avx512 | Microkernel::Portable => NR,
+        }
+    }
+
+    /// ...and this many filters (16 or 32: one or two packed panels).
+    pub fn rows_filters(self) -> usize {
+        match self {
+            Microkernel::Avx512Wide => 2 * MR,
+            Microkernel::Avx512 | Microkernel::Portable => MR,
+        }
+    }
+
     /// Rows orientation, over every tap:
-    /// `C[j·ldc + i] = Σ_k b[offs[k] + i] · a[k·16 + j] (+ bias[j])` for `i < n ≤ 16` positions
-    /// and `j < filters ≤ 16`. The tile is accumulated in registers over all taps (one vector of
-    /// A per tap streams well from L2) and stored transposed, so each filter's `n` outputs are
-    /// contiguous; rows `j ≥ filters` are computed but not stored.
+    /// `C[j·ldc + i] = Σ_k b[offs[k] + i] · A_j[k] (+ bias[j])` for `i < n` positions and
+    /// `j < filters` (both within [`rows_positions`](Self::rows_positions) and
+    /// [`rows_filters`](Self::rows_filters)), where filters 0..16 come from the packed panel
+    /// `a[k·16 + j]` and filters 16..32 from the next panel, `a[kdim·16 + k·16 + j − 16]`. The
+    /// tile is accumulated in registers over all taps (one vector of A per panel and tap streams
+    /// well from L2) and stored transposed, so each filter's `n` outputs are contiguous; filters
+    /// of a panel past `filters` are computed but not stored.
     /// Panics (a bug in the caller) if any access would leave its slice.
     #[allow(clippy::too_many_arguments)]
     pub fn run_rows(
@@ -103,12 +163,19 @@ impl Microkernel {
         bias: Option<&[f32]>,
     ) {
         let kdim = offsets.len();
-        assert!((1..=NR).contains(&n), "microkernel: {n} positions per call");
         assert!(
-            (1..=MR).contains(&filters),
+            (1..=self.rows_positions()).contains(&n),
+            "microkernel: {n} positions per call"
+        );
+        assert!(
+            (1..=self.rows_filters()).contains(&filters),
             "microkernel: {filters} filters per call"
         );
-        assert!(a.len() >= kdim * MR, "microkernel: A panel too short");
+        let panels = filters.div_ceil(MR);
+        assert!(
+            a.len() >= panels * kdim * MR,
+            "microkernel: A panel too short"
+        );
         assert!(
             offsets.max() + n <= b.len(),
             "microkernel: B reads past the planes"
@@ -117,44 +184,67 @@ impl Microkernel {
             ldc >= n && (filters - 1) * ldc + n <= c.len(),
             "microkernel: C tile out of bounds"
         );
-        let mut bias16 = [0.0f32; MR];
+        let mut bias32 = [0.0f32; 2 * MR];
         if let Some(bias) = bias {
-            bias16[..filters].copy_from_slice(&bias[..filters]);
+            bias32[..filters].copy_from_slice(&bias[..filters]);
         }
         let offs = offsets.as_slice();
-        /// Dispatches to the instance for the runtime `n` (the accumulator count is a constant).
+        /// Dispatches to the instance for the runtime `n` ≤ 14 (the accumulator count is a
+        /// constant), with `$p` panels; `$more` adds the arms for 15 and 16.
         macro_rules! by_n {
-            ($f:ident, $($args:expr),*) => {
+            ($f:ident, $p:literal, [$($more:literal),*], $args:tt) => {
                 match n {
-                    1 => $f::<1>($($args),*), 2 => $f::<2>($($args),*), 3 => $f::<3>($($args),*),
-                    4 => $f::<4>($($args),*), 5 => $f::<5>($($args),*), 6 => $f::<6>($($args),*),
-                    7 => $f::<7>($($args),*), 8 => $f::<8>($($args),*), 9 => $f::<9>($($args),*),
-                    10 => $f::<10>($($args),*), 11 => $f::<11>($($args),*), 12 => $f::<12>($($args),*),
-                    13 => $f::<13>($($args),*), 14 => $f::<14>($($args),*), 15 => $f::<15>($($args),*),
-                    _ => $f::<16>($($args),*),
+                    1 => $f::<1, $p>$args, 2 => $f::<2, $p>$args,
+                    3 => $f::<3, $p>$args, 4 => $f::<4, $p>$args,
+                    5 => $f::<5, $p>$args, 6 => $f::<6, $p>$args,
+                    7 => $f::<7, $p>$args, 8 => $f::<8, $p>$args,
+                    9 => $f::<9, $p>$args, 10 => $f::<10, $p>$args,
+                    11 => $f::<11, $p>$args, 12 => $f::<12, $p>$args,
+                    13 => $f::<13, $p>$args, 14 => $f::<14, $p>$args,
+                    $($more => $f::<$more, $p>$args,)*
+                    _ => unreachable!("n checked above"),
                 }
             };
         }
+        let a_stride = kdim * MR;
         match self {
             #[cfg(target_arch = "x86_64")]
-            Microkernel::Avx512 => {
-                assert!(
-                    std::arch::is_x86_feature_detected!("avx512f"),
-                    "AVX-512 kernel on a CPU without it"
-                );
+            Microkernel::Avx512 | Microkernel::Avx512Wide => {
+                assert!(self.supported(), "AVX-512 kernel on a CPU without it");
                 let (a, offs, b, c) = (a.as_ptr(), offs.as_ptr(), b.as_ptr(), c.as_mut_ptr());
                 use avx512::rows;
-                // SAFETY: the CPU has AVX-512F (checked above); A reads kdim·16 floats (a.len()
-                // checked), B reads offs[k]+0..n with every offset ≤ offsets.max() and
-                // max+n ≤ b.len(), C writes j·ldc+0..n for j < filters with
-                // (filters−1)·ldc+n ≤ c.len().
-                unsafe { by_n!(rows, kdim, a, offs, b, c, ldc, filters, &bias16) }
+                // SAFETY: the CPU has AVX-512F (checked above); A reads panels·kdim·16 floats
+                // (a.len() checked), B reads offs[k]+0..n with every offset ≤ offsets.max()
+                // and max+n ≤ b.len(), C writes j·ldc+0..n for j < filters with
+                // (filters−1)·ldc+n ≤ c.len(); two panels only with n ≤ 14 (rows_positions).
+                unsafe {
+                    if panels == 1 {
+                        by_n!(
+                            rows,
+                            1,
+                            [15, 16],
+                            (kdim, a, a_stride, offs, b, c, ldc, filters, &bias32)
+                        )
+                    } else {
+                        by_n!(
+                            rows,
+                            2,
+                            [],
+                            (kdim, a, a_stride, offs, b, c, ldc, filters, &bias32)
+                        )
+                    }
+                }
             }
             #[cfg(not(target_arch = "x86_64"))]
-            Microkernel::Avx512 => unreachable!("AVX-512 kernel selected on a non-x86 CPU"),
-            Microkernel::Portable => {
-                by_n!(portable_rows, kdim, a, offs, b, c, ldc, filters, &bias16)
+            Microkernel::Avx512 | Microkernel::Avx512Wide => {
+                unreachable!("AVX-512 kernel selected on a non-x86 CPU")
             }
+            Microkernel::Portable => by_n!(
+                portable_rows,
+                1,
+                [15, 16],
+                (kdim, a, a_stride, offs, b, c, ldc, filters, &bias32)
+            ),
         }
     }
 
@@ -199,11 +289,8 @@ impl Microkernel {
         let offs = &offsets.as_slice()[k0..k0 + kc];
         match self {
             #[cfg(target_arch = "x86_64")]
-            Microkernel::Avx512 => {
-                assert!(
-                    std::arch::is_x86_feature_detected!("avx512f"),
-                    "AVX-512 kernel on a CPU without it"
-                );
+            Microkernel::Avx512 | Microkernel::Avx512Wide => {
+                assert!(self.supported(), "AVX-512 kernel on a CPU without it");
                 // SAFETY: the CPU has AVX-512F (checked above); every pointer access stays in its
                 // slice: A reads kc·16 floats (a.len() checked), B reads offs[k]+0..16 with every
                 // offset ≤ offsets.max() and max+16 ≤ b.len(), C reads and writes (masked)
@@ -223,7 +310,9 @@ impl Microkernel {
                 }
             }
             #[cfg(not(target_arch = "x86_64"))]
-            Microkernel::Avx512 => unreachable!("AVX-512 kernel selected on a non-x86 CPU"),
+            Microkernel::Avx512 | Microkernel::Avx512Wide => {
+                unreachable!("AVX-512 kernel selected on a non-x86 CPU")
+            }
             Microkernel::Portable => portable(kc, a, offs, b, c, ldc, filters, lanes, start),
         }
     }
@@ -288,40 +377,47 @@ fn portable(
     }
 }
 
+/// The portable body of [`Microkernel::run_rows`] for `N` positions and `P` panels.
 #[allow(clippy::too_many_arguments)]
-fn portable_rows<const N: usize>(
+fn portable_rows<const N: usize, const P: usize>(
     kdim: usize,
     a: &[f32],
+    a_stride: usize,
     offs: &[usize],
     b: &[f32],
     c: &mut [f32],
     ldc: usize,
     filters: usize,
-    bias: &[f32; MR],
+    bias: &[f32; 2 * MR],
 ) {
-    let mut acc = [*bias; N];
-    for (ak, &off) in a.chunks_exact(MR).zip(offs).take(kdim) {
+    let start: [[f32; MR]; P] =
+        std::array::from_fn(|p| bias[p * MR..(p + 1) * MR].try_into().expect("16 floats"));
+    let mut acc = [start; N];
+    for (k, &off) in offs.iter().enumerate().take(kdim) {
         for (row, &bi) in acc.iter_mut().zip(&b[off..off + N]) {
-            for (r, &aj) in row.iter_mut().zip(ak) {
-                *r += bi * aj;
+            for (p, panel) in row.iter_mut().enumerate() {
+                let ak = &a[p * a_stride + k * MR..][..MR];
+                for (r, &aj) in panel.iter_mut().zip(ak) {
+                    *r += bi * aj;
+                }
             }
         }
     }
     store_transposed(&acc, c, ldc, filters);
 }
 
-/// Stores filters `0..filters` of an `N×16` tile (positions × filters) as rows of `c` with
+/// Stores filters `0..filters` of an `N×P·16` tile (positions × filters) as rows of `c` with
 /// pitch `ldc`.
 #[inline(always)]
-fn store_transposed<const N: usize>(
-    acc: &[[f32; MR]; N],
+fn store_transposed<const N: usize, const P: usize>(
+    acc: &[[[f32; MR]; P]; N],
     c: &mut [f32],
     ldc: usize,
     filters: usize,
 ) {
     for j in 0..filters {
         for (dst, src) in c[j * ldc..j * ldc + N].iter_mut().zip(acc) {
-            *dst = src[j];
+            *dst = src[j / MR][j % MR];
         }
     }
 }
@@ -387,48 +483,101 @@ mod avx512 {
         debug_assert_eq!(NR, 16);
     }
 
-    /// The AVX-512 body of [`super::Microkernel::run_rows`] for `N` positions.
+    /// The AVX-512 body of [`super::Microkernel::run_rows`] for `N` positions and `P` panels
+    /// (`N·P` accumulators, `P` vectors of A per tap, the B values broadcast from memory).
     ///
     /// # Safety
-    /// The CPU supports AVX-512F; `a` is valid for `kdim·16` reads; `offs` for `kdim` reads;
-    /// `b` for reads at `offs[k] + 0..N`; `c` for writes at `j·ldc + 0..N`, `j < filters ≤ 16`.
+    /// The CPU supports AVX-512F; `a` is valid for reads at `p·a_stride + k·16 + 0..16` for
+    /// `p < P`, `k < kdim`; `offs` for `kdim` reads; `b` for reads at `offs[k] + 0..N`; `c` for
+    /// writes at `j·ldc + 0..N`, `j < filters ≤ 16·P`.
     #[target_feature(enable = "avx512f")]
     #[allow(clippy::too_many_arguments)]
-    pub unsafe fn rows<const N: usize>(
+    pub unsafe fn rows<const N: usize, const P: usize>(
         kdim: usize,
         a: *const f32,
+        a_stride: usize,
         offs: *const usize,
         b: *const f32,
         c: *mut f32,
         ldc: usize,
         filters: usize,
-        bias: &[f32; MR],
+        bias: &[f32; 2 * MR],
     ) {
-        // SAFETY: bias is 16 floats.
-        let mut acc = [unsafe { _mm512_loadu_ps(bias.as_ptr()) }; N];
+        let mut start = [_mm512_setzero_ps(); P];
+        for (p, v) in start.iter_mut().enumerate() {
+            // SAFETY: p < P ≤ 2: 16 floats inside the 32 of bias.
+            *v = unsafe { _mm512_loadu_ps(bias.as_ptr().add(p * MR)) };
+        }
+        let mut acc = [start; N];
         for k in 0..kdim {
-            // SAFETY: k < kdim: A's row k and offs[k] are in bounds, and so are the N floats of B
-            // at offs[k] (caller's contract).
-            let (av, bk) = unsafe { (_mm512_loadu_ps(a.add(k * MR)), b.add(*offs.add(k))) };
-            for (i, v) in acc.iter_mut().enumerate() {
+            let mut av = [_mm512_setzero_ps(); P];
+            for (p, v) in av.iter_mut().enumerate() {
+                // SAFETY: p < P and k < kdim: panel p's row k (caller's contract).
+                *v = unsafe { _mm512_loadu_ps(a.add(p * a_stride + k * MR)) };
+            }
+            // SAFETY: k < kdim: offs[k] is in bounds, and so are the N floats of B at offs[k].
+            let bk = unsafe { b.add(*offs.add(k)) };
+            for (i, row) in acc.iter_mut().enumerate() {
                 // SAFETY: i < N, inside the N floats of B at offs[k].
                 let bv = unsafe { _mm512_set1_ps(*bk.add(i)) };
-                *v = _mm512_fmadd_ps(bv, av, *v);
+                for (v, &a) in row.iter_mut().zip(&av) {
+                    *v = _mm512_fmadd_ps(bv, a, *v);
+                }
             }
         }
-        // Transpose through a small stack tile: N vector stores, then `filters` rows of N.
-        let mut tile = [[0.0f32; MR]; N];
-        for (row, v) in tile.iter_mut().zip(&acc) {
-            // SAFETY: row is 16 floats.
-            unsafe { _mm512_storeu_ps(row.as_mut_ptr(), *v) };
+        // Transpose through a small stack tile: N·P vector stores, then `filters` rows of N.
+        let mut tile = [[[0.0f32; MR]; P]; N];
+        for (row, vs) in tile.iter_mut().zip(&acc) {
+            for (panel, v) in row.iter_mut().zip(vs) {
+                // SAFETY: panel is 16 floats.
+                unsafe { _mm512_storeu_ps(panel.as_mut_ptr(), *v) };
+            }
         }
         for j in 0..filters {
             for (i, row) in tile.iter().enumerate() {
                 // SAFETY: j < filters and i < N: inside row j of C (caller's contract).
-                unsafe { *c.add(j * ldc + i) = row[j] };
+                unsafe { *c.add(j * ldc + i) = row[j / MR][j % MR] };
             }
         }
     }
+
+    /// Nothing but register FMAs, `iters·16` of them, 16 lanes each: the loop behind
+    /// [`super::fma_peak`].
+    ///
+    /// # Safety
+    /// The CPU supports AVX-512F.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn fma_loop(iters: usize) -> f32 {
+        // 16 independent chains: enough to cover FMA latency on two ports.
+        let mut acc = [_mm512_set1_ps(1.0); 16];
+        let m = _mm512_set1_ps(0.999_9);
+        let add = _mm512_set1_ps(1e-6);
+        for _ in 0..iters {
+            for v in acc.iter_mut() {
+                *v = _mm512_fmadd_ps(*v, m, add);
+            }
+        }
+        let mut sum = _mm512_setzero_ps();
+        for v in acc {
+            sum = _mm512_add_ps(sum, v);
+        }
+        _mm512_reduce_add_ps(sum)
+    }
+}
+
+/// FLOPs of `iters` rounds of the FMA peak loop.
+pub const FMA_LOOP_FLOPS: usize = 16 * 16 * 2;
+
+/// Runs the register-only FMA loop (`iters · FMA_LOOP_FLOPS` FLOPs) where the CPU has
+/// AVX-512F; `None` elsewhere (no SIMD peak is measured for the portable kernel).
+pub fn fma_peak(iters: usize) -> Option<f32> {
+    #[cfg(target_arch = "x86_64")]
+    if Microkernel::Avx512.supported() {
+        // SAFETY: the CPU has AVX-512F (checked above); the loop touches only registers.
+        return Some(unsafe { avx512::fma_loop(iters) });
+    }
+    let _ = iters;
+    None
 }
 
 #[cfg(test)]
@@ -459,7 +608,7 @@ mod tests {
         offsets.fill((0..kc).map(|k| (k * 97) % 480));
         let want = naive(kc, &a, offsets.as_slice(), &b);
         let start: [f32; MR] = std::array::from_fn(|i| i as f32);
-        for kernel in [Microkernel::detect(), Microkernel::Portable] {
+        for kernel in Microkernel::ALL.into_iter().filter(|k| k.supported()) {
             for (filters, lanes) in [(16, 16), (5, 16), (16, 3), (1, 1), (9, 14)] {
                 let ldc = 20;
                 let mut c = vec![f32::NAN; (filters - 1) * ldc + lanes];
@@ -492,34 +641,71 @@ mod tests {
     #[test]
     fn every_rows_kernel_matches_the_naive_product() {
         let kdim = 29;
-        let mut a = vec![0.0; kdim * MR];
+        let mut a = vec![0.0; 2 * kdim * MR];
         let mut b = vec![0.0; 400];
         fill_uniform(5, &mut a);
         fill_uniform(6, &mut b);
         let mut offsets = TapOffsets::default();
         offsets.fill((0..kdim).map(|k| (k * 53) % 380));
         let offs = offsets.as_slice();
-        for kernel in [Microkernel::detect(), Microkernel::Portable] {
-            for n in 1..=NR {
-                let ldc = n + 3;
-                let filters = 17 - n;
-                let bias: Vec<f32> = (0..filters).map(|j| j as f32).collect();
-                let mut c = vec![f32::NAN; (filters - 1) * ldc + n];
-                kernel.run_rows(n, &a, &offsets, &b, &mut c, ldc, filters, Some(&bias));
-                for i in 0..n {
-                    for j in 0..filters {
-                        let want: f64 = (0..kdim)
-                            .map(|k| f64::from(b[offs[k] + i]) * f64::from(a[k * MR + j]))
-                            .sum();
-                        let got = f64::from(c[j * ldc + i]);
-                        assert!(
-                            (got - want - j as f64).abs() < 1e-4,
-                            "{kernel:?} n={n} ({i},{j})"
-                        );
+        // Filter j's weight for tap k: panel j / 16, lane j % 16.
+        let weight = |k: usize, j: usize| f64::from(a[(j / MR) * kdim * MR + k * MR + j % MR]);
+        for kernel in Microkernel::ALL.into_iter().filter(|k| k.supported()) {
+            for n in 1..=kernel.rows_positions() {
+                for filters in [kernel.rows_filters() + 1 - n, 1, kernel.rows_filters()] {
+                    let ldc = n + 3;
+                    let bias: Vec<f32> = (0..filters).map(|j| j as f32).collect();
+                    let mut c = vec![f32::NAN; (filters - 1) * ldc + n];
+                    kernel.run_rows(n, &a, &offsets, &b, &mut c, ldc, filters, Some(&bias));
+                    for i in 0..n {
+                        for j in 0..filters {
+                            let want: f64 = (0..kdim)
+                                .map(|k| f64::from(b[offs[k] + i]) * weight(k, j))
+                                .sum();
+                            let got = f64::from(c[j * ldc + i]);
+                            assert!(
+                                (got - want - j as f64).abs() < 1e-4,
+                                "{kernel:?} n={n} filters={filters} ({i},{j})"
+                            );
+                        }
                     }
                 }
             }
         }
+    }
+
+    /// The AVX-512 variants compute one FMA chain per output: their bits must agree.
+    #[test]
+    fn avx512_variants_give_identical_bits() {
+        if !Microkernel::Avx512.supported() {
+            eprintln!("SKIPPED: this CPU has no AVX-512; nothing to compare");
+            return;
+        }
+        let kdim = 300;
+        let mut a = vec![0.0; 2 * kdim * MR];
+        let mut b = vec![0.0; 4000];
+        fill_uniform(7, &mut a);
+        fill_uniform(8, &mut b);
+        let mut offsets = TapOffsets::default();
+        offsets.fill((0..kdim).map(|k| (k * 131) % 3900));
+        let bias: Vec<f32> = (0..32).map(|j| j as f32 * 0.25).collect();
+        let n = Microkernel::Avx512Wide.rows_positions();
+        let run = |kernel: Microkernel| {
+            let mut c = vec![0.0f32; 32 * n];
+            for p in 0..32 / kernel.rows_filters() {
+                let f = kernel.rows_filters();
+                let a = &a[p * kdim * MR..];
+                let c = &mut c[p * f * n..];
+                kernel.run_rows(n, a, &offsets, &b, c, n, f, Some(&bias[p * f..]));
+            }
+            c
+        };
+        let wide = run(Microkernel::Avx512Wide);
+        let narrow = run(Microkernel::Avx512);
+        assert!(wide
+            .iter()
+            .zip(&narrow)
+            .all(|(x, y)| x.to_bits() == y.to_bits()));
     }
 
     #[test]

@@ -30,10 +30,12 @@
 
 #![deny(unsafe_code)]
 
+mod calibrate;
 #[allow(unsafe_code)] // The SIMD microkernel; every block carries a SAFETY line.
 mod kernel;
 mod planes;
 
+pub use calibrate::{calibration, Calibration};
 pub use kernel::Microkernel;
 
 use crate::error::{Error, Result};
@@ -117,7 +119,7 @@ impl CpuPath {
         }
         let g = Geometry::new(p);
         let strips = (g.ho * g.wq).next_multiple_of(NR);
-        let (chunks, chunk) = row_chunks(g.wo);
+        let (chunks, chunk) = row_chunks(g.wo, NR);
         let rows = g.ho * chunks * chunk.max(ROWS_MIN_LANES);
         if rows < strips {
             CpuPath::GemmRows
@@ -147,10 +149,10 @@ const POINTWISE_ROWS_MIN_TAPS: usize = 128;
 /// Below this many positions per call, the rows kernel's few accumulators wait on FMA latency.
 const ROWS_MIN_LANES: usize = 8;
 
-/// How the rows kernel cuts an output row of `wo` positions: `(chunks, positions per chunk)`,
-/// the last chunk taking the remainder.
-fn row_chunks(wo: usize) -> (usize, usize) {
-    let chunks = wo.div_ceil(NR);
+/// How the rows kernel cuts an output row of `wo` positions into calls of at most `max`:
+/// `(chunks, positions per chunk)`, the last chunk taking the remainder.
+fn row_chunks(wo: usize, max: usize) -> (usize, usize) {
+    let chunks = wo.div_ceil(max);
     (chunks, wo.div_ceil(chunks))
 }
 
@@ -252,7 +254,7 @@ impl CpuBackend {
         if threads == 0 {
             return Err(Error::Cpu("thread count must be at least 1".into()));
         }
-        if kernel != Microkernel::Portable && kernel != Microkernel::detect() {
+        if !kernel.supported() {
             return Err(Error::Cpu(format!(
                 "the {} microkernel is not supported by this CPU",
                 kernel.name()
@@ -529,6 +531,11 @@ impl CpuBackend {
         let (p, geo) = (s.p, s.geo);
         let mg = p.c_out_per_group();
         let mut rows = geo.ho;
+        // Split filters no finer than one kernel call takes (32 on the wide rows kernel).
+        let min_filters = match s.path {
+            CpuPath::GemmRows => self.kernel.rows_filters(),
+            CpuPath::GemmStrips | CpuPath::Direct => MR,
+        };
         let mut m_rows = match s.path {
             CpuPath::GemmStrips | CpuPath::GemmRows => mg.next_multiple_of(MR),
             CpuPath::Direct => mg,
@@ -537,8 +544,8 @@ impl CpuBackend {
             let tasks = images * p.groups * geo.ho.div_ceil(rows) * mg.div_ceil(m_rows);
             if tasks >= 2 * self.threads {
                 break;
-            } else if s.path.packs_weights() && m_rows > MR {
-                m_rows = (m_rows / 2).next_multiple_of(MR);
+            } else if s.path.packs_weights() && m_rows > min_filters {
+                m_rows = (m_rows / 2).next_multiple_of(min_filters);
             } else if rows > 1 {
                 rows = rows.div_ceil(2);
             } else {
@@ -679,14 +686,17 @@ impl CpuBackend {
         let rows = task.filters;
         let plane = geo.ho * geo.wo;
         let (first_panel, _) = self.panels(s, task);
-        let (_, chunk) = row_chunks(geo.wo);
+        let (_, chunk) = row_chunks(geo.wo, self.kernel.rows_positions());
         let block_rows = (BLOCK_Q / geo.wo).max(1);
         for ya in (0..task.y1 - task.y0).step_by(block_rows) {
             let yb = (task.y1 - task.y0).min(ya + block_rows);
             let positions = (yb - ya) * geo.wo;
-            for pi in 0..rows.div_ceil(MR) {
-                let a = &s.weights[(first_panel + pi) * kdim * MR..][..kdim * MR];
-                let filters = MR.min(rows - pi * MR);
+            // Panels of 16 filters, as many per call as the kernel takes (the task's filters
+            // are in one group, whose panels are contiguous).
+            for pi in (0..rows.div_ceil(MR)).step_by(self.kernel.rows_filters() / MR) {
+                let filters = self.kernel.rows_filters().min(rows - pi * MR);
+                let a = &s.weights[(first_panel + pi) * kdim * MR..]
+                    [..filters.div_ceil(MR) * kdim * MR];
                 let bias = s.bias.map(|bias| &bias[task.m0 + pi * MR..][..filters]);
                 for y in ya..yb {
                     for x0 in (0..geo.wo).step_by(chunk) {
@@ -809,19 +819,25 @@ mod tests {
 
     /// Every path with the best microkernel and with the portable one, and the default choice.
     fn backends() -> Vec<CpuBackend> {
-        let mut all = vec![
-            CpuBackend::with_threads(2).unwrap(),
-            CpuBackend::with_options(3, Microkernel::Portable).unwrap(),
-        ];
-        for path in [CpuPath::GemmStrips, CpuPath::GemmRows, CpuPath::Direct] {
-            all.push(CpuBackend::with_threads(2).unwrap().with_path(path));
-            all.push(
-                CpuBackend::with_options(1, Microkernel::Portable)
-                    .unwrap()
-                    .with_path(path),
-            );
+        let mut all = vec![];
+        for (i, kernel) in supported().into_iter().enumerate() {
+            all.push(CpuBackend::with_options(2 + i, kernel).unwrap());
+            for path in [CpuPath::GemmStrips, CpuPath::GemmRows, CpuPath::Direct] {
+                all.push(
+                    CpuBackend::with_options(1 + i, kernel)
+                        .unwrap()
+                        .with_path(path),
+                );
+            }
         }
         all
+    }
+
+    /// Every microkernel this CPU runs.
+    fn supported() -> Vec<Microkernel> {
+        (Microkernel::ALL.into_iter())
+            .filter(|k| k.supported())
+            .collect()
     }
 
     #[test]
@@ -941,10 +957,16 @@ mod tests {
         for p in cases {
             let (x, w, b) = conv_data(&p, 9, false);
             for path in [None, Some(CpuPath::GemmStrips), Some(CpuPath::GemmRows)] {
-                let outputs: Vec<Vec<u32>> = [1, 2, 3, 5]
-                    .into_iter()
-                    .map(|threads| {
-                        let mut cpu = CpuBackend::with_threads(threads).unwrap();
+                // Every thread count, and every variant with the best kernel's numerics.
+                let best = Microkernel::detect().numerics();
+                let runs = [1, 2, 3, 5].into_iter().flat_map(|threads| {
+                    (supported().into_iter())
+                        .filter(move |k| k.numerics() == best)
+                        .map(move |k| (threads, k))
+                });
+                let outputs: Vec<Vec<u32>> = runs
+                    .map(|(threads, kernel)| {
+                        let mut cpu = CpuBackend::with_options(threads, kernel).unwrap();
                         if let Some(path) = path {
                             cpu = cpu.with_path(path);
                         }
@@ -955,7 +977,7 @@ mod tests {
                     .collect();
                 assert!(
                     outputs.windows(2).all(|o| o[0] == o[1]),
-                    "{p} {path:?}: bits differ between thread counts"
+                    "{p} {path:?}: bits differ between thread counts or kernel variants"
                 );
             }
         }

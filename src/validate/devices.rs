@@ -144,7 +144,7 @@ impl Device {
             }),
             Device::Cpu { backend, .. } => Some(Numerics {
                 family: "cpu",
-                arithmetic: backend.microkernel().name().into(),
+                arithmetic: backend.microkernel().numerics().into(),
                 plan: backend.path_for(p).name().into(),
             }),
             Device::Gpu { .. } | Device::GpuAsync { .. } | Device::Juggler { .. } => None,
@@ -257,7 +257,8 @@ impl Device {
 pub struct Numerics {
     /// `reference`, `cpu` or `gpu`.
     pub family: &'static str,
-    /// How it rounds: the CPU's microkernel (`avx512`, `portable`), the GPU's measured class
+    /// How it rounds: the CPU's microkernel numerics (`avx512` for both AVX-512 variants,
+    /// `portable`), the GPU's measured class
     /// (`fma-ftz`, `mul-add`, ...).
     pub arithmetic: String,
     /// The order it sums in: the CPU's path, the GPU's plan ([`crate::gpu::PlanInfo::key`]).

@@ -1,0 +1,124 @@
+//! Which microkernel this CPU runs, chosen by measurement once per process, never by a model
+//! or vendor name: every supported variant runs the same small rows problem (B in L2, A
+//! streaming, as in a convolution), interleaved over a few rounds; the fastest round of each
+//! counts and the fastest variant wins. Beside it, the core's FMA peak is measured with a
+//! register-only loop, so reports can say what fraction of the machine a shape reaches.
+//! Takes about 30 ms, on the first thread that asks.
+
+use super::kernel::{fma_peak, Microkernel, TapOffsets, FMA_LOOP_FLOPS, MR};
+use std::sync::OnceLock;
+use std::time::Instant;
+
+/// What the calibration measured (one core) and chose.
+#[derive(Clone, Debug)]
+pub struct Calibration {
+    /// The register-only FMA peak of one core, GFLOP/s; `None` without AVX-512 (no SIMD loop
+    /// is measured for the portable kernel).
+    pub fma_peak_gflops: Option<f64>,
+    /// Each supported variant's rate on the calibration problem, GFLOP/s, fastest first.
+    pub rates: Vec<(Microkernel, f64)>,
+    /// The fastest variant: what [`Microkernel::detect`] returns.
+    pub chosen: Microkernel,
+}
+
+impl Calibration {
+    /// One line for reports: the choice and the measured rates.
+    pub fn describe(&self) -> String {
+        let rates: Vec<String> = (self.rates.iter())
+            .map(|(k, r)| format!("{} {r:.0}", k.name()))
+            .collect();
+        let peak = match self.fma_peak_gflops {
+            Some(p) => format!("; FMA peak {p:.0} GFLOP/s per core"),
+            None => String::new(),
+        };
+        format!(
+            "{} (fastest measured here, GFLOP/s on one core: {}{peak})",
+            self.chosen.name(),
+            rates.join(", ")
+        )
+    }
+}
+
+/// The process's calibration, measured on first use.
+pub fn calibration() -> &'static Calibration {
+    static CALIBRATION: OnceLock<Calibration> = OnceLock::new();
+    CALIBRATION.get_or_init(measure)
+}
+
+/// Taps of the calibration problem (a 3×3 layer of 32 channels).
+const TAPS: usize = 288;
+/// Interleaved rounds; the best of each variant counts.
+const ROUNDS: usize = 7;
+/// Rows-tile calls (14 positions × 32 filters) per round.
+const CALLS: usize = 200;
+
+fn measure() -> Calibration {
+    let kernels: Vec<Microkernel> = (Microkernel::ALL.into_iter())
+        .filter(|k| k.supported())
+        .collect();
+    // Two panels of weights, B spread over 48 KiB like a convolution's taps.
+    let a: Vec<f32> = (0..2 * TAPS * MR).map(|i| (i % 7) as f32 * 0.125).collect();
+    let b: Vec<f32> = (0..12 * 1024).map(|i| (i % 5) as f32 * 0.25).collect();
+    let mut offsets = TapOffsets::default();
+    offsets.fill((0..TAPS).map(|k| (k * 173) % (b.len() - 32)));
+    let n = 14;
+    let mut c = vec![0.0f32; 2 * MR * n];
+    let flops = (2 * TAPS * 2 * MR * n * CALLS) as f64;
+    let mut best = vec![0.0f64; kernels.len()];
+    for _ in 0..ROUNDS {
+        for (kernel, best) in kernels.iter().zip(&mut best) {
+            let per_call = kernel.rows_filters();
+            let start = Instant::now();
+            for call in 0..CALLS {
+                for p in 0..2 * MR / per_call {
+                    let b = &b[(call % 16)..];
+                    let c = &mut c[p * per_call * n..];
+                    let a = &a[p * TAPS * MR..];
+                    kernel.run_rows(n, a, &offsets, b, c, n, per_call, None);
+                }
+            }
+            let rate = flops / start.elapsed().as_secs_f64().max(1e-9) / 1e9;
+            *best = best.max(rate);
+        }
+    }
+    std::hint::black_box(&c);
+    let mut rates: Vec<(Microkernel, f64)> = kernels.into_iter().zip(best).collect();
+    rates.sort_by(|x, y| y.1.total_cmp(&x.1));
+    let chosen = rates.first().map_or(Microkernel::Portable, |r| r.0);
+    Calibration {
+        fma_peak_gflops: measure_peak(),
+        rates,
+        chosen,
+    }
+}
+
+/// The best of a few timed runs of the register-only FMA loop, GFLOP/s.
+fn measure_peak() -> Option<f64> {
+    let iters = 1_000_000;
+    let mut best: Option<f64> = None;
+    for _ in 0..ROUNDS {
+        let start = Instant::now();
+        std::hint::black_box(fma_peak(std::hint::black_box(iters))?);
+        let rate = (iters * FMA_LOOP_FLOPS) as f64 / start.elapsed().as_secs_f64() / 1e9;
+        best = Some(best.map_or(rate, |b: f64| b.max(rate)));
+    }
+    best
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_choice_is_supported_and_the_fastest_measured() {
+        let c = calibration();
+        assert!(c.chosen.supported());
+        assert_eq!(c.rates[0].0, c.chosen);
+        assert!(c.rates.windows(2).all(|w| w[0].1 >= w[1].1));
+        assert!(c.rates.iter().all(|(k, r)| k.supported() && *r > 0.0));
+        let supported = Microkernel::ALL.iter().filter(|k| k.supported()).count();
+        assert_eq!(c.rates.len(), supported, "every supported variant measured");
+        assert_eq!(c.fma_peak_gflops.is_some(), Microkernel::Avx512.supported());
+        assert!(c.describe().starts_with(c.chosen.name()));
+    }
+}

@@ -46,6 +46,20 @@ pub enum Tolerance {
 }
 
 impl Tolerance {
+    /// The tolerance for a result of `p` from a backend's own choice of algorithm: Winograd's
+    /// where the CPU ([`crate::cpu::CpuPath::for_params`]) or the GPU
+    /// ([`crate::gpu::Algorithm::for_params`]) may run Winograd on `p` (it holds for the direct
+    /// sum too), the direct bound everywhere else.
+    pub fn for_params(p: &Conv2dParams) -> Self {
+        let cpu = crate::cpu::CpuPath::for_params(p) == crate::cpu::CpuPath::Winograd;
+        let gpu = crate::gpu::Algorithm::for_params(p) == crate::gpu::Algorithm::Winograd;
+        if cpu || gpu {
+            Tolerance::Winograd
+        } else {
+            Tolerance::Fp32
+        }
+    }
+
     /// The allowed absolute error for one output of a convolution with parameters `p`.
     pub fn bound(self, p: &Conv2dParams, r: RefValue) -> f64 {
         match self {

@@ -148,7 +148,7 @@ struct BenchArgs {
     /// Suite file with the shapes (default: the built-in copy of suites/perf.toml).
     #[arg(long)]
     suite: Option<PathBuf>,
-    /// Force one CPU path (strips, rows, direct) instead of sporkle's choice (for diagnosis).
+    /// Force one CPU path (strips, rows, direct, winograd) instead of sporkle's choice (for diagnosis).
     #[arg(long, hide = true, value_parser = parse_cpu_path)]
     cpu_path: Option<CpuPath>,
     /// Force one CPU microkernel (avx512, avx512-wide, portable) instead of the calibrated
@@ -193,7 +193,10 @@ fn parse_cpu_path(s: &str) -> Result<CpuPath, String> {
         "strips" => Ok(CpuPath::GemmStrips),
         "rows" => Ok(CpuPath::GemmRows),
         "direct" => Ok(CpuPath::Direct),
-        _ => Err(format!("{s:?} is not one of strips, rows, direct")),
+        "winograd" => Ok(CpuPath::Winograd),
+        _ => Err(format!(
+            "{s:?} is not one of strips, rows, direct, winograd"
+        )),
     }
 }
 
@@ -1153,8 +1156,8 @@ fn verify_sample(
     bias: Option<&[f32]>,
     y: &[f32],
 ) -> Result<()> {
-    // Whichever device ran it: the Winograd tolerance holds for both algorithms.
-    let tol = sporkle::gpu::Algorithm::for_params(p).tolerance();
+    // Whichever device and algorithm ran it.
+    let tol = sporkle::tolerance::Tolerance::for_params(p);
     check_sample(p, x, w, bias, y, BENCH_CHECKS, tol)
         .map(|_| ())
         .map_err(|m| anyhow!("{m}"))

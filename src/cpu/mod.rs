@@ -34,6 +34,7 @@ mod calibrate;
 #[allow(unsafe_code)] // The SIMD microkernel; every block carries a SAFETY line.
 mod kernel;
 mod planes;
+mod winograd;
 
 pub use calibrate::{calibration, Calibration};
 pub use kernel::Microkernel;
@@ -100,6 +101,9 @@ pub enum CpuPath {
     GemmRows,
     /// Direct shifted-row sums (depthwise and narrow groups).
     Direct,
+    /// Winograd F(2×2, 3×3) (3×3 taps, stride 1, no dilation, one group; see `winograd.rs`):
+    /// its GEMM on the rows kernel.
+    Winograd,
 }
 
 impl CpuPath {
@@ -110,6 +114,15 @@ impl CpuPath {
     pub fn for_params(p: &Conv2dParams) -> Self {
         if p.c_out_per_group() < GEMM_MIN_FILTERS {
             return CpuPath::Direct;
+        }
+        // Winograd where the channels are many enough for its GEMMs to dominate the transforms.
+        let (ho, wo) = p.out_hw();
+        if crate::winograd::applies(p)
+            && p.c_in >= WINOGRAD_MIN_CHANNELS
+            && p.c_out >= WINOGRAD_MIN_CHANNELS
+            && p.n * ho * wo >= WINOGRAD_MIN_POSITIONS
+        {
+            return CpuPath::Winograd;
         }
         // Pointwise layers with a long enough reduction: the rows kernel reads the input in
         // place (no phase planes at all); with short reductions its transposed store costs more
@@ -134,14 +147,51 @@ impl CpuPath {
             CpuPath::GemmStrips => "gemm-strips",
             CpuPath::GemmRows => "gemm-rows",
             CpuPath::Direct => "row-sums",
+            CpuPath::Winograd => "winograd-f2x2",
         }
     }
 
-    /// Whether the weights are packed for the microkernels (else used as given).
-    pub fn packs_weights(self) -> bool {
-        self != CpuPath::Direct
+    /// How this path's weights are laid out.
+    fn layout(self) -> Layout {
+        match self {
+            CpuPath::GemmStrips | CpuPath::GemmRows => Layout::Packed,
+            CpuPath::Direct => Layout::Given,
+            CpuPath::Winograd => Layout::Winograd,
+        }
+    }
+
+    /// The tolerance a result of this path is checked with: Winograd's bound for Winograd
+    /// (see `crate::winograd`), the direct bound otherwise.
+    pub fn tolerance(self) -> crate::tolerance::Tolerance {
+        match self {
+            CpuPath::Winograd => crate::tolerance::Tolerance::Winograd,
+            _ => crate::tolerance::Tolerance::Fp32,
+        }
     }
 }
+
+/// How weights are laid out for a path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Layout {
+    /// `[filter][tap]`, as the caller gave them (the direct path).
+    Given,
+    /// `[group][panel of 16 filters][tap][16]` (the GEMM paths).
+    Packed,
+    /// Transformed (`U_ξ = G g Gᵀ`), then packed as the weights of the Winograd GEMM.
+    Winograd,
+}
+
+/// Winograd needs at least this many input and output channels (measured here: with 64, the
+/// transforms and the short GEMMs lose to the direct rows kernel, 0.7-0.95x; with 256 it wins
+/// by 1.2-1.5x)...
+const WINOGRAD_MIN_CHANNELS: usize = 128;
+/// ...and this many output positions over the batch.
+const WINOGRAD_MIN_POSITIONS: usize = 196;
+/// A Winograd task's transformed input and GEMM output take at most this many floats together
+/// (2 MiB, about a core's L2 cache), unless one row of tiles needs more. Measured here on the
+/// 256-channel layers: 1 MiB tasks (28 positions) re-read the transformed weights from L3 too
+/// often (vgg 377 GFLOP/s), 2 MiB gave 461, 4 MiB 484 on vgg but less on 14×14.
+const WINOGRAD_TASK_FLOATS: usize = 512 << 10;
 
 /// Pointwise layers reduce over at least this many taps to read their input in place.
 const POINTWISE_ROWS_MIN_TAPS: usize = 128;
@@ -159,7 +209,7 @@ fn row_chunks(wo: usize, max: usize) -> (usize, usize) {
 /// Weights laid out for the CPU backend by [`CpuBackend::prepare_weights`].
 pub struct CpuWeights {
     shape: WeightShape,
-    packed: bool,
+    layout: Layout,
     data: Vec<f32>,
 }
 
@@ -324,14 +374,17 @@ impl CpuBackend {
         p.check_slices(input, weights, bias, output)?;
         let mut ws = lock(&self.workspace);
         let mut packed = std::mem::take(&mut ws.packed);
-        let laid_out = if self.path_for(p).packs_weights() {
-            self.pool()
-                .install(|| pack_weights(p, weights, &mut packed));
-            &packed[..]
-        } else {
-            weights
-        };
-        let result = self.run(p, input, laid_out, bias, output, &mut ws);
+        let path = self.path_for(p);
+        let laid_out = self.lay_out(p, path, weights, &mut packed)?;
+        let result = self.run(
+            p,
+            path,
+            input,
+            laid_out.unwrap_or(weights),
+            bias,
+            output,
+            &mut ws,
+        );
         ws.packed = packed;
         result
     }
@@ -347,19 +400,38 @@ impl CpuBackend {
                 got: weights.len() as u64,
             });
         }
-        let packed = self.path_for(p).packs_weights();
-        let data = if packed {
-            let mut data = Vec::new();
-            self.pool().install(|| pack_weights(p, weights, &mut data));
-            data
-        } else {
-            weights.to_vec()
-        };
+        let path = self.path_for(p);
+        let mut data = Vec::new();
+        if self.lay_out(p, path, weights, &mut data)?.is_none() {
+            data = weights.to_vec();
+        }
         Ok(CpuWeights {
             shape: WeightShape::of(p),
-            packed,
+            layout: path.layout(),
             data,
         })
+    }
+
+    /// Lays out `weights` for `path` into `into` and returns it, or `None` where the path
+    /// takes them as given. Errors where the path cannot compute `p` (a forced Winograd).
+    fn lay_out<'a>(
+        &self,
+        p: &Conv2dParams,
+        path: CpuPath,
+        weights: &[f32],
+        into: &'a mut Vec<f32>,
+    ) -> Result<Option<&'a [f32]>> {
+        match path.layout() {
+            Layout::Given => return Ok(None),
+            Layout::Packed => self.pool().install(|| pack_weights(p, weights, into)),
+            Layout::Winograd => {
+                crate::winograd::check_applies(p)?;
+                let u = crate::winograd::transform_weights(p, weights);
+                let gp = crate::winograd::gemm_params(p);
+                self.pool().install(|| pack_weights(&gp, &u, into));
+            }
+        }
+        Ok(Some(&into[..]))
     }
 
     /// [`conv2d`](Self::conv2d) with weights from [`prepare_weights`](Self::prepare_weights).
@@ -372,8 +444,8 @@ impl CpuBackend {
         output: &mut [f32],
     ) -> Result<()> {
         p.validate()?;
-        if weights.shape != WeightShape::of(p) || weights.packed != self.path_for(p).packs_weights()
-        {
+        let path = self.path_for(p);
+        if weights.shape != WeightShape::of(p) || weights.layout != path.layout() {
             return Err(Error::InvalidParams(format!(
                 "the prepared weights are for {:?}, but the call has {:?}",
                 weights.shape,
@@ -387,20 +459,24 @@ impl CpuBackend {
             output.len(),
         )?;
         let mut ws = lock(&self.workspace);
-        self.run(p, input, &weights.data, bias, output, &mut ws)
+        self.run(p, path, input, &weights.data, bias, output, &mut ws)
     }
 
-    /// Runs a checked call; `weights` are laid out for `self.path_for(p)`.
+    /// Runs a checked call on `path`; `weights` are laid out for it.
+    #[allow(clippy::too_many_arguments)]
     fn run(
         &self,
         p: &Conv2dParams,
+        path: CpuPath,
         input: &[f32],
         weights: &[f32],
         bias: Option<&[f32]>,
         output: &mut [f32],
         ws: &mut Workspace,
     ) -> Result<()> {
-        let path = self.path_for(p);
+        if path == CpuPath::Winograd {
+            return self.run_winograd(p, input, weights, bias, output, ws);
+        }
         // Pointwise layers on the rows kernel read the input in place (see Geometry::pointwise).
         let (geo, in_place) = match (path == CpuPath::GemmRows)
             .then(|| Geometry::pointwise(p))
@@ -449,6 +525,104 @@ impl CpuBackend {
             }
         });
         Ok(())
+    }
+
+    /// Winograd (see `winograd.rs`): tasks of whole tile rows of one image, each running the
+    /// input transform, the 16 GEMMs on the rows kernel (`weights` are the packed `U`) and the
+    /// output transform (with the bias) in its thread's scratch.
+    fn run_winograd(
+        &self,
+        p: &Conv2dParams,
+        input: &[f32],
+        weights: &[f32],
+        bias: Option<&[f32]>,
+        output: &mut [f32],
+        ws: &mut Workspace,
+    ) -> Result<()> {
+        use crate::winograd::XI;
+        crate::winograd::check_applies(p)?;
+        let (th, tw) = crate::winograd::tiles(p);
+        let (ho, wo) = p.out_hw();
+        // Tile rows per task: V and M within the budget, and at least two tasks per thread.
+        let per_tile_row = XI * (p.c_in + p.c_out) * tw;
+        let mut tr = (WINOGRAD_TASK_FLOATS / per_tile_row).clamp(1, th);
+        while p.n * th.div_ceil(tr) < 2 * self.threads && tr > 1 {
+            tr = tr.div_ceil(2);
+        }
+        let row = tr * tw;
+        let pad = winograd::scratch_len(p);
+        let scratch_len = XI * (p.c_in + p.c_out) * row + pad;
+        for slot in &self.scratch {
+            crate::host_mem::grow(&mut lock(slot), scratch_len, "Winograd's scratch")?;
+        }
+        let offsets = &mut ws.offsets;
+        offsets.fill((0..p.c_in).map(|c| c * row));
+        // Output rows 2·ty0.. of every plane, one slice per (image, filter, task).
+        let ntr = th.div_ceil(tr);
+        let mut grid: Vec<Option<&mut [f32]>> = output
+            .chunks_mut(ho * wo)
+            .flat_map(|plane| plane.chunks_mut(2 * tr * wo))
+            .map(Some)
+            .collect();
+        let mut tasks = Vec::with_capacity(p.n * ntr);
+        for img in 0..p.n {
+            for t in 0..ntr {
+                let outs: Vec<&mut [f32]> = (0..p.c_out)
+                    .map(|k| {
+                        grid[(img * p.c_out + k) * ntr + t]
+                            .take()
+                            .expect("each output tile has one owner")
+                    })
+                    .collect();
+                tasks.push((img, (t * tr, ((t + 1) * tr).min(th)), outs));
+            }
+        }
+        let offsets = &*offsets;
+        self.pool().install(|| {
+            tasks.into_par_iter().for_each(|(img, tys, mut outs)| {
+                let slot = rayon::current_thread_index().expect("tasks run on the backend's pool");
+                let mut scratch = lock(&self.scratch[slot]);
+                let (v, rest) = scratch[..scratch_len].split_at_mut(XI * p.c_in * row);
+                let (m, pad) = rest.split_at_mut(XI * p.c_out * row);
+                winograd::input_transform(p, input, img, tys, v, row, pad);
+                self.winograd_gemm(p, (tys.1 - tys.0) * tw, row, v, weights, offsets, m);
+                winograd::output_transform(p, m, row, tys, bias, &mut outs, pad);
+            });
+        });
+        Ok(())
+    }
+
+    /// `M_ξ = U_ξ V_ξ` for the first `positions` of each row of `v` (`[ξ][c]`, rows of `row`
+    /// floats) into `m` (`[ξ][k]`), on the rows kernel; `weights` are `U`, packed
+    /// `[ξ][panel][c][16]`, and `offsets` are `c·row`.
+    #[allow(clippy::too_many_arguments)]
+    fn winograd_gemm(
+        &self,
+        p: &Conv2dParams,
+        positions: usize,
+        row: usize,
+        v: &[f32],
+        weights: &[f32],
+        offsets: &TapOffsets,
+        m: &mut [f32],
+    ) {
+        let (_, chunk) = row_chunks(positions, self.kernel.rows_positions());
+        let per_call = self.kernel.rows_filters();
+        let panels = p.c_out.div_ceil(MR);
+        for xi in 0..crate::winograd::XI {
+            let group = &weights[xi * panels * p.c_in * MR..][..panels * p.c_in * MR];
+            for pi in (0..panels).step_by(per_call / MR) {
+                let filters = per_call.min(p.c_out - pi * MR);
+                let a = &group[pi * p.c_in * MR..][..filters.div_ceil(MR) * p.c_in * MR];
+                for x0 in (0..positions).step_by(chunk) {
+                    let n = chunk.min(positions - x0);
+                    let b = &v[xi * p.c_in * row + x0..];
+                    let c = &mut m[(xi * p.c_out + pi * MR) * row + x0..];
+                    self.kernel
+                        .run_rows(n, a, offsets, b, c, row, filters, None);
+                }
+            }
+        }
     }
 
     /// Cuts the output of `images` images into tasks and runs them on the pool.
@@ -533,18 +707,18 @@ impl CpuBackend {
         let mut rows = geo.ho;
         // Split filters no finer than one kernel call takes (32 on the wide rows kernel).
         let min_filters = match s.path {
-            CpuPath::GemmRows => self.kernel.rows_filters(),
+            CpuPath::GemmRows | CpuPath::Winograd => self.kernel.rows_filters(),
             CpuPath::GemmStrips | CpuPath::Direct => MR,
         };
         let mut m_rows = match s.path {
-            CpuPath::GemmStrips | CpuPath::GemmRows => mg.next_multiple_of(MR),
+            CpuPath::GemmStrips | CpuPath::GemmRows | CpuPath::Winograd => mg.next_multiple_of(MR),
             CpuPath::Direct => mg,
         };
         loop {
             let tasks = images * p.groups * geo.ho.div_ceil(rows) * mg.div_ceil(m_rows);
             if tasks >= 2 * self.threads {
                 break;
-            } else if s.path.packs_weights() && m_rows > min_filters {
+            } else if s.path.layout() != Layout::Given && m_rows > min_filters {
                 m_rows = (m_rows / 2).next_multiple_of(min_filters);
             } else if rows > 1 {
                 rows = rows.div_ceil(2);
@@ -570,7 +744,8 @@ impl CpuBackend {
             + task.y0 * geo.wq;
         let b = &s.planes[base..];
         match s.path {
-            CpuPath::GemmRows => self.task_rows(s, task, b, tile),
+            // (Winograd's own GEMM runs as GemmRows; nothing else reaches here with it.)
+            CpuPath::GemmRows | CpuPath::Winograd => self.task_rows(s, task, b, tile),
             CpuPath::GemmStrips | CpuPath::Direct => self.task_strips(s, task, b, tile),
         }
     }
@@ -802,13 +977,17 @@ mod tests {
         let bias = with_bias.then_some(&b[..]);
         let mut y = vec![f32::NAN; p.output_len()];
         backend.conv2d(&p, &x, &w, bias, &mut y).unwrap();
-        let r = reference::conv2d_f64(&p, &x, &w, bias).unwrap();
-        let tol = if exact {
-            Tolerance::Exact
-        } else {
-            Tolerance::Fp32
+        let path = backend.path_for(&p);
+        let (r, tol) = match (exact, path) {
+            (true, _) => (reference::conv2d_f64(&p, &x, &w, bias), Tolerance::Exact),
+            // Winograd's bound needs its magnitudes.
+            (false, CpuPath::Winograd) => (
+                crate::winograd::reference(&p, &x, &w, bias),
+                Tolerance::Winograd,
+            ),
+            (false, _) => (reference::conv2d_f64(&p, &x, &w, bias), path.tolerance()),
         };
-        if let Err(m) = compare(&p, &y, &r, tol) {
+        if let Err(m) = compare(&p, &y, &r.unwrap(), tol) {
             panic!(
                 "{p} ({:?}, {:?}): {m}",
                 backend.path_for(&p),
@@ -981,6 +1160,71 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// Winograd forced, with every microkernel and several thread counts: odd and even output
+    /// sizes, padding 0, 1, 2 and per side, filters that are not whole panels or pairs,
+    /// several images (tasks split tile rows within images); exact on small integers; the
+    /// same bits for every thread count and for prepared weights.
+    #[test]
+    fn winograd_matches_the_reference_on_every_kernel() {
+        let cases = [
+            Conv2dParams::new(2, 20, 9, 7, 24, 3, 3).with_padding(1, 1),
+            Conv2dParams::new(1, 33, 6, 10, 40, 3, 3),
+            Conv2dParams::new(3, 16, 5, 5, 70, 3, 3).with_padding(2, 2),
+            Conv2dParams::new(1, 3, 4, 4, 1, 3, 3),
+            Conv2dParams::new(2, 20, 9, 8, 24, 3, 3).with_pads(0, 2, 3, 1),
+            Conv2dParams::new(1, 8, 30, 3, 16, 3, 3).with_padding(1, 1),
+        ];
+        for kernel in supported() {
+            for (i, p) in cases.iter().enumerate() {
+                let cpu = CpuBackend::with_options(1 + i % 3, kernel)
+                    .unwrap()
+                    .with_path(CpuPath::Winograd);
+                check(*p, &cpu, false, i % 2 == 0);
+                check(*p, &cpu, true, true);
+                let (x, w, b) = conv_data(p, 3, false);
+                let bits = |cpu: &CpuBackend, prepared: bool| {
+                    let mut y = vec![0.0f32; p.output_len()];
+                    if prepared {
+                        let pw = cpu.prepare_weights(p, &w).unwrap();
+                        cpu.conv2d_prepared(p, &x, &pw, Some(&b), &mut y).unwrap();
+                    } else {
+                        cpu.conv2d(p, &x, &w, Some(&b), &mut y).unwrap();
+                    }
+                    y.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+                };
+                let one = bits(&cpu, false);
+                assert_eq!(one, bits(&cpu, true), "{p}: prepared weights differ");
+                let five = CpuBackend::with_options(5, kernel)
+                    .unwrap()
+                    .with_path(CpuPath::Winograd);
+                assert_eq!(one, bits(&five, false), "{p}: bits depend on threads");
+            }
+        }
+    }
+
+    #[test]
+    fn winograd_where_it_pays_and_only_where_it_applies() {
+        let big = Conv2dParams::new(1, 256, 14, 14, 256, 3, 3).with_padding(1, 1);
+        assert_eq!(CpuPath::for_params(&big), CpuPath::Winograd);
+        assert_eq!(
+            CpuPath::for_params(&big.with_stride(2, 2)),
+            CpuPath::GemmRows
+        );
+        let narrow = Conv2dParams::new(1, 64, 56, 56, 64, 3, 3).with_padding(1, 1);
+        assert_ne!(CpuPath::for_params(&narrow), CpuPath::Winograd);
+        // Forced where it does not apply: an error, and the output untouched.
+        let strided = Conv2dParams::new(1, 8, 9, 9, 16, 3, 3).with_stride(2, 2);
+        let cpu = CpuBackend::with_threads(2)
+            .unwrap()
+            .with_path(CpuPath::Winograd);
+        let (x, w, _) = conv_data(&strided, 1, false);
+        let mut y = vec![7.0; strided.output_len()];
+        let err = cpu.conv2d(&strided, &x, &w, None, &mut y).unwrap_err();
+        assert!(err.to_string().contains("does not apply"), "{err}");
+        assert!(y.iter().all(|&v| v == 7.0));
+        assert!(cpu.prepare_weights(&strided, &w).is_err());
     }
 
     #[test]

@@ -6,7 +6,7 @@
 //! bit for bit against the synchronous GPU path.
 
 use super::{fail, named, Context, Device};
-use crate::gpu::{Algorithm, GpuBackend, GpuChoice};
+use crate::gpu::{GpuBackend, GpuChoice};
 use crate::juggler::{Config, DeviceKind, Juggler, Preference};
 use crate::suite::Case;
 use crate::tolerance::{compare, Tolerance};
@@ -80,7 +80,7 @@ fn submit_all(j: &Juggler, jobs: &[Job]) -> Result<Vec<crate::Ticket>, Failed> {
 /// The output is within tolerance of the reference.
 fn check_reference(job: &Job, y: &[f32]) -> Result<(), Failed> {
     let r = reference::conv2d_f64(&job.p, &job.x, &job.w, job.b.as_deref()).map_err(fail)?;
-    compare(&job.p, y, &r, Tolerance::Fp32)
+    compare(&job.p, y, &r, Tolerance::for_params(&job.p))
         .map(|_| ())
         .map_err(|m| fail(format!("{}: {m}", job.p)))
 }
@@ -470,7 +470,7 @@ fn stream_fence_never_passes(choice: GpuChoice) -> Result<(), Failed> {
 /// A sampled check of a Juggler result of `p` (no bias), with the tolerance that holds for
 /// whichever algorithm the device chose.
 fn check_sampled(p: &Conv2dParams, x: &[f32], w: &[f32], y: &[f32]) -> Result<(), Failed> {
-    let tol = Algorithm::for_params(p).tolerance();
+    let tol = Tolerance::for_params(p);
     crate::tolerance::check_sample(p, x, w, None, y, 64, tol)
         .map(|_| ())
         .map_err(|m| fail(format!("{p}: {m}")))

@@ -129,7 +129,7 @@ fn call_child(kind: &str) -> Result<String, String> {
              of its own"
         ));
     }
-    let tol = crate::gpu::Algorithm::for_params(&p).tolerance();
+    let tol = crate::tolerance::Tolerance::for_params(&p);
     crate::tolerance::check_sample(&p, &x, &w, Some(&b), &y, 256, tol)
         .map_err(|m| m.to_string())?;
     Ok(format!(

@@ -24,7 +24,7 @@
 use super::{fail, named, Context, Device};
 use crate::gpu::Algorithm;
 use crate::suite::Case;
-use crate::tolerance::{check_sample, Tolerance};
+use crate::tolerance::check_sample;
 use crate::{data, CpuBackend};
 use libtest_mimic::{Completion, Failed, Trial};
 use serde::{Deserialize, Serialize};
@@ -155,7 +155,8 @@ fn run(ctx: &Context, device: &Device, case: &Case, test_mode: bool) -> Result<C
         );
         verdict = result?;
     }
-    check_sample(p, &x, &w, bias, &y, CHECKS, Tolerance::Fp32)
+    // The tolerance of the path that ran (Winograd's for the CPU's Winograd).
+    check_sample(p, &x, &w, bias, &y, CHECKS, backend.path_for(p).tolerance())
         .map(|_| verdict)
         .map_err(|m| fail(format!("{}: wrong result: {m}", case.name)))
 }

@@ -163,7 +163,7 @@ fn worker(
                 let tol = if case.exact {
                     Tolerance::Exact
                 } else {
-                    Tolerance::Fp32
+                    Tolerance::for_params(p)
                 };
                 match reference::conv2d_f64(p, &x, &w, bias) {
                     Ok(r) => compare(p, &y, &r, tol)

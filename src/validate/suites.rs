@@ -86,7 +86,33 @@ pub fn trials(ctx: &Arc<Context>) -> crate::Result<Vec<Trial>> {
             ));
             let (gpu, cases) = (Arc::clone(backend), load("basic")?.cases);
             out.push(trial("winograd/forced".into(), device, None, move || {
-                forced_winograd(&gpu, &cases)
+                let run =
+                    |p: &_, x: &_, w: &_, b: Option<&[f32]>, y: &mut _, tile: Option<&str>| {
+                        let forced = crate::gpu::Dispatches {
+                            algorithm: Some(crate::gpu::Algorithm::Winograd),
+                            tile: (tile.map(crate::gpu::Tile::parse).transpose())
+                                .map_err(crate::Error::InvalidParams)?,
+                            ..crate::gpu::Dispatches::ONE
+                        };
+                        gpu.time_kernel(p, x, w, b, y, forced).map(|_| ())
+                    };
+                let tiled: Vec<&str> = TILES
+                    .into_iter()
+                    .filter(|s| s.starts_with("tiled:"))
+                    .collect();
+                forced_winograd(&run, &tiled, &cases)
+            }));
+        }
+        // The CPU's Winograd, forced the same way (its default takes it only for large layers).
+        if let super::Device::Cpu { backend, .. } = device {
+            let cpu = crate::CpuBackend::with_options(backend.threads(), backend.microkernel())?
+                .with_path(crate::cpu::CpuPath::Winograd);
+            let cases = load("basic")?.cases;
+            out.push(trial("winograd/forced".into(), device, None, move || {
+                let run = |p: &_, x: &_, w: &_, b: Option<&[f32]>, y: &mut _, _: Option<&str>| {
+                    cpu.conv2d(p, x, w, b, y)
+                };
+                forced_winograd(&run, &[], &cases)
             }));
         }
     }
@@ -130,29 +156,35 @@ fn every_tile(gpu: &crate::GpuBackend, cases: &[crate::suite::Case]) -> Result<(
     Ok(())
 }
 
-/// Winograd F(2x2, 3x3), which the GPU chooses only for large layers, forced on every basic
-/// case it applies to and on shapes that stress its tiling (odd output sizes, padding 0 and 2,
-/// filters that are not whole GEMM tiles, one filter, padding per side), and with each tiled
-/// GEMM variant; all against the whole reference with Winograd magnitudes; and bit-exact on
-/// small-integer data, where no value through the transforms rounds.
-fn forced_winograd(gpu: &crate::GpuBackend, cases: &[crate::suite::Case]) -> Result<(), Failed> {
-    use crate::gpu::{Algorithm, Dispatches};
+/// A convolution with Winograd forced (and a GPU tile variant, where one is named).
+type ForcedRun<'a> = dyn Fn(
+        &crate::Conv2dParams,
+        &[f32],
+        &[f32],
+        Option<&[f32]>,
+        &mut [f32],
+        Option<&str>,
+    ) -> crate::Result<()>
+    + 'a;
+
+/// Winograd F(2x2, 3x3), which the GPU and the CPU choose only for large layers, forced on
+/// every basic case it applies to and on shapes that stress its tiling (odd output sizes,
+/// padding 0 and 2, filters that are not whole GEMM tiles, one filter, padding per side), and
+/// with each of `tiles` (the GPU's tiled GEMM variants); all against the whole reference with
+/// Winograd magnitudes; and bit-exact on small-integer data, where no value through the
+/// transforms rounds.
+fn forced_winograd(
+    forced: &ForcedRun,
+    tiles: &[&str],
+    cases: &[crate::suite::Case],
+) -> Result<(), Failed> {
     use crate::Conv2dParams;
     let run = |p: &Conv2dParams, seed: u64, bias: bool, tile: Option<&str>| {
         let (x, w, b) = data::conv_data(p, seed, false);
         let bias = bias.then_some(&b[..]);
         let mut y = vec![f32::NAN; p.output_len()];
-        let forced = Dispatches {
-            algorithm: Some(Algorithm::Winograd),
-            tile: tile
-                .map(crate::gpu::Tile::parse)
-                .transpose()
-                .map_err(fail)?,
-            ..Dispatches::ONE
-        };
         let what = format!("{p} (tile {})", tile.unwrap_or("default"));
-        gpu.time_kernel(p, &x, &w, bias, &mut y, forced)
-            .map_err(|e| fail(format!("{what}: {e}")))?;
+        forced(p, &x, &w, bias, &mut y, tile).map_err(|e| fail(format!("{what}: {e}")))?;
         let r = crate::winograd::reference(p, &x, &w, bias).map_err(fail)?;
         compare(p, &y, &r, Tolerance::Winograd)
             .map(|_| ())
@@ -180,7 +212,7 @@ fn forced_winograd(gpu: &crate::GpuBackend, cases: &[crate::suite::Case]) -> Res
         true,
         None,
     )?;
-    for spec in TILES.iter().filter(|s| s.starts_with("tiled:")) {
+    for spec in tiles {
         run(&ragged, 5, true, Some(spec))?;
     }
     // Exact mode: with small integers every value through the transforms is a multiple of 1/4
@@ -189,11 +221,7 @@ fn forced_winograd(gpu: &crate::GpuBackend, cases: &[crate::suite::Case]) -> Res
     for (p, seed) in [(odd, 7), (ragged, 8)] {
         let (x, w, b) = data::conv_data(&p, seed, true);
         let mut y = vec![f32::NAN; p.output_len()];
-        let forced = Dispatches {
-            algorithm: Some(Algorithm::Winograd),
-            ..Dispatches::ONE
-        };
-        gpu.time_kernel(&p, &x, &w, Some(&b), &mut y, forced)
+        forced(&p, &x, &w, Some(&b), &mut y, None)
             .map_err(|e| fail(format!("{p} (exact): {e}")))?;
         let r = reference::conv2d_f64(&p, &x, &w, Some(&b)).map_err(fail)?;
         compare(&p, &y, &r, Tolerance::Exact)
@@ -203,14 +231,7 @@ fn forced_winograd(gpu: &crate::GpuBackend, cases: &[crate::suite::Case]) -> Res
     let strided = odd.with_stride(2, 2);
     let mut y = vec![0.0; strided.output_len()];
     let (x, w, _) = data::conv_data(&strided, 6, false);
-    let forced = Dispatches {
-        algorithm: Some(Algorithm::Winograd),
-        ..Dispatches::ONE
-    };
-    if gpu
-        .time_kernel(&strided, &x, &w, None, &mut y, forced)
-        .is_ok()
-    {
+    if forced(&strided, &x, &w, None, &mut y, None).is_ok() {
         return Err(fail(
             "forcing Winograd on a strided convolution did not fail",
         ));
@@ -243,7 +264,7 @@ pub fn check_case(case: &Case, device: &super::Device) -> Result<(), Failed> {
     let tol = if case.exact {
         Tolerance::Exact
     } else {
-        Tolerance::Fp32
+        Tolerance::for_params(p)
     };
     compare(p, &y, &r, tol)
         .map(|_| ())

@@ -1,0 +1,154 @@
+//! Winograd F(2×2, 3×3) on the CPU: the transforms around the GEMM that the backend runs on its
+//! rows microkernel (see `crate::winograd` for the algorithm and its error bound; the GPU runs
+//! the same three steps as three passes).
+//!
+//! The work is cut into tasks of whole rows of tiles of one image, each small enough that its
+//! transformed input `V` and its GEMM output `M` stay in the core's L2 cache; a task runs all
+//! three steps on one thread:
+//! 1. [`input_transform`]: `V = Bᵀ d B` of every 4×4 input patch under the task's tiles, laid
+//!    out `[ξ][c][t]` (`t` = tile within the task, rows of `row` floats);
+//! 2. the 16 GEMMs `M_ξ = U_ξ V_ξ` (in `mod.rs`), with the transformed weights `U`
+//!    ([`crate::winograd::transform_weights`], rounded once from f64) packed like the weights
+//!    of [`crate::winograd::gemm_params`], a 1×1 convolution with 16 groups;
+//! 3. [`output_transform`]: `Y = Aᵀ M A + bias` of every tile, into the output rows.
+//!
+//! Multiplies per output fall from `9·c_in` to `4·c_in`; the transforms only add and subtract,
+//! so layers with many channels gain most.
+
+#![forbid(unsafe_code)]
+
+use crate::params::Conv2dParams;
+
+/// Scratch floats [`input_transform`] and [`output_transform`] need for `p`.
+pub fn scratch_len(p: &Conv2dParams) -> usize {
+    let (_, tw) = crate::winograd::tiles(p);
+    10 * (tw + 2)
+}
+
+/// `V[ξ][c][(ty − ty0)·tw + tx]` (rows of `row` floats, `ξ·c_in + c`) for the tiles of rows
+/// `ty0..ty1` of image `img`; `pad` is scratch of [`scratch_len`] floats.
+///
+/// Each of the patch's 4 input rows is split into its even and odd columns (zero outside the
+/// image), so that every step below is a unit-stride loop over the tiles of the row.
+pub fn input_transform(
+    p: &Conv2dParams,
+    x: &[f32],
+    img: usize,
+    (ty0, ty1): (usize, usize),
+    v: &mut [f32],
+    row: usize,
+    pad: &mut [f32],
+) {
+    let (_, tw) = crate::winograd::tiles(p);
+    let (ph, pw) = (p.padding.0 as isize, p.padding.1 as isize);
+    let half = tw + 2;
+    let plane_len = p.h * p.w;
+    for c in 0..p.c_in {
+        let plane = &x[(img * p.c_in + c) * plane_len..][..plane_len];
+        for ty in ty0..ty1 {
+            // even[a][j], odd[a][j]: input row 2ty + a − ph at columns 2j − pw and 2j + 1 − pw.
+            let (halves, line) = pad[..10 * half].split_at_mut(8 * half);
+            let (even, odd) = halves.split_at_mut(4 * half);
+            for a in 0..4 {
+                let (e, o) = (&mut even[a * half..][..half], &mut odd[a * half..][..half]);
+                let iy = (2 * ty + a) as isize - ph;
+                if !(0..p.h as isize).contains(&iy) {
+                    e.fill(0.0);
+                    o.fill(0.0);
+                    continue;
+                }
+                // The row, zero-padded into `line` (column ix at ix + pw), then split.
+                let src = &plane[iy as usize * p.w..][..p.w];
+                line.fill(0.0);
+                let n = p.w.min(line.len().saturating_sub(pw as usize));
+                line[pw as usize..pw as usize + n].copy_from_slice(&src[..n]);
+                for ((e, o), pair) in e.iter_mut().zip(o.iter_mut()).zip(line.chunks_exact(2)) {
+                    *e = pair[0];
+                    *o = pair[1];
+                }
+            }
+            // Bᵀ d along the patch's columns: rows (d0 − d2, d1 + d2, d2 − d1, d1 − d3).
+            for half_rows in [&mut *even, &mut *odd] {
+                let (r0, rest) = half_rows.split_at_mut(half);
+                let (r1, rest) = rest.split_at_mut(half);
+                let (r2, r3) = rest.split_at_mut(half);
+                for j in 0..half {
+                    let (d0, d1, d2, d3) = (r0[j], r1[j], r2[j], r3[j]);
+                    r0[j] = d0 - d2;
+                    r1[j] = d1 + d2;
+                    r2[j] = d2 - d1;
+                    r3[j] = d1 - d3;
+                }
+            }
+            // ...then B along its rows: ξ = 4i + j, from columns 2tx..2tx + 3 = e[tx], o[tx],
+            // e[tx + 1], o[tx + 1].
+            let t0 = (ty - ty0) * tw;
+            for i in 0..4 {
+                let (e, o) = (&even[i * half..][..half], &odd[i * half..][..half]);
+                let at = ((4 * i) * p.c_in + c) * row + t0;
+                let (v0, rest) = v[at..].split_at_mut(p.c_in * row);
+                let (v1, rest) = rest.split_at_mut(p.c_in * row);
+                let (v2, v3) = rest.split_at_mut(p.c_in * row);
+                let (v0, v1, v2, v3) = (&mut v0[..tw], &mut v1[..tw], &mut v2[..tw], &mut v3[..tw]);
+                for tx in 0..tw {
+                    let (a, b, c2, d) = (e[tx], o[tx], e[tx + 1], o[tx + 1]);
+                    v0[tx] = a - c2;
+                    v1[tx] = b + c2;
+                    v2[tx] = c2 - b;
+                    v3[tx] = b - d;
+                }
+            }
+        }
+    }
+}
+
+/// `y = Aᵀ M A + bias` for the tiles of rows `ty0..ty1` of one image, where `m` holds
+/// `[ξ][k]` rows of `row` floats (`ξ·c_out + k`) and `outs[k]` is output rows
+/// `2·ty0..min(2·ty1, ho)` of filter `k`'s plane; `pad` is scratch of [`scratch_len`] floats.
+pub fn output_transform(
+    p: &Conv2dParams,
+    m: &[f32],
+    row: usize,
+    (ty0, ty1): (usize, usize),
+    bias: Option<&[f32]>,
+    outs: &mut [&mut [f32]],
+    pad: &mut [f32],
+) {
+    let (_, tw) = crate::winograd::tiles(p);
+    let (ho, wo) = p.out_hw();
+    for (k, out) in outs.iter_mut().enumerate() {
+        let b = bias.map_or(0.0, |b| b[k]);
+        for ty in ty0..ty1 {
+            let t0 = (ty - ty0) * tw;
+            let mv = |xi: usize| &m[(xi * p.c_out + k) * row + t0..][..tw];
+            // Aᵀ along the columns of M: s[i][j] = row i of Aᵀ M, column j, for every tile.
+            let (s, _) = pad.split_at_mut(8 * tw);
+            for j in 0..4 {
+                let (m0, m1, m2, m3) = (mv(j), mv(4 + j), mv(8 + j), mv(12 + j));
+                let (s0, s1) = s[2 * j * tw..][..2 * tw].split_at_mut(tw);
+                for tx in 0..tw {
+                    s0[tx] = m0[tx] + m1[tx] + m2[tx];
+                    s1[tx] = m1[tx] - m2[tx] - m3[tx];
+                }
+            }
+            // ...then A along its rows, plus the bias, into the output's two rows.
+            let col = |j: usize, i: usize| &s[(2 * j + i) * tw..][..tw];
+            for i in 0..2 {
+                let oy = 2 * ty + i;
+                if oy >= ho {
+                    break;
+                }
+                let dst = &mut out[(oy - 2 * ty0) * wo..][..wo];
+                let (c0, c1, c2, c3) = (col(0, i), col(1, i), col(2, i), col(3, i));
+                for tx in 0..wo / 2 {
+                    dst[2 * tx] = c0[tx] + c1[tx] + c2[tx] + b;
+                    dst[2 * tx + 1] = c1[tx] - c2[tx] - c3[tx] + b;
+                }
+                if wo % 2 == 1 {
+                    let tx = wo / 2;
+                    dst[2 * tx] = c0[tx] + c1[tx] + c2[tx] + b;
+                }
+            }
+        }
+    }
+}

@@ -5,7 +5,7 @@
 //! register-only loop, so reports can say what fraction of the machine a shape reaches.
 //! Takes about 30 ms, on the first thread that asks.
 
-use super::kernel::{fma_peak, Microkernel, TapOffsets, FMA_LOOP_FLOPS, MR};
+use super::kernel::{fma_peak, Microkernel, RowsOut, TapOffsets, FMA_LOOP_FLOPS, MR};
 use std::sync::OnceLock;
 use std::time::Instant;
 
@@ -74,7 +74,7 @@ fn measure() -> Calibration {
                     let b = &b[(call % 16)..];
                     let c = &mut c[p * per_call * n..];
                     let a = &a[p * TAPS * MR..];
-                    kernel.run_rows(n, a, &offsets, b, c, n, per_call, None);
+                    kernel.run_rows(n, a, &offsets, b, c, n, per_call, None, RowsOut::ByFilter);
                 }
             }
             let rate = flops / start.elapsed().as_secs_f64().max(1e-9) / 1e9;

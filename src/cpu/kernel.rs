@@ -142,13 +142,16 @@ impl Microkernel {
     }
 
     /// Rows orientation, over every tap:
-    /// `C[j·ldc + i] = Σ_k b[offs[k] + i] · A_j[k] (+ bias[j])` for `i < n` positions and
+    /// `C[j·ldc + i] = Σ_k b[offs[k] + i] · A_j[k] (+ bias[j])` (or `C[i·ldc + j]` with
+    /// [`RowsOut::ByPosition`]) for `i < n` positions and
     /// `j < filters` (both within [`rows_positions`](Self::rows_positions) and
     /// [`rows_filters`](Self::rows_filters)), where filters 0..16 come from the packed panel
     /// `a[k·16 + j]` and filters 16..32 from the next panel, `a[kdim·16 + k·16 + j − 16]`. The
     /// tile is accumulated in registers over all taps (one vector of A per panel and tap streams
-    /// well from L2) and stored transposed, so each filter's `n` outputs are contiguous; filters
-    /// of a panel past `filters` are computed but not stored.
+    /// well from L2) and stored transposed, so each filter's `n` outputs are contiguous
+    /// ([`RowsOut::ByFilter`]), or as it is, each position's filters contiguous
+    /// ([`RowsOut::ByPosition`], vector stores); filters past `filters` are computed but not
+    /// stored.
     /// Panics (a bug in the caller) if any access would leave its slice.
     #[allow(clippy::too_many_arguments)]
     pub fn run_rows(
@@ -161,6 +164,7 @@ impl Microkernel {
         ldc: usize,
         filters: usize,
         bias: Option<&[f32]>,
+        out: RowsOut,
     ) {
         let kdim = offsets.len();
         assert!(
@@ -180,8 +184,12 @@ impl Microkernel {
             offsets.max() + n <= b.len(),
             "microkernel: B reads past the planes"
         );
+        let (rows, cols) = match out {
+            RowsOut::ByFilter => (filters, n),
+            RowsOut::ByPosition => (n, filters),
+        };
         assert!(
-            ldc >= n && (filters - 1) * ldc + n <= c.len(),
+            ldc >= cols && (rows - 1) * ldc + cols <= c.len(),
             "microkernel: C tile out of bounds"
         );
         let mut bias32 = [0.0f32; 2 * MR];
@@ -215,22 +223,23 @@ impl Microkernel {
                 use avx512::rows;
                 // SAFETY: the CPU has AVX-512F (checked above); A reads panels·kdim·16 floats
                 // (a.len() checked), B reads offs[k]+0..n with every offset ≤ offsets.max()
-                // and max+n ≤ b.len(), C writes j·ldc+0..n for j < filters with
-                // (filters−1)·ldc+n ≤ c.len(); two panels only with n ≤ 14 (rows_positions).
+                // and max+n ≤ b.len(), C writes r·ldc+0..cols for r < rows with
+                // (rows−1)·ldc+cols ≤ c.len() (rows and cols by `out`); two panels only with
+                // n ≤ 14 (rows_positions).
                 unsafe {
                     if panels == 1 {
                         by_n!(
                             rows,
                             1,
                             [15, 16],
-                            (kdim, a, a_stride, offs, b, c, ldc, filters, &bias32)
+                            (kdim, a, a_stride, offs, b, c, ldc, filters, &bias32, out)
                         )
                     } else {
                         by_n!(
                             rows,
                             2,
                             [],
-                            (kdim, a, a_stride, offs, b, c, ldc, filters, &bias32)
+                            (kdim, a, a_stride, offs, b, c, ldc, filters, &bias32, out)
                         )
                     }
                 }
@@ -243,7 +252,7 @@ impl Microkernel {
                 portable_rows,
                 1,
                 [15, 16],
-                (kdim, a, a_stride, offs, b, c, ldc, filters, &bias32)
+                (kdim, a, a_stride, offs, b, c, ldc, filters, &bias32, out)
             ),
         }
     }
@@ -389,6 +398,7 @@ fn portable_rows<const N: usize, const P: usize>(
     ldc: usize,
     filters: usize,
     bias: &[f32; 2 * MR],
+    out: RowsOut,
 ) {
     let start: [[f32; MR]; P] =
         std::array::from_fn(|p| bias[p * MR..(p + 1) * MR].try_into().expect("16 floats"));
@@ -403,7 +413,25 @@ fn portable_rows<const N: usize, const P: usize>(
             }
         }
     }
-    store_transposed(&acc, c, ldc, filters);
+    match out {
+        RowsOut::ByFilter => store_transposed(&acc, c, ldc, filters),
+        RowsOut::ByPosition => {
+            for (i, row) in acc.iter().enumerate() {
+                for (j, dst) in c[i * ldc..i * ldc + filters].iter_mut().enumerate() {
+                    *dst = row[j / MR][j % MR];
+                }
+            }
+        }
+    }
+}
+
+/// How the rows kernel stores its `n × filters` tile.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RowsOut {
+    /// Transposed: each filter's `n` outputs contiguous, filters `ldc` apart (output planes).
+    ByFilter,
+    /// As accumulated: each position's filters contiguous, positions `ldc` apart.
+    ByPosition,
 }
 
 /// Stores filters `0..filters` of an `N×P·16` tile (positions × filters) as rows of `c` with
@@ -489,7 +517,8 @@ mod avx512 {
     /// # Safety
     /// The CPU supports AVX-512F; `a` is valid for reads at `p·a_stride + k·16 + 0..16` for
     /// `p < P`, `k < kdim`; `offs` for `kdim` reads; `b` for reads at `offs[k] + 0..N`; `c` for
-    /// writes at `j·ldc + 0..N`, `j < filters ≤ 16·P`.
+    /// writes at `j·ldc + 0..N`, `j < filters ≤ 16·P` (by filter) or `i·ldc + 0..filters`,
+    /// `i < N` (by position).
     #[target_feature(enable = "avx512f")]
     #[allow(clippy::too_many_arguments)]
     pub unsafe fn rows<const N: usize, const P: usize>(
@@ -502,6 +531,7 @@ mod avx512 {
         ldc: usize,
         filters: usize,
         bias: &[f32; 2 * MR],
+        out: super::RowsOut,
     ) {
         let mut start = [_mm512_setzero_ps(); P];
         for (p, v) in start.iter_mut().enumerate() {
@@ -524,6 +554,18 @@ mod avx512 {
                     *v = _mm512_fmadd_ps(bv, a, *v);
                 }
             }
+        }
+        if out == super::RowsOut::ByPosition {
+            for (i, vs) in acc.iter().enumerate() {
+                for (p, v) in vs.iter().enumerate() {
+                    let lanes = filters.saturating_sub(p * MR).min(MR);
+                    let mask: __mmask16 = ((1u32 << lanes) - 1) as __mmask16;
+                    // SAFETY: i < N and the lanes under the mask are filters < `filters`:
+                    // inside row i of C (caller's contract).
+                    unsafe { _mm512_mask_storeu_ps(c.add(i * ldc + p * MR), mask, *v) };
+                }
+            }
+            return;
         }
         // Transpose through a small stack tile: N·P vector stores, then `filters` rows of N.
         let mut tile = [[[0.0f32; MR]; P]; N];
@@ -640,6 +682,7 @@ mod tests {
 
     #[test]
     fn every_rows_kernel_matches_the_naive_product() {
+        use RowsOut::{ByFilter, ByPosition};
         let kdim = 29;
         let mut a = vec![0.0; 2 * kdim * MR];
         let mut b = vec![0.0; 400];
@@ -656,7 +699,12 @@ mod tests {
                     let ldc = n + 3;
                     let bias: Vec<f32> = (0..filters).map(|j| j as f32).collect();
                     let mut c = vec![f32::NAN; (filters - 1) * ldc + n];
-                    kernel.run_rows(n, &a, &offsets, &b, &mut c, ldc, filters, Some(&bias));
+                    let bias = Some(&bias[..]);
+                    kernel.run_rows(n, &a, &offsets, &b, &mut c, ldc, filters, bias, ByFilter);
+                    // By position: the same tile, each position's filters contiguous.
+                    let ldp = filters + 2;
+                    let mut cp = vec![f32::NAN; (n - 1) * ldp + filters];
+                    kernel.run_rows(n, &a, &offsets, &b, &mut cp, ldp, filters, bias, ByPosition);
                     for i in 0..n {
                         for j in 0..filters {
                             let want: f64 = (0..kdim)
@@ -667,6 +715,7 @@ mod tests {
                                 (got - want - j as f64).abs() < 1e-4,
                                 "{kernel:?} n={n} filters={filters} ({i},{j})"
                             );
+                            assert_eq!(got.to_bits(), f64::from(cp[i * ldp + j]).to_bits());
                         }
                     }
                 }
@@ -696,7 +745,8 @@ mod tests {
                 let f = kernel.rows_filters();
                 let a = &a[p * kdim * MR..];
                 let c = &mut c[p * f * n..];
-                kernel.run_rows(n, a, &offsets, &b, c, n, f, Some(&bias[p * f..]));
+                let bias = Some(&bias[p * f..]);
+                kernel.run_rows(n, a, &offsets, &b, c, n, f, bias, RowsOut::ByFilter);
             }
             c
         };

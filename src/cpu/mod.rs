@@ -41,7 +41,7 @@ pub use kernel::Microkernel;
 
 use crate::error::{Error, Result};
 use crate::params::Conv2dParams;
-use kernel::{Start, TapOffsets, Tile, MR, NR, ZEROS};
+use kernel::{RowsOut, Start, TapOffsets, Tile, MR, NR, ZEROS};
 use planes::Geometry;
 use rayon::prelude::*;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -593,7 +593,8 @@ impl CpuBackend {
     }
 
     /// `M_ξ = U_ξ V_ξ` for the first `positions` of each row of `v` (`[ξ][c]`, rows of `row`
-    /// floats) into `m` (`[ξ][k]`), on the rows kernel; `weights` are `U`, packed
+    /// floats) into `m` (`[ξ][t][k]`: each tile's filters contiguous, no transposed store), on
+    /// the rows kernel; `weights` are `U`, packed
     /// `[ξ][panel][c][16]`, and `offsets` are `c·row`.
     #[allow(clippy::too_many_arguments)]
     fn winograd_gemm(
@@ -617,9 +618,9 @@ impl CpuBackend {
                 for x0 in (0..positions).step_by(chunk) {
                     let n = chunk.min(positions - x0);
                     let b = &v[xi * p.c_in * row + x0..];
-                    let c = &mut m[(xi * p.c_out + pi * MR) * row + x0..];
-                    self.kernel
-                        .run_rows(n, a, offsets, b, c, row, filters, None);
+                    let c = &mut m[(xi * row + x0) * p.c_out + pi * MR..];
+                    let out = RowsOut::ByPosition;
+                    (self.kernel).run_rows(n, a, offsets, b, c, p.c_out, filters, None, out);
                 }
             }
         }
@@ -880,13 +881,31 @@ impl CpuBackend {
                         match &mut task.out {
                             TaskOut::Planes(out) => {
                                 let c = &mut out[pi * MR * plane + y * geo.wo + x0..];
-                                self.kernel
-                                    .run_rows(n, a, s.offsets, b, c, plane, filters, bias);
+                                self.kernel.run_rows(
+                                    n,
+                                    a,
+                                    s.offsets,
+                                    b,
+                                    c,
+                                    plane,
+                                    filters,
+                                    bias,
+                                    RowsOut::ByFilter,
+                                );
                             }
                             TaskOut::Tiles(_) => {
                                 let c = &mut tile[pi * MR * positions + (y - ya) * geo.wo + x0..];
-                                self.kernel
-                                    .run_rows(n, a, s.offsets, b, c, positions, filters, bias);
+                                self.kernel.run_rows(
+                                    n,
+                                    a,
+                                    s.offsets,
+                                    b,
+                                    c,
+                                    positions,
+                                    filters,
+                                    bias,
+                                    RowsOut::ByFilter,
+                                );
                             }
                         }
                     }

@@ -9,7 +9,8 @@
 //!    out `[ξ][c][t]` (`t` = tile within the task, rows of `row` floats);
 //! 2. the 16 GEMMs `M_ξ = U_ξ V_ξ` (in `mod.rs`), with the transformed weights `U`
 //!    ([`crate::winograd::transform_weights`], rounded once from f64) packed like the weights
-//!    of [`crate::winograd::gemm_params`], a 1×1 convolution with 16 groups;
+//!    of [`crate::winograd::gemm_params`], a 1×1 convolution with 16 groups; the rows kernel
+//!    stores `M` as it accumulates it, `[ξ][t][k]` (no transposed store);
 //! 3. [`output_transform`]: `Y = Aᵀ M A + bias` of every tile, into the output rows.
 //!
 //! Multiplies per output fall from `9·c_in` to `4·c_in`; the transforms only add and subtract,
@@ -22,7 +23,7 @@ use crate::params::Conv2dParams;
 /// Scratch floats [`input_transform`] and [`output_transform`] need for `p`.
 pub fn scratch_len(p: &Conv2dParams) -> usize {
     let (_, tw) = crate::winograd::tiles(p);
-    10 * (tw + 2)
+    (10 * (tw + 2)).max(12 * p.c_out)
 }
 
 /// `V[ξ][c][(ty − ty0)·tw + tx]` (rows of `row` floats, `ξ·c_in + c`) for the tiles of rows
@@ -102,9 +103,11 @@ pub fn input_transform(
     }
 }
 
-/// `y = Aᵀ M A + bias` for the tiles of rows `ty0..ty1` of one image, where `m` holds
-/// `[ξ][k]` rows of `row` floats (`ξ·c_out + k`) and `outs[k]` is output rows
+/// `y = Aᵀ M A + bias` for the tiles of rows `ty0..ty1` of one image, where `m` is
+/// `[ξ][t][k]` (`row` tiles of `c_out` filters per `ξ`) and `outs[k]` is output rows
 /// `2·ty0..min(2·ty1, ho)` of filter `k`'s plane; `pad` is scratch of [`scratch_len`] floats.
+/// Each step runs over the filters of one tile (unit stride); the four outputs of each filter
+/// then go to its plane.
 pub fn output_transform(
     p: &Conv2dParams,
     m: &[f32],
@@ -116,37 +119,47 @@ pub fn output_transform(
 ) {
     let (_, tw) = crate::winograd::tiles(p);
     let (ho, wo) = p.out_hw();
-    for (k, out) in outs.iter_mut().enumerate() {
-        let b = bias.map_or(0.0, |b| b[k]);
-        for ty in ty0..ty1 {
-            let t0 = (ty - ty0) * tw;
-            let mv = |xi: usize| &m[(xi * p.c_out + k) * row + t0..][..tw];
-            // Aᵀ along the columns of M: s[i][j] = row i of Aᵀ M, column j, for every tile.
-            let (s, _) = pad.split_at_mut(8 * tw);
+    let ck = p.c_out;
+    let (s, y) = pad[..12 * ck].split_at_mut(8 * ck);
+    for ty in ty0..ty1 {
+        for tx in 0..tw {
+            let t = (ty - ty0) * tw + tx;
+            let mv = |xi: usize| &m[(xi * row + t) * ck..][..ck];
+            // Aᵀ along the columns of M: s[2j + i] = row i of Aᵀ M, column j, per filter.
             for j in 0..4 {
                 let (m0, m1, m2, m3) = (mv(j), mv(4 + j), mv(8 + j), mv(12 + j));
-                let (s0, s1) = s[2 * j * tw..][..2 * tw].split_at_mut(tw);
-                for tx in 0..tw {
-                    s0[tx] = m0[tx] + m1[tx] + m2[tx];
-                    s1[tx] = m1[tx] - m2[tx] - m3[tx];
+                let (s0, s1) = s[2 * j * ck..][..2 * ck].split_at_mut(ck);
+                for k in 0..ck {
+                    s0[k] = m0[k] + m1[k] + m2[k];
+                    s1[k] = m1[k] - m2[k] - m3[k];
                 }
             }
-            // ...then A along its rows, plus the bias, into the output's two rows.
-            let col = |j: usize, i: usize| &s[(2 * j + i) * tw..][..tw];
+            // ...then A along its rows: y[2i + j] = output (i, j) of the tile, per filter.
+            let col = |j: usize, i: usize| &s[(2 * j + i) * ck..][..ck];
+            for i in 0..2 {
+                let (c0, c1, c2, c3) = (col(0, i), col(1, i), col(2, i), col(3, i));
+                let (y0, y1) = y[2 * i * ck..][..2 * ck].split_at_mut(ck);
+                for k in 0..ck {
+                    y0[k] = c0[k] + c1[k] + c2[k];
+                    y1[k] = c1[k] - c2[k] - c3[k];
+                }
+            }
+            // The tile's outputs inside the image, plus the bias, into each filter's plane.
             for i in 0..2 {
                 let oy = 2 * ty + i;
                 if oy >= ho {
                     break;
                 }
-                let dst = &mut out[(oy - 2 * ty0) * wo..][..wo];
-                let (c0, c1, c2, c3) = (col(0, i), col(1, i), col(2, i), col(3, i));
-                for tx in 0..wo / 2 {
-                    dst[2 * tx] = c0[tx] + c1[tx] + c2[tx] + b;
-                    dst[2 * tx + 1] = c1[tx] - c2[tx] - c3[tx] + b;
-                }
-                if wo % 2 == 1 {
-                    let tx = wo / 2;
-                    dst[2 * tx] = c0[tx] + c1[tx] + c2[tx] + b;
+                for j in 0..2 {
+                    let ox = 2 * tx + j;
+                    if ox >= wo {
+                        break;
+                    }
+                    let at = (oy - 2 * ty0) * wo + ox;
+                    let yk = &y[(2 * i + j) * ck..][..ck];
+                    for (k, (out, &v)) in outs.iter_mut().zip(yk).enumerate() {
+                        out[at] = v + bias.map_or(0.0, |b| b[k]);
+                    }
                 }
             }
         }

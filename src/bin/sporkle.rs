@@ -518,10 +518,19 @@ fn bench(a: BenchArgs) -> Result<()> {
                     serde_json::json!({"shape": case.name, "device": device, "ms": round4(ms), "gflops": round2(gflops)}),
                 )?;
                 if let Some(peak) = cpu_peak(cpu) {
+                    // FLOPs are the direct convolution's whatever ran (BENCHMARKS.md): on the
+                    // Winograd path the fraction counts multiplies it never did.
+                    let path = cpu.path_for(&p);
                     eprintln!(
-                        "# {}: {:.0}% of the measured FMA peak ({peak:.0} GFLOP/s)",
+                        "# {}: {:.0}% of the measured FMA peak ({peak:.0} GFLOP/s), path {}{}",
                         case.name,
-                        100.0 * gflops / peak
+                        100.0 * gflops / peak,
+                        path.name(),
+                        if path == CpuPath::Winograd {
+                            " (direct-convolution FLOPs: Winograd does 4/9 of the multiplies)"
+                        } else {
+                            ""
+                        }
                     );
                 }
                 rows.push((case.name.clone(), gflops, gflops));

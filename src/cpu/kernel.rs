@@ -143,14 +143,14 @@ impl Microkernel {
 
     /// Rows orientation, over every tap:
     /// `C[j·ldc + i] = Σ_k b[offs[k] + i] · A_j[k] (+ bias[j])` (or `C[i·ldc + j]` with
-    /// [`RowsOut::ByPosition`]) for `i < n` positions and
+    /// `RowsOut::ByPosition`) for `i < n` positions and
     /// `j < filters` (both within [`rows_positions`](Self::rows_positions) and
     /// [`rows_filters`](Self::rows_filters)), where filters 0..16 come from the packed panel
     /// `a[k·16 + j]` and filters 16..32 from the next panel, `a[kdim·16 + k·16 + j − 16]`. The
     /// tile is accumulated in registers over all taps (one vector of A per panel and tap streams
     /// well from L2) and stored transposed, so each filter's `n` outputs are contiguous
-    /// ([`RowsOut::ByFilter`]), or as it is, each position's filters contiguous
-    /// ([`RowsOut::ByPosition`], vector stores); filters past `filters` are computed but not
+    /// (`RowsOut::ByFilter`), or as it is, each position's filters contiguous
+    /// (`RowsOut::ByPosition`, vector stores); filters past `filters` are computed but not
     /// stored.
     /// Panics (a bug in the caller) if any access would leave its slice.
     #[allow(clippy::too_many_arguments)]

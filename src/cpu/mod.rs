@@ -633,6 +633,17 @@ impl CpuBackend {
         let mg = p.c_out_per_group();
         let tiles = geo.ho.div_ceil(rows);
         let plane = geo.ho * geo.wo;
+        // Every thread's scratch grown now to what any task of this call needs. Work stealing
+        // decides which threads run tasks, so a slot could otherwise first grow many calls into
+        // a stream, which a leak check rightly sees as growth (leak/submit_wait_1000 saw
+        // exactly 16 KiB, one 16 × 256 tile, in some runs).
+        let scratch_len = m_rows.next_multiple_of(MR) * BLOCK_Q.max(geo.wo);
+        for slot in &self.scratch {
+            let mut scratch = lock(slot);
+            if scratch.len() < scratch_len {
+                scratch.resize(scratch_len, 0.0);
+            }
+        }
         let mut tasks = Vec::with_capacity(images * p.groups * tiles * mg.div_ceil(m_rows));
         let chunks = |group: usize| {
             (group * mg..(group + 1) * mg)
@@ -736,9 +747,7 @@ impl CpuBackend {
         let (p, geo) = (s.p, s.geo);
         let rows_pad = task.filters.next_multiple_of(MR);
         let len = rows_pad * BLOCK_Q.max(geo.wo);
-        if scratch.len() < len {
-            scratch.resize(len, 0.0);
-        }
+        // Grown for every slot by run_tasks.
         let tile = &mut scratch[..len];
         let base = task.img * geo.image_stride
             + task.group * p.c_in_per_group() * geo.chan_stride

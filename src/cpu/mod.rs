@@ -706,7 +706,7 @@ impl CpuBackend {
         tasks.into_par_iter().for_each(|mut task| {
             let slot = rayon::current_thread_index().expect("tasks run on the backend's pool");
             let mut scratch = lock(&self.scratch[slot]);
-            self.run_task(s, &mut task, &mut scratch);
+            self.run_task(s, &mut task, &mut scratch[..]);
         });
     }
 
@@ -743,7 +743,7 @@ impl CpuBackend {
 
     /// Computes one task block by block, each block into scratch, then adds the bias and
     /// stores the valid outputs into the task's slices.
-    fn run_task(&self, s: &Shared, task: &mut Task, scratch: &mut Vec<f32>) {
+    fn run_task(&self, s: &Shared, task: &mut Task, scratch: &mut [f32]) {
         let (p, geo) = (s.p, s.geo);
         let rows_pad = task.filters.next_multiple_of(MR);
         let len = rows_pad * BLOCK_Q.max(geo.wo);

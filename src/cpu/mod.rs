@@ -188,10 +188,10 @@ const WINOGRAD_MIN_CHANNELS: usize = 128;
 /// ...and this many output positions over the batch.
 const WINOGRAD_MIN_POSITIONS: usize = 196;
 /// A Winograd task's transformed input and GEMM output take at most this many floats together
-/// (2 MiB, about a core's L2 cache), unless one row of tiles needs more. Measured here on the
-/// 256-channel layers: 1 MiB tasks (28 positions) re-read the transformed weights from L3 too
-/// often (vgg 377 GFLOP/s), 2 MiB gave 461, 4 MiB 484 on vgg but less on 14×14.
-const WINOGRAD_TASK_FLOATS: usize = 512 << 10;
+/// (512 KiB, a quarter of a core's L2 cache), unless one row of tiles needs more. Measured here
+/// (GFLOP/s, forced Winograd, two interleaved rounds): l1 n1 (64 channels) 328-355 against
+/// 295-299 with 2 MiB tasks; the 256-channel shapes within the noise of each other.
+const WINOGRAD_TASK_FLOATS: usize = 128 << 10;
 
 /// Pointwise layers reduce over at least this many taps to read their input in place.
 const POINTWISE_ROWS_MIN_TAPS: usize = 128;
@@ -543,12 +543,19 @@ impl CpuBackend {
         crate::winograd::check_applies(p)?;
         let (th, tw) = crate::winograd::tiles(p);
         let (ho, wo) = p.out_hw();
-        // Tile rows per task: V and M within the budget, and at least two tasks per thread.
+        // Tile rows per task: V and M within the budget, at least two tasks per thread, and the
+        // tasks of a batch a whole number of rounds of the threads where the rows allow (one
+        // short task would leave a thread idle at the end).
         let per_tile_row = XI * (p.c_in + p.c_out) * tw;
-        let mut tr = (WINOGRAD_TASK_FLOATS / per_tile_row).clamp(1, th);
-        while p.n * th.div_ceil(tr) < 2 * self.threads && tr > 1 {
-            tr = tr.div_ceil(2);
+        let mut tasks_per_image = th.div_ceil((WINOGRAD_TASK_FLOATS / per_tile_row).clamp(1, th));
+        while p.n * tasks_per_image < 2 * self.threads && tasks_per_image < th {
+            tasks_per_image += 1;
         }
+        let rounds = (p.n * tasks_per_image).next_multiple_of(self.threads);
+        if rounds.is_multiple_of(p.n) && rounds / p.n <= th {
+            tasks_per_image = rounds / p.n;
+        }
+        let tr = th.div_ceil(tasks_per_image);
         let row = tr * tw;
         let pad = winograd::scratch_len(p);
         let scratch_len = XI * (p.c_in + p.c_out) * row + pad;

@@ -187,11 +187,15 @@ enum Layout {
 const WINOGRAD_MIN_CHANNELS: usize = 64;
 /// ...and this many output positions over the batch.
 const WINOGRAD_MIN_POSITIONS: usize = 196;
-/// A Winograd task's transformed input and GEMM output take at most this many floats together
-/// (512 KiB, a quarter of a core's L2 cache), unless one row of tiles needs more. Measured here
-/// (GFLOP/s, forced Winograd, two interleaved rounds): l1 n1 (64 channels) 328-355 against
-/// 295-299 with 2 MiB tasks; the 256-channel shapes within the noise of each other.
-const WINOGRAD_TASK_FLOATS: usize = 128 << 10;
+/// A Winograd task takes whole rows of tiles adding up to about this many tiles: four calls of
+/// the wide rows kernel per transform position and panel pair. Measured here (GFLOP/s, two
+/// interleaved rounds of budgets that happened to give these sizes): vgg 477 with 28 tiles
+/// against 500 with 56; l3 n32 480 with 14 against 536 with 49; l1 n1 and n32 370-386 with 56
+/// against 346-369 with 196 and 252.
+const WINOGRAD_TASK_POSITIONS: usize = 56;
+/// ...while its transformed input and GEMM output take at most this many floats together
+/// (2 MiB, a core's L2 cache), unless one row of tiles needs more.
+const WINOGRAD_TASK_FLOATS: usize = 512 << 10;
 
 /// Pointwise layers reduce over at least this many taps to read their input in place.
 const POINTWISE_ROWS_MIN_TAPS: usize = 128;
@@ -553,7 +557,9 @@ impl CpuBackend {
         // tasks of a batch a whole number of rounds of the threads where the rows allow (one
         // short task would leave a thread idle at the end).
         let per_tile_row = XI * (p.c_in + p.c_out) * tw;
-        let mut tasks_per_image = th.div_ceil((WINOGRAD_TASK_FLOATS / per_tile_row).clamp(1, th));
+        let by_positions = WINOGRAD_TASK_POSITIONS.div_ceil(tw);
+        let by_budget = (WINOGRAD_TASK_FLOATS / per_tile_row).max(1);
+        let mut tasks_per_image = th.div_ceil(by_positions.min(by_budget).clamp(1, th));
         while p.n * tasks_per_image < 2 * self.threads && tasks_per_image < th {
             tasks_per_image += 1;
         }

@@ -1336,6 +1336,38 @@ mod tests {
         assert!(s.cpu.busy_s > 0.0 && s.window_s >= s.cpu.busy_s * 0.5);
     }
 
+    /// The CPU rate is learnt from a shape's second call on (the first warms up), and never
+    /// when the configuration fixed the rates.
+    #[test]
+    fn the_model_learns_the_cpu_rate_from_warm_calls_unless_fixed() {
+        let p = CALIBRATION;
+        let flops = p.flops() as f64;
+        let mut m = Model::default();
+        m.observe_cpu(&p, 1.0);
+        assert_eq!(m.cpu_rate, None, "a first call measures nothing");
+        m.observe_cpu(&p, 0.5);
+        assert_eq!(m.cpu_rate, Some(flops / 0.5));
+        assert_eq!(m.predict(&p, DeviceKind::Cpu), Some(0.5));
+        let mut fixed = Model {
+            fixed: true,
+            cpu_rate: Some(1.0),
+            ..Model::default()
+        };
+        fixed.observe_cpu(&p, 1.0);
+        fixed.observe_cpu(&p, 0.5);
+        assert_eq!(fixed.cpu_rate, Some(1.0));
+    }
+
+    #[test]
+    fn async_can_be_switched_off_and_on() {
+        let j = cpu_only();
+        assert!(j.is_async(), "on by default");
+        j.set_async(false);
+        assert!(!j.is_async());
+        j.set_async(true);
+        assert!(j.is_async());
+    }
+
     #[test]
     fn bad_lengths_are_errors_and_leave_the_output_alone() {
         let j = cpu_only();

@@ -293,16 +293,44 @@ mod tests {
         assert!(compare_points(&p, points, Tolerance::Winograd).is_err());
     }
 
+    /// `M_W` lies between the direct magnitude and a bound from the transforms' absolute row
+    /// sums: per output, 9 transform positions with a nonzero `|Aᵀ| ⊗ |Aᵀ|` coefficient (at most
+    /// 1), each at most `1.5² · max|g|` (`|G|` rows sum to 1.5 at most) times `2² · max|d|`
+    /// (`|B|ᵀ` rows sum to 2), per channel: `M_W ≤ 81 · C · max|w| · max|x| + |b|`.
     #[test]
-    fn the_winograd_magnitude_is_at_least_the_direct_one() {
+    fn the_winograd_magnitude_lies_between_the_direct_one_and_its_bound() {
         let p = Conv2dParams::new(1, 4, 6, 6, 3, 3, 3).with_padding(1, 1);
         let (x, w, b) = crate::data::conv_data(&p, 5, false);
+        let max = |v: &[f32]| v.iter().fold(0.0f64, |m, &e| m.max(f64::from(e).abs()));
+        let (max_x, max_w) = (max(&x), max(&w));
         for i in 0..p.output_len() {
             let at = OutIndex::from_flat(&p, i);
             let direct = crate::reference::output_at(&p, &x, &w, Some(&b), at);
             let wino = output_at(&p, &x, &w, Some(&b), at);
             assert_eq!(direct.value, wino.value);
             assert!(wino.magnitude >= direct.magnitude * (1.0 - 1e-12), "{at}");
+            let bound = 81.0 * p.c_in as f64 * max_w * max_x + f64::from(b[at.k]).abs();
+            assert!(
+                wino.magnitude <= bound,
+                "{at}: {} > {bound}",
+                wino.magnitude
+            );
+        }
+    }
+
+    /// Each filter's magnitude comes from its own weights: with every weight of filter k equal
+    /// to k + 1 (and the same input), `M_W` scales exactly with k + 1.
+    #[test]
+    fn the_winograd_magnitude_uses_each_filters_own_weights() {
+        let p = Conv2dParams::new(1, 2, 4, 4, 3, 3, 3);
+        let x = vec![1.0f32; p.input_len()];
+        let w: Vec<f32> = (0..p.weights_len()).map(|i| (i / 18 + 1) as f32).collect();
+        for i in 0..p.output_len() {
+            let at = OutIndex::from_flat(&p, i);
+            let first = output_at(&p, &x, &w, None, OutIndex { k: 0, ..at }).magnitude;
+            let m = output_at(&p, &x, &w, None, at).magnitude;
+            assert!(first > 0.0);
+            assert_eq!(m, first * (at.k + 1) as f64, "{at}");
         }
     }
 

@@ -607,7 +607,8 @@ fn auto_choice(choice: GpuChoice) -> Result<(), Failed> {
 }
 
 /// What a job's `RunInfo` says agrees with the statistics it moved (`before` to `after`): one
-/// call more on its device and none on the other (a fallback counts one too), its FLOPs there,
+/// call more on its device and none on the other (a fallback counts one too), its FLOPs there, a
+/// window at least as long as the job's busy time,
 /// and a job said to have run on the GPU has the GPU's stage times (and a kernel time where the
 /// GPU's timers mean something) and moved bytes over the bus.
 fn check_info_against_stats(
@@ -631,6 +632,11 @@ fn check_info_against_stats(
     }
     if other.1.calls != other.0.calls || other.1.flops != other.0.flops {
         return wrong("the other device's counters moved");
+    }
+    // The statistics' window opens at the start of the first job, so it spans at least the
+    // busy time it has seen (a window timed from a job's end would not).
+    if after.window_s < ran.1.busy_s - ran.0.busy_s {
+        return wrong("the statistics' window is shorter than the job's busy time");
     }
     if info.device == DeviceKind::Gpu {
         let Some(stages) = info.stages else {

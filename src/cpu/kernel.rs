@@ -640,6 +640,7 @@ pub fn fma_peak(iters: usize) -> Option<f32> {
 mod tests {
     use super::*;
     use crate::data::fill_uniform;
+    use approx::abs_diff_eq;
 
     fn naive(kc: usize, a: &[f32], offs: &[usize], b: &[f32]) -> Vec<f64> {
         let mut c = vec![0.0; MR * NR];
@@ -687,7 +688,10 @@ mod tests {
                     for j in 0..lanes {
                         let got = f64::from(c[i * ldc + j]);
                         let expect = 2.0 * want[i * NR + j] + i as f64;
-                        assert!((got - expect).abs() < 1e-4, "{kernel:?} ({i},{j})");
+                        assert!(
+                            abs_diff_eq!(got, expect, epsilon = 1e-4),
+                            "{kernel:?} ({i},{j}): {got} against {expect}"
+                        );
                     }
                 }
             }
@@ -726,7 +730,7 @@ mod tests {
                                 .sum();
                             let got = f64::from(c[j * ldc + i]);
                             assert!(
-                                (got - want - j as f64).abs() < 1e-4,
+                                abs_diff_eq!(got, want + j as f64, epsilon = 1e-4),
                                 "{kernel:?} n={n} filters={filters} ({i},{j})"
                             );
                             assert_eq!(got.to_bits(), f64::from(cp[i * ldp + j]).to_bits());

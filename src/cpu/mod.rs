@@ -1262,6 +1262,19 @@ mod tests {
         }
     }
 
+    /// The CPU's name keys perf baselines: never empty (the architecture where the model is
+    /// unknown).
+    #[test]
+    fn the_cpu_has_a_name() {
+        let model = cpu_model();
+        assert!(!model.trim().is_empty());
+        if let Ok(info) = std::fs::read_to_string("/proc/cpuinfo") {
+            if info.contains("model name") {
+                assert!(info.contains(&model), "{model:?} is not in /proc/cpuinfo");
+            }
+        }
+    }
+
     #[test]
     fn winograd_where_it_pays_and_only_where_it_applies() {
         let big = Conv2dParams::new(1, 256, 14, 14, 256, 3, 3).with_padding(1, 1);

@@ -777,6 +777,16 @@ mod tests {
     }
 
     #[test]
+    fn tap_offsets_record_their_length_and_maximum() {
+        let mut offsets = TapOffsets::default();
+        assert!(offsets.is_empty() && offsets.len() == 0 && offsets.max() == 0);
+        offsets.fill([3, 90, 7].into_iter());
+        assert!(!offsets.is_empty());
+        assert_eq!((offsets.len(), offsets.max()), (3, 90));
+        assert_eq!(offsets.as_slice(), &[3, 90, 7]);
+    }
+
+    #[test]
     #[should_panic(expected = "B reads past the planes")]
     fn out_of_bounds_offsets_are_refused() {
         let mut offsets = TapOffsets::default();

@@ -508,7 +508,7 @@ impl CpuBackend {
                 .saturating_add(geo.slack);
             crate::host_mem::grow(planes, len, "the CPU backend's phase planes")?;
         }
-        self.pool().install(|| {
+        self.pool().install(|| -> Result<()> {
             for (chunk, out) in output
                 .chunks_mut(images_per_chunk * per_image_out)
                 .enumerate()
@@ -531,10 +531,10 @@ impl CpuBackend {
                     bias,
                     path,
                 };
-                self.run_tasks(&shared, images, out);
+                self.run_tasks(&shared, images, out)?;
             }
-        });
-        Ok(())
+            Ok(())
+        })
     }
 
     /// Winograd (see `winograd.rs`): tasks of whole tile rows of one image, each running the
@@ -571,9 +571,7 @@ impl CpuBackend {
         let row = tr * tw;
         let pad = winograd::scratch_len(p);
         let scratch_len = XI * (p.c_in + p.c_out) * row + pad;
-        for slot in &self.scratch {
-            crate::host_mem::grow(&mut lock(slot), scratch_len, "Winograd's scratch")?;
-        }
+        self.grow_scratch(scratch_len)?;
         let offsets = &mut ws.offsets;
         offsets.fill((0..p.c_in).map(|c| c * row));
         // Output rows 2·ty0.. of every plane, one slice per (image, filter, task).
@@ -646,23 +644,13 @@ impl CpuBackend {
     }
 
     /// Cuts the output of `images` images into tasks and runs them on the pool.
-    fn run_tasks(&self, s: &Shared, images: usize, out: &mut [f32]) {
+    fn run_tasks(&self, s: &Shared, images: usize, out: &mut [f32]) -> Result<()> {
         let (p, geo) = (s.p, s.geo);
         let (rows, m_rows) = self.plan(s, images);
         let mg = p.c_out_per_group();
         let tiles = geo.ho.div_ceil(rows);
         let plane = geo.ho * geo.wo;
-        // Every thread's scratch grown now to what any task of this call needs. Work stealing
-        // decides which threads run tasks, so a slot could otherwise first grow many calls into
-        // a stream, which a leak check rightly sees as growth (leak/submit_wait_1000 saw
-        // exactly 16 KiB, one 16 × 256 tile, in some runs).
-        let scratch_len = m_rows.next_multiple_of(MR) * BLOCK_Q.max(geo.wo);
-        for slot in &self.scratch {
-            let mut scratch = lock(slot);
-            if scratch.len() < scratch_len {
-                scratch.resize(scratch_len, 0.0);
-            }
-        }
+        self.grow_scratch(m_rows.next_multiple_of(MR) * BLOCK_Q.max(geo.wo))?;
         let mut tasks = Vec::with_capacity(images * p.groups * tiles * mg.div_ceil(m_rows));
         let chunks = |group: usize| {
             (group * mg..(group + 1) * mg)
@@ -727,6 +715,19 @@ impl CpuBackend {
             let mut scratch = lock(&self.scratch[slot]);
             self.run_task(s, &mut task, &mut scratch[..]);
         });
+        Ok(())
+    }
+
+    /// Grows every thread's scratch to at least `len` floats, before a call's tasks run (or
+    /// refuses with an error where the machine cannot hold them). Work stealing decides which
+    /// threads run tasks, so a slot grown inside a task could first grow many calls into a
+    /// stream, which a leak check rightly sees as growth (leak/submit_wait_1000 saw exactly
+    /// 16 KiB, one 16 × 256 tile, in some runs).
+    fn grow_scratch(&self, len: usize) -> Result<()> {
+        for slot in &self.scratch {
+            crate::host_mem::grow(&mut lock(slot), len, "the CPU backend's scratch")?;
+        }
+        Ok(())
     }
 
     /// Rows per tile and filters per task: whole images and whole groups where that gives
@@ -766,14 +767,15 @@ impl CpuBackend {
         let (p, geo) = (s.p, s.geo);
         let rows_pad = task.filters.next_multiple_of(MR);
         let len = rows_pad * BLOCK_Q.max(geo.wo);
-        // Grown for every slot by run_tasks.
+        // Grown for every slot by run_tasks (grow_scratch).
         let tile = &mut scratch[..len];
         let base = task.img * geo.image_stride
             + task.group * p.c_in_per_group() * geo.chan_stride
             + task.y0 * geo.wq;
         let b = &s.planes[base..];
         match s.path {
-            // (Winograd's own GEMM runs as GemmRows; nothing else reaches here with it.)
+            // (Winograd never reaches here: `run` hands it to `run_winograd`, whose GEMMs call
+            // the rows kernel themselves; it is grouped with the rows path it resembles.)
             CpuPath::GemmRows | CpuPath::Winograd => self.task_rows(s, task, b, tile),
             CpuPath::GemmStrips | CpuPath::Direct => self.task_strips(s, task, b, tile),
         }

@@ -43,6 +43,11 @@ pub enum Tolerance {
     /// the direct magnitude does not bound. Since `M_W ≥ Σ|x·w| + |b|`, it accepts whatever
     /// the direct policy accepts, so it also holds where a device chose the direct algorithm.
     Winograd,
+    /// [`Winograd`](Self::Winograd)'s bound with the larger of the F(2×2, 3×3) and F(4×4, 3×3)
+    /// magnitudes (see [`crate::winograd`]): for outputs that the CPU's F(4×4) may have
+    /// computed. It accepts whatever `Winograd` accepts.
+    #[serde(rename = "winograd-f4x4")]
+    WinogradF4,
 }
 
 impl Tolerance {
@@ -51,12 +56,23 @@ impl Tolerance {
     /// ([`crate::gpu::Algorithm::for_params`]) may run Winograd on `p` (it holds for the direct
     /// sum too), the direct bound everywhere else.
     pub fn for_params(p: &Conv2dParams) -> Self {
-        let cpu = crate::cpu::CpuPath::for_params(p) == crate::cpu::CpuPath::Winograd;
-        let gpu = crate::gpu::Algorithm::for_params(p) == crate::gpu::Algorithm::Winograd;
-        if cpu || gpu {
-            Tolerance::Winograd
-        } else {
-            Tolerance::Fp32
+        let cpu = crate::cpu::CpuPath::for_params(p).tolerance();
+        let gpu = crate::gpu::Algorithm::for_params(p).tolerance();
+        // The looser of the two: each accepts whatever the ones before it in this list accept.
+        [Tolerance::WinogradF4, Tolerance::Winograd, Tolerance::Fp32]
+            .into_iter()
+            .find(|&t| t == cpu || t == gpu)
+            .unwrap_or(Tolerance::Fp32)
+    }
+
+    /// The Winograd variants whose magnitude the reference carries for this tolerance (none:
+    /// the direct magnitude).
+    pub fn winograd_variants(self) -> &'static [crate::winograd::Variant] {
+        use crate::winograd::Variant;
+        match self {
+            Tolerance::Exact | Tolerance::Fp32 => &[],
+            Tolerance::Winograd => &[Variant::F2x2],
+            Tolerance::WinogradF4 => &Variant::ALL,
         }
     }
 
@@ -65,7 +81,7 @@ impl Tolerance {
         match self {
             Tolerance::Exact => 0.0,
             Tolerance::Fp32 => (p.reduction_len() as f64 + 2.0) * EPS_F32 * r.magnitude,
-            Tolerance::Winograd => {
+            Tolerance::Winograd | Tolerance::WinogradF4 => {
                 let k = p.reduction_len().max(p.c_in_per_group() + 14);
                 (k as f64 + 2.0) * EPS_F32 * r.magnitude
             }
@@ -76,7 +92,7 @@ impl Tolerance {
     pub fn accepts(self, p: &Conv2dParams, got: f32, r: RefValue) -> bool {
         match self {
             Tolerance::Exact => got.to_bits() == (r.value as f32).to_bits(),
-            Tolerance::Fp32 | Tolerance::Winograd => {
+            Tolerance::Fp32 | Tolerance::Winograd | Tolerance::WinogradF4 => {
                 got.is_finite() && (f64::from(got) - r.value).abs() <= self.bound(p, r)
             }
         }
@@ -204,10 +220,25 @@ pub fn compare_points(
     }
 }
 
+/// The whole reference output with the magnitudes `tol` needs (Winograd's where it names them).
+pub fn reference(
+    p: &Conv2dParams,
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    tol: Tolerance,
+) -> crate::Result<RefOutput> {
+    match tol.winograd_variants() {
+        [] => crate::reference::conv2d_f64(p, x, w, bias),
+        variants => crate::winograd::reference(p, x, w, bias, variants),
+    }
+}
+
 /// Checks the corners and `count` seeded random outputs of `got` against the reference, for
 /// outputs too large for the whole reference to be computed (benchmarks, perf trials), with
-/// `tol` ([`Tolerance::Winograd`] computes the Winograd magnitudes itself, and so needs a
-/// shape Winograd applies to: [`crate::winograd::applies`]).
+/// `tol` ([`Tolerance::Winograd`] and [`Tolerance::WinogradF4`] compute the Winograd
+/// magnitudes themselves, and so need a shape Winograd applies to:
+/// [`crate::winograd::applies`]).
 pub fn check_sample(
     p: &Conv2dParams,
     x: &[f32],
@@ -248,9 +279,9 @@ pub fn check_points(
 ) -> Result<ErrorStats, Box<Mismatch>> {
     let points = sample.iter().map(|&(i, got)| {
         let at = OutIndex::from_flat(p, i);
-        let r = match tol {
-            Tolerance::Winograd => crate::winograd::output_at(p, x, w, bias, at),
-            _ => crate::reference::output_at(p, x, w, bias, at),
+        let r = match tol.winograd_variants() {
+            [] => crate::reference::output_at(p, x, w, bias, at),
+            variants => crate::winograd::output_at(p, x, w, bias, at, variants),
         };
         (at, got, r)
     });
@@ -323,6 +354,12 @@ mod tests {
         assert_eq!(Tolerance::Winograd.bound(&one, r(1.0)), 17.0 * eps);
         let wide = Conv2dParams::new(1, 64, 6, 6, 2, 3, 3);
         assert_eq!(Tolerance::Winograd.bound(&wide, r(2.0)), 578.0 * eps * 2.0);
+        // F(4×4) has the same bound (its magnitude differs).
+        assert_eq!(Tolerance::WinogradF4.bound(&one, r(1.0)), 17.0 * eps);
+        assert_eq!(
+            Tolerance::WinogradF4.bound(&wide, r(2.0)),
+            578.0 * eps * 2.0
+        );
         // At the bound accepted, one step past it refused.
         let p = Conv2dParams::new(1, 8, 5, 5, 4, 3, 3);
         let at = 0.5 + 74.0 * eps;

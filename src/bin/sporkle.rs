@@ -193,9 +193,10 @@ fn parse_cpu_path(s: &str) -> Result<CpuPath, String> {
         "strips" => Ok(CpuPath::GemmStrips),
         "rows" => Ok(CpuPath::GemmRows),
         "direct" => Ok(CpuPath::Direct),
-        "winograd" => Ok(CpuPath::Winograd),
+        "winograd" | "winograd-f2x2" => Ok(CpuPath::Winograd),
+        "winograd-f4x4" => Ok(CpuPath::WinogradF4),
         _ => Err(format!(
-            "{s:?} is not one of strips, rows, direct, winograd"
+            "{s:?} is not one of strips, rows, direct, winograd (winograd-f2x2), winograd-f4x4"
         )),
     }
 }
@@ -526,10 +527,14 @@ fn bench(a: BenchArgs) -> Result<()> {
                         case.name,
                         100.0 * gflops / peak,
                         path.name(),
-                        if path == CpuPath::Winograd {
-                            " (direct-convolution FLOPs: Winograd does 4/9 of the multiplies)"
-                        } else {
-                            ""
+                        match path {
+                            CpuPath::Winograd => {
+                                " (direct-convolution FLOPs: Winograd F(2x2) does 4/9 of the multiplies)"
+                            }
+                            CpuPath::WinogradF4 => {
+                                " (direct-convolution FLOPs: Winograd F(4x4) does 1/4 of the multiplies)"
+                            }
+                            _ => "",
                         }
                     );
                 }

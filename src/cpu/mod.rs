@@ -104,6 +104,9 @@ pub enum CpuPath {
     /// Winograd F(2×2, 3×3) (3×3 taps, stride 1, no dilation, one group; see `winograd.rs`):
     /// its GEMM on the rows kernel.
     Winograd,
+    /// Winograd F(4×4, 3×3), where F(2×2) applies: fewer multiplies, larger rounding
+    /// ([`crate::tolerance::Tolerance::WinogradF4`]), never exact.
+    WinogradF4,
 }
 
 impl CpuPath {
@@ -122,7 +125,11 @@ impl CpuPath {
             && p.c_out >= WINOGRAD_MIN_CHANNELS
             && p.n * ho * wo >= WINOGRAD_MIN_POSITIONS
         {
-            return CpuPath::Winograd;
+            return if wo.div_ceil(4) >= WINOGRAD_F4_MIN_ROW_TILES {
+                CpuPath::WinogradF4
+            } else {
+                CpuPath::Winograd
+            };
         }
         // Pointwise layers with a long enough reduction: the rows kernel reads the input in
         // place (no phase planes at all); with short reductions its transposed store costs more
@@ -148,6 +155,16 @@ impl CpuPath {
             CpuPath::GemmRows => "gemm-rows",
             CpuPath::Direct => "row-sums",
             CpuPath::Winograd => "winograd-f2x2",
+            CpuPath::WinogradF4 => "winograd-f4x4",
+        }
+    }
+
+    /// The Winograd variant this path runs, if any.
+    pub fn winograd(self) -> Option<crate::winograd::Variant> {
+        match self {
+            CpuPath::Winograd => Some(crate::winograd::Variant::F2x2),
+            CpuPath::WinogradF4 => Some(crate::winograd::Variant::F4x4),
+            CpuPath::GemmStrips | CpuPath::GemmRows | CpuPath::Direct => None,
         }
     }
 
@@ -156,8 +173,16 @@ impl CpuPath {
         match self {
             CpuPath::GemmStrips | CpuPath::GemmRows => Layout::Packed,
             CpuPath::Direct => Layout::Given,
-            CpuPath::Winograd => Layout::Winograd,
+            CpuPath::Winograd | CpuPath::WinogradF4 => {
+                Layout::Winograd(self.winograd().expect("a Winograd path"))
+            }
         }
+    }
+
+    /// Whether this path gives the reference's bits on small-integer data (see
+    /// [`crate::tolerance`]'s exact mode): every path but F(4×4) Winograd, whose `G` holds 1/6.
+    pub fn exact_on_small_integers(self) -> bool {
+        self != CpuPath::WinogradF4
     }
 
     /// The tolerance a result of this path is checked with: Winograd's bound for Winograd
@@ -165,6 +190,7 @@ impl CpuPath {
     pub fn tolerance(self) -> crate::tolerance::Tolerance {
         match self {
             CpuPath::Winograd => crate::tolerance::Tolerance::Winograd,
+            CpuPath::WinogradF4 => crate::tolerance::Tolerance::WinogradF4,
             _ => crate::tolerance::Tolerance::Fp32,
         }
     }
@@ -177,8 +203,8 @@ enum Layout {
     Given,
     /// `[group][panel of 16 filters][tap][16]` (the GEMM paths).
     Packed,
-    /// Transformed (`U_ξ = G g Gᵀ`), then packed as the weights of the Winograd GEMM.
-    Winograd,
+    /// Transformed (`U_ξ = G g Gᵀ`) for a variant, then packed as the weights of its GEMM.
+    Winograd(crate::winograd::Variant),
 }
 
 /// Winograd needs at least this many input and output channels (measured here, two interleaved
@@ -187,6 +213,12 @@ enum Layout {
 const WINOGRAD_MIN_CHANNELS: usize = 64;
 /// ...and this many output positions over the batch.
 const WINOGRAD_MIN_POSITIONS: usize = 196;
+/// F(4×4) Winograd where a row of its tiles is at least this many, so that its GEMMs' calls of
+/// the rows kernel are full: measured here against F(2×2) (two interleaved rounds, GFLOP/s):
+/// vgg (56×56, 256 channels, 14 tiles a row) 785 against 518, l1 n32 (56×56, 64 channels) 413
+/// against 342, l1 n1 the same; at 14×14 (4 tiles a row) F(4×4) lost, l3 n1 274 against 393,
+/// l3 n32 490 against 526.
+const WINOGRAD_F4_MIN_ROW_TILES: usize = 14;
 /// A Winograd task takes whole rows of tiles adding up to about this many tiles: four calls of
 /// the wide rows kernel per transform position and panel pair. Measured here (GFLOP/s, two
 /// interleaved rounds of budgets that happened to give these sizes): vgg 477 with 28 tiles
@@ -433,10 +465,10 @@ impl CpuBackend {
         let range = match path.layout() {
             Layout::Given => return Ok(None),
             Layout::Packed => self.pool().install(|| pack_weights(p, weights, into)),
-            Layout::Winograd => {
+            Layout::Winograd(v) => {
                 crate::winograd::check_applies(p)?;
-                let u = crate::winograd::transform_weights(p, weights);
-                let gp = crate::winograd::gemm_params(p);
+                let u = crate::winograd::transform_weights(p, weights, v);
+                let gp = crate::winograd::gemm_params(p, v);
                 self.pool().install(|| pack_weights(&gp, &u, into))
             }
         };
@@ -484,8 +516,8 @@ impl CpuBackend {
         output: &mut [f32],
         ws: &mut Workspace,
     ) -> Result<()> {
-        if path == CpuPath::Winograd {
-            return self.run_winograd(p, input, weights, bias, output, ws);
+        if let Some(v) = path.winograd() {
+            return self.run_winograd(p, v, input, weights, bias, output, ws);
         }
         // Pointwise layers on the rows kernel read the input in place (see Geometry::pointwise).
         let (geo, in_place) = match (path == CpuPath::GemmRows)
@@ -538,25 +570,27 @@ impl CpuBackend {
     }
 
     /// Winograd (see `winograd.rs`): tasks of whole tile rows of one image, each running the
-    /// input transform, the 16 GEMMs on the rows kernel (`weights` are the packed `U`) and the
+    /// input transform, the `α²` GEMMs on the rows kernel (`weights` are the packed `U`) and the
     /// output transform (with the bias) in its thread's scratch.
+    #[allow(clippy::too_many_arguments)]
     fn run_winograd(
         &self,
         p: &Conv2dParams,
+        variant: crate::winograd::Variant,
         input: &[f32],
         weights: &[f32],
         bias: Option<&[f32]>,
         output: &mut [f32],
         ws: &mut Workspace,
     ) -> Result<()> {
-        use crate::winograd::XI;
         crate::winograd::check_applies(p)?;
-        let (th, tw) = crate::winograd::tiles(p);
+        let (xi, m) = (variant.xi(), variant.m());
+        let (th, tw) = crate::winograd::tiles(p, variant);
         let (ho, wo) = p.out_hw();
         // Tile rows per task: V and M within the budget, at least two tasks per thread, and the
         // tasks of a batch a whole number of rounds of the threads where the rows allow (one
         // short task would leave a thread idle at the end).
-        let per_tile_row = XI * (p.c_in + p.c_out) * tw;
+        let per_tile_row = xi * (p.c_in + p.c_out) * tw;
         let by_positions = WINOGRAD_TASK_POSITIONS.div_ceil(tw);
         let by_budget = (WINOGRAD_TASK_FLOATS / per_tile_row).max(1);
         let mut tasks_per_image = th.div_ceil(by_positions.min(by_budget).clamp(1, th));
@@ -569,16 +603,16 @@ impl CpuBackend {
         }
         let tr = th.div_ceil(tasks_per_image);
         let row = tr * tw;
-        let pad = winograd::scratch_len(p);
-        let scratch_len = XI * (p.c_in + p.c_out) * row + pad;
+        let pad = winograd::scratch_len(p, variant);
+        let scratch_len = xi * (p.c_in + p.c_out) * row + pad;
         self.grow_scratch(scratch_len)?;
         let offsets = &mut ws.offsets;
         offsets.fill((0..p.c_in).map(|c| c * row));
-        // Output rows 2·ty0.. of every plane, one slice per (image, filter, task).
+        // Output rows m·ty0.. of every plane, one slice per (image, filter, task).
         let ntr = th.div_ceil(tr);
         let mut grid: Vec<Option<&mut [f32]>> = output
             .chunks_mut(ho * wo)
-            .flat_map(|plane| plane.chunks_mut(2 * tr * wo))
+            .flat_map(|plane| plane.chunks_mut(m * tr * wo))
             .map(Some)
             .collect();
         let mut tasks = Vec::with_capacity(p.n * ntr);
@@ -599,26 +633,27 @@ impl CpuBackend {
             tasks.into_par_iter().for_each(|(img, tys, mut outs)| {
                 let slot = rayon::current_thread_index().expect("tasks run on the backend's pool");
                 let mut scratch = lock(&self.scratch[slot]);
-                let (v, rest) = scratch[..scratch_len].split_at_mut(XI * p.c_in * row);
-                let (m, pad) = rest.split_at_mut(XI * p.c_out * row);
-                winograd::input_transform(p, input, img, tys, v, row, pad);
-                self.winograd_gemm(p, (tys.1 - tys.0) * tw, row, v, weights, offsets, m);
-                winograd::output_transform(p, m, row, tys, bias, &mut outs, pad);
+                let (v, rest) = scratch[..scratch_len].split_at_mut(xi * p.c_in * row);
+                let (m, pad) = rest.split_at_mut(xi * p.c_out * row);
+                winograd::input_transform(p, variant, input, img, tys, v, row, pad);
+                let positions = (tys.1 - tys.0) * tw;
+                self.winograd_gemm(p, xi, (positions, row), v, weights, offsets, m);
+                winograd::output_transform(p, variant, m, row, tys, bias, &mut outs, pad);
             });
         });
         Ok(())
     }
 
-    /// `M_ξ = U_ξ V_ξ` for the first `positions` of each row of `v` (`[ξ][c]`, rows of `row`
-    /// floats) into `m` (`[ξ][t][k]`: each tile's filters contiguous, no transposed store), on
-    /// the rows kernel; `weights` are `U`, packed
-    /// `[ξ][panel][c][16]`, and `offsets` are `c·row`.
+    /// `M_ξ = U_ξ V_ξ` for `ξ < xi` and the first `positions` of each row of `v` (`[ξ][c]`,
+    /// rows of `row` floats) into `m` (`[ξ][t][k]`: each tile's filters contiguous, no
+    /// transposed store), on the rows kernel; `weights` are `U`, packed `[ξ][panel][c][16]`, and
+    /// `offsets` are `c·row`.
     #[allow(clippy::too_many_arguments)]
     fn winograd_gemm(
         &self,
         p: &Conv2dParams,
-        positions: usize,
-        row: usize,
+        xi_count: usize,
+        (positions, row): (usize, usize),
         v: &[f32],
         weights: &[f32],
         offsets: &TapOffsets,
@@ -627,7 +662,7 @@ impl CpuBackend {
         let (_, chunk) = row_chunks(positions, self.kernel.rows_positions());
         let per_call = self.kernel.rows_filters();
         let panels = p.c_out.div_ceil(MR);
-        for xi in 0..crate::winograd::XI {
+        for xi in 0..xi_count {
             let group = &weights[xi * panels * p.c_in * MR..][..panels * p.c_in * MR];
             for pi in (0..panels).step_by(per_call / MR) {
                 let filters = per_call.min(p.c_out - pi * MR);
@@ -739,12 +774,14 @@ impl CpuBackend {
         let mut rows = geo.ho;
         // Split filters no finer than one kernel call takes (32 on the wide rows kernel).
         let min_filters = match s.path {
-            CpuPath::GemmRows | CpuPath::Winograd => self.kernel.rows_filters(),
+            CpuPath::GemmRows | CpuPath::Winograd | CpuPath::WinogradF4 => {
+                self.kernel.rows_filters()
+            }
             CpuPath::GemmStrips | CpuPath::Direct => MR,
         };
         let mut m_rows = match s.path {
-            CpuPath::GemmStrips | CpuPath::GemmRows | CpuPath::Winograd => mg.next_multiple_of(MR),
             CpuPath::Direct => mg,
+            _ => mg.next_multiple_of(MR),
         };
         loop {
             let tasks = images * p.groups * geo.ho.div_ceil(rows) * mg.div_ceil(m_rows);
@@ -776,7 +813,9 @@ impl CpuBackend {
         match s.path {
             // (Winograd never reaches here: `run` hands it to `run_winograd`, whose GEMMs call
             // the rows kernel themselves; it is grouped with the rows path it resembles.)
-            CpuPath::GemmRows | CpuPath::Winograd => self.task_rows(s, task, b, tile),
+            CpuPath::GemmRows | CpuPath::Winograd | CpuPath::WinogradF4 => {
+                self.task_rows(s, task, b, tile)
+            }
             CpuPath::GemmStrips | CpuPath::Direct => self.task_strips(s, task, b, tile),
         }
     }
@@ -1029,7 +1068,6 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 mod tests {
     use super::*;
     use crate::data::conv_data;
-    use crate::reference;
     use crate::tolerance::{compare, Tolerance};
 
     fn check(p: Conv2dParams, backend: &CpuBackend, exact: bool, with_bias: bool) {
@@ -1038,15 +1076,13 @@ mod tests {
         let mut y = vec![f32::NAN; p.output_len()];
         backend.conv2d(&p, &x, &w, bias, &mut y).unwrap();
         let path = backend.path_for(&p);
-        let (r, tol) = match (exact, path) {
-            (true, _) => (reference::conv2d_f64(&p, &x, &w, bias), Tolerance::Exact),
-            // Winograd's bound needs its magnitudes.
-            (false, CpuPath::Winograd) => (
-                crate::winograd::reference(&p, &x, &w, bias),
-                Tolerance::Winograd,
-            ),
-            (false, _) => (reference::conv2d_f64(&p, &x, &w, bias), path.tolerance()),
+        // Small integers are exact on every path but F(4×4) Winograd (whose G has 1/6).
+        let tol = if exact && path.exact_on_small_integers() {
+            Tolerance::Exact
+        } else {
+            path.tolerance()
         };
+        let r = crate::tolerance::reference(&p, &x, &w, bias, tol);
         if let Err(m) = compare(&p, &y, &r.unwrap(), tol) {
             panic!(
                 "{p} ({:?}, {:?}): {m}",
@@ -1236,11 +1272,14 @@ mod tests {
             Conv2dParams::new(2, 20, 9, 8, 24, 3, 3).with_pads(0, 2, 3, 1),
             Conv2dParams::new(1, 8, 30, 3, 16, 3, 3).with_padding(1, 1),
         ];
-        for kernel in supported() {
+        for (kernel, path) in supported()
+            .into_iter()
+            .flat_map(|k| [(k, CpuPath::Winograd), (k, CpuPath::WinogradF4)])
+        {
             for (i, p) in cases.iter().enumerate() {
                 let cpu = CpuBackend::with_options(1 + i % 3, kernel)
                     .unwrap()
-                    .with_path(CpuPath::Winograd);
+                    .with_path(path);
                 check(*p, &cpu, false, i % 2 == 0);
                 check(*p, &cpu, true, true);
                 let (x, w, b) = conv_data(p, 3, false);
@@ -1256,9 +1295,7 @@ mod tests {
                 };
                 let one = bits(&cpu, false);
                 assert_eq!(one, bits(&cpu, true), "{p}: prepared weights differ");
-                let five = CpuBackend::with_options(5, kernel)
-                    .unwrap()
-                    .with_path(CpuPath::Winograd);
+                let five = CpuBackend::with_options(5, kernel).unwrap().with_path(path);
                 assert_eq!(one, bits(&five, false), "{p}: bits depend on threads");
             }
         }
@@ -1285,21 +1322,26 @@ mod tests {
             CpuPath::for_params(&big.with_stride(2, 2)),
             CpuPath::GemmRows
         );
+        // F(4×4) where a row has 14 tiles of it (56 outputs).
+        let wide = Conv2dParams::new(1, 64, 56, 56, 64, 3, 3).with_padding(1, 1);
+        assert_eq!(CpuPath::for_params(&wide), CpuPath::WinogradF4);
+        let narrower = Conv2dParams::new(1, 64, 56, 52, 64, 3, 3).with_padding(1, 1);
+        assert_eq!(CpuPath::for_params(&narrower), CpuPath::Winograd);
         let narrow = Conv2dParams::new(1, 32, 56, 56, 64, 3, 3).with_padding(1, 1);
-        assert_ne!(CpuPath::for_params(&narrow), CpuPath::Winograd);
+        assert_eq!(CpuPath::for_params(&narrow).winograd(), None);
         let small = Conv2dParams::new(1, 64, 5, 5, 64, 3, 3).with_padding(1, 1);
-        assert_ne!(CpuPath::for_params(&small), CpuPath::Winograd);
+        assert_eq!(CpuPath::for_params(&small).winograd(), None);
         // Forced where it does not apply: an error, and the output untouched.
         let strided = Conv2dParams::new(1, 8, 9, 9, 16, 3, 3).with_stride(2, 2);
-        let cpu = CpuBackend::with_threads(2)
-            .unwrap()
-            .with_path(CpuPath::Winograd);
-        let (x, w, _) = conv_data(&strided, 1, false);
-        let mut y = vec![7.0; strided.output_len()];
-        let err = cpu.conv2d(&strided, &x, &w, None, &mut y).unwrap_err();
-        assert!(err.to_string().contains("does not apply"), "{err}");
-        assert!(y.iter().all(|&v| v == 7.0));
-        assert!(cpu.prepare_weights(&strided, &w).is_err());
+        for path in [CpuPath::Winograd, CpuPath::WinogradF4] {
+            let cpu = CpuBackend::with_threads(2).unwrap().with_path(path);
+            let (x, w, _) = conv_data(&strided, 1, false);
+            let mut y = vec![7.0; strided.output_len()];
+            let err = cpu.conv2d(&strided, &x, &w, None, &mut y).unwrap_err();
+            assert!(err.to_string().contains("does not apply"), "{err}");
+            assert!(y.iter().all(|&v| v == 7.0));
+            assert!(cpu.prepare_weights(&strided, &w).is_err());
+        }
     }
 
     #[test]

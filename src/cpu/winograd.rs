@@ -1,75 +1,102 @@
-//! Winograd F(2×2, 3×3) on the CPU: the transforms around the GEMM that the backend runs on its
-//! rows microkernel (see `crate::winograd` for the algorithm and its error bound; the GPU runs
-//! the same three steps as three passes).
+//! Winograd F(m×m, 3×3) on the CPU, m = 2 or 4: the transforms around the GEMM that the backend
+//! runs on its rows microkernel (see `crate::winograd` for the algorithm, its matrices and its
+//! error bound; the GPU runs F(2×2) as three passes).
 //!
 //! The work is cut into tasks of whole rows of tiles of one image, each small enough that its
 //! transformed input `V` and its GEMM output `M` stay in the core's L2 cache; a task runs all
 //! three steps on one thread:
-//! 1. [`input_transform`]: `V = Bᵀ d B` of every 4×4 input patch under the task's tiles, laid
+//! 1. [`input_transform`]: `V = Bᵀ d B` of every `α×α` input patch under the task's tiles, laid
 //!    out `[ξ][c][t]` (`t` = tile within the task, rows of `row` floats);
-//! 2. the 16 GEMMs `M_ξ = U_ξ V_ξ` (in `mod.rs`), with the transformed weights `U`
+//! 2. the `α²` GEMMs `M_ξ = U_ξ V_ξ` (in `mod.rs`), with the transformed weights `U`
 //!    ([`crate::winograd::transform_weights`], rounded once from f64) packed like the weights
-//!    of [`crate::winograd::gemm_params`], a 1×1 convolution with 16 groups; the rows kernel
+//!    of [`crate::winograd::gemm_params`], a 1×1 convolution with `α²` groups; the rows kernel
 //!    stores `M` as it accumulates it, `[ξ][t][k]` (no transposed store);
 //! 3. [`output_transform`]: `Y = Aᵀ M A + bias` of every tile, into the output rows.
 //!
-//! Multiplies per output fall from `9·c_in` to `4·c_in`; the transforms only add and subtract,
-//! so layers with many channels gain most. (Compiling the transforms for AVX-512 was measured
-//! here: the input transform got slower, 410 against 318 µs per call on l1 n1, so they stay
-//! plain loops for the baseline target.)
+//! Both transforms are separable: one 1-D transform down the columns of a patch, then one along
+//! its rows, each a unit-stride loop over many patches at once (`bt2`/`bt4`, `at2`/`at4`, the
+//! matrices of `crate::winograd` written out with shared terms; every result is at most three
+//! roundings deep, as the error bound assumes). Multiplies per output fall from `9·c_in` to
+//! `4·c_in` (F(2×2)) or `2.25·c_in` (F(4×4)); the transforms only add, subtract and scale, so
+//! layers with many channels gain most. (Compiling the transforms for AVX-512 was measured
+//! here: the F(2×2) input transform got slower, 410 against 318 µs per call on l1 n1, so they
+//! stay plain loops for the baseline target.)
 
 #![forbid(unsafe_code)]
 
 use crate::params::Conv2dParams;
+use crate::winograd::Variant;
 
-/// Scratch floats [`input_transform`] and [`output_transform`] need for `p`.
-pub fn scratch_len(p: &Conv2dParams) -> usize {
-    let (_, tw) = crate::winograd::tiles(p);
-    (18 * (tw + 2)).max(12 * p.c_out)
+/// Scratch floats [`input_transform`] and [`output_transform`] need for `p` with `v`.
+pub fn scratch_len(p: &Conv2dParams, v: Variant) -> usize {
+    let (_, tw) = crate::winograd::tiles(p, v);
+    let (m, a) = (v.m(), v.alpha());
+    ((2 * a + 1) * m * (tw + 1)).max((m * a + m * m) * p.c_out)
 }
 
 /// `V[ξ][c][(ty − ty0)·tw + tx]` (rows of `row` floats, `ξ·c_in + c`) for the tiles of rows
 /// `ty0..ty1` of image `img`; `pad` is scratch of [`scratch_len`] floats.
-///
-/// Each input row is split once into its even and odd columns (zero outside the image), so that
-/// every step below is a unit-stride loop over the tiles of a row; the two rows a row of tiles
-/// shares with the next are kept, not split again.
+#[allow(clippy::too_many_arguments)]
 pub fn input_transform(
     p: &Conv2dParams,
+    v: Variant,
     x: &[f32],
     img: usize,
+    tys: (usize, usize),
+    out: &mut [f32],
+    row: usize,
+    pad: &mut [f32],
+) {
+    let (_, tw) = crate::winograd::tiles(p, v);
+    let at = (img, tw);
+    match v {
+        Variant::F2x2 => input_with::<2, 4>(p, x, at, tys, out, row, pad, bt2),
+        Variant::F4x4 => input_with::<4, 6>(p, x, at, tys, out, row, pad, bt4),
+    }
+}
+
+/// [`input_transform`] for `M×M` tiles of `A×A` patches (`tw` per row), with `bt` the 1-D `Bᵀ`.
+///
+/// Each input row is split once into its `M` column phases (column `M·j + k − pw` in phase `k`,
+/// zero outside the image), so that patch columns `0..A` of tile `tx` are phase `0..M` at `tx`
+/// and phases `0, 1` at `tx + 1`: every step is then a unit-stride loop over the tiles of a
+/// row. The two rows a row of tiles shares with the next are kept, not split again.
+#[allow(clippy::too_many_arguments)]
+fn input_with<const M: usize, const A: usize>(
+    p: &Conv2dParams,
+    x: &[f32],
+    (img, tw): (usize, usize),
     (ty0, ty1): (usize, usize),
     v: &mut [f32],
     row: usize,
     pad: &mut [f32],
+    bt: fn([&[f32]; A], [&mut [f32]; A]),
 ) {
-    let (_, tw) = crate::winograd::tiles(p);
     let (ph, pw) = (p.padding.0 as isize, p.padding.1 as isize);
-    let half = tw + 2;
+    let q = tw + 1;
+    let line_len = M * q;
     let plane_len = p.h * p.w;
-    // Four split rows (even columns, then odd), four transformed ones, and one padded line.
-    let (split, rest) = pad[..18 * half].split_at_mut(8 * half);
-    let (cols, line) = rest.split_at_mut(8 * half);
+    // A split rows, A transformed ones, and one padded line.
+    let (split, rest) = pad[..(2 * A + 1) * line_len].split_at_mut(A * line_len);
+    let (cols, line) = rest.split_at_mut(A * line_len);
     // The input rows the task reads in a plane (clamped to the image).
     let rows_read = {
-        let y0 = (2 * ty0).saturating_sub(ph as usize).min(p.h);
-        let y1 = (2 * ty1 + 2).saturating_sub(ph as usize).min(p.h);
+        let y0 = (M * ty0).saturating_sub(ph as usize).min(p.h);
+        let y1 = (M * ty1 + A - M).saturating_sub(ph as usize).min(p.h);
         y0 * p.w..y1 * p.w
     };
     for c in 0..p.c_in {
         let plane = &x[(img * p.c_in + c) * plane_len..][..plane_len];
         // The next channel's rows, asked for while this one is transformed: planes are far
-        // apart, so hardware prefetchers do not follow from one to the next (vgg: 99 -> 55 ms
-        // of input transform per call, both threads together).
+        // apart, so hardware prefetchers do not follow from one to the next (vgg, F(2×2):
+        // 99 -> 55 ms of input transform per call, both threads together).
         if c + 1 < p.c_in {
             super::kernel::prefetch(&x[(img * p.c_in + c + 1) * plane_len..][rows_read.clone()]);
         }
-        // Input row `iy` split into `dst` (even columns, then odd: columns 2j − pw, 2j + 1 − pw).
+        // Input row `iy` split into its M phases in `dst`.
         let mut split_row = |iy: isize, dst: &mut [f32]| {
-            let (e, o) = dst.split_at_mut(half);
             if !(0..p.h as isize).contains(&iy) {
-                e.fill(0.0);
-                o.fill(0.0);
+                dst.fill(0.0);
                 return;
             }
             let src = &plane[iy as usize * p.w..][..p.w];
@@ -78,55 +105,46 @@ pub fn input_transform(
             line[..at].fill(0.0);
             line[at..at + n].copy_from_slice(&src[..n]);
             line[at + n..].fill(0.0);
-            for ((e, o), pair) in e.iter_mut().zip(o.iter_mut()).zip(line.chunks_exact(2)) {
-                *e = pair[0];
-                *o = pair[1];
+            for (j, group) in line.chunks_exact(M).enumerate() {
+                for (k, &value) in group.iter().enumerate() {
+                    dst[k * q + j] = value;
+                }
             }
         };
         for ty in ty0..ty1 {
-            // Rows a = 0, 1 of this row of tiles are rows 2, 3 of the previous one.
+            // Rows 0, 1 of this row of tiles are rows M, M + 1 of the previous one.
             let first = ty == ty0;
             if !first {
-                split.copy_within(4 * half..8 * half, 0);
+                split.copy_within(M * line_len..A * line_len, 0);
             }
-            for a in if first { 0..4 } else { 2..4 } {
+            for a in if first { 0..A } else { A - M..A } {
                 split_row(
-                    (2 * ty + a) as isize - ph,
-                    &mut split[2 * a * half..][..2 * half],
+                    (M * ty + a) as isize - ph,
+                    &mut split[a * line_len..][..line_len],
                 );
             }
-            // Bᵀ d along the patch's columns: rows (d0 − d2, d1 + d2, d2 − d1, d1 − d3), for the
-            // even and the odd columns at once (rows of 2·half).
+            // Bᵀ d down the patch's columns, every phase at once (rows of line_len)...
             {
-                let d = |a: usize| &split[2 * a * half..][..2 * half];
-                let (d0, d1, d2, d3) = (d(0), d(1), d(2), d(3));
-                let (t0, t) = cols.split_at_mut(2 * half);
-                let (t1, t) = t.split_at_mut(2 * half);
-                let (t2, t3) = t.split_at_mut(2 * half);
-                for j in 0..2 * half {
-                    t0[j] = d0[j] - d2[j];
-                    t1[j] = d1[j] + d2[j];
-                    t2[j] = d2[j] - d1[j];
-                    t3[j] = d1[j] - d3[j];
-                }
+                let mut d = split.chunks_exact(line_len);
+                let mut t = cols.chunks_exact_mut(line_len);
+                bt(
+                    std::array::from_fn(|_| d.next().expect("A rows")),
+                    std::array::from_fn(|_| t.next().expect("A rows")),
+                );
             }
-            // ...then B along its rows: ξ = 4i + j, from columns 2tx..2tx + 3 = e[tx], o[tx],
-            // e[tx + 1], o[tx + 1].
+            // ...then B along its rows: ξ = A·i + j.
             let t0 = (ty - ty0) * tw;
-            for i in 0..4 {
-                let (e, o) = cols[2 * i * half..][..2 * half].split_at(half);
-                let at = ((4 * i) * p.c_in + c) * row + t0;
-                let (v0, rest) = v[at..].split_at_mut(p.c_in * row);
-                let (v1, rest) = rest.split_at_mut(p.c_in * row);
-                let (v2, v3) = rest.split_at_mut(p.c_in * row);
-                let (v0, v1, v2, v3) = (&mut v0[..tw], &mut v1[..tw], &mut v2[..tw], &mut v3[..tw]);
-                for tx in 0..tw {
-                    let (a, b, c2, d) = (e[tx], o[tx], e[tx + 1], o[tx + 1]);
-                    v0[tx] = a - c2;
-                    v1[tx] = b + c2;
-                    v2[tx] = c2 - b;
-                    v3[tx] = b - d;
-                }
+            for i in 0..A {
+                let phases = &cols[i * line_len..][..line_len];
+                let d: [&[f32]; A] = std::array::from_fn(|b| {
+                    let (k, shift) = (b % M, b / M);
+                    &phases[k * q + shift..][..tw]
+                });
+                let mut rows = v[((A * i) * p.c_in + c) * row + t0..].chunks_mut(p.c_in * row);
+                bt(
+                    d,
+                    std::array::from_fn(|_| &mut rows.next().expect("A rows")[..tw]),
+                );
             }
         }
     }
@@ -134,67 +152,207 @@ pub fn input_transform(
 
 /// `y = Aᵀ M A + bias` for the tiles of rows `ty0..ty1` of one image, where `m` is
 /// `[ξ][t][k]` (`row` tiles of `c_out` filters per `ξ`) and `outs[k]` is output rows
-/// `2·ty0..min(2·ty1, ho)` of filter `k`'s plane; `pad` is scratch of [`scratch_len`] floats.
-/// Each step runs over the filters of one tile (unit stride); the four outputs of each filter
-/// then go to its plane.
+/// `M·ty0..min(M·ty1, ho)` of filter `k`'s plane; `pad` is scratch of [`scratch_len`] floats.
+#[allow(clippy::too_many_arguments)]
 pub fn output_transform(
     p: &Conv2dParams,
+    v: Variant,
     m: &[f32],
     row: usize,
-    (ty0, ty1): (usize, usize),
+    tys: (usize, usize),
     bias: Option<&[f32]>,
     outs: &mut [&mut [f32]],
     pad: &mut [f32],
 ) {
-    let (_, tw) = crate::winograd::tiles(p);
+    let (_, tw) = crate::winograd::tiles(p, v);
+    let m = (m, row, tw);
+    match v {
+        Variant::F2x2 => output_with::<2, 4>(p, m, tys, bias, outs, pad, at2),
+        Variant::F4x4 => output_with::<4, 6>(p, m, tys, bias, outs, pad, at4),
+    }
+}
+
+/// [`output_transform`] for `M×M` tiles of `A×A` patches (`m` with its row length and `tw` tiles
+/// per row), with `at` the 1-D `Aᵀ`. Each step
+/// runs over the filters of one tile (unit stride); each filter's outputs then go to its plane.
+#[allow(clippy::too_many_arguments)]
+fn output_with<const M: usize, const A: usize>(
+    p: &Conv2dParams,
+    (m, row, tw): (&[f32], usize, usize),
+    (ty0, ty1): (usize, usize),
+    bias: Option<&[f32]>,
+    outs: &mut [&mut [f32]],
+    pad: &mut [f32],
+    at: fn([&[f32]; A], [&mut [f32]; M]),
+) {
     let (ho, wo) = p.out_hw();
     let ck = p.c_out;
-    let (s, y) = pad[..12 * ck].split_at_mut(8 * ck);
+    let (s, y) = pad[..(M * A + M * M) * ck].split_at_mut(M * A * ck);
     // The task's output rows of every plane, asked for before the first write: the writes go
-    // to c_out planes at once, too many streams for hardware prefetchers (vgg: 80 -> 69 ms of
-    // output transform per call, both threads together).
+    // to c_out planes at once, too many streams for hardware prefetchers (vgg, F(2×2): 80 ->
+    // 69 ms of output transform per call, both threads together).
     for out in outs.iter() {
         super::kernel::prefetch(out);
     }
     for ty in ty0..ty1 {
         for tx in 0..tw {
             let t = (ty - ty0) * tw + tx;
-            let mv = |xi: usize| &m[(xi * row + t) * ck..][..ck];
-            // Aᵀ along the columns of M: s[2j + i] = row i of Aᵀ M, column j, per filter.
-            for j in 0..4 {
-                let (m0, m1, m2, m3) = (mv(j), mv(4 + j), mv(8 + j), mv(12 + j));
-                let (s0, s1) = s[2 * j * ck..][..2 * ck].split_at_mut(ck);
-                for k in 0..ck {
-                    s0[k] = m0[k] + m1[k] + m2[k];
-                    s1[k] = m1[k] - m2[k] - m3[k];
+            // Aᵀ down the columns of M: s[A·i + j] = row i of Aᵀ M, column j, per filter...
+            for j in 0..A {
+                let mut rows = s.chunks_exact_mut(ck).skip(j).step_by(A);
+                at(
+                    std::array::from_fn(|a| &m[((A * a + j) * row + t) * ck..][..ck]),
+                    std::array::from_fn(|_| rows.next().expect("M rows")),
+                );
+            }
+            // ...then A along its rows: y[M·i + j] = output (i, j) of the tile, per filter.
+            for i in 0..M {
+                let mut rows = y[M * i * ck..].chunks_exact_mut(ck);
+                at(
+                    std::array::from_fn(|b| &s[(A * i + b) * ck..][..ck]),
+                    std::array::from_fn(|_| rows.next().expect("M rows")),
+                );
+            }
+            // The tile's outputs inside the image, plus the bias, into each filter's plane
+            // (up to M consecutive outputs per row).
+            let rows = M.min(ho - M * ty);
+            let cols = M.min(wo - M * tx);
+            for (k, out) in outs.iter_mut().enumerate() {
+                let b = bias.map_or(0.0, |b| b[k]);
+                for i in 0..rows {
+                    let at = (M * (ty - ty0) + i) * wo + M * tx;
+                    for (j, o) in out[at..at + cols].iter_mut().enumerate() {
+                        *o = y[(M * i + j) * ck + k] + b;
+                    }
                 }
             }
-            // ...then A along its rows: y[2i + j] = output (i, j) of the tile, per filter.
-            let col = |j: usize, i: usize| &s[(2 * j + i) * ck..][..ck];
-            for i in 0..2 {
-                let (c0, c1, c2, c3) = (col(0, i), col(1, i), col(2, i), col(3, i));
-                let (y0, y1) = y[2 * i * ck..][..2 * ck].split_at_mut(ck);
-                for k in 0..ck {
-                    y0[k] = c0[k] + c1[k] + c2[k];
-                    y1[k] = c1[k] - c2[k] - c3[k];
+        }
+    }
+}
+
+/// `Bᵀ` of F(2×2, 3×3) over rows `d` into rows `v` (all of one length).
+fn bt2(d: [&[f32]; 4], v: [&mut [f32]; 4]) {
+    let [v0, v1, v2, v3] = v;
+    let n = v0.len();
+    let (d0, d1, d2, d3) = (&d[0][..n], &d[1][..n], &d[2][..n], &d[3][..n]);
+    let (v1, v2, v3) = (&mut v1[..n], &mut v2[..n], &mut v3[..n]);
+    for j in 0..n {
+        v0[j] = d0[j] - d2[j];
+        v1[j] = d1[j] + d2[j];
+        v2[j] = d2[j] - d1[j];
+        v3[j] = d1[j] - d3[j];
+    }
+}
+
+/// `Bᵀ` of F(4×4, 3×3) over rows `d` into rows `v`, with shared terms (each result at most
+/// three roundings deep).
+fn bt4(d: [&[f32]; 6], v: [&mut [f32]; 6]) {
+    let [v0, v1, v2, v3, v4, v5] = v;
+    let n = v0.len();
+    let (d0, d1, d2) = (&d[0][..n], &d[1][..n], &d[2][..n]);
+    let (d3, d4, d5) = (&d[3][..n], &d[4][..n], &d[5][..n]);
+    let (v1, v2, v3, v4, v5) = (
+        &mut v1[..n],
+        &mut v2[..n],
+        &mut v3[..n],
+        &mut v4[..n],
+        &mut v5[..n],
+    );
+    for j in 0..n {
+        let (a, b, c) = (d4[j] - d2[j], d3[j] - d1[j], d1[j] + d2[j]);
+        v0[j] = (d4[j] - 5.0 * d2[j]) + 4.0 * d0[j];
+        v1[j] = (d3[j] + d4[j]) - 4.0 * c;
+        v2[j] = (d4[j] - d3[j]) + 4.0 * (d1[j] - d2[j]);
+        v3[j] = a + 2.0 * b;
+        v4[j] = a - 2.0 * b;
+        v5[j] = (d5[j] - 5.0 * d3[j]) + 4.0 * d1[j];
+    }
+}
+
+/// `Aᵀ` of F(2×2, 3×3) over rows `m` into rows `y`.
+fn at2(m: [&[f32]; 4], y: [&mut [f32]; 2]) {
+    let [y0, y1] = y;
+    let n = y0.len();
+    let (m0, m1, m2, m3) = (&m[0][..n], &m[1][..n], &m[2][..n], &m[3][..n]);
+    let y1 = &mut y1[..n];
+    for k in 0..n {
+        y0[k] = m0[k] + m1[k] + m2[k];
+        y1[k] = m1[k] - m2[k] - m3[k];
+    }
+}
+
+/// `Aᵀ` of F(4×4, 3×3) over rows `m` into rows `y`, with shared terms (each result at most
+/// three roundings deep).
+fn at4(m: [&[f32]; 6], y: [&mut [f32]; 4]) {
+    let [y0, y1, y2, y3] = y;
+    let n = y0.len();
+    let (m0, m1, m2) = (&m[0][..n], &m[1][..n], &m[2][..n]);
+    let (m3, m4, m5) = (&m[3][..n], &m[4][..n], &m[5][..n]);
+    let (y1, y2, y3) = (&mut y1[..n], &mut y2[..n], &mut y3[..n]);
+    for k in 0..n {
+        let (a, b) = (m1[k] + m2[k], m1[k] - m2[k]);
+        let (c, d) = (m3[k] + m4[k], m3[k] - m4[k]);
+        y0[k] = (m0[k] + a) + c;
+        y1[k] = b + 2.0 * d;
+        y2[k] = a + 4.0 * c;
+        y3[k] = (b + 8.0 * d) + m5[k];
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The written-out 1-D transforms are the matrices of `crate::winograd`: each row of the
+    /// result is the matrix row applied to the inputs (integers, so every order is exact).
+    #[test]
+    fn the_written_out_transforms_are_the_matrices() {
+        for v in Variant::ALL {
+            let a = v.alpha();
+            let inputs: Vec<Vec<f32>> = (0..a)
+                .map(|r| {
+                    (0..5)
+                        .map(|j| ((r * 7 + j * 3) % 11) as f32 - 5.0)
+                        .collect()
+                })
+                .collect();
+            let d: Vec<&[f32]> = inputs.iter().map(Vec::as_slice).collect();
+            let mut bt_out = vec![vec![0.0f32; 5]; a];
+            let mut at_out = vec![vec![0.0f32; 5]; v.m()];
+            {
+                let mut b = bt_out.iter_mut().map(Vec::as_mut_slice);
+                let mut o = at_out.iter_mut().map(Vec::as_mut_slice);
+                match v {
+                    Variant::F2x2 => {
+                        bt2(
+                            std::array::from_fn(|i| d[i]),
+                            std::array::from_fn(|_| b.next().unwrap()),
+                        );
+                        at2(
+                            std::array::from_fn(|i| d[i]),
+                            std::array::from_fn(|_| o.next().unwrap()),
+                        );
+                    }
+                    Variant::F4x4 => {
+                        bt4(
+                            std::array::from_fn(|i| d[i]),
+                            std::array::from_fn(|_| b.next().unwrap()),
+                        );
+                        at4(
+                            std::array::from_fn(|i| d[i]),
+                            std::array::from_fn(|_| o.next().unwrap()),
+                        );
+                    }
                 }
             }
-            // The tile's outputs inside the image, plus the bias, into each filter's plane.
-            for i in 0..2 {
-                let oy = 2 * ty + i;
-                if oy >= ho {
-                    break;
+            for j in 0..5 {
+                for (i, got) in bt_out.iter().enumerate() {
+                    let want: f64 = (0..a).map(|r| v.bt(i, r) * f64::from(d[r][j])).sum();
+                    assert_eq!(f64::from(got[j]), want, "{v:?} Bᵀ row {i}");
                 }
-                for j in 0..2 {
-                    let ox = 2 * tx + j;
-                    if ox >= wo {
-                        break;
-                    }
-                    let at = (oy - 2 * ty0) * wo + ox;
-                    let yk = &y[(2 * i + j) * ck..][..ck];
-                    for (k, (out, &v)) in outs.iter_mut().zip(yk).enumerate() {
-                        out[at] = v + bias.map_or(0.0, |b| b[k]);
-                    }
+                for (i, got) in at_out.iter().enumerate() {
+                    let want: f64 = (0..a).map(|r| v.at(i, r) * f64::from(d[r][j])).sum();
+                    assert_eq!(f64::from(got[j]), want, "{v:?} Aᵀ row {i}");
                 }
             }
         }

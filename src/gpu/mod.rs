@@ -942,8 +942,12 @@ impl Worker {
         let (p, w) = match algorithm {
             Algorithm::Direct => (*p, std::borrow::Cow::Borrowed(w)),
             Algorithm::Winograd => (
-                crate::winograd::gemm_params(p),
-                std::borrow::Cow::Owned(crate::winograd::transform_weights(p, w)),
+                crate::winograd::gemm_params(p, crate::winograd::Variant::F2x2),
+                std::borrow::Cow::Owned(crate::winograd::transform_weights(
+                    p,
+                    w,
+                    crate::winograd::Variant::F2x2,
+                )),
             ),
         };
         let bytes = |v: &Vec<Resident>| v.iter().map(|r| r.buffer.len() * 4).sum::<usize>();
@@ -1058,14 +1062,18 @@ impl Worker {
         // Winograd's intermediates (transformed input, products), where they fit a buffer.
         let winograd_sizes = (algorithm == Algorithm::Winograd)
             .then(|| {
-                let per_channel = crate::winograd::XI * crate::winograd::positions(p);
+                let per_channel = crate::winograd::XI
+                    * crate::winograd::positions(p, crate::winograd::Variant::F2x2);
                 [per_channel * p.c_in, per_channel * p.c_out]
             })
             .filter(|sizes| sizes.iter().all(|&len| len as i64 * 4 <= max_block));
         let winograd = winograd_sizes.is_some();
         // The convolution (or Winograd's GEMM) that the tiled or narrow kernel runs.
         let (conv_p, conv_bias) = if winograd {
-            (crate::winograd::gemm_params(p), false)
+            (
+                crate::winograd::gemm_params(p, crate::winograd::Variant::F2x2),
+                false,
+            )
         } else {
             (*p, bias)
         };

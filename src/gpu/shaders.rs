@@ -448,7 +448,10 @@ impl Algorithm {
             // but l1 n32 (64 channels) 22.2 against 28.3 and l3 n1 (49 tiles) 6.8 against 9.3.
             // The transforms move the input and output through memory 4 times their size,
             // which pays off only when many channels make the GEMMs long.
-            if p.c_in >= 128 && p.c_out >= 128 && crate::winograd::positions(p) >= 1024 {
+            if p.c_in >= 128
+                && p.c_out >= 128
+                && crate::winograd::positions(p, crate::winograd::Variant::F2x2) >= 1024
+            {
                 Self::Winograd
             } else {
                 Self::Direct
@@ -468,7 +471,7 @@ impl Algorithm {
 /// The specialised sources of Winograd's input and output transforms for `p`.
 pub fn winograd_sources(p: &Conv2dParams, bias: bool) -> (String, String) {
     let (ho, wo) = p.out_hw();
-    let (th, tw) = crate::winograd::tiles(p);
+    let (th, tw) = crate::winograd::tiles(p, crate::winograd::Variant::F2x2);
     let input = format!(
         "#version 430\n#define THREADS {REDUCE_THREADS}\n#define N {}u\n#define C_IN {}u\n\
          #define H {}u\n#define W {}u\n#define PH {}u\n#define PW {}u\n#define TH {th}u\n\

@@ -147,7 +147,8 @@ fn fingerprint_winograd(case: &Case, gpu: &crate::GpuBackend) -> Result<(), Fail
     };
     gpu.time_kernel(&g.p, &g.x, &g.w, g.b.as_deref(), &mut y, forced)
         .map_err(fail)?;
-    let r = crate::winograd::reference(&g.p, &g.x, &g.w, g.b.as_deref()).map_err(fail)?;
+    let r = crate::tolerance::reference(&g.p, &g.x, &g.w, g.b.as_deref(), Tolerance::Winograd)
+        .map_err(fail)?;
     crate::tolerance::compare(&g.p, &y, &r, Tolerance::Winograd)
         .map_err(|m| fail(format!("{}: {m}", g.p)))?;
     let named = Case {

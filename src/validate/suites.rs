@@ -100,20 +100,29 @@ pub fn trials(ctx: &Arc<Context>) -> crate::Result<Vec<Trial>> {
                     .into_iter()
                     .filter(|s| s.starts_with("tiled:"))
                     .collect();
-                forced_winograd(&run, &tiled, &cases)
+                forced_winograd(&run, &tiled, &cases, Tolerance::Winograd)
             }));
         }
-        // The CPU's Winograd, forced the same way (its default takes it only for large layers).
+        // The CPU's Winograd variants, forced the same way (its default takes them only for
+        // large layers).
         if let super::Device::Cpu { backend, .. } = device {
-            let cpu = crate::CpuBackend::with_options(backend.threads(), backend.microkernel())?
-                .with_path(crate::cpu::CpuPath::Winograd);
-            let cases = load("basic")?.cases;
-            out.push(trial("winograd/forced".into(), device, None, move || {
-                let run = |p: &_, x: &_, w: &_, b: Option<&[f32]>, y: &mut _, _: Option<&str>| {
-                    cpu.conv2d(p, x, w, b, y)
-                };
-                forced_winograd(&run, &[], &cases)
-            }));
+            use crate::cpu::CpuPath;
+            for (path, name) in [
+                (CpuPath::Winograd, "winograd/forced"),
+                (CpuPath::WinogradF4, "winograd/forced_f4x4"),
+            ] {
+                let cpu =
+                    crate::CpuBackend::with_options(backend.threads(), backend.microkernel())?
+                        .with_path(path);
+                let cases = load("basic")?.cases;
+                out.push(trial(name.into(), device, None, move || {
+                    let run =
+                        |p: &_, x: &_, w: &_, b: Option<&[f32]>, y: &mut _, _: Option<&str>| {
+                            cpu.conv2d(p, x, w, b, y)
+                        };
+                    forced_winograd(&run, &[], &cases, path.tolerance())
+                }));
+            }
         }
     }
     Ok(out)
@@ -167,16 +176,18 @@ type ForcedRun<'a> = dyn Fn(
     ) -> crate::Result<()>
     + 'a;
 
-/// Winograd F(2x2, 3x3), which the GPU and the CPU choose only for large layers, forced on
-/// every basic case it applies to and on shapes that stress its tiling (odd output sizes,
-/// padding 0 and 2, filters that are not whole GEMM tiles, one filter, padding per side), and
-/// with each of `tiles` (the GPU's tiled GEMM variants); all against the whole reference with
-/// Winograd magnitudes; and bit-exact on small-integer data, where no value through the
-/// transforms rounds.
+/// Winograd, which the GPU and the CPU choose only for large layers, forced on every basic case
+/// it applies to and on shapes that stress its tiling (odd output sizes, padding 0 and 2,
+/// filters that are not whole GEMM tiles, one filter, padding per side), and with each of
+/// `tiles` (the GPU's tiled GEMM variants); all against the whole reference with the Winograd
+/// magnitudes of `tol` (F(2×2) or F(4×4)). F(2×2) must be bit-exact on small-integer data,
+/// where no value through its transforms rounds; F(4×4) cannot be (its `G` holds 1/6), so
+/// there small integers are held to its bound like any data.
 fn forced_winograd(
     forced: &ForcedRun,
     tiles: &[&str],
     cases: &[crate::suite::Case],
+    tol: Tolerance,
 ) -> Result<(), Failed> {
     use crate::Conv2dParams;
     let run = |p: &Conv2dParams, seed: u64, bias: bool, tile: Option<&str>| {
@@ -185,8 +196,8 @@ fn forced_winograd(
         let mut y = vec![f32::NAN; p.output_len()];
         let what = format!("{p} (tile {})", tile.unwrap_or("default"));
         forced(p, &x, &w, bias, &mut y, tile).map_err(|e| fail(format!("{what}: {e}")))?;
-        let r = crate::winograd::reference(p, &x, &w, bias).map_err(fail)?;
-        compare(p, &y, &r, Tolerance::Winograd)
+        let r = crate::tolerance::reference(p, &x, &w, bias, tol).map_err(fail)?;
+        compare(p, &y, &r, tol)
             .map(|_| ())
             .map_err(|m| fail(format!("{what}: {m}")))
     };
@@ -223,8 +234,13 @@ fn forced_winograd(
         let mut y = vec![f32::NAN; p.output_len()];
         forced(&p, &x, &w, Some(&b), &mut y, None)
             .map_err(|e| fail(format!("{p} (exact): {e}")))?;
-        let r = reference::conv2d_f64(&p, &x, &w, Some(&b)).map_err(fail)?;
-        compare(&p, &y, &r, Tolerance::Exact)
+        let exact = if tol == Tolerance::Winograd {
+            Tolerance::Exact
+        } else {
+            tol
+        };
+        let r = crate::tolerance::reference(&p, &x, &w, Some(&b), exact).map_err(fail)?;
+        compare(&p, &y, &r, exact)
             .map_err(|m| fail(format!("{p}: Winograd on small integers is not exact: {m}")))?;
     }
     // Where it does not apply, forcing it is an error, not a silent direct run.

@@ -844,7 +844,7 @@ impl CpuBackend {
         // whole cache lines instead of straddling two (exp1x1 n8 +5-15% here; the caller's
         // output is rarely 64-byte aligned). Which strip computes an output changes no bits.
         let shift = match &task.out {
-            TaskOut::Planes(out) if direct && plane % NR == 0 => {
+            TaskOut::Planes(out) if direct && plane.is_multiple_of(NR) => {
                 (NR - (out.as_ptr() as usize / std::mem::size_of::<f32>()) % NR) % NR
             }
             _ => 0,

@@ -159,35 +159,58 @@ impl Geometry {
         let plane = plane_len(self.hq, self.wq);
         let chan = p.h * p.w;
         let src = &input[first * p.c_in * chan..][..images * p.c_in * chan];
+        let n_w = self.phases_w.len();
+        let wv = self.wq * sw;
+        // One padded input row (`pw` zeros, the row, zeros up to `wv`) per rayon job, so that
+        // every column phase of a plane row is a unit-stride split of it: plane column `xx` of
+        // phase `px` is `line[xx·sw + px]`, input column `xx·sw + px − pw` where that is in
+        // `0..w`, zero elsewhere. (A strided gather per phase was scalar: 18% of l2 s2 n8.)
         data.par_chunks_mut(self.chan_stride)
             .zip(src.par_chunks_exact(chan))
-            .for_each(|(dst, src)| {
-                for (phase, dst) in dst.chunks_exact_mut(plane).enumerate() {
-                    let n_w = self.phases_w.len();
-                    let (py, px) = (self.phases_h[phase / n_w], self.phases_w[phase % n_w]);
-                    for (yy, row) in dst.chunks_exact_mut(self.wq).enumerate() {
+            .for_each_init(Vec::new, |line: &mut Vec<f32>, (dst, src)| {
+                line.resize(wv, 0.0);
+                for (pyi, planes) in dst.chunks_exact_mut(plane * n_w).enumerate() {
+                    let py = self.phases_h[pyi];
+                    let wq = self.wq;
+                    for yy in 0..plane / wq {
+                        let at = yy * wq;
                         let y = (yy * sh + py) as isize - ph as isize;
                         if y < 0 || y >= p.h as isize {
-                            row.fill(0.0);
+                            for k in 0..n_w {
+                                planes[k * plane + at..][..wq].fill(0.0);
+                            }
                             continue;
                         }
                         let src_row = &src[y as usize * p.w..][..p.w];
-                        // Plane column xx holds input column xx·sw + px − pw where that is in
-                        // 0..w (wq·sw ≥ w + pw, so every input column has its place).
-                        let xa = pw.saturating_sub(px).div_ceil(sw).min(self.wq);
-                        let xb = (p.w + pw)
-                            .saturating_sub(px)
-                            .div_ceil(sw)
-                            .clamp(xa, self.wq);
-                        row[..xa].fill(0.0);
-                        row[xb..].fill(0.0);
-                        if xa < xb {
-                            let first = xa * sw + px - pw;
-                            if sw == 1 {
-                                row[xa..xb].copy_from_slice(&src_row[first..first + xb - xa]);
-                            } else {
-                                let from = src_row[first..].iter().step_by(sw);
-                                row[xa..xb].iter_mut().zip(from).for_each(|(d, &v)| *d = v);
+                        if sw == 1 {
+                            // One phase: the row goes in as it is, between its zeros.
+                            let row = &mut planes[at..][..wq];
+                            let n = p.w.min(wq - pw);
+                            row[..pw].fill(0.0);
+                            row[pw..pw + n].copy_from_slice(&src_row[..n]);
+                            row[pw + n..].fill(0.0);
+                            continue;
+                        }
+                        let n = p.w.min(wv - pw);
+                        line[..pw].fill(0.0);
+                        line[pw..pw + n].copy_from_slice(&src_row[..n]);
+                        line[pw + n..].fill(0.0);
+                        if sw == 2 && n_w == 2 {
+                            // Both phases of stride 2 in one pass (vectorises).
+                            let (first, second) = planes.split_at_mut(plane);
+                            let even = &mut first[at..][..wq];
+                            let odd = &mut second[at..][..wq];
+                            let pairs = line.chunks_exact(2);
+                            for ((e, o), pair) in even.iter_mut().zip(odd.iter_mut()).zip(pairs) {
+                                *e = pair[0];
+                                *o = pair[1];
+                            }
+                            continue;
+                        }
+                        for (k, &px) in self.phases_w.iter().enumerate() {
+                            let row = &mut planes[k * plane + at..][..wq];
+                            for (d, chunk) in row.iter_mut().zip(line.chunks_exact(sw)) {
+                                *d = chunk[px];
                             }
                         }
                     }

@@ -24,8 +24,126 @@
 
 #![forbid(unsafe_code)]
 
+use super::kernel::{Microkernel, RowsOut, TapOffsets, MR};
+use super::{lock, row_chunks, CpuBackend};
+use crate::error::Result;
 use crate::params::Conv2dParams;
 use crate::winograd::Variant;
+use rayon::prelude::*;
+
+/// A Winograd task takes whole rows of tiles adding up to about this many tiles: four calls of
+/// the wide rows kernel per transform position and panel pair. Measured here (GFLOP/s, two
+/// interleaved rounds of budgets that happened to give these sizes): vgg 477 with 28 tiles
+/// against 500 with 56; l3 n32 480 with 14 against 536 with 49; l1 n1 and n32 370-386 with 56
+/// against 346-369 with 196 and 252.
+const WINOGRAD_TASK_POSITIONS: usize = 56;
+/// ...while its transformed input and GEMM output take at most this many floats together
+/// (2 MiB, a core's L2 cache), unless one row of tiles needs more.
+const WINOGRAD_TASK_FLOATS: usize = 512 << 10;
+
+/// One Winograd call: tasks of whole tile rows of one image, each running the input transform, the `α²` GEMMs on the rows kernel (`weights` are the packed `U`) and the
+/// output transform (with the bias) in its thread's scratch.
+pub(super) fn run(
+    cpu: &CpuBackend,
+    p: &Conv2dParams,
+    variant: Variant,
+    (input, weights, bias): (&[f32], &[f32], Option<&[f32]>),
+    output: &mut [f32],
+    offsets: &mut TapOffsets,
+) -> Result<()> {
+    crate::winograd::check_applies(p)?;
+    let (xi, m) = (variant.xi(), variant.m());
+    let (th, tw) = crate::winograd::tiles(p, variant);
+    let (ho, wo) = p.out_hw();
+    // Tile rows per task: V and M within the budget, at least two tasks per thread, and the
+    // tasks of a batch a whole number of rounds of the threads where the rows allow (one
+    // short task would leave a thread idle at the end).
+    let per_tile_row = xi * (p.c_in + p.c_out) * tw;
+    let by_positions = WINOGRAD_TASK_POSITIONS.div_ceil(tw);
+    let by_budget = (WINOGRAD_TASK_FLOATS / per_tile_row).max(1);
+    let mut tasks_per_image = th.div_ceil(by_positions.min(by_budget).clamp(1, th));
+    while p.n * tasks_per_image < 2 * cpu.threads && tasks_per_image < th {
+        tasks_per_image += 1;
+    }
+    let rounds = (p.n * tasks_per_image).next_multiple_of(cpu.threads);
+    if rounds.is_multiple_of(p.n) && rounds / p.n <= th {
+        tasks_per_image = rounds / p.n;
+    }
+    let tr = th.div_ceil(tasks_per_image);
+    let row = tr * tw;
+    let pad = scratch_len(p, variant);
+    let scratch_len = xi * (p.c_in + p.c_out) * row + pad;
+    cpu.grow_scratch(scratch_len)?;
+    offsets.fill((0..p.c_in).map(|c| c * row));
+    // Output rows m·ty0.. of every plane, one slice per (image, filter, task).
+    let ntr = th.div_ceil(tr);
+    let mut grid: Vec<Option<&mut [f32]>> = output
+        .chunks_mut(ho * wo)
+        .flat_map(|plane| plane.chunks_mut(m * tr * wo))
+        .map(Some)
+        .collect();
+    let mut tasks = Vec::with_capacity(p.n * ntr);
+    for img in 0..p.n {
+        for t in 0..ntr {
+            let outs: Vec<&mut [f32]> = (0..p.c_out)
+                .map(|k| {
+                    grid[(img * p.c_out + k) * ntr + t]
+                        .take()
+                        .expect("each output tile has one owner")
+                })
+                .collect();
+            tasks.push((img, (t * tr, ((t + 1) * tr).min(th)), outs));
+        }
+    }
+    let offsets = &*offsets;
+    cpu.pool().install(|| {
+        tasks.into_par_iter().for_each(|(img, tys, mut outs)| {
+            let slot = rayon::current_thread_index().expect("tasks run on the backend's pool");
+            let mut scratch = lock(&cpu.scratch[slot]);
+            let (v, rest) = scratch[..scratch_len].split_at_mut(xi * p.c_in * row);
+            let (m, pad) = rest.split_at_mut(xi * p.c_out * row);
+            input_transform(p, variant, input, img, tys, v, row, pad);
+            let positions = (tys.1 - tys.0) * tw;
+            gemm(cpu.kernel, p, xi, (positions, row), v, weights, offsets, m);
+            output_transform(p, variant, m, row, tys, bias, &mut outs, pad);
+        });
+    });
+    Ok(())
+}
+
+/// `M_ξ = U_ξ V_ξ` for `ξ < xi` and the first `positions` of each row of `v` (`[ξ][c]`,
+/// rows of `row` floats) into `m` (`[ξ][t][k]`: each tile's filters contiguous, no
+/// transposed store), on the rows kernel; `weights` are `U`, packed `[ξ][panel][c][16]`, and
+/// `offsets` are `c·row`.
+#[allow(clippy::too_many_arguments)]
+fn gemm(
+    kernel: Microkernel,
+    p: &Conv2dParams,
+    xi_count: usize,
+    (positions, row): (usize, usize),
+    v: &[f32],
+    weights: &[f32],
+    offsets: &TapOffsets,
+    m: &mut [f32],
+) {
+    let (_, chunk) = row_chunks(positions, kernel.rows_positions());
+    let per_call = kernel.rows_filters();
+    let panels = p.c_out.div_ceil(MR);
+    for xi in 0..xi_count {
+        let group = &weights[xi * panels * p.c_in * MR..][..panels * p.c_in * MR];
+        for pi in (0..panels).step_by(per_call / MR) {
+            let filters = per_call.min(p.c_out - pi * MR);
+            let a = &group[pi * p.c_in * MR..][..filters.div_ceil(MR) * p.c_in * MR];
+            for x0 in (0..positions).step_by(chunk) {
+                let n = chunk.min(positions - x0);
+                let b = &v[xi * p.c_in * row + x0..];
+                let c = &mut m[(xi * row + x0) * p.c_out + pi * MR..];
+                let out = RowsOut::ByPosition;
+                kernel.run_rows(n, a, offsets, b, c, p.c_out, filters, None, out);
+            }
+        }
+    }
+}
 
 /// Scratch floats [`input_transform`] and [`output_transform`] need for `p` with `v`.
 pub fn scratch_len(p: &Conv2dParams, v: Variant) -> usize {

@@ -23,8 +23,8 @@
 //! - [`juggler`] is the API for users: [`Juggler`] picks the device per call from a cost model
 //!   calibrated on first use and refined by every job, streams GPU jobs (`submit`/`Ticket`),
 //!   re-runs a failed GPU job on the CPU, and keeps [`Stats`].
-//! - [`winograd`] is the Winograd F(2×2, 3×3) algorithm's math: transforms, where it applies,
-//!   and its error bound (the GPU runs it for wide 3×3 layers).
+//! - [`winograd`] is the math of Winograd F(2×2, 3×3) and F(4×4, 3×3): transforms, where they
+//!   apply, and their error bound (the GPU runs F(2×2) for wide 3×3 layers, the CPU either).
 //! - [`npy`] reads and writes `.npy` files (float32, little-endian, C order).
 //! - [`suite`] reads the device-independent case files in `suites/*.toml`.
 //! - [`data`] makes deterministic test data (seeded uniform and small-integer fills).
@@ -57,6 +57,10 @@
 //! # Ok::<(), sporkle::Error>(())
 //! ```
 
+#![deny(unsafe_code)]
+// `unsafe` only where GL, CUDA, Vulkan, mapped memory or SIMD need it: the modules that allow it
+// below (and, inside them, only their files on tidy's list).
+
 pub mod cpu;
 pub mod data;
 pub mod desc;
@@ -66,6 +70,7 @@ pub mod host_mem;
 pub mod juggler;
 pub mod npy;
 pub mod params;
+#[allow(unsafe_code)] // The caller's view of memory the GPU worker maps.
 pub mod pinned;
 pub mod reference;
 pub mod suite;

@@ -16,17 +16,24 @@
 //! early), and reads the output back. Kernel time and end-to-end time are reported apart.
 
 pub mod arithmetic;
+#[allow(unsafe_code)] // See tidy's list of the files that may hold unsafe code.
 pub mod context;
+#[allow(unsafe_code)] // See tidy's list of the files that may hold unsafe code.
 pub mod cu;
 #[cfg(feature = "probes")]
 mod cuda_probe;
+#[allow(unsafe_code)] // See tidy's list of the files that may hold unsafe code.
 pub mod executor;
+#[allow(unsafe_code)] // See tidy's list of the files that may hold unsafe code.
 pub mod gl;
+#[allow(unsafe_code)] // See tidy's list of the files that may hold unsafe code.
 mod host_copy;
+#[allow(unsafe_code)] // See tidy's list of the files that may hold unsafe code.
 mod memory;
 #[cfg(feature = "probes")]
 mod overlap;
 pub mod shaders;
+#[allow(unsafe_code)] // See tidy's list of the files that may hold unsafe code.
 pub mod vk;
 
 pub use arithmetic::Arithmetic;

@@ -1,7 +1,8 @@
 //! The tidy trial (kind `[tidy]`): conventions that keep the code readable, checked rather than
 //! hoped for. Every Rust file opens with a `//!` paragraph; `unsafe` appears only in the files
 //! that need it (SIMD kernels, and the GL wrapper and context once they exist), and every
-//! `unsafe` block there has a `// SAFETY:` comment just above it; every suite says what it is for.
+//! `unsafe` block or `unsafe impl` there has a `// SAFETY:` comment just above it (and the crate
+//! denies `unsafe_code` outside the modules that hold those files); every suite says what it is for.
 
 use libtest_mimic::{Completion, Failed, Trial};
 use std::path::{Path, PathBuf};
@@ -118,7 +119,8 @@ fn check(root: &Path) -> Result<Completion, Failed> {
         for (i, line) in lines.iter().enumerate() {
             let code = code_of(line);
             let code = code.as_str();
-            if !code.contains("unsafe {") && !code.contains("unsafe fn") {
+            let block_or_impl = code.contains("unsafe {") || code.contains("unsafe impl");
+            if !block_or_impl && !code.contains("unsafe fn") {
                 continue;
             }
             if !UNSAFE_ALLOWED.contains(&rel.as_str()) {
@@ -126,11 +128,11 @@ fn check(root: &Path) -> Result<Completion, Failed> {
                     "{rel}:{}: unsafe code outside {UNSAFE_ALLOWED:?}",
                     i + 1
                 ));
-            } else if code.contains("unsafe {") {
+            } else if block_or_impl {
                 let above = &lines[i.saturating_sub(6)..i];
                 if !above.iter().any(|l| l.contains("// SAFETY:")) && !line.contains("// SAFETY:") {
                     problems.push(format!(
-                        "{rel}:{}: unsafe block without a // SAFETY: comment above it",
+                        "{rel}:{}: unsafe block or impl without a // SAFETY: comment above it",
                         i + 1
                     ));
                 }
@@ -193,5 +195,26 @@ mod tests {
             .err()
             .expect("a file without //! must fail");
         assert!(e.message().unwrap().contains("src/x.rs"));
+    }
+
+    /// `unsafe impl` is held to the rules of `unsafe` blocks: only in the allowed files, and
+    /// with a `// SAFETY:` comment above it.
+    #[test]
+    fn an_unsafe_impl_needs_its_safety_comment_and_its_place() {
+        let problems = |file: &str, body: &str| {
+            let tree = tempfile::tempdir().unwrap();
+            let path = tree.path().join(file);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(&path, format!("//! x\nstruct P;\n{body}")).unwrap();
+            check(tree.path())
+                .err()
+                .map(|e| e.message().unwrap_or_default().to_owned())
+                .unwrap_or_default()
+        };
+        let bare = "unsafe impl Send for P {}\n";
+        let explained = "// SAFETY: P holds nothing.\nunsafe impl Send for P {}\n";
+        assert!(problems("src/pinned.rs", bare).contains("src/pinned.rs:3: unsafe block or impl"));
+        assert!(!problems("src/pinned.rs", explained).contains("unsafe"));
+        assert!(problems("src/x.rs", explained).contains("src/x.rs:4: unsafe code outside"));
     }
 }

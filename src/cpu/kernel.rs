@@ -583,6 +583,69 @@ mod avx512 {
         }
     }
 
+    /// See [`super::store_tiles4x4`].
+    ///
+    /// # Safety
+    /// The CPU supports AVX-512F; `y` is valid for reads of `filters` floats at `r·ldy` for
+    /// `r < 16`; each of `dst[..filters]` is valid for writes at `i·wo + 0..4`, `i < 4`.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn store_tiles4x4(
+        y: *const f32,
+        ldy: usize,
+        bias: &[f32; 16],
+        dst: &[*mut f32; 16],
+        filters: usize,
+        wo: usize,
+    ) {
+        let mask: __mmask16 = ((1u32 << filters) - 1) as __mmask16;
+        let mut r = [_mm512_setzero_ps(); 16];
+        for (row, v) in r.iter_mut().enumerate() {
+            // SAFETY: row < 16, the lanes under the mask are < filters (caller's contract).
+            *v = unsafe { _mm512_maskz_loadu_ps(mask, y.add(row * ldy)) };
+        }
+        transpose16(&mut r);
+        for (f, (v, &d)) in r.iter().zip(dst).take(filters).enumerate() {
+            // Lane 4i + j of v is output (i, j) of filter f: four rows of four.
+            let v = _mm512_add_ps(*v, _mm512_set1_ps(bias[f]));
+            // SAFETY: f < filters: d is valid for writes at i·wo + 0..4 (caller's contract).
+            unsafe {
+                _mm_storeu_ps(d, _mm512_extractf32x4_ps::<0>(v));
+                _mm_storeu_ps(d.add(wo), _mm512_extractf32x4_ps::<1>(v));
+                _mm_storeu_ps(d.add(2 * wo), _mm512_extractf32x4_ps::<2>(v));
+                _mm_storeu_ps(d.add(3 * wo), _mm512_extractf32x4_ps::<3>(v));
+            }
+        }
+    }
+
+    /// Transposes a 16×16 block held as 16 rows: afterwards `r[l]` lane `i` is the old `r[i]`
+    /// lane `l` (unpacks, then 128-bit lane shuffles).
+    #[target_feature(enable = "avx512f")]
+    fn transpose16(r: &mut [__m512; 16]) {
+        let mut t = [_mm512_setzero_ps(); 16];
+        for i in 0..8 {
+            t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+            t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+        }
+        for i in 0..4 {
+            let (a, b, c, d) = (t[4 * i], t[4 * i + 1], t[4 * i + 2], t[4 * i + 3]);
+            r[4 * i] = _mm512_shuffle_ps::<0x44>(a, c);
+            r[4 * i + 1] = _mm512_shuffle_ps::<0xEE>(a, c);
+            r[4 * i + 2] = _mm512_shuffle_ps::<0x44>(b, d);
+            r[4 * i + 3] = _mm512_shuffle_ps::<0xEE>(b, d);
+        }
+        for h in 0..2 {
+            for j in 0..4 {
+                let (a, b) = (r[8 * h + j], r[8 * h + 4 + j]);
+                t[8 * h + j] = _mm512_shuffle_f32x4::<0x88>(a, b);
+                t[8 * h + 4 + j] = _mm512_shuffle_f32x4::<0xDD>(a, b);
+            }
+        }
+        for j in 0..8 {
+            r[j] = _mm512_shuffle_f32x4::<0x88>(t[j], t[8 + j]);
+            r[8 + j] = _mm512_shuffle_f32x4::<0xDD>(t[j], t[8 + j]);
+        }
+    }
+
     /// Nothing but register FMAs, `iters·16` of them, 16 lanes each: the loop behind
     /// [`super::fma_peak`].
     ///
@@ -621,6 +684,49 @@ pub fn prefetch(data: &[f32]) {
     let _ = data;
 }
 
+/// Stores 4×4 output tiles of up to 16 filters: `outs[f][at + i·wo + j] = y[(4i + j)·ldy + f] +
+/// bias[f]` for `f < outs.len()` (≤ 16), `i, j < 4`; `y` holds the tile's 16 outputs, each a
+/// row of filters (`ldy` apart). The same adds as a scalar loop, so the same bits; on AVX-512
+/// the 16×16 block is transposed in registers, so each filter's row of four outputs is one
+/// 128-bit store instead of four scalar ones (Winograd F(4×4)'s output scatter).
+pub fn store_tiles4x4(
+    y: &[f32],
+    ldy: usize,
+    bias: &[f32; 16],
+    outs: &mut [&mut [f32]],
+    (at, wo): (usize, usize),
+) {
+    let filters = outs.len();
+    assert!(filters <= 16, "store_tiles4x4: {filters} filters");
+    assert!(
+        filters == 0 || y.len() >= 15 * ldy + filters,
+        "store_tiles4x4: y too short"
+    );
+    assert!(
+        outs.iter().all(|o| o.len() >= at + 3 * wo + 4) && wo >= 4,
+        "store_tiles4x4: output rows out of bounds"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") && filters > 0 {
+        let mut dst = [std::ptr::null_mut::<f32>(); 16];
+        for (d, o) in dst.iter_mut().zip(outs.iter_mut()) {
+            *d = o[at..].as_mut_ptr();
+        }
+        // SAFETY: AVX-512F is present (checked); y reads rows 0..16 of `ldy`, `filters` lanes
+        // each (masked; length checked), and each of the first `filters` pointers writes
+        // i·wo + 0..4 for i < 4 inside its slice (checked above).
+        unsafe { avx512::store_tiles4x4(y.as_ptr(), ldy, bias, &dst, filters, wo) };
+        return;
+    }
+    for (f, out) in outs.iter_mut().enumerate() {
+        for i in 0..4 {
+            for j in 0..4 {
+                out[at + i * wo + j] = y[(4 * i + j) * ldy + f] + bias[f];
+            }
+        }
+    }
+}
+
 /// FLOPs of `iters` rounds of the FMA peak loop.
 pub const FMA_LOOP_FLOPS: usize = 16 * 16 * 2;
 
@@ -641,6 +747,36 @@ mod tests {
     use super::*;
     use crate::data::fill_uniform;
     use approx::abs_diff_eq;
+
+    /// The tile store writes exactly the scalar loop's values (bits), every filter count, and
+    /// nothing outside each filter's four rows of four.
+    #[test]
+    fn tile_stores_match_the_scalar_loop() {
+        let ldy = 40;
+        let y: Vec<f32> = (0..16 * ldy).map(|i| i as f32 * 0.37 - 50.0).collect();
+        let bias: [f32; 16] = std::array::from_fn(|f| f as f32 * 1.5 - 3.0);
+        let (at, wo) = (3, 9);
+        for filters in 0..=16 {
+            let mut planes = vec![vec![f32::NAN; at + 4 * wo]; filters];
+            let mut outs: Vec<&mut [f32]> = planes.iter_mut().map(|p| &mut p[..]).collect();
+            store_tiles4x4(&y[5..], ldy, &bias, &mut outs, (at, wo));
+            for (f, plane) in planes.iter().enumerate() {
+                for (q, &v) in plane.iter().enumerate() {
+                    let (i, j) = ((q.wrapping_sub(at)) / wo, (q.wrapping_sub(at)) % wo);
+                    if q >= at && i < 4 && j < 4 {
+                        let want = y[5 + (4 * i + j) * ldy + f] + bias[f];
+                        assert_eq!(
+                            v.to_bits(),
+                            want.to_bits(),
+                            "{filters} filters: ({f}, {i}, {j})"
+                        );
+                    } else {
+                        assert!(v.is_nan(), "{filters} filters: wrote {q} of filter {f}");
+                    }
+                }
+            }
+        }
+    }
 
     fn naive(kc: usize, a: &[f32], offs: &[usize], b: &[f32]) -> Vec<f64> {
         let mut c = vec![0.0; MR * NR];

@@ -331,6 +331,18 @@ fn output_with<const M: usize, const A: usize>(
             // (up to M consecutive outputs per row).
             let rows = M.min(ho - M * ty);
             let cols = M.min(wo - M * tx);
+            if M == 4 && rows == 4 && cols == 4 {
+                // Whole 4×4 tiles: sixteen filters at a time, transposed in registers.
+                let at = (M * (ty - ty0)) * wo + M * tx;
+                for (k0, outs) in (0..ck).step_by(16).zip(outs.chunks_mut(16)) {
+                    let mut b = [0.0f32; 16];
+                    if let Some(bias) = bias {
+                        b[..outs.len()].copy_from_slice(&bias[k0..k0 + outs.len()]);
+                    }
+                    super::kernel::store_tiles4x4(&y[k0..], ck, &b, outs, (at, wo));
+                }
+                continue;
+            }
             for (k, out) in outs.iter_mut().enumerate() {
                 let b = bias.map_or(0.0, |b| b[k]);
                 for i in 0..rows {

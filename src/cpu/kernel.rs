@@ -14,7 +14,8 @@
 //! broadcast from memory), and a portable one in plain Rust for every other machine. The safe
 //! entry point [`Microkernel::run`] checks every bound once per call, in O(1), through
 //! [`TapOffsets`], whose construction proves that no offset exceeds its recorded maximum;
-//! this file holds the crate's only CPU `unsafe`.
+//! this file holds the crate's only CPU `unsafe` (with the FMA peak loop, [`prefetch`] and
+//! Winograd F(4×4)'s tile store, [`store_tiles4x4`], a 16×16 register transpose).
 
 /// Rows of A (filters) and columns of B (output positions) in one microkernel call.
 pub const MR: usize = 16;

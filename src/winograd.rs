@@ -150,9 +150,6 @@ impl Variant {
     }
 }
 
-/// Transform positions of F(2×2, 3×3): a 4×4 tile.
-pub const XI: usize = 16;
-
 /// Whether Winograd F(m×m, 3×3) computes `p`: 3×3 taps, stride 1, dilation 1, one group.
 pub fn applies(p: &Conv2dParams) -> bool {
     (p.k_h, p.k_w) == (3, 3) && p.stride == (1, 1) && p.dilation == (1, 1) && p.groups == 1
@@ -572,6 +569,5 @@ mod tests {
         assert_eq!((g.c_in, g.c_out, g.w, g.groups), (64, 64, 16, 16));
         let g = gemm_params(&p.with_padding(1, 1), Variant::F4x4);
         assert_eq!((g.c_in, g.c_out, g.w, g.groups), (144, 144, 4, 36));
-        assert_eq!(XI, Variant::F2x2.xi());
     }
 }

@@ -7,7 +7,7 @@
 //! three steps on one thread:
 //! 1. [`input_transform`]: `V = Bᵀ d B` of every `α×α` input patch under the task's tiles, laid
 //!    out `[ξ][c][t]` (`t` = tile within the task, rows of `row` floats);
-//! 2. the `α²` GEMMs `M_ξ = U_ξ V_ξ` (in `mod.rs`), with the transformed weights `U`
+//! 2. the `α²` GEMMs `M_ξ = U_ξ V_ξ` ([`gemm`]), with the transformed weights `U`
 //!    ([`crate::winograd::transform_weights`], rounded once from f64) packed like the weights
 //!    of [`crate::winograd::gemm_params`], a 1×1 convolution with `α²` groups; the rows kernel
 //!    stores `M` as it accumulates it, `[ξ][t][k]` (no transposed store);
@@ -41,8 +41,9 @@ const WINOGRAD_TASK_POSITIONS: usize = 56;
 /// (2 MiB, a core's L2 cache), unless one row of tiles needs more.
 const WINOGRAD_TASK_FLOATS: usize = 512 << 10;
 
-/// One Winograd call: tasks of whole tile rows of one image, each running the input transform, the `α²` GEMMs on the rows kernel (`weights` are the packed `U`) and the
-/// output transform (with the bias) in its thread's scratch.
+/// One Winograd call: tasks of whole tile rows of one image, each running the input transform,
+/// the `α²` GEMMs on the rows kernel (`weights` are the packed `U`) and the output transform
+/// (with the bias) in its thread's scratch.
 pub(super) fn run(
     cpu: &CpuBackend,
     p: &Conv2dParams,
@@ -71,9 +72,8 @@ pub(super) fn run(
     }
     let tr = th.div_ceil(tasks_per_image);
     let row = tr * tw;
-    let pad = scratch_len(p, variant);
-    let scratch_len = xi * (p.c_in + p.c_out) * row + pad;
-    cpu.grow_scratch(scratch_len)?;
+    let floats = xi * (p.c_in + p.c_out) * row + scratch_len(p, variant);
+    cpu.grow_scratch(floats)?;
     offsets.fill((0..p.c_in).map(|c| c * row));
     // Output rows m·ty0.. of every plane, one slice per (image, filter, task).
     let ntr = th.div_ceil(tr);
@@ -100,7 +100,7 @@ pub(super) fn run(
         tasks.into_par_iter().for_each(|(img, tys, mut outs)| {
             let slot = rayon::current_thread_index().expect("tasks run on the backend's pool");
             let mut scratch = lock(&cpu.scratch[slot]);
-            let (v, rest) = scratch[..scratch_len].split_at_mut(xi * p.c_in * row);
+            let (v, rest) = scratch[..floats].split_at_mut(xi * p.c_in * row);
             let (m, pad) = rest.split_at_mut(xi * p.c_out * row);
             input_transform(p, variant, input, img, tys, v, row, pad);
             let positions = (tys.1 - tys.0) * tw;
@@ -223,7 +223,11 @@ fn input_with<const M: usize, const A: usize>(
             line[..at].fill(0.0);
             line[at..at + n].copy_from_slice(&src[..n]);
             line[at + n..].fill(0.0);
-            deinterleave::<M>(line, dst, q);
+            let mut rows = dst.chunks_exact_mut(q);
+            super::planes::deinterleave::<M>(
+                line,
+                std::array::from_fn(|_| rows.next().expect("M rows of q floats")),
+            );
         };
         for ty in ty0..ty1 {
             // Rows 0, 1 of this row of tiles are rows M, M + 1 of the previous one.
@@ -287,8 +291,10 @@ pub fn output_transform(
 }
 
 /// [`output_transform`] for `M×M` tiles of `A×A` patches (`m` with its row length and `tw` tiles
-/// per row), with `at` the 1-D `Aᵀ`. Each step
-/// runs over the filters of one tile (unit stride); each filter's outputs then go to its plane.
+/// per row), with `at` the 1-D `Aᵀ`. Each step runs over the filters of one tile (unit stride);
+/// each filter's outputs then go to its plane. (That scatter into `c_out` planes is a quarter of
+/// l1 n1's time; transposing 16 filters at a time through a small array lost 7-11% on the
+/// F(2×2) shapes, so only whole F(4×4) tiles are transposed, in registers.)
 #[allow(clippy::too_many_arguments)]
 fn output_with<const M: usize, const A: usize>(
     p: &Conv2dParams,
@@ -353,31 +359,6 @@ fn output_with<const M: usize, const A: usize>(
                 }
             }
         }
-    }
-}
-
-/// Splits `line` into its `M` column phases, rows of `q` floats in `dst` (`line[M·j + k]` to
-/// `dst[k·q + j]`), as zipped loops that vectorise. (The output transform's scatter into
-/// `c_out` planes, scalar, is a quarter of l1 n1's time; transposing 16 filters at a time
-/// through a small array was measured here and lost on the F(2×2) shapes, 7-11%.)
-fn deinterleave<const M: usize>(line: &[f32], dst: &mut [f32], q: usize) {
-    let mut rows = dst.chunks_exact_mut(q);
-    let mut row = || rows.next().expect("M rows of q floats");
-    match M {
-        2 => {
-            let (d0, d1) = (row(), row());
-            for ((a, b), g) in d0.iter_mut().zip(d1).zip(line.chunks_exact(2)) {
-                (*a, *b) = (g[0], g[1]);
-            }
-        }
-        4 => {
-            let (d0, d1, d2, d3) = (row(), row(), row(), row());
-            let quads = line.chunks_exact(4);
-            for ((((a, b), c), d), g) in d0.iter_mut().zip(d1).zip(d2).zip(d3).zip(quads) {
-                (*a, *b, *c, *d) = (g[0], g[1], g[2], g[3]);
-            }
-        }
-        _ => unreachable!("Winograd tiles are 2x2 or 4x4"),
     }
 }
 

@@ -49,7 +49,7 @@ use context::GlContext;
 pub(crate) use executor::JobWeights;
 use executor::{Frame, StreamJob};
 use gl::{Buffer, Fence, TimerQuery};
-use shaders::ProgramCache;
+use shaders::{ProgramCache, WINOGRAD_VARIANT};
 use std::collections::VecDeque;
 use std::rc::Rc;
 use std::sync::mpsc;
@@ -949,12 +949,8 @@ impl Worker {
         let (p, w) = match algorithm {
             Algorithm::Direct => (*p, std::borrow::Cow::Borrowed(w)),
             Algorithm::Winograd => (
-                crate::winograd::gemm_params(p, crate::winograd::Variant::F2x2),
-                std::borrow::Cow::Owned(crate::winograd::transform_weights(
-                    p,
-                    w,
-                    crate::winograd::Variant::F2x2,
-                )),
+                crate::winograd::gemm_params(p, WINOGRAD_VARIANT),
+                std::borrow::Cow::Owned(crate::winograd::transform_weights(p, w, WINOGRAD_VARIANT)),
             ),
         };
         let bytes = |v: &Vec<Resident>| v.iter().map(|r| r.buffer.len() * 4).sum::<usize>();
@@ -1069,18 +1065,15 @@ impl Worker {
         // Winograd's intermediates (transformed input, products), where they fit a buffer.
         let winograd_sizes = (algorithm == Algorithm::Winograd)
             .then(|| {
-                let per_channel = crate::winograd::XI
-                    * crate::winograd::positions(p, crate::winograd::Variant::F2x2);
+                let per_channel =
+                    WINOGRAD_VARIANT.xi() * crate::winograd::positions(p, WINOGRAD_VARIANT);
                 [per_channel * p.c_in, per_channel * p.c_out]
             })
             .filter(|sizes| sizes.iter().all(|&len| len as i64 * 4 <= max_block));
         let winograd = winograd_sizes.is_some();
         // The convolution (or Winograd's GEMM) that the tiled or narrow kernel runs.
         let (conv_p, conv_bias) = if winograd {
-            (
-                crate::winograd::gemm_params(p, crate::winograd::Variant::F2x2),
-                false,
-            )
+            (crate::winograd::gemm_params(p, WINOGRAD_VARIANT), false)
         } else {
             (*p, bias)
         };
@@ -1133,7 +1126,7 @@ impl Worker {
         let passes = match winograd_sizes {
             Some([transformed, products]) => {
                 let (input, output) = shaders::winograd_sources(p, bias);
-                let xi = crate::winograd::XI;
+                let xi = WINOGRAD_VARIANT.xi();
                 vec![
                     Pass {
                         source: input,

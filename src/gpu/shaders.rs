@@ -416,6 +416,9 @@ pub fn reduce_source(p: &Conv2dParams, split: u32, bias: bool) -> String {
 /// Threads per workgroup of the reduction and of the Winograd transforms.
 pub const REDUCE_THREADS: u32 = 256;
 
+/// The Winograd variant the GPU runs (its transform shaders are F(2×2, 3×3)'s).
+pub const WINOGRAD_VARIANT: crate::winograd::Variant = crate::winograd::Variant::F2x2;
+
 /// How the GPU computes a convolution.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Algorithm {
@@ -450,7 +453,7 @@ impl Algorithm {
             // which pays off only when many channels make the GEMMs long.
             if p.c_in >= 128
                 && p.c_out >= 128
-                && crate::winograd::positions(p, crate::winograd::Variant::F2x2) >= 1024
+                && crate::winograd::positions(p, WINOGRAD_VARIANT) >= 1024
             {
                 Self::Winograd
             } else {
@@ -471,7 +474,7 @@ impl Algorithm {
 /// The specialised sources of Winograd's input and output transforms for `p`.
 pub fn winograd_sources(p: &Conv2dParams, bias: bool) -> (String, String) {
     let (ho, wo) = p.out_hw();
-    let (th, tw) = crate::winograd::tiles(p, crate::winograd::Variant::F2x2);
+    let (th, tw) = crate::winograd::tiles(p, WINOGRAD_VARIANT);
     let input = format!(
         "#version 430\n#define THREADS {REDUCE_THREADS}\n#define N {}u\n#define C_IN {}u\n\
          #define H {}u\n#define W {}u\n#define PH {}u\n#define PW {}u\n#define TH {th}u\n\

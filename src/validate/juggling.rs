@@ -608,9 +608,9 @@ fn auto_choice(choice: GpuChoice) -> Result<(), Failed> {
 
 /// What a job's `RunInfo` says agrees with the statistics it moved (`before` to `after`): one
 /// call more on its device and none on the other (a fallback counts one too), its FLOPs there, a
-/// window at least as long as the job's busy time,
-/// and a job said to have run on the GPU has the GPU's stage times (and a kernel time where the
-/// GPU's timers mean something) and moved bytes over the bus.
+/// window at least as long as the job's busy time, and a job said to have run on the GPU has the
+/// GPU's stage times (and a kernel time where the GPU's timers mean something) and moved bytes
+/// over the bus.
 fn check_info_against_stats(
     p: &Conv2dParams,
     info: &crate::RunInfo,

@@ -240,8 +240,14 @@ fn forced_winograd(
             tol
         };
         let r = crate::tolerance::reference(&p, &x, &w, Some(&b), exact).map_err(fail)?;
-        compare(&p, &y, &r, exact)
-            .map_err(|m| fail(format!("{p}: Winograd on small integers is not exact: {m}")))?;
+        compare(&p, &y, &r, exact).map_err(|m| {
+            let what = if exact == Tolerance::Exact {
+                "is not exact"
+            } else {
+                "is outside its bound"
+            };
+            fail(format!("{p}: Winograd on small integers {what}: {m}"))
+        })?;
     }
     // Where it does not apply, forcing it is an error, not a silent direct run.
     let strided = odd.with_stride(2, 2);

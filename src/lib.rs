@@ -28,11 +28,12 @@
 //! - [`npy`] reads and writes `.npy` files (float32, little-endian, C order).
 //! - [`suite`] reads the device-independent case files in `suites/*.toml`.
 //! - [`data`] makes deterministic test data (seeded uniform and small-integer fills).
-//! - [`validate`] is the validation harness (`sporkle-validate`, and `cargo test`'s
-//!   `tests/validate.rs`): suites × devices, goldens, fingerprints (keyed by arithmetic class
-//!   and plan, never by a device's name), leaks, stress, performance; [`desc`] reads cases
-//!   written as benchdnn problem descriptors.
-//! - The binaries: `sporkle` (`conv2d`, `bench`, `devices`) and `sporkle-validate`.
+//! - [`desc`] reads cases written as benchdnn problem descriptors.
+//! - The workspace's other crate, `sporkle-tools` (`tools/`), holds the binaries and the
+//!   validation harness, so that their crates stay out of a library user's build: `sporkle`
+//!   (`conv2d`, `bench`, `devices`), `sporkle-validate` (suites × devices, goldens,
+//!   fingerprints keyed by arithmetic class and plan, leaks, stress, performance; `cargo test`
+//!   runs it as `tools/tests/validate.rs`) and `sporkle-leak-child` (the leak trials' child).
 //!
 //! Layouts: input `n×c_in×h×w`, weights `c_out×(c_in/groups)×k_h×k_w`, optional bias `c_out`,
 //! output `n×c_out×ho×wo`, all contiguous row-major f32.
@@ -75,7 +76,6 @@ pub mod pinned;
 pub mod reference;
 pub mod suite;
 pub mod tolerance;
-pub mod validate;
 pub mod winograd;
 
 pub use cpu::{CpuBackend, CpuWeights};

@@ -4,7 +4,7 @@
 //! With the plan that runs (algorithm, tile, split-K, passes: [`super::PlanInfo`]), these fix
 //! the output bits of sporkle's kernels, since every output is summed in an order the plan
 //! alone decides. The validation harness keys fingerprints by them
-//! (`src/validate/golden.rs`), never by a renderer's name: two GPUs, drivers or Mesa builds
+//! (`tools/src/golden.rs`), never by a renderer's name: two GPUs, drivers or Mesa builds
 //! of one class that run one plan give the same bits.
 
 #![forbid(unsafe_code)]

@@ -6,8 +6,8 @@
 use proptest::prelude::*;
 use sporkle::cpu::{CpuPath, Microkernel};
 use sporkle::tolerance::{compare, Tolerance};
-use sporkle::validate::props::params;
 use sporkle::{data, reference, Conv2dParams, CpuBackend};
+use sporkle_tools::props::params;
 use std::sync::OnceLock;
 
 fn backends() -> &'static [CpuBackend] {

@@ -36,7 +36,7 @@ macro_rules! out {
 }
 
 /// The benchmark shape set, built in so the binary works from any directory.
-const PERF_SUITE: &str = include_str!("../../suites/perf.toml");
+const PERF_SUITE: &str = include_str!("../../../suites/perf.toml");
 
 #[derive(Parser)]
 #[command(

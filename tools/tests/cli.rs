@@ -607,7 +607,7 @@ fn runner_json_lines_parse_with_unique_names() {
 #[test]
 fn readme_runner_commands_run_as_written() {
     let readme =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
     let mut checked = 0;
     for line in readme.lines() {
         let Some((_, rest)) = line.split_once("--bin sporkle-validate") else {

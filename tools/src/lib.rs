@@ -1,4 +1,5 @@
-//! The validation harness: the product's proof, as a libtest-mimic runner.
+//! The validation harness: the product's proof, as a libtest-mimic runner, in a crate of its
+//! own (`sporkle-tools`) so that its crates stay out of the library's users' builds.
 //!
 //! The trials are defined here, once; `sporkle-validate` (src/bin) and `cargo test`'s
 //! `tests/validate.rs` (`harness = false`) both call [`main`]. Every trial runs per device and
@@ -10,7 +11,7 @@
 //! | `props/random_vs_reference` | proptest: random shapes and parameters against the reference; failures persist in `suites/props.proptest-regressions` |
 //! | `golden/{case}` | outputs of an independent producer (onnxruntime, `golden/make_golden.py`); the reference runs these too |
 //! | `fingerprint/{case}` | insta snapshots of each device's exact output bits: numerics that move show up as a diff |
-//! | `leak/create_run_drop` | dhat, in a child process: heap back to its baseline after create/run/drop cycles |
+//! | `leak/create_run_drop` | dhat, in a child process (`sporkle-leak-child`): heap back to its baseline after create/run/drop cycles |
 //! | `stress-run/mixed` | many threads, mixed shapes, changing weights, sampled checks, a watchdog (`--stress`) |
 //! | `perf/{case}` | benchmarks against stored baselines, as ratios to a calibration of the same run (`--bench`) |
 //! | `tidy/conventions` | every file opens with `//!`; `unsafe` only where allowed, each block with `// SAFETY:` |
@@ -22,7 +23,7 @@
 //! Beyond libtest's options: `--stress` (or `SPORKLE_STRESS=1`) runs the stress trials,
 //! `--report DIR` writes the performance report, `--peers FILE` (repeatable) adds peers' JSON
 //! lines to it, `--problem DESC` (repeatable) runs only the cases given as benchdnn problem
-//! descriptors (`problem/{name}`, see [`crate::desc`]). `SPORKLE_BLESS=1` rewrites goldens' fingerprints and performance baselines.
+//! descriptors (`problem/{name}`, see [`sporkle::desc`]). `SPORKLE_BLESS=1` rewrites goldens' fingerprints and performance baselines.
 
 #![forbid(unsafe_code)]
 
@@ -58,7 +59,7 @@ pub struct Options {
     pub bench: bool,
     /// Cases given as benchdnn problem descriptors (`--problem DESC`, repeatable); when there
     /// are any, only they run (`problem/{name}` on every backend, against the reference).
-    pub problems: Vec<crate::suite::Case>,
+    pub problems: Vec<sporkle::suite::Case>,
 }
 
 impl Options {
@@ -94,8 +95,8 @@ impl Options {
 }
 
 /// A `--problem` case, or why its descriptor cannot run.
-fn problem(desc: &str) -> Result<crate::suite::Case, String> {
-    crate::suite::Case::from_desc(desc).map_err(|e| format!("--problem: {e}"))
+fn problem(desc: &str) -> Result<sporkle::suite::Case, String> {
+    sporkle::suite::Case::from_desc(desc).map_err(|e| format!("--problem: {e}"))
 }
 
 /// What every trial shares.
@@ -112,9 +113,6 @@ pub struct Context {
 
 /// Runs the harness with the process's command line; returns its exit code.
 pub fn main() -> ExitCode {
-    if let Some(code) = leaks::run_child_if_asked() {
-        return code;
-    }
     let mut args: Vec<String> = std::env::args().collect();
     if args.iter().skip(1).any(|a| a == "-h" || a == "--help") {
         print!("{HELP}");
@@ -254,7 +252,7 @@ fn take_filters(args: &mut Vec<String>) -> Vec<String> {
 }
 
 /// Every trial, for every device.
-fn all_trials(ctx: &Arc<Context>) -> crate::Result<Vec<Trial>> {
+fn all_trials(ctx: &Arc<Context>) -> sporkle::Result<Vec<Trial>> {
     if ctx.opts.bench {
         return perf::trials(ctx);
     }
@@ -307,7 +305,7 @@ fn prepare_insta(bless: bool) {
     // Edition 2021: set_var is safe; this runs before any trial thread starts.
     if bless {
         std::env::set_var("INSTA_UPDATE", "always");
-        clear_pending(&crate::repo_root().join("golden/snapshots"));
+        clear_pending(&sporkle::repo_root().join("golden/snapshots"));
     } else {
         // A new fingerprint is written as `.snap.new` and the trial fails with sporkle's own
         // message (golden.rs), not with insta's panic, backtrace and advice for cargo-insta's
@@ -315,7 +313,7 @@ fn prepare_insta(bless: bool) {
         std::env::set_var("INSTA_FORCE_PASS", "1");
     }
     if std::env::var_os("INSTA_WORKSPACE_ROOT").is_none() {
-        std::env::set_var("INSTA_WORKSPACE_ROOT", crate::repo_root());
+        std::env::set_var("INSTA_WORKSPACE_ROOT", sporkle::repo_root());
     }
 }
 

@@ -26,7 +26,7 @@ const UNSAFE_ALLOWED: [&str; 9] = [
 ];
 
 pub fn trials() -> Vec<Trial> {
-    let root = crate::repo_root();
+    let root = sporkle::repo_root();
     let missing = no_source_tree(&root);
     vec![super::unless_missing(
         Trial::ignorable_test(super::named("tidy", "tidy/conventions"), move || {
@@ -49,11 +49,13 @@ fn no_source_tree(root: &Path) -> Option<String> {
     })
 }
 
-/// The Rust files of the tree at `root` (`src/` and `tests/`).
+/// The Rust files of the tree at `root`: the library's (`src/`, `tests/`) and the tools'
+/// (`tools/src/`, `tools/tests/`).
 fn sources(root: &Path) -> Vec<PathBuf> {
     let mut files = Vec::new();
-    rust_files(&root.join("src"), &mut files);
-    rust_files(&root.join("tests"), &mut files);
+    for dir in ["src", "tests", "tools/src", "tools/tests"] {
+        rust_files(&root.join(dir), &mut files);
+    }
     files
 }
 
@@ -148,7 +150,7 @@ fn check(root: &Path) -> Result<Completion, Failed> {
         }
     }
     for suite in ["basic", "edge", "regression", "stress", "benchdnn", "perf"] {
-        match crate::suite::Suite::load(&root.join(format!("suites/{suite}.toml"))) {
+        match sporkle::suite::Suite::load(&root.join(format!("suites/{suite}.toml"))) {
             Ok(s) if s.description.trim().is_empty() => {
                 problems.push(format!("suites/{suite}.toml: no description"))
             }
@@ -177,7 +179,7 @@ mod tests {
             _ => panic!("an empty tree must be ignored with the reason"),
         }
         assert!(matches!(
-            check(&crate::repo_root()),
+            check(&sporkle::repo_root()),
             Ok(Completion::Completed)
         ));
         // Tests without the crate's sources are no source tree either.
@@ -195,6 +197,16 @@ mod tests {
             .err()
             .expect("a file without //! must fail");
         assert!(e.message().unwrap().contains("src/x.rs"));
+        // The tools' sources are checked too.
+        let bad_tool = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(bad_tool.path().join("tools/src")).unwrap();
+        std::fs::create_dir(bad_tool.path().join("src")).unwrap();
+        std::fs::write(bad_tool.path().join("src/ok.rs"), "//! ok\n").unwrap();
+        std::fs::write(bad_tool.path().join("tools/src/y.rs"), "fn main() {}\n").unwrap();
+        let e = check(bad_tool.path())
+            .err()
+            .expect("a tool's file without //! must fail");
+        assert!(e.message().unwrap().contains("tools/src/y.rs"));
     }
 
     /// `unsafe impl` is held to the rules of `unsafe` blocks: only in the allowed files, and

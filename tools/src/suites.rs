@@ -3,17 +3,17 @@
 //! cases of `--problem DESC`, named `problem/{name}`.
 
 use super::{fail, trial, Context};
-use crate::suite::{Case, Suite};
-use crate::tolerance::{compare, Tolerance};
-use crate::{data, reference, Error};
 use libtest_mimic::{Failed, Trial};
+use sporkle::suite::{Case, Suite};
+use sporkle::tolerance::{compare, Tolerance};
+use sporkle::{data, reference, Error};
 use std::sync::Arc;
 
 /// The suites checked for correctness (the perf suite is too large for the reference).
 pub const CORRECTNESS_SUITES: [&str; 5] = ["basic", "edge", "regression", "stress", "benchdnn"];
 
 /// Loads a suite by name from `suites/`.
-pub fn load(name: &str) -> crate::Result<Suite> {
+pub fn load(name: &str) -> sporkle::Result<Suite> {
     let suite = Suite::load(&Suite::dir().join(format!("{name}.toml")))?;
     if name == "regression" {
         if let Some(c) = suite
@@ -50,7 +50,7 @@ pub fn problem_trials(ctx: &Arc<Context>) -> Vec<Trial> {
     out
 }
 
-pub fn trials(ctx: &Arc<Context>) -> crate::Result<Vec<Trial>> {
+pub fn trials(ctx: &Arc<Context>) -> sporkle::Result<Vec<Trial>> {
     let mut out = Vec::new();
     for name in CORRECTNESS_SUITES {
         for case in load(name)?.cases {
@@ -88,11 +88,11 @@ pub fn trials(ctx: &Arc<Context>) -> crate::Result<Vec<Trial>> {
             out.push(trial("winograd/forced".into(), device, None, move || {
                 let run =
                     |p: &_, x: &_, w: &_, b: Option<&[f32]>, y: &mut _, tile: Option<&str>| {
-                        let forced = crate::gpu::Dispatches {
-                            algorithm: Some(crate::gpu::Algorithm::Winograd),
-                            tile: (tile.map(crate::gpu::Tile::parse).transpose())
-                                .map_err(crate::Error::InvalidParams)?,
-                            ..crate::gpu::Dispatches::ONE
+                        let forced = sporkle::gpu::Dispatches {
+                            algorithm: Some(sporkle::gpu::Algorithm::Winograd),
+                            tile: (tile.map(sporkle::gpu::Tile::parse).transpose())
+                                .map_err(sporkle::Error::InvalidParams)?,
+                            ..sporkle::gpu::Dispatches::ONE
                         };
                         gpu.time_kernel(p, x, w, b, y, forced).map(|_| ())
                     };
@@ -106,13 +106,13 @@ pub fn trials(ctx: &Arc<Context>) -> crate::Result<Vec<Trial>> {
         // The CPU's Winograd variants, forced the same way (its default takes them only for
         // large layers).
         if let super::Device::Cpu { backend, .. } = device {
-            use crate::cpu::CpuPath;
+            use sporkle::cpu::CpuPath;
             for (path, name) in [
                 (CpuPath::Winograd, "winograd/forced"),
                 (CpuPath::WinogradF4, "winograd/forced_f4x4"),
             ] {
                 let cpu =
-                    crate::CpuBackend::with_options(backend.threads(), backend.microkernel())?
+                    sporkle::CpuBackend::with_options(backend.threads(), backend.microkernel())?
                         .with_path(path);
                 let cases = load("basic")?.cases;
                 out.push(trial(name.into(), device, None, move || {
@@ -143,17 +143,17 @@ pub(super) const TILES: [&str; 8] = [
     "narrow:4x64x16:1x1",
 ];
 
-fn every_tile(gpu: &crate::GpuBackend, cases: &[crate::suite::Case]) -> Result<(), Failed> {
+fn every_tile(gpu: &sporkle::GpuBackend, cases: &[sporkle::suite::Case]) -> Result<(), Failed> {
     for spec in TILES {
-        let tile = crate::gpu::Tile::parse(spec).map_err(fail)?;
+        let tile = sporkle::gpu::Tile::parse(spec).map_err(fail)?;
         for case in cases.iter().filter(|c| c.name.starts_with("wide_")) {
             let p = &case.params;
             let (x, w, b) = data::conv_data(p, case.seed, false);
             let bias = case.bias.then_some(&b[..]);
             let mut y = vec![f32::NAN; p.output_len()];
-            let once = crate::gpu::Dispatches {
+            let once = sporkle::gpu::Dispatches {
                 tile: Some(tile),
-                ..crate::gpu::Dispatches::ONE
+                ..sporkle::gpu::Dispatches::ONE
             };
             gpu.time_kernel(p, &x, &w, bias, &mut y, once)
                 .map_err(|e| fail(format!("{spec} on {}: {e}", case.name)))?;
@@ -167,13 +167,13 @@ fn every_tile(gpu: &crate::GpuBackend, cases: &[crate::suite::Case]) -> Result<(
 
 /// A convolution with Winograd forced (and a GPU tile variant, where one is named).
 type ForcedRun<'a> = dyn Fn(
-        &crate::Conv2dParams,
+        &sporkle::Conv2dParams,
         &[f32],
         &[f32],
         Option<&[f32]>,
         &mut [f32],
         Option<&str>,
-    ) -> crate::Result<()>
+    ) -> sporkle::Result<()>
     + 'a;
 
 /// Winograd, which the GPU and the CPU choose only for large layers, forced on every basic case
@@ -186,22 +186,25 @@ type ForcedRun<'a> = dyn Fn(
 fn forced_winograd(
     forced: &ForcedRun,
     tiles: &[&str],
-    cases: &[crate::suite::Case],
+    cases: &[sporkle::suite::Case],
     tol: Tolerance,
 ) -> Result<(), Failed> {
-    use crate::Conv2dParams;
+    use sporkle::Conv2dParams;
     let run = |p: &Conv2dParams, seed: u64, bias: bool, tile: Option<&str>| {
         let (x, w, b) = data::conv_data(p, seed, false);
         let bias = bias.then_some(&b[..]);
         let mut y = vec![f32::NAN; p.output_len()];
         let what = format!("{p} (tile {})", tile.unwrap_or("default"));
         forced(p, &x, &w, bias, &mut y, tile).map_err(|e| fail(format!("{what}: {e}")))?;
-        let r = crate::tolerance::reference(p, &x, &w, bias, tol).map_err(fail)?;
+        let r = sporkle::tolerance::reference(p, &x, &w, bias, tol).map_err(fail)?;
         compare(p, &y, &r, tol)
             .map(|_| ())
             .map_err(|m| fail(format!("{what}: {m}")))
     };
-    for case in cases.iter().filter(|c| crate::winograd::applies(&c.params)) {
+    for case in cases
+        .iter()
+        .filter(|c| sporkle::winograd::applies(&c.params))
+    {
         run(&case.params, case.seed, case.bias, None)?;
     }
     let odd = Conv2dParams::new(2, 20, 9, 7, 24, 3, 3).with_padding(1, 1);
@@ -239,7 +242,7 @@ fn forced_winograd(
         } else {
             tol
         };
-        let r = crate::tolerance::reference(&p, &x, &w, Some(&b), exact).map_err(fail)?;
+        let r = sporkle::tolerance::reference(&p, &x, &w, Some(&b), exact).map_err(fail)?;
         compare(&p, &y, &r, exact).map_err(|m| {
             let what = if exact == Tolerance::Exact {
                 "is not exact"
@@ -264,7 +267,7 @@ fn forced_winograd(
 /// The original's weight cache sampled elements, so a changed weight could go unnoticed
 /// (ORIGINAL.md #9): call, change the last weight only, call again; both must be right.
 fn one_weight_changed(device: &super::Device) -> Result<(), Failed> {
-    let p = crate::Conv2dParams::new(1, 16, 10, 10, 32, 3, 3).with_padding(1, 1);
+    let p = sporkle::Conv2dParams::new(1, 16, 10, 10, 32, 3, 3).with_padding(1, 1);
     let (x, mut w, _) = data::conv_data(&p, 11, true);
     for round in 0..2 {
         let y = device.conv2d(&p, &x, &w, None).map_err(fail)?;

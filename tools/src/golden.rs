@@ -6,12 +6,12 @@
 //! or `SPORKLE_BLESS=1` to accept). CI never writes them: a missing or changed one fails.
 
 use super::{fail, trial, Context, Device};
-use crate::reference::{self, OutIndex, RefValue};
-use crate::suite::Case;
-use crate::tolerance::{compare_points, Tolerance};
-use crate::{npy, Conv2dParams, Error};
 use libtest_mimic::{Failed, Trial};
 use serde::Deserialize;
+use sporkle::reference::{self, OutIndex, RefValue};
+use sporkle::suite::Case;
+use sporkle::tolerance::{compare_points, Tolerance};
+use sporkle::{npy, Conv2dParams, Error};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -33,15 +33,15 @@ struct Loaded {
 }
 
 fn dir() -> PathBuf {
-    crate::repo_root().join("golden")
+    sporkle::repo_root().join("golden")
 }
 
-fn load(case: &Case) -> crate::Result<Loaded> {
+fn load(case: &Case) -> sporkle::Result<Loaded> {
     let p = case.params;
     p.validate()?;
     let d = dir().join("cases").join(&case.name);
     let (ho, wo) = p.out_hw();
-    let read = |file: &str, shape: Vec<usize>| -> crate::Result<Vec<f32>> {
+    let read = |file: &str, shape: Vec<usize>| -> sporkle::Result<Vec<f32>> {
         let path = d.join(file);
         let a = npy::read(&path)?;
         if a.shape != shape {
@@ -65,7 +65,7 @@ fn load(case: &Case) -> crate::Result<Loaded> {
     })
 }
 
-pub fn trials(ctx: &Arc<Context>) -> crate::Result<Vec<Trial>> {
+pub fn trials(ctx: &Arc<Context>) -> sporkle::Result<Vec<Trial>> {
     let path = dir().join("cases/manifest.json");
     let text = std::fs::read_to_string(&path).map_err(|e| Error::Suite {
         path: path.clone(),
@@ -107,7 +107,7 @@ pub fn trials(ctx: &Arc<Context>) -> crate::Result<Vec<Trial>> {
             ));
             // Winograd, which the GPU picks only for large layers, forced where it applies.
             if let Device::Gpu { backend } = device {
-                if crate::winograd::applies(&case.params) {
+                if sporkle::winograd::applies(&case.params) {
                     let (c, gpu) = (case.clone(), Arc::clone(backend));
                     out.push(trial(
                         format!("fingerprint/{}{WINOGRAD}", case.name),
@@ -127,8 +127,8 @@ const WINOGRAD: &str = "_winograd";
 
 /// [`fingerprint`] of the GPU's output with Winograd forced (its own case name, `{case}_winograd`,
 /// and plan key); the output is first checked against the reference with Winograd's bound.
-fn fingerprint_winograd(case: &Case, gpu: &crate::GpuBackend) -> Result<(), Failed> {
-    use crate::gpu::{Algorithm, Dispatches};
+fn fingerprint_winograd(case: &Case, gpu: &sporkle::GpuBackend) -> Result<(), Failed> {
+    use sporkle::gpu::{Algorithm, Dispatches};
     let g = load(case).map_err(fail)?;
     let numerics = super::devices::Numerics {
         family: "gpu",
@@ -147,9 +147,9 @@ fn fingerprint_winograd(case: &Case, gpu: &crate::GpuBackend) -> Result<(), Fail
     };
     gpu.time_kernel(&g.p, &g.x, &g.w, g.b.as_deref(), &mut y, forced)
         .map_err(fail)?;
-    let r = crate::tolerance::reference(&g.p, &g.x, &g.w, g.b.as_deref(), Tolerance::Winograd)
+    let r = sporkle::tolerance::reference(&g.p, &g.x, &g.w, g.b.as_deref(), Tolerance::Winograd)
         .map_err(fail)?;
-    crate::tolerance::compare(&g.p, &y, &r, Tolerance::Winograd)
+    sporkle::tolerance::compare(&g.p, &y, &r, Tolerance::Winograd)
         .map_err(|m| fail(format!("{}: {m}", g.p)))?;
     let named = Case {
         name: format!("{}{WINOGRAD}", case.name),
@@ -190,7 +190,7 @@ fn matches_producer(case: &Case, device: &Device, producer: &str) -> Result<(), 
 /// twice, and one whose result is subnormal, each on the narrow kernel (one filter) and the
 /// tiled kernel (64 filters), must give what the probe's class predicts.
 fn arithmetic_is_the_kernels(device: &Device) -> Result<(), Failed> {
-    use crate::gpu::arithmetic::Fma;
+    use sporkle::gpu::arithmetic::Fma;
     let gpu = device.gpu_backend().ok_or("not a GPU device")?;
     let class = gpu.arithmetic().map_err(fail)?;
     let a = 1.0 + 1.0 / 4096.0;

@@ -6,10 +6,10 @@
 //! terminal; a summary line follows (jobs, verified, mismatches, throughput, peak memory).
 
 use super::{named, Context, Device};
-use crate::suite::Case;
-use crate::tolerance::{compare, Tolerance};
-use crate::{data, reference};
 use libtest_mimic::{Failed, Trial};
+use sporkle::suite::Case;
+use sporkle::tolerance::{compare, Tolerance};
+use sporkle::{data, reference};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -21,7 +21,7 @@ const CHECK_EVERY: u64 = 3;
 /// Seconds without any finished job before the run counts as hung.
 const WATCHDOG: u64 = 60;
 
-pub fn trials(ctx: &Arc<Context>) -> crate::Result<Vec<Trial>> {
+pub fn trials(ctx: &Arc<Context>) -> sporkle::Result<Vec<Trial>> {
     let cases = Arc::new(super::suites::load("stress")?.cases);
     let stress = ctx.opts.stress;
     Ok(ctx

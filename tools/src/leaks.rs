@@ -2,11 +2,11 @@
 //! each backend, and no GL object may outlive its backend; a warm synchronous GPU call must
 //! allocate nothing the size of its data.
 //!
-//! dhat allows one profiler per process, so each leak trial re-runs this same binary as a
-//! child with `SPORKLE_LEAK_CHILD=<device kind>`; [`run_child_if_asked`] (first thing in
-//! [`super::main`]) then profiles the cycles and reports one line. The binaries that host the
-//! harness declare `dhat::Alloc` as their global allocator (it forwards to the system allocator
-//! when no profiler runs); the child checks that it does before trusting any number.
+//! dhat allows one profiler per process, and its allocator serialises every allocation behind
+//! a lock, so the runner does not use it: each leak trial runs the `sporkle-leak-child` binary
+//! (the only one whose global allocator is `dhat::Alloc`) with its mode as the argument;
+//! [`child_main`] profiles the cycles and prints one line. The child checks that dhat is its
+//! allocator before trusting any number.
 
 use super::{named, Context, Device};
 use libtest_mimic::Trial;
@@ -14,8 +14,34 @@ use std::process::{Command, ExitCode};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// Environment variable that turns the runner into a leak-check child.
-pub const CHILD_ENV: &str = "SPORKLE_LEAK_CHILD";
+/// The leak child's binary name (`tools/src/bin/sporkle-leak-child.rs`).
+pub const CHILD_BIN: &str = "sporkle-leak-child";
+/// Where the host binary says the leak child is (see [`set_child_exe`]).
+static CHILD_EXE: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+
+/// Tells the runner where the leak child binary is (`cargo test`'s target passes cargo's path
+/// of it); otherwise it is looked for beside the running binary.
+pub fn set_child_exe(path: impl Into<std::path::PathBuf>) {
+    let _ = CHILD_EXE.set(path.into());
+}
+
+/// The leak child binary: the one set, or the one beside this binary.
+fn child_exe() -> Result<std::path::PathBuf, String> {
+    if let Some(p) = CHILD_EXE.get() {
+        return Ok(p.clone());
+    }
+    let me = std::env::current_exe().map_err(|e| format!("cannot find this binary: {e}"))?;
+    let exe = me.with_file_name(format!("{CHILD_BIN}{}", std::env::consts::EXE_SUFFIX));
+    if exe.is_file() {
+        Ok(exe)
+    } else {
+        Err(format!(
+            "leak check cannot run: its child binary {} is missing (build every binary: \
+             `cargo build --release --bins`)",
+            exe.display()
+        ))
+    }
+}
 /// Create/run/drop cycles measured after warm-up.
 const CYCLES: usize = 25;
 /// Cases each cycle runs: one per code path (GEMM rows and strips, direct, row tiles).
@@ -41,13 +67,13 @@ const CALL_MODE: &str = "+call";
 /// Warm synchronous calls the warm-call trial counts allocations over.
 const WARM_CALLS: usize = 10;
 
-/// Runs this binary as a leak child with `mode` and reports its line.
+/// Runs the leak child with `mode` and reports its line.
 fn run_child(mode: String) -> Result<(), libtest_mimic::Failed> {
-    let exe = std::env::current_exe().map_err(super::fail)?;
-    let out = Command::new(exe)
-        .env(CHILD_ENV, mode)
+    let exe = child_exe()?;
+    let out = Command::new(&exe)
+        .arg(mode)
         .output()
-        .map_err(super::fail)?;
+        .map_err(|e| format!("cannot run {}: {e}", exe.display()))?;
     let said = String::from_utf8_lossy(&out.stdout).trim().to_owned();
     let err = String::from_utf8_lossy(&out.stderr).trim().to_owned();
     if out.status.success() {
@@ -98,13 +124,13 @@ fn call_child(kind: &str) -> Result<String, String> {
         .find(|d| d.kind() == kind)
         .ok_or_else(|| format!("no device {kind} here"))?;
     let juggler = device.juggler().ok_or("not a Juggler device")?;
-    let p = crate::Conv2dParams::new(1, 64, 64, 64, 64, 1, 1);
-    let (x, w, b) = crate::data::conv_data(&p, 7, false);
+    let p = sporkle::Conv2dParams::new(1, 64, 64, 64, 64, 1, 1);
+    let (x, w, b) = sporkle::data::conv_data(&p, 7, false);
     let mut y = vec![0.0f32; p.output_len()];
     let call = |y: &mut [f32]| -> Result<(), String> {
         let info = (juggler.conv2d(&p, &x, &w, Some(&b), y)).map_err(|e| e.to_string())?;
         match (info.device, &info.fallback) {
-            (crate::juggler::DeviceKind::Gpu, None) => Ok(()),
+            (sporkle::juggler::DeviceKind::Gpu, None) => Ok(()),
             (d, why) => Err(format!("a call ran on the {d}: {why:?} {}", info.reason)),
         }
     };
@@ -129,8 +155,8 @@ fn call_child(kind: &str) -> Result<String, String> {
              of its own"
         ));
     }
-    let tol = crate::tolerance::Tolerance::for_params(&p);
-    crate::tolerance::check_sample(&p, &x, &w, Some(&b), &y, 256, tol)
+    let tol = sporkle::tolerance::Tolerance::for_params(&p);
+    sporkle::tolerance::check_sample(&p, &x, &w, Some(&b), &y, 256, tol)
         .map_err(|m| m.to_string())?;
     Ok(format!(
         "[{kind}] {WARM_CALLS} warm synchronous GPU calls allocated {bytes} bytes in {blocks} \
@@ -138,18 +164,24 @@ fn call_child(kind: &str) -> Result<String, String> {
     ))
 }
 
-/// In a leak-check child, runs the check and returns the exit code; otherwise `None`.
-pub fn run_child_if_asked() -> Option<ExitCode> {
-    let kind = std::env::var(CHILD_ENV).ok()?;
+/// The leak child's `main` (its binary declares `dhat::Alloc` as the global allocator): runs
+/// the check its one argument names (a device kind, then `+stream` or `+call` or nothing) and
+/// prints its line; the exit code says whether it passed.
+pub fn child_main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let [mode] = args.as_slice() else {
+        eprintln!("{CHILD_BIN}: one argument, the check (run by sporkle-validate's leak trials)");
+        return ExitCode::from(2);
+    };
     let _profiler = dhat::Profiler::builder().testing().build();
-    let result = child(&kind);
+    let result = child(mode);
     let code = if result.is_ok() {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
     };
     println!("{}", result.unwrap_or_else(|e| e));
-    Some(code)
+    code
 }
 
 /// Fails unless dhat is this binary's global allocator (else every number would be zero).
@@ -177,7 +209,7 @@ fn stream_child(kind: &str) -> Result<String, String> {
     }
     let data: Vec<_> = cases
         .iter()
-        .map(|c| crate::data::conv_data(&c.params, c.seed, false))
+        .map(|c| sporkle::data::conv_data(&c.params, c.seed, false))
         .collect();
     let (devices, _) = Device::all();
     let template = devices
@@ -203,9 +235,11 @@ fn stream_child(kind: &str) -> Result<String, String> {
                     .copy_from_slice(x);
                 juggler
                     .submit_pinned(p, &pinned, w[..].into(), bias.map(Into::into))
-                    .and_then(crate::Ticket::wait)
+                    .and_then(sporkle::Ticket::wait)
             } else {
-                juggler.submit(p, x, w, bias).and_then(crate::Ticket::wait)
+                juggler
+                    .submit(p, x, w, bias)
+                    .and_then(sporkle::Ticket::wait)
             }
             .map_err(|e| e.to_string())?;
             std::hint::black_box(y);
@@ -217,7 +251,7 @@ fn stream_child(kind: &str) -> Result<String, String> {
     cycles(&fresh()?, 20, Box::new(|_| {}))?;
     let before = heap();
     let device = fresh()?;
-    let base_live = crate::gpu::LiveObjects::now();
+    let base_live = sporkle::gpu::LiveObjects::now();
     // Heap samples every 10 cycles; transient allocations (the job channel's message blocks,
     // ~19 KB, come and go) make single samples noisy, so the least heap of cycles 500-600 is
     // compared with the least of the last 100. A one-time lazy of ~2 KB was seen settling as
@@ -225,13 +259,13 @@ fn stream_child(kind: &str) -> Result<String, String> {
     // 3.2 KB between the windows and fails.
     let tenth = STREAM_CYCLES / 10;
     let (mut early, mut late) = (usize::MAX, usize::MAX);
-    let mut marks = crate::gpu::LiveObjects::default();
+    let mut marks = sporkle::gpu::LiveObjects::default();
     let calls = cycles(
         &device,
         STREAM_CYCLES,
         Box::new(|done| {
             if done == STREAM_CYCLES / 2 {
-                marks = crate::gpu::LiveObjects::now();
+                marks = sporkle::gpu::LiveObjects::now();
             }
             if done % 10 == 0 && done > STREAM_CYCLES / 2 && done <= STREAM_CYCLES / 2 + tenth {
                 early = early.min(heap());
@@ -241,7 +275,7 @@ fn stream_child(kind: &str) -> Result<String, String> {
             }
         }),
     )?;
-    let (end, end_live) = (late, crate::gpu::LiveObjects::now());
+    let (end, end_live) = (late, sporkle::gpu::LiveObjects::now());
     let marks = (early, marks);
     drop(device);
     drop(template);
@@ -250,7 +284,7 @@ fn stream_child(kind: &str) -> Result<String, String> {
         std::thread::sleep(Duration::from_millis(10));
     }
     let after = heap();
-    let live = crate::gpu::LiveObjects::now();
+    let live = sporkle::gpu::LiveObjects::now();
     if end_live != marks.1 {
         return Err(format!(
             "GL objects grew from {:?} to {end_live:?} over {STREAM_CYCLES} submit/wait cycles",
@@ -336,7 +370,7 @@ fn child(kind: &str) -> Result<String, String> {
         std::thread::sleep(Duration::from_millis(10));
     }
     let after = heap();
-    let live = crate::gpu::LiveObjects::now();
+    let live = sporkle::gpu::LiveObjects::now();
     if !live.is_zero() {
         return Err(format!(
             "GL objects still alive after every backend was dropped: {live:?}"

@@ -5,10 +5,10 @@
 //! choosing for itself (`juggler`). New backends add a variant here and every trial family
 //! picks them up.
 
-use crate::cpu::Microkernel;
-use crate::gpu::{GpuBackend, GpuChoice};
-use crate::juggler::{Config, DeviceKind, Juggler, Preference};
-use crate::{reference, Conv2dParams, CpuBackend, Error, Result};
+use sporkle::cpu::Microkernel;
+use sporkle::gpu::{GpuBackend, GpuChoice};
+use sporkle::juggler::{Config, DeviceKind, Juggler, Preference};
+use sporkle::{reference, Conv2dParams, CpuBackend, Error, Result};
 use std::sync::Arc;
 
 /// One device under validation.
@@ -127,7 +127,7 @@ impl Device {
     /// What determines this device's output bits for a case (fingerprints are keyed by it),
     /// or `None` where they are not fixed (the Juggler picks a device per call). Measured or
     /// derived, never a name: the CPU's microkernel and path; the GPU's arithmetic class
-    /// (probed, see [`crate::gpu::arithmetic`]) and the plan it runs.
+    /// (probed, see [`sporkle::gpu::arithmetic`]) and the plan it runs.
     pub fn numerics(&self, p: &Conv2dParams, bias: bool) -> Result<Option<Numerics>> {
         if let Some(b) = self.gpu_backend() {
             return Ok(Some(Numerics {
@@ -261,7 +261,7 @@ pub struct Numerics {
     /// `portable`), the GPU's measured class
     /// (`fma-ftz`, `mul-add`, ...).
     pub arithmetic: String,
-    /// The order it sums in: the CPU's path, the GPU's plan ([`crate::gpu::PlanInfo::key`]).
+    /// The order it sums in: the CPU's path, the GPU's plan ([`sporkle::gpu::PlanInfo::key`]).
     pub plan: String,
 }
 

@@ -7,11 +7,11 @@
 //! a tile variant forced too.
 
 use super::{fail, trial, Context, Device};
-use crate::suite::Case;
-use crate::Conv2dParams;
 use libtest_mimic::Trial;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, FileFailurePersistence, TestError, TestRunner};
+use sporkle::suite::Case;
+use sporkle::Conv2dParams;
 use std::sync::{Arc, OnceLock};
 
 /// Random cases per trial run (each a reference convolution: keep them small).
@@ -84,7 +84,7 @@ const WIDE_CASES: u32 = 12;
 fn persistence() -> &'static str {
     static PATH: OnceLock<String> = OnceLock::new();
     PATH.get_or_init(|| {
-        crate::repo_root()
+        sporkle::repo_root()
             .join("suites/props.proptest-regressions")
             .to_string_lossy()
             .into_owned()
@@ -119,22 +119,22 @@ pub fn trials(ctx: &Arc<Context>) -> Vec<Trial> {
 /// on the GPU a tile variant (one of `tiles/every_variant`'s, by the case's seed).
 enum Forced {
     Nothing,
-    CpuPaths(Vec<(crate::cpu::CpuPath, crate::CpuBackend)>),
-    GpuTile(Arc<crate::GpuBackend>),
+    CpuPaths(Vec<(sporkle::cpu::CpuPath, sporkle::CpuBackend)>),
+    GpuTile(Arc<sporkle::GpuBackend>),
 }
 
 impl Forced {
-    fn for_device(device: &Device) -> crate::Result<Self> {
-        use crate::cpu::CpuPath;
+    fn for_device(device: &Device) -> sporkle::Result<Self> {
+        use sporkle::cpu::CpuPath;
         Ok(match device {
             Device::Cpu { backend, .. } => Forced::CpuPaths(
                 [CpuPath::GemmStrips, CpuPath::GemmRows]
                     .into_iter()
                     .map(|path| {
-                        crate::CpuBackend::with_options(backend.threads(), backend.microkernel())
+                        sporkle::CpuBackend::with_options(backend.threads(), backend.microkernel())
                             .map(|b| (path, b.with_path(path)))
                     })
-                    .collect::<crate::Result<_>>()?,
+                    .collect::<sporkle::Result<_>>()?,
             ),
             Device::Gpu { backend } => Forced::GpuTile(Arc::clone(backend)),
             _ => Forced::Nothing,
@@ -144,12 +144,12 @@ impl Forced {
     /// Runs `case` the forced ways, each against the reference.
     fn check(&self, case: &Case) -> Result<(), String> {
         let p = &case.params;
-        let (x, w, b) = crate::data::conv_data(p, case.seed, case.exact);
+        let (x, w, b) = sporkle::data::conv_data(p, case.seed, case.exact);
         let bias = case.bias.then_some(&b[..]);
         let tol = if case.exact {
-            crate::tolerance::Tolerance::Exact
+            sporkle::tolerance::Tolerance::Exact
         } else {
-            crate::tolerance::Tolerance::Fp32
+            sporkle::tolerance::Tolerance::Fp32
         };
         let mut outputs = Vec::new();
         match self {
@@ -164,20 +164,20 @@ impl Forced {
             }
             Forced::GpuTile(gpu) => {
                 let spec = super::suites::TILES[case.seed as usize % super::suites::TILES.len()];
-                let tile = crate::gpu::Tile::parse(spec).map_err(|e| e.to_string())?;
+                let tile = sporkle::gpu::Tile::parse(spec).map_err(|e| e.to_string())?;
                 let mut y = vec![f32::NAN; p.output_len()];
-                let once = crate::gpu::Dispatches {
+                let once = sporkle::gpu::Dispatches {
                     tile: Some(tile),
-                    ..crate::gpu::Dispatches::ONE
+                    ..sporkle::gpu::Dispatches::ONE
                 };
                 gpu.time_kernel(p, &x, &w, bias, &mut y, once)
                     .map_err(|e| format!("{spec}: {e}"))?;
                 outputs.push((spec.to_owned(), y));
             }
         }
-        let r = crate::reference::conv2d_f64(p, &x, &w, bias).map_err(|e| e.to_string())?;
+        let r = sporkle::reference::conv2d_f64(p, &x, &w, bias).map_err(|e| e.to_string())?;
         for (how, y) in outputs {
-            crate::tolerance::compare(p, &y, &r, tol).map_err(|m| format!("{how}: {m}"))?;
+            sporkle::tolerance::compare(p, &y, &r, tol).map_err(|m| format!("{how}: {m}"))?;
         }
         Ok(())
     }
@@ -224,9 +224,9 @@ fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cpu::CpuPath;
-    use crate::gpu::shaders::{Kernel, Tile};
     use proptest::strategy::ValueTree;
+    use sporkle::cpu::CpuPath;
+    use sporkle::gpu::shaders::{Kernel, Tile};
 
     /// The wide strategy reaches what it is for: the GPU's tiled kernel on every case, kernels
     /// of every width 1 to 7, and shapes whose own CPU orientation is each of the two (the

@@ -22,12 +22,12 @@
 //!   every peer given with `--peers FILE`, JSON lines as printed by `shared/peers/*.py`).
 
 use super::{fail, named, Context, Device};
-use crate::gpu::Algorithm;
-use crate::suite::Case;
-use crate::tolerance::check_sample;
-use crate::{data, CpuBackend};
 use libtest_mimic::{Completion, Failed, Trial};
 use serde::{Deserialize, Serialize};
+use sporkle::gpu::Algorithm;
+use sporkle::suite::Case;
+use sporkle::tolerance::check_sample;
+use sporkle::{data, CpuBackend};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -72,7 +72,7 @@ struct Baseline {
 /// Serialises baseline-file updates between trials.
 static BASELINE_LOCK: Mutex<()> = Mutex::new(());
 
-pub fn trials(ctx: &Arc<Context>) -> crate::Result<Vec<Trial>> {
+pub fn trials(ctx: &Arc<Context>) -> sporkle::Result<Vec<Trial>> {
     let cases = super::suites::load("perf")?.cases;
     let mut out = Vec::new();
     // Baselines are for the devices users run; the portable fallback is covered for correctness.
@@ -173,7 +173,7 @@ const GPU_CALIBRATION: &str =
 fn gpu_bench(
     ctx: &Context,
     device: &Device,
-    gpu: &crate::GpuBackend,
+    gpu: &sporkle::GpuBackend,
     case: &Case,
 ) -> Result<Completion, Failed> {
     if gpu.info().software {
@@ -193,7 +193,7 @@ fn gpu_bench(
             .map_err(fail)?
             .ok_or("no GPU calibration on this renderer")?;
         let first = gpu
-            .time_kernel(p, &x, &w, bias, &mut y, crate::gpu::Dispatches::ONE)
+            .time_kernel(p, &x, &w, bias, &mut y, sporkle::gpu::Dispatches::ONE)
             .map_err(fail)?;
         let estimate_s = (first.first().copied().unwrap_or(1_000_000) as f64 * 1e-9).max(1e-6);
         let mut times = gpu
@@ -203,7 +203,7 @@ fn gpu_bench(
                 &w,
                 bias,
                 &mut y,
-                crate::gpu::Dispatches {
+                sporkle::gpu::Dispatches {
                     warmup: ((0.1 / estimate_s) as usize).clamp(3, 2000),
                     timed: ((MIN_SECS / estimate_s) as usize).clamp(10, 2000),
                     tile: None,
@@ -365,7 +365,7 @@ fn closest_baseline(
     case: &str,
     calibration: f64,
 ) -> Result<Option<(String, Baseline)>, String> {
-    let dir = crate::repo_root().join("golden/perf");
+    let dir = sporkle::repo_root().join("golden/perf");
     let family = key.split('-').next().unwrap_or(key);
     let entries = match std::fs::read_dir(&dir) {
         Ok(e) => e,
@@ -401,7 +401,7 @@ fn closest_baseline(
 
 /// The key of a device's baselines: kind, microkernel, CPU model and threads.
 fn device_key(device: &Device, backend: &CpuBackend) -> String {
-    let model = crate::cpu::cpu_model();
+    let model = sporkle::cpu::cpu_model();
     format!(
         "{}-{}-{}-{}t",
         device.kind(),
@@ -412,7 +412,7 @@ fn device_key(device: &Device, backend: &CpuBackend) -> String {
 }
 
 fn baseline_path(key: &str) -> PathBuf {
-    crate::repo_root()
+    sporkle::repo_root()
         .join("golden/perf")
         .join(format!("{key}.json"))
 }

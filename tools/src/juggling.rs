@@ -6,12 +6,12 @@
 //! bit for bit against the synchronous GPU path.
 
 use super::{fail, named, Context, Device};
-use crate::gpu::{GpuBackend, GpuChoice};
-use crate::juggler::{Config, DeviceKind, Juggler, Preference};
-use crate::suite::Case;
-use crate::tolerance::{compare, Tolerance};
-use crate::{data, reference, Conv2dParams};
 use libtest_mimic::{Failed, Trial};
+use sporkle::gpu::{GpuBackend, GpuChoice};
+use sporkle::juggler::{Config, DeviceKind, Juggler, Preference};
+use sporkle::suite::Case;
+use sporkle::tolerance::{compare, Tolerance};
+use sporkle::{data, reference, Conv2dParams};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -26,7 +26,7 @@ struct Job {
 /// `count` jobs cycling through the basic suite's cases. Weights change between submissions:
 /// new seeds mostly, the same weights again now and then (a resident hit), and once a single
 /// element changed (a stale resident copy would give the old answer).
-fn stream(count: usize, seed: u64) -> crate::Result<Vec<Job>> {
+fn stream(count: usize, seed: u64) -> sporkle::Result<Vec<Job>> {
     let cases: Vec<Case> = super::suites::load("basic")?
         .cases
         .into_iter()
@@ -57,23 +57,26 @@ fn stream(count: usize, seed: u64) -> crate::Result<Vec<Job>> {
 }
 
 impl Job {
-    fn submit(&self, j: &Juggler) -> crate::Result<crate::Ticket> {
+    fn submit(&self, j: &Juggler) -> sporkle::Result<sporkle::Ticket> {
         j.submit(&self.p, &self.x, &self.w, self.b.as_deref())
     }
 
     /// Submits, waits, and checks the output against the reference.
-    fn run_checked(&self, j: &Juggler) -> Result<crate::RunInfo, Failed> {
-        let (y, info) = self.submit(j).and_then(crate::Ticket::wait).map_err(fail)?;
+    fn run_checked(&self, j: &Juggler) -> Result<sporkle::RunInfo, Failed> {
+        let (y, info) = self
+            .submit(j)
+            .and_then(sporkle::Ticket::wait)
+            .map_err(fail)?;
         check_reference(self, &y)?;
         Ok(info)
     }
 }
 
 /// Submits every job (async on: several in flight at once), in order.
-fn submit_all(j: &Juggler, jobs: &[Job]) -> Result<Vec<crate::Ticket>, Failed> {
+fn submit_all(j: &Juggler, jobs: &[Job]) -> Result<Vec<sporkle::Ticket>, Failed> {
     (jobs.iter())
         .map(|job| job.submit(j))
-        .collect::<crate::Result<Vec<_>>>()
+        .collect::<sporkle::Result<Vec<_>>>()
         .map_err(fail)
 }
 
@@ -175,7 +178,7 @@ fn mixed_stream(choice: GpuChoice, sync: &GpuBackend) -> Result<(), Failed> {
 /// dispatch. How many depends on timing (a step without a new job is recorded when the GPU is
 /// idle), so only a burst of jobs that need no host copy (pinned inputs) is sure to show fused
 /// copies. With CUDA copies, every job must have had them.
-fn check_pipelined(runs: &[crate::RunInfo], fusion: bool) -> Result<(), Failed> {
+fn check_pipelined(runs: &[sporkle::RunInfo], fusion: bool) -> Result<(), Failed> {
     let stages: Vec<_> = runs.iter().filter_map(|r| r.stages).collect();
     let shared = stages.iter().filter(|s| s.steps_shared).count();
     let fused = stages.iter().filter(|s| s.fused).count();
@@ -186,7 +189,7 @@ fn check_pipelined(runs: &[crate::RunInfo], fusion: bool) -> Result<(), Failed> 
             stages.len()
         )));
     }
-    let dma = crate::gpu::StreamCopy::from_env() == crate::gpu::StreamCopy::Dma;
+    let dma = sporkle::gpu::StreamCopy::from_env() == sporkle::gpu::StreamCopy::Dma;
     let fusing = cuda == 0 && fusion && !dma;
     if shared == 0 || (fusing && fused == 0) {
         return Err(fail(format!(
@@ -198,7 +201,7 @@ fn check_pipelined(runs: &[crate::RunInfo], fusion: bool) -> Result<(), Failed> 
     // Batches in parts along n: asked for (SPORKLE_STREAM_PARTS) where copies are not fused,
     // some job must have run in parts, or the trial would prove nothing about them.
     let in_parts = stages.iter().filter(|s| s.parts > 1).count();
-    let parts_wanted = crate::gpu::parts_from_env().is_some_and(|n| n > 1);
+    let parts_wanted = sporkle::gpu::parts_from_env().is_some_and(|n| n > 1);
     if parts_wanted && (cuda > 0 || dma) && in_parts == 0 {
         return Err(fail(format!(
             "SPORKLE_STREAM_PARTS asks for parts, but none of {} GPU jobs ran in parts",
@@ -229,7 +232,7 @@ fn pinned_inputs(choice: GpuChoice, sync: &GpuBackend) -> Result<(), Failed> {
         b.as_mut_slice().map_err(fail)?.copy_from_slice(&job.x);
         pinned.push(b);
     }
-    let submit = |job: &Job, b: &crate::PinnedInput<'_>| {
+    let submit = |job: &Job, b: &sporkle::PinnedInput<'_>| {
         j.submit_pinned(
             &job.p,
             b,
@@ -280,7 +283,7 @@ fn pinned_inputs(choice: GpuChoice, sync: &GpuBackend) -> Result<(), Failed> {
         .map_err(|e| fail(format!("after every wait: {e}")))?
         .copy_from_slice(&job.x);
     let (y, _) = submit(&job, &pinned[0])
-        .and_then(crate::Ticket::wait)
+        .and_then(sporkle::Ticket::wait)
         .map_err(fail)?;
     check_reference(&job, &y)?;
     // Another Juggler's pinned input is copied like host memory: its buffer id names one of
@@ -296,7 +299,7 @@ fn pinned_inputs(choice: GpuChoice, sync: &GpuBackend) -> Result<(), Failed> {
         .map_err(fail)?
         .copy_from_slice(&half.x);
     let (y, _) = submit(&half, &foreign)
-        .and_then(crate::Ticket::wait)
+        .and_then(sporkle::Ticket::wait)
         .map_err(fail)?;
     check_reference(&half, &y).map_err(|e| {
         fail(format!(
@@ -423,7 +426,7 @@ fn sync_fence_timeout(choice: GpuChoice) -> Result<(), Failed> {
     let start = Instant::now();
     let result = gpu.conv2d(&p, &x, &w, None, &mut y);
     let waited = start.elapsed();
-    if !matches!(result, Err(crate::Error::FenceTimeout(_))) {
+    if !matches!(result, Err(sporkle::Error::FenceTimeout(_))) {
         return Err(fail(format!("expected a fence timeout, got {result:?}")));
     }
     if waited < FAULT_DEADLINE {
@@ -471,7 +474,7 @@ fn stream_fence_never_passes(choice: GpuChoice) -> Result<(), Failed> {
 /// whichever algorithm the device chose.
 fn check_sampled(p: &Conv2dParams, x: &[f32], w: &[f32], y: &[f32]) -> Result<(), Failed> {
     let tol = Tolerance::for_params(p);
-    crate::tolerance::check_sample(p, x, w, None, y, 64, tol)
+    sporkle::tolerance::check_sample(p, x, w, None, y, 64, tol)
         .map(|_| ())
         .map_err(|m| fail(format!("{p}: {m}")))
 }
@@ -536,7 +539,7 @@ fn gpu_off() -> Result<(), Failed> {
             job.w[..].into(),
             job.b.as_deref().map(Into::into),
         )
-        .and_then(crate::Ticket::wait)
+        .and_then(sporkle::Ticket::wait)
         .map_err(fail)?;
     if info.device != DeviceKind::Cpu {
         return Err(fail(format!("expected the CPU: {info:?}")));
@@ -613,9 +616,9 @@ fn auto_choice(choice: GpuChoice) -> Result<(), Failed> {
 /// over the bus.
 fn check_info_against_stats(
     p: &Conv2dParams,
-    info: &crate::RunInfo,
-    before: &crate::Stats,
-    after: &crate::Stats,
+    info: &sporkle::RunInfo,
+    before: &sporkle::Stats,
+    after: &sporkle::Stats,
 ) -> Result<(), Failed> {
     let (ran, other) = match info.device {
         DeviceKind::Cpu => ((&before.cpu, &after.cpu), (&before.gpu, &after.gpu)),
@@ -664,7 +667,7 @@ fn auto_gpu_branch(choice: GpuChoice) -> Result<(), Failed> {
         gpu: Some(choice),
         cpu_threads: Some(2),
         min_gpu_flops: 0,
-        fixed_rates: Some(crate::juggler::Rates {
+        fixed_rates: Some(sporkle::juggler::Rates {
             // So slow that the CPU is never worth trying (a loaded GPU measured 92 ms here once).
             cpu_flops: 1.0,
             gpu_flops: 1e15,
@@ -690,7 +693,7 @@ fn auto_gpu_branch(choice: GpuChoice) -> Result<(), Failed> {
         } else {
             let (out, info) = j
                 .submit(&p, &x, &w, None)
-                .and_then(crate::Ticket::wait)
+                .and_then(sporkle::Ticket::wait)
                 .map_err(fail)?;
             y = out;
             info
@@ -711,15 +714,15 @@ fn auto_gpu_branch(choice: GpuChoice) -> Result<(), Failed> {
 /// why it cannot run. The other stream trials then exercise the CUDA path too.
 /// Why `stream/cuda_copies` cannot run here, if it cannot (known before any trial runs).
 fn cuda_copies_missing() -> Option<String> {
-    if !crate::gpu::cu::driver_present() {
+    if !sporkle::gpu::cu::driver_present() {
         return Some(
             "no CUDA driver (libcuda) on this machine: the CUDA copy path is not tested here"
                 .into(),
         );
     }
     if !matches!(
-        crate::gpu::StreamCopy::from_env(),
-        crate::gpu::StreamCopy::Cuda { .. }
+        sporkle::gpu::StreamCopy::from_env(),
+        sporkle::gpu::StreamCopy::Cuda { .. }
     ) {
         return Some("SPORKLE_STREAM_COPY chooses other copies than CUDA's".into());
     }

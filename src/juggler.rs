@@ -730,7 +730,7 @@ impl Inner {
         let key = (
             *p,
             weights.len(),
-            crate::gpu::executor::parallel_hash(bytemuck::cast_slice(weights)),
+            crate::gpu::parallel_hash(bytemuck::cast_slice(weights)),
         );
         let mut cache = lock(&self.cpu_cache);
         cache.clock += 1;

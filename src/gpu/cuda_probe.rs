@@ -9,16 +9,19 @@
 //! APIs ordered by the host (a CUDA event waited before the dispatch, a GL fence before the
 //! copy out). Every batch's output is compared with the GL backend's own result for its input.
 
+use super::context::GlContext;
 use super::cu::{CudaCopies, Event, Imported, Pinned, SharedMemory, Stream};
-use super::gl::{self, Fence};
-use super::{Bindings, Dispatches, WeightsKey, Worker, FENCE_TIMEOUT};
+use super::executor::Resources;
+use super::gl::{self, Buffer, Fence, FENCE_TIMEOUT};
+use super::plan::{scratch, scratch_for, Bindings, Dispatches};
+use super::resident::WeightsKey;
 use crate::error::{Error, Result};
 use crate::params::Conv2dParams;
 use std::rc::Rc;
 use std::time::Instant;
 
 /// Distinct inputs (batch `i` reads input `i % INPUTS`).
-const INPUTS: usize = 3;
+pub(super) const INPUTS: usize = 3;
 /// Frames in flight.
 const FRAMES: usize = 3;
 /// Repetitions of each copy-rate measurement.
@@ -38,11 +41,34 @@ struct Frame {
     computed: Option<Fence>,
 }
 
-impl Worker {
-    /// See the module docs; `batches` per timed stream.
-    pub(super) fn probe_cuda(&mut self, p: &Conv2dParams, batches: usize) -> Result<String> {
-        let gl = Rc::clone(&self.ctx.gl);
-        let copies = CudaCopies::open(&self.ctx)?;
+/// The probe's weights and its [`INPUTS`] inputs for shape `p` (the worker computes their
+/// expected outputs on its own path before the probe runs).
+pub(super) fn data(p: &Conv2dParams) -> (Vec<f32>, Vec<Vec<f32>>) {
+    let mut w = vec![0.0f32; p.weights_len()];
+    crate::data::fill_uniform(7, &mut w);
+    let inputs = (0..INPUTS)
+        .map(|j| {
+            let mut x = vec![0.0f32; p.input_len()];
+            crate::data::fill_uniform(100 + j as u64, &mut x);
+            x
+        })
+        .collect();
+    (w, inputs)
+}
+
+/// See the module docs; `batches` per timed stream. `w` and `data` are [`data`]'s, `expected`
+/// the outputs of its inputs.
+pub(super) fn probe_cuda(
+    ctx: &GlContext,
+    res: &mut Resources,
+    p: &Conv2dParams,
+    batches: usize,
+    (w, data): &(Vec<f32>, Vec<Vec<f32>>),
+    expected: &[Vec<f32>],
+) -> Result<String> {
+    {
+        let gl = Rc::clone(&ctx.gl);
+        let copies = CudaCopies::open(ctx)?;
         let cuda = copies.cuda();
         let (x_len, w_len, y_len) = (p.input_len(), p.weights_len(), p.output_len());
         let mut out = format!(
@@ -51,24 +77,19 @@ impl Worker {
             (x_len * 4) as f64 / 1e6,
             (y_len * 4) as f64 / 1e6
         );
-        // Data and the GL backend's results (the references).
-        let mut w = vec![0.0f32; w_len];
-        crate::data::fill_uniform(7, &mut w);
-        let key = WeightsKey::of(&w);
+        let key = WeightsKey::of(w);
         let mut inputs = Vec::new();
-        let mut expected = Vec::new();
-        for j in 0..INPUTS {
-            let mut x = cuda.pinned(x_len)?;
-            crate::data::fill_uniform(100 + j as u64, x.as_mut_slice());
-            let (y, _, _) = self.conv2d(p, x.as_slice(), &w, key, None, Dispatches::ONE)?;
-            expected.push(y);
-            inputs.push(x);
+        for x in data {
+            let mut pinned = cuda.pinned(x_len)?;
+            pinned.as_mut_slice().copy_from_slice(x);
+            inputs.push(pinned);
         }
-        let plan = self.plan(p, (x_len, w_len), false, &Dispatches::ONE)?;
-        let (wi, _) = self.resident(p, key, &w, plan.algorithm)?;
-        let immutable = self.immutable;
-        Self::scratch(&gl, &mut self.bias, p.c_out, immutable)?;
-        Self::scratch_for(&gl, &mut self.scratch, &plan, immutable)?;
+        let (mut bias, mut scratch_bufs): (Option<Buffer>, [Option<Buffer>; 2]) =
+            (None, [None, None]);
+        let plan = res.plans.plan(p, (x_len, w_len), false, &Dispatches::ONE)?;
+        let (wi, _) = res.weights.get(p, key, w, plan.algorithm)?;
+        scratch(&gl, &mut bias, p.c_out, true)?;
+        scratch_for(&gl, &mut scratch_bufs, &plan, true)?;
         let mut frames = Vec::new();
         for _ in 0..FRAMES {
             frames.push(Frame {
@@ -82,18 +103,19 @@ impl Worker {
         let mut outputs = (0..batches)
             .map(|_| cuda.pinned(y_len))
             .collect::<Result<Vec<Pinned>>>()?;
-        let bias = self.bias.as_ref().expect("allocated above");
+        let bias = bias.as_ref().expect("allocated above");
+        let res = &*res;
         let convolve = |f: &Frame| -> Result<Fence> {
             let bindings = Bindings {
                 input: f.input.gl(),
-                weights: &self.weights[wi].buffer,
+                weights: res.weights.buffer(wi),
                 bias,
                 output: f.output.gl(),
-                scratch: [self.scratch[0].as_ref(), self.scratch[1].as_ref()],
+                scratch: [scratch_bufs[0].as_ref(), scratch_bufs[1].as_ref()],
                 part: None,
             };
             gl::storage_barrier(&gl);
-            self.encode(&plan, &bindings, None)?;
+            res.plans.encode(&plan, &bindings, None)?;
             let fence = Fence::new(&gl)?;
             gl::flush(&gl);
             Ok(fence)
@@ -178,8 +200,8 @@ impl Worker {
                     t.sort_by(f64::total_cmp);
                     t[3]
                 };
-                let into = med(&mut || super::executor::parallel_copy(&src, buf));
-                let from = med(&mut || super::executor::parallel_copy(buf, &mut dst));
+                let into = med(&mut || super::host_copy::parallel_copy(&src, buf));
+                let from = med(&mut || super::host_copy::parallel_copy(buf, &mut dst));
                 let gb = (x_len * 4) as f64 / 1e6;
                 out += &format!(
                     "host copy {what}: in {into:.3} ms ({:.1} GB/s), out {from:.3} ms ({:.1} GB/s)\n",

@@ -15,26 +15,8 @@
 //! 3. copy out: its output into the download staging.
 //!
 //! A step runs phase 1 of the newest job, phase 2 of the one before and phase 3 of the one
-//! before that. How the copies run is the worker's [`StreamCopy`]:
-//! - CUDA copies (the default where CUDA opens, `cu.rs`): on two CUDA streams (in, out), timed
-//!   by events, while GL only convolves. The host orders the APIs: a step starts the copy in,
-//!   starts the copy out once the previous step's convolution has passed its fence, and
-//!   dispatches the convolution once the previous step's copy in has passed its event; a step
-//!   without a new job is recorded as soon as it would not block, or where only its copy out
-//!   could start, that copy out alone (`Worker::step_copy_out_early`). (Ordering the APIs on
-//!   the GPU with shared semaphores was slower: README.)
-//! - Shader copies (the default otherwise): workgroups of the convolution's own dispatch where
-//!   its plan is one pass, after one barrier, then one fence, so the GPU moves data both ways
-//!   while it convolves (one context runs DMA copies and dispatches one after another:
-//!   measured, `overlap::probe_zero_copy`). A step without a new job is recorded only when the
-//!   GPU has finished every step so far (and, if a job is about to join, `IDLE_GRACE` has
-//!   passed), so that a steady stream keeps its phases together.
-//!
-//! A big pipelined job runs its batch in parts along n ([`PARTS`], with CUDA copies): each part
-//! of each phase ends at its own event or fence, and each part of the next phase waits only for
-//! its own part of the one before, so a job's convolution starts on the first part of its input
-//! and its copy out on the first part of its output (a shorter start and end of a stream). A
-//! part runs the whole batch's tile and algorithm, on buffer ranges; a job alone runs whole.
+//! before that; how its copies run ([`StreamCopy`]: CUDA's copy engines or shader copies) and
+//! how a big job runs in parts along n ([`PARTS`]) is told in `step.rs`, which records steps.
 //!
 //! Timer queries time each step's GL work, and each job reports the steps of its phases; a job
 //! that shared steps reports their whole times (`steps_shared`), except CUDA copies, timed alone.
@@ -46,21 +28,27 @@
 //! does not pass within the job's timeout, or a step that fails, fails every job in flight (the
 //! caller re-runs them on the CPU) and marks the executor broken: their buffers may still be in
 //! use, so a later job fails at once with the reason, until the GPU is seen to have finished
-//! everything it was given before (`Worker::recover`: a new fence passes, and CUDA's copy
+//! everything it was given before (`Executor::recover`: a new fence passes, and CUDA's copy
 //! streams are idle); then the executor works again.
 
-use super::cu::{elapsed_ns, CudaCopies, TimedCopy};
-use super::gl::{self, Buffer, Direction, Fence, MappedBuffer, MappedView, TimerQuery};
-pub use super::host_copy::{parallel_copy, parallel_hash};
+use super::context::{GlContext, GpuInfo};
+use super::cu::CudaCopies;
+use super::gl::{self, Buffer, Direction, Fence, MappedBuffer, TimerQuery};
+use super::host_copy::{self, parallel_copy};
+use super::job::{answer, past_deadline, unhealthy, Output, Staged, StreamDone, StreamJob};
+use super::knob::knob;
 use super::memory::{DeviceMem, HostMem};
+use super::plan::{scratch, scratch_for, Dispatches, Plan, Planner};
+use super::resident::ResidentWeights;
 use super::shaders::{self, StreamCopy};
-use super::{Bindings, Plan, SharedWeights, Worker};
+use super::step::{
+    gpu_times, padded, CudaClock, Encoder, Flight, Frame, GlWork, PinnedInputs, StepTimes,
+};
 use crate::error::{Error, Result};
 use crate::params::Conv2dParams;
-use crate::pinned::{PinnedShared, StreamInput};
-use std::ops::Range;
+use std::collections::VecDeque;
 use std::rc::Rc;
-use std::sync::{mpsc, Arc};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 /// Jobs in one step of the pipeline, and so on the GPU at once: while one convolves, the next
@@ -83,12 +71,12 @@ pub(super) const IDLE_GRACE: Duration = Duration::from_micros(100);
 pub const PARTS: usize = 2;
 
 /// How long a broken executor waits for the GPU to finish its earlier work before it takes a
-/// new job ([`Worker::recover`]).
+/// new job ([`Executor::recover`]).
 const RECOVER_WAIT: Duration = Duration::from_millis(50);
 
 /// Parts wanted from `SPORKLE_STREAM_PARTS` (1 to 16; see `Worker::parts_for`), if set.
 pub fn parts_from_env() -> Option<usize> {
-    super::shaders::knob("SPORKLE_STREAM_PARTS", |v| match v.parse::<usize>() {
+    knob("SPORKLE_STREAM_PARTS", |v| match v.parse::<usize>() {
         Ok(n) if (1..=16).contains(&n) => Ok(n),
         _ => Err("expected 1 to 16 parts".into()),
     })
@@ -97,278 +85,6 @@ pub fn parts_from_env() -> Option<usize> {
 /// The least bytes in and out of a job that runs in [`PARTS`] parts by default: below, a
 /// part's copies would be too short to be worth their own waits.
 pub const PARTS_MIN_BYTES: usize = 8 << 20;
-
-/// A streaming job.
-pub(crate) struct StreamJob {
-    pub(super) p: Conv2dParams,
-    pub(super) x: StreamInput,
-    pub(super) w: JobWeights,
-    pub(super) b: Option<Arc<[f32]>>,
-    /// False: the job runs alone (synchronous mode), with no other frame in flight.
-    pub(super) pipelined: bool,
-    /// How long its fence may take, from submission to the GPU.
-    pub(super) timeout: Duration,
-    pub(super) reply: mpsc::SyncSender<Result<StreamDone>>,
-    /// When it was sent to the worker.
-    pub(super) sent: Instant,
-}
-
-/// A job's weights: known when it is sent, or sent by the caller later on their own channel
-/// (a synchronous call hashes its weights while the GPU copies its input in: the convolution
-/// is the first phase that needs them).
-pub(crate) enum JobWeights {
-    Ready(SharedWeights),
-    Later(mpsc::Receiver<SharedWeights>),
-}
-
-impl JobWeights {
-    /// The weights, waiting for the caller to send them if they come later.
-    fn get(&mut self) -> Result<&SharedWeights> {
-        if let JobWeights::Later(rx) = self {
-            let w = rx.recv().map_err(|_| {
-                Error::Gpu("the caller stopped before sending the job's weights".into())
-            })?;
-            *self = JobWeights::Ready(w);
-        }
-        match self {
-            JobWeights::Ready(w) => Ok(w),
-            JobWeights::Later(_) => unreachable!("resolved above"),
-        }
-    }
-}
-
-/// The caller's side of pinned input `id` of `len` floats at address `ptr` (from
-/// [`Worker::pin`]), which sends `id` back on `free` when its last holder is gone.
-pub(super) fn pinned_shared(
-    owner: u64,
-    id: u64,
-    ptr: usize,
-    len: usize,
-    free: mpsc::Sender<u64>,
-) -> PinnedShared {
-    // SAFETY: the worker keeps buffer `id` mapped (persistent mapping of immutable storage) and
-    // never writes it; it deletes it only when the id comes back on `free`, which PinnedShared
-    // sends when dropped, and at exit leaves the context alive while any is still held.
-    unsafe { PinnedShared::mapped(owner, id, ptr as *mut f32, len, free) }
-}
-
-/// Answers `job` with `result`, after dropping the job (its hold on a pinned input goes first,
-/// so a caller whose ticket has returned can write that input at once).
-fn answer(job: StreamJob, result: Result<StreamDone>) {
-    let reply = job.reply.clone();
-    drop(job);
-    let _ = reply.send(result);
-}
-
-/// The error of a job refused or failed because the executor is broken (`why`).
-/// A job's fence timeout, naming the job's deadline (other errors as they are).
-fn past_deadline(e: Error, deadline: Duration) -> Error {
-    match e {
-        Error::FenceTimeout(why) => {
-            Error::FenceTimeout(format!("the job's deadline of {deadline:?}: {why}"))
-        }
-        other => other,
-    }
-}
-
-fn unhealthy(why: &str) -> Error {
-    Error::Gpu(format!("the GPU is unhealthy: {why}"))
-}
-
-/// A job's output in its frame's download staging buffer, readable from any thread; dropping it
-/// gives the frame back to the executor.
-pub struct Staged {
-    view: MappedView,
-    slot: usize,
-    release: mpsc::Sender<usize>,
-}
-
-impl Staged {
-    /// The output, `N×K×Ho×Wo`.
-    pub fn as_slice(&self) -> &[f32] {
-        self.view.as_slice()
-    }
-}
-
-impl Drop for Staged {
-    fn drop(&mut self) {
-        // A closed channel means the worker has gone, which it does only after every release.
-        let _ = self.release.send(self.slot);
-    }
-}
-
-impl std::fmt::Debug for Staged {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "Staged {{ slot: {}, len: {} }}",
-            self.slot,
-            self.as_slice().len()
-        )
-    }
-}
-
-/// Where a finished job's output is.
-#[derive(Debug)]
-pub enum Output {
-    /// In the frame's staging buffer (the executor's path).
-    Staged(Staged),
-    /// In host memory (the plain path, without `GL_ARB_buffer_storage`).
-    Owned(Vec<f32>),
-}
-
-impl Default for Output {
-    fn default() -> Self {
-        Output::Owned(Vec::new())
-    }
-}
-
-impl Output {
-    /// The output, `N×K×Ho×Wo`.
-    pub fn as_slice(&self) -> &[f32] {
-        match self {
-            Output::Staged(s) => s.as_slice(),
-            Output::Owned(v) => v,
-        }
-    }
-
-    /// Copies it into `dst` (in parallel chunks), releasing the frame.
-    pub fn copy_to(self, dst: &mut [f32]) {
-        parallel_copy(self.as_slice(), dst);
-    }
-
-    /// The output as a vector (a copy into fresh memory unless it already is one).
-    pub fn into_vec(self) -> Vec<f32> {
-        match self {
-            Output::Owned(v) => v,
-            Output::Staged(s) => {
-                let mut v = vec![0.0f32; s.as_slice().len()];
-                parallel_copy(s.as_slice(), &mut v);
-                v
-            }
-        }
-    }
-}
-
-/// A finished streaming job: the output and where the time went.
-#[derive(Debug, Default)]
-pub struct StreamDone {
-    /// The output.
-    pub output: Output,
-    /// GPU time of the steps that copied its input in, convolved and copied its output out
-    /// (timer queries; `None` on a software renderer, whose timers mean nothing): its own times
-    /// when it ran alone, those of whole steps when they ran other jobs' phases too
-    /// (`steps_shared`).
-    pub upload_ns: Option<u64>,
-    /// See `upload_ns`.
-    pub kernel_ns: Option<u64>,
-    /// See `upload_ns`.
-    pub download_ns: Option<u64>,
-    /// GPU times (ns) at the start of its copy in and the end of its copy out (`None` on a
-    /// software renderer): GL timestamps, or with CUDA copies, times of the copies' CUDA events
-    /// on a clock chained from job to job (`Worker::cuda_span`). Either way, comparable between
-    /// the jobs of one executor.
-    pub gpu_span_ns: Option<(u64, u64)>,
-    /// Wall time of the host copy into staging, on a copy thread (0 for a pinned input; the copy
-    /// out happens in the caller's thread).
-    pub host_in_s: f64,
-    /// Wall time from the frame's submission to its fence passing.
-    pub gpu_wall_s: f64,
-    /// Wall time from the job's sending to the worker starting it.
-    pub queued_s: f64,
-    /// Wall time from its fence passing to its answer.
-    pub settle_s: f64,
-    /// When it was answered.
-    pub answered: Option<Instant>,
-    /// GPU busy time of this job: the steps charged to it (each step to the oldest job in it), at
-    /// most its share of the wall time during which some job was on the GPU (that share alone on
-    /// a software renderer), so jobs in flight together are never counted twice.
-    pub busy_s: f64,
-    /// Whether the executor had to block on the fence, and for how long.
-    pub fence_waited: bool,
-    /// See `fence_waited`.
-    pub fence_wait_s: f64,
-    /// Whether its steps ran other jobs' phases too (pipelined): then the upload, kernel and
-    /// download times are those of whole steps, not its own.
-    pub steps_shared: bool,
-    /// Whether its copies ran inside a convolution's dispatch (shader copies, fused).
-    pub fused: bool,
-    /// Whether CUDA's copy engines moved its input and output (`cu.rs`).
-    pub cuda_copies: bool,
-    /// Whether the weights had to be uploaded (false: resident).
-    pub weights_uploaded: bool,
-    /// Jobs in flight when this one was started, itself included (1: it ran alone).
-    pub in_flight: usize,
-    /// Parts its batch ran in along n (1: whole; see `Worker::parts_for`).
-    pub parts: usize,
-    /// Bytes copied host → GPU (input, bias, and weights when uploaded) and GPU → host.
-    pub bytes_up: u64,
-    /// See `bytes_up`.
-    pub bytes_down: u64,
-}
-
-/// One frame's buffers, and the job in it. Staging and device buffers hold whole vec4s (the
-/// shader copies move vec4s).
-#[derive(Default)]
-pub(crate) struct Frame {
-    upload: Option<HostMem>,
-    download: Option<HostMem>,
-    input: Option<DeviceMem>,
-    output: Option<DeviceMem>,
-    bias: Option<Buffer>,
-    /// The plan's intermediates (split-K partial sums, Winograd's transforms).
-    scratch: [Option<Buffer>; 2],
-    flight: Option<Flight>,
-}
-
-/// A job in the pipeline, from its start until it is answered.
-struct Flight {
-    job: StreamJob,
-    /// The plan of one part of its batch (all of it where it runs in one part).
-    plan: Rc<Plan>,
-    /// Parts its batch runs in along n ([`Worker::parts_for`]): each part's copies and
-    /// convolution are waited for on their own, so the next phase starts on the first part
-    /// while the others are still in the one before.
-    parts: usize,
-    /// Its convolution fused with the copies: the program's source and its copying layers.
-    fused: Option<(String, u32)>,
-    /// Steps recorded for it: 0 to 3 (copy in, convolution, copy out); at 3 its fence decides.
-    phases: usize,
-    /// What passes when its output has been copied out: the fence after that step, or (CUDA
-    /// copies) the copy's own end.
-    fence: Option<Marker>,
-    /// The steps that ran its phases.
-    steps: [Option<Rc<StepTimes>>; 3],
-    /// Steps whose GPU time counts as its busy time (each step counts for the oldest job in it).
-    charged: Vec<Rc<StepTimes>>,
-    begun: Instant,
-    done: StreamDone,
-}
-
-impl Flight {
-    /// Floats of its output, all parts.
-    fn out_len(&self) -> usize {
-        self.plan.out_len * self.parts
-    }
-
-    /// The float ranges of its parts in its input buffer (the last one takes the vec4 padding).
-    fn input_parts(&self) -> Vec<Range<usize>> {
-        let len = self.job.x.len();
-        part_ranges(len / self.parts, self.parts, padded(len))
-    }
-
-    /// The float ranges of its parts in its output buffer, as `input_parts`.
-    fn output_parts(&self) -> Vec<Range<usize>> {
-        part_ranges(self.plan.out_len, self.parts, padded(self.out_len()))
-    }
-}
-
-/// `parts` ranges of `part` floats in a buffer of `len` floats, the last running to `len`.
-fn part_ranges(part: usize, parts: usize, len: usize) -> Vec<Range<usize>> {
-    (0..parts)
-        .map(|i| i * part..if i + 1 == parts { len } else { (i + 1) * part })
-        .collect()
-}
 
 /// What a job's frame was made ready with ([`Worker::try_fill`]).
 struct Planned {
@@ -395,152 +111,108 @@ struct StagingPtr(*mut f32, usize);
 // Worker::start_host_copy), and the mapping outlives it.
 unsafe impl Send for StagingPtr {}
 
-/// A one-pass plan's convolution fused with a step's copies (see `Worker::encode`).
-pub(super) struct FusedPass<'a> {
-    /// The fused program's source (the program cache's key).
-    pub(super) source: &'a str,
-    /// Layers of copying workgroups in front of the convolution's.
-    pub(super) copy_z: u32,
-    /// The `copies` uniform: workgroups copying in and out, vec4s in and out.
-    pub(super) copies: [u32; 4],
+/// What outlives jobs on the context besides the executor's frames: plans (and compiled
+/// programs) and resident weights. The worker owns it and lends it to the executor's calls.
+pub(super) struct Resources {
+    pub(super) plans: Planner,
+    pub(super) weights: ResidentWeights,
 }
 
-/// A step's timer queries: timestamps before and after its GL work, and its elapsed time;
-/// with CUDA copies, the copies in and out as well, each timed by its own events.
-struct StepTimes {
-    start: TimerQuery,
-    /// The GPU time of its GL work: one query, or with CUDA copies, one per part of its
-    /// convolution (not counting the time between parts, when the GPU may wait for the host).
-    elapsed: Vec<TimerQuery>,
-    end: TimerQuery,
-    /// The fence after its GL work.
-    fence: Rc<Fence>,
-    /// With CUDA copies and a convolution in parts: the fence after each part.
-    conv_parts: Vec<Rc<Fence>>,
-    copy_in: Option<TimedCopy>,
-    copy_out: Option<TimedCopy>,
-    /// A job's three phases in this one step, each timed by its own query in `elapsed`
-    /// ([`Worker::encode_alone`]).
-    alone: bool,
+/// The streaming state: frames, the jobs in flight in them, and how copies run.
+pub(super) struct Executor {
+    // Field order is drop order: every GL object before the CUDA copies that made some of them.
+    /// The frames, and the slots in flight, oldest first.
+    frames: Vec<Frame>,
+    /// Pinned inputs, by id.
+    pinned: PinnedInputs,
+    in_flight: VecDeque<usize>,
+    /// Frames whose output a caller is reading, and the channel their releases come back on.
+    held: Vec<usize>,
+    release_tx: mpsc::Sender<usize>,
+    release_rx: mpsc::Receiver<usize>,
+    /// Why the executor stopped taking jobs (a fence timed out or the context failed).
+    broken: Option<String>,
+    /// When the last streaming job's fence was seen passing (for busy time).
+    busy_until: Option<Instant>,
+    /// The fence after the last step recorded (none when no job is in flight).
+    last_step: Option<Rc<Fence>>,
+    /// Since when the GPU has been seen idle with steps still to record.
+    idle_since: Option<Instant>,
+    /// The job whose input the copy thread is writing into its staging.
+    pub(super) filling: Option<Filling>,
+    /// The thread that copies inputs into staging.
+    copy_thread: host_copy::CopyThread,
+    /// How steps copy between staging and device buffers.
+    copy_mode: StreamCopy,
+    /// Parts of a job's batch wanted by `SPORKLE_STREAM_PARTS` (`Executor::parts_for`).
+    stream_parts: Option<usize>,
+    /// The clock CUDA-copied jobs' GPU spans are read on.
+    cuda_clock: CudaClock,
+    /// CUDA copies, once opened (`copy_mode`); after every buffer they made.
+    cuda: Option<CudaCopies>,
+    gl: Rc<glow::Context>,
+    info: GpuInfo,
+    /// Buffers get immutable storage (GL_ARB_buffer_storage): without, no persistent mapping.
+    immutable: bool,
 }
 
-/// A step's GL work as it is encoded ([`Worker::encode_step`]): see [`StepTimes`].
-#[derive(Default)]
-struct GlWork {
-    elapsed: Vec<TimerQuery>,
-    conv_parts: Vec<Rc<Fence>>,
-}
-
-impl StepTimes {
-    /// The GPU time of the step (ns): its GL work, or its longest part when CUDA copies ran
-    /// beside it.
-    fn gpu_ns(&self) -> u64 {
-        let copy = |phase| self.copy(phase).and_then(TimedCopy::nanoseconds);
-        (self.gl_ns())
-            .max(copy(0).unwrap_or(0))
-            .max(copy(2).unwrap_or(0))
-    }
-
-    /// The GPU time (ns) of its GL work.
-    fn gl_ns(&self) -> u64 {
-        self.elapsed.iter().map(TimerQuery::nanoseconds).sum()
-    }
-
-    /// The CUDA copy that ran phase `phase` (0: copy in, 1: convolution, 2: copy out) of a job
-    /// in this step, if CUDA copied.
-    fn copy(&self, phase: usize) -> Option<&TimedCopy> {
-        match phase {
-            0 => self.copy_in.as_ref(),
-            2 => self.copy_out.as_ref(),
-            _ => None,
+impl Executor {
+    /// No frame yet, on the context whose functions are `gl` and whose probe `info` gave;
+    /// pinned inputs of backend `backend_id` are freed through `unpin`.
+    pub(super) fn new(
+        gl: Rc<glow::Context>,
+        info: GpuInfo,
+        immutable: bool,
+        backend_id: u64,
+        unpin: mpsc::Receiver<u64>,
+    ) -> Self {
+        let (release_tx, release_rx) = mpsc::channel();
+        Self {
+            frames: (0..Self::slots()).map(|_| Frame::default()).collect(),
+            pinned: PinnedInputs::new(backend_id, unpin),
+            in_flight: VecDeque::new(),
+            held: Vec::new(),
+            release_tx,
+            release_rx,
+            broken: None,
+            busy_until: None,
+            last_step: None,
+            idle_since: None,
+            filling: None,
+            copy_thread: host_copy::CopyThread::default(),
+            copy_mode: StreamCopy::from_env(),
+            stream_parts: parts_from_env(),
+            cuda_clock: CudaClock::default(),
+            cuda: None,
+            gl,
+            info,
+            immutable,
         }
     }
 
-    /// The GPU time (ns) of phase `phase` of a job in this step: a CUDA copy's own time, else
-    /// the step's GL time.
-    fn phase_ns(&self, phase: usize) -> Option<u64> {
-        if self.alone {
-            return self.elapsed.get(phase).map(TimerQuery::nanoseconds);
-        }
-        self.copy(phase)
-            .map_or_else(|| Some(self.gl_ns()), TimedCopy::nanoseconds)
+    /// Pinned inputs still held by callers.
+    pub(super) fn pinned_held(&self) -> usize {
+        self.pinned.len()
     }
 
-    /// What passes when phase `phase` of a job in this step has finished on the GPU: a CUDA
-    /// copy's end, else the step's fence.
-    fn phase_end(&self, phase: usize) -> Marker {
-        self.copy(phase).map_or_else(
-            || Marker::Fence(Rc::clone(&self.fence)),
-            |c| Marker::Event(Rc::clone(&c.end)),
-        )
+    /// The CUDA copies, if open.
+    pub(super) fn cuda(&self) -> Option<&CudaCopies> {
+        self.cuda.as_ref()
     }
 
-    /// What passes when part `part` of phase `phase` of a job in this step has finished: a
-    /// CUDA copy's part, a convolution part's fence, else as `phase_end`.
-    fn part_end(&self, phase: usize, part: usize) -> Marker {
-        if let Some(c) = self.copy(phase) {
-            return Marker::Event(Rc::clone(c.part_end(part)));
-        }
-        match self.conv_parts.get(part).filter(|_| phase == 1) {
-            Some(fence) => Marker::Fence(Rc::clone(fence)),
-            None => self.phase_end(phase),
-        }
-    }
-}
-
-/// A point in the GPU's work that the worker waits for: a GL fence, or a CUDA copy's end.
-enum Marker {
-    Fence(Rc<Fence>),
-    Event(Rc<super::cu::Event>),
-}
-
-impl Marker {
-    /// Whether it has passed.
-    fn signaled(&self) -> Result<bool> {
-        match self {
-            Marker::Fence(f) => f.signaled(),
-            Marker::Event(e) => e.passed(),
+    /// The encoder of a step on this executor's frames.
+    fn encoder<'a>(&'a self, res: &'a Resources) -> Encoder<'a> {
+        Encoder {
+            gl: &self.gl,
+            frames: &self.frames,
+            cuda: self.cuda.as_ref(),
+            copy_mode: self.copy_mode,
+            pinned: &self.pinned,
+            plans: &res.plans,
+            weights: &res.weights,
         }
     }
 
-    /// Waits at most `timeout` for it to pass; an error if it did not.
-    fn wait(&self, timeout: Duration) -> Result<()> {
-        match self {
-            Marker::Fence(f) => f.wait(timeout),
-            Marker::Event(e) => match e.wait(timeout)? {
-                true => Ok(()),
-                false => Err(Error::FenceTimeout(format!(
-                    "a CUDA copy had not finished after {timeout:?}"
-                ))),
-            },
-        }
-    }
-}
-
-/// A frame's buffer, which a job in flight always has.
-fn buffer(b: &Option<Buffer>) -> Result<&Buffer> {
-    b.as_ref()
-        .ok_or_else(|| Error::Gpu("a frame in flight lacks a buffer".into()))
-}
-
-/// A frame's input or output buffer, which a job in flight always has.
-fn device(b: &Option<DeviceMem>) -> Result<&DeviceMem> {
-    b.as_ref()
-        .ok_or_else(|| Error::Gpu("a frame in flight lacks a buffer".into()))
-}
-
-/// A frame's staging buffer, which a job in flight always has.
-fn mapped(b: &Option<HostMem>) -> Result<&HostMem> {
-    b.as_ref()
-        .ok_or_else(|| Error::Gpu("a frame in flight lacks its staging".into()))
-}
-
-/// `len` floats rounded up to whole vec4s.
-fn padded(len: usize) -> usize {
-    len.div_ceil(4) * 4
-}
-
-impl Worker {
     /// Whether a frame is free for a new job (neither in flight nor read by a caller).
     pub(super) fn frame_free(&self) -> bool {
         self.filling.is_none() && self.in_flight.len() + self.held.len() < self.frames.len()
@@ -552,31 +224,12 @@ impl Worker {
         while let Ok(slot) = self.release_rx.try_recv() {
             self.held.retain(|&h| h != slot);
         }
-        while let Ok(id) = self.unpin_rx.try_recv() {
-            self.pinned.remove(&id);
-        }
+        self.pinned.free_released();
     }
 
     /// A pinned input of `len` floats: its id and mapping (as an address, to cross threads).
     pub(super) fn pin(&mut self, len: usize) -> Result<(u64, usize)> {
-        if !self.immutable {
-            return Err(Error::Gpu(
-                "no persistent mapping without GL_ARB_buffer_storage".into(),
-            ));
-        }
-        self.open_cuda()?;
-        let mut buffer = match &self.cuda {
-            Some(c) => HostMem::Cuda(c.pinned(padded(len))?),
-            None => HostMem::Gl(MappedBuffer::new(
-                &self.ctx.gl,
-                padded(len),
-                Direction::Pinned,
-            )?),
-        };
-        let ptr = buffer.as_mut_slice().as_mut_ptr() as usize;
-        self.next_pin += 1;
-        self.pinned.insert(self.next_pin, buffer);
-        Ok((self.next_pin, ptr))
+        (self.pinned).pin(&self.gl, self.cuda.as_ref(), self.immutable, len)
     }
 
     /// Waits (at most `timeout`) for a caller to release a frame.
@@ -603,17 +256,11 @@ impl Worker {
         self.in_flight.len()
     }
 
-    /// The job in flight in frame `slot`.
-    fn flight(&self, slot: usize) -> &Flight {
-        self.frames[slot]
-            .flight
-            .as_ref()
-            .expect("a frame in flight holds its job")
-    }
-
     /// Whether some job in flight still has a phase to record.
     pub(super) fn steps_pending(&self) -> bool {
-        self.in_flight.iter().any(|&s| self.flight(s).phases < 3)
+        self.in_flight
+            .iter()
+            .any(|&s| self.frames[s].flight().phases < 3)
     }
 
     /// Whether the GPU has finished every step recorded (so that waiting for more jobs to
@@ -624,7 +271,7 @@ impl Worker {
         if self.cuda.is_some() {
             // A job's next phase (convolution or copy out) waits for the end of its last one.
             return self.in_flight.iter().all(|&slot| {
-                let phases = self.flight(slot).phases;
+                let phases = self.frames[slot].flight().phases;
                 !(1..3).contains(&phases) || self.phase_started_done(slot, phases - 1)
             });
         }
@@ -635,7 +282,7 @@ impl Worker {
 
     /// Frames to make: [`SLOTS`], or `SPORKLE_STREAM_FRAMES`.
     pub(super) fn slots() -> usize {
-        super::shaders::knob("SPORKLE_STREAM_FRAMES", |v| match v.parse::<usize>() {
+        knob("SPORKLE_STREAM_FRAMES", |v| match v.parse::<usize>() {
             Ok(n) if (FRAMES..=16).contains(&n) => Ok(n),
             _ => Err(format!("expected {FRAMES} to 16 frames")),
         })
@@ -654,14 +301,14 @@ impl Worker {
     /// With CUDA copies chosen ([`StreamCopy::Cuda`]) and not opened yet: opens them, or
     /// falls back to shader copies (saying why on stderr where a CUDA driver is present), or
     /// where CUDA was required fails. Runs before the first frame or pinned input is made, so all are of one kind.
-    pub(super) fn open_cuda(&mut self) -> Result<()> {
+    pub(super) fn open_cuda(&mut self, ctx: &GlContext) -> Result<()> {
         let StreamCopy::Cuda { required } = self.copy_mode else {
             return Ok(());
         };
         if self.cuda.is_some() {
             return Ok(());
         }
-        match CudaCopies::open(&self.ctx) {
+        match CudaCopies::open(ctx) {
             Ok(c) => {
                 self.cuda = Some(c);
                 Ok(())
@@ -692,7 +339,7 @@ impl Worker {
         if !self.in_flight.is_empty() || self.filling.is_some() {
             return false;
         }
-        let gl = Rc::clone(&self.ctx.gl);
+        let gl = Rc::clone(&self.gl);
         let Ok(fence) = Fence::new(&gl) else {
             return false;
         };
@@ -711,41 +358,10 @@ impl Worker {
 
     /// Starts `job` in a free frame and records a step; a job that cannot start is answered
     /// with the error.
-    pub(super) fn stream_begin(&mut self, job: StreamJob) {
+    pub(super) fn stream_begin(&mut self, res: &mut Resources, job: StreamJob) {
         if self.broken.is_some() && !self.recover() {
             let why = self.broken.clone().unwrap_or_default();
             answer(job, Err(unhealthy(&why)));
-            return;
-        }
-        if let Err(e) = self.open_cuda() {
-            answer(job, Err(e));
-            return;
-        }
-        if !self.immutable {
-            // No persistent mapping without GL_ARB_buffer_storage: the plain synchronous path.
-            let mut job = job;
-            let result = (job.w.get().cloned())
-                .and_then(|w| {
-                    self.conv2d(
-                        &job.p,
-                        job.x.as_slice(),
-                        &w.data,
-                        w.key,
-                        job.b.as_deref(),
-                        super::Dispatches::ONE,
-                    )
-                })
-                .map(|(output, run, _)| StreamDone {
-                    bytes_up: (job.x.len() * 4) as u64,
-                    bytes_down: (output.len() * 4) as u64,
-                    output: Output::Owned(output),
-                    kernel_ns: run.kernel_ns,
-                    host_in_s: run.upload_s + run.download_s,
-                    weights_uploaded: run.weights_uploaded,
-                    parts: 1,
-                    ..StreamDone::default()
-                });
-            answer(job, result);
             return;
         }
         let filling = self.filling.as_ref().map(|f| f.slot);
@@ -756,7 +372,7 @@ impl Worker {
             return;
         };
         let mut frame = std::mem::take(&mut self.frames[slot]);
-        let started = self.try_fill(&mut frame, &job);
+        let started = self.try_fill(res, &mut frame, &job);
         self.frames[slot] = frame;
         match started {
             Ok(Planned {
@@ -778,10 +394,10 @@ impl Worker {
                     begun: Instant::now(),
                     done,
                 };
-                if self.pinned_buffer(&flight.job.x).is_some() {
-                    self.start_flight(slot, flight);
+                if self.pinned.get(&flight.job.x).is_some() {
+                    self.start_flight(res, slot, flight);
                 } else if !flight.job.pipelined {
-                    self.host_copy_here(slot, flight);
+                    self.host_copy_here(res, slot, flight);
                 } else {
                     self.start_host_copy(slot, flight);
                 }
@@ -791,16 +407,16 @@ impl Worker {
     }
 
     /// Puts `flight` (its input in place) in the pipeline and records a step.
-    fn start_flight(&mut self, slot: usize, mut flight: Flight) {
+    fn start_flight(&mut self, res: &mut Resources, slot: usize, mut flight: Flight) {
         flight.begun = Instant::now();
         flight.done.in_flight = self.in_flight.len() + 1;
         let alone = !flight.job.pipelined && self.cuda.is_none();
         self.frames[slot].flight = Some(flight);
         self.in_flight.push_back(slot);
         if alone {
-            self.step_or_fail_with([Some(slot); 3]);
+            self.step_or_fail_with(res, [Some(slot); 3]);
         } else {
-            self.step_or_fail();
+            self.step_or_fail(res);
         }
     }
 
@@ -823,7 +439,7 @@ impl Worker {
     /// (in parallel chunks, as the copy thread would; nothing else is in flight to record
     /// meanwhile, and handing the copy to another thread and back costs two wake-ups), then
     /// starts it.
-    fn host_copy_here(&mut self, slot: usize, flight: Flight) {
+    fn host_copy_here(&mut self, res: &mut Resources, slot: usize, flight: Flight) {
         let Some((mut flight, upload)) = self.upload_staging(slot, flight) else {
             return;
         };
@@ -831,7 +447,7 @@ impl Worker {
         let t = Instant::now();
         parallel_copy(flight.job.x.as_slice(), &mut upload.as_mut_slice()[..len]);
         flight.done.host_in_s = t.elapsed().as_secs_f64();
-        self.start_flight(slot, flight);
+        self.start_flight(res, slot, flight);
     }
 
     /// Copies `flight`'s input into its frame's upload staging on another thread (in parallel
@@ -872,7 +488,7 @@ impl Worker {
 
     /// Moves the job whose input is being copied into the pipeline once the copy is done,
     /// waiting at most `timeout`; whether it did.
-    pub(super) fn take_filled(&mut self, timeout: Duration) -> bool {
+    pub(super) fn take_filled(&mut self, res: &mut Resources, timeout: Duration) -> bool {
         let Some(f) = &self.filling else {
             return false;
         };
@@ -892,7 +508,7 @@ impl Worker {
                     slot, mut flight, ..
                 } = self.filling.take().expect("checked above");
                 flight.done.host_in_s = host_in_s;
-                self.start_flight(slot, flight);
+                self.start_flight(res, slot, flight);
                 true
             }
             Err(true) => {
@@ -909,33 +525,38 @@ impl Worker {
     /// Plans `job` (one part of its batch), sizes `frame`'s buffers for it (an upload staging
     /// unless its input is pinned) and uploads its bias. Its weights are made resident by the
     /// step that convolves.
-    fn try_fill(&mut self, frame: &mut Frame, job: &StreamJob) -> Result<Planned> {
+    fn try_fill(
+        &mut self,
+        res: &mut Resources,
+        frame: &mut Frame,
+        job: &StreamJob,
+    ) -> Result<Planned> {
         let p = &job.p;
         let lens = (job.x.len(), p.weights_len());
-        let whole = self.plan(p, lens, job.b.is_some(), &super::Dispatches::ONE)?;
+        let whole = res.plans.plan(p, lens, job.b.is_some(), &Dispatches::ONE)?;
         let parts = self.parts_for(job);
         // A part runs the whole batch's algorithm and tile, so that its outputs are the same
         // bits as the synchronous path's.
         let plan = match parts {
             1 => whole,
-            _ => self.plan(
+            _ => res.plans.plan(
                 &Conv2dParams {
                     n: p.n / parts,
                     ..*p
                 },
                 (lens.0 / parts, lens.1),
                 job.b.is_some(),
-                &super::Dispatches {
+                &Dispatches {
                     tile: Some(whole.tile),
                     algorithm: Some(whole.algorithm),
-                    ..super::Dispatches::ONE
+                    ..Dispatches::ONE
                 },
             )?,
         };
-        let gl = Rc::clone(&self.ctx.gl);
-        let fused = self.fused_program(&plan)?;
+        let gl = Rc::clone(&self.gl);
+        let fused = res.plans.fused_program(&plan, self.copy_mode)?;
         if matches!(self.copy_mode, StreamCopy::Shader { .. }) {
-            self.programs.get(&gl, shaders::stream_copy_source())?;
+            res.plans.program(shaders::stream_copy_source())?;
         }
         let (x_len, out_len) = (padded(job.x.len()), padded(plan.out_len * parts));
         // Staging and input and output buffers: CUDA's pinned and shared memory with CUDA
@@ -949,7 +570,7 @@ impl Worker {
             Some(c) => c.device_buffer(len).map(DeviceMem::Shared),
             None => Buffer::new(&gl, len, true).map(DeviceMem::Gl),
         };
-        if self.pinned_buffer(&job.x).is_none() {
+        if self.pinned.get(&job.x).is_none() {
             gl::ensure_len(&mut frame.upload, x_len, || host(x_len, Direction::Upload))?;
         }
         gl::ensure_len(&mut frame.download, out_len, || {
@@ -957,8 +578,8 @@ impl Worker {
         })?;
         gl::ensure_len(&mut frame.input, x_len, || device(x_len))?;
         gl::ensure_len(&mut frame.output, out_len, || device(out_len))?;
-        Self::scratch(&gl, &mut frame.bias, p.c_out, true)?;
-        Self::scratch_for(&gl, &mut frame.scratch, &plan, true)?;
+        scratch(&gl, &mut frame.bias, p.c_out, true)?;
+        scratch_for(&gl, &mut frame.scratch, &plan, true)?;
         let mut bytes_up = (job.x.len() * 4) as u64;
         if let Some(b) = &job.b {
             frame.bias.as_ref().expect("allocated above").upload(b)?;
@@ -994,7 +615,7 @@ impl Worker {
             (StreamCopy::Cuda { .. }, None) if (x_len + out_len) * 4 >= PARTS_MIN_BYTES => PARTS,
             _ => 1,
         };
-        let align = self.ctx.info.storage_offset_alignment.max(4) as usize;
+        let align = self.info.storage_offset_alignment.max(4) as usize;
         (1..=wanted.min(p.n))
             .rev()
             .find(|&d| {
@@ -1005,35 +626,16 @@ impl Worker {
             .unwrap_or(1)
     }
 
-    /// For a one-pass plan with shader copies: the source of its convolution fused with the
-    /// copies, compiled, and the copying layers of workgroups put before the convolution's.
-    fn fused_program(&mut self, plan: &Plan) -> Result<Option<(String, u32)>> {
-        let StreamCopy::Shader { groups } = self.copy_mode else {
-            return Ok(None);
-        };
-        let [pass] = &plan.passes[..] else {
-            return Ok(None);
-        };
-        let layer = (pass.groups[0] * pass.groups[1]).max(1);
-        let copy_z = groups.div_ceil(layer);
-        if u64::from(pass.groups[2]) + u64::from(copy_z) > self.ctx.info.max_groups[2] as u64 {
-            return Ok(None);
-        }
-        let source = shaders::fused_source(&pass.source, copy_z);
-        self.programs.get(&self.ctx.gl, &source)?;
-        Ok(Some((source, copy_z)))
-    }
-
     /// Records the next step of the pipeline (see [`Worker::step`]).
-    pub(super) fn step_or_fail(&mut self) {
-        self.step_or_fail_with(self.roles());
+    pub(super) fn step_or_fail(&mut self, res: &mut Resources) {
+        self.step_or_fail_with(res, self.roles());
     }
 
     /// Records a step of the phases of the jobs in `role` ([`Worker::step`]); a failure fails
     /// every job in flight, since their buffers may be half written, and marks the executor
     /// broken.
-    fn step_or_fail_with(&mut self, role: [Option<usize>; 3]) {
-        if let Err(e) = self.step(role) {
+    fn step_or_fail_with(&mut self, res: &mut Resources, role: [Option<usize>; 3]) {
+        if let Err(e) = self.step(res, role) {
             self.fail_all(&e, format!("a streaming step failed: {e}"));
         }
     }
@@ -1042,7 +644,7 @@ impl Worker {
     fn roles(&self) -> [Option<usize>; 3] {
         let mut role: [Option<usize>; 3] = [None; 3];
         for &slot in &self.in_flight {
-            let phases = self.flight(slot).phases;
+            let phases = self.frames[slot].flight().phases;
             if phases < 3 {
                 role[phases] = Some(slot);
             }
@@ -1054,7 +656,7 @@ impl Worker {
     /// finished) but its convolution not yet (its copy in is still running): records a step of
     /// the copy out alone, so that the copy engine does not idle until both can start. Whether
     /// it did. (Jobs stay in distinct phases: the job copied out is the oldest, done after it.)
-    pub(super) fn step_copy_out_early(&mut self) -> bool {
+    pub(super) fn step_copy_out_early(&mut self, res: &mut Resources) -> bool {
         if self.cuda.is_none() {
             return false;
         }
@@ -1065,7 +667,7 @@ impl Worker {
         if !self.phase_started_done(out, 1) || self.phase_started_done(conv, 0) {
             return false;
         }
-        self.step_or_fail_with([None, None, Some(out)]);
+        self.step_or_fail_with(res, [None, None, Some(out)]);
         true
     }
 
@@ -1073,7 +675,7 @@ impl Worker {
     /// job in frame `slot` has finished on the GPU, so that its next phase can start (or was
     /// never recorded, or cannot be asked: then waiting for it would not help).
     fn phase_started_done(&self, slot: usize, phase: usize) -> bool {
-        self.flight(slot).steps[phase]
+        self.frames[slot].flight().steps[phase]
             .as_ref()
             .is_none_or(|s| s.part_end(phase, 0).signaled().unwrap_or(true))
     }
@@ -1083,11 +685,11 @@ impl Worker {
     /// convolves, the one before that copies its output out, all after one barrier (each reads
     /// what the step before wrote), then a fence. Jobs advance one phase per step, so no two jobs
     /// in a step are in the same phase.
-    fn step(&mut self, role: [Option<usize>; 3]) -> Result<()> {
+    fn step(&mut self, res: &mut Resources, role: [Option<usize>; 3]) -> Result<()> {
         if role.iter().all(Option::is_none) {
             return Ok(());
         }
-        let gl = Rc::clone(&self.ctx.gl);
+        let gl = Rc::clone(&self.gl);
         // One job in every role: it runs alone, its three phases in this step.
         let alone = role[0].is_some() && role.iter().all(|r| *r == role[0]);
         // With CUDA copies: the newest job's copy in starts at once (its frame is free); the
@@ -1098,11 +700,11 @@ impl Worker {
         // A job in parts has each part's copy out wait for that part's convolution, and each
         // part's convolution for that part's copy in.
         let copy_in = match role[0] {
-            Some(slot) if self.cuda.is_some() => Some(self.cuda_copy_in(slot)?),
+            Some(slot) if self.cuda.is_some() => Some(self.encoder(res).cuda_copy_in(slot)?),
             _ => None,
         };
         let copy_out = match role[2] {
-            Some(slot) if self.cuda.is_some() => Some(self.cuda_copy_out(slot)?),
+            Some(slot) if self.cuda.is_some() => Some(self.encoder(res).cuda_copy_out(slot)?),
             _ => None,
         };
         // The convolution's weights, made resident now: an earlier step may have evicted them.
@@ -1112,7 +714,7 @@ impl Worker {
                     (self.frames[slot].flight.as_mut()).expect("a frame in flight holds its job");
                 let (p, algorithm) = (f.job.p, f.plan.algorithm);
                 let w = f.job.w.get()?.clone();
-                Some(self.resident(&p, w.key, &w.data, algorithm)?)
+                Some(res.weights.get(&p, w.key, &w.data, algorithm)?)
             }
             None => None,
         };
@@ -1121,10 +723,13 @@ impl Worker {
         let mut work = GlWork::default();
         let fused = match role[0] {
             Some(slot) if alone => {
-                self.encode_alone(slot, weights.map(|w| w.0), &mut work)?;
+                self.encoder(res)
+                    .encode_alone(slot, weights.map(|w| w.0), &mut work)?;
                 false
             }
-            _ => self.encode_step(role, weights.map(|w| w.0), &mut work)?,
+            _ => self
+                .encoder(res)
+                .encode_step(role, weights.map(|w| w.0), &mut work)?,
         };
         // Shader writes to mapped staging reach the host once the fence has passed.
         gl::client_mapped_barrier(&gl);
@@ -1171,292 +776,6 @@ impl Worker {
         Ok(())
     }
 
-    /// Starts the CUDA copy of the input of the job in frame `slot` into its device buffer,
-    /// part by part.
-    fn cuda_copy_in(&self, slot: usize) -> Result<TimedCopy> {
-        let c = self.cuda.as_ref().expect("CUDA copies are open");
-        let f = &self.frames[slot];
-        let parts = self.flight(slot).input_parts();
-        c.copy_in(
-            self.copy_source(f)?.cuda()?,
-            device(&f.input)?.cuda()?,
-            &parts,
-        )
-    }
-
-    /// Starts the CUDA copy of the output of the job in frame `slot` into its download staging,
-    /// each part once its convolution has finished.
-    fn cuda_copy_out(&self, slot: usize) -> Result<TimedCopy> {
-        let c = self.cuda.as_ref().expect("CUDA copies are open");
-        let f = &self.frames[slot];
-        let parts = self.flight(slot).output_parts();
-        c.copy_out(
-            device(&f.output)?.cuda()?,
-            mapped(&f.download)?.cuda()?,
-            &parts,
-            |part| self.wait_part(slot, 1, part),
-        )
-    }
-
-    /// Waits, within the job's deadline, until part `part` of phase `phase` (0: copy in, 1:
-    /// convolution) of the job in frame `slot` has finished on the GPU (CUDA copies order the
-    /// APIs on the host).
-    fn wait_part(&self, slot: usize, phase: usize, part: usize) -> Result<()> {
-        let f = self.flight(slot);
-        let Some(step) = &f.steps[phase] else {
-            return Err(Error::Gpu(
-                "a phase waited for was never recorded (executor bug)".into(),
-            ));
-        };
-        let marker = step.part_end(phase, part);
-        let left = f.job.timeout.saturating_sub(f.begun.elapsed());
-        marker
-            .wait(left)
-            .map_err(|e| past_deadline(e, f.job.timeout))
-    }
-
-    /// Encodes the convolution of the job in frame `slot` with resident weights `weights`,
-    /// part by part, the copies in `fused` where they run in its dispatch. With `cuda` (CUDA
-    /// copies), each part first waits for its input's copy, and is timed and fenced on its own
-    /// in it, so that its copy out can start before the next part has run.
-    fn convolve(
-        &self,
-        slot: usize,
-        weights: Option<usize>,
-        fused: Option<&FusedPass<'_>>,
-        mut cuda: Option<&mut GlWork>,
-    ) -> Result<()> {
-        let gl = &self.ctx.gl;
-        let f = &self.frames[slot];
-        let flight = self.flight(slot);
-        let wi = weights.ok_or_else(|| Error::Gpu("no resident weights".into()))?;
-        let bindings = |part| -> Result<Bindings<'_>> {
-            Ok(Bindings {
-                input: device(&f.input)?.gl(),
-                weights: &self.weights[wi].buffer,
-                bias: buffer(&f.bias)?,
-                output: device(&f.output)?.gl(),
-                scratch: [f.scratch[0].as_ref(), f.scratch[1].as_ref()],
-                part,
-            })
-        };
-        if flight.parts == 1 && cuda.is_none() {
-            return self.encode(&flight.plan, &bindings(None)?, fused);
-        }
-        if fused.is_some() {
-            return Err(Error::Gpu(
-                "copies fused into a convolution in parts or beside CUDA's (executor bug)".into(),
-            ));
-        }
-        let parts = flight.input_parts().into_iter().zip(flight.output_parts());
-        for (i, (input, output)) in parts.enumerate() {
-            let b = bindings((flight.parts > 1).then_some((input, output)))?;
-            if i > 0 && flight.plan.passes.len() > 1 {
-                // The parts share the plan's intermediates: the next writes what this one read.
-                gl::storage_barrier(gl);
-            }
-            let Some(work) = cuda.as_deref_mut() else {
-                self.encode(&flight.plan, &b, None)?;
-                continue;
-            };
-            self.wait_part(slot, 0, i)?;
-            let elapsed = TimerQuery::begin(gl)?;
-            let encoded = self.encode(&flight.plan, &b, None);
-            elapsed.end();
-            work.elapsed.push(elapsed);
-            encoded?;
-            if flight.parts > 1 {
-                work.conv_parts.push(Rc::new(Fence::new(gl)?));
-                gl::flush(gl);
-            }
-        }
-        Ok(())
-    }
-
-    /// Encodes a step's work for the jobs in frames `role` ([copy in, convolve, copy out]),
-    /// its timer queries and fences into `work`; `weights` is the convolution's resident
-    /// weights. Returns whether the copies ran in the convolution's own dispatch.
-    fn encode_step(
-        &self,
-        role: [Option<usize>; 3],
-        weights: Option<usize>,
-        work: &mut GlWork,
-    ) -> Result<bool> {
-        if self.cuda.is_some() {
-            // CUDA copies: the step's GL work is the convolution alone, timed part by part.
-            if let Some(slot) = role[1] {
-                self.convolve(slot, weights, None, Some(work))?;
-            }
-            return Ok(false);
-        }
-        let elapsed = TimerQuery::begin(&self.ctx.gl)?;
-        let encoded = self.encode_copies_and_convolution(role, weights);
-        elapsed.end();
-        work.elapsed.push(elapsed);
-        encoded
-    }
-
-    /// Without CUDA copies, a job that runs alone: encodes its copy in, its convolution and its
-    /// copy out one after another in this one step, each behind a barrier and timed by its own
-    /// query, so that a synchronous call costs one submission and one fence.
-    fn encode_alone(&self, slot: usize, weights: Option<usize>, work: &mut GlWork) -> Result<()> {
-        let gl = &self.ctx.gl;
-        let f = &self.frames[slot];
-        let (x_len, out_len) = (
-            padded(self.flight(slot).job.x.len()),
-            padded(self.flight(slot).out_len()),
-        );
-        let (source, input) = (self.copy_source(f)?.gl()?, device(&f.input)?.gl());
-        let (output, download) = (device(&f.output)?.gl(), mapped(&f.download)?.gl()?);
-        let timed = |work: &mut GlWork, encode: &dyn Fn() -> Result<()>| -> Result<()> {
-            let elapsed = TimerQuery::begin(gl)?;
-            let encoded = encode();
-            elapsed.end();
-            work.elapsed.push(elapsed);
-            encoded
-        };
-        match self.copy_mode {
-            StreamCopy::Shader { groups } => {
-                let copy = self.compiled(shaders::stream_copy_source())?;
-                timed(work, &|| {
-                    // Bindings 6 and 7 take the partners (the copy out is empty).
-                    source.bind(4);
-                    input.bind(5);
-                    input.bind(6);
-                    source.bind(7);
-                    copy.dispatch_with([groups, 1, 1], "copies", [groups, 0, (x_len / 4) as u32, 0])
-                })?;
-                gl::storage_barrier(gl);
-                timed(work, &|| self.convolve(slot, weights, None, None))?;
-                gl::storage_barrier(gl);
-                timed(work, &|| {
-                    download.bind(4);
-                    output.bind(5);
-                    output.bind(6);
-                    download.bind(7);
-                    copy.dispatch_with(
-                        [groups, 1, 1],
-                        "copies",
-                        [0, groups, 0, (out_len / 4) as u32],
-                    )
-                })
-            }
-            _ => {
-                timed(work, &|| {
-                    gl::copy_buffer(gl, source.raw(), input.raw(), x_len)
-                })?;
-                timed(work, &|| self.convolve(slot, weights, None, None))?;
-                gl::storage_barrier(gl);
-                timed(work, &|| {
-                    gl::copy_buffer(gl, output.raw(), download.raw(), out_len)
-                })
-            }
-        }
-    }
-
-    /// Without CUDA copies: encodes a step's copies (DMA, or shader copies fused into the
-    /// convolution's dispatch where its plan allows) and its convolution; whether they were
-    /// fused.
-    fn encode_copies_and_convolution(
-        &self,
-        role: [Option<usize>; 3],
-        weights: Option<usize>,
-    ) -> Result<bool> {
-        let gl = &self.ctx.gl;
-        let frame = |slot: Option<usize>| slot.map(|s| &self.frames[s]);
-        let (f_in, f_out) = (frame(role[0]), frame(role[2]));
-        let x_len = role[0].map_or(0, |s| padded(self.flight(s).job.x.len()));
-        let out_len = role[2].map_or(0, |s| padded(self.flight(s).out_len()));
-        // Where the newest job's input is: its pinned buffer, or its frame's upload staging.
-        let source = |f| self.copy_source(f).and_then(HostMem::gl);
-        let StreamCopy::Shader { groups } = self.copy_mode else {
-            // DMA copies: one context runs them one after another with the convolution.
-            if let Some(f) = f_in {
-                gl::copy_buffer(gl, source(f)?.raw(), device(&f.input)?.gl().raw(), x_len)?;
-            }
-            if let Some(slot) = role[1] {
-                self.convolve(slot, weights, None, None)?;
-            }
-            if let Some(f) = f_out {
-                gl::copy_buffer(
-                    gl,
-                    device(&f.output)?.gl().raw(),
-                    mapped(&f.download)?.gl()?.raw(),
-                    out_len,
-                )?;
-            }
-            return Ok(false);
-        };
-        // Copy buffers on bindings 4 to 7; an absent copy binds its partner (nothing reads it).
-        if let Some(f) = f_in {
-            source(f)?.bind(4);
-            device(&f.input)?.gl().bind(5);
-        }
-        if let Some(f) = f_out {
-            device(&f.output)?.gl().bind(6);
-            mapped(&f.download)?.gl()?.bind(7);
-        }
-        match (f_in, f_out) {
-            (Some(f), None) => {
-                device(&f.input)?.gl().bind(6);
-                source(f)?.bind(7);
-            }
-            (None, Some(f)) => {
-                mapped(&f.download)?.gl()?.bind(4);
-                device(&f.output)?.gl().bind(5);
-            }
-            _ => {}
-        }
-        // Copying workgroups split by bytes, at least one for each copy.
-        let (n_in, n_out) = ((x_len / 4) as u64, (out_len / 4) as u64);
-        let copy_groups = match (n_in, n_out) {
-            (0, 0) => [0, 0],
-            (_, 0) => [groups, 0],
-            (0, _) => [0, groups],
-            _ => {
-                let g_in =
-                    (u64::from(groups) * n_in / (n_in + n_out)).clamp(1, u64::from(groups) - 1);
-                [g_in as u32, groups - g_in as u32]
-            }
-        };
-        let copies = [copy_groups[0], copy_groups[1], n_in as u32, n_out as u32];
-        let copying = n_in + n_out > 0;
-        // The copies go into the convolution's dispatch where its plan allows, else alongside.
-        let fused = role[1]
-            .and_then(|s| self.flight(s).fused.as_ref())
-            .filter(|_| copying)
-            .map(|(source, copy_z)| FusedPass {
-                source,
-                copy_z: *copy_z,
-                copies,
-            });
-        if copying && fused.is_none() {
-            self.compiled(shaders::stream_copy_source())?
-                .dispatch_with([groups, 1, 1], "copies", copies)?;
-        }
-        if let Some(slot) = role[1] {
-            self.convolve(slot, weights, fused.as_ref(), None)?;
-        }
-        Ok(fused.is_some())
-    }
-
-    /// Where the input of `f`'s job is: its pinned buffer, or the frame's upload staging.
-    fn copy_source<'a>(&'a self, f: &'a Frame) -> Result<&'a HostMem> {
-        match f.flight.as_ref().and_then(|j| self.pinned_buffer(&j.job.x)) {
-            Some(b) => Ok(b),
-            None => mapped(&f.upload),
-        }
-    }
-
-    /// The mapped buffer of a pinned input of this worker's (another worker's, or plain host
-    /// memory, is copied into staging like any host input).
-    fn pinned_buffer(&self, x: &StreamInput) -> Option<&HostMem> {
-        let (owner, id) = x.gl_id()?;
-        (owner == self.backend_id)
-            .then(|| self.pinned.get(&id))
-            .flatten()
-    }
-
     /// Fails every job in flight with `why` (caused by `cause`, whose kind each job's error
     /// keeps: a fence timeout stays one) and marks the executor broken: their buffers may
     /// still be in use, so none is read.
@@ -1486,7 +805,7 @@ impl Worker {
         let Some(&slot) = self.in_flight.front() else {
             return false;
         };
-        let f = self.flight(slot);
+        let f = self.frames[slot].flight();
         // Out of time, finished or not, with its steps recorded or not: a GPU that never gets
         // idle (hung) would otherwise keep its remaining steps unrecorded and the job waiting
         // for ever (found by the injected fence fault, `fault/fence_never_passes`).
@@ -1502,7 +821,7 @@ impl Worker {
         let Some(&slot) = self.in_flight.front() else {
             return false;
         };
-        let f = self.flight(slot);
+        let f = self.frames[slot].flight();
         match &f.fence {
             Some(fence) if f.phases == 3 => {
                 let _ = fence.wait(timeout.min(f.job.timeout.saturating_sub(f.begun.elapsed())));
@@ -1515,12 +834,12 @@ impl Worker {
     /// Waits for the oldest job in flight (within its timeout), recording the steps it still
     /// needs first, and answers it. A fence that does not pass marks the executor broken and
     /// fails every job in flight.
-    pub(super) fn stream_finish_oldest(&mut self) {
+    pub(super) fn stream_finish_oldest(&mut self, res: &mut Resources) {
         let Some(&slot) = self.in_flight.front() else {
             return;
         };
-        while self.in_flight.front() == Some(&slot) && self.flight(slot).phases < 3 {
-            self.step_or_fail();
+        while self.in_flight.front() == Some(&slot) && self.frames[slot].flight().phases < 3 {
+            self.step_or_fail(res);
         }
         if self.in_flight.front() != Some(&slot) {
             return;
@@ -1541,30 +860,7 @@ impl Worker {
         } = flight;
         let fence = fence.expect("a job with its three steps has the fence of the last");
         let waited_from = Instant::now();
-        let already = fence.signaled().unwrap_or(false);
-        let left = job.timeout.saturating_sub(begun.elapsed());
-        // The deadline counts from the submission to the GPU: a fence that passed, but only
-        // after it, fails the job too (as observed here; only a tiny timeout can see that).
-        let waited = if already {
-            let took = begun.elapsed();
-            if took > job.timeout {
-                Err(Error::FenceTimeout(format!(
-                    "the fence passed only after {took:?}, past the deadline of {:?}",
-                    job.timeout
-                )))
-            } else {
-                Ok(())
-            }
-        } else if left.is_zero() {
-            // The deadline has passed and the fence had not: polling again now could see it
-            // pass late and accept it (seen on the H100 with a 1 ns deadline).
-            Err(Error::FenceTimeout(format!(
-                "the fence had not passed when its deadline did, {:?} after submission",
-                job.timeout
-            )))
-        } else {
-            fence.wait(left)
-        };
+        let (already, waited) = fence.wait_by_deadline(begun, job.timeout);
         if let Err(e) = waited {
             let e = past_deadline(e, job.timeout);
             let why = e.to_string();
@@ -1594,25 +890,9 @@ impl Worker {
         // not deleted) until the Staged's release arrives (wait_all_releases before exit).
         let view = unsafe { download.view(out_len) };
         self.held.push(slot);
-        done.output = Output::Staged(Staged {
-            view,
-            slot,
-            release: self.release_tx.clone(),
-        });
-        if !self.ctx.info.software {
-            let [up, conv, down] = [0, 1, 2].map(|p| steps[p].as_ref().and_then(|s| s.phase_ns(p)));
-            (done.upload_ns, done.kernel_ns, done.download_ns) = (up, conv, down);
-            // Timer queries say how long the GPU worked; never more than the wall share.
-            let timed = charged.iter().map(|s| s.gpu_ns()).sum::<u64>() as f64 * 1e-9;
-            done.busy_s = done.busy_s.min(timed);
-            if let (Some(first), Some(last)) = (&steps[0], &steps[2]) {
-                done.gpu_span_ns = match (&first.copy_in, &last.copy_out) {
-                    // GL timestamps span its GPU work where GL ran all of it.
-                    (None, None) => Some((first.start.nanoseconds(), last.end.nanoseconds())),
-                    (Some(copy_in), Some(copy_out)) => self.cuda_span(copy_in, copy_out),
-                    _ => None,
-                };
-            }
+        done.output = Output::Staged(Staged::new(view, slot, self.release_tx.clone()));
+        if !self.info.software {
+            gpu_times(&mut done, &steps, &charged, &mut self.cuda_clock);
         }
         // GL objects go before the answer, so a caller that counts them sees them gone (those
         // of steps shared with later jobs go with the last of them).
@@ -1625,113 +905,13 @@ impl Worker {
         answer(job, Ok(done));
     }
 
-    /// The GPU span (ns) of a job whose copies CUDA ran, from the start of `copy_in` to the end
-    /// of `copy_out`, on the executor's CUDA clock; moves that clock on to this job. CUDA times
-    /// events only relative to each other, so the clock is chained from job to job (jobs finish
-    /// in order, and copies in run in order on one stream): each link is short, so precise, and
-    /// the error of a long one (an idle gap) shifts every later job alike.
-    fn cuda_span(&mut self, copy_in: &TimedCopy, copy_out: &TimedCopy) -> Option<(u64, u64)> {
-        let start = match &self.cuda_clock {
-            Some((previous, at)) => at + elapsed_ns(previous, &copy_in.start)?.max(0),
-            None => 0,
-        };
-        let end = start + elapsed_ns(&copy_in.start, &copy_out.end)?.max(0);
-        self.cuda_clock = Some((Rc::clone(&copy_in.start), start));
-        Some((start as u64, end as u64))
-    }
-
     /// Finishes every job in flight, oldest first (a job still being copied in first joins).
-    pub(super) fn stream_drain(&mut self) {
+    pub(super) fn stream_drain(&mut self, res: &mut Resources) {
         while self.filling.is_some() {
-            self.take_filled(Duration::from_secs(1));
+            self.take_filled(res, Duration::from_secs(1));
         }
         while !self.in_flight.is_empty() {
-            self.stream_finish_oldest();
+            self.stream_finish_oldest(res);
         }
-    }
-}
-
-/// Diagnostics: for download staging buffers made with each combination of the coherent and
-/// client-storage flags, the time of a DMA copy of `floats` floats from a device buffer into
-/// the staging buffer, and of the host reading it (into a buffer already touched, and into a
-/// fresh allocation, in parallel chunks); a plain host copy for reference. One line per
-/// variant, medians of 5.
-#[cfg(feature = "probes")]
-pub(super) fn probe_staging(gl: &Rc<glow::Context>, floats: usize) -> Result<String> {
-    let mb = (floats * 4) as f64 / 1e6;
-    let device = Buffer::new(gl, floats, true)?;
-    device.upload(&vec![1.5f32; floats])?;
-    let mut warm = vec![0.0f32; floats];
-    let src = vec![2.5f32; floats];
-    let med = |mut v: Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2] * 1e3
-    };
-    let mut out = String::new();
-    let t: Vec<f64> = (0..5)
-        .map(|_| {
-            let t = Instant::now();
-            parallel_copy(&src, &mut warm);
-            t.elapsed().as_secs_f64()
-        })
-        .collect();
-    out += &format!(
-        "host copy {mb:.1} MB, parallel, warm destination: {:.3} ms\n",
-        med(t)
-    );
-    for (coherent, client) in [(true, true), (true, false), (false, true), (false, false)] {
-        let staging = MappedBuffer::with_flags(gl, floats, Direction::Download, coherent, client)?;
-        let (mut dma, mut read_warm, mut read_fresh) = (Vec::new(), Vec::new(), Vec::new());
-        for _ in 0..5 {
-            let t = Instant::now();
-            gl::copy_buffer(gl, device.raw(), staging.raw(), floats)?;
-            if !coherent {
-                gl::client_mapped_barrier(gl);
-            }
-            Fence::new(gl)?.wait(Duration::from_secs(10))?;
-            dma.push(t.elapsed().as_secs_f64());
-            let t = Instant::now();
-            parallel_copy(staging.as_slice(), &mut warm);
-            read_warm.push(t.elapsed().as_secs_f64());
-            let t = Instant::now();
-            let mut fresh = vec![0.0f32; floats];
-            parallel_copy(staging.as_slice(), &mut fresh);
-            read_fresh.push(t.elapsed().as_secs_f64());
-            if fresh[floats / 2] != 1.5 || warm[floats - 1] != 1.5 {
-                return Err(Error::Gpu("staging probe read wrong data".into()));
-            }
-        }
-        out += &format!(
-            "coherent {coherent}, client storage {client}: DMA+fence {:.3} ms, host read into warm {:.3} ms, into fresh {:.3} ms\n",
-            med(dma),
-            med(read_warm),
-            med(read_fresh)
-        );
-    }
-    Ok(out)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Weights sent later are waited for, then kept; a caller that stops before sending them
-    /// fails the job with an error, never a hang or a panic.
-    #[test]
-    fn weights_sent_later_arrive_or_fail_the_job() {
-        let (tx, rx) = mpsc::sync_channel(1);
-        let mut later = JobWeights::Later(rx);
-        let sent = SharedWeights::new(vec![1.0f32, 2.0].into());
-        let sender = std::thread::spawn(move || tx.send(sent).unwrap());
-        assert_eq!(&*later.get().unwrap().data, &[1.0, 2.0]);
-        sender.join().unwrap();
-        assert_eq!(
-            &*later.get().unwrap().data,
-            &[1.0, 2.0],
-            "kept once resolved"
-        );
-        let (tx, rx) = mpsc::sync_channel::<SharedWeights>(1);
-        drop(tx);
-        assert!(matches!(JobWeights::Later(rx).get(), Err(Error::Gpu(_))));
     }
 }

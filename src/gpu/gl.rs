@@ -82,6 +82,9 @@ pub fn check(gl: &glow::Context, what: &str) -> Result<()> {
     }
 }
 
+/// Default wait for a fence before the job it ends counts as failed.
+pub const FENCE_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// How long the executor's waits (a GL fence's, a CUDA event's) poll before they block or
 /// sleep: most of its waits are shorter.
 pub const WAIT_SPIN: Duration = Duration::from_millis(1);

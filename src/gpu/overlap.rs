@@ -12,6 +12,7 @@
 use super::context::{GlContext, SharedContext};
 use super::gl::{self, Buffer, Fence, Program};
 use super::gl::{Direction, MappedBuffer};
+use super::host_copy::parallel_copy;
 use super::shaders;
 use crate::error::{Error, Result};
 use std::rc::Rc;
@@ -289,5 +290,64 @@ pub(super) fn probe_zero_copy(ctx: &GlContext, floats: usize) -> Result<String> 
         .filter(|(i, x)| **x != *i as f32)
         .count();
     out += &format!("round trip through both shader copies: {wrong} of {floats} floats wrong\n");
+    Ok(out)
+}
+
+/// Diagnostics: for download staging buffers made with each combination of the coherent and
+/// client-storage flags, the time of a DMA copy of `floats` floats from a device buffer into
+/// the staging buffer, and of the host reading it (into a buffer already touched, and into a
+/// fresh allocation, in parallel chunks); a plain host copy for reference. One line per
+/// variant, medians of 5.
+pub(super) fn probe_staging(gl: &Rc<glow::Context>, floats: usize) -> Result<String> {
+    let mb = (floats * 4) as f64 / 1e6;
+    let device = Buffer::new(gl, floats, true)?;
+    device.upload(&vec![1.5f32; floats])?;
+    let mut warm = vec![0.0f32; floats];
+    let src = vec![2.5f32; floats];
+    let med = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2] * 1e3
+    };
+    let mut out = String::new();
+    let t: Vec<f64> = (0..5)
+        .map(|_| {
+            let t = Instant::now();
+            parallel_copy(&src, &mut warm);
+            t.elapsed().as_secs_f64()
+        })
+        .collect();
+    out += &format!(
+        "host copy {mb:.1} MB, parallel, warm destination: {:.3} ms\n",
+        med(t)
+    );
+    for (coherent, client) in [(true, true), (true, false), (false, true), (false, false)] {
+        let staging = MappedBuffer::with_flags(gl, floats, Direction::Download, coherent, client)?;
+        let (mut dma, mut read_warm, mut read_fresh) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..5 {
+            let t = Instant::now();
+            gl::copy_buffer(gl, device.raw(), staging.raw(), floats)?;
+            if !coherent {
+                gl::client_mapped_barrier(gl);
+            }
+            Fence::new(gl)?.wait(Duration::from_secs(10))?;
+            dma.push(t.elapsed().as_secs_f64());
+            let t = Instant::now();
+            parallel_copy(staging.as_slice(), &mut warm);
+            read_warm.push(t.elapsed().as_secs_f64());
+            let t = Instant::now();
+            let mut fresh = vec![0.0f32; floats];
+            parallel_copy(staging.as_slice(), &mut fresh);
+            read_fresh.push(t.elapsed().as_secs_f64());
+            if fresh[floats / 2] != 1.5 || warm[floats - 1] != 1.5 {
+                return Err(Error::Gpu("staging probe read wrong data".into()));
+            }
+        }
+        out += &format!(
+            "coherent {coherent}, client storage {client}: DMA+fence {:.3} ms, host read into warm {:.3} ms, into fresh {:.3} ms\n",
+            med(dma),
+            med(read_warm),
+            med(read_fresh)
+        );
+    }
     Ok(out)
 }

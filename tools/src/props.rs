@@ -226,7 +226,7 @@ mod tests {
     use super::*;
     use proptest::strategy::ValueTree;
     use sporkle::cpu::CpuPath;
-    use sporkle::gpu::shaders::{Kernel, Tile};
+    use sporkle::gpu::{Kernel, Tile};
 
     /// The wide strategy reaches what it is for: the GPU's tiled kernel on every case, kernels
     /// of every width 1 to 7, and shapes whose own CPU orientation is each of the two (the

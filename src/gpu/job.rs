@@ -1,0 +1,254 @@
+//! Streaming jobs: what a caller sends the executor (a [`StreamJob`]) and what comes back (a
+//! [`StreamDone`], its output in a frame's staging as long as the caller reads it).
+
+use super::gl::MappedView;
+use super::host_copy::parallel_copy;
+use super::resident::SharedWeights;
+use crate::error::{Error, Result};
+use crate::params::Conv2dParams;
+use crate::pinned::{PinnedShared, StreamInput};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+/// A streaming job.
+pub(crate) struct StreamJob {
+    pub(super) p: Conv2dParams,
+    pub(super) x: StreamInput,
+    pub(super) w: JobWeights,
+    pub(super) b: Option<Arc<[f32]>>,
+    /// False: the job runs alone (synchronous mode), with no other frame in flight.
+    pub(super) pipelined: bool,
+    /// How long its fence may take, from submission to the GPU.
+    pub(super) timeout: Duration,
+    pub(super) reply: mpsc::SyncSender<Result<StreamDone>>,
+    /// When it was sent to the worker.
+    pub(super) sent: Instant,
+}
+
+/// A job's weights: known when it is sent, or sent by the caller later on their own channel
+/// (a synchronous call hashes its weights while the GPU copies its input in: the convolution
+/// is the first phase that needs them).
+pub(crate) enum JobWeights {
+    Ready(SharedWeights),
+    Later(mpsc::Receiver<SharedWeights>),
+}
+
+impl JobWeights {
+    /// The weights, waiting for the caller to send them if they come later.
+    pub(super) fn get(&mut self) -> Result<&SharedWeights> {
+        if let JobWeights::Later(rx) = self {
+            let w = rx.recv().map_err(|_| {
+                Error::Gpu("the caller stopped before sending the job's weights".into())
+            })?;
+            *self = JobWeights::Ready(w);
+        }
+        match self {
+            JobWeights::Ready(w) => Ok(w),
+            JobWeights::Later(_) => unreachable!("resolved above"),
+        }
+    }
+}
+
+/// The caller's side of pinned input `id` of `len` floats at address `ptr` (from
+/// `Executor::pin`), which sends `id` back on `free` when its last holder is gone.
+pub(super) fn pinned_shared(
+    owner: u64,
+    id: u64,
+    ptr: usize,
+    len: usize,
+    free: mpsc::Sender<u64>,
+) -> PinnedShared {
+    // SAFETY: the worker keeps buffer `id` mapped (persistent mapping of immutable storage) and
+    // never writes it; it deletes it only when the id comes back on `free`, which PinnedShared
+    // sends when dropped, and at exit leaves the context alive while any is still held.
+    unsafe { PinnedShared::mapped(owner, id, ptr as *mut f32, len, free) }
+}
+
+/// Answers `job` with `result`, after dropping the job (its hold on a pinned input goes first,
+/// so a caller whose ticket has returned can write that input at once).
+pub(super) fn answer(job: StreamJob, result: Result<StreamDone>) {
+    let reply = job.reply.clone();
+    drop(job);
+    let _ = reply.send(result);
+}
+
+/// A job's fence timeout, naming the job's deadline (other errors as they are).
+pub(super) fn past_deadline(e: Error, deadline: Duration) -> Error {
+    match e {
+        Error::FenceTimeout(why) => {
+            Error::FenceTimeout(format!("the job's deadline of {deadline:?}: {why}"))
+        }
+        other => other,
+    }
+}
+
+/// The error of a job refused or failed because the executor is broken (`why`).
+pub(super) fn unhealthy(why: &str) -> Error {
+    Error::Gpu(format!("the GPU is unhealthy: {why}"))
+}
+
+/// A job's output in its frame's download staging buffer, readable from any thread; dropping it
+/// gives the frame back to the executor.
+pub struct Staged {
+    view: MappedView,
+    slot: usize,
+    release: mpsc::Sender<usize>,
+}
+
+impl Staged {
+    /// Output `view` of frame `slot`, whose release goes back on `release` when dropped.
+    pub(super) fn new(view: MappedView, slot: usize, release: mpsc::Sender<usize>) -> Self {
+        Self {
+            view,
+            slot,
+            release,
+        }
+    }
+
+    /// The output, `N×K×Ho×Wo`.
+    pub fn as_slice(&self) -> &[f32] {
+        self.view.as_slice()
+    }
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        // A closed channel means the worker has gone, which it does only after every release.
+        let _ = self.release.send(self.slot);
+    }
+}
+
+impl std::fmt::Debug for Staged {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Staged {{ slot: {}, len: {} }}",
+            self.slot,
+            self.as_slice().len()
+        )
+    }
+}
+
+/// Where a finished job's output is.
+#[derive(Debug)]
+pub enum Output {
+    /// In the frame's staging buffer (the executor's path).
+    Staged(Staged),
+    /// In host memory (the plain path, without `GL_ARB_buffer_storage`).
+    Owned(Vec<f32>),
+}
+
+impl Default for Output {
+    fn default() -> Self {
+        Output::Owned(Vec::new())
+    }
+}
+
+impl Output {
+    /// The output, `N×K×Ho×Wo`.
+    pub fn as_slice(&self) -> &[f32] {
+        match self {
+            Output::Staged(s) => s.as_slice(),
+            Output::Owned(v) => v,
+        }
+    }
+
+    /// Copies it into `dst` (in parallel chunks), releasing the frame.
+    pub fn copy_to(self, dst: &mut [f32]) {
+        parallel_copy(self.as_slice(), dst);
+    }
+
+    /// The output as a vector (a copy into fresh memory unless it already is one).
+    pub fn into_vec(self) -> Vec<f32> {
+        match self {
+            Output::Owned(v) => v,
+            Output::Staged(s) => {
+                let mut v = vec![0.0f32; s.as_slice().len()];
+                parallel_copy(s.as_slice(), &mut v);
+                v
+            }
+        }
+    }
+}
+
+/// A finished streaming job: the output and where the time went.
+#[derive(Debug, Default)]
+pub struct StreamDone {
+    /// The output.
+    pub output: Output,
+    /// GPU time of the steps that copied its input in, convolved and copied its output out
+    /// (timer queries; `None` on a software renderer, whose timers mean nothing): its own times
+    /// when it ran alone, those of whole steps when they ran other jobs' phases too
+    /// (`steps_shared`).
+    pub upload_ns: Option<u64>,
+    /// See `upload_ns`.
+    pub kernel_ns: Option<u64>,
+    /// See `upload_ns`.
+    pub download_ns: Option<u64>,
+    /// GPU times (ns) at the start of its copy in and the end of its copy out (`None` on a
+    /// software renderer): GL timestamps, or with CUDA copies, times of the copies' CUDA events
+    /// on a clock chained from job to job (`Worker::cuda_span`). Either way, comparable between
+    /// the jobs of one executor.
+    pub gpu_span_ns: Option<(u64, u64)>,
+    /// Wall time of the host copy into staging, on a copy thread (0 for a pinned input; the copy
+    /// out happens in the caller's thread).
+    pub host_in_s: f64,
+    /// Wall time from the frame's submission to its fence passing.
+    pub gpu_wall_s: f64,
+    /// Wall time from the job's sending to the worker starting it.
+    pub queued_s: f64,
+    /// Wall time from its fence passing to its answer.
+    pub settle_s: f64,
+    /// When it was answered.
+    pub answered: Option<Instant>,
+    /// GPU busy time of this job: the steps charged to it (each step to the oldest job in it), at
+    /// most its share of the wall time during which some job was on the GPU (that share alone on
+    /// a software renderer), so jobs in flight together are never counted twice.
+    pub busy_s: f64,
+    /// Whether the executor had to block on the fence, and for how long.
+    pub fence_waited: bool,
+    /// See `fence_waited`.
+    pub fence_wait_s: f64,
+    /// Whether its steps ran other jobs' phases too (pipelined): then the upload, kernel and
+    /// download times are those of whole steps, not its own.
+    pub steps_shared: bool,
+    /// Whether its copies ran inside a convolution's dispatch (shader copies, fused).
+    pub fused: bool,
+    /// Whether CUDA's copy engines moved its input and output (`cu.rs`).
+    pub cuda_copies: bool,
+    /// Whether the weights had to be uploaded (false: resident).
+    pub weights_uploaded: bool,
+    /// Jobs in flight when this one was started, itself included (1: it ran alone).
+    pub in_flight: usize,
+    /// Parts its batch ran in along n (1: whole; see `Worker::parts_for`).
+    pub parts: usize,
+    /// Bytes copied host → GPU (input, bias, and weights when uploaded) and GPU → host.
+    pub bytes_up: u64,
+    /// See `bytes_up`.
+    pub bytes_down: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Weights sent later are waited for, then kept; a caller that stops before sending them
+    /// fails the job with an error, never a hang or a panic.
+    #[test]
+    fn weights_sent_later_arrive_or_fail_the_job() {
+        let (tx, rx) = mpsc::sync_channel(1);
+        let mut later = JobWeights::Later(rx);
+        let sent = SharedWeights::new(vec![1.0f32, 2.0].into());
+        let sender = std::thread::spawn(move || tx.send(sent).unwrap());
+        assert_eq!(&*later.get().unwrap().data, &[1.0, 2.0]);
+        sender.join().unwrap();
+        assert_eq!(
+            &*later.get().unwrap().data,
+            &[1.0, 2.0],
+            "kept once resolved"
+        );
+        let (tx, rx) = mpsc::sync_channel::<SharedWeights>(1);
+        drop(tx);
+        assert!(matches!(JobWeights::Later(rx).get(), Err(Error::Gpu(_))));
+    }
+}

@@ -494,7 +494,7 @@ struct GpuTicket {
 }
 
 impl Ticket {
-    /// The output (`N×K×Ho×Wo`) and what happened. A GPU failure is not an error here: the
+    /// The output (`n×c_out×ho×wo`) and what happened. A GPU failure is not an error here: the
     /// job is re-run on the CPU and `RunInfo::fallback` says why.
     pub fn wait(self) -> Result<(Vec<f32>, RunInfo)> {
         match self.state {
@@ -1079,7 +1079,7 @@ impl Juggler {
     }
 
     /// Submits a job and returns at once when it goes to the GPU (with async on, the executor's
-    /// steps run [`crate::gpu::FRAMES`] jobs at once, and more wait in its frames); a CPU job is
+    /// steps run [`crate::gpu::JOBS_PER_STEP`] jobs at once, and more wait in its frames); a CPU job is
     /// computed before this returns. Lengths are checked first. The data are copied; to stream
     /// without that copy, see [`Juggler::submit_shared`].
     pub fn submit(

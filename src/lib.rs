@@ -10,7 +10,7 @@
 //!   Every backend is checked against it with the policy of [`tolerance`].
 //! - [`cpu`] is the fast CPU backend: an implicit GEMM over "phase planes" (the zero-padded
 //!   input split by stride phase, so every kernel tap is a constant offset and no im2col
-//!   matrix is ever built), two AVX-512 microkernels with portable twins, a direct path for
+//!   matrix is ever built), two AVX-512 microkernels with portable twins, a row-sums path for
 //!   depthwise and narrow grouped convolutions, rayon threads and reusable workspaces.
 //! - [`gpu`] is the GPU backend: a headless EGL context owned by a worker thread, RAII GL
 //!   objects, implicit-GEMM compute shaders specialised by `#define`s, resident weights

@@ -279,13 +279,13 @@ impl Conv2dParams {
         })
     }
 
-    /// Elements of the input `N×C×H×W`, as buffers are sized (0 if the sizes overflow or
+    /// Elements of the input `n×c_in×h×w`, as buffers are sized (0 if the sizes overflow or
     /// do not fit this machine's addresses, which [`validate`](Self::validate) refuses).
     pub fn input_len(&self) -> usize {
         self.lens().map_or(0, |l| addressable(l.input))
     }
 
-    /// Elements of the weights `K×(C/G)×R×S`.
+    /// Elements of the weights `c_out×(c_in/groups)×k_h×k_w`.
     pub fn weights_len(&self) -> usize {
         self.lens().map_or(0, |l| addressable(l.weights))
     }
@@ -295,7 +295,7 @@ impl Conv2dParams {
         self.c_out
     }
 
-    /// Elements of the output `N×K×Ho×Wo`.
+    /// Elements of the output `n×c_out×ho×wo`.
     pub fn output_len(&self) -> usize {
         self.lens().map_or(0, |l| addressable(l.output))
     }

@@ -23,7 +23,7 @@ pub struct OutIndex {
 }
 
 impl OutIndex {
-    /// The element at flat position `i` of an `N×K×Ho×Wo` output.
+    /// The element at flat position `i` of an `n×c_out×ho×wo` output.
     pub fn from_flat(p: &Conv2dParams, i: usize) -> Self {
         let (ho, wo) = p.out_hw();
         Self {
@@ -34,7 +34,7 @@ impl OutIndex {
         }
     }
 
-    /// Flat position in an `N×K×Ho×Wo` output.
+    /// Flat position in an `n×c_out×ho×wo` output.
     pub fn flat(&self, p: &Conv2dParams) -> usize {
         let (ho, wo) = p.out_hw();
         ((self.n * p.c_out + self.k) * ho + self.y) * wo + self.x
@@ -63,7 +63,7 @@ pub struct RefValue {
 /// The whole reference output.
 #[derive(Clone, Debug, PartialEq)]
 pub struct RefOutput {
-    /// `N×K×Ho×Wo` values in f64.
+    /// `n×c_out×ho×wo` values in f64.
     pub value: Vec<f64>,
     /// The matching magnitudes.
     pub magnitude: Vec<f64>,

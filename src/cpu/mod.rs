@@ -11,7 +11,7 @@
 //!      columns included);
 //!    - **GEMM, rows**: up to 16 valid positions of one row × 16 filters over every tap, the
 //!      tile stored transposed; chosen where it computes fewer lanes than strips;
-//!    - **direct** (fewer than [`GEMM_MIN_FILTERS`] filters per group: depthwise and narrow
+//!    - **row sums** (fewer than [`GEMM_MIN_FILTERS`] filters per group: depthwise and narrow
 //!      grouped layers, where a GEMM would waste most of each 16-wide panel): each output plane
 //!      is a sum of shifted rows of the planes (`acc[q] += w · planes[q + off]`), four taps at
 //!      a time;
@@ -22,7 +22,7 @@
 //!    otherwise it computes into a per-thread scratch tile and copies the valid outputs into
 //!    its own disjoint slices (split safely with `chunks_mut`; no raw pointers cross threads).
 //!    Every GEMM sum starts from the bias, so an output's bits do not depend on the plan or the
-//!    thread count; the direct path adds the bias when it copies out.
+//!    thread count; the row-sums path adds the bias when it copies out.
 //!
 //! Weights are packed `[group][panel of 16 filters][tap][16]` once per call, or once for good
 //! with [`CpuBackend::prepare_weights`]. Workspaces (the planes, the offsets, one scratch buffer
@@ -55,7 +55,7 @@ use std::time::Duration;
 
 /// Largest number of taps in one weight block (keeps a 16×KC panel of weights in L1).
 pub const KC: usize = 256;
-/// Groups with fewer filters than this use the direct path instead of the GEMM.
+/// Groups with fewer filters than this use the row-sums path instead of the GEMM.
 pub const GEMM_MIN_FILTERS: usize = 8;
 /// Strips of 16 output positions computed together inside a task (their B data stays in L2).
 const BLOCK_STRIPS: usize = 16;
@@ -181,7 +181,7 @@ struct Shared<'a> {
     geo: &'a Geometry,
     planes: &'a [f32],
     offsets: &'a TapOffsets,
-    /// Laid out for `path`: packed panels for the GEMM, as given for the direct path.
+    /// Laid out for `path`: packed panels for the GEMM, as given for the row-sums path.
     weights: &'a [f32],
     bias: Option<&'a [f32]>,
     path: CpuPath,
@@ -531,10 +531,10 @@ impl CpuBackend {
             CpuPath::GemmRows | CpuPath::Winograd | CpuPath::WinogradF4 => {
                 self.kernel.rows_filters()
             }
-            CpuPath::GemmStrips | CpuPath::Direct => MR,
+            CpuPath::GemmStrips | CpuPath::RowSums => MR,
         };
         let mut m_rows = match s.path {
-            CpuPath::Direct => mg,
+            CpuPath::RowSums => mg,
             _ => mg.next_multiple_of(MR),
         };
         loop {
@@ -570,7 +570,7 @@ impl CpuBackend {
             CpuPath::GemmRows | CpuPath::Winograd | CpuPath::WinogradF4 => {
                 self.task_rows(s, task, b, tile)
             }
-            CpuPath::GemmStrips | CpuPath::Direct => self.task_strips(s, task, b, tile),
+            CpuPath::GemmStrips | CpuPath::RowSums => self.task_strips(s, task, b, tile),
         }
     }
 
@@ -582,7 +582,7 @@ impl CpuBackend {
         (first, kdim.div_ceil(kdim.div_ceil(KC)))
     }
 
-    /// Strips (and the direct path): blocks of [`BLOCK_Q`] consecutive grid positions.
+    /// Strips (and the row-sums path): blocks of [`BLOCK_Q`] consecutive grid positions.
     fn task_strips(&self, s: &Shared, task: &mut Task, b: &[f32], tile: &mut [f32]) {
         let geo = s.geo;
         let kdim = s.p.reduction_len();
@@ -590,15 +590,16 @@ impl CpuBackend {
         let plane = geo.ho * geo.wo;
         let tq = (task.y1 - task.y0) * geo.wq;
         // Without junk columns, a task that owns whole planes needs no scratch and no copy.
-        let direct =
-            geo.wq == geo.wo && s.path != CpuPath::Direct && matches!(task.out, TaskOut::Planes(_));
+        let in_place = geo.wq == geo.wo
+            && s.path != CpuPath::RowSums
+            && matches!(task.out, TaskOut::Planes(_));
         let (first_panel, kc_len) = self.panels(s, task);
         // Storing straight into planes whose length is a whole number of strips, the strips
         // start where the planes' cache lines do (one short strip first): each store then fills
         // whole cache lines instead of straddling two (exp1x1 n8 +5-15% here; the caller's
         // output is rarely 64-byte aligned). Which strip computes an output changes no bits.
         let shift = match &task.out {
-            TaskOut::Planes(out) if direct && plane.is_multiple_of(NR) => {
+            TaskOut::Planes(out) if in_place && plane.is_multiple_of(NR) => {
                 (NR - (out.as_ptr() as usize / std::mem::size_of::<f32>()) % NR) % NR
             }
             _ => 0,
@@ -608,10 +609,10 @@ impl CpuBackend {
             .step_by(BLOCK_Q)
             .map(|qa| (qa, tq.min(qa + BLOCK_Q)));
         for (qa, qb) in head.into_iter().chain(blocks) {
-            if s.path == CpuPath::Direct {
+            if s.path == CpuPath::RowSums {
                 for (i, acc) in tile.chunks_exact_mut(BLOCK_Q).take(rows).enumerate() {
                     let w = &s.weights[(task.m0 + i) * kdim..][..kdim];
-                    direct_sum(&mut acc[..qb - qa], w, s.offsets.as_slice(), &b[qa..]);
+                    row_sum(&mut acc[..qb - qa], w, s.offsets.as_slice(), &b[qa..]);
                 }
             } else {
                 for pi in 0..rows.div_ceil(MR) {
@@ -633,7 +634,7 @@ impl CpuBackend {
                         for j in (0..qb - qa).step_by(NR) {
                             let tile = match &mut task.out {
                                 // Grid positions are output positions: store straight into the planes.
-                                TaskOut::Planes(out) if direct => Tile {
+                                TaskOut::Planes(out) if in_place => Tile {
                                     c: &mut out[pi * MR * plane + qa + j..],
                                     ldc: plane,
                                     filters,
@@ -658,15 +659,15 @@ impl CpuBackend {
                         }
                     }
                 }
-                if direct {
+                if in_place {
                     continue;
                 }
             }
-            // The valid columns of the block's rows into the task's output slices; the direct
+            // The valid columns of the block's rows into the task's output slices; the row-sums
             // path adds its bias here (the GEMM started from it).
             for i in 0..rows {
                 let out = task.out.filter(i, plane);
-                let bias = if s.path == CpuPath::Direct {
+                let bias = if s.path == CpuPath::RowSums {
                     s.bias.map(|b| b[task.m0 + i])
                 } else {
                     None
@@ -790,7 +791,7 @@ fn pack_weights(
 }
 
 /// `acc[q] = Σ_t w[t] · b[q + offs[t]]`, four taps at a time.
-fn direct_sum(acc: &mut [f32], w: &[f32], offs: &[usize], b: &[f32]) {
+fn row_sum(acc: &mut [f32], w: &[f32], offs: &[usize], b: &[f32]) {
     let n = acc.len();
     acc.fill(0.0);
     let src = |t: usize| &b[offs[t]..][..n];

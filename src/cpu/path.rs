@@ -15,8 +15,8 @@ pub enum CpuPath {
     GemmStrips,
     /// Implicit GEMM, rows orientation: up to 16 valid positions of one row × 16 filters.
     GemmRows,
-    /// Direct shifted-row sums (depthwise and narrow groups).
-    Direct,
+    /// Shifted-row sums (depthwise and narrow groups): no GEMM.
+    RowSums,
     /// Winograd F(2×2, 3×3) (3×3 taps, stride 1, no dilation, one group; see `winograd.rs`):
     /// its GEMM on the rows kernel.
     Winograd,
@@ -26,13 +26,13 @@ pub enum CpuPath {
 }
 
 impl CpuPath {
-    /// The path sporkle takes for these parameters: the direct path for narrow groups, else
+    /// The path sporkle takes for these parameters: the row-sums path for narrow groups, else
     /// the GEMM orientation that computes fewer lanes per image. Strips compute the junk
     /// columns and round the grid up to 16; rows compute only valid positions, but a call with
     /// few positions is bound by FMA latency (counted as at least `ROWS_MIN_LANES`).
     pub fn for_params(p: &Conv2dParams) -> Self {
         if p.c_out_per_group() < GEMM_MIN_FILTERS {
-            return CpuPath::Direct;
+            return CpuPath::RowSums;
         }
         // Winograd where the channels are many enough for its GEMMs to dominate the transforms.
         let (ho, wo) = p.out_hw();
@@ -69,7 +69,7 @@ impl CpuPath {
         match self {
             CpuPath::GemmStrips => "gemm-strips",
             CpuPath::GemmRows => "gemm-rows",
-            CpuPath::Direct => "row-sums",
+            CpuPath::RowSums => "row-sums",
             CpuPath::Winograd => "winograd-f2x2",
             CpuPath::WinogradF4 => "winograd-f4x4",
         }
@@ -80,7 +80,7 @@ impl CpuPath {
         match self {
             CpuPath::Winograd => Some(crate::winograd::Variant::F2x2),
             CpuPath::WinogradF4 => Some(crate::winograd::Variant::F4x4),
-            CpuPath::GemmStrips | CpuPath::GemmRows | CpuPath::Direct => None,
+            CpuPath::GemmStrips | CpuPath::GemmRows | CpuPath::RowSums => None,
         }
     }
 
@@ -88,7 +88,7 @@ impl CpuPath {
     pub(super) fn layout(self) -> Layout {
         match self {
             CpuPath::GemmStrips | CpuPath::GemmRows => Layout::Packed,
-            CpuPath::Direct => Layout::Given,
+            CpuPath::RowSums => Layout::Given,
             CpuPath::Winograd | CpuPath::WinogradF4 => {
                 Layout::Winograd(self.winograd().expect("a Winograd path"))
             }
@@ -115,7 +115,7 @@ impl CpuPath {
 /// How weights are laid out for a path.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum Layout {
-    /// `[filter][tap]`, as the caller gave them (the direct path).
+    /// `[filter][tap]`, as the caller gave them (the row-sums path).
     Given,
     /// `[group][panel of 16 filters][tap][16]` (the GEMM paths).
     Packed,

@@ -32,7 +32,7 @@ fn backends() -> Vec<CpuBackend> {
     let mut all = vec![];
     for (i, kernel) in supported().into_iter().enumerate() {
         all.push(CpuBackend::with_options(2 + i, kernel).unwrap());
-        for path in [CpuPath::GemmStrips, CpuPath::GemmRows, CpuPath::Direct] {
+        for path in [CpuPath::GemmStrips, CpuPath::GemmRows, CpuPath::RowSums] {
             all.push(
                 CpuBackend::with_options(1 + i, kernel)
                     .unwrap()
@@ -51,7 +51,7 @@ fn supported() -> Vec<Microkernel> {
 }
 
 #[test]
-fn gemm_and_direct_paths_cover_every_feature() {
+fn gemm_and_row_sums_paths_cover_every_feature() {
     let cases = [
         Conv2dParams::new(2, 5, 9, 11, 20, 3, 3).with_padding(1, 1),
         Conv2dParams::new(1, 3, 23, 23, 17, 7, 7)

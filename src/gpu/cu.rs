@@ -2,7 +2,7 @@
 //! where CUDA is there (`SPORKLE_STREAM_COPY=cuda`, the default where it works).
 //!
 //! GL's shader copies reach 77 GB/s both ways together on the H100 and Vulkan's transfer
-//! queues 58, where CUDA's copy engines reach 99 (README). This module opens CUDA (the driver
+//! queues 58, where CUDA's copy engines reach 99 (`docs/experiments.md`). This module opens CUDA (the driver
 //! library, loaded at run time through `cudarc`) on the GL context's GPU, matched by device
 //! UUID, and imports device memory that Vulkan exported and GL imported too (`vk.rs`), so that
 //! CUDA streams copy into and out of the buffers GL computes on ([`CudaCopies`]). Host memory

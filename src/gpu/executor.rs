@@ -1,4 +1,4 @@
-//! The async executor: streaming convolutions through a pipeline of steps, [`FRAMES`] jobs per
+//! The async executor: streaming convolutions through a pipeline of steps, [`JOBS_PER_STEP`] jobs per
 //! step.
 //!
 //! It runs on the GPU worker thread, which owns the context. Each job has a frame: an upload
@@ -53,12 +53,12 @@ use std::time::{Duration, Instant};
 
 /// Jobs in one step of the pipeline, and so on the GPU at once: while one convolves, the next
 /// is copied in and the one before it copied out.
-pub const FRAMES: usize = 3;
+pub const JOBS_PER_STEP: usize = 3;
 
 /// Frames (buffer sets) in all, by default (`SPORKLE_STREAM_FRAMES` sets it, at least
-/// [`FRAMES`]): a job holds one from its start until its caller has read its output, so beyond
-/// the [`FRAMES`] jobs of a step, two more may be queued for the next step or being read.
-pub const SLOTS: usize = FRAMES + 2;
+/// [`JOBS_PER_STEP`]): a job holds one from its start until its caller has read its output, so beyond
+/// the [`JOBS_PER_STEP`] jobs of a step, two more may be queued for the next step or being read.
+pub const FRAMES_DEFAULT: usize = JOBS_PER_STEP + 2;
 
 /// How long the GPU may sit idle, with jobs in flight that need more steps and a job about to
 /// join (its input being copied in, or a frame about to come back for it), before the worker
@@ -280,13 +280,13 @@ impl Executor {
             .is_none_or(|f| f.signaled().unwrap_or(true))
     }
 
-    /// Frames to make: [`SLOTS`], or `SPORKLE_STREAM_FRAMES`.
+    /// Frames to make: [`FRAMES_DEFAULT`], or `SPORKLE_STREAM_FRAMES`.
     pub(super) fn slots() -> usize {
         knob("SPORKLE_STREAM_FRAMES", |v| match v.parse::<usize>() {
-            Ok(n) if (FRAMES..=16).contains(&n) => Ok(n),
-            _ => Err(format!("expected {FRAMES} to 16 frames")),
+            Ok(n) if (JOBS_PER_STEP..=16).contains(&n) => Ok(n),
+            _ => Err(format!("expected {JOBS_PER_STEP} to 16 frames")),
         })
-        .unwrap_or(SLOTS)
+        .unwrap_or(FRAMES_DEFAULT)
     }
 
     /// How long the GPU has been seen idle (every step recorded has finished).

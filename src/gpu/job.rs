@@ -105,7 +105,7 @@ impl Staged {
         }
     }
 
-    /// The output, `N×K×Ho×Wo`.
+    /// The output, `n×c_out×ho×wo`.
     pub fn as_slice(&self) -> &[f32] {
         self.view.as_slice()
     }
@@ -145,7 +145,7 @@ impl Default for Output {
 }
 
 impl Output {
-    /// The output, `N×K×Ho×Wo`.
+    /// The output, `n×c_out×ho×wo`.
     pub fn as_slice(&self) -> &[f32] {
         match self {
             Output::Staged(s) => s.as_slice(),

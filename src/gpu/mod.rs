@@ -9,7 +9,7 @@
 //! The modules, and what each may use (imports run one way, down this list):
 //! - `worker.rs`: the thread's loop and its messages; the kernel-timing path
 //!   ([`GpuBackend::time_kernel`]), calibration, plans and probes answered there;
-//! - `executor.rs`: the [`executor::Executor`], the streaming state: frames, jobs in flight,
+//! - `executor.rs`: the `Executor`, the streaming state: frames, jobs in flight,
 //!   when to record a step, failures and recovery;
 //! - `step.rs`: frames, and recording one step's copies and convolution on them; `job.rs`: a
 //!   streaming job and its answer;
@@ -41,7 +41,7 @@ mod knob;
 mod memory;
 #[cfg(feature = "probes")]
 mod overlap;
-pub mod plan;
+mod plan;
 mod resident;
 pub mod shaders;
 mod step;
@@ -51,7 +51,7 @@ mod worker;
 
 pub use arithmetic::Arithmetic;
 pub use context::{GpuChoice, GpuInfo};
-pub use executor::{parts_from_env, FRAMES, SLOTS};
+pub use executor::{parts_from_env, FRAMES_DEFAULT, JOBS_PER_STEP};
 pub use gl::LiveObjects;
 pub use host_copy::parallel_hash;
 pub(crate) use job::{JobWeights, StreamJob};
@@ -467,7 +467,7 @@ impl GpuBackend {
 
     /// Streams one convolution through the async executor (see [`executor`]): returns at once;
     /// the answer arrives on the returned channel. With `pipelined`, its phases share the
-    /// executor's steps with other jobs ([`FRAMES`] per step); without, it runs alone, each phase
+    /// executor's steps with other jobs ([`JOBS_PER_STEP`] per step); without, it runs alone, each phase
     /// a step of its own. A fence that does not pass within `timeout`
     /// fails the job (nothing is read from its buffers) and marks the GPU unhealthy.
     pub(crate) fn stream(

@@ -12,7 +12,7 @@
 //!   dispatches the convolution once the previous step's copy in has passed its event; a step
 //!   without a new job is recorded as soon as it would not block, or where only its copy out
 //!   could start, that copy out alone (`Executor::step_copy_out_early`). (Ordering the APIs on
-//!   the GPU with shared semaphores was slower: README.)
+//!   the GPU with shared semaphores was slower: `docs/experiments.md`.)
 //! - Shader copies (the default otherwise): workgroups of the convolution's own dispatch where
 //!   its plan is one pass, after one barrier, then one fence, so the GPU moves data both ways
 //!   while it convolves (one context runs DMA copies and dispatches one after another:

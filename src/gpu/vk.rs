@@ -7,12 +7,12 @@
 //! an fd, imports it into GL (`GL_EXT_memory_object_fd`, bound to a GL storage buffer) and
 //! exports it again for CUDA ([`SharedBuffer::export_fd`]). The Vulkan loader is opened at run
 //! time (`ash`'s `loaded` feature), so machines without one simply have no shared memory.
-//! (Vulkan's own transfer queues were measured as the copy path too, commit d3f87cc: 58 GB/s
-//! both ways together, where CUDA's copy engines reach 99; see the README.)
+//! (Vulkan's own transfer queues reached 58 GB/s both ways together as the copy path, where
+//! CUDA's copy engines reach 99: `docs/experiments.md`.)
 //!
-//! Ordering between the APIs is the user's (see `cu.rs`). With `context.rs`, `gl.rs` and
-//! `cu.rs`, this file holds the GPU's `unsafe`: Vulkan and the GL extension functions are C
-//! APIs; every block says why it is sound.
+//! Ordering between the APIs is the user's (see `cu.rs`). Vulkan and the GL extension
+//! functions are C APIs, so this file is on tidy's list of files that may hold `unsafe`; every
+//! block says why it is sound.
 
 use super::context::GlContext;
 use super::gl::{self, Buffer};
@@ -105,7 +105,7 @@ struct Device {
 /// their GPU. Never destroyed while the process runs: the NVIDIA driver's `vkDestroyDevice`
 /// joins a thread of its own that can wait for a lock that another thread's GL call holds,
 /// and so hung forever when a Juggler was dropped while others ran (seen on the H100, the
-/// validation's `fault/fence_timeout` and `auto/choice` hangs; stacks in the README).
+/// validation's `fault/fence_timeout` and `auto/choice` hangs; stacks in `docs/experiments.md`).
 static OPEN: Mutex<Vec<Arc<Device>>> = Mutex::new(Vec::new());
 
 impl Drop for Device {

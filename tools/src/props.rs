@@ -243,7 +243,7 @@ mod tests {
             match CpuPath::for_params(&p) {
                 CpuPath::GemmStrips => paths[0] += 1,
                 CpuPath::GemmRows => paths[1] += 1,
-                CpuPath::Direct | CpuPath::Winograd | CpuPath::WinogradF4 => {
+                CpuPath::RowSums | CpuPath::Winograd | CpuPath::WinogradF4 => {
                     panic!("{p}: wide groups take a GEMM path (the strategy's channels are few)")
                 }
             }

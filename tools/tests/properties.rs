@@ -17,7 +17,7 @@ fn backends() -> &'static [CpuBackend] {
             CpuBackend::with_threads(2).unwrap(),
             CpuBackend::with_options(1, Microkernel::Portable).unwrap(),
         ];
-        for path in [CpuPath::GemmStrips, CpuPath::GemmRows, CpuPath::Direct] {
+        for path in [CpuPath::GemmStrips, CpuPath::GemmRows, CpuPath::RowSums] {
             all.push(
                 CpuBackend::with_options(3, Microkernel::detect())
                     .unwrap()

@@ -97,10 +97,10 @@ enum DeviceArg {
 
 #[derive(clap::Args)]
 struct Conv2dArgs {
-    /// Input, float32 N×C×H×W.
+    /// Input, float32 n×c_in×h×w.
     #[arg(long)]
     input: PathBuf,
-    /// Weights, float32 K×(C/G)×R×S.
+    /// Weights, float32 c_out×(c_in/groups)×k_h×k_w.
     #[arg(long)]
     weights: PathBuf,
     /// Bias, float32 K.
@@ -126,7 +126,7 @@ struct Conv2dArgs {
     /// Threads of the CPU backend (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
-    /// Output file, float32 N×K×Ho×Wo.
+    /// Output file, float32 n×c_out×ho×wo.
     #[arg(long)]
     output: PathBuf,
 }
@@ -192,7 +192,7 @@ fn parse_cpu_path(s: &str) -> Result<CpuPath, String> {
     match s {
         "strips" => Ok(CpuPath::GemmStrips),
         "rows" => Ok(CpuPath::GemmRows),
-        "direct" => Ok(CpuPath::Direct),
+        "direct" => Ok(CpuPath::RowSums),
         "winograd" | "winograd-f2x2" => Ok(CpuPath::Winograd),
         "winograd-f4x4" => Ok(CpuPath::WinogradF4),
         _ => Err(format!(
@@ -333,8 +333,9 @@ fn dims4(a: &npy::Array, path: &Path, what: &str) -> Result<[usize; 4]> {
 fn conv2d(a: Conv2dArgs) -> Result<()> {
     let x = npy::read(&a.input)?;
     let w = npy::read(&a.weights)?;
-    let [n, c_in, h, wd] = dims4(&x, &a.input, "the input (N×C×H×W)")?;
-    let [c_out, c_per_group, k_h, k_w] = dims4(&w, &a.weights, "the weights (K×C/G×R×S)")?;
+    let [n, c_in, h, wd] = dims4(&x, &a.input, "the input (n×c_in×h×w)")?;
+    let [c_out, c_per_group, k_h, k_w] =
+        dims4(&w, &a.weights, "the weights (c_out×(c_in/groups)×k_h×k_w)")?;
     let p = a.padding.apply(
         Conv2dParams::new(n, c_in, h, wd, c_out, k_h, k_w)
             .with_stride(a.stride.0, a.stride.1)
@@ -778,7 +779,7 @@ fn stream(a: &BenchArgs, cases: &[&sporkle::suite::Case], batches: usize) -> Res
                 let t = Instant::now();
                 let results = if on {
                     // Async: everything submitted, then waited in order (the executor keeps at
-                    // most FRAMES on the GPU).
+                    // most JOBS_PER_STEP on the GPU).
                     let tickets = (0..batches)
                         .map(submit)
                         .collect::<sporkle::Result<Vec<_>>>()?;

@@ -347,13 +347,7 @@ impl CpuBackend {
         bias: Option<&[f32]>,
         output: &mut [f32],
     ) -> Result<()> {
-        // Validates `p` too (once: the path and shape below need a valid one).
-        p.check_buffers(
-            input.len(),
-            p.weights_len(),
-            bias.map(<[f32]>::len),
-            output.len(),
-        )?;
+        p.validate()?;
         let path = self.path_for(p);
         if weights.shape != WeightShape::of(p) || weights.layout != path.layout() {
             return Err(Error::InvalidParams(format!(
@@ -362,6 +356,12 @@ impl CpuBackend {
                 WeightShape::of(p)
             )));
         }
+        p.check_buffers(
+            input.len(),
+            p.weights_len(),
+            bias.map(<[f32]>::len),
+            output.len(),
+        )?;
         let mut ws = lock(&self.workspace);
         let laid_out = &weights.data[weights.range.clone()];
         self.run(p, path, input, laid_out, bias, output, &mut ws)

@@ -16,7 +16,7 @@
 //!
 //! A step runs phase 1 of the newest job, phase 2 of the one before and phase 3 of the one
 //! before that; how its copies run ([`StreamCopy`]: CUDA's copy engines or shader copies) and
-//! how a big job runs in parts along n ([`PARTS`]) is told in `step.rs`, which records steps.
+//! how a big job runs in parts along n (`PARTS`, chosen by `Planner::parts`) is told in `step.rs`, which records steps.
 //!
 //! Timer queries time each step's GL work, and each job reports the steps of its phases; a job
 //! that shared steps reports their whole times (`steps_shared`), except CUDA copies, timed alone.
@@ -65,28 +65,11 @@ pub const FRAMES_DEFAULT: usize = JOBS_PER_STEP + 2;
 /// records a step without a new job: if the job joins in that time, it shares the step instead.
 pub(super) const IDLE_GRACE: Duration = Duration::from_micros(100);
 
-/// Parts a large job's batch runs in along n with CUDA copies, by default (see
-/// `Worker::parts_for`): the first part's convolution starts while the rest is still copied
-/// in, and its copy out while the rest convolves, which shortens a stream's start and end.
-pub const PARTS: usize = 2;
-
 /// How long a broken executor waits for the GPU to finish its earlier work before it takes a
 /// new job ([`Executor::recover`]).
 const RECOVER_WAIT: Duration = Duration::from_millis(50);
 
-/// Parts wanted from `SPORKLE_STREAM_PARTS` (1 to 16; see `Worker::parts_for`), if set.
-pub fn parts_from_env() -> Option<usize> {
-    knob("SPORKLE_STREAM_PARTS", |v| match v.parse::<usize>() {
-        Ok(n) if (1..=16).contains(&n) => Ok(n),
-        _ => Err("expected 1 to 16 parts".into()),
-    })
-}
-
-/// The least bytes in and out of a job that runs in [`PARTS`] parts by default: below, a
-/// part's copies would be too short to be worth their own waits.
-pub const PARTS_MIN_BYTES: usize = 8 << 20;
-
-/// What a job's frame was made ready with ([`Worker::try_fill`]).
+/// What a job's frame was made ready with (`Executor::try_fill`).
 struct Planned {
     /// One part's plan.
     plan: Rc<Plan>,
@@ -144,8 +127,6 @@ pub(super) struct Executor {
     copy_thread: host_copy::CopyThread,
     /// How steps copy between staging and device buffers.
     copy_mode: StreamCopy,
-    /// Parts of a job's batch wanted by `SPORKLE_STREAM_PARTS` (`Executor::parts_for`).
-    stream_parts: Option<usize>,
     /// The clock CUDA-copied jobs' GPU spans are read on.
     cuda_clock: CudaClock,
     /// CUDA copies, once opened (`copy_mode`); after every buffer they made.
@@ -181,7 +162,6 @@ impl Executor {
             filling: None,
             copy_thread: host_copy::CopyThread::default(),
             copy_mode: StreamCopy::from_env(),
-            stream_parts: parts_from_env(),
             cuda_clock: CudaClock::default(),
             cuda: None,
             gl,
@@ -534,7 +514,7 @@ impl Executor {
         let p = &job.p;
         let lens = (job.x.len(), p.weights_len());
         let whole = res.plans.plan(p, lens, job.b.is_some(), &Dispatches::ONE)?;
-        let parts = self.parts_for(job);
+        let parts = (res.plans).parts(job.p, job.x.len(), job.pipelined, self.copy_mode);
         // A part runs the whole batch's algorithm and tile, so that its outputs are the same
         // bits as the synchronous path's.
         let plan = match parts {
@@ -597,33 +577,6 @@ impl Executor {
             fused,
             done,
         })
-    }
-
-    /// Parts to run `job` in along n: the most, up to those wanted, that divide n and start
-    /// every part at an offset that storage buffers can be bound at. Wanted: one for a job that
-    /// runs alone (synchronous mode: each of its phases a step of its own, so its stage times
-    /// are its own, never overlapped), and with shader copies (fused into one dispatch); else
-    /// `SPORKLE_STREAM_PARTS`, or with CUDA copies [`PARTS`] for jobs of at least
-    /// [`PARTS_MIN_BYTES`] in and out.
-    fn parts_for(&self, job: &StreamJob) -> usize {
-        let (p, x_len) = (&job.p, job.x.len());
-        let out_len = p.output_len();
-        let wanted = match (self.copy_mode, self.stream_parts) {
-            _ if !job.pipelined => 1,
-            (StreamCopy::Shader { .. }, _) => 1,
-            (_, Some(parts)) => parts,
-            (StreamCopy::Cuda { .. }, None) if (x_len + out_len) * 4 >= PARTS_MIN_BYTES => PARTS,
-            _ => 1,
-        };
-        let align = self.info.storage_offset_alignment.max(4) as usize;
-        (1..=wanted.min(p.n))
-            .rev()
-            .find(|&d| {
-                p.n.is_multiple_of(d)
-                    && (x_len / d * 4).is_multiple_of(align)
-                    && (out_len / d * 4).is_multiple_of(align)
-            })
-            .unwrap_or(1)
     }
 
     /// Records the next step of the pipeline (see [`Worker::step`]).

@@ -51,12 +51,14 @@ mod worker;
 
 pub use arithmetic::Arithmetic;
 pub use context::{GpuChoice, GpuInfo};
-pub use executor::{parts_from_env, FRAMES_DEFAULT, JOBS_PER_STEP};
+pub use executor::{FRAMES_DEFAULT, JOBS_PER_STEP};
 pub use gl::LiveObjects;
 pub use host_copy::parallel_hash;
 pub(crate) use job::{JobWeights, StreamJob};
 pub use job::{Output, Staged, StreamDone};
-pub use plan::{Algorithm, Dispatches, Kernel, PlanInfo, Tile};
+pub use plan::{
+    parts_from_env, Algorithm, Dispatches, Kernel, PlanInfo, Tile, PARTS, PARTS_MIN_BYTES,
+};
 pub(crate) use resident::{SharedWeights, WeightsKey};
 pub use shaders::StreamCopy;
 pub use worker::GpuRun;

@@ -26,6 +26,23 @@ const BUSY_WORKGROUPS: u64 = 264;
 /// At most this many slices of the taps.
 const MAX_SPLIT: u64 = 16;
 
+/// Parts a large job's batch runs in along n with CUDA copies, by default (see
+/// `Planner::parts`): the first part's convolution starts while the rest is still copied
+/// in, and its copy out while the rest convolves, which shortens a stream's start and end.
+pub const PARTS: usize = 2;
+
+/// Parts wanted from `SPORKLE_STREAM_PARTS` (1 to 16; see `Planner::parts`), if set.
+pub fn parts_from_env() -> Option<usize> {
+    knob("SPORKLE_STREAM_PARTS", |v| match v.parse::<usize>() {
+        Ok(n) if (1..=16).contains(&n) => Ok(n),
+        _ => Err("expected 1 to 16 parts".into()),
+    })
+}
+
+/// The least bytes in and out of a job that runs in [`PARTS`] parts by default: below, a
+/// part's copies would be too short to be worth their own waits.
+pub const PARTS_MIN_BYTES: usize = 8 << 20;
+
 /// Which shader a tile variant runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Kernel {
@@ -439,6 +456,8 @@ pub(super) struct Planner {
     pub(super) programs: ProgramCache,
     /// Plans made, by what they were made from.
     plans: HashMap<PlanKey, Rc<Plan>>,
+    /// Parts of a job's batch wanted by `SPORKLE_STREAM_PARTS` ([`Planner::parts`]).
+    stream_parts: Option<usize>,
 }
 
 impl Planner {
@@ -449,6 +468,7 @@ impl Planner {
             info,
             programs: ProgramCache::default(),
             plans: HashMap::new(),
+            stream_parts: parts_from_env(),
         }
     }
 
@@ -685,6 +705,39 @@ impl Planner {
         let source = shaders::fused_source(&pass.source, copy_z);
         self.program(&source)?;
         Ok(Some((source, copy_z)))
+    }
+
+    /// Parts to run a streaming job of shape `p` (`x_len` floats in; `pipelined`, or alone) in
+    /// along n, its copies made by `copy_mode`: the most, up to those wanted, that divide n and start
+    /// every part at an offset that storage buffers can be bound at. Wanted: one for a job that
+    /// runs alone (synchronous mode: each of its phases a step of its own, so its stage times
+    /// are its own, never overlapped), and with shader copies (fused into one dispatch); else
+    /// `SPORKLE_STREAM_PARTS`, or with CUDA copies [`PARTS`] for jobs of at least
+    /// [`PARTS_MIN_BYTES`] in and out.
+    pub(super) fn parts(
+        &self,
+        p: Conv2dParams,
+        x_len: usize,
+        pipelined: bool,
+        copy_mode: StreamCopy,
+    ) -> usize {
+        let out_len = p.output_len();
+        let wanted = match (copy_mode, self.stream_parts) {
+            _ if !pipelined => 1,
+            (StreamCopy::Shader { .. }, _) => 1,
+            (_, Some(parts)) => parts,
+            (StreamCopy::Cuda { .. }, None) if (x_len + out_len) * 4 >= PARTS_MIN_BYTES => PARTS,
+            _ => 1,
+        };
+        let align = self.info.storage_offset_alignment.max(4) as usize;
+        (1..=wanted.min(p.n))
+            .rev()
+            .find(|&d| {
+                p.n.is_multiple_of(d)
+                    && (x_len / d * 4).is_multiple_of(align)
+                    && (out_len / d * 4).is_multiple_of(align)
+            })
+            .unwrap_or(1)
     }
 
     /// The compiled program for `source` (compiled when the plan was made).

@@ -20,7 +20,7 @@
 //!   GPU has finished every step so far (and, if a job is about to join, `IDLE_GRACE` has
 //!   passed), so that a steady stream keeps its phases together.
 //!
-//! A big pipelined job runs its batch in parts along n (`executor::PARTS`, with CUDA copies): each part
+//! A big pipelined job runs its batch in parts along n (`gpu::PARTS`, with CUDA copies): each part
 //! of each phase ends at its own event or fence, and each part of the next phase waits only for
 //! its own part of the one before, so a job's convolution starts on the first part of its input
 //! and its copy out on the first part of its output (a shorter start and end of a stream). A

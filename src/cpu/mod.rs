@@ -6,7 +6,7 @@
 //!    on the rows kernel reads its input in place instead (`Geometry::pointwise`);
 //! 2. the output is cut into tasks (image, group, a tile of whole output rows, a range of
 //!    filters), run in parallel, about two per thread; [`CpuPath::for_params`] picks the path:
-//!    - **GEMM, strips** (`kernel.rs`): for each panel of 16 filters and each block of at most
+//!    - **GEMM, strips** (`kernel/`): for each panel of 16 filters and each block of at most
 //!      [`KC`] taps, the 16×16 microkernel runs over every strip of 16 grid positions (junk
 //!      columns included);
 //!    - **GEMM, rows**: up to 16 valid positions of one row × 16 filters over every tap, the

@@ -1,0 +1,220 @@
+//! The AVX-512 microkernels (x86-64 only): the strips and rows orientations, the F(4×4) tile
+//! store and the FMA peak loop, each behind its safe wrapper in the parent module, which checks
+//! every bound its `# Safety` section names.
+
+use super::{MR, NR};
+use std::arch::x86_64::*;
+
+/// How many taps ahead B rows are prefetched (each tap is about 16 cycles of FMAs).
+const PREFETCH: usize = 8;
+
+/// The AVX-512 body of [`super::Microkernel::run`]; see there for the contract.
+///
+/// # Safety
+/// The CPU supports AVX-512F; `a` is valid for `kc·16` reads; `offs` for `kc` reads;
+/// `b` for reads at `offs[k] + 0..16`; `c` for reads and writes at `i·ldc + 0..lanes`,
+/// `i < filters`; `lanes ≤ 16`.
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn kernel(
+    kc: usize,
+    a: *const f32,
+    offs: *const usize,
+    b: *const f32,
+    c: *mut f32,
+    ldc: usize,
+    filters: usize,
+    lanes: usize,
+    start: super::Start,
+) {
+    let mask: __mmask16 = ((1u32 << lanes) - 1) as __mmask16;
+    let mut acc = [_mm512_setzero_ps(); MR];
+    for (i, v) in acc.iter_mut().enumerate() {
+        *v = match start {
+            super::Start::Values(s) => _mm512_set1_ps(s[i]),
+            // SAFETY: row i < filters of C, lanes under the mask, is in bounds (caller's contract).
+            super::Start::Accumulate if i < filters => unsafe {
+                _mm512_maskz_loadu_ps(mask, c.add(i * ldc))
+            },
+            super::Start::Accumulate => _mm512_setzero_ps(),
+        };
+    }
+    for k in 0..kc {
+        // The B rows of a tap table jump between planes, which hardware prefetchers do not
+        // follow: ask for the row PREFETCH taps ahead (a hint; wrapping_add keeps the
+        // address computation defined, and prefetches never fault).
+        // SAFETY: min(k + PREFETCH, kc − 1) < kc, so the offset read is in bounds.
+        let ahead = unsafe { *offs.add((k + PREFETCH).min(kc - 1)) };
+        _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add(ahead).cast::<i8>());
+        // SAFETY: k < kc, so offs[k], the 16 floats of B at offs[k] and A's row k are in bounds.
+        let (bv, ak) = unsafe { (_mm512_loadu_ps(b.add(*offs.add(k))), a.add(k * MR)) };
+        for (i, v) in acc.iter_mut().enumerate() {
+            // SAFETY: i < 16 = MR, inside A's row k.
+            let av = unsafe { _mm512_set1_ps(*ak.add(i)) };
+            *v = _mm512_fmadd_ps(av, bv, *v);
+        }
+    }
+    for (i, v) in acc.iter().enumerate().take(filters) {
+        // SAFETY: row i < filters of C, lanes under the mask, is in bounds (caller's contract).
+        unsafe { _mm512_mask_storeu_ps(c.add(i * ldc), mask, *v) };
+    }
+    debug_assert_eq!(NR, 16);
+}
+
+/// The AVX-512 body of [`super::Microkernel::run_rows`] for `N` positions and `P` panels
+/// (`N·P` accumulators, `P` vectors of A per tap, the B values broadcast from memory).
+///
+/// # Safety
+/// The CPU supports AVX-512F; `a` is valid for reads at `p·a_stride + k·16 + 0..16` for
+/// `p < P`, `k < kdim`; `offs` for `kdim` reads; `b` for reads at `offs[k] + 0..N`; `c` for
+/// writes at `j·ldc + 0..N`, `j < filters ≤ 16·P` (by filter) or `i·ldc + 0..filters`,
+/// `i < N` (by position).
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn rows<const N: usize, const P: usize>(
+    kdim: usize,
+    a: *const f32,
+    a_stride: usize,
+    offs: *const usize,
+    b: *const f32,
+    c: *mut f32,
+    ldc: usize,
+    filters: usize,
+    bias: &[f32; 2 * MR],
+    out: super::RowsOut,
+) {
+    let mut start = [_mm512_setzero_ps(); P];
+    for (p, v) in start.iter_mut().enumerate() {
+        // SAFETY: p < P ≤ 2: 16 floats inside the 32 of bias.
+        *v = unsafe { _mm512_loadu_ps(bias.as_ptr().add(p * MR)) };
+    }
+    let mut acc = [start; N];
+    for k in 0..kdim {
+        let mut av = [_mm512_setzero_ps(); P];
+        for (p, v) in av.iter_mut().enumerate() {
+            // SAFETY: p < P and k < kdim: panel p's row k (caller's contract).
+            *v = unsafe { _mm512_loadu_ps(a.add(p * a_stride + k * MR)) };
+        }
+        // SAFETY: k < kdim: offs[k] is in bounds, and so are the N floats of B at offs[k].
+        let bk = unsafe { b.add(*offs.add(k)) };
+        for (i, row) in acc.iter_mut().enumerate() {
+            // SAFETY: i < N, inside the N floats of B at offs[k].
+            let bv = unsafe { _mm512_set1_ps(*bk.add(i)) };
+            for (v, &a) in row.iter_mut().zip(&av) {
+                *v = _mm512_fmadd_ps(bv, a, *v);
+            }
+        }
+    }
+    if out == super::RowsOut::ByPosition {
+        for (i, vs) in acc.iter().enumerate() {
+            for (p, v) in vs.iter().enumerate() {
+                let lanes = filters.saturating_sub(p * MR).min(MR);
+                let mask: __mmask16 = ((1u32 << lanes) - 1) as __mmask16;
+                // SAFETY: i < N and the lanes under the mask are filters < `filters`:
+                // inside row i of C (caller's contract).
+                unsafe { _mm512_mask_storeu_ps(c.add(i * ldc + p * MR), mask, *v) };
+            }
+        }
+        return;
+    }
+    // Transpose through a small stack tile: N·P vector stores, then `filters` rows of N.
+    let mut tile = [[[0.0f32; MR]; P]; N];
+    for (row, vs) in tile.iter_mut().zip(&acc) {
+        for (panel, v) in row.iter_mut().zip(vs) {
+            // SAFETY: panel is 16 floats.
+            unsafe { _mm512_storeu_ps(panel.as_mut_ptr(), *v) };
+        }
+    }
+    for j in 0..filters {
+        for (i, row) in tile.iter().enumerate() {
+            // SAFETY: j < filters and i < N: inside row j of C (caller's contract).
+            unsafe { *c.add(j * ldc + i) = row[j / MR][j % MR] };
+        }
+    }
+}
+
+/// See [`super::store_tiles4x4`].
+///
+/// # Safety
+/// The CPU supports AVX-512F; `y` is valid for reads of `filters` floats at `r·ldy` for
+/// `r < 16`; each of `dst[..filters]` is valid for writes at `i·wo + 0..4`, `i < 4`.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn store_tiles4x4(
+    y: *const f32,
+    ldy: usize,
+    bias: &[f32; 16],
+    dst: &[*mut f32; 16],
+    filters: usize,
+    wo: usize,
+) {
+    let mask: __mmask16 = ((1u32 << filters) - 1) as __mmask16;
+    let mut r = [_mm512_setzero_ps(); 16];
+    for (row, v) in r.iter_mut().enumerate() {
+        // SAFETY: row < 16, the lanes under the mask are < filters (caller's contract).
+        *v = unsafe { _mm512_maskz_loadu_ps(mask, y.add(row * ldy)) };
+    }
+    transpose16(&mut r);
+    for (f, (v, &d)) in r.iter().zip(dst).take(filters).enumerate() {
+        // Lane 4i + j of v is output (i, j) of filter f: four rows of four.
+        let v = _mm512_add_ps(*v, _mm512_set1_ps(bias[f]));
+        // SAFETY: f < filters: d is valid for writes at i·wo + 0..4 (caller's contract).
+        unsafe {
+            _mm_storeu_ps(d, _mm512_extractf32x4_ps::<0>(v));
+            _mm_storeu_ps(d.add(wo), _mm512_extractf32x4_ps::<1>(v));
+            _mm_storeu_ps(d.add(2 * wo), _mm512_extractf32x4_ps::<2>(v));
+            _mm_storeu_ps(d.add(3 * wo), _mm512_extractf32x4_ps::<3>(v));
+        }
+    }
+}
+
+/// Transposes a 16×16 block held as 16 rows: afterwards `r[l]` lane `i` is the old `r[i]`
+/// lane `l` (unpacks, then 128-bit lane shuffles).
+#[target_feature(enable = "avx512f")]
+fn transpose16(r: &mut [__m512; 16]) {
+    let mut t = [_mm512_setzero_ps(); 16];
+    for i in 0..8 {
+        t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    for i in 0..4 {
+        let (a, b, c, d) = (t[4 * i], t[4 * i + 1], t[4 * i + 2], t[4 * i + 3]);
+        r[4 * i] = _mm512_shuffle_ps::<0x44>(a, c);
+        r[4 * i + 1] = _mm512_shuffle_ps::<0xEE>(a, c);
+        r[4 * i + 2] = _mm512_shuffle_ps::<0x44>(b, d);
+        r[4 * i + 3] = _mm512_shuffle_ps::<0xEE>(b, d);
+    }
+    for h in 0..2 {
+        for j in 0..4 {
+            let (a, b) = (r[8 * h + j], r[8 * h + 4 + j]);
+            t[8 * h + j] = _mm512_shuffle_f32x4::<0x88>(a, b);
+            t[8 * h + 4 + j] = _mm512_shuffle_f32x4::<0xDD>(a, b);
+        }
+    }
+    for j in 0..8 {
+        r[j] = _mm512_shuffle_f32x4::<0x88>(t[j], t[8 + j]);
+        r[8 + j] = _mm512_shuffle_f32x4::<0xDD>(t[j], t[8 + j]);
+    }
+}
+
+/// Nothing but register FMAs, `iters·16` of them, 16 lanes each: the loop behind
+/// [`super::fma_peak`].
+///
+/// # Safety
+/// The CPU supports AVX-512F.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn fma_loop(iters: usize) -> f32 {
+    // 16 independent chains: enough to cover FMA latency on two ports.
+    let mut acc = [_mm512_set1_ps(1.0); 16];
+    let m = _mm512_set1_ps(0.999_9);
+    let add = _mm512_set1_ps(1e-6);
+    for _ in 0..iters {
+        for v in acc.iter_mut() {
+            *v = _mm512_fmadd_ps(*v, m, add);
+        }
+    }
+    let mut sum = _mm512_setzero_ps();
+    for v in acc {
+        sum = _mm512_add_ps(sum, v);
+    }
+    _mm512_reduce_add_ps(sum)
+}

@@ -91,7 +91,7 @@ pub(super) struct Filling {
 struct StagingPtr(*mut f32, usize);
 
 // SAFETY: the copy thread is the only one touching that memory while it runs (see
-// Worker::start_host_copy), and the mapping outlives it.
+// Executor::start_host_copy), and the mapping outlives it.
 unsafe impl Send for StagingPtr {}
 
 /// What outlives jobs on the context besides the executor's frames: plans (and compiled
@@ -432,7 +432,7 @@ impl Executor {
 
     /// Copies `flight`'s input into its frame's upload staging on another thread (in parallel
     /// chunks), so that the worker meanwhile records steps and answers jobs; the job enters the
-    /// pipeline when the copy is done ([`Worker::take_filled`]).
+    /// pipeline when the copy is done ([`Executor::take_filled`]).
     fn start_host_copy(&mut self, slot: usize, flight: Flight) {
         let Some((flight, upload)) = self.upload_staging(slot, flight) else {
             return;
@@ -446,7 +446,7 @@ impl Executor {
             let t = Instant::now();
             // SAFETY: the frame's staging stays mapped, and nothing else touches it, until this
             // copy's answer has been received: the frame is reserved for the job while it
-            // fills (Worker::filling), and the worker waits for the answer before it drains,
+            // fills (Executor::filling), and the worker waits for the answer before it drains,
             // fails or exits.
             let dst = unsafe { std::slice::from_raw_parts_mut(dst.0, dst.1) };
             parallel_copy(x.as_slice(), dst);
@@ -579,12 +579,12 @@ impl Executor {
         })
     }
 
-    /// Records the next step of the pipeline (see [`Worker::step`]).
+    /// Records the next step of the pipeline (see [`Executor::step`]).
     pub(super) fn step_or_fail(&mut self, res: &mut Resources) {
         self.step_or_fail_with(res, self.roles());
     }
 
-    /// Records a step of the phases of the jobs in `role` ([`Worker::step`]); a failure fails
+    /// Records a step of the phases of the jobs in `role` ([`Executor::step`]); a failure fails
     /// every job in flight, since their buffers may be half written, and marks the executor
     /// broken.
     fn step_or_fail_with(&mut self, res: &mut Resources, role: [Option<usize>; 3]) {
@@ -634,7 +634,7 @@ impl Executor {
     }
 
     /// Records one step of the pipeline for the jobs in `role` ([copy in, convolve, copy out],
-    /// normally [`Worker::roles`]): the newest job copies its input in, the one before
+    /// normally [`Executor::roles`]): the newest job copies its input in, the one before
     /// convolves, the one before that copies its output out, all after one barrier (each reads
     /// what the step before wrote), then a fence. Jobs advance one phase per step, so no two jobs
     /// in a step are in the same phase.

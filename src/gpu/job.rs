@@ -187,7 +187,7 @@ pub struct StreamDone {
     pub download_ns: Option<u64>,
     /// GPU times (ns) at the start of its copy in and the end of its copy out (`None` on a
     /// software renderer): GL timestamps, or with CUDA copies, times of the copies' CUDA events
-    /// on a clock chained from job to job (`Worker::cuda_span`). Either way, comparable between
+    /// on a clock chained from job to job (`CudaClock::span`, `step.rs`). Either way, comparable between
     /// the jobs of one executor.
     pub gpu_span_ns: Option<(u64, u64)>,
     /// Wall time of the host copy into staging, on a copy thread (0 for a pinned input; the copy
@@ -220,7 +220,7 @@ pub struct StreamDone {
     pub weights_uploaded: bool,
     /// Jobs in flight when this one was started, itself included (1: it ran alone).
     pub in_flight: usize,
-    /// Parts its batch ran in along n (1: whole; see `Worker::parts_for`).
+    /// Parts its batch ran in along n (1: whole; see `Planner::parts`).
     pub parts: usize,
     /// Bytes copied host → GPU (input, bias, and weights when uploaded) and GPU → host.
     pub bytes_up: u64,

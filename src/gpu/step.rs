@@ -130,11 +130,12 @@ pub(super) struct StepTimes {
     pub(super) copy_in: Option<TimedCopy>,
     pub(super) copy_out: Option<TimedCopy>,
     /// A job's three phases in this one step, each timed by its own query in `elapsed`
-    /// ([`Encoder::encode`]).
+    /// ([`Encoder::encode_alone`]).
     pub(super) alone: bool,
 }
 
-/// A step's GL work as it is encoded ([`Encoder::encode`]): see [`StepTimes`].
+/// A step's GL work as it is encoded ([`Encoder::encode_step`], [`Encoder::encode_alone`]): see
+/// [`StepTimes`].
 #[derive(Default)]
 pub(super) struct GlWork {
     pub(super) elapsed: Vec<TimerQuery>,

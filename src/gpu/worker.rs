@@ -366,7 +366,7 @@ impl Worker {
         self.exec.stream_begin(&mut self.res, job);
     }
 
-    /// See [`GpuBackend::calibrate`].
+    /// See [`super::GpuBackend::calibrate`].
     fn calibrate(&mut self) -> Result<Option<f64>> {
         if self.ctx.info.software {
             return Ok(None);

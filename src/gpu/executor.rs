@@ -80,7 +80,7 @@ struct Planned {
 }
 
 /// A job whose input is being copied into its frame's upload staging on another thread.
-pub(super) struct Filling {
+struct Filling {
     slot: usize,
     flight: Flight,
     /// The copy's wall time (s), when it is done.
@@ -122,7 +122,7 @@ pub(super) struct Executor {
     /// Since when the GPU has been seen idle with steps still to record.
     idle_since: Option<Instant>,
     /// The job whose input the copy thread is writing into its staging.
-    pub(super) filling: Option<Filling>,
+    filling: Option<Filling>,
     /// The thread that copies inputs into staging.
     copy_thread: host_copy::CopyThread,
     /// How steps copy between staging and device buffers.
@@ -168,6 +168,11 @@ impl Executor {
             info,
             immutable,
         }
+    }
+
+    /// Whether a job's input is being copied into its staging (it joins the pipeline when done).
+    pub(super) fn filling(&self) -> bool {
+        self.filling.is_some()
     }
 
     /// Pinned inputs still held by callers.

@@ -169,7 +169,7 @@ impl Worker {
                 continue;
             }
             if pending.is_none() && open {
-                pending = if self.exec.frames_busy() == 0 && self.exec.filling.is_none() {
+                pending = if self.exec.frames_busy() == 0 && !self.exec.filling() {
                     match jobs.recv() {
                         Ok(msg) => Some(msg),
                         Err(_) => break,
@@ -208,8 +208,7 @@ impl Worker {
             let poll = Duration::from_micros(50);
             // A job about to join: one whose input is being copied in, or one waiting for a
             // frame that a caller is about to give back.
-            let joining =
-                self.exec.filling.is_some() || (pending.is_some() && !self.exec.frame_free());
+            let joining = self.exec.filling() || (pending.is_some() && !self.exec.frame_free());
             let grace = if joining { IDLE_GRACE } else { Duration::ZERO };
             if self.exec.steps_pending()
                 && self.exec.gpu_idle()

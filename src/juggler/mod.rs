@@ -846,6 +846,42 @@ mod tests {
         .unwrap()
     }
 
+    /// A GPU job's answer moves every GPU statistic by exactly its own share, and the CPU's not
+    /// at all: two synthetic answers recorded one after the other add up (a counter that
+    /// subtracts, or forgets one, fails).
+    #[test]
+    fn a_gpu_job_moves_each_statistic_by_its_share() {
+        let j = cpu_only();
+        let p = Conv2dParams::new(1, 8, 10, 10, 8, 3, 3);
+        let done = |waited: bool, uploaded: bool, in_flight: usize| StreamDone {
+            busy_s: 0.25,
+            bytes_up: 1000,
+            bytes_down: 300,
+            fence_waited: waited,
+            fence_wait_s: if waited { 0.125 } else { 0.0 },
+            weights_uploaded: uploaded,
+            in_flight,
+            ..StreamDone::default()
+        };
+        j.inner
+            .record_gpu(&p, 0.5, &done(true, true, 2), 0.0, false);
+        j.inner
+            .record_gpu(&p, 0.5, &done(false, false, 3), 0.0, false);
+        let s = j.stats();
+        let g = &s.gpu;
+        assert_eq!((g.calls, g.flops), (2, 2 * p.flops()), "{s}");
+        assert_eq!((g.bytes_up, g.bytes_down), (2000, 600), "{s}");
+        assert_eq!((g.fence_waits, g.fence_wait_s), (1, 0.125), "{s}");
+        assert_eq!((g.weight_uploads, g.cache_hits), (1, 1), "{s}");
+        assert_eq!(g.busy_s, 0.5, "{s}");
+        assert_eq!(s.max_in_flight, 3, "{s}");
+        assert_eq!(
+            s.cpu,
+            DeviceStats::default(),
+            "the CPU's statistics moved: {s}"
+        );
+    }
+
     #[test]
     fn juggler_is_send_and_sync() {
         fn shared<T: Send + Sync>() {}

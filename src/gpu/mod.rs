@@ -304,19 +304,25 @@ impl GpuBackend {
     /// `v` as a shared buffer: the kept one with the same key, or a new one, kept.
     fn shared_set(&self, v: &[f32]) -> (WeightsKey, Arc<[f32]>) {
         let key = WeightsKey::of(v);
-        let mut sets = self.sets.lock().unwrap_or_else(|e| e.into_inner());
-        let set = match sets.iter().position(|(k, _)| *k == key) {
-            Some(i) => sets.remove(i).1,
-            None => v.into(),
-        };
-        sets.push((key, Arc::clone(&set)));
-        let bytes = |sets: &[(WeightsKey, Arc<[f32]>)]| -> usize {
-            sets.iter().map(|(_, s)| s.len() * 4).sum()
-        };
-        while sets.len() > 1 && (sets.len() > SETS_MAX || bytes(&sets) > SETS_BYTES) {
-            sets.remove(0);
+        keep_set(&mut self.lock_sets(), key, || v.into())
+    }
+
+    /// `weights`, a shared buffer of the caller's, as a kept set: found without a hash when the
+    /// backend keeps this same allocation (an `Arc<[f32]>` cannot change while the backend holds
+    /// a clone of it, so the same allocation holds the same bytes), else keyed by a hash of
+    /// every byte and kept as it is (no copy). A caller that passes the same `Arc` again (a
+    /// stream, a model's layer) pays no hash after the first call.
+    pub(crate) fn shared_weights_of(&self, weights: Arc<[f32]>) -> SharedWeights {
+        if let Some(key) = same_allocation(&mut self.lock_sets(), &weights) {
+            return SharedWeights { data: weights, key };
         }
-        (key, set)
+        let key = WeightsKey::of(&weights);
+        let (key, data) = keep_set(&mut self.lock_sets(), key, || weights);
+        SharedWeights { data, key }
+    }
+
+    fn lock_sets(&self) -> std::sync::MutexGuard<'_, Vec<(WeightsKey, Arc<[f32]>)>> {
+        self.sets.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn submit(
@@ -507,6 +513,39 @@ impl GpuBackend {
     }
 }
 
+/// The key of the set in `sets` that is `set`'s own allocation, moved to most recently used.
+fn same_allocation(
+    sets: &mut Vec<(WeightsKey, Arc<[f32]>)>,
+    set: &Arc<[f32]>,
+) -> Option<WeightsKey> {
+    let i = sets.iter().position(|(_, s)| Arc::ptr_eq(s, set))?;
+    let kept = sets.remove(i);
+    let key = kept.0;
+    sets.push(kept);
+    Some(key)
+}
+
+/// The set in `sets` with `key`, moved to most recently used, or `make()`'s, kept; the oldest
+/// go past [`SETS_MAX`] sets or [`SETS_BYTES`] (the newest always stays).
+fn keep_set(
+    sets: &mut Vec<(WeightsKey, Arc<[f32]>)>,
+    key: WeightsKey,
+    make: impl FnOnce() -> Arc<[f32]>,
+) -> (WeightsKey, Arc<[f32]>) {
+    let set = match sets.iter().position(|(k, _)| *k == key) {
+        Some(i) => sets.remove(i).1,
+        None => make(),
+    };
+    sets.push((key, Arc::clone(&set)));
+    let bytes = |sets: &[(WeightsKey, Arc<[f32]>)]| -> usize {
+        sets.iter().map(|(_, s)| s.len() * 4).sum()
+    };
+    while sets.len() > 1 && (sets.len() > SETS_MAX || bytes(sets) > SETS_BYTES) {
+        sets.remove(0);
+    }
+    (key, set)
+}
+
 impl Drop for GpuBackend {
     /// Stops the worker, which deletes every GL object and the context before it exits.
     fn drop(&mut self) {
@@ -516,5 +555,46 @@ impl Drop for GpuBackend {
         if let Some(w) = self.worker.take() {
             let _ = w.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A shared set is found as its own allocation without a key, an equal copy by its key, and
+    /// different bytes are a new set; the oldest sets go past the count budget.
+    #[test]
+    fn kept_sets_are_found_by_allocation_or_content() {
+        let mut sets = Vec::new();
+        let a: Arc<[f32]> = vec![1.0f32, 2.0, 3.0].into();
+        assert_eq!(same_allocation(&mut sets, &a), None, "nothing kept yet");
+        let key_a = WeightsKey::of(&a);
+        let (k, kept) = keep_set(&mut sets, key_a, || Arc::clone(&a));
+        assert!(k == key_a && Arc::ptr_eq(&kept, &a), "kept as it is");
+        assert_eq!(same_allocation(&mut sets, &a), Some(key_a));
+        // The same bytes in another allocation: not the same allocation, but found by key.
+        let copy: Arc<[f32]> = a.to_vec().into();
+        assert_eq!(same_allocation(&mut sets, &copy), None);
+        let (k, kept) = keep_set(&mut sets, WeightsKey::of(&copy), || copy.clone());
+        assert!(
+            k == key_a && Arc::ptr_eq(&kept, &a),
+            "the kept set serves it"
+        );
+        // Other bytes: another key, another set.
+        let b: Arc<[f32]> = vec![1.0f32, 2.0, 3.5].into();
+        let (k, kept) = keep_set(&mut sets, WeightsKey::of(&b), || Arc::clone(&b));
+        assert!(k != key_a && Arc::ptr_eq(&kept, &b));
+        assert_eq!(sets.len(), 2);
+        for i in 0..2 * SETS_MAX {
+            let v: Arc<[f32]> = vec![i as f32].into();
+            keep_set(&mut sets, WeightsKey::of(&v), || v);
+        }
+        assert_eq!(sets.len(), SETS_MAX, "at most SETS_MAX sets");
+        assert_eq!(
+            same_allocation(&mut sets, &a),
+            None,
+            "the oldest went first"
+        );
     }
 }

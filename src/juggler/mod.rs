@@ -718,11 +718,11 @@ impl Juggler {
     ) -> Ticket {
         let submitted = Instant::now();
         let gpu = self.inner.gpu.read().unwrap_or_else(|e| e.into_inner());
-        // A job that runs alone is sent before its weights are hashed, and the weights follow
-        // on their own channel: the hash (a full pass over them, about 75 µs for 2.4 MiB) then
-        // overlaps the copy of the input, and the convolution, the first phase that needs
-        // them, waits for it. A pipelined job carries them: the worker must never wait on one
-        // caller while other jobs are in flight.
+        // A job that runs alone is sent before its weights are keyed, and the weights follow
+        // on their own channel: a hash (a full pass over them, about 75 µs for 2.4 MiB, needed
+        // unless the backend keeps this same allocation) then overlaps the copy of the input,
+        // and the convolution, the first phase that needs them, waits for it. A pipelined job
+        // carries them: the worker must never wait on one caller while other jobs are in flight.
         let (weights, answer) = if sync {
             let (send_weights, weights_later) = mpsc::sync_channel(1);
             let answer = self.stream_on(
@@ -733,12 +733,12 @@ impl Juggler {
                 bias.clone(),
                 sync,
             );
-            let weights = SharedWeights::new(weights);
+            let weights = shared_weights(gpu.as_ref(), weights);
             // A job that failed before it needed them has dropped the receiver.
             let _ = send_weights.send(weights.clone());
             (weights, answer)
         } else {
-            let weights = SharedWeights::new(weights);
+            let weights = shared_weights(gpu.as_ref(), weights);
             let answer = self.stream_on(
                 gpu.as_ref(),
                 p,
@@ -790,6 +790,15 @@ fn failed_answer(why: Error) -> mpsc::Receiver<Result<StreamDone>> {
     let (tx, rx) = mpsc::channel();
     let _ = tx.send(Err(why));
     rx
+}
+
+/// `weights` keyed for a GPU job: by `gpu`'s kept sets (no hash for an allocation it keeps),
+/// or hashed where the GPU was released (the job then fails and re-runs on the CPU).
+fn shared_weights(gpu: Option<&GpuBackend>, weights: Arc<[f32]>) -> SharedWeights {
+    match gpu {
+        Some(g) => g.shared_weights_of(weights),
+        None => SharedWeights::new(weights),
+    }
 }
 
 /// Why a GPU job did not start: the Juggler released its GPU.

@@ -405,6 +405,22 @@ impl Executor {
         }
     }
 
+    /// Runs the job in frame `slot` (the oldest in flight, all its steps passed) again from its
+    /// copy in, its input still where the first run read it: after a guess at its weights
+    /// turned out wrong. Its deadline still counts from its first start.
+    fn restart(&mut self, res: &mut Resources, slot: usize) {
+        let f = (self.frames[slot].flight.as_mut()).expect("a frame in flight holds its job");
+        f.phases = 0;
+        f.fence = None;
+        f.steps = [None, None, None];
+        f.done.reruns += 1;
+        if !f.job.pipelined && self.cuda.is_none() {
+            self.step_or_fail_with(res, [Some(slot); 3]);
+        } else {
+            self.step_or_fail(res);
+        }
+    }
+
     /// Frame `slot`'s upload staging, with `flight`; `None` once `flight` has been answered
     /// that the frame lacks one.
     fn upload_staging(&mut self, slot: usize, flight: Flight) -> Option<(Flight, &mut HostMem)> {
@@ -671,7 +687,7 @@ impl Executor {
                 let f =
                     (self.frames[slot].flight.as_mut()).expect("a frame in flight holds its job");
                 let (p, algorithm) = (f.job.p, f.plan.algorithm);
-                let w = f.job.w.get()?.clone();
+                let w = f.job.w.for_convolution()?.clone();
                 Some(res.weights.get(&p, w.key, &w.data, algorithm)?)
             }
             None => None,
@@ -796,11 +812,58 @@ impl Executor {
         let Some(&slot) = self.in_flight.front() else {
             return;
         };
-        while self.in_flight.front() == Some(&slot) && self.frames[slot].flight().phases < 3 {
-            self.step_or_fail(res);
-        }
-        if self.in_flight.front() != Some(&slot) {
-            return;
+        let mut waited_s = 0.0;
+        let mut all_passed = true;
+        loop {
+            while self.in_flight.front() == Some(&slot) && self.frames[slot].flight().phases < 3 {
+                self.step_or_fail(res);
+            }
+            if self.in_flight.front() != Some(&slot) {
+                return;
+            }
+            let f = self.frames[slot].flight();
+            let fence =
+                (f.fence.as_ref()).expect("a job with its three steps has the fence of the last");
+            let waited_from = Instant::now();
+            let (already, waited) = fence.wait_by_deadline(f.begun, f.job.timeout);
+            if let Err(e) = waited {
+                self.in_flight.pop_front();
+                let job = self.frames[slot]
+                    .flight
+                    .take()
+                    .expect("a frame in flight holds its job")
+                    .job;
+                let e = past_deadline(e, job.timeout);
+                let why = e.to_string();
+                // The other frames' buffers may be in use too: fail their jobs, never read them.
+                self.fail_all(&e, why);
+                answer(job, Err(e));
+                return;
+            }
+            all_passed &= already;
+            if !already {
+                waited_s += waited_from.elapsed().as_secs_f64();
+            }
+            let f = self.frames[slot]
+                .flight
+                .as_mut()
+                .expect("a frame in flight holds its job");
+            match f.job.w.confirm() {
+                Ok(true) => break,
+                // It ran with a guess at its weights that was wrong: again, with its own.
+                Ok(false) => self.restart(res, slot),
+                // Its caller is gone: the GPU is fine, only this job ends.
+                Err(e) => {
+                    self.in_flight.pop_front();
+                    let job = self.frames[slot]
+                        .flight
+                        .take()
+                        .expect("a frame in flight holds its job")
+                        .job;
+                    answer(job, Err(e));
+                    return;
+                }
+            }
         }
         self.in_flight.pop_front();
         let Some(flight) = self.frames[slot].flight.take() else {
@@ -816,23 +879,9 @@ impl Executor {
             mut done,
             ..
         } = flight;
-        let fence = fence.expect("a job with its three steps has the fence of the last");
-        let waited_from = Instant::now();
-        let (already, waited) = fence.wait_by_deadline(begun, job.timeout);
-        if let Err(e) = waited {
-            let e = past_deadline(e, job.timeout);
-            let why = e.to_string();
-            // The other frames' buffers may be in use too: fail their jobs, never read them.
-            self.fail_all(&e, why);
-            answer(job, Err(e));
-            return;
-        }
+        let (already, waited_s) = (all_passed, waited_s);
         done.fence_waited = !already;
-        done.fence_wait_s = if already {
-            0.0
-        } else {
-            waited_from.elapsed().as_secs_f64()
-        };
+        done.fence_wait_s = waited_s;
         done.gpu_wall_s = begun.elapsed().as_secs_f64();
         // Busy time without double counting: the part of [submission, fence] after the
         // previous job's fence (jobs finish in order).

@@ -27,26 +27,85 @@ pub(crate) struct StreamJob {
 
 /// A job's weights: known when it is sent, or sent by the caller later on their own channel
 /// (a synchronous call hashes its weights while the GPU copies its input in: the convolution
-/// is the first phase that needs them).
+/// is the first phase that needs them), possibly with a guess to convolve with meanwhile.
 pub(crate) enum JobWeights {
     Ready(SharedWeights),
     Later(mpsc::Receiver<SharedWeights>),
+    /// Sent later, and meanwhile `guess`: the set the caller's slice held the last time it was
+    /// keyed (same address and length). The convolution uses the guess when the true weights
+    /// have not arrived by then, or `always` (a test hook: where small weights are hashed
+    /// before the convolution starts, the guess would seldom be used); the job is answered only
+    /// once they have arrived and their key is the guess's, else it runs again with them
+    /// ([`JobWeights::confirm`]). `used`: it was convolved with.
+    Guessed {
+        guess: SharedWeights,
+        later: mpsc::Receiver<SharedWeights>,
+        always: bool,
+        used: bool,
+    },
 }
 
 impl JobWeights {
-    /// The weights, waiting for the caller to send them if they come later.
+    /// The weights, waiting for the caller to send them if they come later (a guess is never
+    /// taken for them).
     pub(super) fn get(&mut self) -> Result<&SharedWeights> {
-        if let JobWeights::Later(rx) = self {
-            let w = rx.recv().map_err(|_| {
-                Error::Gpu("the caller stopped before sending the job's weights".into())
-            })?;
+        if let JobWeights::Later(rx) | JobWeights::Guessed { later: rx, .. } = self {
+            let w = rx.recv().map_err(|_| stopped())?;
             *self = JobWeights::Ready(w);
         }
         match self {
             JobWeights::Ready(w) => Ok(w),
-            JobWeights::Later(_) => unreachable!("resolved above"),
+            _ => unreachable!("resolved above"),
         }
     }
+
+    /// The weights to convolve with now: the true ones where they have arrived (or come later
+    /// without a guess: then waited for), else the guess.
+    pub(super) fn for_convolution(&mut self) -> Result<&SharedWeights> {
+        if let JobWeights::Guessed {
+            later,
+            always,
+            used,
+            ..
+        } = self
+        {
+            match later.try_recv() {
+                Ok(w) if !*always => *self = JobWeights::Ready(w),
+                Ok(w) => {
+                    // Kept for the confirmation, the guess used all the same.
+                    let (tx, rx) = mpsc::sync_channel(1);
+                    let _ = tx.send(w);
+                    *later = rx;
+                    *used = true;
+                }
+                Err(mpsc::TryRecvError::Empty) => *used = true,
+                Err(mpsc::TryRecvError::Disconnected) => return Err(stopped()),
+            }
+        }
+        match self {
+            JobWeights::Guessed { guess, .. } => Ok(guess),
+            _ => self.get(),
+        }
+    }
+
+    /// Once the job has run: whether it ran with its true weights. A guess used is checked
+    /// against the true weights (waited for): the same key confirms it, another leaves the
+    /// job with the true weights, to be run again.
+    pub(super) fn confirm(&mut self) -> Result<bool> {
+        let guessed = match self {
+            JobWeights::Guessed {
+                guess, used: true, ..
+            } => Some(guess.key),
+            _ => None,
+        };
+        let key = self.get()?.key;
+        Ok(guessed.is_none_or(|g| g == key))
+    }
+}
+
+/// The error of a job whose caller stopped before sending its weights.
+fn stopped() -> Error {
+    Error::Gpu("the caller stopped before sending the job's weights".into())
 }
 
 /// The caller's side of pinned input `id` of `len` floats at address `ptr` (from
@@ -176,6 +235,9 @@ impl Output {
 pub struct StreamDone {
     /// The output.
     pub output: Output,
+    /// Times it ran again because it had run with a guess at its weights that was wrong (see
+    /// the executor's weight guesses); its times are those of its last run.
+    pub reruns: u32,
     /// GPU time of the steps that copied its input in, convolved and copied its output out
     /// (timer queries; `None` on a software renderer, whose timers mean nothing): its own times
     /// when it ran alone, those of whole steps when they ran other jobs' phases too
@@ -250,5 +312,45 @@ mod tests {
         let (tx, rx) = mpsc::sync_channel::<SharedWeights>(1);
         drop(tx);
         assert!(matches!(JobWeights::Later(rx).get(), Err(Error::Gpu(_))));
+    }
+
+    /// A guess is convolved with only while the true weights have not arrived, and confirmed
+    /// only by the true weights' key; a wrong guess leaves the true weights for the re-run.
+    #[test]
+    fn a_guess_is_used_only_until_the_weights_arrive_and_then_checked() {
+        let a = SharedWeights::new(vec![1.0f32, 2.0].into());
+        let b = SharedWeights::new(vec![1.0f32, 2.5].into());
+        let guessed = |guess: &SharedWeights| {
+            let (tx, rx) = mpsc::sync_channel(1);
+            let w = JobWeights::Guessed {
+                guess: guess.clone(),
+                later: rx,
+                always: false,
+                used: false,
+            };
+            (tx, w)
+        };
+        // Arrived before the convolution: the guess is never used, nothing to confirm.
+        let (tx, mut w) = guessed(&a);
+        tx.send(b.clone()).unwrap();
+        assert_eq!(w.for_convolution().unwrap().key, b.key);
+        assert!(w.confirm().unwrap());
+        // Used, then the same key arrives: confirmed.
+        let (tx, mut w) = guessed(&a);
+        assert_eq!(w.for_convolution().unwrap().key, a.key);
+        tx.send(a.clone()).unwrap();
+        assert!(w.confirm().unwrap());
+        // Used, then other weights arrive: not confirmed, and the true ones are kept.
+        let (tx, mut w) = guessed(&a);
+        assert_eq!(w.for_convolution().unwrap().key, a.key);
+        tx.send(b.clone()).unwrap();
+        assert!(!w.confirm().unwrap());
+        assert_eq!(w.for_convolution().unwrap().key, b.key, "the re-run's");
+        assert!(w.confirm().unwrap(), "the re-run ran with its true weights");
+        // A caller that stops: an error, never the guess's result.
+        let (tx, mut w) = guessed(&a);
+        assert_eq!(w.for_convolution().unwrap().key, a.key);
+        drop(tx);
+        assert!(matches!(w.confirm(), Err(Error::Gpu(_))));
     }
 }

@@ -14,7 +14,8 @@
 //! - `step.rs`: frames, and recording one step's copies and convolution on them; `job.rs`: a
 //!   streaming job and its answer;
 //! - `plan.rs`: the choice policy (algorithm, tile, split-K) and plans, which `encode` records;
-//!   `resident.rs`: weight sets kept on the GPU, found by content;
+//!   `resident.rs`: weight sets kept on the GPU, found by content; `kept.rs`: the sets kept
+//!   on the host as shared buffers, found by content, by allocation, or guessed;
 //! - `shaders.rs`: the GLSL sources, their specialisation, the program cache; `knob.rs`:
 //!   environment settings;
 //! - below all: `gl.rs` (RAII GL objects), `context.rs` (EGL), `memory.rs`, `cu.rs`, `vk.rs`,
@@ -36,6 +37,7 @@ pub mod gl;
 mod host_copy;
 #[allow(unsafe_code)] // See tidy's list of the files that may hold unsafe code.
 mod job;
+mod kept;
 mod knob;
 #[allow(unsafe_code)] // See tidy's list of the files that may hold unsafe code.
 mod memory;
@@ -68,6 +70,7 @@ use crate::params::Conv2dParams;
 use crate::pinned::{InputPool, PinnedShared, PooledInput, StreamInput};
 use context::GlContext;
 use gl::FENCE_TIMEOUT;
+use kept::KeptSets;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -91,9 +94,10 @@ pub struct GpuBackend {
     inputs: InputPool,
     /// How long [`GpuBackend::conv2d`] waits for its job's fences.
     call_timeout: Mutex<Duration>,
-    /// Weight and bias sets of recent synchronous calls as shared buffers, by key (see
-    /// [`GpuBackend::shared_weights`]), most recently used last.
-    sets: Mutex<Vec<(WeightsKey, Arc<[f32]>)>>,
+    /// Weight and bias sets of recent calls as shared buffers.
+    sets: KeptSets,
+    /// Test hook ([`GpuBackend::force_weights_guess`]).
+    guess_always: std::sync::atomic::AtomicBool,
     worker: Option<JoinHandle<()>>,
 }
 
@@ -117,11 +121,6 @@ struct StagedInput<'g> {
     /// Wall time of the copy (on the caller's thread).
     host_in_s: f64,
 }
-
-/// Shared weight and bias sets a backend keeps: at most this many ...
-const SETS_MAX: usize = 16;
-/// ... and this many bytes (the oldest go first; the newest always stays).
-const SETS_BYTES: usize = 256 << 20;
 
 impl GpuBackend {
     /// The GPU chosen by `SPORKLE_GPU` (see [`GpuChoice`]), or why there is none.
@@ -158,7 +157,8 @@ impl GpuBackend {
                 arithmetic: std::sync::OnceLock::new(),
                 inputs: InputPool::default(),
                 call_timeout: Mutex::new(FENCE_TIMEOUT),
-                sets: Mutex::default(),
+                sets: KeptSets::default(),
+                guess_always: Default::default(),
                 worker: Some(worker),
             }),
             Ok(Err(e)) => {
@@ -215,9 +215,11 @@ impl GpuBackend {
     /// A synchronous call sent to the executor as a job that runs alone, with nothing of its
     /// data's size allocated once warm: the input copied on this thread (in parallel chunks)
     /// straight into a pooled staging buffer the GPU reads; the job sent; then, while the GPU
-    /// copies the input in (the convolution is the first phase that needs them), the weights
-    /// found among the kept shared sets by content (length and a hash of every byte) and sent
-    /// after it. The caller's lengths must have been checked.
+    /// runs it, the weights found among the kept shared sets by content (length and a hash of
+    /// every byte) and sent after it. Where the same slice was keyed before, the GPU
+    /// convolves with the set it held then (a guess) and the job is answered only once the
+    /// hash has confirmed it, else run again with the true weights; without a guess the
+    /// convolution waits for them. The caller's lengths must have been checked.
     pub(crate) fn send_call(
         &self,
         p: &Conv2dParams,
@@ -228,17 +230,26 @@ impl GpuBackend {
     ) -> Result<SentCall<'_>> {
         let staged = self.stage_input(input)?;
         let read = staged.input.read();
-        let bias = bias.map(|b| self.shared_bias(b));
-        let (send_weights, weights_later) = mpsc::sync_channel(1);
+        let bias = bias.map(|b| self.sets.of_slice(b).data);
+        let (send_weights, later) = mpsc::sync_channel(1);
+        let job_weights = match self.sets.guess(weights) {
+            Some(guess) => JobWeights::Guessed {
+                guess,
+                later,
+                always: self.guess_always.load(std::sync::atomic::Ordering::Relaxed),
+                used: false,
+            },
+            None => JobWeights::Later(later),
+        };
         let answer = self.stream(
             p,
             StreamInput::Pinned(read.clone()),
-            JobWeights::Later(weights_later),
+            job_weights,
             bias.clone(),
             false,
             timeout,
         )?;
-        let weights = self.shared_weights(weights);
+        let weights = self.sets.of_slice(weights);
         // A job that failed before it needed them has dropped the receiver.
         let _ = send_weights.send(weights.clone());
         Ok(SentCall {
@@ -289,40 +300,11 @@ impl GpuBackend {
         })
     }
 
-    /// `weights` as a shared buffer kept by content (length and a hash of every byte, the key
-    /// resident weights are found by): the kept one with its key, else a copy, kept.
-    fn shared_weights(&self, weights: &[f32]) -> SharedWeights {
-        let (key, data) = self.shared_set(weights);
-        SharedWeights { data, key }
-    }
-
-    /// `bias` as a shared buffer kept by content (see [`GpuBackend::shared_weights`]).
-    fn shared_bias(&self, bias: &[f32]) -> Arc<[f32]> {
-        self.shared_set(bias).1
-    }
-
-    /// `v` as a shared buffer: the kept one with the same key, or a new one, kept.
-    fn shared_set(&self, v: &[f32]) -> (WeightsKey, Arc<[f32]>) {
-        let key = WeightsKey::of(v);
-        keep_set(&mut self.lock_sets(), key, || v.into())
-    }
-
-    /// `weights`, a shared buffer of the caller's, as a kept set: found without a hash when the
-    /// backend keeps this same allocation (an `Arc<[f32]>` cannot change while the backend holds
-    /// a clone of it, so the same allocation holds the same bytes), else keyed by a hash of
-    /// every byte and kept as it is (no copy). A caller that passes the same `Arc` again (a
-    /// stream, a model's layer) pays no hash after the first call.
+    /// `weights`, a shared buffer of the caller's, as a kept set (see [`KeptSets::of_shared`]):
+    /// a caller that passes the same `Arc` again (a stream, a model's layer) pays no hash after
+    /// the first call.
     pub(crate) fn shared_weights_of(&self, weights: Arc<[f32]>) -> SharedWeights {
-        if let Some(key) = same_allocation(&mut self.lock_sets(), &weights) {
-            return SharedWeights { data: weights, key };
-        }
-        let key = WeightsKey::of(&weights);
-        let (key, data) = keep_set(&mut self.lock_sets(), key, || weights);
-        SharedWeights { data, key }
-    }
-
-    fn lock_sets(&self) -> std::sync::MutexGuard<'_, Vec<(WeightsKey, Arc<[f32]>)>> {
-        self.sets.lock().unwrap_or_else(|e| e.into_inner())
+        self.sets.of_shared(weights)
     }
 
     fn submit(
@@ -456,6 +438,14 @@ impl GpuBackend {
         })
     }
 
+    /// Test hook: with `on`, a synchronous call whose weights slice was keyed before always
+    /// convolves with the set it held then (a guess), even where its hash is done first, so
+    /// that the check of the guess (and the re-run when it is wrong) runs on every such call.
+    #[doc(hidden)]
+    pub fn force_weights_guess(&self, on: bool) {
+        (self.guess_always).store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// A pinned input buffer of `len` floats (see [`crate::pinned`]).
     pub(crate) fn pin(&self, len: usize) -> Result<crate::pinned::PinnedShared> {
         let (id, ptr) = self.ask("pinning an input", |reply| Msg::Pin(len, reply))?;
@@ -492,7 +482,7 @@ impl GpuBackend {
             match &weights {
                 JobWeights::Ready(w) => w.data.len(),
                 // The caller checks what it sends.
-                JobWeights::Later(_) => p.weights_len(),
+                JobWeights::Later(_) | JobWeights::Guessed { .. } => p.weights_len(),
             },
             bias.as_deref().map(<[f32]>::len),
             p.output_len(),
@@ -513,39 +503,6 @@ impl GpuBackend {
     }
 }
 
-/// The key of the set in `sets` that is `set`'s own allocation, moved to most recently used.
-fn same_allocation(
-    sets: &mut Vec<(WeightsKey, Arc<[f32]>)>,
-    set: &Arc<[f32]>,
-) -> Option<WeightsKey> {
-    let i = sets.iter().position(|(_, s)| Arc::ptr_eq(s, set))?;
-    let kept = sets.remove(i);
-    let key = kept.0;
-    sets.push(kept);
-    Some(key)
-}
-
-/// The set in `sets` with `key`, moved to most recently used, or `make()`'s, kept; the oldest
-/// go past [`SETS_MAX`] sets or [`SETS_BYTES`] (the newest always stays).
-fn keep_set(
-    sets: &mut Vec<(WeightsKey, Arc<[f32]>)>,
-    key: WeightsKey,
-    make: impl FnOnce() -> Arc<[f32]>,
-) -> (WeightsKey, Arc<[f32]>) {
-    let set = match sets.iter().position(|(k, _)| *k == key) {
-        Some(i) => sets.remove(i).1,
-        None => make(),
-    };
-    sets.push((key, Arc::clone(&set)));
-    let bytes = |sets: &[(WeightsKey, Arc<[f32]>)]| -> usize {
-        sets.iter().map(|(_, s)| s.len() * 4).sum()
-    };
-    while sets.len() > 1 && (sets.len() > SETS_MAX || bytes(sets) > SETS_BYTES) {
-        sets.remove(0);
-    }
-    (key, set)
-}
-
 impl Drop for GpuBackend {
     /// Stops the worker, which deletes every GL object and the context before it exits.
     fn drop(&mut self) {
@@ -555,46 +512,5 @@ impl Drop for GpuBackend {
         if let Some(w) = self.worker.take() {
             let _ = w.join();
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// A shared set is found as its own allocation without a key, an equal copy by its key, and
-    /// different bytes are a new set; the oldest sets go past the count budget.
-    #[test]
-    fn kept_sets_are_found_by_allocation_or_content() {
-        let mut sets = Vec::new();
-        let a: Arc<[f32]> = vec![1.0f32, 2.0, 3.0].into();
-        assert_eq!(same_allocation(&mut sets, &a), None, "nothing kept yet");
-        let key_a = WeightsKey::of(&a);
-        let (k, kept) = keep_set(&mut sets, key_a, || Arc::clone(&a));
-        assert!(k == key_a && Arc::ptr_eq(&kept, &a), "kept as it is");
-        assert_eq!(same_allocation(&mut sets, &a), Some(key_a));
-        // The same bytes in another allocation: not the same allocation, but found by key.
-        let copy: Arc<[f32]> = a.to_vec().into();
-        assert_eq!(same_allocation(&mut sets, &copy), None);
-        let (k, kept) = keep_set(&mut sets, WeightsKey::of(&copy), || copy.clone());
-        assert!(
-            k == key_a && Arc::ptr_eq(&kept, &a),
-            "the kept set serves it"
-        );
-        // Other bytes: another key, another set.
-        let b: Arc<[f32]> = vec![1.0f32, 2.0, 3.5].into();
-        let (k, kept) = keep_set(&mut sets, WeightsKey::of(&b), || Arc::clone(&b));
-        assert!(k != key_a && Arc::ptr_eq(&kept, &b));
-        assert_eq!(sets.len(), 2);
-        for i in 0..2 * SETS_MAX {
-            let v: Arc<[f32]> = vec![i as f32].into();
-            keep_set(&mut sets, WeightsKey::of(&v), || v);
-        }
-        assert_eq!(sets.len(), SETS_MAX, "at most SETS_MAX sets");
-        assert_eq!(
-            same_allocation(&mut sets, &a),
-            None,
-            "the oldest went first"
-        );
     }
 }

@@ -192,6 +192,7 @@ impl Inner {
             g.weight_uploads += u64::from(done.weights_uploaded);
             g.cache_hits += u64::from(!done.weights_uploaded);
             s.stats.max_in_flight = s.stats.max_in_flight.max(done.in_flight);
+            s.stats.reruns += u64::from(done.reruns);
         }
         self.touch(Instant::now() - Duration::from_secs_f64(wall_s));
     }
@@ -547,6 +548,15 @@ impl Juggler {
             .get(p)
             .map(|s| s.time)
             .unwrap_or_default()
+    }
+
+    /// Test hook: its GPU's synchronous calls always convolve with a guess at their weights
+    /// where they have one (see [`GpuBackend::force_weights_guess`]); an error where there is
+    /// no GPU.
+    #[doc(hidden)]
+    pub fn force_gpu_weights_guess(&self, on: bool) -> Result<()> {
+        self.with_gpu(|g| g.force_weights_guess(on))
+            .ok_or_else(|| Error::DeviceUnavailable("this Juggler has no GPU".into()))
     }
 
     /// Test hook: its GPU's fences never seen to pass (see [`GpuBackend::inject_fence_fault`]);

@@ -42,6 +42,10 @@ pub struct Stages {
     pub fused: bool,
     /// Whether CUDA's copy engines moved its input and output.
     pub cuda_copies: bool,
+    /// Times the GPU ran it again because it had convolved with a guess at its weights (the
+    /// set the caller's slice held last time) that the weights' hash did not confirm; its
+    /// times are those of the last run.
+    pub reruns: u32,
     /// Output out of the download staging buffer.
     pub host_out_s: f64,
     /// GPU jobs in flight when it started, itself included.
@@ -103,6 +107,9 @@ pub struct Stats {
     pub timeouts: u64,
     /// GPU jobs re-run on the CPU after a GPU failure.
     pub fallbacks: u64,
+    /// GPU jobs the GPU ran again because it had convolved with a wrong guess at their
+    /// weights (see [`Stages::reruns`]).
+    pub reruns: u64,
     /// Why there is no GPU, or why it is no longer used.
     pub gpu_unavailable: Option<String>,
     /// Whether GPU busy time comes from timer queries (false: wall time, software renderer).
@@ -168,8 +175,8 @@ impl std::fmt::Display for Stats {
         }
         write!(
             f,
-            "{} timeouts, {} CPU fallbacks, at most {} GPU jobs in flight",
-            self.timeouts, self.fallbacks, self.max_in_flight
+            "{} timeouts, {} CPU fallbacks, {} GPU re-runs (weights guessed wrong), at most {} GPU jobs in flight",
+            self.timeouts, self.fallbacks, self.reruns, self.max_in_flight
         )?;
         if let Some(why) = &self.gpu_unavailable {
             write!(f, "; GPU unavailable: {why}")?;

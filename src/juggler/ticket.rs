@@ -133,6 +133,7 @@ impl GpuTicket {
                         steps_shared: done.steps_shared,
                         fused: done.fused,
                         cuda_copies: done.cuda_copies,
+                        reruns: done.reruns,
                     }),
                 };
                 Ok((delivered, info))

@@ -410,6 +410,48 @@ fn fence_timeout(choice: GpuChoice) -> Result<(), Failed> {
     Ok(())
 }
 
+/// A synchronous GPU call convolves with a guess at its weights (the set its slice held when
+/// last keyed; forced here, since small weights are usually hashed before the convolution
+/// starts) and is answered only once their hash confirms it: weights changed in place between
+/// calls (same address and length) run again with their true bytes, counted as one re-run in
+/// the call's stages and the statistics; unchanged ones are not re-run. Exact data, so every
+/// output is checked bit for bit.
+fn weights_guess_checked(choice: GpuChoice) -> Result<(), Failed> {
+    let j = juggler(Preference::Gpu, choice, Duration::from_secs(60))?;
+    j.force_gpu_weights_guess(true).map_err(fail)?;
+    let p = Conv2dParams::new(1, 16, 10, 10, 32, 3, 3).with_padding(1, 1);
+    let (x, mut w, _) = data::conv_data(&p, 12, true);
+    let mut y = vec![f32::NAN; p.output_len()];
+    // Per call: whether the weights change in place first, and the re-runs expected (the first
+    // call has no guess yet).
+    let calls = [(false, 0), (false, 0), (true, 1), (false, 0), (true, 1)];
+    for (call, (change, reruns)) in calls.into_iter().enumerate() {
+        if change {
+            *w.last_mut().expect("weights") += 1.0;
+        }
+        let info = j.conv2d(&p, &x, &w, None, &mut y).map_err(fail)?;
+        let got = info.stages.map(|s| s.reruns);
+        if info.device != DeviceKind::Gpu || got != Some(reruns) {
+            return Err(fail(format!(
+                "call {}: expected a GPU run with {reruns} re-run(s), got {got:?}: {info:?}",
+                call + 1
+            )));
+        }
+        let r = reference::conv2d_f64(&p, &x, &w, None).map_err(fail)?;
+        compare(&p, &y, &r, Tolerance::Exact).map_err(|m| {
+            fail(format!(
+                "call {} (weights changed: {change}): {m}",
+                call + 1
+            ))
+        })?;
+    }
+    let s = j.stats();
+    if s.reruns != 2 || s.fallbacks != 0 {
+        return Err(fail(format!("expected 2 re-runs and no fallback: {s}")));
+    }
+    Ok(())
+}
+
 /// How long the injected-fault trials let a fence run before its deadline.
 const FAULT_DEADLINE: Duration = Duration::from_millis(200);
 
@@ -805,6 +847,10 @@ pub fn trials(ctx: &Arc<Context>) -> Vec<Trial> {
     out.push(Trial::test(
         named("gpu-async", "fault/fence_never_passes"),
         move || stream_fence_never_passes(choice),
+    ));
+    out.push(Trial::test(
+        named("gpu", "weights/guess_checked"),
+        move || weights_guess_checked(choice),
     ));
     out.push(Trial::test(
         named("gpu", "fault/sync_fence_timeout"),

@@ -289,7 +289,9 @@ impl StreamInput {
 /// An input buffer in pinned host memory that the GPU reads directly (see the module docs):
 /// write a batch with [`PinnedInput::as_mut_slice`], submit it with
 /// [`crate::Juggler::submit_pinned`] as often as wanted, write the next batch once those jobs'
-/// tickets have been waited.
+/// tickets have been waited. Dropped (and its jobs finished), its memory is freed by the GPU
+/// thread when that next handles anything: the next GPU call, or
+/// [`crate::Juggler::settle_gpu`].
 pub struct PinnedInput<'j> {
     shared: Arc<PinnedShared>,
     _juggler: PhantomData<&'j ()>,

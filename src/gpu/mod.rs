@@ -438,6 +438,13 @@ impl GpuBackend {
         })
     }
 
+    /// Returns once the GPU thread has freed every pinned input dropped before this call. A
+    /// dropped [`crate::PinnedInput`] is freed by that thread when it next handles anything (any
+    /// GPU call, or this); a thread that waits for work does not wake for it.
+    pub fn settle(&self) -> Result<()> {
+        self.ask("settling", Msg::Settle)
+    }
+
     /// Test hook: with `on`, a synchronous call whose weights slice was keyed before always
     /// convolves with the set it held then (a guess), even where its hash is done first, so
     /// that the check of the guess (and the re-run when it is wrong) runs on every such call.

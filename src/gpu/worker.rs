@@ -79,6 +79,9 @@ pub(super) enum Msg {
     SyncTimeout(Duration, mpsc::Sender<Result<()>>),
     /// Fault injection: fences never seen to pass (on) or as they are (off).
     FenceFault(bool, mpsc::Sender<Result<()>>),
+    /// Nothing but the answer: every message is answered after the pinned inputs dropped
+    /// before it was sent have been freed (`GpuBackend::settle`).
+    Settle(mpsc::Sender<Result<()>>),
 }
 
 /// The diagnostic probes (hidden CLI commands, feature `probes`).
@@ -254,8 +257,10 @@ impl Worker {
     /// Handles a message other than a pipelined streaming job. Each runs with no streaming job
     /// in flight, but a pin request: a new buffer touches nothing in flight.
     fn serve_one(&mut self, msg: Msg) {
+        // Pinned inputs dropped while the worker waited for this message are freed first.
+        self.exec.take_releases();
         // Questions that dispatch nothing of a job's need not wait for the stream.
-        if !matches!(msg, Msg::Pin(..) | Msg::Plan(..)) {
+        if !matches!(msg, Msg::Pin(..) | Msg::Plan(..) | Msg::Settle(..)) {
             self.exec.stream_drain(&mut self.res);
         }
         match msg {
@@ -296,6 +301,9 @@ impl Worker {
             }
             Msg::FenceFault(on, reply) => {
                 gl::set_fences_never_signal(on);
+                let _ = reply.send(Ok(()));
+            }
+            Msg::Settle(reply) => {
                 let _ = reply.send(Ok(()));
             }
             Msg::Arithmetic(reply) => {

@@ -550,6 +550,12 @@ impl Juggler {
             .unwrap_or_default()
     }
 
+    /// Returns once its GPU has freed every pinned input dropped before this call (see
+    /// [`GpuBackend::settle`]); at once without a GPU.
+    pub fn settle_gpu(&self) -> Result<()> {
+        self.with_gpu(GpuBackend::settle).unwrap_or(Ok(()))
+    }
+
     /// Test hook: its GPU's synchronous calls always convolve with a guess at their weights
     /// where they have one (see [`GpuBackend::force_weights_guess`]); an error where there is
     /// no GPU.

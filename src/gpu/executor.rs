@@ -29,7 +29,8 @@
 //! caller re-runs them on the CPU) and marks the executor broken: their buffers may still be in
 //! use, so a later job fails at once with the reason, until the GPU is seen to have finished
 //! everything it was given before (`Executor::recover`: a new fence passes, and CUDA's copy
-//! streams are idle); then the executor works again.
+//! streams are idle); then the executor works again. A job that ran with a guess at its
+//! weights (`JobWeights::Guessed`) is answered only once the guess is confirmed, else run again.
 
 use super::context::{GlContext, GpuInfo};
 use super::cu::CudaCopies;
@@ -38,11 +39,12 @@ use super::host_copy::{self, parallel_copy};
 use super::job::{answer, past_deadline, unhealthy, Output, Staged, StreamDone, StreamJob};
 use super::knob::knob;
 use super::memory::{DeviceMem, HostMem};
-use super::plan::{scratch, scratch_for, Dispatches, Plan, Planner};
+use super::plan::{scratch, scratch_for, Dispatches, Planner};
 use super::resident::ResidentWeights;
 use super::shaders::{self, StreamCopy};
 use super::step::{
-    gpu_times, padded, CudaClock, Encoder, Flight, Frame, GlWork, PinnedInputs, StepTimes,
+    gpu_times, padded, CudaClock, Encoder, Filling, Flight, Frame, GlWork, PinnedInputs, Planned,
+    StepTimes,
 };
 use crate::error::{Error, Result};
 use crate::params::Conv2dParams;
@@ -68,24 +70,6 @@ pub(super) const IDLE_GRACE: Duration = Duration::from_micros(100);
 /// How long a broken executor waits for the GPU to finish its earlier work before it takes a
 /// new job ([`Executor::recover`]).
 const RECOVER_WAIT: Duration = Duration::from_millis(50);
-
-/// What a job's frame was made ready with (`Executor::try_fill`).
-struct Planned {
-    /// One part's plan.
-    plan: Rc<Plan>,
-    parts: usize,
-    /// As [`Flight`]'s.
-    fused: Option<(String, u32)>,
-    done: StreamDone,
-}
-
-/// A job whose input is being copied into its frame's upload staging on another thread.
-struct Filling {
-    slot: usize,
-    flight: Flight,
-    /// The copy's wall time (s), when it is done.
-    copied: mpsc::Receiver<f64>,
-}
 
 /// The address and length of a frame's upload staging, for the thread that copies into it.
 struct StagingPtr(*mut f32, usize);
@@ -395,26 +379,16 @@ impl Executor {
     fn start_flight(&mut self, res: &mut Resources, slot: usize, mut flight: Flight) {
         flight.begun = Instant::now();
         flight.done.in_flight = self.in_flight.len() + 1;
-        let alone = !flight.job.pipelined && self.cuda.is_none();
         self.frames[slot].flight = Some(flight);
         self.in_flight.push_back(slot);
-        if alone {
-            self.step_or_fail_with(res, [Some(slot); 3]);
-        } else {
-            self.step_or_fail(res);
-        }
+        self.first_step(res, slot);
     }
 
-    /// Runs the job in frame `slot` (the oldest in flight, all its steps passed) again from its
-    /// copy in, its input still where the first run read it: after a guess at its weights
-    /// turned out wrong. Its deadline still counts from its first start.
-    fn restart(&mut self, res: &mut Resources, slot: usize) {
-        let f = (self.frames[slot].flight.as_mut()).expect("a frame in flight holds its job");
-        f.phases = 0;
-        f.fence = None;
-        f.steps = [None, None, None];
-        f.done.reruns += 1;
-        if !f.job.pipelined && self.cuda.is_none() {
+    /// Records the first step of the job in frame `slot`: all its phases at once where it runs
+    /// alone without CUDA copies, else the pipeline's next step.
+    fn first_step(&mut self, res: &mut Resources, slot: usize) {
+        let job = &self.frames[slot].flight().job;
+        if !job.pipelined && self.cuda.is_none() {
             self.step_or_fail_with(res, [Some(slot); 3]);
         } else {
             self.step_or_fail(res);
@@ -806,14 +780,14 @@ impl Executor {
     }
 
     /// Waits for the oldest job in flight (within its timeout), recording the steps it still
-    /// needs first, and answers it. A fence that does not pass marks the executor broken and
-    /// fails every job in flight.
+    /// needs first, and answers it; one that ran with a wrong guess at its weights runs again
+    /// first. A fence that does not pass marks the executor broken and fails every job in flight.
     pub(super) fn stream_finish_oldest(&mut self, res: &mut Resources) {
         let Some(&slot) = self.in_flight.front() else {
             return;
         };
-        let mut waited_s = 0.0;
-        let mut all_passed = true;
+        // Whether any run's fence had to be waited for, and how long in all.
+        let (mut fence_waited, mut fence_wait_s) = (false, 0.0);
         loop {
             while self.in_flight.front() == Some(&slot) && self.frames[slot].flight().phases < 3 {
                 self.step_or_fail(res);
@@ -827,12 +801,7 @@ impl Executor {
             let waited_from = Instant::now();
             let (already, waited) = fence.wait_by_deadline(f.begun, f.job.timeout);
             if let Err(e) = waited {
-                self.in_flight.pop_front();
-                let job = self.frames[slot]
-                    .flight
-                    .take()
-                    .expect("a frame in flight holds its job")
-                    .job;
+                let job = self.take_oldest(slot).job;
                 let e = past_deadline(e, job.timeout);
                 let why = e.to_string();
                 // The other frames' buffers may be in use too: fail their jobs, never read them.
@@ -840,9 +809,9 @@ impl Executor {
                 answer(job, Err(e));
                 return;
             }
-            all_passed &= already;
             if !already {
-                waited_s += waited_from.elapsed().as_secs_f64();
+                fence_waited = true;
+                fence_wait_s += waited_from.elapsed().as_secs_f64();
             }
             let f = self.frames[slot]
                 .flight
@@ -850,25 +819,22 @@ impl Executor {
                 .expect("a frame in flight holds its job");
             match f.job.w.confirm() {
                 Ok(true) => break,
-                // It ran with a guess at its weights that was wrong: again, with its own.
-                Ok(false) => self.restart(res, slot),
+                // It ran with a guess at its weights that was wrong: again, with its own, from
+                // its copy in (its input is still where the first run read it).
+                Ok(false) => {
+                    (self.frames[slot].flight.as_mut())
+                        .expect("a frame in flight holds its job")
+                        .rewind();
+                    self.first_step(res, slot);
+                }
                 // Its caller is gone: the GPU is fine, only this job ends.
                 Err(e) => {
-                    self.in_flight.pop_front();
-                    let job = self.frames[slot]
-                        .flight
-                        .take()
-                        .expect("a frame in flight holds its job")
-                        .job;
-                    answer(job, Err(e));
+                    answer(self.take_oldest(slot).job, Err(e));
                     return;
                 }
             }
         }
-        self.in_flight.pop_front();
-        let Some(flight) = self.frames[slot].flight.take() else {
-            return;
-        };
+        let flight = self.take_oldest(slot);
         let out_len = flight.out_len();
         let Flight {
             job,
@@ -879,9 +845,7 @@ impl Executor {
             mut done,
             ..
         } = flight;
-        let (already, waited_s) = (all_passed, waited_s);
-        done.fence_waited = !already;
-        done.fence_wait_s = waited_s;
+        (done.fence_waited, done.fence_wait_s) = (fence_waited, fence_wait_s);
         done.gpu_wall_s = begun.elapsed().as_secs_f64();
         // Busy time without double counting: the part of [submission, fence] after the
         // previous job's fence (jobs finish in order).
@@ -910,6 +874,12 @@ impl Executor {
         done.settle_s = end.elapsed().as_secs_f64();
         done.answered = Some(Instant::now());
         answer(job, Ok(done));
+    }
+
+    /// The oldest job in flight, in frame `slot`, out of the pipeline.
+    fn take_oldest(&mut self, slot: usize) -> Flight {
+        self.in_flight.pop_front();
+        (self.frames[slot].flight.take()).expect("a frame in flight holds its job")
     }
 
     /// Finishes every job in flight, oldest first (a job still being copied in first joins).

@@ -66,6 +66,24 @@ impl Frame {
     }
 }
 
+/// What a job's frame was made ready with (`Executor::try_fill`).
+pub(super) struct Planned {
+    /// One part's plan.
+    pub(super) plan: Rc<Plan>,
+    pub(super) parts: usize,
+    /// As [`Flight`]'s.
+    pub(super) fused: Option<(String, u32)>,
+    pub(super) done: StreamDone,
+}
+
+/// A job whose input is being copied into its frame's upload staging on another thread.
+pub(super) struct Filling {
+    pub(super) slot: usize,
+    pub(super) flight: Flight,
+    /// The copy's wall time (s), when it is done.
+    pub(super) copied: mpsc::Receiver<f64>,
+}
+
 /// A job in the pipeline, from its start until it is answered.
 pub(super) struct Flight {
     pub(super) job: StreamJob,
@@ -91,6 +109,15 @@ pub(super) struct Flight {
 }
 
 impl Flight {
+    /// Back to before its first step, to run again (after a wrong guess at its weights); its
+    /// deadline still counts from its first start.
+    pub(super) fn rewind(&mut self) {
+        self.phases = 0;
+        self.fence = None;
+        self.steps = [None, None, None];
+        self.done.reruns += 1;
+    }
+
     /// Floats of its output, all parts.
     pub(super) fn out_len(&self) -> usize {
         self.plan.out_len * self.parts

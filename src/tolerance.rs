@@ -325,6 +325,32 @@ mod tests {
         assert!(compare(&p, &nan, &r, Tolerance::Fp32).is_err());
     }
 
+    /// The statistics a comparison reports are the ratios they name: an error of half the
+    /// bound reports half (a mutation sample found `err / bound` -> `err % bound` uncaught).
+    #[test]
+    fn error_stats_report_the_ratios_they_name() {
+        let p = Conv2dParams::new(1, 8, 9, 9, 4, 3, 3).with_padding(1, 1);
+        let r = RefValue {
+            value: 0.5,
+            magnitude: 1000.0,
+        };
+        let bound = Tolerance::Fp32.bound(&p, r);
+        let got = (r.value + bound / 2.0) as f32;
+        let err = f64::from(got) - r.value;
+        let at = OutIndex {
+            n: 0,
+            k: 1,
+            y: 2,
+            x: 3,
+        };
+        let stats = compare_points(&p, [(at, got, r)], Tolerance::Fp32).unwrap();
+        assert_eq!(stats.checked, 1);
+        assert_eq!(stats.max_abs, err);
+        assert_eq!(stats.max_rel, err / r.value);
+        assert_eq!(stats.max_ratio, err / bound);
+        assert!((stats.max_ratio - 0.5).abs() < 0.01, "{stats:?}");
+    }
+
     /// The bounds are exactly the documented formulas: a loosened factor (the bound times 10,
     /// say) fails here, though no realistic kernel error would show it.
     #[test]

@@ -13,8 +13,22 @@
 //! the caller's memory 2× slower (#7 5.09–5.75 ms a batch against 1.98–2.88, three runs each,
 //! interleaved) and no faster than sync on #5.
 
-/// Copies of at least this many floats are split across threads and use streaming stores.
+/// Copies of at least this many floats are split across threads and use streaming stores, by
+/// default (2 MiB; not measured against smaller thresholds yet: a synchronous call's 0.8 MB
+/// input is copied on one thread at about 10 GB/s on the H200's host, stop 28)...
 const PARALLEL_COPY_MIN: usize = 1 << 19;
+
+/// ... or this many (`SPORKLE_COPY_PARALLEL_MIN`, for measuring), read once.
+fn parallel_min() -> usize {
+    static MIN: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *MIN.get_or_init(|| {
+        super::knob::knob("SPORKLE_COPY_PARALLEL_MIN", |v| match v.parse::<usize>() {
+            Ok(n) if n > 0 => Ok(n),
+            _ => Err("expected a number of floats, at least 1".into()),
+        })
+        .unwrap_or(PARALLEL_COPY_MIN)
+    })
+}
 
 /// Chunks a large copy is split into: at most 8 (`SPORKLE_COPY_THREADS`).
 fn chunks() -> usize {
@@ -51,7 +65,7 @@ fn pool() -> Option<&'static rayon::ThreadPool> {
 /// `dst.copy_from_slice(src)`, split across the copy threads (`chunks`) with streaming stores
 /// when large.
 pub fn parallel_copy(src: &[f32], dst: &mut [f32]) {
-    if src.len() < PARALLEL_COPY_MIN {
+    if src.len() < parallel_min() {
         dst.copy_from_slice(src);
         return;
     }

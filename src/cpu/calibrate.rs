@@ -120,14 +120,14 @@ mod tests {
         assert_eq!(c.rates.len(), supported, "every supported variant measured");
         assert_eq!(c.fma_peak_gflops.is_some(), Microkernel::Avx512.supported());
         assert!(c.describe().starts_with(c.chosen.name()));
-        // The rates count the calibration's FLOPs: the chosen kernel, in cache, runs at a
-        // sizeable fraction of the FMA peak measured beside it and never far beyond it (loose
-        // bounds: the machine may be shared; a mutation sample found a miscounted FLOP total
-        // uncaught).
+        // The rates count the calibration's FLOPs: the chosen kernel runs at a sizeable
+        // fraction of the FMA peak measured beside it (a quarter to a half here, test build
+        // or release) and cannot beat it (loose bounds, both best of a few rounds: the
+        // machine may be shared; a mutation sample found a miscounted FLOP total uncaught).
         if let Some(peak) = c.fma_peak_gflops {
             let rate = c.rates[0].1;
             assert!(
-                rate > 0.05 * peak && rate < 2.0 * peak,
+                rate > 0.05 * peak && rate < 1.5 * peak,
                 "{rate} GFLOP/s against a peak of {peak}"
             );
         }

@@ -822,9 +822,7 @@ impl Executor {
                 // It ran with a guess at its weights that was wrong: again, with its own, from
                 // its copy in (its input is still where the first run read it).
                 Ok(false) => {
-                    (self.frames[slot].flight.as_mut())
-                        .expect("a frame in flight holds its job")
-                        .rewind();
+                    f.rewind();
                     self.first_step(res, slot);
                 }
                 // Its caller is gone: the GPU is fine, only this job ends.

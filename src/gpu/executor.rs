@@ -863,15 +863,17 @@ impl Executor {
         if !self.info.software {
             gpu_times(&mut done, &steps, &charged, &mut self.cuda_clock);
         }
-        // GL objects go before the answer, so a caller that counts them sees them gone (those
-        // of steps shared with later jobs go with the last of them).
+        done.settle_s = end.elapsed().as_secs_f64();
+        done.answered = Some(Instant::now());
+        answer(job, Ok(done));
+        // Its GL objects and CUDA events go after the answer (deleting them is the worker's
+        // time, not the caller's); those of steps shared with later jobs go with the last of
+        // them. A caller that counts live objects settles the GPU thread first
+        // (`GpuBackend::settle`): it handles the next message only after this.
         drop((fence, steps, charged));
         if self.in_flight.is_empty() {
             self.last_step = None;
         }
-        done.settle_s = end.elapsed().as_secs_f64();
-        done.answered = Some(Instant::now());
-        answer(job, Ok(done));
     }
 
     /// The oldest job in flight, in frame `slot`, out of the pipeline.

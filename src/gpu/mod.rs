@@ -56,7 +56,7 @@ pub use context::{GpuChoice, GpuInfo};
 pub use executor::{FRAMES_DEFAULT, JOBS_PER_STEP};
 pub use gl::LiveObjects;
 pub use host_copy::parallel_hash;
-pub(crate) use job::{JobWeights, StreamJob};
+pub(crate) use job::{recv_soon, JobWeights, StreamJob};
 pub use job::{Output, Staged, StreamDone};
 pub use plan::{
     parts_from_env, Algorithm, Dispatches, Kernel, PlanInfo, Tile, PARTS, PARTS_MIN_BYTES,
@@ -199,7 +199,7 @@ impl GpuBackend {
         p.check_slices(input, weights, bias, output)?;
         let timeout = *self.call_timeout.lock().unwrap_or_else(|e| e.into_inner());
         let call = self.send_call(p, input, weights, bias, timeout)?;
-        let mut done = (call.answer.recv())
+        let mut done = recv_soon(&call.answer)
             .map_err(|_| Error::Gpu("the GPU thread stopped during a job".into()))??;
         let t = Instant::now();
         std::mem::take(&mut done.output).copy_to(output);

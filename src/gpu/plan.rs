@@ -473,8 +473,18 @@ impl Planner {
     }
 
     /// The program for `source`, compiled now if it is not in the cache.
-    pub(super) fn program(&mut self, source: &str) -> Result<&gl::Program> {
+    pub(super) fn program(&mut self, source: &str) -> Result<&Rc<gl::Program>> {
         self.programs.get(&self.gl, source)
+    }
+
+    /// A pass of `groups` workgroups running `source`, compiled now (or found compiled).
+    fn pass(&mut self, source: String, groups: [u32; 3]) -> Result<Pass> {
+        let program = Rc::clone(self.program(&source)?);
+        Ok(Pass {
+            source,
+            program,
+            groups,
+        })
     }
 
     /// The plan of a convolution ([`Planner::make_plan`]), made once per shape and kept: making
@@ -578,43 +588,35 @@ impl Planner {
         }
         // The one-dimensional passes (reduction, transforms): a grid-stride loop over their
         // elements, with at most the GL limit of workgroups.
+        let max_line = info.max_groups[0].max(1);
         let line = |elements: usize| {
             (elements as u64)
                 .div_ceil(u64::from(shaders::REDUCE_THREADS))
-                .min(info.max_groups[0].max(1) as u64) as u32
+                .min(max_line as u64) as u32
         };
-        let conv = Pass {
-            source: conv2d_source(&conv_p, tile, conv_bias),
-            groups: groups.map(|g| g as u32),
-        };
+        let conv = self.pass(
+            conv2d_source(&conv_p, tile, conv_bias),
+            groups.map(|g| g as u32),
+        )?;
         let passes = match winograd_sizes {
             Some([transformed, products]) => {
                 let (input, output) = shaders::winograd_sources(p, bias);
                 let xi = WINOGRAD_VARIANT.xi();
                 vec![
-                    Pass {
-                        source: input,
-                        groups: [line(transformed / xi), 1, 1],
-                    },
+                    self.pass(input, [line(transformed / xi), 1, 1])?,
                     conv,
-                    Pass {
-                        source: output,
-                        groups: [line(products / xi), 1, 1],
-                    },
+                    self.pass(output, [line(products / xi), 1, 1])?,
                 ]
             }
             None if split > 1 => vec![
                 conv,
-                Pass {
-                    source: shaders::reduce_source(p, tile.split, bias),
-                    groups: [line(out_len), 1, 1],
-                },
+                self.pass(
+                    shaders::reduce_source(p, tile.split, bias),
+                    [line(out_len), 1, 1],
+                )?,
             ],
             None => vec![conv],
         };
-        for pass in &passes {
-            self.program(&pass.source)?;
-        }
         Ok(Plan {
             algorithm: if winograd {
                 Algorithm::Winograd
@@ -678,7 +680,7 @@ impl Planner {
                         f.copies,
                     )?;
                 }
-                _ => self.compiled(&pass.source)?.dispatch(pass.groups)?,
+                _ => pass.program.dispatch(pass.groups)?,
             }
         }
         Ok(())
@@ -837,6 +839,9 @@ impl PlanInfo {
 pub(super) struct Pass {
     /// The specialised source (the program cache's key).
     pub(super) source: String,
+    /// Its program, compiled when the plan is made (a dispatch looks nothing up: hashing an
+    /// 8 KB source costs microseconds).
+    pub(super) program: Rc<gl::Program>,
     /// Workgroups.
     pub(super) groups: [u32; 3],
 }

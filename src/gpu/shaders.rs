@@ -99,26 +99,26 @@ pub fn winograd_sources(p: &Conv2dParams, bias: bool) -> (String, String) {
 /// Compiled programs by their full source; lives with the context.
 #[derive(Default)]
 pub struct ProgramCache {
-    programs: HashMap<String, Program>,
+    programs: HashMap<String, Rc<Program>>,
 }
 
 impl ProgramCache {
     /// The program for `source`, compiled on first use (the source is copied only then).
-    pub fn get(&mut self, gl: &Rc<glow::Context>, source: &str) -> Result<&Program> {
+    pub fn get(&mut self, gl: &Rc<glow::Context>, source: &str) -> Result<&Rc<Program>> {
         if !self.programs.contains_key(source) {
             let dump = std::env::var_os("SPORKLE_GPU_DUMP");
             let program = Program::compute(gl, source, dump.is_some())?;
             if let Some(dir) = dump {
                 dump_program(std::path::Path::new(&dir), source, &program);
             }
-            self.programs.insert(source.to_owned(), program);
+            self.programs.insert(source.to_owned(), Rc::new(program));
         }
         Ok(&self.programs[source])
     }
 
     /// The program for `source` if it has been compiled.
     pub fn peek(&self, source: &str) -> Option<&Program> {
-        self.programs.get(source)
+        self.programs.get(source).map(|p| &**p)
     }
 
     /// Programs held.

@@ -173,7 +173,7 @@ impl Worker {
             }
             if pending.is_none() && open {
                 pending = if self.exec.frames_busy() == 0 && !self.exec.filling() {
-                    match jobs.recv() {
+                    match super::job::recv_soon(&jobs) {
                         Ok(msg) => Some(msg),
                         Err(_) => break,
                     }

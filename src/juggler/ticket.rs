@@ -89,9 +89,7 @@ impl GpuTicket {
     /// Waits for the GPU's answer and hands the output to `deliver` (in this thread); on a GPU
     /// failure, re-runs the job on the CPU and delivers that.
     fn finish<T>(self, deliver: impl FnOnce(Output) -> T) -> Result<(T, RunInfo)> {
-        let answer = self
-            .answer
-            .recv()
+        let answer = crate::gpu::recv_soon(&self.answer)
             .unwrap_or_else(|_| Err(Error::Gpu("the GPU stopped before answering".into())));
         let received = Instant::now();
         match answer {

@@ -345,6 +345,26 @@ fn report_call(shape: &str, mode: &str, infos: &[sporkle::RunInfo]) {
             - s.kernel_s.unwrap_or(0.0)
             - s.download_s.unwrap_or(0.0)
     });
+    // Of those gaps, where the GPU's own span (first copy started to last copy ended) is
+    // known: those inside it (a phase waiting for the host to see the one before end and start
+    // it), and the rest (before the first copy started and after the last ended).
+    let span_s = |s: &sporkle::Stages| {
+        s.gpu_span_ns
+            .map(|(a, b)| b.saturating_sub(a) as f64 * 1e-9)
+    };
+    let spans = stages.iter().any(|s| span_s(s).is_some());
+    let inside = per_call(&|s, _| {
+        span_s(s).unwrap_or(0.0)
+            - s.upload_s.unwrap_or(0.0)
+            - s.kernel_s.unwrap_or(0.0)
+            - s.download_s.unwrap_or(0.0)
+    });
+    let edges = per_call(&|s, _| s.gpu_wall_s - span_s(s).unwrap_or(0.0));
+    let split = if spans {
+        format!(" (between its phases {inside:.1}, before the first and after the last {edges:.1})")
+    } else {
+        String::new()
+    };
     let settle = per_call(&|s, _| s.settle_s);
     let wake = per_call(&|s, _| s.wake_s);
     let caller = per_call(&|s, i| {
@@ -358,7 +378,7 @@ fn report_call(shape: &str, mode: &str, infos: &[sporkle::RunInfo]) {
         "GL copies"
     };
     eprintln!(
-        "# {shape} {mode}: {wall:.3} ms a call (median of the calls) = host in {host_in:.3} + copy in {up:.3} + kernel {kernel:.3} + copy out {down:.3} + host out {host_out:.3} + fixed cost {fixed:.1} µs ({copies}; {} calls)\n#   fixed cost, µs: to the worker {queued:.1}, GPU wall time beyond its timed work {gpu_gaps:.1}, fence to answer {settle:.1}, answer to caller {wake:.1}, in the caller {caller:.1}",
+        "# {shape} {mode}: {wall:.3} ms a call (median of the calls) = host in {host_in:.3} + copy in {up:.3} + kernel {kernel:.3} + copy out {down:.3} + host out {host_out:.3} + fixed cost {fixed:.1} µs ({copies}; {} calls)\n#   fixed cost, µs: to the worker {queued:.1}, GPU wall time beyond its timed work {gpu_gaps:.1}{split}, fence to answer {settle:.1}, answer to caller {wake:.1}, in the caller {caller:.1}",
         infos.len()
     );
 }

@@ -550,7 +550,8 @@ impl CudaCopies {
     }
 
     /// Issues the copy of each of `parts` on `stream` (after `before` of its index), an event
-    /// after each, between two timing events.
+    /// after each, between two timing events: the first recorded once `before(0)` has
+    /// returned, so that the time is the copies' own (and the host's waits between parts).
     fn timed(
         &self,
         stream: Stream,
@@ -560,10 +561,17 @@ impl CudaCopies {
     ) -> Result<TimedCopy> {
         let start = self.cuda.timing_event()?;
         let end = Rc::new(self.cuda.timing_event()?);
-        self.cuda.record(&start, stream)?;
+        if parts.is_empty() {
+            self.cuda.record(&start, stream)?;
+        }
         let mut ends = Vec::with_capacity(parts.len());
         for (i, range) in parts.iter().enumerate() {
             before(i)?;
+            if i == 0 {
+                // Timed from when the first part may start: a copy out waits on the host for
+                // its convolution first, which is not the copy's time.
+                self.cuda.record(&start, stream)?;
+            }
             copy(&self.cuda, range.clone())?;
             let part_end = match i + 1 == parts.len() {
                 true => Rc::clone(&end),

@@ -35,7 +35,7 @@
 use super::context::{GlContext, GpuInfo};
 use super::cu::CudaCopies;
 use super::gl::{self, Buffer, Direction, Fence, MappedBuffer, TimerQuery};
-use super::host_copy::{self, parallel_copy};
+use super::host_copy::{self, copy_to_staging};
 use super::job::{answer, past_deadline, unhealthy, Output, Staged, StreamDone, StreamJob};
 use super::knob::knob;
 use super::memory::{DeviceMem, HostMem};
@@ -420,7 +420,7 @@ impl Executor {
         };
         let len = flight.job.x.len();
         let t = Instant::now();
-        parallel_copy(flight.job.x.as_slice(), &mut upload.as_mut_slice()[..len]);
+        copy_to_staging(flight.job.x.as_slice(), &mut upload.as_mut_slice()[..len]);
         flight.done.host_in_s = t.elapsed().as_secs_f64();
         self.start_flight(res, slot, flight);
     }
@@ -444,7 +444,7 @@ impl Executor {
             // fills (Executor::filling), and the worker waits for the answer before it drains,
             // fails or exits.
             let dst = unsafe { std::slice::from_raw_parts_mut(dst.0, dst.1) };
-            parallel_copy(x.as_slice(), dst);
+            copy_to_staging(x.as_slice(), dst);
             let _ = done.send(t.elapsed().as_secs_f64());
         };
         if let Err(e) = self.copy_thread.run(copy) {

@@ -69,6 +69,24 @@ pub fn parallel_copy(src: &[f32], dst: &mut [f32]) {
         dst.copy_from_slice(src);
         return;
     }
+    split_copy(src, dst);
+}
+
+/// [`parallel_copy`] into staging that the GPU reads next: smaller copies too use streaming
+/// stores (on this thread), so that the data is in memory, not dirty in this core's cache,
+/// when the GPU's copy engine reads it. On the H200's host the CUDA copy of a synchronous
+/// call's input took twice as long after plain stores (#1 0.026 against 0.013 ms, #3 0.035
+/// against 0.020, stop 29), and plain stores also read every line before writing it.
+pub fn copy_to_staging(src: &[f32], dst: &mut [f32]) {
+    if src.len() < parallel_min() {
+        streaming_copy(src, dst);
+        return;
+    }
+    split_copy(src, dst);
+}
+
+/// See [`parallel_copy`]: the copy split across the copy threads, with streaming stores.
+fn split_copy(src: &[f32], dst: &mut [f32]) {
     let Some(pool) = pool() else {
         streaming_copy(src, dst);
         return;
@@ -293,6 +311,24 @@ mod tests {
         parallel_copy(&src, &mut dst[1..]);
         assert_eq!(&dst[1..], &src[..]);
         assert_eq!(dst[0], 0.0);
+    }
+
+    /// Copies into staging of every size (one thread with streaming stores, or split) arrive
+    /// whole, at any alignment, and write nothing outside.
+    #[test]
+    fn copy_to_staging_is_exact_at_every_size() {
+        for len in [0, 1, 7, 8, 9, 1000, 4099, PARALLEL_COPY_MIN + 3] {
+            let src: Vec<f32> = (0..len).map(|i| i as f32 + 0.5).collect();
+            for off in [0, 1, 3] {
+                let mut dst = vec![-1.0f32; len + off + 2];
+                copy_to_staging(&src, &mut dst[off..off + len]);
+                assert_eq!(&dst[off..off + len], &src[..], "{len} floats at +{off}");
+                assert!(dst[..off]
+                    .iter()
+                    .chain(&dst[off + len..])
+                    .all(|&x| x == -1.0));
+            }
+        }
     }
 
     #[test]

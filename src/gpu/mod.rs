@@ -293,7 +293,7 @@ impl GpuBackend {
         let mut staged = self.inputs.take(input.len(), |len| {
             Ok(self.pin(len).unwrap_or_else(|_| PinnedShared::host(len)))
         })?;
-        host_copy::parallel_copy(input, staged.as_mut_slice()?);
+        host_copy::copy_to_staging(input, staged.as_mut_slice()?);
         Ok(StagedInput {
             input: staged,
             host_in_s: t.elapsed().as_secs_f64(),

@@ -147,3 +147,36 @@ impl Model {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A prediction is the model's terms, each counted in its own unit: a GPU call's bytes
+    /// (4 per float) over the transfer rates, its FLOPs over the kernel rate, plus the fixed
+    /// cost; a CPU call's FLOPs over the CPU rate. Rates that are not round numbers, so a
+    /// factor lost or added anywhere changes the result.
+    #[test]
+    fn predictions_count_bytes_flops_and_the_fixed_cost() {
+        let p = Conv2dParams::new(2, 3, 10, 12, 5, 3, 3).with_padding(1, 1);
+        let m = Model {
+            cpu_rate: Some(3.0e9),
+            gpu_rate: Some(7.0e11),
+            up_rate: Some(1.1e10),
+            down_rate: Some(1.3e10),
+            gpu_overhead: Some(2.5e-5),
+            ..Model::default()
+        };
+        let flops = p.flops() as f64;
+        let cpu = m.predict(&p, DeviceKind::Cpu).unwrap();
+        approx::assert_relative_eq!(cpu, flops / 3.0e9, max_relative = 1e-12);
+        let bytes_in = (p.input_len() * 4) as f64;
+        let bytes_out = (p.output_len() * 4) as f64;
+        let gpu = m.predict(&p, DeviceKind::Gpu).unwrap();
+        let want = 2.5e-5 + bytes_in / 1.1e10 + flops / 7.0e11 + bytes_out / 1.3e10;
+        approx::assert_relative_eq!(gpu, want, max_relative = 1e-12);
+        // Without a measured transfer rate there is no GPU prediction.
+        let unknown = Model { up_rate: None, ..m };
+        assert_eq!(unknown.predict(&p, DeviceKind::Gpu), None);
+    }
+}

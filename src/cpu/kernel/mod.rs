@@ -562,6 +562,23 @@ mod tests {
         }
     }
 
+    /// `FMA_LOOP_FLOPS` is what one round of the peak loop computes: every lane of every
+    /// chain runs the same `v = v·m + a`, so the loop's sum is the lanes times one chain's
+    /// value (computed here in scalars), and each lane's FMA is two FLOPs.
+    #[test]
+    fn the_fma_loop_does_the_flops_it_is_credited_with() {
+        let Some(sum) = fma_peak(100) else {
+            eprintln!("no AVX-512F here: the FMA peak loop does not run (nothing to count)");
+            return;
+        };
+        let mut v = 1.0f32;
+        for _ in 0..100 {
+            v = v.mul_add(0.999_9, 1e-6);
+        }
+        let lanes = (f64::from(sum) / f64::from(v)).round() as usize;
+        assert_eq!(FMA_LOOP_FLOPS, 2 * lanes, "the loop summed {lanes} lanes");
+    }
+
     fn naive(kc: usize, a: &[f32], offs: &[usize], b: &[f32]) -> Vec<f64> {
         let mut c = vec![0.0; MR * NR];
         for k in 0..kc {

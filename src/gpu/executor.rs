@@ -39,7 +39,7 @@ use super::host_copy::{self, copy_to_staging};
 use super::job::{answer, past_deadline, unhealthy, Output, Staged, StreamDone, StreamJob};
 use super::knob::knob;
 use super::memory::{DeviceMem, HostMem};
-use super::plan::{scratch, scratch_for, Dispatches, Planner};
+use super::plan::{scratch, scratch_for, Dispatches, Plan, Planner};
 use super::resident::ResidentWeights;
 use super::shaders::{self, StreamCopy};
 use super::step::{
@@ -375,7 +375,11 @@ impl Executor {
                 parts,
                 fused,
                 mut done,
+                grew,
             }) => {
+                if grew && !job.pipelined {
+                    self.size_lone_siblings(slot, &job, &plan, parts);
+                }
                 done.queued_s = job.sent.elapsed().as_secs_f64();
                 let flight = Flight {
                     job,
@@ -554,12 +558,43 @@ impl Executor {
                 },
             )?,
         };
-        let gl = Rc::clone(&self.gl);
         let fused = res.plans.fused_program(&plan, self.copy_mode)?;
         if matches!(self.copy_mode, StreamCopy::Shader { .. }) {
             res.plans.program(shaders::stream_copy_source())?;
         }
+        let grew = self.size_frame(frame, job, &plan, parts)?;
+        let mut bytes_up = (job.x.len() * 4) as u64;
+        if let Some(b) = &job.b {
+            frame.bias.as_ref().expect("allocated above").upload(b)?;
+            bytes_up += (b.len() * 4) as u64;
+        }
+        let done = StreamDone {
+            bytes_up,
+            bytes_down: (plan.out_len * parts * 4) as u64,
+            parts,
+            ..StreamDone::default()
+        };
+        Ok(Planned {
+            plan,
+            parts,
+            fused,
+            done,
+            grew,
+        })
+    }
+
+    /// Makes `frame`'s buffers big enough for `job` run as `plan` in `parts` (never smaller);
+    /// whether any had to be made.
+    fn size_frame(
+        &self,
+        frame: &mut Frame,
+        job: &StreamJob,
+        plan: &Plan,
+        parts: usize,
+    ) -> Result<bool> {
+        let gl = Rc::clone(&self.gl);
         let (x_len, out_len) = (padded(job.x.len()), padded(plan.out_len * parts));
+        let before = frame.buffers_made();
         // Staging and input and output buffers: CUDA's pinned and shared memory with CUDA
         // copies, GL's otherwise.
         let cuda = self.cuda.as_ref();
@@ -579,25 +614,27 @@ impl Executor {
         })?;
         gl::ensure_len(&mut frame.input, x_len, || device(x_len))?;
         gl::ensure_len(&mut frame.output, out_len, || device(out_len))?;
-        scratch(&gl, &mut frame.bias, p.c_out, true)?;
-        scratch_for(&gl, &mut frame.scratch, &plan, true)?;
-        let mut bytes_up = (job.x.len() * 4) as u64;
-        if let Some(b) = &job.b {
-            frame.bias.as_ref().expect("allocated above").upload(b)?;
-            bytes_up += (b.len() * 4) as u64;
+        scratch(&gl, &mut frame.bias, job.p.c_out, true)?;
+        scratch_for(&gl, &mut frame.scratch, plan, true)?;
+        Ok(frame.buffers_made() != before)
+    }
+
+    /// After a job alone grew the buffers of lone frame `slot`: grows the other lone frames
+    /// that are free the same way now, so that the call that pays for buffers is this one
+    /// (a caller's first, which the Juggler does not time), not the next, which would run in
+    /// the next frame. A failure leaves that frame as it was (it grows when used).
+    fn size_lone_siblings(&mut self, slot: usize, job: &StreamJob, plan: &Plan, parts: usize) {
+        let n = self.frames.len();
+        for s in (0..lone_frames().min(n)).filter(|&s| s != slot) {
+            let busy = self.in_flight.contains(&s)
+                || self.held.contains(&s)
+                || self.filling.as_ref().is_some_and(|f| f.slot == s);
+            if !busy {
+                let mut frame = std::mem::take(&mut self.frames[s]);
+                let _ = self.size_frame(&mut frame, job, plan, parts);
+                self.frames[s] = frame;
+            }
         }
-        let done = StreamDone {
-            bytes_up,
-            bytes_down: (plan.out_len * parts * 4) as u64,
-            parts,
-            ..StreamDone::default()
-        };
-        Ok(Planned {
-            plan,
-            parts,
-            fused,
-            done,
-        })
     }
 
     /// Records the next step of the pipeline (see [`Executor::step`]).

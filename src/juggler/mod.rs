@@ -7,8 +7,9 @@
 //! 1. no GPU, or an unhealthy one: the CPU, with the reason;
 //! 2. below the floor (500 MFLOP by default, the original's): the CPU;
 //! 3. a shape already timed on both devices: the faster, by its measured times (moving
-//!    averages, from each device's second call of the shape on); a loser within 1.5× is
-//!    re-measured once every 64 choices, so one unlucky measurement cannot decide forever;
+//!    averages, from each device's second call of the shape on); the loser is re-measured
+//!    once every `64 × ratio` choices (`ratio`: its time over the winner's), so one unlucky
+//!    measurement cannot decide forever and the re-runs cost at most 1/64 of the time;
 //! 4. a shape timed on one device only: the other is tried (two calls: a warm-up and a
 //!    measurement) when the model predicts it within 4×, else the measured one;
 //! 5. a new shape: the model, `t = flops / rate` on the CPU and
@@ -30,7 +31,7 @@ use crate::error::{Error, Result};
 use crate::gpu::{GpuBackend, GpuChoice, JobWeights, SharedWeights, StreamDone};
 use crate::params::Conv2dParams;
 use crate::pinned::{PinnedInput, PinnedShared, StreamInput};
-use model::{Model, CALIBRATION, EXPLORE, REMEASURE};
+use model::{remeasure_period, Model, CALIBRATION, EXPLORE};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
@@ -401,13 +402,13 @@ impl Inner {
                 } else {
                     (DeviceKind::Cpu, DeviceKind::Gpu, c, g)
                 };
-                // A close loser is measured again now and then: one unlucky measurement must
-                // not decide forever, and the cost is bounded (under 1.5x, one call in 64).
-                let d = if choices % REMEASURE == 0 && t_slow < 1.5 * t_fast {
-                    slow
-                } else {
-                    fast
-                };
+                // The loser is measured again now and then: one unlucky measurement must not
+                // decide forever (on the H200 a GPU call that made buffers was once timed at
+                // several times its worth, and Auto kept vgg on the CPU at 3.4x the GPU's
+                // time). Once every 64 choices times the ratio of the times, so that the
+                // re-runs cost at most 1/64 of the faster device's time whatever the ratio.
+                let period = remeasure_period(t_slow / t_fast);
+                let d = if choices % period == 0 { slow } else { fast };
                 (
                     d,
                     format!(

@@ -11,8 +11,20 @@ use std::collections::HashMap;
 /// off for one (on the H100, with 2× here, `l3_3x3_14_256_n32` never tried the GPU, where it ran
 /// 1.6× faster than on the CPU).
 pub(super) const EXPLORE: f64 = 4.0;
-/// Every this many choices for a shape, a slower device measured within 1.5x is run once again.
+/// A slower device measured on a shape is run once again every this many choices for the shape,
+/// times the ratio of its time to the faster's ([`remeasure_period`]).
 pub(super) const REMEASURE: u32 = 64;
+
+/// Choices between re-runs of a device measured `ratio` times slower than the other: the
+/// re-runs then cost at most 1/[`REMEASURE`] of the faster device's time.
+pub(super) fn remeasure_period(ratio: f64) -> u32 {
+    let ratio = if ratio.is_finite() {
+        ratio.max(1.0)
+    } else {
+        1e6
+    };
+    (f64::from(REMEASURE) * ratio.ceil()).min(f64::from(u32::MAX)) as u32
+}
 /// Moving average weight of a new observation.
 const EWMA: f64 = 0.3;
 /// The calibration convolution: 231 MFLOP, a ResNet-style 3×3 layer.
@@ -151,6 +163,25 @@ impl Model {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The re-measuring period grows with the loser's ratio, so that what the re-runs cost
+    /// (the ratio over the period, in units of the faster device's time) stays at or under
+    /// 1/64; a ratio that is not a number re-runs rarely, never in a tight loop.
+    #[test]
+    fn remeasuring_costs_at_most_a_64th() {
+        assert_eq!(remeasure_period(1.0), 64);
+        assert_eq!(remeasure_period(1.2), 128);
+        assert_eq!(remeasure_period(3.4), 256);
+        for ratio in [1.0, 1.01, 1.5, 2.0, 3.4, 17.0, 1e3, 1e7] {
+            let period = remeasure_period(ratio);
+            assert!(
+                ratio / f64::from(period) <= 1.0 / 64.0 + 1e-12,
+                "{ratio}: {period}"
+            );
+        }
+        assert!(remeasure_period(f64::NAN) >= 64 * 1_000_000);
+        assert!(remeasure_period(f64::INFINITY) >= 64 * 1_000_000);
+    }
 
     /// A prediction is the model's terms, each counted in its own unit: a GPU call's bytes
     /// (4 per float) over the transfer rates, its FLOPs over the kernel rate, plus the fixed

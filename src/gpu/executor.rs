@@ -85,12 +85,14 @@ pub(super) struct Resources {
     pub(super) weights: ResidentWeights,
 }
 
-/// Frames that jobs running alone (synchronous calls) take in turn: 2 by default
+/// Frames that jobs running alone (synchronous calls) take in turn: 1 by default
 /// (`SPORKLE_LONE_FRAMES`, 1 to 16). A caller reads a synchronous call's output out of its
-/// frame's download staging into its own slice, which leaves those lines in that core's cache;
-/// the next call's GPU copy out into the same staging then runs at a third of its speed (on
-/// the H200's host, #2's 3.2 MB: 0.196 ms against 0.062 when the output was not read, stop 29).
-/// Alternating frames gives the core time to evict them, for the memory of a second frame.
+/// frame's download staging into its own slice, which leaves those lines in that core's cache,
+/// and the next call's GPU copy out into the same staging ran slower on the H200's host (#5:
+/// 0.61 ms against 0.47 with two frames in turn, #8 0.25 against 0.12-0.15; stop 29). But the
+/// first call in a second frame was slow even with its buffers made by the call before (vgg
+/// 64-71 ms against 11): a Juggler timed that call and kept vgg on the CPU at 3.4x the GPU's
+/// time. So one frame until the first use of a frame costs nothing (`docs/experiments.md`).
 fn lone_frames() -> usize {
     static FRAMES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     *FRAMES.get_or_init(|| {
@@ -98,7 +100,7 @@ fn lone_frames() -> usize {
             Ok(n) if (1..=16).contains(&n) => Ok(n),
             _ => Err("expected 1 to 16 frames".into()),
         })
-        .unwrap_or(2)
+        .unwrap_or(1)
     })
 }
 

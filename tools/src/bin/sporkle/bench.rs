@@ -199,8 +199,11 @@ pub(super) fn bench(a: BenchArgs) -> Result<()> {
             }
             Engine::Auto(j) => {
                 let mut devices = std::collections::BTreeSet::new();
+                let mut last_reason = String::new();
                 let mut times = timed(a.seconds, || {
-                    devices.insert(j.conv2d(&p, &x, &w, bias, &mut y)?.device);
+                    let info = j.conv2d(&p, &x, &w, bias, &mut y)?;
+                    devices.insert(info.device);
+                    last_reason = info.reason;
                     Ok(())
                 })?;
                 verify_sample(&p, &x, &w, bias, &y)
@@ -229,7 +232,7 @@ pub(super) fn bench(a: BenchArgs) -> Result<()> {
                         fixed_ms[k] = median(&mut t) * 1e3;
                     }
                     eprintln!(
-                        "# {}: auto {ms:.3} ms ({}), cpu only {:.3} ms, gpu only {:.3} ms",
+                        "# {}: auto {ms:.3} ms ({}), cpu only {:.3} ms, gpu only {:.3} ms; auto's last choice: {last_reason}",
                         case.name,
                         used.join("+"),
                         fixed_ms[0],

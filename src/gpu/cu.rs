@@ -255,30 +255,6 @@ impl Cuda {
         unsafe { cu::event::synchronize(event.0) }.map_err(cuda_err("waiting for an event"))
     }
 
-    /// Makes `stream`'s later work wait on the GPU until the u32 at `flag` is at least `value`.
-    fn wait_value(&self, stream: Stream, flag: &Imported, value: u32) -> Result<()> {
-        // SAFETY: a live stream and a device address of this context (the flag's first word,
-        // which the caller keeps alive until the stream has passed the wait).
-        unsafe {
-            sys::cuStreamWaitValue32_v2(
-                self.stream(stream),
-                flag.ptr,
-                value,
-                sys::CUstreamWaitValue_flags::CU_STREAM_WAIT_VALUE_GEQ as u32,
-            )
-            .result()
-        }
-        .map_err(cuda_err("waiting on a flag"))
-    }
-
-    /// Sets the u32 at `flag` to `value` from the host, at once (the legacy stream, which does
-    /// not wait for this context's non-blocking streams).
-    fn set_value(&self, flag: &Imported, value: u32) -> Result<()> {
-        // SAFETY: a device address of this context holding at least one u32.
-        unsafe { sys::cuMemsetD32_v2(flag.ptr, value, 1).result() }
-            .map_err(cuda_err("setting a flag"))
-    }
-
     /// Waits until all of `stream`'s work has finished.
     pub fn sync(&self, stream: Stream) -> Result<()> {
         // SAFETY: a live stream.
@@ -486,9 +462,6 @@ pub struct CudaCopies {
     // Field order is drop order: CUDA (its streams waited for), then Vulkan.
     cuda: Cuda,
     vk: VkMemory,
-    /// Whether the stream for copies out can wait on a flag in shared memory
-    /// (`cuStreamWaitValue32`), probed when opened; `SPORKLE_CUDA_SYNC=host`: never used.
-    flags: bool,
 }
 
 /// An error unless every range lies within `len` floats (a copy past a buffer's end would
@@ -515,43 +488,10 @@ impl CudaCopies {
         }
         let vk = VkMemory::new(ctx)?;
         let cuda = Cuda::new(vk.uuid)?;
-        let mut copies = Self {
-            cuda,
-            vk,
-            flags: false,
-        };
-        // One small shared buffer proves the whole chain (export, GL and CUDA imports), and a
-        // wait on it once set whether streams can wait on flags.
-        let probe = copies.device_buffer(4)?;
-        copies.flags = std::env::var("SPORKLE_CUDA_SYNC").map_or(true, |v| v != "host")
-            && copies.cuda.set_value(&probe.cuda, 1).is_ok()
-            && (copies.cuda.wait_value(Stream::Down, &probe.cuda, 1))
-                .and_then(|()| copies.cuda.sync(Stream::Down))
-                .is_ok();
+        let copies = Self { cuda, vk };
+        // One small shared buffer proves the whole chain (export, GL and CUDA imports).
+        copies.device_buffer(4)?;
         Ok(copies)
-    }
-
-    /// A flag for a synchronous call's copy out to wait on ([`CudaCopies::wait_flag`]), at 0;
-    /// `None` where streams cannot wait on flags (or `SPORKLE_CUDA_SYNC=host`).
-    pub fn flag(&self) -> Result<Option<SharedMemory>> {
-        if !self.flags {
-            return Ok(None);
-        }
-        let flag = self.device_buffer(4)?;
-        self.cuda.set_value(&flag.cuda, 0)?;
-        Ok(Some(flag))
-    }
-
-    /// Makes the stream for copies out wait on the GPU until `flag` is at least `value`.
-    pub fn wait_flag(&self, flag: &SharedMemory, value: u32) -> Result<()> {
-        self.cuda.wait_value(Stream::Down, &flag.cuda, value)
-    }
-
-    /// Raises `flag` to its maximum from the host, so that every copy waiting on it goes on
-    /// (for a job failed in flight, whose convolution may never raise it). The flag is spent:
-    /// any later wait on it would pass at once.
-    pub fn release(&self, flag: &SharedMemory) {
-        let _ = self.cuda.set_value(&flag.cuda, u32::MAX);
     }
 
     /// The CUDA device's name.

@@ -134,9 +134,6 @@ pub(super) struct Executor {
     copy_mode: StreamCopy,
     /// The clock CUDA-copied jobs' GPU spans are read on.
     cuda_clock: CudaClock,
-    /// Flags released for jobs that failed in flight (their copies out may still be waiting
-    /// on them): kept until the CUDA streams are idle ([`Executor::recover`]).
-    retired_flags: Vec<super::cu::SharedMemory>,
     /// CUDA copies, once opened (`copy_mode`); after every buffer they made.
     cuda: Option<CudaCopies>,
     gl: Rc<glow::Context>,
@@ -168,7 +165,6 @@ impl Executor {
             last_step: None,
             idle_since: None,
             lone_next: 0,
-            retired_flags: Vec::new(),
             filling: None,
             copy_thread: host_copy::CopyThread::default(),
             copy_mode: StreamCopy::from_env(),
@@ -347,8 +343,6 @@ impl Executor {
                 return false;
             }
         }
-        // Nothing waits on a released flag any more.
-        self.retired_flags.clear();
         self.broken = None;
         true
     }
@@ -400,7 +394,6 @@ impl Executor {
                     charged: Vec::new(),
                     begun: Instant::now(),
                     done,
-                    raised: None,
                 };
                 if self.pinned.get(&flight.job.x).is_some() {
                     self.start_flight(res, slot, flight);
@@ -571,9 +564,6 @@ impl Executor {
         if matches!(self.copy_mode, StreamCopy::Shader { .. }) {
             res.plans.program(shaders::stream_copy_source())?;
         }
-        if self.cuda.is_some() && !job.pipelined {
-            res.plans.program(shaders::stream_flag_source())?;
-        }
         let grew = self.size_frame(frame, job, &plan, parts)?;
         let mut bytes_up = (job.x.len() * 4) as u64;
         if let Some(b) = &job.b {
@@ -628,16 +618,6 @@ impl Executor {
         gl::ensure_len(&mut frame.output, out_len, || device(out_len))?;
         scratch(&gl, &mut frame.bias, job.p.c_out, true)?;
         scratch_for(&gl, &mut frame.scratch, plan, true)?;
-        if let Some(c) = cuda.filter(|_| !job.pipelined && parts == 1) {
-            // A flag far from wrapping (GEQ waits): a new one at 0 once half its range is used
-            // (the frame is free: nothing waits on the old one).
-            if frame.flag_serial >= 1 << 31 {
-                (frame.flag, frame.flag_serial) = (None, 0);
-            }
-            if frame.flag.is_none() {
-                frame.flag = c.flag()?;
-            }
-        }
         Ok(frame.buffers_made() != before)
     }
 
@@ -740,16 +720,6 @@ impl Executor {
             Some(slot) if self.cuda.is_some() => Some(self.encoder(res).cuda_copy_out(slot)?),
             _ => None,
         };
-        // A job alone whose frame has a flag: its convolution raises it to its next serial, and
-        // its copy out (the next step) waits for that on the GPU.
-        if let Some(slot) = role[1].filter(|_| self.cuda.is_some()) {
-            let frame = &mut self.frames[slot];
-            let f = (frame.flight.as_mut()).expect("a frame in flight holds its job");
-            if frame.flag.is_some() && !f.job.pipelined && f.parts == 1 {
-                frame.flag_serial += 1;
-                f.raised = Some(frame.flag_serial);
-            }
-        }
         // The convolution's weights, made resident now: an earlier step may have evicted them.
         let weights = match role[1] {
             Some(slot) => {
@@ -829,17 +799,6 @@ impl Executor {
             _ => unhealthy(why),
         };
         self.broken = Some(why.clone());
-        // Copies out may be waiting on the GPU for flags that failed convolutions never raise.
-        if let Some(c) = &self.cuda {
-            for &slot in &self.in_flight {
-                let frame = &mut self.frames[slot];
-                if let Some(flag) = frame.flag.take() {
-                    c.release(&flag);
-                    self.retired_flags.push(flag);
-                    frame.flag_serial = 0;
-                }
-            }
-        }
         if let Some(f) = self.filling.take() {
             // Its copy writes the frame's staging: wait for it before the frame can be reused.
             let _ = f.copied.recv();
@@ -905,14 +864,7 @@ impl Executor {
             let fence =
                 (f.fence.as_ref()).expect("a job with its three steps has the fence of the last");
             let waited_from = Instant::now();
-            let (already, mut waited) = fence.wait_by_deadline(f.begun, f.job.timeout);
-            // A copy out that waited for a flag on the GPU: the convolution's own fence must
-            // have passed too before the job counts as done (it has, unless GL failed).
-            if let (Ok(()), Some(conv)) =
-                (&waited, f.steps[1].as_ref().filter(|_| f.raised.is_some()))
-            {
-                waited = conv.phase_end(1).wait_by_deadline(f.begun, f.job.timeout).1;
-            }
+            let (already, waited) = fence.wait_by_deadline(f.begun, f.job.timeout);
             if let Err(e) = waited {
                 let job = self.take_oldest(slot).job;
                 let e = past_deadline(e, job.timeout);

@@ -156,18 +156,6 @@ pub fn stream_copy_source() -> &'static str {
     })
 }
 
-/// The flag a synchronous call's convolution raises for its CUDA copy out
-/// (`shaders/stream_flag.comp`), with its `#version` line.
-pub fn stream_flag_source() -> &'static str {
-    static SOURCE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    SOURCE.get_or_init(|| {
-        format!(
-            "#version 430\n#line 1\n{}",
-            include_str!("../../shaders/stream_flag.comp")
-        )
-    })
-}
-
 /// A convolution pass's source fused with the streaming copies: its first `copy_z` layers of
 /// workgroups copy (`stream_copy.glsl`, inserted after the `#define`s), the rest convolve.
 pub fn fused_source(conv_source: &str, copy_z: u32) -> String {

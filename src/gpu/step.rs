@@ -28,7 +28,7 @@
 
 #![forbid(unsafe_code)]
 
-use super::cu::{elapsed_ns, CudaCopies, Event, SharedMemory, TimedCopy};
+use super::cu::{elapsed_ns, CudaCopies, Event, TimedCopy};
 use super::gl::{self, Buffer, Direction, Fence, MappedBuffer, TimerQuery};
 use super::job::{past_deadline, StreamDone, StreamJob};
 use super::memory::{DeviceMem, HostMem};
@@ -54,11 +54,6 @@ pub(super) struct Frame {
     pub(super) bias: Option<Buffer>,
     /// The plan's intermediates (split-K partial sums, Winograd's transforms).
     pub(super) scratch: [Option<Buffer>; 2],
-    /// With CUDA copies, for jobs that run alone where streams can wait on flags: the flag
-    /// their convolution raises to their serial and their copy out waits for on the GPU (the
-    /// host does not wait between the two), and the last serial given.
-    pub(super) flag: Option<SharedMemory>,
-    pub(super) flag_serial: u32,
     pub(super) flight: Option<Flight>,
 }
 
@@ -130,9 +125,6 @@ pub(super) struct Flight {
     pub(super) charged: Vec<Rc<StepTimes>>,
     pub(super) begun: Instant,
     pub(super) done: StreamDone,
-    /// The value its convolution raises its frame's flag to, for its copy out to wait for on
-    /// the GPU (see [`Frame::flag`]); `None`: the host waits for the convolution.
-    pub(super) raised: Option<u32>,
 }
 
 impl Flight {
@@ -142,7 +134,6 @@ impl Flight {
         self.phases = 0;
         self.fence = None;
         self.steps = [None, None, None];
-        self.raised = None;
         self.done.reruns += 1;
     }
 
@@ -434,16 +425,13 @@ impl Encoder<'_> {
     pub(super) fn cuda_copy_out(&self, slot: usize) -> Result<TimedCopy> {
         let c = self.cuda.expect("CUDA copies are open");
         let f = &self.frames[slot];
-        let flight = self.frames[slot].flight();
-        let parts = flight.output_parts();
-        let (src, dst) = (device(&f.output)?.cuda()?, mapped(&f.download)?.cuda()?);
-        match (flight.raised, f.flag.as_ref()) {
-            // The convolution raises the flag: the copy waits for it on the GPU.
-            (Some(serial), Some(flag)) => {
-                c.copy_out(src, dst, &parts, |_| c.wait_flag(flag, serial))
-            }
-            _ => c.copy_out(src, dst, &parts, |part| self.wait_part(slot, 1, part)),
-        }
+        let parts = self.frames[slot].flight().output_parts();
+        c.copy_out(
+            device(&f.output)?.cuda()?,
+            mapped(&f.download)?.cuda()?,
+            &parts,
+            |part| self.wait_part(slot, 1, part),
+        )
     }
 
     /// Waits, within the job's deadline, until part `part` of phase `phase` (0: copy in, 1:
@@ -513,17 +501,6 @@ impl Encoder<'_> {
             elapsed.end();
             work.elapsed.push(elapsed);
             encoded?;
-            if let (Some(serial), Some(flag)) = (flight.raised, f.flag.as_ref()) {
-                // After the convolution's writes (the barrier), its flag: the copy out waits on
-                // the GPU for it.
-                gl::storage_barrier(gl);
-                flag.gl().bind(0);
-                (self.plans.compiled(shaders::stream_flag_source())?).dispatch_with(
-                    [1, 1, 1],
-                    "serial",
-                    [serial, 0, 0, 0],
-                )?;
-            }
             if flight.parts > 1 {
                 work.conv_parts.push(Rc::new(Fence::new(gl)?));
                 gl::flush(gl);

@@ -85,25 +85,6 @@ pub(super) struct Resources {
     pub(super) weights: ResidentWeights,
 }
 
-/// Frames that jobs running alone (synchronous calls) take in turn: 1 by default
-/// (`SPORKLE_LONE_FRAMES`, 1 to 16). A caller reads a synchronous call's output out of its
-/// frame's download staging into its own slice, which leaves those lines in that core's cache,
-/// and the next call's GPU copy out into the same staging ran slower on the H200's host (#5:
-/// 0.61 ms against 0.47 with two frames in turn, #8 0.25 against 0.12-0.15; stop 29). But the
-/// first call in a second frame was slow even with its buffers made by the call before (vgg
-/// 64-71 ms against 11): a Juggler timed that call and kept vgg on the CPU at 3.4x the GPU's
-/// time. So one frame until the first use of a frame costs nothing (`docs/experiments.md`).
-fn lone_frames() -> usize {
-    static FRAMES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *FRAMES.get_or_init(|| {
-        knob("SPORKLE_LONE_FRAMES", |v| match v.parse::<usize>() {
-            Ok(n) if (1..=16).contains(&n) => Ok(n),
-            _ => Err("expected 1 to 16 frames".into()),
-        })
-        .unwrap_or(1)
-    })
-}
-
 /// The streaming state: frames, the jobs in flight in them, and how copies run.
 pub(super) struct Executor {
     // Field order is drop order: every GL object before the CUDA copies that made some of them.
@@ -124,8 +105,6 @@ pub(super) struct Executor {
     last_step: Option<Rc<Fence>>,
     /// Since when the GPU has been seen idle with steps still to record.
     idle_since: Option<Instant>,
-    /// The frame the next job that runs alone looks at first (see [`lone_frames`]).
-    lone_next: usize,
     /// The job whose input the copy thread is writing into its staging.
     filling: Option<Filling>,
     /// The thread that copies inputs into staging.
@@ -164,7 +143,6 @@ impl Executor {
             busy_until: None,
             last_step: None,
             idle_since: None,
-            lone_next: 0,
             filling: None,
             copy_thread: host_copy::CopyThread::default(),
             copy_mode: StreamCopy::from_env(),
@@ -356,18 +334,12 @@ impl Executor {
             return;
         }
         let filling = self.filling.as_ref().map(|f| f.slot);
-        let n = self.frames.len();
-        // A job alone starts its search at the frame after the last lone job's.
-        let first = if job.pipelined { 0 } else { self.lone_next % n };
-        let Some(slot) = (0..n).map(|i| (first + i) % n).find(|&i| {
+        let Some(slot) = (0..self.frames.len()).find(|&i| {
             !self.in_flight.contains(&i) && !self.held.contains(&i) && filling != Some(i)
         }) else {
             answer(job, Err(Error::Gpu("no free frame (executor bug)".into())));
             return;
         };
-        if !job.pipelined {
-            self.lone_next = (slot + 1) % lone_frames();
-        }
         let mut frame = std::mem::take(&mut self.frames[slot]);
         let started = self.try_fill(res, &mut frame, &job);
         self.frames[slot] = frame;
@@ -377,11 +349,7 @@ impl Executor {
                 parts,
                 fused,
                 mut done,
-                grew,
             }) => {
-                if grew && !job.pipelined {
-                    self.size_lone_siblings(slot, &job, &plan, parts);
-                }
                 done.queued_s = job.sent.elapsed().as_secs_f64();
                 let flight = Flight {
                     job,
@@ -564,7 +532,7 @@ impl Executor {
         if matches!(self.copy_mode, StreamCopy::Shader { .. }) {
             res.plans.program(shaders::stream_copy_source())?;
         }
-        let grew = self.size_frame(frame, job, &plan, parts)?;
+        self.size_frame(frame, job, &plan, parts)?;
         let mut bytes_up = (job.x.len() * 4) as u64;
         if let Some(b) = &job.b {
             frame.bias.as_ref().expect("allocated above").upload(b)?;
@@ -581,22 +549,19 @@ impl Executor {
             parts,
             fused,
             done,
-            grew,
         })
     }
 
-    /// Makes `frame`'s buffers big enough for `job` run as `plan` in `parts` (never smaller);
-    /// whether any had to be made.
+    /// Makes `frame`'s buffers big enough for `job` run as `plan` in `parts` (never smaller).
     fn size_frame(
         &self,
         frame: &mut Frame,
         job: &StreamJob,
         plan: &Plan,
         parts: usize,
-    ) -> Result<bool> {
+    ) -> Result<()> {
         let gl = Rc::clone(&self.gl);
         let (x_len, out_len) = (padded(job.x.len()), padded(plan.out_len * parts));
-        let before = frame.buffers_made();
         // Staging and input and output buffers: CUDA's pinned and shared memory with CUDA
         // copies, GL's otherwise.
         let cuda = self.cuda.as_ref();
@@ -617,26 +582,7 @@ impl Executor {
         gl::ensure_len(&mut frame.input, x_len, || device(x_len))?;
         gl::ensure_len(&mut frame.output, out_len, || device(out_len))?;
         scratch(&gl, &mut frame.bias, job.p.c_out, true)?;
-        scratch_for(&gl, &mut frame.scratch, plan, true)?;
-        Ok(frame.buffers_made() != before)
-    }
-
-    /// After a job alone grew the buffers of lone frame `slot`: grows the other lone frames
-    /// that are free the same way now, so that the call that pays for buffers is this one
-    /// (a caller's first, which the Juggler does not time), not the next, which would run in
-    /// the next frame. A failure leaves that frame as it was (it grows when used).
-    fn size_lone_siblings(&mut self, slot: usize, job: &StreamJob, plan: &Plan, parts: usize) {
-        let n = self.frames.len();
-        for s in (0..lone_frames().min(n)).filter(|&s| s != slot) {
-            let busy = self.in_flight.contains(&s)
-                || self.held.contains(&s)
-                || self.filling.as_ref().is_some_and(|f| f.slot == s);
-            if !busy {
-                let mut frame = std::mem::take(&mut self.frames[s]);
-                let _ = self.size_frame(&mut frame, job, plan, parts);
-                self.frames[s] = frame;
-            }
-        }
+        scratch_for(&gl, &mut frame.scratch, plan, true)
     }
 
     /// Records the next step of the pipeline (see [`Executor::step`]).

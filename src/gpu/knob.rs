@@ -1,6 +1,6 @@
 //! Tuning knobs: settings read once from the environment (`SPORKLE_GPU_TILE`,
-//! `SPORKLE_GPU_ALGO`, `SPORKLE_STREAM_*`, `SPORKLE_COPY_PARALLEL_MIN`, `SPORKLE_SPIN_US`,
-//! `SPORKLE_LONE_FRAMES`), where a bad value is said and ignored.
+//! `SPORKLE_GPU_ALGO`, `SPORKLE_STREAM_*`, `SPORKLE_COPY_PARALLEL_MIN`, `SPORKLE_SPIN_US`),
+//! where a bad value is said and ignored.
 
 #![forbid(unsafe_code)]
 

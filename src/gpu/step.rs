@@ -64,23 +64,6 @@ impl Frame {
             .as_ref()
             .expect("a frame in flight holds its job")
     }
-
-    /// The sizes of its buffers in floats (0 where there is none), to tell whether sizing it
-    /// made any.
-    pub(super) fn buffers_made(&self) -> [usize; 7] {
-        fn len(b: Option<&impl gl::Floats>) -> usize {
-            b.map_or(0, gl::Floats::floats)
-        }
-        [
-            len(self.upload.as_ref()),
-            len(self.download.as_ref()),
-            len(self.input.as_ref()),
-            len(self.output.as_ref()),
-            len(self.bias.as_ref()),
-            len(self.scratch[0].as_ref()),
-            len(self.scratch[1].as_ref()),
-        ]
-    }
 }
 
 /// What a job's frame was made ready with (`Executor::try_fill`).
@@ -91,8 +74,6 @@ pub(super) struct Planned {
     /// As [`Flight`]'s.
     pub(super) fused: Option<(String, u32)>,
     pub(super) done: StreamDone,
-    /// Whether the frame's buffers had to be made (or grown) for it.
-    pub(super) grew: bool,
 }
 
 /// A job whose input is being copied into its frame's upload staging on another thread.

@@ -93,36 +93,24 @@ pub unsafe fn rows<const N: usize, const P: usize>(
         *v = unsafe { _mm512_loadu_ps(bias.as_ptr().add(p * MR)) };
     }
     let mut acc = [start; N];
-    for k in 0..kdim {
-        let mut av = [_mm512_setzero_ps(); P];
-        for (p, v) in av.iter_mut().enumerate() {
-            // SAFETY: p < P and k < kdim: panel p's row k (caller's contract).
-            *v = unsafe { _mm512_loadu_ps(a.add(p * a_stride + k * MR)) };
-        }
-        // B rows jump between planes: ask for the one PREFETCH taps ahead, both its lines (as
-        // in `kernel`; stem n1 and l2 n8 +10-25% here).
-        // SAFETY: min(k + PREFETCH, kdim − 1) < kdim, so the offset read is in bounds.
-        let ahead = unsafe { *offs.add((k + PREFETCH).min(kdim - 1)) };
-        _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add(ahead).cast::<i8>());
-        _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add(ahead + N - 1).cast::<i8>());
-        // C's lines, one a tap over the first 2·16·P taps (both ends of each filter's N
-        // positions): the stores at the end then find them in L1 instead of each waiting for a
-        // read for ownership, which made a pointwise layer's stores cost as much as its FMAs
-        // (exp1x1 n8 on the rows kernel 1.4x faster with it, stems 1.05-1.4x).
-        if out == super::RowsOut::ByFilter {
-            let j = k.min(2 * P * MR - 1);
-            let line = (j / 2) * ldc + (j % 2) * (N - 1);
-            _mm_prefetch::<_MM_HINT_T0>(c.wrapping_add(line).cast::<i8>());
-        }
-        // SAFETY: k < kdim: offs[k] is in bounds, and so are the N floats of B at offs[k].
-        let bk = unsafe { b.add(*offs.add(k)) };
-        for (i, row) in acc.iter_mut().enumerate() {
-            // SAFETY: i < N, inside the N floats of B at offs[k].
-            let bv = unsafe { _mm512_set1_ps(*bk.add(i)) };
-            for (v, &a) in row.iter_mut().zip(&av) {
-                *v = _mm512_fmadd_ps(bv, a, *v);
-            }
-        }
+    // C's lines, one a tap over the first 2·16·P taps (both ends of each filter's N
+    // positions): the stores at the end then find them in L1 instead of each waiting for a
+    // read for ownership, which made a pointwise layer's stores cost as much as its FMAs
+    // (exp1x1 n8 on the rows kernel 1.4x faster with it, stems 1.05-1.4x). A loop of its own,
+    // so that the other taps pay nothing for it.
+    let c_lines = match out {
+        super::RowsOut::ByFilter => kdim.min(2 * P * MR),
+        super::RowsOut::ByPosition => 0,
+    };
+    for k in 0..c_lines {
+        let line = (k / 2) * ldc + (k % 2) * (N - 1);
+        _mm_prefetch::<_MM_HINT_T0>(c.wrapping_add(line).cast::<i8>());
+        // SAFETY: k < kdim (the caller's contract covers the tap).
+        unsafe { rows_tap(k, kdim, a, a_stride, offs, b, &mut acc) };
+    }
+    for k in c_lines..kdim {
+        // SAFETY: as above.
+        unsafe { rows_tap(k, kdim, a, a_stride, offs, b, &mut acc) };
     }
     if out == super::RowsOut::ByPosition {
         for (i, vs) in acc.iter().enumerate() {
@@ -150,6 +138,44 @@ pub unsafe fn rows<const N: usize, const P: usize>(
             // SAFETY: filter p·16 + j < filters and the N lanes under the mask: inside row
             // p·16 + j of C (caller's contract).
             unsafe { _mm512_mask_storeu_ps(c.add((p * MR + j) * ldc), positions, *v) };
+        }
+    }
+}
+
+/// One tap of [`rows`]: `acc[i][p] += b[offs[k] + i] · a[p·a_stride + k·16..][..16]`, with the
+/// B row PREFETCH taps ahead asked for.
+///
+/// # Safety
+/// As [`rows`], and `k < kdim`.
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn rows_tap<const N: usize, const P: usize>(
+    k: usize,
+    kdim: usize,
+    a: *const f32,
+    a_stride: usize,
+    offs: *const usize,
+    b: *const f32,
+    acc: &mut [[__m512; P]; N],
+) {
+    let mut av = [_mm512_setzero_ps(); P];
+    for (p, v) in av.iter_mut().enumerate() {
+        // SAFETY: p < P and k < kdim: panel p's row k (caller's contract).
+        *v = unsafe { _mm512_loadu_ps(a.add(p * a_stride + k * MR)) };
+    }
+    // B rows jump between planes: ask for the one PREFETCH taps ahead, both its lines (as in
+    // `kernel`; stem n1 and l2 n8 +10-25% here).
+    // SAFETY: min(k + PREFETCH, kdim − 1) < kdim, so the offset read is in bounds.
+    let ahead = unsafe { *offs.add((k + PREFETCH).min(kdim - 1)) };
+    _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add(ahead).cast::<i8>());
+    _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add(ahead + N - 1).cast::<i8>());
+    // SAFETY: k < kdim: offs[k] is in bounds, and so are the N floats of B at offs[k].
+    let bk = unsafe { b.add(*offs.add(k)) };
+    for (i, row) in acc.iter_mut().enumerate() {
+        // SAFETY: i < N, inside the N floats of B at offs[k].
+        let bv = unsafe { _mm512_set1_ps(*bk.add(i)) };
+        for (v, &a) in row.iter_mut().zip(&av) {
+            *v = _mm512_fmadd_ps(bv, a, *v);
         }
     }
 }

@@ -85,6 +85,27 @@ enum Command {
         #[arg(long, default_value_t = 12)]
         batches: usize,
     },
+    /// Diagnostics: CPU paths (or microkernels) on one shape, interleaved call by call, so that
+    /// a shared machine's drifting clock hits each alike: the median of each round's ratio.
+    #[cfg(feature = "probes")]
+    #[command(hide = true)]
+    ProbeCpuPaths {
+        /// The shape's name (or number) in the suite.
+        shape: String,
+        /// Comma-separated paths (strips, rows, direct, winograd, winograd-f4x4, auto), the
+        /// first the baseline.
+        #[arg(long, default_value = "auto,rows")]
+        paths: String,
+        /// Rounds (each times every path on a few calls).
+        #[arg(long, default_value_t = 15)]
+        rounds: usize,
+        /// Threads of each backend.
+        #[arg(long)]
+        threads: Option<usize>,
+        /// Suite file with the shape (default: the built-in copy of suites/perf.toml).
+        #[arg(long)]
+        suite: Option<std::path::PathBuf>,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -261,6 +282,14 @@ fn main() -> ExitCode {
             .map_err(Into::into),
         #[cfg(feature = "probes")]
         Command::ProbeCuda { shape, batches } => probe_cuda(&shape, batches),
+        #[cfg(feature = "probes")]
+        Command::ProbeCpuPaths {
+            shape,
+            paths,
+            rounds,
+            threads,
+            suite,
+        } => probe_cpu_paths(&shape, &paths, rounds, threads, suite.as_deref()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -423,6 +452,61 @@ fn probe_cuda(shape: &str, batches: usize) -> Result<()> {
     let case = find_shape(&suite, shape)?;
     let report = GpuBackend::new()?.probe_cuda(&case.params, batches.max(1))?;
     out!("{}", report.trim_end());
+    Ok(())
+}
+
+/// `sporkle probe-cpu-paths`: each path's median GFLOP/s and its median ratio to the first,
+/// over rounds that time every path in turn (best of three calls each).
+#[cfg(feature = "probes")]
+fn probe_cpu_paths(
+    shape: &str,
+    paths: &str,
+    rounds: usize,
+    threads: Option<usize>,
+    suite: Option<&Path>,
+) -> Result<()> {
+    let suite = match suite {
+        Some(path) => Suite::load(path)?,
+        None => perf_suite()?,
+    };
+    let p = find_shape(&suite, shape)?.params;
+    let mut input = vec![0.0f32; p.input_len()];
+    let mut weights = vec![0.0f32; p.weights_len()];
+    sporkle::data::fill_uniform(1, &mut input);
+    sporkle::data::fill_uniform(2, &mut weights);
+    let mut output = vec![0.0f32; p.output_len()];
+    let mut runs = Vec::new();
+    for name in paths.split(',') {
+        let cpu = cpu_backend(threads)?;
+        let cpu = match name {
+            "auto" => cpu,
+            path => cpu.with_path(parse_cpu_path(path).map_err(|e| anyhow!(e))?),
+        };
+        let w = cpu.prepare_weights(&p, &weights)?;
+        cpu.conv2d_prepared(&p, &input, &w, None, &mut output)?;
+        runs.push((name, cpu, w, Vec::new()));
+    }
+    for _ in 0..rounds.max(1) {
+        for (_, cpu, w, times) in &mut runs {
+            let mut best = f64::INFINITY;
+            for _ in 0..3 {
+                let start = std::time::Instant::now();
+                cpu.conv2d_prepared(&p, &input, w, None, &mut output)?;
+                best = best.min(start.elapsed().as_secs_f64());
+            }
+            times.push(best);
+        }
+    }
+    let gflops = p.flops() as f64 / 1e9;
+    for (name, cpu, _, times) in &runs {
+        let mut ratios: Vec<f64> = (runs[0].3.iter().zip(times)).map(|(b, t)| b / t).collect();
+        out!(
+            "{shape} {name} ({}): {:.1} GFLOP/s, {:.3}x the first",
+            cpu.path_for(&p).name(),
+            gflops / median(&mut times.clone()),
+            median(&mut ratios)
+        );
+    }
     Ok(())
 }
 

@@ -544,7 +544,8 @@ impl CpuBackend {
                 break;
             } else if s.path.layout() != Layout::Given && m_rows > min_filters {
                 m_rows = (m_rows / 2).next_multiple_of(min_filters);
-            } else if rows == geo.ho && tasks >= self.threads && tasks % self.threads == 0 {
+            } else if rows == geo.ho && tasks >= self.threads && tasks.is_multiple_of(self.threads)
+            {
                 // Whole planes shared evenly: better than row tiles, whose outputs go through
                 // the scratch tile and a copy (stem n1, two tasks of 32 filters against four
                 // of 32 filters × 56 rows: 1.04-1.10x here, interleaved).

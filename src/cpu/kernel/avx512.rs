@@ -214,6 +214,63 @@ pub unsafe fn store_tiles4x4(
     }
 }
 
+/// 16 lanes of a [`super::Lanes`] computation. Only the AVX-512 functions of this file make
+/// one, so its operations run only where the CPU has AVX-512F.
+#[derive(Clone, Copy)]
+pub struct Z(__m512);
+
+impl std::ops::Add for Z {
+    type Output = Z;
+    #[inline(always)]
+    fn add(self, o: Z) -> Z {
+        // SAFETY: a Z exists only inside AVX-512 functions (see the type).
+        Z(unsafe { _mm512_add_ps(self.0, o.0) })
+    }
+}
+
+impl std::ops::Sub for Z {
+    type Output = Z;
+    #[inline(always)]
+    fn sub(self, o: Z) -> Z {
+        // SAFETY: a Z exists only inside AVX-512 functions (see the type).
+        Z(unsafe { _mm512_sub_ps(self.0, o.0) })
+    }
+}
+
+impl std::ops::Mul<f32> for Z {
+    type Output = Z;
+    #[inline(always)]
+    fn mul(self, k: f32) -> Z {
+        // SAFETY: a Z exists only inside AVX-512 functions (see the type).
+        Z(unsafe { _mm512_mul_ps(self.0, _mm512_set1_ps(k)) })
+    }
+}
+
+impl super::Lanes for Z {}
+
+/// See [`super::transform_rows`]: 16 lanes a step, the last step masked.
+///
+/// # Safety
+/// The CPU supports AVX-512F; each of `d` is valid for reading `n` floats and each of `v` for
+/// writing `n` floats, and no output row overlaps an input row.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn transform_rows<F: super::RowTransform<I, O>, const I: usize, const O: usize>(
+    d: [*const f32; I],
+    v: [*mut f32; O],
+    n: usize,
+) {
+    for j in (0..n).step_by(16) {
+        let mask: __mmask16 = ((1u32 << (n - j).min(16)) - 1) as __mmask16;
+        // SAFETY: lanes j..min(j + 16, n) under the mask, inside each row (caller's contract).
+        let x: [Z; I] =
+            std::array::from_fn(|i| Z(unsafe { _mm512_maskz_loadu_ps(mask, d[i].add(j)) }));
+        for (row, y) in v.iter().zip(F::apply::<Z>(x)) {
+            // SAFETY: as above, on the output rows.
+            unsafe { _mm512_mask_storeu_ps(row.add(j), mask, y.0) };
+        }
+    }
+}
+
 /// Transposes a 16×16 block held as 16 rows: afterwards `r[l]` lane `i` is the old `r[i]`
 /// lane `l` (unpacks, then 128-bit lane shuffles).
 #[target_feature(enable = "avx512f")]

@@ -14,8 +14,9 @@
 //! broadcast from memory), and a portable one in plain Rust for every other machine. The safe
 //! entry point [`Microkernel::run`] checks every bound once per call, in O(1), through
 //! [`TapOffsets`], whose construction proves that no offset exceeds its recorded maximum;
-//! this file holds the crate's only CPU `unsafe` (with the FMA peak loop, [`prefetch`] and
-//! Winograd F(4×4)'s tile store, [`store_tiles4x4`], a 16×16 register transpose).
+//! this file holds the crate's only CPU `unsafe` (with the FMA peak loop, [`prefetch`],
+//! Winograd F(4×4)'s tile store, [`store_tiles4x4`], a 16×16 register transpose, and the
+//! Winograd transforms' 16-lane driver, [`transform_rows`]).
 
 /// Rows of A (filters) and columns of B (output positions) in one microkernel call.
 pub const MR: usize = 16;
@@ -507,6 +508,55 @@ pub fn store_tiles4x4(
             for j in 0..4 {
                 out[at + i * wo + j] = y[(4 * i + j) * ldy + f] + bias[f];
             }
+        }
+    }
+}
+
+/// What a 1-D transform computes lane by lane: adds, subtracts and scalings, on a scalar or on a
+/// whole vector of lanes (the same operations in the same order either way, so the same bits).
+pub trait Lanes:
+    Copy
+    + std::ops::Add<Output = Self>
+    + std::ops::Sub<Output = Self>
+    + std::ops::Mul<f32, Output = Self>
+{
+}
+
+impl Lanes for f32 {}
+
+/// A 1-D transform of `I` rows into `O` rows, one lane at a time (Winograd's `Bᵀ` and `Aᵀ`):
+/// written once, run by [`transform_rows`] on scalars or on 16 lanes at once.
+pub trait RowTransform<const I: usize, const O: usize> {
+    /// The `O` results of one lane from its `I` inputs.
+    fn apply<T: Lanes>(d: [T; I]) -> [T; O];
+}
+
+/// `v[o][j] = F(d[0][j], …, d[I−1][j])[o]` for `j < v[0].len()`: on AVX-512, 16 lanes per step
+/// with a masked tail (the rows of a Winograd transform are often 14 or 60 floats long, which
+/// an auto-vectorised loop runs mostly in its scalar remainder); elsewhere lane by lane.
+/// Panics (a bug in the caller) if a row is shorter than the first output row.
+pub fn transform_rows<F: RowTransform<I, O>, const I: usize, const O: usize>(
+    d: [&[f32]; I],
+    mut v: [&mut [f32]; O],
+) {
+    let n = v.first().map_or(0, |r| r.len());
+    assert!(
+        d.iter().all(|r| r.len() >= n) && v.iter().all(|r| r.len() >= n),
+        "transform_rows: a row shorter than {n}"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if Microkernel::Avx512.supported() {
+        let src: [*const f32; I] = std::array::from_fn(|i| d[i].as_ptr());
+        let dst: [*mut f32; O] = std::array::from_fn(|o| v[o].as_mut_ptr());
+        // SAFETY: AVX-512F is present (checked); every row is valid for n floats (checked
+        // above), inputs read and outputs written (distinct: `&` and `&mut` slices).
+        unsafe { avx512::transform_rows::<F, I, O>(src, dst, n) };
+        return;
+    }
+    for j in 0..n {
+        let out = F::apply::<f32>(std::array::from_fn(|i| d[i][j]));
+        for (row, x) in v.iter_mut().zip(out) {
+            row[j] = x;
         }
     }
 }

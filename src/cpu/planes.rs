@@ -165,54 +165,54 @@ impl Geometry {
         // every column phase of a plane row is a unit-stride split of it: plane column `xx` of
         // phase `px` is `line[xx·sw + px]`, input column `xx·sw + px − pw` where that is in
         // `0..w`, zero elsewhere. (A strided gather per phase was scalar: 18% of l2 s2 n8.)
-        data.par_chunks_mut(self.chan_stride)
-            .zip(src.par_chunks_exact(chan))
-            .for_each_init(Vec::new, |line: &mut Vec<f32>, (dst, src)| {
+        // One job per channel and row phase (the stem's three channels gave two threads three
+        // jobs: one thread did two).
+        let n_h = self.phases_h.len();
+        data.par_chunks_mut(plane * n_w).enumerate().for_each_init(
+            Vec::new,
+            |line: &mut Vec<f32>, (piece, planes)| {
                 line.resize(wv, 0.0);
-                for (pyi, planes) in dst.chunks_exact_mut(plane * n_w).enumerate() {
-                    let py = self.phases_h[pyi];
-                    let wq = self.wq;
-                    for yy in 0..plane / wq {
-                        let at = yy * wq;
-                        let y = (yy * sh + py) as isize - ph as isize;
-                        if y < 0 || y >= p.h as isize {
-                            for k in 0..n_w {
-                                planes[k * plane + at..][..wq].fill(0.0);
-                            }
-                            continue;
+                let src = &src[piece / n_h * chan..][..chan];
+                let py = self.phases_h[piece % n_h];
+                let wq = self.wq;
+                for yy in 0..plane / wq {
+                    let at = yy * wq;
+                    let y = (yy * sh + py) as isize - ph as isize;
+                    if y < 0 || y >= p.h as isize {
+                        for k in 0..n_w {
+                            planes[k * plane + at..][..wq].fill(0.0);
                         }
-                        let src_row = &src[y as usize * p.w..][..p.w];
-                        if sw == 1 {
-                            // One phase: the row goes in as it is, between its zeros.
-                            let row = &mut planes[at..][..wq];
-                            let n = p.w.min(wq - pw);
-                            row[..pw].fill(0.0);
-                            row[pw..pw + n].copy_from_slice(&src_row[..n]);
-                            row[pw + n..].fill(0.0);
-                            continue;
-                        }
-                        let n = p.w.min(wv - pw);
-                        line[..pw].fill(0.0);
-                        line[pw..pw + n].copy_from_slice(&src_row[..n]);
-                        line[pw + n..].fill(0.0);
-                        if sw == 2 && n_w == 2 {
-                            // Both phases of stride 2 in one pass.
-                            let (first, second) = planes.split_at_mut(plane);
-                            deinterleave::<2>(
-                                line,
-                                [&mut first[at..][..wq], &mut second[at..][..wq]],
-                            );
-                            continue;
-                        }
-                        for (k, &px) in self.phases_w.iter().enumerate() {
-                            let row = &mut planes[k * plane + at..][..wq];
-                            for (d, chunk) in row.iter_mut().zip(line.chunks_exact(sw)) {
-                                *d = chunk[px];
-                            }
+                        continue;
+                    }
+                    let src_row = &src[y as usize * p.w..][..p.w];
+                    if sw == 1 {
+                        // One phase: the row goes in as it is, between its zeros.
+                        let row = &mut planes[at..][..wq];
+                        let n = p.w.min(wq - pw);
+                        row[..pw].fill(0.0);
+                        row[pw..pw + n].copy_from_slice(&src_row[..n]);
+                        row[pw + n..].fill(0.0);
+                        continue;
+                    }
+                    let n = p.w.min(wv - pw);
+                    line[..pw].fill(0.0);
+                    line[pw..pw + n].copy_from_slice(&src_row[..n]);
+                    line[pw + n..].fill(0.0);
+                    if sw == 2 && n_w == 2 {
+                        // Both phases of stride 2 in one pass.
+                        let (first, second) = planes.split_at_mut(plane);
+                        deinterleave::<2>(line, [&mut first[at..][..wq], &mut second[at..][..wq]]);
+                        continue;
+                    }
+                    for (k, &px) in self.phases_w.iter().enumerate() {
+                        let row = &mut planes[k * plane + at..][..wq];
+                        for (d, chunk) in row.iter_mut().zip(line.chunks_exact(sw)) {
+                            *d = chunk[px];
                         }
                     }
                 }
-            });
+            },
+        );
     }
 }
 

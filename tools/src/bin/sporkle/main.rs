@@ -92,8 +92,8 @@ enum Command {
     ProbeCpuPaths {
         /// The shape's name (or number) in the suite.
         shape: String,
-        /// Comma-separated paths (strips, rows, direct, winograd, winograd-f4x4, auto), the
-        /// first the baseline.
+        /// Comma-separated paths (strips, rows, direct, winograd, winograd-f4x4, auto) or
+        /// microkernels (avx512, avx512-wide, portable), the first the baseline.
         #[arg(long, default_value = "auto,rows")]
         paths: String,
         /// Rounds (each times every path on a few calls).
@@ -477,10 +477,16 @@ fn probe_cpu_paths(
     let mut output = vec![0.0f32; p.output_len()];
     let mut runs = Vec::new();
     for name in paths.split(',') {
-        let cpu = cpu_backend(threads)?;
         let cpu = match name {
-            "auto" => cpu,
-            path => cpu.with_path(parse_cpu_path(path).map_err(|e| anyhow!(e))?),
+            "auto" => cpu_backend(threads)?,
+            // A microkernel's name: the calibrated choice's paths with that kernel.
+            name if Microkernel::from_name(name).is_some() => {
+                let kernel = parse_microkernel(name).map_err(|e| anyhow!(e))?;
+                let threads =
+                    threads.unwrap_or_else(|| CpuBackend::new().map_or(1, |c| c.threads()));
+                CpuBackend::with_options(threads, kernel)?
+            }
+            path => cpu_backend(threads)?.with_path(parse_cpu_path(path).map_err(|e| anyhow!(e))?),
         };
         let w = cpu.prepare_weights(&p, &weights)?;
         cpu.conv2d_prepared(&p, &input, &w, None, &mut output)?;

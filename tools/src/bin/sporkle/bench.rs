@@ -3,16 +3,15 @@
 
 use super::stream::{one_call, stream};
 use super::{
-    cpu_peak, engine, find_shape, json_lines, juggler, median, perf_suite, print_comparison,
-    read_peer_lines, round2, round4, timed, verify_sample, BenchArgs, DeviceArg, Engine,
-    BENCH_CHECKS,
+    cpu_backend_with, cpu_peak, engine, find_shape, json_lines, juggler, median, perf_suite,
+    print_comparison, read_peer_lines, round2, round4, timed, verify_sample, BenchArgs, DeviceArg,
+    Engine, BENCH_CHECKS,
 };
 use anyhow::{bail, Context, Result};
 use sporkle::cpu::{CpuPath, Microkernel};
 use sporkle::gpu::Dispatches;
 use sporkle::juggler::DeviceKind;
 use sporkle::suite::Suite;
-use sporkle::CpuBackend;
 use sporkle::Preference;
 use std::time::Instant;
 
@@ -40,11 +39,7 @@ pub(super) fn bench(a: BenchArgs) -> Result<()> {
     }
     let engine = match (a.device, a.cpu_path, a.microkernel) {
         (DeviceArg::Cpu, path, kernel) if path.is_some() || kernel.is_some() => {
-            let threads = a
-                .threads
-                .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-            let kernel = kernel.unwrap_or_else(Microkernel::detect);
-            let cpu = CpuBackend::with_options(threads, kernel)?;
+            let cpu = cpu_backend_with(a.threads, kernel.unwrap_or_else(Microkernel::detect))?;
             Engine::Cpu(match path {
                 Some(path) => cpu.with_path(path),
                 None => cpu,

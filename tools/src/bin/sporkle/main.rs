@@ -315,6 +315,13 @@ fn cpu_backend(threads: Option<usize>) -> Result<CpuBackend> {
     })
 }
 
+/// A CPU backend with a chosen microkernel (as many threads as cores unless given).
+fn cpu_backend_with(threads: Option<usize>, kernel: Microkernel) -> Result<CpuBackend> {
+    let threads =
+        threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    Ok(CpuBackend::with_options(threads, kernel)?)
+}
+
 /// The device that runs a benchmark.
 enum Engine {
     Cpu(CpuBackend),
@@ -481,10 +488,7 @@ fn probe_cpu_paths(
             "auto" => cpu_backend(threads)?,
             // A microkernel's name: the calibrated choice's paths with that kernel.
             name if Microkernel::from_name(name).is_some() => {
-                let kernel = parse_microkernel(name).map_err(|e| anyhow!(e))?;
-                let threads =
-                    threads.unwrap_or_else(|| CpuBackend::new().map_or(1, |c| c.threads()));
-                CpuBackend::with_options(threads, kernel)?
+                cpu_backend_with(threads, parse_microkernel(name).map_err(|e| anyhow!(e))?)?
             }
             path => cpu_backend(threads)?.with_path(parse_cpu_path(path).map_err(|e| anyhow!(e))?),
         };

@@ -509,7 +509,7 @@ impl Executor {
         let p = &job.p;
         let lens = (job.x.len(), p.weights_len());
         let whole = res.plans.plan(p, lens, job.b.is_some(), &Dispatches::ONE)?;
-        let parts = (res.plans).parts(job.p, job.x.len(), job.pipelined, self.copy_mode);
+        let parts = (res.plans).parts(job.p, job.x.len(), self.copy_mode);
         // A part runs the whole batch's algorithm and tile, so that its outputs are the same
         // bits as the synchronous path's.
         let plan = match parts {

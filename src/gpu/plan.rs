@@ -709,23 +709,17 @@ impl Planner {
         Ok(Some((source, copy_z)))
     }
 
-    /// Parts to run a streaming job of shape `p` (`x_len` floats in; `pipelined`, or alone) in
-    /// along n, its copies made by `copy_mode`: the most, up to those wanted, that divide n and start
-    /// every part at an offset that storage buffers can be bound at. Wanted: one for a job that
-    /// runs alone (synchronous mode: each of its phases a step of its own, so its stage times
-    /// are its own, never overlapped), and with shader copies (fused into one dispatch); else
-    /// `SPORKLE_STREAM_PARTS`, or with CUDA copies [`PARTS`] for jobs of at least
-    /// [`PARTS_MIN_BYTES`] in and out.
-    pub(super) fn parts(
-        &self,
-        p: Conv2dParams,
-        x_len: usize,
-        pipelined: bool,
-        copy_mode: StreamCopy,
-    ) -> usize {
+    /// Parts to run a streaming job of shape `p` (`x_len` floats in) in along n, its copies made
+    /// by `copy_mode`: the most, up to those wanted, that divide n and start every part at an
+    /// offset that storage buffers can be bound at. Wanted: one with shader copies (fused into
+    /// one dispatch); else `SPORKLE_STREAM_PARTS`, or with CUDA copies [`PARTS`] for jobs of at
+    /// least [`PARTS_MIN_BYTES`] in and out. A job that runs alone (a synchronous call) is
+    /// planned the same way: its second part's copy in then overlaps its first part's
+    /// convolution, and its first part's copy out the second's convolution (pinned, H200, same
+    /// call: l1 n32 1.28 -> 1.01 ms a call, vgg n32 5.70 -> 3.94; `docs/experiments.md`).
+    pub(super) fn parts(&self, p: Conv2dParams, x_len: usize, copy_mode: StreamCopy) -> usize {
         let out_len = p.output_len();
         let wanted = match (copy_mode, self.stream_parts) {
-            _ if !pipelined => 1,
             (StreamCopy::Shader { .. }, _) => 1,
             (_, Some(parts)) => parts,
             (StreamCopy::Cuda { .. }, None) if (x_len + out_len) * 4 >= PARTS_MIN_BYTES => PARTS,

@@ -20,11 +20,12 @@
 //!   GPU has finished every step so far (and, if a job is about to join, `IDLE_GRACE` has
 //!   passed), so that a steady stream keeps its phases together.
 //!
-//! A big pipelined job runs its batch in parts along n (`gpu::PARTS`, with CUDA copies): each part
-//! of each phase ends at its own event or fence, and each part of the next phase waits only for
-//! its own part of the one before, so a job's convolution starts on the first part of its input
-//! and its copy out on the first part of its output (a shorter start and end of a stream). A
-//! part runs the whole batch's tile and algorithm, on buffer ranges; a job alone runs whole.
+//! A big job runs its batch in parts along n (`gpu::PARTS`, with CUDA copies), pipelined or
+//! alone: each part of each phase ends at its own event or fence, and each part of the next
+//! phase waits only for its own part of the one before, so a job's convolution starts on the
+//! first part of its input and its copy out on the first part of its output (a shorter start
+//! and end of a stream, and a synchronous call's copies overlapping its convolution). A part
+//! runs the whole batch's tile and algorithm, on buffer ranges.
 
 #![forbid(unsafe_code)]
 

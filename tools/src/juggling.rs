@@ -371,12 +371,14 @@ fn toggled(choice: GpuChoice) -> Result<(), Failed> {
     for (i, (job, t)) in jobs.iter().zip(tickets).enumerate() {
         let (y, info) = t.wait().map_err(fail)?;
         check_reference(job, &y)?;
-        // A job submitted with async off runs alone, each phase a step of its own: never in
-        // parts, whose phases overlap.
-        let parts = info.stages.map_or(1, |s| s.parts);
-        if (6..12).contains(&i) && parts != 1 {
+        // A job submitted with async off runs alone: no other job in flight, no step shared.
+        let alone = info
+            .stages
+            .is_some_and(|s| s.in_flight == 1 && !s.steps_shared);
+        if (6..12).contains(&i) && !alone {
             return Err(fail(format!(
-                "job {i} ran with async off, yet in {parts} parts"
+                "job {i} ran with async off, yet not alone: {:?}",
+                info.stages
             )));
         }
     }

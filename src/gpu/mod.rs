@@ -56,7 +56,7 @@ pub use context::{GpuChoice, GpuInfo};
 pub use executor::{FRAMES_DEFAULT, JOBS_PER_STEP};
 pub use gl::LiveObjects;
 pub use host_copy::parallel_hash;
-pub(crate) use job::{recv_soon, JobWeights, StreamJob};
+pub(crate) use job::{answer_spin, recv_soon, recv_within, JobWeights, StreamJob};
 pub use job::{Output, Staged, StreamDone};
 pub use plan::{
     parts_from_env, Algorithm, Dispatches, Kernel, PlanInfo, Tile, PARTS, PARTS_MIN_BYTES,

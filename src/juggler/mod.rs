@@ -198,6 +198,18 @@ impl Inner {
         self.touch(Instant::now() - Duration::from_secs_f64(wall_s));
     }
 
+    /// How long a synchronous GPU call of shape `p` is expected to take: its measured wall
+    /// time, on a hardware GPU (a software renderer's threads need the cores a polling caller
+    /// would take).
+    fn expected_gpu_wait(&self, p: &Conv2dParams) -> Option<Duration> {
+        if self.software_gpu {
+            return None;
+        }
+        let m = lock(&self.model);
+        let t = m.shapes.get(p)?.time[DeviceKind::Gpu as usize]?;
+        Some(Duration::from_secs_f64(t))
+    }
+
     /// Counts a GPU failure; any failure but a job over a GL limit marks the GPU unhealthy.
     fn gpu_failed(&self, e: &Error) {
         let why = e.to_string();

@@ -89,7 +89,15 @@ impl GpuTicket {
     /// Waits for the GPU's answer and hands the output to `deliver` (in this thread); on a GPU
     /// failure, re-runs the job on the CPU and delivers that.
     fn finish<T>(self, deliver: impl FnOnce(Output) -> T) -> Result<(T, RunInfo)> {
-        let answer = crate::gpu::recv_soon(&self.answer)
+        // A synchronous call's caller has nothing else to do: it polls for about as long as
+        // the shape's calls take (see `answer_spin`); an async one's wait is hidden by others.
+        let expected = if self.sync {
+            self.inner.expected_gpu_wait(&self.p)
+        } else {
+            None
+        };
+        let spin = crate::gpu::answer_spin(expected);
+        let answer = crate::gpu::recv_within(&self.answer, spin)
             .unwrap_or_else(|_| Err(Error::Gpu("the GPU stopped before answering".into())));
         let received = Instant::now();
         match answer {

@@ -799,7 +799,39 @@ fn cuda_copies(choice: GpuChoice) -> Result<libtest_mimic::Completion, Failed> {
         check_reference(job, &y)?;
     }
     eprintln!("{} jobs copied by CUDA, every output checked", jobs.len());
+    sync_call_in_parts(&j)?;
     Ok(libtest_mimic::Completion::Completed)
+}
+
+/// A synchronous call big enough for parts (16.8 MB in and out, n = 2) runs in them with CUDA
+/// copies, as a pipelined job would: its copies then overlap its convolution. Right output.
+fn sync_call_in_parts(j: &Juggler) -> Result<(), Failed> {
+    let p = Conv2dParams::new(2, 64, 128, 128, 64, 1, 1);
+    if (p.input_len() + p.output_len()) * 4 < sporkle::gpu::PARTS_MIN_BYTES {
+        return Err(fail(format!("{p} is too small for parts (trial bug)")));
+    }
+    let (x, w, b) = data::conv_data(&p, 77, false);
+    let mut y = vec![0.0f32; p.output_len()];
+    let info = j.conv2d(&p, &x, &w, Some(&b), &mut y).map_err(fail)?;
+    let parts = info.stages.map_or(0, |s| s.parts);
+    let wanted = sporkle::gpu::parts_from_env()
+        .unwrap_or(sporkle::gpu::PARTS)
+        .min(p.n);
+    if info.device != DeviceKind::Gpu || parts != wanted {
+        return Err(fail(format!(
+            "a synchronous call of {p} ran on the {} in {parts} part(s), expected {wanted} on the GPU: {info:?}",
+            info.device
+        )));
+    }
+    let job = Job {
+        p,
+        x,
+        w,
+        b: Some(b),
+    };
+    check_reference(&job, &y)?;
+    eprintln!("a synchronous call of {p} ran in {parts} parts, output checked");
+    Ok(())
 }
 
 pub fn trials(ctx: &Arc<Context>) -> Vec<Trial> {

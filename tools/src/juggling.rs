@@ -811,8 +811,14 @@ fn sync_call_in_parts(j: &Juggler) -> Result<(), Failed> {
         return Err(fail(format!("{p} is too small for parts (trial bug)")));
     }
     let (x, w, b) = data::conv_data(&p, 77, false);
+    let job = Job {
+        p,
+        x,
+        w,
+        b: Some(b),
+    };
     let mut y = vec![0.0f32; p.output_len()];
-    let info = j.conv2d(&p, &x, &w, Some(&b), &mut y).map_err(fail)?;
+    let info = (j.conv2d(&p, &job.x, &job.w, job.b.as_deref(), &mut y)).map_err(fail)?;
     let parts = info.stages.map_or(0, |s| s.parts);
     let wanted = sporkle::gpu::parts_from_env()
         .unwrap_or(sporkle::gpu::PARTS)
@@ -823,12 +829,6 @@ fn sync_call_in_parts(j: &Juggler) -> Result<(), Failed> {
             info.device
         )));
     }
-    let job = Job {
-        p,
-        x,
-        w,
-        b: Some(b),
-    };
     check_reference(&job, &y)?;
     eprintln!("a synchronous call of {p} ran in {parts} parts, output checked");
     Ok(())

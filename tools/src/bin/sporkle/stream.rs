@@ -331,14 +331,6 @@ fn report_call(shape: &str, mode: &str, infos: &[sporkle::RunInfo]) {
                 .collect::<Vec<_>>(),
         )
     };
-    let fixed = per_call(&|s, i| {
-        i.wall_s
-            - s.host_in_s
-            - s.upload_s.unwrap_or(0.0)
-            - s.kernel_s.unwrap_or(0.0)
-            - s.download_s.unwrap_or(0.0)
-            - s.host_out_s
-    });
     // The fixed cost's parts: the trip to the worker, the GPU's wall time beyond its timed
     // work, the fence to the answer, the answer to the caller, and the rest (the caller's own).
     let queued = per_call(&|s, _| s.queued_s);
@@ -367,26 +359,35 @@ fn report_call(shape: &str, mode: &str, infos: &[sporkle::RunInfo]) {
     // GPU's span, the gaps inside the span are not the hops', and the fixed cost counts the
     // span instead of the summed work.
     let parts = stages.iter().map(|s| s.parts).max().unwrap_or(1);
-    let split = if spans && parts == 1 {
-        format!(" (between its phases {inside:.1}, before the first and after the last {edges:.1})")
-    } else if spans {
+    let in_parts = spans && parts > 1;
+    let split = if in_parts {
         let span = per_call(&|s, _| span_s(s).unwrap_or(0.0)) / 1e3;
         format!(
             " (in {parts} parts: copies and kernels overlap, {:.3} ms summed in a GPU span of {span:.3} ms; before the first copy and after the last {edges:.1})",
             up + kernel + down
         )
+    } else if spans {
+        format!(" (between its phases {inside:.1}, before the first and after the last {edges:.1})")
     } else {
         String::new()
     };
-    let fixed = if spans && parts > 1 {
-        per_call(&|s, i| i.wall_s - s.host_in_s - s.host_out_s - span_s(s).unwrap_or(0.0))
+    let (fixed, fixed_what) = if in_parts {
+        (
+            per_call(&|s, i| i.wall_s - s.host_in_s - s.host_out_s - span_s(s).unwrap_or(0.0)),
+            "the wall time less host copies and the GPU span",
+        )
     } else {
-        fixed
-    };
-    let fixed_what = if spans && parts > 1 {
-        "the wall time less host copies and the GPU span"
-    } else {
-        "the wall time less copies and kernel"
+        (
+            per_call(&|s, i| {
+                i.wall_s
+                    - s.host_in_s
+                    - s.upload_s.unwrap_or(0.0)
+                    - s.kernel_s.unwrap_or(0.0)
+                    - s.download_s.unwrap_or(0.0)
+                    - s.host_out_s
+            }),
+            "the wall time less copies and kernel",
+        )
     };
     let settle = per_call(&|s, _| s.settle_s);
     let wake = per_call(&|s, _| s.wake_s);

@@ -184,6 +184,92 @@ pub(super) fn probe_cuda(
             rate(what, up, down, conv)?;
         }
 
+        // A synchronous call's copy out, GPU copy then host copy into pageable memory, into
+        // staging the host read the time before (calls 100 µs apart): as the executor copies
+        // out, the staging flushed from the caches after (timed apart), the copy in 4 pieces
+        // each copied by the host as it lands, and two staging buffers in turn. Found:
+        // docs/experiments.md, "GPU: a synchronous call's copy out".
+        {
+            let dev = f0.output.imported();
+            let mut fill = cuda.pinned(y_len)?;
+            crate::data::fill_uniform(5, fill.as_mut_slice());
+            cuda.upload(&fill, dev, 0..y_len)?;
+            cuda.sync(Stream::Up)?;
+            let mut dst = vec![0.0f32; y_len];
+            use super::host_copy::{parallel_flush, split_copy_always};
+            for (what, mode, pieces) in [
+                ("registered, plain loads", 0, 1),
+                ("registered, plain loads, flushed after", 2, 1),
+                ("registered, plain loads, 4 pieces", 0, 4),
+                ("two registered in turn, plain loads", 3, 1),
+                ("registered, plain loads", 0, 1),
+                ("registered, plain loads, flushed after", 2, 1),
+            ] {
+                let stagings = [
+                    cuda.pinned_with(y_len, true, 0)?,
+                    cuda.pinned_with(y_len, true, 0)?,
+                ];
+                let per = y_len.div_ceil(pieces).next_multiple_of(16);
+                let ranges: Vec<std::ops::Range<usize>> = (0..pieces)
+                    .map(|i| (i * per).min(y_len)..((i + 1) * per).min(y_len))
+                    .collect();
+                let events = (0..pieces)
+                    .map(|_| cuda.event())
+                    .collect::<Result<Vec<Event>>>()?;
+                let (mut landed, mut total, mut flush) = (Vec::new(), Vec::new(), vec![0.0]);
+                for rep in 0..=REPS {
+                    let staging = &stagings[if mode == 3 { rep % 2 } else { 0 }];
+                    dst.fill(f32::NAN);
+                    let t0 = Instant::now();
+                    for (r, e) in ranges.iter().zip(&events) {
+                        cuda.download(dev, staging, r.clone())?;
+                        cuda.record(e, Stream::Down)?;
+                    }
+                    let mut first = None;
+                    for (r, e) in ranges.iter().zip(&events) {
+                        if !e.wait(FENCE_TIMEOUT)? {
+                            return Err(Error::Gpu("probe-cuda: a copy out hung".into()));
+                        }
+                        first.get_or_insert(t0.elapsed().as_secs_f64() * 1e3);
+                        split_copy_always(&staging.as_slice()[r.clone()], &mut dst[r.clone()]);
+                    }
+                    if rep > 0 {
+                        landed.push(first.unwrap_or(0.0));
+                        total.push(t0.elapsed().as_secs_f64() * 1e3);
+                    }
+                    if mode == 2 {
+                        let t = Instant::now();
+                        parallel_flush(staging.as_slice());
+                        flush.push(t.elapsed().as_secs_f64() * 1e3);
+                    }
+                    // The time a call spends between its copies out (copy in, kernel, hops).
+                    let gap = Instant::now();
+                    while gap.elapsed().as_micros() < 100 {
+                        std::hint::spin_loop();
+                    }
+                }
+                let wrong = (dst.iter().zip(fill.as_slice()))
+                    .filter(|(a, b)| a.to_bits() != b.to_bits())
+                    .count();
+                if wrong > 0 {
+                    return Err(Error::Gpu(format!(
+                        "probe-cuda: {what}: {wrong} floats wrong"
+                    )));
+                }
+                let median = |v: &mut Vec<f64>| {
+                    v.sort_by(f64::total_cmp);
+                    v[v.len() / 2]
+                };
+                out += &format!(
+                    "copy out {what}: {:.3} ms in all, first piece landed at {:.3} ms, flush \
+                     {:.3} ms (medians)\n",
+                    median(&mut total),
+                    median(&mut landed),
+                    median(&mut flush)
+                );
+            }
+        }
+
         // Host copies (parallel, streaming stores) into and out of each kind of host memory.
         {
             let src = vec![1.0f32; x_len];

@@ -87,23 +87,71 @@ pub fn copy_to_staging(src: &[f32], dst: &mut [f32]) {
 
 /// See [`parallel_copy`]: the copy split across the copy threads, with streaming stores.
 fn split_copy(src: &[f32], dst: &mut [f32]) {
+    split_with(src, dst, 1, streaming_copy);
+}
+
+/// `copy` run on chunks of `src` and `dst` across the copy threads (chunk boundaries at
+/// multiples of `align` floats).
+fn split_with(src: &[f32], dst: &mut [f32], align: usize, copy: fn(&[f32], &mut [f32])) {
     let Some(pool) = pool() else {
-        streaming_copy(src, dst);
+        copy(src, dst);
         return;
     };
-    let per = src.len().div_ceil(chunks());
+    let per = src.len().div_ceil(chunks()).next_multiple_of(align).max(1);
     let mut pairs = dst.chunks_mut(per).zip(src.chunks(per));
     let first = pairs.next();
     // The calling thread copies the first chunk itself: one hand-off to the pool's threads,
     // not two (a scope's body would first go to a pool thread, which then wakes the others).
     pool.in_place_scope(|s| {
         for (d, c) in pairs {
-            s.spawn(move |_| streaming_copy(c, d));
+            s.spawn(move |_| copy(c, d));
         }
         if let Some((d, c)) = first {
-            streaming_copy(c, d);
+            copy(c, d);
         }
     });
+}
+
+/// [`parallel_copy`] at every size (the copy always split across the threads).
+#[cfg(feature = "probes")]
+pub fn split_copy_always(src: &[f32], dst: &mut [f32]) {
+    split_copy(src, dst);
+}
+
+/// `src`'s cache lines flushed from every cache (`CLFLUSHOPT`; `CLFLUSH` without it), split
+/// across the copy threads.
+#[cfg(feature = "probes")]
+pub fn parallel_flush(src: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{__cpuid_count, _mm_clflush, _mm_sfence};
+        let mut scratch = vec![0.0f32; src.len()];
+        // CPUID leaf 7, EBX bit 23: CLFLUSHOPT.
+        let opt = __cpuid_count(0, 0).eax >= 7 && (__cpuid_count(7, 0).ebx >> 23) & 1 == 1;
+        let flush: fn(&[f32], &mut [f32]) = match opt {
+            true => |s, _| {
+                // SAFETY: flushing lines of `s`, on a CPU with CLFLUSHOPT (checked above), then
+                // a fence (SSE, x86-64's baseline) that orders them.
+                lines(s, |line| unsafe {
+                    std::arch::asm!("clflushopt [{0}]", in(reg) line, options(nostack))
+                });
+                unsafe { _mm_sfence() };
+            },
+            // SAFETY: flushing lines of `s`; CLFLUSH is in x86-64's baseline (SSE2).
+            false => |s, _| lines(s, |line| unsafe { _mm_clflush(line) }),
+        };
+        split_with(src, &mut scratch, 16, flush);
+    }
+}
+
+/// `f` on an address in each 64-byte line of `s`.
+#[cfg(feature = "probes")]
+fn lines(s: &[f32], f: impl Fn(*const u8)) {
+    let p = s.as_ptr().cast::<u8>();
+    for off in (0..std::mem::size_of_val(s)).step_by(64) {
+        // SAFETY: off < the slice's length in bytes: inside `s`.
+        f(unsafe { p.add(off) });
+    }
 }
 
 /// Bytes of each piece [`parallel_hash`] hashes on its own.

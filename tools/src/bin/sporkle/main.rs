@@ -669,8 +669,20 @@ fn read_peer_lines(path: &Path) -> Result<Vec<(String, String, f64)>> {
     Ok(out)
 }
 
+/// The peer's figure for `shape` on `device`: the median of its lines (a peer run before and
+/// after ours, on a shared host whose load drifts; of an even count the faster middle one,
+/// so that the comparison never favours us), and how many there were.
+fn peer_figure(peers: &[(String, String, f64)], shape: &str, device: &str) -> Option<(f64, usize)> {
+    let mut v: Vec<f64> = (peers.iter())
+        .filter(|p| p.0 == shape && p.1 == device)
+        .map(|p| p.2)
+        .collect();
+    (!v.is_empty()).then(|| (median(&mut v), v.len()))
+}
+
 /// A table of sporkle against each peer device, with the geometric mean of the ratios; a
 /// peer's end-to-end figures ("e2e" in its device name) are compared with ours end to end.
+/// Where the peer's file holds several runs of a shape, their median counts.
 fn print_comparison(rows: &[(String, f64, f64)], peers: &[(String, String, f64)]) {
     let mut devices: Vec<&str> = peers.iter().map(|p| p.1.as_str()).collect();
     devices.sort_unstable();
@@ -679,12 +691,13 @@ fn print_comparison(rows: &[(String, f64, f64)], peers: &[(String, String, f64)]
         let e2e = dev.contains("e2e");
         let ours = if e2e { "sporkle end to end" } else { "sporkle" };
         out!("\n| shape | {ours} GFLOP/s | {dev} GFLOP/s | ratio |\n| --- | ---: | ---: | ---: |");
-        let mut logs = Vec::new();
+        let (mut logs, mut runs) = (Vec::new(), 0);
         for (name, kernel, end_to_end) in rows {
             let mine = if e2e { *end_to_end } else { *kernel };
-            if let Some((_, _, theirs)) = peers.iter().find(|p| p.0 == *name && p.1 == dev) {
+            if let Some((theirs, n)) = peer_figure(peers, name, dev) {
                 let ratio = mine / theirs;
                 logs.push(ratio.ln());
+                runs = runs.max(n);
                 out!("| {name} | {mine:.1} | {theirs:.1} | {ratio:.2} |");
             }
         }
@@ -692,6 +705,9 @@ fn print_comparison(rows: &[(String, f64, f64)], peers: &[(String, String, f64)]
             let geo = (logs.iter().sum::<f64>() / logs.len() as f64).exp();
             let min = logs.iter().copied().fold(f64::INFINITY, f64::min).exp();
             out!("| **geometric mean** | | | **{geo:.2}** (min {min:.2}) |");
+        }
+        if runs > 1 {
+            out!("(the peer's figure: the median of its runs of each shape, up to {runs})");
         }
     }
 }
@@ -727,4 +743,30 @@ fn devices() -> Result<()> {
         Err(e) => out!("gpu: none ({e})"),
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_peer_run_several_times_counts_by_its_median_never_below_the_middle() {
+        let line = |shape: &str, dev: &str, g: f64| (shape.to_owned(), dev.to_owned(), g);
+        let peers = [
+            line("a", "gpu", 100.0),
+            line("b", "gpu", 7.0),
+            line("a", "gpu", 300.0),
+            line("a", "cpu", 1.0),
+            line("a", "gpu", 200.0),
+            line("b", "gpu", 9.0),
+        ];
+        assert_eq!(peer_figure(&peers, "a", "gpu"), Some((200.0, 3)));
+        assert_eq!(
+            peer_figure(&peers, "b", "gpu"),
+            Some((9.0, 2)),
+            "the faster of two"
+        );
+        assert_eq!(peer_figure(&peers, "a", "cpu"), Some((1.0, 1)));
+        assert_eq!(peer_figure(&peers, "c", "gpu"), None);
+    }
 }

@@ -655,8 +655,11 @@ fn auto_choice(choice: GpuChoice) -> Result<(), Failed> {
         )));
     }
     eprintln!(
-        "auto chose {} for {big}: {} (measured before it: cpu {cpu:?} s, gpu {gpu:?} s)",
-        info.device, info.reason
+        "auto chose {} for {big}: {} (measured before it: cpu {cpu:?} s, gpu {gpu:?} s; after \
+         it: {:?})",
+        info.device,
+        info.reason,
+        j.measured(&big)
     );
     Ok(())
 }

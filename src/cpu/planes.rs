@@ -135,7 +135,7 @@ impl Geometry {
     }
 
     /// Fills `planes` (exactly `images·image_stride + slack` floats) from images
-    /// `first..first + images` of `input`.
+    /// `first..first + images` of `input`, in parallel on the current rayon pool.
     pub fn transform(
         &self,
         p: &Conv2dParams,
@@ -144,6 +144,42 @@ impl Geometry {
         images: usize,
         planes: &mut [f32],
     ) {
+        let data = self.split_slack(images, planes);
+        let piece_len = plane_len(self.hq, self.wq) * self.phases_w.len();
+        // One job per channel and row phase (the stem's three channels gave two threads three
+        // jobs: one thread did two).
+        data.par_chunks_mut(piece_len).enumerate().for_each_init(
+            Vec::new,
+            |line: &mut Vec<f32>, (piece, planes)| {
+                self.fill_piece(p, input, first, piece, planes, line);
+            },
+        );
+    }
+
+    /// Fills the planes of channels `channels` of image `image` of `input` on this thread, into
+    /// `planes` laid out for one image (`image_stride + slack` floats; the other channels'
+    /// planes are left as they are). A task that computes a whole image (or group) builds its
+    /// planes so, right before it reads them: they stay in the core's cache.
+    pub fn transform_channels(
+        &self,
+        p: &Conv2dParams,
+        input: &[f32],
+        image: usize,
+        channels: std::ops::Range<usize>,
+        planes: &mut [f32],
+        line: &mut Vec<f32>,
+    ) {
+        let data = self.split_slack(1, planes);
+        let piece_len = plane_len(self.hq, self.wq) * self.phases_w.len();
+        let n_h = self.phases_h.len();
+        let pieces = data.chunks_mut(piece_len).enumerate();
+        for (piece, planes) in pieces.skip(channels.start * n_h).take(channels.len() * n_h) {
+            self.fill_piece(p, input, image, piece, planes, line);
+        }
+    }
+
+    /// The body of `images` images' planes, with the slack after it zeroed.
+    fn split_slack<'a>(&self, images: usize, planes: &'a mut [f32]) -> &'a mut [f32] {
         let body = images * self.image_stride;
         assert_eq!(
             planes.len(),
@@ -152,67 +188,73 @@ impl Geometry {
         );
         let (data, slack) = planes.split_at_mut(body);
         slack.fill(0.0);
+        data
+    }
+
+    /// Fills piece `piece` (a channel of an image and a row phase: the planes of every column
+    /// phase of it, `planes`) from the images of `input` from `first` on; `line` is scratch.
+    fn fill_piece(
+        &self,
+        p: &Conv2dParams,
+        input: &[f32],
+        first: usize,
+        piece: usize,
+        planes: &mut [f32],
+        line: &mut Vec<f32>,
+    ) {
         let (sh, sw) = p.stride;
         // Only the leading padding places the data; the trailing one is zeros the geometry
         // leaves room for.
         let (ph, pw) = p.padding;
         let plane = plane_len(self.hq, self.wq);
         let chan = p.h * p.w;
-        let src = &input[first * p.c_in * chan..][..images * p.c_in * chan];
         let n_w = self.phases_w.len();
+        let n_h = self.phases_h.len();
         let wv = self.wq * sw;
-        // One padded input row (`pw` zeros, the row, zeros up to `wv`) per rayon job, so that
+        // One padded input row (`pw` zeros, the row, zeros up to `wv`) at a time, so that
         // every column phase of a plane row is a unit-stride split of it: plane column `xx` of
         // phase `px` is `line[xx·sw + px]`, input column `xx·sw + px − pw` where that is in
         // `0..w`, zero elsewhere. (A strided gather per phase was scalar: 18% of l2 s2 n8.)
-        // One job per channel and row phase (the stem's three channels gave two threads three
-        // jobs: one thread did two).
-        let n_h = self.phases_h.len();
-        data.par_chunks_mut(plane * n_w).enumerate().for_each_init(
-            Vec::new,
-            |line: &mut Vec<f32>, (piece, planes)| {
-                line.resize(wv, 0.0);
-                let src = &src[piece / n_h * chan..][..chan];
-                let py = self.phases_h[piece % n_h];
-                let wq = self.wq;
-                for yy in 0..plane / wq {
-                    let at = yy * wq;
-                    let y = (yy * sh + py) as isize - ph as isize;
-                    if y < 0 || y >= p.h as isize {
-                        for k in 0..n_w {
-                            planes[k * plane + at..][..wq].fill(0.0);
-                        }
-                        continue;
-                    }
-                    let src_row = &src[y as usize * p.w..][..p.w];
-                    if sw == 1 {
-                        // One phase: the row goes in as it is, between its zeros.
-                        let row = &mut planes[at..][..wq];
-                        let n = p.w.min(wq - pw);
-                        row[..pw].fill(0.0);
-                        row[pw..pw + n].copy_from_slice(&src_row[..n]);
-                        row[pw + n..].fill(0.0);
-                        continue;
-                    }
-                    let n = p.w.min(wv - pw);
-                    line[..pw].fill(0.0);
-                    line[pw..pw + n].copy_from_slice(&src_row[..n]);
-                    line[pw + n..].fill(0.0);
-                    if sw == 2 && n_w == 2 {
-                        // Both phases of stride 2 in one pass.
-                        let (first, second) = planes.split_at_mut(plane);
-                        deinterleave::<2>(line, [&mut first[at..][..wq], &mut second[at..][..wq]]);
-                        continue;
-                    }
-                    for (k, &px) in self.phases_w.iter().enumerate() {
-                        let row = &mut planes[k * plane + at..][..wq];
-                        for (d, chunk) in row.iter_mut().zip(line.chunks_exact(sw)) {
-                            *d = chunk[px];
-                        }
-                    }
+        line.resize(wv, 0.0);
+        let src = &input[(first * p.c_in + piece / n_h) * chan..][..chan];
+        let py = self.phases_h[piece % n_h];
+        let wq = self.wq;
+        for yy in 0..plane / wq {
+            let at = yy * wq;
+            let y = (yy * sh + py) as isize - ph as isize;
+            if y < 0 || y >= p.h as isize {
+                for k in 0..n_w {
+                    planes[k * plane + at..][..wq].fill(0.0);
                 }
-            },
-        );
+                continue;
+            }
+            let src_row = &src[y as usize * p.w..][..p.w];
+            if sw == 1 {
+                // One phase: the row goes in as it is, between its zeros.
+                let row = &mut planes[at..][..wq];
+                let n = p.w.min(wq - pw);
+                row[..pw].fill(0.0);
+                row[pw..pw + n].copy_from_slice(&src_row[..n]);
+                row[pw + n..].fill(0.0);
+                continue;
+            }
+            let n = p.w.min(wv - pw);
+            line[..pw].fill(0.0);
+            line[pw..pw + n].copy_from_slice(&src_row[..n]);
+            line[pw + n..].fill(0.0);
+            if sw == 2 && n_w == 2 {
+                // Both phases of stride 2 in one pass.
+                let (first, second) = planes.split_at_mut(plane);
+                deinterleave::<2>(line, [&mut first[at..][..wq], &mut second[at..][..wq]]);
+                continue;
+            }
+            for (k, &px) in self.phases_w.iter().enumerate() {
+                let row = &mut planes[k * plane + at..][..wq];
+                for (d, chunk) in row.iter_mut().zip(line.chunks_exact(sw)) {
+                    *d = chunk[px];
+                }
+            }
+        }
     }
 }
 

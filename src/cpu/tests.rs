@@ -82,6 +82,11 @@ fn gemm_and_row_sums_paths_cover_every_feature() {
             .with_stride(4, 3)
             .with_dilation(2, 1)
             .with_groups(2),
+        // Enough images for a task each: every task builds its own image's (group's) planes.
+        Conv2dParams::new(7, 6, 11, 9, 20, 3, 3)
+            .with_stride(2, 2)
+            .with_padding(1, 1)
+            .with_groups(2),
     ];
     for b in backends() {
         for p in cases {
@@ -208,6 +213,14 @@ fn results_are_bit_identical_for_every_thread_count() {
             .with_padding(1, 1)
             .with_groups(24),
         Conv2dParams::new(1, 256, 7, 7, 40, 1, 1),
+        // Planes built by each task for its own image (1 to 3 threads; a group each with 3)
+        // or for the whole batch first (5 threads: too few images, filters split).
+        Conv2dParams::new(6, 8, 13, 11, 24, 3, 3)
+            .with_stride(2, 2)
+            .with_padding(1, 1),
+        Conv2dParams::new(4, 8, 9, 9, 32, 3, 3)
+            .with_padding(1, 1)
+            .with_groups(2),
     ];
     for p in cases {
         let (x, w, b) = conv_data(&p, 9, false);

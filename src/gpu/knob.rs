@@ -1,12 +1,13 @@
 //! Tuning knobs: settings read once from the environment (`SPORKLE_GPU_TILE`,
-//! `SPORKLE_GPU_ALGO`, `SPORKLE_STREAM_*`, `SPORKLE_COPY_PARALLEL_MIN`, `SPORKLE_SPIN_US`),
+//! `SPORKLE_GPU_ALGO`, `SPORKLE_STREAM_*`, `SPORKLE_COPY_PARALLEL_MIN`, `SPORKLE_SPIN_US`, and the
+//! CPU's `SPORKLE_CPU_PLANES`),
 //! where a bad value is said and ignored.
 
 #![forbid(unsafe_code)]
 
 /// The tuning knob `name` from the environment, parsed; an invalid value is reported and
 /// ignored (the callers keep the answer, so it is read once).
-pub(super) fn knob<T>(
+pub(crate) fn knob<T>(
     name: &str,
     parse: impl Fn(&str) -> std::result::Result<T, String>,
 ) -> Option<T> {

@@ -38,7 +38,7 @@ mod host_copy;
 #[allow(unsafe_code)] // See tidy's list of the files that may hold unsafe code.
 mod job;
 mod kept;
-mod knob;
+pub(crate) mod knob;
 #[allow(unsafe_code)] // See tidy's list of the files that may hold unsafe code.
 mod memory;
 #[cfg(feature = "probes")]

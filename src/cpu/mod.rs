@@ -3,7 +3,9 @@
 //! How a call runs (see `planes.rs` for the layout trick that makes it an implicit GEMM):
 //! 1. the input of a chunk of images is copied once into phase planes (zero-padded, split by
 //!    stride phase), and the offset of every tap `(c, r, s)` is tabulated; a pointwise layer
-//!    on the rows kernel reads its input in place instead (`Geometry::pointwise`);
+//!    on the rows kernel reads its input in place instead (`Geometry::pointwise`); where each
+//!    task computes a whole image (or group), the task builds its planes itself, on its thread,
+//!    right before it reads them (`Planes::PerTask`);
 //! 2. the output is cut into tasks (image, group, a tile of whole output rows, a range of
 //!    filters), run in parallel, about two per thread; [`CpuPath::for_params`] picks the path:
 //!    - **GEMM, strips** (`kernel/`): for each panel of 16 filters and each block of at most
@@ -26,7 +28,7 @@
 //!
 //! Weights are packed `[group][panel of 16 filters][tap][16]` once per call, or once for good
 //! with [`CpuBackend::prepare_weights`]. Workspaces (the planes, the offsets, one scratch buffer
-//! per thread) belong to the backend and are reused: a warm call allocates only a few small
+//! and one image's planes per thread) belong to the backend and are reused: a warm call allocates only a few small
 //! task vectors.
 //! Why not a GEMM crate: every crate takes B as a strided matrix, which forces an im2col copy
 //! `k_h·k_w` times the input; an implicit GEMM needs B read through a tap-offset table.

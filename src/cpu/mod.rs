@@ -202,8 +202,8 @@ enum Planes<'a> {
     /// buffer, right before it reads them (the images from `first` on of `input`), so that
     /// they stay in the core's cache: planes built for a whole chunk first had gone out to
     /// memory and come back (l2 s2 n8 spent a fifth of its time building them on the GPU
-    /// machine's Intel host, 0.7 GB/s, and its GEMM ran 1.3-1.5x faster on planes not just
-    /// rebuilt). Only where no two tasks share an image's planes.
+    /// machine's Intel host, at 0.7 GB/s, and on one thread its GEMM ran 1.3-1.5x faster on
+    /// planes not just rebuilt). Only where no two tasks share an image's planes.
     PerTask { input: &'a [f32], first: usize },
 }
 

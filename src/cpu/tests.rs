@@ -213,8 +213,8 @@ fn results_are_bit_identical_for_every_thread_count() {
             .with_padding(1, 1)
             .with_groups(24),
         Conv2dParams::new(1, 256, 7, 7, 40, 1, 1),
-        // Planes built by each task for its own image (1 to 3 threads; a group each with 3)
-        // or for the whole batch first (5 threads: too few images, filters split).
+        // Planes built by each task for its own image (or image and group) on 1 to 3 threads,
+        // and for the whole batch first on 5 (too few tasks: filters or rows split).
         Conv2dParams::new(6, 8, 13, 11, 24, 3, 3)
             .with_stride(2, 2)
             .with_padding(1, 1),

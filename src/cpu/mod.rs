@@ -28,8 +28,8 @@
 //!
 //! Weights are packed `[group][panel of 16 filters][tap][16]` once per call, or once for good
 //! with [`CpuBackend::prepare_weights`]. Workspaces (the planes, the offsets, one scratch buffer
-//! and one image's planes per thread) belong to the backend and are reused: a warm call allocates only a few small
-//! task vectors.
+//! and one image's planes per thread) belong to the backend and are reused: a warm call
+//! allocates only a few small task vectors.
 //! Why not a GEMM crate: every crate takes B as a strided matrix, which forces an im2col copy
 //! `k_h·k_w` times the input; an implicit GEMM needs B read through a tap-offset table.
 

@@ -844,7 +844,7 @@ impl Executor {
             }
         }
         let flight = self.take_oldest(slot);
-        let out_len = flight.out_len();
+        let (out_len, parts) = (flight.out_len(), flight.parts);
         let Flight {
             job,
             fence,
@@ -870,7 +870,8 @@ impl Executor {
         // not deleted) until the Staged's release arrives (wait_all_releases before exit).
         let view = unsafe { download.view(out_len) };
         self.held.push(slot);
-        done.output = Output::Staged(Staged::new(view, slot, self.release_tx.clone()));
+        let whole = parts == 1;
+        done.output = Output::Staged(Staged::new(view, slot, self.release_tx.clone(), whole));
         if !self.info.software {
             gpu_times(&mut done, &steps, &charged, &mut self.cuda_clock);
         }

@@ -112,6 +112,93 @@ fn split_with(src: &[f32], dst: &mut [f32], align: usize, copy: fn(&[f32], &mut 
     });
 }
 
+/// [`parallel_copy`] out of the download staging of a job that ran in one part (its copy out
+/// all on its path, none of it behind a convolution): where the copy is split across the copy
+/// threads and each thread's share fits in its core's L2, each 16 KiB block is demoted to the
+/// shared cache after it is read (`CLDEMOTE`, where the CPU has it), so that the next GPU copy
+/// into it does not find its lines in a core's private caches. On the H200's host that copy
+/// ran 3x slower: stem n1's 3.2 MB 0.20-0.23 ms against 0.062-0.064 demoted, the call 0.445
+/// and 0.481 ms against 0.342 and 0.414 (`bench --one-call`, same call). Where it is not: a
+/// share larger than the L2 has left it by then; one thread demoting a whole copy doubled it
+/// (l1 n1's 0.8 MB: 0.065 -> 0.135 ms); a job in parts copies most of its output out behind
+/// its convolution, and demoting cost l2 s2 n8 more than it saved (host copy +0.05 ms, copy
+/// out -0.01 to -0.03). `SPORKLE_DEMOTE=0` never demotes, `1` demotes split copies of any
+/// share (for measuring); docs/experiments.md.
+pub fn copy_from_staging(src: &[f32], dst: &mut [f32]) {
+    let split = src.len() >= parallel_min() && pool().is_some();
+    let share = std::mem::size_of_val(src) / chunks();
+    if split && demote(share) {
+        split_with(src, dst, 16, |s, d| demoting(s, d));
+    } else {
+        parallel_copy(src, dst);
+    }
+}
+
+/// Whether [`copy_from_staging`] demotes a thread's `share` of bytes (see there).
+fn demote(share: usize) -> bool {
+    static RULE: std::sync::OnceLock<(bool, Option<bool>, Option<usize>)> =
+        std::sync::OnceLock::new();
+    let (can, forced, l2) = *RULE.get_or_init(|| {
+        let forced = super::knob::knob("SPORKLE_DEMOTE", |v| match v {
+            "0" => Ok(false),
+            "1" => Ok(true),
+            _ => Err("expected 0 or 1".into()),
+        });
+        (has_cldemote(), forced, l2_bytes())
+    });
+    can && forced.unwrap_or_else(|| l2.is_some_and(|l2| share <= l2))
+}
+
+/// Whether the CPU has `CLDEMOTE` (CPUID leaf 7, ECX bit 25).
+fn has_cldemote() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        // Leaf 7 is read only where the maximum leaf (leaf 0's EAX) reaches it.
+        use std::arch::x86_64::__cpuid_count;
+        __cpuid_count(0, 0).eax >= 7 && (__cpuid_count(7, 0).ecx >> 25) & 1 == 1
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// The size of this CPU's L2 (of cpu0, from Linux's sysfs); `None` where it cannot be read.
+fn l2_bytes() -> Option<usize> {
+    let dir = std::fs::read_dir("/sys/devices/system/cpu/cpu0/cache").ok()?;
+    dir.filter_map(|e| e.ok()).find_map(|e| {
+        let read = |f: &str| std::fs::read_to_string(e.path().join(f)).ok();
+        let unified_or_data = matches!(read("type")?.trim(), "Unified" | "Data");
+        if read("level")?.trim() != "2" || !unified_or_data {
+            return None;
+        }
+        parse_cache_size(read("size")?.trim())
+    })
+}
+
+/// A sysfs cache size (`2048K`, `1M`, `512`) in bytes.
+fn parse_cache_size(s: &str) -> Option<usize> {
+    let (digits, unit) = match s.strip_suffix(['K', 'M']) {
+        Some(d) => (d, if s.ends_with('K') { 1 << 10 } else { 1 << 20 }),
+        None => (s, 1),
+    };
+    digits.parse::<usize>().ok().map(|n| n * unit)
+}
+
+/// [`streaming_copy`] of `src` into `dst` in 16 KiB blocks, each block of `src` demoted after
+/// it is read.
+fn demoting(src: &[f32], dst: &mut [f32]) {
+    for (s, d) in src.chunks(4096).zip(dst.chunks_mut(4096)) {
+        streaming_copy(s, d);
+        lines(s, |line| {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: a hint about a line of `s`, memory this thread may read; CLDEMOTE's
+            // encoding is a no-op on CPUs without it (and it runs only where `demote` found it).
+            unsafe {
+                std::arch::asm!("cldemote [{0}]", in(reg) line, options(nostack, preserves_flags))
+            };
+        });
+    }
+}
+
 /// [`parallel_copy`] at every size (the copy always split across the threads).
 #[cfg(feature = "probes")]
 pub fn split_copy_always(src: &[f32], dst: &mut [f32]) {
@@ -145,7 +232,6 @@ pub fn parallel_flush(src: &[f32]) {
 }
 
 /// `f` on an address in each 64-byte line of `s`.
-#[cfg(feature = "probes")]
 fn lines(s: &[f32], f: impl Fn(*const u8)) {
     let p = s.as_ptr().cast::<u8>();
     for off in (0..std::mem::size_of_val(s)).step_by(64) {
@@ -319,6 +405,36 @@ mod tests {
         assert_ne!(parallel_hash(&data[..data.len() - 1]), base, "length");
         let small = &data[..HASH_PIECE];
         assert_eq!(parallel_hash(small), xxhash_rust::xxh3::xxh3_64(small));
+    }
+
+    /// Copies out of staging, demoting or not, at either size class, arrive whole at any
+    /// alignment and write nothing outside.
+    #[test]
+    fn copies_out_of_staging_are_exact() {
+        for len in [0, 1, 17, 4095, 4096, 4097, 3 * 4096 + 5, PARALLEL_COPY_MIN + 19] {
+            let src: Vec<f32> = (0..len + 3).map(|i| i as f32 - 0.25).collect();
+            for off in [0, 1, 3] {
+                let copies: [(&str, fn(&[f32], &mut [f32])); 2] = [
+                    ("copy_from_staging", copy_from_staging),
+                    ("demoting", demoting),
+                ];
+                for (what, copy) in copies {
+                    let mut dst = vec![-1.0f32; len + off + 2];
+                    copy(&src[off..off + len], &mut dst[off..off + len]);
+                    assert_eq!(&dst[off..off + len], &src[off..off + len], "{what} {len}+{off}");
+                    assert!(dst[..off].iter().chain(&dst[off + len..]).all(|&x| x == -1.0));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn cache_sizes_parse_as_sysfs_writes_them() {
+        assert_eq!(parse_cache_size("2048K"), Some(2 << 20));
+        assert_eq!(parse_cache_size("1M"), Some(1 << 20));
+        assert_eq!(parse_cache_size("512"), Some(512));
+        assert_eq!(parse_cache_size("K"), None);
+        assert_eq!(parse_cache_size("big"), None);
     }
 
     /// Every float arrives, whatever the alignment of either slice and the length.

@@ -2,7 +2,7 @@
 //! [`StreamDone`], its output in a frame's staging as long as the caller reads it).
 
 use super::gl::MappedView;
-use super::host_copy::parallel_copy;
+use super::host_copy::{copy_from_staging, parallel_copy};
 use super::resident::SharedWeights;
 use crate::error::{Error, Result};
 use crate::params::Conv2dParams;
@@ -214,15 +214,26 @@ pub struct Staged {
     view: MappedView,
     slot: usize,
     release: mpsc::Sender<usize>,
+    /// Copied out in one piece after the convolution (the job ran in one part), so that the
+    /// next copy into this staging is all on its job's path ([`copy_from_staging`] may
+    /// demote it from the caches as it is read).
+    whole: bool,
 }
 
 impl Staged {
-    /// Output `view` of frame `slot`, whose release goes back on `release` when dropped.
-    pub(super) fn new(view: MappedView, slot: usize, release: mpsc::Sender<usize>) -> Self {
+    /// Output `view` of frame `slot`, whose release goes back on `release` when dropped; `whole`:
+    /// its job ran in one part.
+    pub(super) fn new(
+        view: MappedView,
+        slot: usize,
+        release: mpsc::Sender<usize>,
+        whole: bool,
+    ) -> Self {
         Self {
             view,
             slot,
             release,
+            whole,
         }
     }
 
@@ -276,7 +287,10 @@ impl Output {
 
     /// Copies it into `dst` (in parallel chunks), releasing the frame.
     pub fn copy_to(self, dst: &mut [f32]) {
-        parallel_copy(self.as_slice(), dst);
+        match &self {
+            Output::Staged(s) if s.whole => copy_from_staging(s.as_slice(), dst),
+            _ => parallel_copy(self.as_slice(), dst),
+        }
     }
 
     /// The output as a vector (a copy into fresh memory unless it already is one).
@@ -285,7 +299,10 @@ impl Output {
             Output::Owned(v) => v,
             Output::Staged(s) => {
                 let mut v = vec![0.0f32; s.as_slice().len()];
-                parallel_copy(s.as_slice(), &mut v);
+                match s.whole {
+                    true => copy_from_staging(s.as_slice(), &mut v),
+                    false => parallel_copy(s.as_slice(), &mut v),
+                }
                 v
             }
         }

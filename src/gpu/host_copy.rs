@@ -128,7 +128,7 @@ pub fn copy_from_staging(src: &[f32], dst: &mut [f32]) {
     let split = src.len() >= parallel_min() && pool().is_some();
     let share = std::mem::size_of_val(src) / chunks();
     if split && demote(share) {
-        split_with(src, dst, 16, |s, d| demoting(s, d));
+        split_with(src, dst, 16, demoting);
     } else {
         parallel_copy(src, dst);
     }
@@ -411,18 +411,35 @@ mod tests {
     /// alignment and write nothing outside.
     #[test]
     fn copies_out_of_staging_are_exact() {
-        for len in [0, 1, 17, 4095, 4096, 4097, 3 * 4096 + 5, PARALLEL_COPY_MIN + 19] {
+        for len in [
+            0,
+            1,
+            17,
+            4095,
+            4096,
+            4097,
+            3 * 4096 + 5,
+            PARALLEL_COPY_MIN + 19,
+        ] {
             let src: Vec<f32> = (0..len + 3).map(|i| i as f32 - 0.25).collect();
             for off in [0, 1, 3] {
-                let copies: [(&str, fn(&[f32], &mut [f32])); 2] = [
+                type Copy = fn(&[f32], &mut [f32]);
+                let copies: [(&str, Copy); 2] = [
                     ("copy_from_staging", copy_from_staging),
                     ("demoting", demoting),
                 ];
                 for (what, copy) in copies {
                     let mut dst = vec![-1.0f32; len + off + 2];
                     copy(&src[off..off + len], &mut dst[off..off + len]);
-                    assert_eq!(&dst[off..off + len], &src[off..off + len], "{what} {len}+{off}");
-                    assert!(dst[..off].iter().chain(&dst[off + len..]).all(|&x| x == -1.0));
+                    assert_eq!(
+                        &dst[off..off + len],
+                        &src[off..off + len],
+                        "{what} {len}+{off}"
+                    );
+                    assert!(dst[..off]
+                        .iter()
+                        .chain(&dst[off + len..])
+                        .all(|&x| x == -1.0));
                 }
             }
         }

@@ -423,8 +423,8 @@ mod tests {
         ] {
             let src: Vec<f32> = (0..len + 3).map(|i| i as f32 - 0.25).collect();
             for off in [0, 1, 3] {
-                type Copy = fn(&[f32], &mut [f32]);
-                let copies: [(&str, Copy); 2] = [
+                type CopyFn = fn(&[f32], &mut [f32]);
+                let copies: [(&str, CopyFn); 2] = [
                     ("copy_from_staging", copy_from_staging),
                     ("demoting", demoting),
                 ];

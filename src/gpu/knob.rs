@@ -1,6 +1,6 @@
 //! Tuning knobs: settings read once from the environment (`SPORKLE_GPU_TILE`,
-//! `SPORKLE_GPU_ALGO`, `SPORKLE_STREAM_*`, `SPORKLE_COPY_PARALLEL_MIN`, `SPORKLE_SPIN_US`, and the
-//! CPU's `SPORKLE_CPU_PLANES`),
+//! `SPORKLE_GPU_ALGO`, `SPORKLE_STREAM_*`, `SPORKLE_COPY_PARALLEL_MIN`, `SPORKLE_SPIN_US`,
+//! `SPORKLE_DEMOTE`, and the CPU's `SPORKLE_CPU_PLANES`),
 //! where a bad value is said and ignored.
 
 #![forbid(unsafe_code)]

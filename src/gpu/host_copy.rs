@@ -152,13 +152,17 @@ fn demote(share: usize) -> bool {
 /// Whether the CPU has `CLDEMOTE` (CPUID leaf 7, ECX bit 25).
 fn has_cldemote() -> bool {
     #[cfg(target_arch = "x86_64")]
-    {
-        // Leaf 7 is read only where the maximum leaf (leaf 0's EAX) reaches it.
-        use std::arch::x86_64::__cpuid_count;
-        __cpuid_count(0, 0).eax >= 7 && (__cpuid_count(7, 0).ecx >> 25) & 1 == 1
-    }
+    return cpuid7().is_some_and(|r| (r.ecx >> 25) & 1 == 1);
     #[cfg(not(target_arch = "x86_64"))]
     false
+}
+
+/// CPUID leaf 7 (subleaf 0: structured extended features), where the maximum leaf reaches it
+/// (for features std's detection does not name).
+#[cfg(target_arch = "x86_64")]
+fn cpuid7() -> Option<std::arch::x86_64::CpuidResult> {
+    use std::arch::x86_64::__cpuid_count;
+    (__cpuid_count(0, 0).eax >= 7).then(|| __cpuid_count(7, 0))
 }
 
 /// The size of this CPU's L2 (of cpu0, from Linux's sysfs); `None` where it cannot be read.
@@ -211,10 +215,10 @@ pub fn split_copy_always(src: &[f32], dst: &mut [f32]) {
 pub fn parallel_flush(src: &[f32]) {
     #[cfg(target_arch = "x86_64")]
     {
-        use std::arch::x86_64::{__cpuid_count, _mm_clflush, _mm_sfence};
+        use std::arch::x86_64::{_mm_clflush, _mm_sfence};
         let mut scratch = vec![0.0f32; src.len()];
         // CPUID leaf 7, EBX bit 23: CLFLUSHOPT.
-        let opt = __cpuid_count(0, 0).eax >= 7 && (__cpuid_count(7, 0).ebx >> 23) & 1 == 1;
+        let opt = cpuid7().is_some_and(|r| (r.ebx >> 23) & 1 == 1);
         let flush: fn(&[f32], &mut [f32]) = match opt {
             true => |s, _| {
                 // SAFETY: flushing lines of `s`, on a CPU with CLFLUSHOPT (checked above), then

@@ -241,6 +241,15 @@ impl Staged {
     pub fn as_slice(&self) -> &[f32] {
         self.view.as_slice()
     }
+
+    /// Copies the output into `dst` (in parallel chunks; see [`copy_from_staging`] for a job
+    /// that ran whole).
+    fn copy_to(&self, dst: &mut [f32]) {
+        match self.whole {
+            true => copy_from_staging(self.as_slice(), dst),
+            false => parallel_copy(self.as_slice(), dst),
+        }
+    }
 }
 
 impl Drop for Staged {
@@ -288,8 +297,8 @@ impl Output {
     /// Copies it into `dst` (in parallel chunks), releasing the frame.
     pub fn copy_to(self, dst: &mut [f32]) {
         match &self {
-            Output::Staged(s) if s.whole => copy_from_staging(s.as_slice(), dst),
-            _ => parallel_copy(self.as_slice(), dst),
+            Output::Staged(s) => s.copy_to(dst),
+            Output::Owned(v) => parallel_copy(v, dst),
         }
     }
 
@@ -299,10 +308,7 @@ impl Output {
             Output::Owned(v) => v,
             Output::Staged(s) => {
                 let mut v = vec![0.0f32; s.as_slice().len()];
-                match s.whole {
-                    true => copy_from_staging(s.as_slice(), &mut v),
-                    false => parallel_copy(s.as_slice(), &mut v),
-                }
+                s.copy_to(&mut v);
                 v
             }
         }

@@ -92,6 +92,40 @@ fn measure() -> Calibration {
     }
 }
 
+/// The FMA peak of `threads` cores at once, GFLOP/s in all: the register-only loop on that
+/// many threads started together, the best of a few rounds (each round's rate: the FLOPs of
+/// every thread over the slowest thread's time). Where two threads share a core, or the
+/// machine's cores slow down when busy together, this is less than `threads` times the
+/// one-core peak; it is what a call on `threads` threads can reach. `None` without AVX-512.
+pub fn fma_peak_threads(threads: usize) -> Option<f64> {
+    let threads = threads.max(1);
+    let iters = 1_000_000;
+    let barrier = std::sync::Barrier::new(threads);
+    let mut best: Option<f64> = None;
+    for _ in 0..ROUNDS {
+        let slowest = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..threads)
+                .map(|_| {
+                    scope.spawn(|| {
+                        barrier.wait();
+                        let start = Instant::now();
+                        std::hint::black_box(fma_peak(std::hint::black_box(iters))?);
+                        Some(start.elapsed().as_secs_f64())
+                    })
+                })
+                .collect();
+            let times: Option<Vec<f64>> = handles
+                .into_iter()
+                .map(|h| h.join().expect("the FMA loop does not panic"))
+                .collect();
+            times.map(|t| t.into_iter().fold(0.0, f64::max))
+        })?;
+        let rate = (threads * iters * FMA_LOOP_FLOPS) as f64 / slowest.max(1e-9) / 1e9;
+        best = Some(best.map_or(rate, |b: f64| b.max(rate)));
+    }
+    best
+}
+
 /// The best of a few timed runs of the register-only FMA loop, GFLOP/s.
 fn measure_peak() -> Option<f64> {
     let iters = 1_000_000;
@@ -131,5 +165,27 @@ mod tests {
                 "{rate} GFLOP/s against a peak of {peak}"
             );
         }
+    }
+
+    /// The peak of several threads at once: one thread reads about the one-core peak, two at
+    /// most two cores' worth (loose: the machine may be shared, and other tests run beside this
+    /// one, so two threads may share one core here and read as one).
+    #[test]
+    fn the_peak_of_threads_at_once_counts_every_thread() {
+        let Some(core) = calibration().fma_peak_gflops else {
+            assert_eq!(
+                fma_peak_threads(2),
+                None,
+                "no AVX-512: no SIMD loop to time"
+            );
+            return;
+        };
+        let one = fma_peak_threads(1).expect("AVX-512 here");
+        assert!(one > 0.3 * core && one < 1.5 * core, "{one} against {core}");
+        let two = fma_peak_threads(2).expect("AVX-512 here");
+        assert!(
+            two > 0.3 * core && two < 2.0 * 1.5 * core,
+            "{two} against {core} per core"
+        );
     }
 }

@@ -42,7 +42,7 @@ mod path;
 mod planes;
 mod winograd;
 
-pub use calibrate::{calibration, Calibration};
+pub use calibrate::{calibration, fma_peak_threads, Calibration};
 pub use kernel::Microkernel;
 pub use path::CpuPath;
 

@@ -106,14 +106,15 @@ pub(super) fn bench(a: BenchArgs) -> Result<()> {
                 emit(
                     serde_json::json!({"shape": case.name, "device": device, "ms": round4(ms), "gflops": round2(gflops)}),
                 )?;
-                if let Some(peak) = cpu_peak(cpu) {
+                if let Some((threads, peak)) = cpu_peak(cpu) {
                     // FLOPs are the direct convolution's whatever ran (BENCHMARKS.md): on the
                     // Winograd path the fraction counts multiplies it never did.
                     let path = cpu.path_for(&p);
                     eprintln!(
-                        "# {}: {:.0}% of the measured FMA peak ({peak:.0} GFLOP/s), path {}{}",
+                        "# {}: {:.0}% of the FMA peak measured on {} threads at once ({peak:.0} GFLOP/s), path {}{}",
                         case.name,
                         100.0 * gflops / peak,
+                        threads,
                         path.name(),
                         match path {
                             CpuPath::Winograd => {

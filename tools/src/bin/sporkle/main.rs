@@ -302,10 +302,15 @@ fn main() -> ExitCode {
 
 /// The FMA peak of the cores a CPU backend's threads can run on: the calibration's one-core
 /// figure times min(threads, cores); `None` where no SIMD peak is measured.
-fn cpu_peak(cpu: &CpuBackend) -> Option<f64> {
+/// The FMA peak a CPU call can reach, GFLOP/s, and the threads it was measured on: the
+/// backend's threads (at most one a core) running the FMA loop at once, not the one-core peak
+/// times the threads (two threads on one core, or cores that slow down together, reach less).
+/// Measured once a process: the bench runs one backend.
+fn cpu_peak(cpu: &CpuBackend) -> Option<(usize, f64)> {
+    static PEAK: std::sync::OnceLock<Option<(usize, f64)>> = std::sync::OnceLock::new();
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let per_core = sporkle::cpu::calibration().fma_peak_gflops?;
-    Some(per_core * cpu.threads().min(cores) as f64)
+    let threads = cpu.threads().min(cores);
+    *PEAK.get_or_init(|| Some((threads, sporkle::cpu::fma_peak_threads(threads)?)))
 }
 
 fn cpu_backend(threads: Option<usize>) -> Result<CpuBackend> {
@@ -718,6 +723,12 @@ fn devices() -> Result<()> {
     out!("cpu: {model}");
     out!("  threads: {}", backend.threads());
     out!("  microkernel: {}", sporkle::cpu::calibration().describe());
+    if let Some(all) = sporkle::cpu::fma_peak_threads(backend.threads()) {
+        out!(
+            "  FMA peak on {} threads at once: {all:.0} GFLOP/s in all",
+            backend.threads()
+        );
+    }
     match sporkle::GpuBackend::new() {
         Ok(gpu) => {
             out!("{}", gpu.info().to_string().trim_end());

@@ -571,30 +571,35 @@ impl CpuBackend {
             }
         };
         let cost = |t: &Task| (t.y1 - t.y0) * t.filters.next_multiple_of(MR);
-        let even = tasks.len().is_multiple_of(self.threads)
-            && tasks.iter().all(|t| cost(t) == cost(&tasks[0]));
-        if even && tasks.len() < 4 * self.threads {
-            // A few equal tasks: each thread takes its own share (a broadcast). Handed out by
-            // work stealing, the thread that split them took a sleeping thread's share too
-            // whenever that thread woke late: stem n1's two tasks ran on one thread in 18% of
-            // calls (Zen 4, 2 threads). Which thread computes a task changes no bits.
+        let even = tasks.iter().all(|t| cost(t) == cost(&tasks[0]));
+        self.spread(tasks, even, |slot, mut task| run(slot, &mut task));
+        Ok(())
+    }
+
+    /// Runs `tasks` on the pool (call it inside `install`), `run(slot, task)` on the thread
+    /// whose scratch slot is `slot`. A few tasks of equal cost (`even`), a whole number a
+    /// thread: each thread takes its own share (a broadcast). Handed out by work stealing, the
+    /// thread that split them took a sleeping thread's share too whenever that thread woke late:
+    /// stem n1's two tasks ran on one thread in 18% of calls (Zen 4, 2 threads). Otherwise work
+    /// stealing. Which thread computes a task changes no bits.
+    fn spread<T: Send>(&self, tasks: Vec<T>, even: bool, run: impl Fn(usize, T) + Sync) {
+        if even && tasks.len().is_multiple_of(self.threads) && tasks.len() < 4 * self.threads {
             let per = tasks.len() / self.threads;
             let mut tasks = tasks.into_iter();
-            let shares: Vec<Mutex<Vec<Task>>> = (0..self.threads)
+            let shares: Vec<Mutex<Vec<T>>> = (0..self.threads)
                 .map(|_| Mutex::new(tasks.by_ref().take(per).collect()))
                 .collect();
             rayon::broadcast(|ctx| {
-                for mut task in std::mem::take(&mut *lock(&shares[ctx.index()])) {
-                    run(ctx.index(), &mut task);
+                for task in std::mem::take(&mut *lock(&shares[ctx.index()])) {
+                    run(ctx.index(), task);
                 }
             });
         } else {
-            tasks.into_par_iter().for_each(|mut task| {
+            tasks.into_par_iter().for_each(|task| {
                 let slot = rayon::current_thread_index().expect("tasks run on the backend's pool");
-                run(slot, &mut task);
+                run(slot, task);
             });
         }
-        Ok(())
     }
 
     /// Grows every thread's scratch to at least `len` floats, before a call's tasks run (or

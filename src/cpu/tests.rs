@@ -253,8 +253,9 @@ fn results_are_bit_identical_for_every_thread_count() {
 
 /// Winograd forced, with every microkernel and several thread counts: odd and even output
 /// sizes, padding 0, 1, 2 and per side, filters that are not whole panels or pairs,
-/// several images (tasks split tile rows within images); exact on small integers; the
-/// same bits for every thread count and for prepared weights.
+/// several images (tasks split tile rows within images), one image shared among the threads
+/// (by rows, and by filters for the rows left over); exact on small integers; the same bits for
+/// every thread count and for prepared weights.
 #[test]
 fn winograd_matches_the_reference_on_every_kernel() {
     let cases = [
@@ -264,6 +265,9 @@ fn winograd_matches_the_reference_on_every_kernel() {
         Conv2dParams::new(1, 3, 4, 4, 1, 3, 3),
         Conv2dParams::new(2, 20, 9, 8, 24, 3, 3).with_pads(0, 2, 3, 1),
         Conv2dParams::new(1, 8, 30, 3, 16, 3, 3).with_padding(1, 1),
+        Conv2dParams::new(1, 8, 7, 7, 32, 3, 3),
+        // Two threads, 7 rows of F(2×2) tiles: the row left over split by filters (`shares`).
+        Conv2dParams::new(1, 16, 14, 6, 64, 3, 3).with_padding(1, 1),
     ];
     for (kernel, path) in supported()
         .into_iter()

@@ -34,30 +34,47 @@ use crate::error::Result;
 use crate::params::Conv2dParams;
 use crate::winograd::Variant;
 
-/// The tile rows of one image cut into tasks: `bounds[t]..bounds[t + 1]` for task `t`.
-/// Where the threads are a whole number of times the images (one image of a small layer), each
-/// image's rows are shared equally among its threads first, each share then cut into tasks of at most
-/// `max_rows` (so every thread's share of tasks costs the same, and [`CpuBackend::spread`]
-/// hands each thread its own); otherwise tasks of `tr` rows, the last one shorter (`None`).
-/// (l1 n1's 14 tile rows ran as 4+4+4+2 by work stealing on two threads, 1.70x from one thread
-/// to two; as 3+4 and 3+4, one share a thread, 301 -> 404 GFLOP/s, 1.64 -> 1.86 of onnxruntime,
-/// 7 interleaved rounds on Zen 4.)
-fn shared_rows(n: usize, th: usize, max_rows: usize, threads: usize) -> Option<Vec<usize>> {
+/// One task of an image: tile rows `rows` and filters `filters`.
+type TaskSpan = (std::ops::Range<usize>, std::ops::Range<usize>);
+
+/// Where the threads are a whole number of times the images (one image of a small layer), the
+/// tasks of one image, shared equally among its threads: each thread's run of
+/// `len / (threads / n)` consecutive tasks costs the same, so that [`CpuBackend::spread`] can
+/// hand each thread its own. Each share is `th / shares` whole rows cut into tasks of at most
+/// `max_rows`, and, where the rows do not divide, a slice of the filters over the rows left
+/// over (each such task transforms those rows' input itself: one row of l3 n1's seven).
+/// `None` elsewhere (tasks of whole rows by work stealing), or where the filters do not split
+/// into whole panels. (On two threads, l1 n1's 14 tile rows ran as 4+4+4+2 by work stealing,
+/// 1.70x from one thread to two; as 3+4 and 3+4, one share a thread, 301 -> 404 GFLOP/s, 1.64 ->
+/// 1.86 of onnxruntime, 7 interleaved rounds on Zen 4. l3 n1's 7 rows ran as 2+2+2+1, 1.73x.)
+fn shares(
+    n: usize,
+    th: usize,
+    c_out: usize,
+    max_rows: usize,
+    threads: usize,
+) -> Option<Vec<TaskSpan>> {
     if threads == 1 || !threads.is_multiple_of(n) {
         return None;
     }
     let shares = threads / n;
-    if shares > th || !th.is_multiple_of(shares) {
+    let (share, left) = (th / shares, th % shares);
+    let part = c_out / shares;
+    if share == 0 || (left > 0 && !(c_out.is_multiple_of(shares) && part.is_multiple_of(MR))) {
         return None;
     }
-    let share = th / shares;
     let cuts = share.div_ceil(max_rows.max(1));
-    let mut bounds = vec![0];
+    let mut tasks = Vec::new();
     for s in 0..shares {
-        // `cuts` tasks of near-equal rows in each share.
-        bounds.extend((1..=cuts).map(|c| s * share + c * share / cuts));
+        // `cuts` tasks of near-equal whole rows...
+        let row = |c: usize| s * share + c * share / cuts;
+        tasks.extend((0..cuts).map(|c| (row(c)..row(c + 1), 0..c_out)));
+        // ...and this share's filters over the rows left over.
+        if left > 0 {
+            tasks.push((shares * share..th, s * part..(s + 1) * part));
+        }
     }
-    Some(bounds)
+    Some(tasks)
 }
 
 /// A Winograd task takes whole rows of tiles adding up to about this many tiles: four calls of
@@ -100,19 +117,31 @@ pub(super) fn run(
         tasks_per_image = rounds / p.n;
     }
     let tr = th.div_ceil(tasks_per_image);
-    let even_shares = shared_rows(p.n, th, by_positions.min(by_budget), cpu.threads);
-    let bounds = even_shares.clone().unwrap_or_else(|| {
-        let mut b: Vec<usize> = (0..th).step_by(tr).collect();
-        b.push(th);
-        b
+    let shared = shares(p.n, th, p.c_out, by_positions.min(by_budget), cpu.threads);
+    // Each thread's share costs the same where the rows were shared out, or where every task
+    // has `tr` rows.
+    let even = shared.is_some() || th.is_multiple_of(tr);
+    let spans = shared.unwrap_or_else(|| {
+        (0..th)
+            .step_by(tr)
+            .map(|y| (y..th.min(y + tr), 0..p.c_out))
+            .collect()
     });
-    let most = bounds.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(1);
+    let most = spans.iter().map(|(ys, _)| ys.len()).max().unwrap_or(1);
     let row = most * tw;
     let floats = xi * (p.c_in + p.c_out) * row + scratch_len(p, variant);
     cpu.grow_scratch(floats)?;
     offsets.fill((0..p.c_in).map(|c| c * row));
-    // Output rows m·ty0..m·ty1 of every plane, one slice per (image, task, filter).
-    let mut grid: Vec<Option<&mut [f32]>> = Vec::with_capacity(p.n * p.c_out * bounds.len());
+    // Output rows m·ty0..m·ty1 of every plane, one slice per (image, filter, row range); each
+    // task takes its filters' slices of its rows.
+    let mut bounds: Vec<usize> = spans
+        .iter()
+        .flat_map(|(ys, _)| [ys.start, ys.end])
+        .collect();
+    bounds.sort_unstable();
+    bounds.dedup();
+    let ranges = bounds.len() - 1;
+    let mut grid: Vec<Option<&mut [f32]>> = Vec::with_capacity(p.n * p.c_out * ranges);
     for mut plane in output.chunks_mut(ho * wo) {
         for w in bounds.windows(2) {
             let rows = (m * w[1]).min(ho) - m * w[0];
@@ -121,42 +150,53 @@ pub(super) fn run(
             plane = rest;
         }
     }
-    let ntr = bounds.len() - 1;
-    let mut tasks = Vec::with_capacity(p.n * ntr);
+    let mut tasks = Vec::with_capacity(p.n * spans.len());
     for img in 0..p.n {
-        for (t, w) in bounds.windows(2).enumerate() {
-            let outs: Vec<&mut [f32]> = (0..p.c_out)
+        for (ys, ks) in &spans {
+            let at = bounds
+                .binary_search(&ys.start)
+                .expect("a row range's start");
+            let outs: Vec<&mut [f32]> = ks
+                .clone()
                 .map(|k| {
-                    grid[(img * p.c_out + k) * ntr + t]
+                    grid[(img * p.c_out + k) * ranges + at]
                         .take()
                         .expect("each output tile has one owner")
                 })
                 .collect();
-            tasks.push((img, (w[0], w[1]), outs));
+            tasks.push((img, (ys.start, ys.end), ks.clone(), outs));
         }
     }
     let offsets = &*offsets;
-    // Each thread's share costs the same where the rows were shared equally, or where every
-    // task has `tr` rows.
-    let even = even_shares.is_some() || th.is_multiple_of(tr);
     cpu.pool().install(|| {
-        cpu.spread(tasks, even, |slot, (img, tys, mut outs)| {
+        cpu.spread(tasks, even, |slot, (img, tys, ks, mut outs)| {
             let mut scratch = lock(&cpu.scratch[slot]);
             let (v, rest) = scratch[..floats].split_at_mut(xi * p.c_in * row);
-            let (m, pad) = rest.split_at_mut(xi * p.c_out * row);
+            let (m, pad) = rest.split_at_mut(xi * ks.len() * row);
             input_transform(p, variant, input, img, tys, v, row, pad);
             let positions = (tys.1 - tys.0) * tw;
-            gemm(cpu.kernel, p, xi, (positions, row), v, weights, offsets, m);
+            let bias = bias.map(|b| &b[ks.clone()]);
+            gemm(
+                cpu.kernel,
+                p,
+                xi,
+                (positions, row),
+                v,
+                weights,
+                offsets,
+                ks,
+                m,
+            );
             output_transform(p, variant, m, row, tys, bias, &mut outs, pad);
         });
     });
     Ok(())
 }
 
-/// `M_ξ = U_ξ V_ξ` for `ξ < xi` and the first `positions` of each row of `v` (`[ξ][c]`,
-/// rows of `row` floats) into `m` (`[ξ][t][k]`: each tile's filters contiguous, no
-/// transposed store), on the rows kernel; `weights` are `U`, packed `[ξ][panel][c][16]`, and
-/// `offsets` are `c·row`.
+/// `M_ξ = U_ξ V_ξ` for `ξ < xi`, the filters `ks` (starting on a panel) and the first
+/// `positions` of each row of `v` (`[ξ][c]`, rows of `row` floats) into `m`
+/// (`[ξ][t][k − ks.start]`: each tile's filters contiguous, no transposed store), on the rows
+/// kernel; `weights` are `U`, packed `[ξ][panel][c][16]`, and `offsets` are `c·row`.
 #[allow(clippy::too_many_arguments)]
 fn gemm(
     kernel: Microkernel,
@@ -166,22 +206,25 @@ fn gemm(
     v: &[f32],
     weights: &[f32],
     offsets: &TapOffsets,
+    ks: std::ops::Range<usize>,
     m: &mut [f32],
 ) {
+    debug_assert!(ks.start.is_multiple_of(MR) && ks.end <= p.c_out);
     let (_, chunk) = row_chunks(positions, kernel.rows_positions());
     let per_call = kernel.rows_filters();
     let panels = p.c_out.div_ceil(MR);
+    let ldm = ks.len();
     for xi in 0..xi_count {
         let group = &weights[xi * panels * p.c_in * MR..][..panels * p.c_in * MR];
-        for pi in (0..panels).step_by(per_call / MR) {
-            let filters = per_call.min(p.c_out - pi * MR);
+        for pi in (ks.start / MR..ks.end.div_ceil(MR)).step_by(per_call / MR) {
+            let filters = per_call.min(ks.end - pi * MR);
             let a = &group[pi * p.c_in * MR..][..filters.div_ceil(MR) * p.c_in * MR];
             for x0 in (0..positions).step_by(chunk) {
                 let n = chunk.min(positions - x0);
                 let b = &v[xi * p.c_in * row + x0..];
-                let c = &mut m[(xi * row + x0) * p.c_out + pi * MR..];
+                let c = &mut m[(xi * row + x0) * ldm + pi * MR - ks.start..];
                 let out = RowsOut::ByPosition;
-                kernel.run_rows(n, a, offsets, b, c, p.c_out, filters, None, out);
+                kernel.run_rows(n, a, offsets, b, c, ldm, filters, None, out);
             }
         }
     }
@@ -310,9 +353,10 @@ fn input_with<const M: usize, const A: usize>(
     }
 }
 
-/// `y = Aᵀ M A + bias` for the tiles of rows `ty0..ty1` of one image, where `m` is
-/// `[ξ][t][k]` (`row` tiles of `c_out` filters per `ξ`) and `outs[k]` is output rows
-/// `M·ty0..min(M·ty1, ho)` of filter `k`'s plane; `pad` is scratch of [`scratch_len`] floats.
+/// `y = Aᵀ M A + bias` for the tiles of rows `ty0..ty1` of one image and some filters, where
+/// `m` is `[ξ][t][k]` (`row` tiles of `outs.len()` filters per `ξ`), `outs[k]` is output rows
+/// `M·ty0..min(M·ty1, ho)` of the `k`-th filter's plane and `bias` holds those filters' biases;
+/// `pad` is scratch of [`scratch_len`] floats.
 #[allow(clippy::too_many_arguments)]
 pub fn output_transform(
     p: &Conv2dParams,
@@ -348,7 +392,8 @@ fn output_with<const M: usize, const A: usize>(
     at: fn([&[f32]; A], [&mut [f32]; M]),
 ) {
     let (ho, wo) = p.out_hw();
-    let ck = p.c_out;
+    // The task's filters: `outs` and `bias` hold theirs, and `m` is laid out for them.
+    let ck = outs.len();
     let (s, y) = pad[..(M * A + M * M) * ck].split_at_mut(M * A * ck);
     // The task's output rows of every plane, asked for before the first write: the writes go
     // to c_out planes at once, too many streams for hardware prefetchers (vgg, F(2×2): 80 ->
@@ -575,28 +620,55 @@ mod tests {
         }
     }
 
-    /// One image's tile rows shared equally among the threads, each share cut into tasks of at
-    /// most `max_rows`; no sharing where the threads are not a whole number of times the images
-    /// or the rows do not divide among them.
+    /// One image's tasks shared equally among the threads: whole rows, each share cut into
+    /// tasks of at most `max_rows`, and the rows left over split by filters; every (row,
+    /// filter) in exactly one task; no sharing where the threads are not a whole number of times
+    /// the images or the filters do not split into panels.
     #[test]
     fn tile_rows_share_equally_among_the_threads() {
-        assert_eq!(shared_rows(1, 14, 4, 2), Some(vec![0, 3, 7, 10, 14]));
-        assert_eq!(shared_rows(2, 7, 8, 2), Some(vec![0, 7]));
-        assert_eq!(shared_rows(1, 12, 3, 4), Some(vec![0, 3, 6, 9, 12]));
-        assert_eq!(shared_rows(1, 7, 8, 2), None, "7 rows on two threads");
-        assert_eq!(shared_rows(1, 14, 4, 16), None, "more threads than rows");
-        assert_eq!(shared_rows(32, 7, 8, 2), None, "more images than threads");
-        assert_eq!(shared_rows(1, 14, 4, 1), None, "one thread");
-        for (n, th, max_rows, threads) in [(1, 56, 8, 2), (1, 30, 4, 3), (2, 8, 3, 4)] {
-            let b = shared_rows(n, th, max_rows, threads).expect("divides");
-            assert_eq!((b[0], *b.last().unwrap()), (0, th));
-            assert!(b.windows(2).all(|w| w[0] < w[1] && w[1] - w[0] <= max_rows));
-            // Each thread's contiguous run of tasks covers the same rows.
-            let per = (b.len() - 1) / (threads / n);
-            let shares: Vec<usize> = (0..threads / n)
-                .map(|s| b[(s + 1) * per] - b[s * per])
+        assert_eq!(
+            shares(1, 14, 64, 4, 2),
+            Some(vec![
+                (0..3, 0..64),
+                (3..7, 0..64),
+                (7..10, 0..64),
+                (10..14, 0..64)
+            ])
+        );
+        assert_eq!(
+            shares(1, 7, 256, 8, 2),
+            Some(vec![
+                (0..3, 0..256),
+                (6..7, 0..128),
+                (3..6, 0..256),
+                (6..7, 128..256)
+            ])
+        );
+        assert_eq!(shares(1, 7, 40, 8, 2), None, "20 filters: not whole panels");
+        assert_eq!(shares(1, 14, 64, 4, 16), None, "more threads than rows");
+        assert_eq!(shares(32, 7, 64, 8, 2), None, "more images than threads");
+        assert_eq!(shares(1, 14, 64, 4, 1), None, "one thread");
+        let cases = [
+            (1, 56, 64, 8, 2),
+            (1, 31, 96, 4, 3),
+            (2, 9, 64, 2, 4),
+            (1, 5, 256, 2, 4),
+        ];
+        for (n, th, c_out, max_rows, threads) in cases {
+            let tasks = shares(n, th, c_out, max_rows, threads).expect("shares");
+            let mut owner = vec![0u32; th * c_out];
+            for (ys, ks) in &tasks {
+                assert!(ys.len() <= max_rows && ks.start % MR == 0, "{tasks:?}");
+                for y in ys.clone() {
+                    ks.clone().for_each(|k| owner[y * c_out + k] += 1);
+                }
+            }
+            assert!(owner.iter().all(|&o| o == 1), "{tasks:?}");
+            let per = tasks.len() / (threads / n);
+            let work: Vec<usize> = (tasks.chunks(per))
+                .map(|run| run.iter().map(|(ys, ks)| ys.len() * ks.len()).sum())
                 .collect();
-            assert!(shares.iter().all(|&r| r == th * n / threads), "{b:?}");
+            assert!(work.iter().all(|&w| w == work[0]), "{work:?}: {tasks:?}");
         }
     }
 }

@@ -2,7 +2,8 @@
 //! or vendor name: every supported variant runs the same small rows problem (B in L2, A
 //! streaming, as in a convolution), interleaved over a few rounds; the fastest round of each
 //! counts and the fastest variant wins. Beside it, the core's FMA peak is measured with a
-//! register-only loop, so reports can say what fraction of the machine a shape reaches.
+//! register-only loop (`fma_peak_threads`, on one thread there, on all of a backend's threads
+//! at once for reports), so reports can say what fraction of the machine a shape reaches.
 //! Takes about 30 ms, on the first thread that asks.
 
 use super::kernel::{fma_peak, Microkernel, RowsOut, TapOffsets, FMA_LOOP_FLOPS, MR};
@@ -86,7 +87,7 @@ fn measure() -> Calibration {
     rates.sort_by(|x, y| y.1.total_cmp(&x.1));
     let chosen = rates.first().map_or(Microkernel::Portable, |r| r.0);
     Calibration {
-        fma_peak_gflops: measure_peak(),
+        fma_peak_gflops: fma_peak_threads(1),
         rates,
         chosen,
     }
@@ -121,19 +122,6 @@ pub fn fma_peak_threads(threads: usize) -> Option<f64> {
             times.map(|t| t.into_iter().fold(0.0, f64::max))
         })?;
         let rate = (threads * iters * FMA_LOOP_FLOPS) as f64 / slowest.max(1e-9) / 1e9;
-        best = Some(best.map_or(rate, |b: f64| b.max(rate)));
-    }
-    best
-}
-
-/// The best of a few timed runs of the register-only FMA loop, GFLOP/s.
-fn measure_peak() -> Option<f64> {
-    let iters = 1_000_000;
-    let mut best: Option<f64> = None;
-    for _ in 0..ROUNDS {
-        let start = Instant::now();
-        std::hint::black_box(fma_peak(std::hint::black_box(iters))?);
-        let rate = (iters * FMA_LOOP_FLOPS) as f64 / start.elapsed().as_secs_f64() / 1e9;
         best = Some(best.map_or(rate, |b: f64| b.max(rate)));
     }
     best

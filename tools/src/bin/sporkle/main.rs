@@ -300,12 +300,10 @@ fn main() -> ExitCode {
     }
 }
 
-/// The FMA peak of the cores a CPU backend's threads can run on: the calibration's one-core
-/// figure times min(threads, cores); `None` where no SIMD peak is measured.
 /// The FMA peak a CPU call can reach, GFLOP/s, and the threads it was measured on: the
 /// backend's threads (at most one a core) running the FMA loop at once, not the one-core peak
 /// times the threads (two threads on one core, or cores that slow down together, reach less).
-/// Measured once a process: the bench runs one backend.
+/// Measured once a process: the bench runs one backend. `None` where no SIMD peak is measured.
 fn cpu_peak(cpu: &CpuBackend) -> Option<(usize, f64)> {
     static PEAK: std::sync::OnceLock<Option<(usize, f64)>> = std::sync::OnceLock::new();
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());

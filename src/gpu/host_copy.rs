@@ -433,17 +433,7 @@ mod tests {
                     ("demoting", demoting),
                 ];
                 for (what, copy) in copies {
-                    let mut dst = vec![-1.0f32; len + off + 2];
-                    copy(&src[off..off + len], &mut dst[off..off + len]);
-                    assert_eq!(
-                        &dst[off..off + len],
-                        &src[off..off + len],
-                        "{what} {len}+{off}"
-                    );
-                    assert!(dst[..off]
-                        .iter()
-                        .chain(&dst[off + len..])
-                        .all(|&x| x == -1.0));
+                    assert_copies_exactly(what, &src[off..off + len], off, copy);
                 }
             }
         }
@@ -505,15 +495,25 @@ mod tests {
         for len in [0, 1, 7, 8, 9, 1000, 4099, PARALLEL_COPY_MIN + 3] {
             let src: Vec<f32> = (0..len).map(|i| i as f32 + 0.5).collect();
             for off in [0, 1, 3] {
-                let mut dst = vec![-1.0f32; len + off + 2];
-                copy_to_staging(&src, &mut dst[off..off + len]);
-                assert_eq!(&dst[off..off + len], &src[..], "{len} floats at +{off}");
-                assert!(dst[..off]
-                    .iter()
-                    .chain(&dst[off + len..])
-                    .all(|&x| x == -1.0));
+                assert_copies_exactly("copy_to_staging", &src, off, copy_to_staging);
             }
         }
+    }
+
+    /// `copy(src, dst)` into a destination `off` floats into a guarded buffer: the floats arrive
+    /// whole and nothing outside them is written.
+    fn assert_copies_exactly(what: &str, src: &[f32], off: usize, copy: fn(&[f32], &mut [f32])) {
+        let len = src.len();
+        let mut dst = vec![-1.0f32; len + off + 2];
+        copy(src, &mut dst[off..off + len]);
+        assert_eq!(&dst[off..off + len], src, "{what} {len} floats at +{off}");
+        assert!(
+            dst[..off]
+                .iter()
+                .chain(&dst[off + len..])
+                .all(|&x| x == -1.0),
+            "{what} {len} floats at +{off}: wrote outside"
+        );
     }
 
     #[test]

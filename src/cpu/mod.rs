@@ -116,13 +116,6 @@ pub fn cpu_model() -> String {
         .unwrap_or_else(|| std::env::consts::ARCH.to_owned())
 }
 
-/// How the rows kernel cuts an output row of `wo` positions into calls of at most `max`:
-/// `(chunks, positions per chunk)`, the last chunk taking the remainder.
-fn row_chunks(wo: usize, max: usize) -> (usize, usize) {
-    let chunks = wo.div_ceil(max);
-    (chunks, wo.div_ceil(chunks))
-}
-
 /// Weights laid out for the CPU backend by [`CpuBackend::prepare_weights`].
 pub struct CpuWeights {
     shape: WeightShape,
@@ -812,7 +805,6 @@ impl CpuBackend {
         let rows = task.filters;
         let plane = geo.ho * geo.wo;
         let (first_panel, _) = self.panels(s, task);
-        let (_, chunk) = row_chunks(geo.wo, self.kernel.rows_positions());
         let block_rows = (BLOCK_Q / geo.wo).max(1);
         for ya in (0..task.y1 - task.y0).step_by(block_rows) {
             let yb = (task.y1 - task.y0).min(ya + block_rows);
@@ -825,40 +817,18 @@ impl CpuBackend {
                     [..filters.div_ceil(MR) * kdim * MR];
                 let bias = s.bias.map(|bias| &bias[task.m0 + pi * MR..][..filters]);
                 for y in ya..yb {
-                    for x0 in (0..geo.wo).step_by(chunk) {
-                        let n = chunk.min(geo.wo - x0);
-                        let b = &b[y * geo.wq + x0..];
-                        match &mut task.out {
-                            TaskOut::Planes(out) => {
-                                let c = &mut out[pi * MR * plane + y * geo.wo + x0..];
-                                self.kernel.run_rows(
-                                    n,
-                                    a,
-                                    s.offsets,
-                                    b,
-                                    c,
-                                    plane,
-                                    filters,
-                                    bias,
-                                    RowsOut::ByFilter,
-                                );
-                            }
-                            TaskOut::Tiles(_) => {
-                                let c = &mut tile[pi * MR * positions + (y - ya) * geo.wo + x0..];
-                                self.kernel.run_rows(
-                                    n,
-                                    a,
-                                    s.offsets,
-                                    b,
-                                    c,
-                                    positions,
-                                    filters,
-                                    bias,
-                                    RowsOut::ByFilter,
-                                );
-                            }
-                        }
-                    }
+                    // One call a row: the kernel cuts it into chunks.
+                    let (c, ldc) = match &mut task.out {
+                        TaskOut::Planes(out) => (&mut out[pi * MR * plane + y * geo.wo..], plane),
+                        TaskOut::Tiles(_) => (
+                            &mut tile[pi * MR * positions + (y - ya) * geo.wo..],
+                            positions,
+                        ),
+                    };
+                    let b = &b[y * geo.wq..];
+                    let out = RowsOut::ByFilter;
+                    self.kernel
+                        .run_rows(geo.wo, a, s.offsets, b, c, ldc, filters, bias, out);
                 }
             }
             if let TaskOut::Tiles(outs) = &mut task.out {

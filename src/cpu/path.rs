@@ -3,9 +3,9 @@
 
 #![forbid(unsafe_code)]
 
-use super::kernel::NR;
+use super::kernel::{row_chunks, NR};
 use super::planes::Geometry;
-use super::{row_chunks, GEMM_MIN_FILTERS};
+use super::GEMM_MIN_FILTERS;
 use crate::params::Conv2dParams;
 
 /// Which algorithm a call uses.

@@ -29,7 +29,7 @@
 #![forbid(unsafe_code)]
 
 use super::kernel::{transform_rows, Lanes, Microkernel, RowTransform, RowsOut, TapOffsets, MR};
-use super::{lock, row_chunks, CpuBackend};
+use super::{lock, CpuBackend};
 use crate::error::Result;
 use crate::params::Conv2dParams;
 use crate::winograd::Variant;
@@ -210,7 +210,6 @@ fn gemm(
     m: &mut [f32],
 ) {
     debug_assert!(ks.start.is_multiple_of(MR) && ks.end <= p.c_out);
-    let (_, chunk) = row_chunks(positions, kernel.rows_positions());
     let per_call = kernel.rows_filters();
     let panels = p.c_out.div_ceil(MR);
     let ldm = ks.len();
@@ -219,13 +218,11 @@ fn gemm(
         for pi in (ks.start / MR..ks.end.div_ceil(MR)).step_by(per_call / MR) {
             let filters = per_call.min(ks.end - pi * MR);
             let a = &group[pi * p.c_in * MR..][..filters.div_ceil(MR) * p.c_in * MR];
-            for x0 in (0..positions).step_by(chunk) {
-                let n = chunk.min(positions - x0);
-                let b = &v[xi * p.c_in * row + x0..];
-                let c = &mut m[(xi * row + x0) * ldm + pi * MR - ks.start..];
-                let out = RowsOut::ByPosition;
-                kernel.run_rows(n, a, offsets, b, c, ldm, filters, None, out);
-            }
+            // One call for all the positions: the kernel cuts them into chunks.
+            let b = &v[xi * p.c_in * row..];
+            let c = &mut m[xi * row * ldm + pi * MR - ks.start..];
+            let out = RowsOut::ByPosition;
+            kernel.run_rows(positions, a, offsets, b, c, ldm, filters, None, out);
         }
     }
 }

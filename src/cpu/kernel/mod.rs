@@ -6,9 +6,10 @@
 //!   `C[i][j] (+)= Σ_k A[k][i] · B[offs[k] + j]`; positions in the vector lanes, filters
 //!   broadcast. Junk columns of the grid and the rounding of a tile to 16 are computed too.
 //! - **rows** ([`Microkernel::run_rows`]): `n ≤ 16` consecutive *valid* positions of one output
-//!   row × 16 filters, `C[j][i] = Σ_k B[offs[k] + i] · A[k][j]` over every tap; filters in the
-//!   vector lanes, positions broadcast, the tile transposed on its one store. Nothing is
-//!   computed twice or for nothing.
+//!   row × 16 filters (a call takes a whole row and cuts it into such chunks),
+//!   `C[j][i] = Σ_k B[offs[k] + i] · A[k][j]` over every tap; filters in the vector lanes,
+//!   positions broadcast, the tile transposed on its one store. Nothing is computed twice or
+//!   for nothing.
 //!
 //! Two implementations with one contract: AVX-512 intrinsics (16 zmm accumulators, the A values
 //! broadcast from memory), and a portable one in plain Rust for every other machine. The safe
@@ -25,6 +26,14 @@ pub const MR: usize = 16;
 pub const WIDE_POSITIONS: usize = 14;
 /// See [`MR`].
 pub const NR: usize = 16;
+
+/// How the rows kernel cuts `n` consecutive positions into calls of at most `max`:
+/// `(chunks, positions per chunk)`, the last chunk taking the remainder (balanced, so that no
+/// call is left with a few positions, which FMA latency would bound).
+pub fn row_chunks(n: usize, max: usize) -> (usize, usize) {
+    let chunks = n.div_ceil(max);
+    (chunks, n.div_ceil(chunks))
+}
 
 /// Tap offsets into the phase planes, with a proven maximum.
 #[derive(Debug, Default)]
@@ -145,15 +154,15 @@ impl Microkernel {
 
     /// Rows orientation, over every tap:
     /// `C[j·ldc + i] = Σ_k b[offs[k] + i] · A_j[k] (+ bias[j])` (or `C[i·ldc + j]` with
-    /// `RowsOut::ByPosition`) for `i < n` positions and
-    /// `j < filters` (both within [`rows_positions`](Self::rows_positions) and
-    /// [`rows_filters`](Self::rows_filters)), where filters 0..16 come from the packed panel
-    /// `a[k·16 + j]` and filters 16..32 from the next panel, `a[kdim·16 + k·16 + j − 16]`. The
-    /// tile is accumulated in registers over all taps (one vector of A per panel and tap streams
-    /// well from L2) and stored transposed, so each filter's `n` outputs are contiguous
-    /// (`RowsOut::ByFilter`), or as it is, each position's filters contiguous
-    /// (`RowsOut::ByPosition`, vector stores); filters past `filters` are computed but not
-    /// stored.
+    /// `RowsOut::ByPosition`) for `i < n` positions (any number: the call cuts them into
+    /// [`row_chunks`] of at most [`rows_positions`](Self::rows_positions), checking every bound
+    /// once) and `j < filters` (at most [`rows_filters`](Self::rows_filters)), where filters
+    /// 0..16 come from the packed panel `a[k·16 + j]` and filters 16..32 from the next panel,
+    /// `a[kdim·16 + k·16 + j − 16]`. Each chunk's tile is accumulated in registers over all
+    /// taps (one vector of A per panel and tap streams well from L2) and stored transposed, so
+    /// each filter's outputs are contiguous (`RowsOut::ByFilter`), or as it is, each position's
+    /// filters contiguous (`RowsOut::ByPosition`, vector stores); filters past `filters` are
+    /// computed but not stored.
     /// Panics (a bug in the caller) if any access would leave its slice.
     #[allow(clippy::too_many_arguments)]
     pub fn run_rows(
@@ -169,10 +178,7 @@ impl Microkernel {
         out: RowsOut,
     ) {
         let kdim = offsets.len();
-        assert!(
-            (1..=self.rows_positions()).contains(&n),
-            "microkernel: {n} positions per call"
-        );
+        assert!(n >= 1, "microkernel: no positions");
         assert!(
             (1..=self.rows_filters()).contains(&filters),
             "microkernel: {filters} filters per call"
@@ -199,11 +205,17 @@ impl Microkernel {
             bias32[..filters].copy_from_slice(&bias[..filters]);
         }
         let offs = offsets.as_slice();
-        /// Dispatches to the instance for the runtime `n` ≤ 14 (the accumulator count is a
+        let (_, chunk) = row_chunks(n, self.rows_positions());
+        // Where chunk x0's tile starts in C.
+        let c_at = |x0: usize| match out {
+            RowsOut::ByFilter => x0,
+            RowsOut::ByPosition => x0 * ldc,
+        };
+        /// Dispatches to the instance for the runtime `m` ≤ 14 (the accumulator count is a
         /// constant), with `$p` panels; `$more` adds the arms for 15 and 16.
         macro_rules! by_n {
-            ($f:ident, $p:literal, [$($more:literal),*], $args:tt) => {
-                match n {
+            ($m:expr, $f:ident, $p:literal, [$($more:literal),*], $args:tt) => {
+                match $m {
                     1 => $f::<1, $p>$args, 2 => $f::<2, $p>$args,
                     3 => $f::<3, $p>$args, 4 => $f::<4, $p>$args,
                     5 => $f::<5, $p>$args, 6 => $f::<6, $p>$args,
@@ -212,7 +224,7 @@ impl Microkernel {
                     11 => $f::<11, $p>$args, 12 => $f::<12, $p>$args,
                     13 => $f::<13, $p>$args, 14 => $f::<14, $p>$args,
                     $($more => $f::<$more, $p>$args,)*
-                    _ => unreachable!("n checked above"),
+                    _ => unreachable!("chunks hold at most rows_positions"),
                 }
             };
         }
@@ -223,26 +235,33 @@ impl Microkernel {
                 assert!(self.supported(), "AVX-512 kernel on a CPU without it");
                 let (a, offs, b, c) = (a.as_ptr(), offs.as_ptr(), b.as_ptr(), c.as_mut_ptr());
                 use avx512::rows;
-                // SAFETY: the CPU has AVX-512F (checked above); A reads panels·kdim·16 floats
-                // (a.len() checked), B reads offs[k]+0..n with every offset ≤ offsets.max()
-                // and max+n ≤ b.len(), C writes r·ldc+0..cols for r < rows with
-                // (rows−1)·ldc+cols ≤ c.len() (rows and cols by `out`); two panels only with
-                // n ≤ 14 (rows_positions).
-                unsafe {
-                    if panels == 1 {
-                        by_n!(
-                            rows,
-                            1,
-                            [15, 16],
-                            (kdim, a, a_stride, offs, b, c, ldc, filters, &bias32, out)
-                        )
-                    } else {
-                        by_n!(
-                            rows,
-                            2,
-                            [],
-                            (kdim, a, a_stride, offs, b, c, ldc, filters, &bias32, out)
-                        )
+                for x0 in (0..n).step_by(chunk) {
+                    let m = chunk.min(n - x0);
+                    // SAFETY: the CPU has AVX-512F (checked above); A reads panels·kdim·16
+                    // floats (a.len() checked); the chunk's B reads x0 + offs[k] + 0..m with
+                    // every offset ≤ offsets.max() and max + n ≤ b.len(); its C writes start
+                    // at c_at(x0) and cover positions x0..x0 + m of rows·cols, inside
+                    // (rows−1)·ldc + cols ≤ c.len() (rows and cols by `out`); m ≤ chunk ≤
+                    // rows_positions, so two panels only with m ≤ 14.
+                    unsafe {
+                        let (b, c) = (b.add(x0), c.add(c_at(x0)));
+                        if panels == 1 {
+                            by_n!(
+                                m,
+                                rows,
+                                1,
+                                [15, 16],
+                                (kdim, a, a_stride, offs, b, c, ldc, filters, &bias32, out)
+                            )
+                        } else {
+                            by_n!(
+                                m,
+                                rows,
+                                2,
+                                [],
+                                (kdim, a, a_stride, offs, b, c, ldc, filters, &bias32, out)
+                            )
+                        }
                     }
                 }
             }
@@ -250,12 +269,19 @@ impl Microkernel {
             Microkernel::Avx512 | Microkernel::Avx512Wide => {
                 unreachable!("AVX-512 kernel selected on a non-x86 CPU")
             }
-            Microkernel::Portable => by_n!(
-                portable_rows,
-                1,
-                [15, 16],
-                (kdim, a, a_stride, offs, b, c, ldc, filters, &bias32, out)
-            ),
+            Microkernel::Portable => {
+                for x0 in (0..n).step_by(chunk) {
+                    let m = chunk.min(n - x0);
+                    let (b, c) = (&b[x0..], &mut c[c_at(x0)..]);
+                    by_n!(
+                        m,
+                        portable_rows,
+                        1,
+                        [15, 16],
+                        (kdim, a, a_stride, offs, b, c, ldc, filters, &bias32, out)
+                    )
+                }
+            }
         }
     }
 
@@ -690,7 +716,7 @@ mod tests {
         use RowsOut::{ByFilter, ByPosition};
         let kdim = 29;
         let mut a = vec![0.0; 2 * kdim * MR];
-        let mut b = vec![0.0; 400];
+        let mut b = vec![0.0; 420];
         fill_uniform(5, &mut a);
         fill_uniform(6, &mut b);
         let mut offsets = TapOffsets::default();
@@ -699,8 +725,10 @@ mod tests {
         // Filter j's weight for tap k: panel j / 16, lane j % 16.
         let weight = |k: usize, j: usize| f64::from(a[(j / MR) * kdim * MR + k * MR + j % MR]);
         for kernel in Microkernel::ALL.into_iter().filter(|k| k.supported()) {
-            for n in 1..=kernel.rows_positions() {
-                for filters in [kernel.rows_filters() + 1 - n, 1, kernel.rows_filters()] {
+            // One chunk, then rows the call cuts into two and three chunks.
+            for n in 1..=2 * kernel.rows_positions() + 3 {
+                let most = kernel.rows_filters();
+                for filters in [(most + 1).saturating_sub(n).max(1), 1, most] {
                     let ldc = n + 3;
                     let bias: Vec<f32> = (0..filters).map(|j| j as f32).collect();
                     let mut c = vec![f32::NAN; (filters - 1) * ldc + n];

@@ -155,7 +155,7 @@ impl Microkernel {
     /// Rows orientation, over every tap:
     /// `C[j·ldc + i] = Σ_k b[offs[k] + i] · A_j[k] (+ bias[j])` (or `C[i·ldc + j]` with
     /// `RowsOut::ByPosition`) for `i < n` positions (any number: the call cuts them into
-    /// [`row_chunks`] of at most [`rows_positions`](Self::rows_positions), checking every bound
+    /// `row_chunks` of at most [`rows_positions`](Self::rows_positions), checking every bound
     /// once) and `j < filters` (at most [`rows_filters`](Self::rows_filters)), where filters
     /// 0..16 come from the packed panel `a[k·16 + j]` and filters 16..32 from the next panel,
     /// `a[kdim·16 + k·16 + j − 16]`. Each chunk's tile is accumulated in registers over all

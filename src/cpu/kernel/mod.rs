@@ -136,7 +136,7 @@ impl Microkernel {
         }
     }
 
-    /// The rows tile: at most this many positions per call...
+    /// The rows tile: at most this many positions per chunk of a call...
     pub fn rows_positions(self) -> usize {
         match self {
             Microkernel::Avx512Wide => WIDE_POSITIONS,
@@ -229,14 +229,19 @@ impl Microkernel {
             };
         }
         let a_stride = kdim * MR;
-        match self {
-            #[cfg(target_arch = "x86_64")]
-            Microkernel::Avx512 | Microkernel::Avx512Wide => {
-                assert!(self.supported(), "AVX-512 kernel on a CPU without it");
-                let (a, offs, b, c) = (a.as_ptr(), offs.as_ptr(), b.as_ptr(), c.as_mut_ptr());
-                use avx512::rows;
-                for x0 in (0..n).step_by(chunk) {
-                    let m = chunk.min(n - x0);
+        assert!(
+            self.supported(),
+            "{} kernel on a CPU without it",
+            self.name()
+        );
+        for x0 in (0..n).step_by(chunk) {
+            let m = chunk.min(n - x0);
+            match self {
+                #[cfg(target_arch = "x86_64")]
+                Microkernel::Avx512 | Microkernel::Avx512Wide => {
+                    let (a, offs) = (a.as_ptr(), offs.as_ptr());
+                    let (b, c) = (b[x0..].as_ptr(), c[c_at(x0)..].as_mut_ptr());
+                    use avx512::rows;
                     // SAFETY: the CPU has AVX-512F (checked above); A reads panels·kdim·16
                     // floats (a.len() checked); the chunk's B reads x0 + offs[k] + 0..m with
                     // every offset ≤ offsets.max() and max + n ≤ b.len(); its C writes start
@@ -244,7 +249,6 @@ impl Microkernel {
                     // (rows−1)·ldc + cols ≤ c.len() (rows and cols by `out`); m ≤ chunk ≤
                     // rows_positions, so two panels only with m ≤ 14.
                     unsafe {
-                        let (b, c) = (b.add(x0), c.add(c_at(x0)));
                         if panels == 1 {
                             by_n!(
                                 m,
@@ -264,14 +268,11 @@ impl Microkernel {
                         }
                     }
                 }
-            }
-            #[cfg(not(target_arch = "x86_64"))]
-            Microkernel::Avx512 | Microkernel::Avx512Wide => {
-                unreachable!("AVX-512 kernel selected on a non-x86 CPU")
-            }
-            Microkernel::Portable => {
-                for x0 in (0..n).step_by(chunk) {
-                    let m = chunk.min(n - x0);
+                #[cfg(not(target_arch = "x86_64"))]
+                Microkernel::Avx512 | Microkernel::Avx512Wide => {
+                    unreachable!("AVX-512 kernel selected on a non-x86 CPU")
+                }
+                Microkernel::Portable => {
                     let (b, c) = (&b[x0..], &mut c[c_at(x0)..]);
                     by_n!(
                         m,

@@ -714,8 +714,15 @@ mod tests {
 
     #[test]
     fn every_rows_kernel_matches_the_naive_product() {
+        // Tap counts below the prefetch distance, odd and even, shorter and longer than the
+        // taps that prefetch C (32 or 64), so that every loop of the kernel and its tails run.
+        for kdim in [3, 29, 75, 76] {
+            rows_match_the_naive_product(kdim);
+        }
+    }
+
+    fn rows_match_the_naive_product(kdim: usize) {
         use RowsOut::{ByFilter, ByPosition};
-        let kdim = 29;
         let mut a = vec![0.0; 2 * kdim * MR];
         let mut b = vec![0.0; 420];
         fill_uniform(5, &mut a);
@@ -747,7 +754,7 @@ mod tests {
                             let got = f64::from(c[j * ldc + i]);
                             assert!(
                                 abs_diff_eq!(got, want + j as f64, epsilon = 1e-4),
-                                "{kernel:?} n={n} filters={filters} ({i},{j})"
+                                "{kernel:?} kdim={kdim} n={n} filters={filters} ({i},{j})"
                             );
                             assert_eq!(got.to_bits(), f64::from(cp[i * ldp + j]).to_bits());
                         }

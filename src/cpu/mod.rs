@@ -40,6 +40,7 @@ mod calibrate;
 mod kernel;
 mod path;
 mod planes;
+mod team;
 mod winograd;
 
 pub use calibrate::{calibration, fma_peak_threads, Calibration};
@@ -51,9 +52,8 @@ use crate::params::Conv2dParams;
 use kernel::{RowsOut, Start, TapOffsets, Tile, MR, NR, ZEROS};
 use path::Layout;
 use planes::Geometry;
-use rayon::prelude::*;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::time::Duration;
+use std::sync::{Mutex, MutexGuard};
+use team::Team;
 
 /// Largest number of taps in one weight block (keeps a 16×KC panel of weights in L1).
 pub const KC: usize = 256;
@@ -82,11 +82,7 @@ const PLANES_BUDGET: usize = 32 << 20;
 
 /// The CPU convolution backend. Cheap to call repeatedly: its workspaces are kept.
 pub struct CpuBackend {
-    /// Always `Some` until drop.
-    pool: Option<rayon::ThreadPool>,
-    /// Pool threads still running: drop waits for them, so nothing outlives the backend.
-    running: Arc<(Mutex<usize>, Condvar)>,
-    threads: usize,
+    team: Team,
     kernel: Microkernel,
     path: Option<CpuPath>,
     workspace: Mutex<Workspace>,
@@ -227,31 +223,14 @@ impl CpuBackend {
     /// A backend with `threads` threads and a chosen microkernel (tests use the portable one to
     /// cover it on machines that have AVX-512).
     pub fn with_options(threads: usize, kernel: Microkernel) -> Result<Self> {
-        if threads == 0 {
-            return Err(Error::Cpu("thread count must be at least 1".into()));
-        }
         if !kernel.supported() {
             return Err(Error::Cpu(format!(
                 "the {} microkernel is not supported by this CPU",
                 kernel.name()
             )));
         }
-        let running = Arc::new((Mutex::new(threads), Condvar::new()));
-        let exits = Arc::clone(&running);
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .thread_name(|i| format!("sporkle-cpu-{i}"))
-            .exit_handler(move |_| {
-                let (count, done) = &*exits;
-                *lock(count) -= 1;
-                done.notify_all();
-            })
-            .build()
-            .map_err(|e| Error::Cpu(format!("cannot start {threads} threads: {e}")))?;
         Ok(Self {
-            pool: Some(pool),
-            running,
-            threads,
+            team: Team::new(threads)?,
             kernel,
             path: None,
             workspace: Mutex::default(),
@@ -260,13 +239,9 @@ impl CpuBackend {
         })
     }
 
-    fn pool(&self) -> &rayon::ThreadPool {
-        self.pool.as_ref().expect("the pool lives until drop")
-    }
-
     /// Threads this backend uses.
     pub fn threads(&self) -> usize {
-        self.threads
+        self.team.threads()
     }
 
     /// The microkernel in use.
@@ -353,12 +328,12 @@ impl CpuBackend {
     ) -> Result<Option<std::ops::Range<usize>>> {
         let range = match path.layout() {
             Layout::Given => return Ok(None),
-            Layout::Packed => self.pool().install(|| pack_weights(p, weights, into)),
+            Layout::Packed => pack_weights(&self.team, p, weights, into),
             Layout::Winograd(v) => {
                 crate::winograd::check_applies(p)?;
                 let u = crate::winograd::transform_weights(p, weights, v);
                 let gp = crate::winograd::gemm_params(p, v);
-                self.pool().install(|| pack_weights(&gp, &u, into))
+                pack_weights(&self.team, &gp, &u, into)
             }
         };
         Ok(Some(range))
@@ -442,38 +417,34 @@ impl CpuBackend {
                 .saturating_add(geo.slack);
             crate::host_mem::grow(planes, len, "the CPU backend's phase planes")?;
         }
-        self.pool().install(|| -> Result<()> {
-            for (chunk, out) in output
-                .chunks_mut(images_per_chunk * per_image_out)
-                .enumerate()
-            {
-                let images = out.len() / per_image_out;
-                let first = chunk * images_per_chunk;
-                let plan = plans[usize::from(images < images_per_chunk)];
-                let planes = if in_place {
-                    Planes::Built(
-                        &input[first * geo.image_stride..(first + images) * geo.image_stride],
-                    )
-                } else if per_task(plan) {
-                    Planes::PerTask { input, first }
-                } else {
-                    let len = images * geo.image_stride + geo.slack;
-                    geo.transform(p, input, first, images, &mut planes[..len]);
-                    Planes::Built(&planes[..len])
-                };
-                let shared = Shared {
-                    p,
-                    geo: &geo,
-                    planes,
-                    offsets,
-                    weights,
-                    bias,
-                    path,
-                };
-                self.run_tasks(&shared, images, plan, out)?;
-            }
-            Ok(())
-        })
+        for (chunk, out) in output
+            .chunks_mut(images_per_chunk * per_image_out)
+            .enumerate()
+        {
+            let images = out.len() / per_image_out;
+            let first = chunk * images_per_chunk;
+            let plan = plans[usize::from(images < images_per_chunk)];
+            let planes = if in_place {
+                Planes::Built(&input[first * geo.image_stride..(first + images) * geo.image_stride])
+            } else if per_task(plan) {
+                Planes::PerTask { input, first }
+            } else {
+                let len = images * geo.image_stride + geo.slack;
+                geo.transform(&self.team, p, input, first, images, &mut planes[..len]);
+                Planes::Built(&planes[..len])
+            };
+            let shared = Shared {
+                p,
+                geo: &geo,
+                planes,
+                offsets,
+                weights,
+                bias,
+                path,
+            };
+            self.run_tasks(&shared, images, plan, out)?;
+        }
+        Ok(())
     }
 
     /// Cuts the output of `images` images into tasks and runs them on the pool.
@@ -548,7 +519,8 @@ impl CpuBackend {
                 }
             }
         }
-        let run = |slot: usize, task: &mut Task| {
+        let run = |(): &mut (), slot: usize, mut task: Task| {
+            let task = &mut task;
             let mut scratch = lock(&self.scratch[slot]);
             match s.planes {
                 Planes::Built(planes) => self.run_task(s, task, planes, &mut scratch[..]),
@@ -565,34 +537,8 @@ impl CpuBackend {
         };
         let cost = |t: &Task| (t.y1 - t.y0) * t.filters.next_multiple_of(MR);
         let even = tasks.iter().all(|t| cost(t) == cost(&tasks[0]));
-        self.spread(tasks, even, |slot, mut task| run(slot, &mut task));
+        self.team.spread(tasks, even, || (), run);
         Ok(())
-    }
-
-    /// Runs `tasks` on the pool (call it inside `install`), `run(slot, task)` on the thread
-    /// whose scratch slot is `slot`. A few tasks of equal cost (`even`), a whole number a
-    /// thread: each thread takes its own share (a broadcast). Handed out by work stealing, the
-    /// thread that split them took a sleeping thread's share too whenever that thread woke late:
-    /// stem n1's two tasks ran on one thread in 18% of calls (Zen 4, 2 threads). Otherwise work
-    /// stealing. Which thread computes a task changes no bits.
-    fn spread<T: Send>(&self, tasks: Vec<T>, even: bool, run: impl Fn(usize, T) + Sync) {
-        if even && tasks.len().is_multiple_of(self.threads) && tasks.len() < 4 * self.threads {
-            let per = tasks.len() / self.threads;
-            let mut tasks = tasks.into_iter();
-            let shares: Vec<Mutex<Vec<T>>> = (0..self.threads)
-                .map(|_| Mutex::new(tasks.by_ref().take(per).collect()))
-                .collect();
-            rayon::broadcast(|ctx| {
-                for task in std::mem::take(&mut *lock(&shares[ctx.index()])) {
-                    run(ctx.index(), task);
-                }
-            });
-        } else {
-            tasks.into_par_iter().for_each(|task| {
-                let slot = rayon::current_thread_index().expect("tasks run on the backend's pool");
-                run(slot, task);
-            });
-        }
     }
 
     /// Grows every thread's scratch to at least `len` floats, before a call's tasks run (or
@@ -633,11 +579,13 @@ impl CpuBackend {
         };
         loop {
             let tasks = images * p.groups * geo.ho.div_ceil(rows) * mg.div_ceil(m_rows);
-            if tasks >= 2 * self.threads {
+            if tasks >= 2 * self.threads() {
                 break;
             } else if path.layout() != Layout::Given && m_rows > min_filters {
                 m_rows = (m_rows / 2).next_multiple_of(min_filters);
-            } else if rows == geo.ho && tasks >= self.threads && tasks.is_multiple_of(self.threads)
+            } else if rows == geo.ho
+                && tasks >= self.threads()
+                && tasks.is_multiple_of(self.threads())
             {
                 // Whole planes shared evenly: better than row tiles, whose outputs go through
                 // the scratch tile and a copy (stem n1, two tasks of 32 filters against four
@@ -849,6 +797,7 @@ impl CpuBackend {
 /// a panel (16 floats) is one cache line and no vector load of A splits across two (an A
 /// misaligned by 16 bytes cost the rows kernel 7% here).
 fn pack_weights(
+    team: &Team,
     p: &Conv2dParams,
     weights: &[f32],
     packed: &mut Vec<f32>,
@@ -858,10 +807,12 @@ fn pack_weights(
     let len = p.groups * panels * kdim * MR;
     packed.resize(len + MR, 0.0);
     let start = packed.as_ptr().align_offset(64).min(MR);
-    packed[start..start + len]
-        .par_chunks_mut(kdim * MR)
-        .enumerate()
-        .for_each(|(idx, panel)| {
+    let panels_of = packed[start..start + len].chunks_mut(kdim * MR).enumerate();
+    team.spread(
+        panels_of.collect(),
+        false,
+        || (),
+        |(), _, (idx, panel): (usize, &mut [f32])| {
             let (g, pi) = (idx / panels, idx % panels);
             for i in 0..MR {
                 let m = g * mg + (pi * MR + i).min(mg - 1);
@@ -869,7 +820,8 @@ fn pack_weights(
                     panel[k * MR + i] = v;
                 }
             }
-        });
+        },
+    );
     start..start + len
 }
 
@@ -892,20 +844,6 @@ fn row_sum(acc: &mut [f32], w: &[f32], offs: &[usize], b: &[f32]) {
         for i in 0..n {
             acc[i] += w0 * s0[i];
         }
-    }
-}
-
-impl Drop for CpuBackend {
-    /// Ends the pool and waits (up to ten seconds, never forever) until its threads have
-    /// exited, so that a dropped backend leaves no thread and no allocation behind.
-    fn drop(&mut self) {
-        drop(self.pool.take());
-        let (count, done) = &*self.running;
-        let guard = lock(count);
-        let (left, _) = done
-            .wait_timeout_while(guard, Duration::from_secs(10), |n| *n > 0)
-            .unwrap_or_else(|e| e.into_inner());
-        debug_assert_eq!(*left, 0, "CPU pool threads still running after drop");
     }
 }
 

@@ -24,8 +24,8 @@
 
 #![forbid(unsafe_code)]
 
+use super::team::Team;
 use crate::params::Conv2dParams;
-use rayon::prelude::*;
 
 use super::kernel::{TapOffsets, NR};
 
@@ -135,9 +135,10 @@ impl Geometry {
     }
 
     /// Fills `planes` (exactly `images·image_stride + slack` floats) from images
-    /// `first..first + images` of `input`, in parallel on the current rayon pool.
+    /// `first..first + images` of `input`, in parallel on `team`.
     pub fn transform(
         &self,
+        team: &Team,
         p: &Conv2dParams,
         input: &[f32],
         first: usize,
@@ -148,9 +149,11 @@ impl Geometry {
         let piece_len = plane_len(self.hq, self.wq) * self.phases_w.len();
         // One job per channel and row phase (the stem's three channels gave two threads three
         // jobs: one thread did two).
-        data.par_chunks_mut(piece_len).enumerate().for_each_init(
+        team.spread(
+            data.chunks_mut(piece_len).enumerate().collect(),
+            false,
             Vec::new,
-            |line: &mut Vec<f32>, (piece, planes)| {
+            |line: &mut Vec<f32>, _, (piece, planes): (usize, &mut [f32])| {
                 self.fill_piece(p, input, first, piece, planes, line);
             },
         );

@@ -39,8 +39,8 @@ type TaskSpan = (std::ops::Range<usize>, std::ops::Range<usize>);
 
 /// Where the threads are a whole number of times the images (one image of a small layer), the
 /// tasks of one image, shared equally among its threads: each thread's run of
-/// `len / (threads / n)` consecutive tasks costs the same, so that [`CpuBackend::spread`] can
-/// hand each thread its own. Each share is `th / shares` whole rows cut into tasks of at most
+/// `len / (threads / n)` consecutive tasks costs the same, so that
+/// [`Team::spread`](super::team::Team::spread) can hand each thread its own. Each share is `th / shares` whole rows cut into tasks of at most
 /// `max_rows`, and, where the rows do not divide, a slice of the filters over the rows left
 /// over (each such task transforms those rows' input itself: one row of l3 n1's seven).
 /// `None` elsewhere (tasks of whole rows by work stealing), or where the filters do not split
@@ -109,15 +109,15 @@ pub(super) fn run(
     let by_positions = WINOGRAD_TASK_POSITIONS.div_ceil(tw);
     let by_budget = (WINOGRAD_TASK_FLOATS / per_tile_row).max(1);
     let mut tasks_per_image = th.div_ceil(by_positions.min(by_budget).clamp(1, th));
-    while p.n * tasks_per_image < 2 * cpu.threads && tasks_per_image < th {
+    while p.n * tasks_per_image < 2 * cpu.threads() && tasks_per_image < th {
         tasks_per_image += 1;
     }
-    let rounds = (p.n * tasks_per_image).next_multiple_of(cpu.threads);
+    let rounds = (p.n * tasks_per_image).next_multiple_of(cpu.threads());
     if rounds.is_multiple_of(p.n) && rounds / p.n <= th {
         tasks_per_image = rounds / p.n;
     }
     let tr = th.div_ceil(tasks_per_image);
-    let shared = shares(p.n, th, p.c_out, by_positions.min(by_budget), cpu.threads);
+    let shared = shares(p.n, th, p.c_out, by_positions.min(by_budget), cpu.threads());
     // Each thread's share costs the same where the rows were shared out, or where every task
     // has `tr` rows.
     let even = shared.is_some() || th.is_multiple_of(tr);
@@ -168,8 +168,11 @@ pub(super) fn run(
         }
     }
     let offsets = &*offsets;
-    cpu.pool().install(|| {
-        cpu.spread(tasks, even, |slot, (img, tys, ks, mut outs)| {
+    cpu.team.spread(
+        tasks,
+        even,
+        || (),
+        |(), slot, (img, tys, ks, mut outs)| {
             let mut scratch = lock(&cpu.scratch[slot]);
             let (v, rest) = scratch[..floats].split_at_mut(xi * p.c_in * row);
             let (m, pad) = rest.split_at_mut(xi * ks.len() * row);
@@ -188,8 +191,8 @@ pub(super) fn run(
                 m,
             );
             output_transform(p, variant, m, row, tys, bias, &mut outs, pad);
-        });
-    });
+        },
+    );
     Ok(())
 }
 

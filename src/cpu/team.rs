@@ -13,7 +13,9 @@ use super::lock;
 use crate::error::{Error, Result};
 
 /// How long a caller that has run out of tasks spins on the workers still computing before it
-/// sleeps until they end (a sleeping caller costs a wake when they do).
+/// sleeps until they end. A sleeping thread's wake is slow on a virtual machine: a tiny layer's
+/// two-thread call took 138 µs without the spin and 11 µs with it (development machine); 1 ms
+/// instead of 50 µs changed nothing on 0.1-0.2 ms layers.
 const SPIN: Duration = Duration::from_micros(50);
 
 /// The calling thread (slot 0) and the pool's workers (slots `1..threads`).

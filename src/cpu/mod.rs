@@ -85,10 +85,46 @@ pub struct CpuBackend {
     team: Team,
     kernel: Microkernel,
     path: Option<CpuPath>,
-    workspace: Mutex<Workspace>,
+    /// Workspaces no call holds: a call takes one (or a new one) and puts it back, so no lock
+    /// is held across a call. A caller on another rayon pool's worker may run a second call on
+    /// the same thread while it waits for the first one's workers (rayon's waits take other
+    /// jobs); a lock held across the call deadlocked it.
+    idle: Mutex<Vec<Workspace>>,
     scratch: Vec<Mutex<Vec<f32>>>,
     /// Each thread's phase planes of one image ([`Planes::PerTask`]) and its row buffer.
     own_planes: Vec<Mutex<(Vec<f32>, Vec<f32>)>>,
+}
+
+/// A workspace taken by one call; it goes back to the backend's idle ones on drop.
+struct Lease<'a> {
+    idle: &'a Mutex<Vec<Workspace>>,
+    /// `Some` until drop.
+    ws: Option<Workspace>,
+}
+
+impl std::ops::Deref for Lease<'_> {
+    type Target = Workspace;
+    fn deref(&self) -> &Workspace {
+        self.ws
+            .as_ref()
+            .expect("a lease holds its workspace until drop")
+    }
+}
+
+impl std::ops::DerefMut for Lease<'_> {
+    fn deref_mut(&mut self) -> &mut Workspace {
+        self.ws
+            .as_mut()
+            .expect("a lease holds its workspace until drop")
+    }
+}
+
+impl Drop for Lease<'_> {
+    fn drop(&mut self) {
+        if let Some(ws) = self.ws.take() {
+            lock(self.idle).push(ws);
+        }
+    }
 }
 
 #[derive(Default)]
@@ -233,10 +269,19 @@ impl CpuBackend {
             team: Team::new(threads)?,
             kernel,
             path: None,
-            workspace: Mutex::default(),
+            idle: Mutex::default(),
             scratch: (0..threads).map(|_| Mutex::default()).collect(),
             own_planes: (0..threads).map(|_| Mutex::default()).collect(),
         })
+    }
+
+    /// An idle workspace (or a new one) for one call, put back when the call ends.
+    fn workspace(&self) -> Lease<'_> {
+        let ws = lock(&self.idle).pop().unwrap_or_default();
+        Lease {
+            idle: &self.idle,
+            ws: Some(ws),
+        }
     }
 
     /// Threads this backend uses.
@@ -274,7 +319,7 @@ impl CpuBackend {
         output: &mut [f32],
     ) -> Result<()> {
         p.check_slices(input, weights, bias, output)?;
-        let mut ws = lock(&self.workspace);
+        let mut ws = self.workspace();
         let mut packed = std::mem::take(&mut ws.packed);
         let path = self.path_for(p);
         let result = self
@@ -363,7 +408,7 @@ impl CpuBackend {
             bias.map(<[f32]>::len),
             output.len(),
         )?;
-        let mut ws = lock(&self.workspace);
+        let mut ws = self.workspace();
         let laid_out = &weights.data[weights.range.clone()];
         self.run(p, path, input, laid_out, bias, output, &mut ws)
     }

@@ -397,3 +397,67 @@ fn prepared_weights_give_the_same_result_and_must_fit() {
 fn bad_options_are_errors() {
     assert!(CpuBackend::with_threads(0).is_err());
 }
+
+/// One backend called from several threads at once, plain threads and another rayon pool's
+/// workers (the caller works beside the backend's own workers and must neither deadlock nor
+/// share a scratch slot): every call gives the bits of a one-thread backend. A deadlock (a
+/// workspace lock held across a call deadlocked the rayon callers) fails it within a minute
+/// instead of hanging the run.
+#[test]
+fn concurrent_callers_get_the_same_bits() {
+    let (done, finished) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        concurrent_calls();
+        done.send(()).ok();
+    });
+    match finished.recv_timeout(std::time::Duration::from_secs(60)) {
+        Ok(()) => {}
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+            panic!("concurrent calls still running after 60 s: deadlocked")
+        }
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+            panic!("a concurrent call failed (its panic is printed above)")
+        }
+    }
+}
+
+fn concurrent_calls() {
+    use rayon::prelude::*;
+    let cases = [
+        Conv2dParams::new(2, 8, 12, 12, 40, 3, 3).with_padding(1, 1),
+        Conv2dParams::new(1, 64, 14, 14, 64, 3, 3).with_padding(1, 1),
+        Conv2dParams::new(3, 16, 9, 9, 24, 1, 1),
+    ];
+    let shared = CpuBackend::with_threads(3).unwrap();
+    let expected: Vec<Vec<f32>> = cases
+        .iter()
+        .map(|p| {
+            let (x, w, b) = conv_data(p, 11, false);
+            let mut y = vec![f32::NAN; p.output_len()];
+            let alone = CpuBackend::with_options(1, shared.microkernel()).unwrap();
+            alone.conv2d(p, &x, &w, Some(&b), &mut y).unwrap();
+            y
+        })
+        .collect();
+    let call = |i: usize| {
+        let p = &cases[i % cases.len()];
+        let (x, w, b) = conv_data(p, 11, false);
+        let mut y = vec![f32::NAN; p.output_len()];
+        shared.conv2d(p, &x, &w, Some(&b), &mut y).unwrap();
+        let same = y
+            .iter()
+            .zip(&expected[i % cases.len()])
+            .all(|(a, e)| a.to_bits() == e.to_bits());
+        assert!(same, "call {i} ({p}) differs from the one-thread result");
+    };
+    std::thread::scope(|s| {
+        for t in 0..4 {
+            s.spawn(move || (0..6).for_each(|i| call(t + i)));
+        }
+    });
+    let other = rayon::ThreadPoolBuilder::new()
+        .num_threads(3)
+        .build()
+        .unwrap();
+    other.install(|| (0..24).into_par_iter().for_each(call));
+}

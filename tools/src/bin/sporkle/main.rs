@@ -330,7 +330,7 @@ enum Engine {
     Cpu(CpuBackend),
     /// The backend times the kernel; a Juggler that prefers the GPU times whole calls (the
     /// path `sporkle conv2d` and library callers take).
-    Gpu(GpuBackend, Box<Juggler>),
+    Gpu(Box<GpuBackend>, Box<Juggler>),
     Auto(Juggler),
 }
 
@@ -339,7 +339,7 @@ fn engine(device: DeviceArg, threads: Option<usize>) -> Result<Engine> {
     Ok(match device {
         DeviceArg::Cpu => Engine::Cpu(cpu_backend(threads)?),
         DeviceArg::Gpu => Engine::Gpu(
-            GpuBackend::new().context("--device gpu")?,
+            Box::new(GpuBackend::new().context("--device gpu")?),
             Box::new(juggler(Preference::Gpu, threads)?),
         ),
         DeviceArg::Auto => Engine::Auto(juggler(Preference::Auto, threads)?),

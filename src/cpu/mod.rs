@@ -98,32 +98,25 @@ pub struct CpuBackend {
 /// A workspace taken by one call; it goes back to the backend's idle ones on drop.
 struct Lease<'a> {
     idle: &'a Mutex<Vec<Workspace>>,
-    /// `Some` until drop.
-    ws: Option<Workspace>,
+    ws: Workspace,
 }
 
 impl std::ops::Deref for Lease<'_> {
     type Target = Workspace;
     fn deref(&self) -> &Workspace {
-        self.ws
-            .as_ref()
-            .expect("a lease holds its workspace until drop")
+        &self.ws
     }
 }
 
 impl std::ops::DerefMut for Lease<'_> {
     fn deref_mut(&mut self) -> &mut Workspace {
-        self.ws
-            .as_mut()
-            .expect("a lease holds its workspace until drop")
+        &mut self.ws
     }
 }
 
 impl Drop for Lease<'_> {
     fn drop(&mut self) {
-        if let Some(ws) = self.ws.take() {
-            lock(self.idle).push(ws);
-        }
+        lock(self.idle).push(std::mem::take(&mut self.ws));
     }
 }
 
@@ -280,7 +273,7 @@ impl CpuBackend {
         let ws = lock(&self.idle).pop().unwrap_or_default();
         Lease {
             idle: &self.idle,
-            ws: Some(ws),
+            ws,
         }
     }
 
@@ -492,7 +485,7 @@ impl CpuBackend {
         Ok(())
     }
 
-    /// Cuts the output of `images` images into tasks and runs them on the pool.
+    /// Cuts the output of `images` images into tasks and runs them on the team.
     fn run_tasks(
         &self,
         s: &Shared,
@@ -586,10 +579,10 @@ impl CpuBackend {
         Ok(())
     }
 
-    /// Grows every thread's scratch to at least `len` floats, before a call's tasks run (or
-    /// refuses with an error where the machine cannot hold them). Work stealing decides which
-    /// threads run tasks, so a slot grown inside a task could first grow many calls into a
-    /// stream, which a leak check rightly sees as growth (leak/submit_wait_1000 saw exactly
+    /// Grows every thread's scratch to at least `len` floats, before a call's tasks run (or refuses
+    /// with an error where the machine cannot hold them). Which threads run tasks is decided as
+    /// they run (a queue, a late worker), so a slot grown inside a task could first grow many calls
+    /// into a stream, which a leak check rightly sees as growth (leak/submit_wait_1000 saw exactly
     /// 16 KiB, one 16 × 256 tile, in some runs).
     fn grow_scratch(&self, len: usize) -> Result<()> {
         for slot in &self.scratch {

@@ -37,16 +37,16 @@ use crate::winograd::Variant;
 /// One task of an image: tile rows `rows` and filters `filters`.
 type TaskSpan = (std::ops::Range<usize>, std::ops::Range<usize>);
 
-/// Where the threads are a whole number of times the images (one image of a small layer), the
-/// tasks of one image, shared equally among its threads: each thread's run of
-/// `len / (threads / n)` consecutive tasks costs the same, so that
-/// [`Team::spread`](super::team::Team::spread) can hand each thread its own. Each share is `th / shares` whole rows cut into tasks of at most
-/// `max_rows`, and, where the rows do not divide, a slice of the filters over the rows left
-/// over (each such task transforms those rows' input itself: one row of l3 n1's seven).
-/// `None` elsewhere (tasks of whole rows by work stealing), or where the filters do not split
-/// into whole panels. (On two threads, l1 n1's 14 tile rows ran as 4+4+4+2 by work stealing,
-/// 1.70x from one thread to two; as 3+4 and 3+4, one share a thread, 301 -> 404 GFLOP/s, 1.64 ->
-/// 1.86 of onnxruntime, 7 interleaved rounds on Zen 4. l3 n1's 7 rows ran as 2+2+2+1, 1.73x.)
+/// Where the threads are a whole number of times the images (one image of a small layer), the tasks
+/// of one image, shared equally among its threads: each thread's run of `len / (threads / n)`
+/// consecutive tasks costs the same, so that [`Team::spread`](super::team::Team::spread) can hand
+/// each thread its own. Each share is `th / shares` whole rows cut into tasks of at most
+/// `max_rows`, and, where the rows do not divide, a slice of the filters over the rows left over
+/// (each such task transforms those rows' input itself: one row of l3 n1's seven). `None` elsewhere
+/// (tasks of whole rows, taken from one queue), or where the filters do not split into whole
+/// panels. (On two threads, l1 n1's 14 tile rows ran as 4+4+4+2 by work stealing, 1.70x from one
+/// thread to two; as 3+4 and 3+4, one share a thread, 301 -> 404 GFLOP/s, 1.64 -> 1.86 of
+/// onnxruntime, 7 interleaved rounds on Zen 4. l3 n1's 7 rows ran as 2+2+2+1, 1.73x.)
 fn shares(
     n: usize,
     th: usize,
